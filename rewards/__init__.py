@@ -1,0 +1,1 @@
+"""gdpo_listener.rewards"""
