@@ -1,0 +1,129 @@
+"""Rectified-flow math, written once for the whole project (paper eq. 4-7).
+
+Time convention (the only place it is defined):
+
+    t = 0 is pure noise x0 ~ N(0, I),  t = 1 is data x1,
+    x_t = t * x1 + (1 - t) * x0,        velocity target v* = x1 - x0   (eq. 4),
+
+so integrating dx/dt = v from t = 0 to t = 1 carries noise to data. (minRF and some diffusion code
+use the opposite direction; do not mix them.)
+
+Sampling, per latent token, on the grid t_s = s / steps (s = 0 .. steps - 1), dt = 1 / steps:
+
+    ODE (eq. 5):  x <- x + dt * v(x, t_s)
+    SDE (eq. 7):  x <- x + dt * v(x, t_s) + sigma * sqrt(dt) * eps,   eps ~ N(0, I)
+
+One SDE step is a Gaussian transition N(mean = x + dt * v, std = sigma * sqrt(dt)) per latent
+dimension; its log-probability and the closed-form KL between two such transitions (same std)
+are what the RL stage uses. Classifier-free guidance (eq. 6): v = v_uncond + w * (v_cond - v_uncond).
+
+Broadcasting rule for ``t``, ``dt``, ``w`` and ``std``: a python number, or a tensor holding the
+*leading* dims of the state (e.g. ``(B,)`` or ``(B, N)`` for a state ``(B, N, D)``); trailing
+singleton dims are added so they broadcast per row / per token, never along the feature dim.
+All functions are pure (no in-place updates of their inputs).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "interpolate", "velocity_target", "flow_matching_loss", "euler_step", "sde_step",
+    "transition_mean", "transition_std", "gaussian_log_prob", "gaussian_kl_same_std",
+    "cfg_combine", "time_grid",
+]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _lead(a, x: Tensor):
+    """Give ``a`` (number or tensor with the leading dims of ``x``) trailing singleton dims."""
+    if not isinstance(a, Tensor):
+        return a
+    if a.dim() > x.dim():
+        raise ValueError(f"flow: a coefficient of shape {tuple(a.shape)} has more dims than the state {tuple(x.shape)}")
+    return a.reshape(tuple(a.shape) + (1,) * (x.dim() - a.dim()))
+
+
+def interpolate(x0: Tensor, x1: Tensor, t) -> Tensor:
+    """x_t = t * x1 + (1 - t) * x0; t = 0 -> noise x0, t = 1 -> data x1."""
+    t = _lead(t, x1)
+    return t * x1 + (1.0 - t) * x0
+
+
+def velocity_target(x0: Tensor, x1: Tensor) -> Tensor:
+    """Rectified-flow regression target x1 - x0 (eq. 4); constant along the straight path."""
+    return x1 - x0
+
+
+def flow_matching_loss(v_pred: Tensor, x0: Tensor, x1: Tensor, reduce_dims: int | Sequence[int] | None = None) -> Tensor:
+    """Squared error ||v_pred - (x1 - x0)||^2 averaged over ``reduce_dims``.
+
+    ``reduce_dims=None`` averages everything (scalar); ``reduce_dims=-1`` gives one loss per token
+    (e.g. ``(B, N)``) for masking or binning by flow time.
+    """
+    err = (v_pred - velocity_target(x0, x1)).pow(2)
+    if reduce_dims is None:
+        return err.mean()
+    return err.mean(dim=reduce_dims)
+
+
+def euler_step(x: Tensor, v: Tensor, dt) -> Tensor:
+    """One Euler step of the ODE dx = v dt (eq. 5)."""
+    return x + _lead(dt, x) * v
+
+
+def transition_mean(x: Tensor, v: Tensor, dt) -> Tensor:
+    """Mean of the SDE transition: x + dt * v."""
+    return euler_step(x, v, dt)
+
+
+def transition_std(sigma, dt):
+    """Std of the SDE transition: sigma * sqrt(dt) (numbers in, number out; tensors allowed)."""
+    if not isinstance(sigma, Tensor) and not isinstance(dt, Tensor):
+        if dt < 0 or sigma < 0:
+            raise ValueError(f"flow.transition_std: need sigma >= 0 and dt >= 0, got sigma={sigma}, dt={dt}")
+        return sigma * math.sqrt(dt)
+    sqrt_dt = dt.sqrt() if isinstance(dt, Tensor) else math.sqrt(dt)
+    return sigma * sqrt_dt
+
+
+def sde_step(x: Tensor, v: Tensor, dt, sigma, noise: Tensor) -> Tensor:
+    """One Euler-Maruyama step (eq. 7): x + dt * v + sigma * sqrt(dt) * noise, noise ~ N(0, I)."""
+    return transition_mean(x, v, dt) + _lead(transition_std(sigma, dt), x) * noise
+
+
+def gaussian_log_prob(action: Tensor, mean: Tensor, std) -> Tensor:
+    """log N(action; mean, std^2 I) summed over the last dim -> shape ``action.shape[:-1]``.
+
+    ``std`` is a positive number or a tensor broadcastable to ``action`` (leading dims rule).
+    """
+    std = _lead(std, action) if isinstance(std, Tensor) else torch.as_tensor(float(std), dtype=action.dtype, device=action.device)
+    z = (action - mean) / std
+    per_dim = -0.5 * z.pow(2) - torch.log(std) - 0.5 * _LOG_2PI
+    return per_dim.expand_as(z).sum(-1)
+
+
+def gaussian_kl_same_std(mu_p: Tensor, mu_q: Tensor, sigma, dt) -> Tensor:
+    """KL(N(mu_p, s^2 I) || N(mu_q, s^2 I)) with s^2 = sigma^2 dt: ||mu_p - mu_q||^2 / (2 sigma^2 dt).
+
+    Summed over the last dim (same convention as :func:`gaussian_log_prob`).
+    """
+    var = _lead(transition_std(sigma, dt), mu_p)
+    var = var * var
+    return ((mu_p - mu_q).pow(2) / (2.0 * var)).sum(-1)
+
+
+def cfg_combine(v_cond: Tensor, v_uncond: Tensor, w) -> Tensor:
+    """Classifier-free guidance (eq. 6): v_uncond + w * (v_cond - v_uncond); w per row (leading dims)."""
+    return v_uncond + _lead(w, v_cond) * (v_cond - v_uncond)
+
+
+def time_grid(steps: int, device=None, dtype=torch.float32) -> Tensor:
+    """``(steps + 1,)`` times 0, 1/steps, ..., 1. Step s evaluates v at grid[s] with dt = 1 / steps."""
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"flow.time_grid: steps must be a positive integer, got {steps!r}")
+    return torch.linspace(0.0, 1.0, int(steps) + 1, device=device, dtype=dtype)

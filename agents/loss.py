@@ -1,0 +1,186 @@
+"""GDPO and GRPO as TorchRL ``LossModule``s (paper eq. 8-10, DESIGN section 7).
+
+Both losses share the objective and differ only in how rollouts' reward vectors become one
+trajectory advantage:
+
+- GDPO: every reward (FLAME group) is normalised within its prompt's group of G rollouts
+  separately, then combined with weights lambda_i (eq. 8-9);
+- GRPO: the lambda-weighted sum of rewards is normalised within the group.
+
+Objective, averaged over the (optionally listening-only) transitions of the chunk::
+
+    loss_objective = -mean_t min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A)
+    loss_kl        = beta * mean_t KL(pi_theta || pi_ref)
+                   = beta * mean_t ||mu_theta - mu_ref||^2 / (2 sigma^2 dt)
+
+with ``rho_t = p_theta(a_t | s_t) / p_behaviour(a_t | s_t)``, the behaviour log-probability being
+the one recorded at collection. The caller sums the ``loss_*`` terms.
+
+Data layout (:func:`trajectory_batch`): one row per trajectory with the states of all ``K``
+denoising steps of all ``N`` tokens, so the update replays a chunk of ``S`` denoising steps for
+every token in one teacher-forced pass (``SDETransition.replay_loc``); peak memory is set by the
+chunk, not by the number of transitions.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import TensorDictModule  # noqa: F401  (documentation cross-reference)
+from torchrl.objectives import LossModule
+
+from .advantages import gdpo_advantages, grpo_advantages
+from .flow import gaussian_kl_same_std, gaussian_log_prob
+
+
+@torch.no_grad()
+def trajectory_batch(rollout: TensorDictBase, n_tokens: int, sde_steps: int, token_mask: torch.Tensor | None = None,
+                     log_prob_key: str = "action_log_prob") -> TensorDict:
+    """Reshape a rollout ``(B, N*K)`` of :class:`~envs.sde_env.ListenerSDEEnv` into trajectories ``(B,)``.
+
+    Keys of the result: ``history (N, D)``, ``window ()``, ``group_id ()``, ``x (K, N, D)``,
+    ``t (K, N)``, ``action (K, N, D)``, ``action_log_prob (K, N)``, ``reward (n_groups,)``,
+    ``token_mask (N,)`` (transitions that enter the objective).
+    """
+    B, L = rollout.batch_size
+    N, K = n_tokens, sde_steps
+    if L != N * K:
+        raise ValueError(f"rollout has {L} steps, expected n_tokens * sde_steps = {N * K}")
+
+    def per_step(x):  # (B, N*K, ...) -> (B, K, N, ...)
+        return x.reshape(B, N, K, *x.shape[2:]).transpose(1, 2)
+
+    D = rollout["x"].shape[-1]
+    mask = torch.ones(B, N, dtype=torch.bool, device=rollout.device) if token_mask is None else token_mask
+    return TensorDict({
+        "history": rollout["next", "history"][:, -1],
+        "window": rollout["window"][:, 0],
+        "group_id": rollout["group_id"][:, 0],
+        "x": per_step(rollout["x"]),
+        "t": per_step(rollout["t"].squeeze(-1)),
+        "action": per_step(rollout["action"]),
+        "action_log_prob": per_step(rollout[log_prob_key]),
+        "reward": rollout["next", "reward"][:, -1],
+        "token_mask": mask,
+    }, batch_size=[B], device=rollout.device).apply(lambda v: v.contiguous())
+
+
+class GroupRelativeLoss(LossModule):
+    """Shared PPO-clip + KL objective of :class:`GDPOLoss` and :class:`GRPOLoss`.
+
+    Args:
+        transition: the policy's :class:`~agents.policy.SDETransition` (gives ``replay_loc``,
+            ``sigma`` and ``dt``); ``model`` is the AR-Flow being trained.
+        model: trainable AR-Flow (theta). A frozen copy is kept as the reference policy.
+        lambdas: ``(n_groups,)`` reward weights lambda_i.
+        clip_epsilon: PPO clip range; beta: KL weight; eps, eps0: advantage constants (eq. 8-9);
+        whiten: batch-level whitening of the advantage after the group normalisation.
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Configurable keys (``loss.set_keys(...)``)."""
+
+        advantage: str = "advantage"
+        action: str = "action"
+        sample_log_prob: str = "action_log_prob"
+        reward: str = "reward"
+        group_id: str = "group_id"
+        token_mask: str = "token_mask"
+
+    default_keys = _AcceptedKeys
+
+    def __init__(self, transition, model: torch.nn.Module, lambdas, clip_epsilon: float = 0.2, beta: float = 0.01,
+                 eps: float = 1e-4, eps0: float = 1e-4, whiten: bool = False, reference: torch.nn.Module | None = None):
+        super().__init__()
+        if clip_epsilon <= 0:
+            raise ValueError(f"clip_epsilon must be > 0, got {clip_epsilon}")
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        self._tensor_keys = self._AcceptedKeys()
+        self.transition = [transition]  # plain list: not a sub-module (its AR-Flow is the behaviour copy)
+        self.actor_network = model
+        ref = copy.deepcopy(model) if reference is None else reference
+        self.ref_network = ref.eval().requires_grad_(False)
+        self.register_buffer("lambdas", torch.as_tensor(lambdas, dtype=torch.float32))
+        self.clip_epsilon, self.beta = float(clip_epsilon), float(beta)
+        self.eps, self.eps0, self.whiten = float(eps), float(eps0), bool(whiten)
+
+    @property
+    def tensor_keys(self) -> _AcceptedKeys:
+        return self._tensor_keys
+
+    def set_keys(self, **kwargs) -> "GroupRelativeLoss":
+        for k, v in kwargs.items():
+            if not hasattr(self._tensor_keys, k):
+                raise ValueError(f"{type(self).__name__} has no key {k!r}; keys: {list(vars(self._tensor_keys))}")
+            setattr(self._tensor_keys, k, v)
+        return self
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:  # no value estimator: advantages are group-relative
+        pass
+
+    # -- advantage -----------------------------------------------------------------------------
+    def advantage_fn(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, n_groups)`` rewards -> ``(B,)`` advantages; GDPO by default, GRPO overrides it."""
+        return gdpo_advantages(rewards, group_ids, self.lambdas, eps=self.eps, eps0=self.eps0, whiten=self.whiten)
+
+    @torch.no_grad()
+    def compute_advantage(self, td: TensorDictBase) -> TensorDictBase:
+        """Write the trajectory advantage ``(B,)`` from the reward vectors ``(B, n_groups)``."""
+        keys = self.tensor_keys
+        rewards = td[keys.reward]
+        if not torch.isfinite(rewards).all():
+            raise ValueError("non-finite rewards reached the loss; check the reward modules")
+        td.set(keys.advantage, self.advantage_fn(rewards, td[keys.group_id]))
+        return td
+
+    # -- objective -----------------------------------------------------------------------------
+    def forward(self, td: TensorDictBase) -> TensorDict:
+        """Loss terms on a chunk of trajectories ``(B,)`` holding ``S`` denoising steps ``(S, N, ...)``."""
+        keys = self.tensor_keys
+        if keys.advantage not in td.keys():
+            self.compute_advantage(td)
+        tr = self.transition[0]
+        x, t, action = td["x"], td["t"], td[keys.action]  # (B, S, N, D), (B, S, N), (B, S, N, D)
+        loc = tr.replay_loc(td["window"], td["history"], x, t, model=self.actor_network)  # (B, S, N, D)
+        with torch.no_grad():
+            loc_ref = tr.replay_loc(td["window"], td["history"], x, t, model=self.ref_network)
+        std = tr.sigma * tr.dt ** 0.5
+        log_prob = gaussian_log_prob(action, loc, torch.full_like(loc, std))  # (B, S, N)
+        log_ratio = log_prob - td[keys.sample_log_prob]
+        ratio = log_ratio.exp()
+        adv = td[keys.advantage][:, None, None].expand_as(ratio)  # same trajectory advantage on every transition
+        surr = torch.minimum(ratio * adv, ratio.clamp(1 - self.clip_epsilon, 1 + self.clip_epsilon) * adv)
+        mask = td[keys.token_mask][:, None, :].expand_as(ratio).float()  # (B, S, N)
+        n = mask.sum().clamp(min=1.0)
+        kl = gaussian_kl_same_std(loc, loc_ref, tr.sigma, tr.dt)  # (B, S, N)
+        loss_objective = -(surr * mask).sum() / n
+        loss_kl = self.beta * (kl * mask).sum() / n
+        with torch.no_grad():
+            clipped = ((ratio - 1).abs() > self.clip_epsilon).float()
+            big = torch.finfo(ratio.dtype).min
+            diag = {
+                "kl": (kl * mask).sum() / n,
+                "clip_fraction": (clipped * mask).sum() / n,
+                "ratio_mean": (ratio * mask).sum() / n,
+                "ratio_max": torch.where(mask.bool(), ratio, torch.full_like(ratio, big)).max(),
+                "log_ratio_abs_mean": (log_ratio.abs() * mask).sum() / n,
+            }
+        return TensorDict({"loss_objective": loss_objective, "loss_kl": loss_kl, **diag}, batch_size=[])
+
+
+class GDPOLoss(GroupRelativeLoss):
+    """Group reward-Decoupled normalisation (eq. 8-9), then the shared objective (eq. 10)."""
+
+
+class GRPOLoss(GroupRelativeLoss):
+    """Summed-then-normalised advantages (the GRPO baseline), then the shared objective."""
+
+    def advantage_fn(self, rewards, group_ids):
+        return grpo_advantages(rewards, group_ids, self.lambdas, eps=self.eps, whiten=self.whiten)
+
+
+LOSSES = {"gdpo": GDPOLoss, "grpo": GRPOLoss}

@@ -1,0 +1,124 @@
+"""The AR-Flow as a TorchRL ``ProbabilisticActor`` over SDE transitions (paper eq. 7).
+
+For the state ``m_t`` of token ``l`` the policy is the Gaussian transition
+
+    pi(m_{t+dt} | m_t) = N(m_t + dt * v_theta(m_t), sigma^2 * dt * I),     dt = 1 / K
+
+with log-probability summed over the latent dims. The module keeps the AR-Flow's key/value cache
+across the transitions of a token and across tokens, so one environment step costs one
+new-token pass. The cache follows the rollout: a new episode (``token == 0``, ``sde_step == 0``)
+starts a fresh cache from the conditioning of ``window``; when a token starts, the finished token
+``l - 1`` (from ``history``) is appended; if the calls arrive out of order the cache is rebuilt
+from ``history``, so the output never depends on stale state.
+
+For the update, :meth:`SDETransition.replay_loc` recomputes the transition means of cached
+states with gradient, teacher forced (one pass for every token of the trajectory at a given
+denoising step), which is what makes chunked replay cheap.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModule
+from torch import nn
+from torchrl.modules import IndependentNormal, ProbabilisticActor
+
+from ..envs.windows import cond_from_bank
+from .flow import transition_mean
+
+POLICY_IN_KEYS = ["x", "t", "token", "sde_step", "history", "window"]
+
+
+class SDEGaussian(IndependentNormal):
+    """``IndependentNormal`` that samples with an optional ``torch.Generator`` (reproducible SDE paths)."""
+
+    def __init__(self, loc, scale, generator: torch.Generator | None = None, **kwargs):
+        super().__init__(loc, scale, **kwargs)
+        self._generator = generator
+
+    def rsample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        g = self._generator
+        eps = torch.randn(shape, generator=g, device=g.device if g is not None else self.loc.device, dtype=self.loc.dtype)
+        return self.loc + eps.to(self.loc.device) * self.scale
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+
+class SDETransition(nn.Module):
+    """``(x, t, token, sde_step, history, window) -> (loc, scale)`` of one SDE transition.
+
+    Args:
+        arflow: the AR-Flow (``agents/arflow.py``); its parameters are the policy's.
+        bank: window bank holding the conditioning rows that ``window`` indexes.
+        sigma, sde_steps: eq. 7 noise scale and transitions per token.
+    """
+
+    def __init__(self, arflow: nn.Module, bank: TensorDictBase, sigma: float, sde_steps: int):
+        super().__init__()
+        self.arflow = arflow
+        self.bank = bank
+        self.sigma = float(sigma)
+        self.sde_steps = int(sde_steps)
+        self.dt = 1.0 / self.sde_steps
+        self._cache = None
+        self._expect = None  # (token, sde_step) the next in-order call will carry
+        self._cache_len = 0  # finished tokens written into the cache
+
+    def reset_cache(self) -> None:
+        self._cache, self._expect, self._cache_len = None, None, 0
+
+    def _rebuild(self, window: torch.Tensor, history: torch.Tensor, l: int) -> None:
+        self._cache = self.arflow.start(cond_from_bank(self.bank[window]))
+        for j in range(l):
+            self.arflow.append(self._cache, history[:, j], j)
+        self._cache_len = l
+
+    def forward(self, x, t, token, sde_step, history, window):
+        # rows step in lock-step: one scalar read of the schedule per call
+        l, k = int(token[0]), int(sde_step[0])
+        if self._cache is None or (l, k) != self._expect or (l == 0 and k == 0):
+            self._rebuild(window, history, l)
+        elif self._cache_len < l:
+            self.arflow.append(self._cache, history[:, l - 1], l - 1)
+            self._cache_len = l
+        v = self.arflow.velocity(self._cache, x, t.squeeze(-1), l)  # (B, Dv)
+        self._expect = (l, k + 1) if k + 1 < self.sde_steps else (l + 1, 0)
+        loc = transition_mean(x, v, self.dt)
+        scale = torch.full_like(loc, self.sigma * math.sqrt(self.dt))
+        return loc, scale
+
+    def replay_loc(self, window: torch.Tensor, history: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+                   model: nn.Module | None = None) -> torch.Tensor:
+        """Transition means of cached states, teacher forced, with gradient.
+
+        window (B,), history (B, N, Dv) finished trajectory, x (B, S, N, Dv) states of S denoising
+        steps for every token, t (B, S, N) their flow times -> loc (B, S, N, Dv).
+        ``model`` defaults to this policy's AR-Flow (pass the reference/behaviour copy to score them).
+        """
+        model = self.arflow if model is None else model
+        B, S, N, D = x.shape
+        cond = {k: v.repeat_interleave(S, 0) for k, v in cond_from_bank(self.bank[window]).items()}
+        xs = x.reshape(B * S, N, D)
+        v = model(cond, history.repeat_interleave(S, 0), xs, t.reshape(B * S, N))  # (B*S, N, Dv)
+        return transition_mean(xs, v, self.dt).reshape(B, S, N, D)
+
+
+def make_policy(arflow: nn.Module, bank: TensorDictBase, sigma: float = 0.5, sde_steps: int = 4,
+                generator: torch.Generator | None = None) -> ProbabilisticActor:
+    """The AR-Flow wrapped as a ``ProbabilisticActor`` with the Gaussian SDE transition."""
+    core = SDETransition(arflow, bank, sigma, sde_steps)
+    module = TensorDictModule(core, in_keys=POLICY_IN_KEYS, out_keys=["loc", "scale"])
+    return ProbabilisticActor(
+        module, in_keys=["loc", "scale"], out_keys=["action"], distribution_class=SDEGaussian,
+        distribution_kwargs={"generator": generator}, return_log_prob=True,
+    )
+
+
+def transition_core(policy: ProbabilisticActor) -> SDETransition:
+    """The :class:`SDETransition` inside a policy built by :func:`make_policy`."""
+    return policy.module[0].module
