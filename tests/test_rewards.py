@@ -1,0 +1,356 @@
+"""Masked statistics, reward terms, FLAME-group reward composition, spec parsing, build_reward."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gdpo_listener.envs.flame import FLAME_DIM, GROUP_NAMES, GROUPS
+from gdpo_listener.rewards import (DEFAULT_WEIGHTS, FlameReward, GroupReward, MeanDriftTerm, MSETerm, VarianceTerm,
+                                   VelocityVarianceTerm, build_reward, dynamic_deviation, frame_velocity,
+                                   masked_mean, masked_std, parse_reward_spec, velocity_std)
+from gdpo_listener.rewards.examples import JerkTerm, LogPenaltyGroupReward
+
+
+def seq(*cols, mask=None):
+    """(1, T, C) tensor from per-channel value lists, and a (1, T) bool mask (default all valid)."""
+    x = torch.tensor(cols, dtype=torch.float32).T.unsqueeze(0)
+    m = torch.ones(1, x.shape[1], dtype=torch.bool) if mask is None else torch.tensor([mask])
+    return x, m
+
+
+def t(v):
+    return torch.tensor(v, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- stats
+
+
+def test_mean_std_velocity_hand_values():
+    x, m = seq([0, 1, 3, 6])
+    assert torch.allclose(masked_mean(x, m), t([[2.5]]))
+    assert torch.allclose(masked_std(x, m), t([[math.sqrt((6.25 + 2.25 + 0.25 + 12.25) / 4)]]))  # population
+    v, vm = frame_velocity(x, m)
+    assert torch.equal(v, t([[[1], [2], [3]]])) and vm.all()
+    assert torch.allclose(velocity_std(x, m), t([[math.sqrt(2 / 3)]]))
+
+
+def test_masked_frames_are_ignored_even_nan():
+    x, m = seq([0, 2, math.nan, 4], mask=[True, True, False, True])
+    assert torch.allclose(masked_mean(x, m), t([[2.0]]))
+    assert torch.allclose(masked_std(x, m), t([[math.sqrt(8 / 3)]]))
+    v, vm = frame_velocity(x, m)
+    assert vm.tolist() == [[True, False, False]]  # a velocity needs both frames valid
+    assert torch.isfinite(v).all() and float(v[0, 0, 0]) == 2.0
+    assert float(velocity_std(x, m)) == 0.0  # a single valid velocity -> std 0
+
+
+def test_degenerate_cases_are_zero_not_nan():
+    x, _ = seq([3, 3, 3, 3])
+    assert float(masked_std(x)) == 0.0 and float(velocity_std(x)) == 0.0
+    one, m1 = seq([5, 7, 9], mask=[False, True, False])
+    assert float(masked_mean(one, m1)) == 7.0 and float(masked_std(one, m1)) == 0.0
+    none = torch.zeros(1, 3, dtype=torch.bool)
+    assert float(masked_mean(one, none)) == 0.0 and float(masked_std(one, none)) == 0.0
+    assert float(dynamic_deviation(one, one * 2, none)) == 0.0
+    # the gradient at zero variance is 0, not NaN
+    xg = torch.full((2, 5, 3), 0.1, requires_grad=True)
+    (masked_std(xg) + velocity_std(xg)).sum().backward()
+    assert torch.isfinite(xg.grad).all()
+
+
+def test_stats_batched_match_numpy():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 9, 4, generator=g)
+    m = torch.rand(3, 9, generator=g) > 0.3
+    m[2] = False
+    m[2, 4] = True  # one valid frame in row 2
+    mean, std, vstd = masked_mean(x, m), masked_std(x, m), velocity_std(x, m)
+    for b in range(3):
+        xb, mb = x[b].numpy(), m[b].numpy()
+        n = mb.sum()
+        exp_mean = xb[mb].mean(0) if n else np.zeros(4)
+        exp_std = xb[mb].std(0) if n >= 2 else np.zeros(4)
+        vel = np.stack([xb[i + 1] - xb[i] for i in range(8) if mb[i] and mb[i + 1]] or [np.zeros(4)] * 1)
+        nv = sum(1 for i in range(8) if mb[i] and mb[i + 1])
+        exp_v = vel.std(0) if nv >= 2 else np.zeros(4)
+        np.testing.assert_allclose(mean[b].numpy(), exp_mean, atol=1e-5)
+        np.testing.assert_allclose(std[b].numpy(), exp_std, atol=1e-5)
+        np.testing.assert_allclose(vstd[b].numpy(), exp_v, atol=1e-5)
+    # extra leading dims behave like a flattened batch
+    x4, m4 = x.reshape(1, 3, 9, 4), m.reshape(1, 3, 9)
+    assert torch.allclose(masked_std(x4, m4).reshape(3, 4), std)
+
+
+def test_dynamic_deviation_hand_value():
+    pred, m = seq([0, 1, 3, 6], [0, 1, 2, 3])
+    target, _ = seq([0, 1, 2, 3], [0, 1, 2, 3])
+    # channel 0: |sqrt(2/3) - 0|, channel 1: 0 -> mean over channels
+    assert torch.allclose(dynamic_deviation(pred, target, m), t([math.sqrt(2 / 3) / 2]))
+
+
+def test_stats_shape_errors():
+    x = torch.zeros(2, 5, 3)
+    with pytest.raises(ValueError, match="mask"):
+        masked_mean(x, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="same shape"):
+        dynamic_deviation(x, torch.zeros(2, 5, 2))
+
+
+# ---------------------------------------------------------------- terms
+
+
+def test_terms_hand_values():
+    pred, m = seq([0, 2, 0, 2], [0, 2, 0, 2])  # std 1 and 1; velocity (2, -2, 2): population std s
+    target, _ = seq([0, 0, 0, 0], [0, 6, 0, 6])  # std 0 and 3; velocity std 0 and 3 s
+    s = math.sqrt(32) / 3  # (2, -2, 2): mean 2/3, squared deviations (16 + 64 + 16) / 9 / 3 = 32 / 9
+    assert torch.allclose(VarianceTerm()(pred, target, m), t([(1 + 2) / 2]))
+    assert torch.allclose(VelocityVarianceTerm()(pred, target, m), t([(s + 2 * s) / 2]))
+    assert torch.allclose(MeanDriftTerm()(pred, target, m), t([(1 + 2) / 2]))  # means 1,1 vs 0,3
+    # MSE: mean over (t, c): ch0 (0+4+0+4), ch1 (0+16+0+16) -> 40 / 8
+    assert torch.allclose(MSETerm()(pred, target, m), t([5.0]))
+
+
+def test_terms_with_masks():
+    pred, _ = seq([1, 1, 1, 1], [0, 0, 0, 0])
+    target, _ = seq([0, 2, 4, 100], [1, 2, 3, 100])
+    m = torch.tensor([[True, True, True, False]])
+    assert torch.allclose(MeanDriftTerm()(pred, target, m), t([(1 + 2) / 2]))  # target means 2 and 2
+    assert torch.allclose(MSETerm()(pred, target, m), t([(1 + 1 + 9 + 1 + 4 + 9) / 6]))
+    assert torch.allclose(VarianceTerm()(pred, target, m), t([(math.sqrt(8 / 3) + math.sqrt(2 / 3)) / 2]))
+    # velocities: target (2, 2) and (1, 1), the jump to frame 3 is masked -> std 0; pred std 0
+    assert float(VelocityVarianceTerm()(pred, target, m)) == 0.0
+
+
+def test_terms_single_frame_and_empty_mask():
+    pred, _ = seq([1, 5, 9], [2, 2, 2])
+    target, _ = seq([4, 0, 0], [0, 0, 0])
+    single = torch.tensor([[True, False, False]])
+    empty = torch.zeros(1, 3, dtype=torch.bool)
+    assert float(VarianceTerm()(pred, target, single)) == 0.0
+    assert float(VelocityVarianceTerm()(pred, target, single)) == 0.0
+    assert torch.allclose(MeanDriftTerm()(pred, target, single), t([(3 + 2) / 2]))
+    assert torch.allclose(MSETerm()(pred, target, single), t([(9 + 4) / 2]))
+    for term in (VarianceTerm(), VelocityVarianceTerm(), MeanDriftTerm(), MSETerm(), JerkTerm()):
+        assert float(term(pred, target, empty)) == 0.0
+
+
+def test_jerk_term_example():
+    pred, m = seq([0, 1, 0, 1, 0])  # second differences (-2, 2, -2)
+    target, _ = seq([0, 0, 1, 3, 6])  # second differences (1, 1, 1): std 0
+    assert torch.allclose(JerkTerm()(pred, target, m), t([math.sqrt(32) / 3]))
+    m2 = torch.tensor([[True, True, True, False, True]])  # only one full triple -> std 0
+    assert float(JerkTerm()(pred, target, m2)) == 0.0
+
+
+# ---------------------------------------------------------------- groups
+
+
+def flame(B=2, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, FLAME_DIM, generator=g), torch.randn(B, T, FLAME_DIM, generator=g)
+
+
+def test_group_reward_composes_weighted_terms():
+    pred, target = flame()
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    gr = GroupReward("jaw", {"var": (VarianceTerm(), 2.0), "mse": (MSETerm(), 0.5)})
+    p, g = pred[..., 50:53], target[..., 50:53]
+    expect = -(2.0 * VarianceTerm()(p, g, mask) + 0.5 * MSETerm()(p, g, mask))
+    assert torch.allclose(gr(pred, target, mask), expect)
+    assert torch.allclose(gr(p, g, mask), expect)  # the group's own channels work too
+    pen = gr.penalties(pred, target, mask)
+    assert set(pen) == {"var", "mse"} and torch.allclose(pen["mse"], MSETerm()(p, g, mask))
+    with pytest.raises(ValueError, match="expects"):
+        gr(pred[..., :10], target[..., :10], mask)
+
+
+def test_group_reward_validation():
+    with pytest.raises(ValueError, match="valid groups: expr, jaw"):
+        GroupReward("head", {"var": (VarianceTerm(), 1.0)})
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        GroupReward("jaw", {"var": (VarianceTerm(), -1.0)})
+    with pytest.raises(ValueError, match="at least one term"):
+        GroupReward("jaw", {})
+    with pytest.raises(TypeError, match="nn.Module"):
+        GroupReward("jaw", {"var": (lambda p, g, m: p.sum(), 1.0)})
+
+
+class NaNTerm(nn.Module):
+    def forward(self, pred, target, mask):
+        return torch.full(pred.shape[:1], math.nan)
+
+
+class RowCounter(nn.Module):
+    """A group reward that records which batch sizes it was called with."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.group, self.calls = group, []
+
+    def forward(self, pred, target, mask):
+        self.calls.append(pred.shape[0])
+        return -torch.ones(pred.shape[0])
+
+
+def test_flame_reward_vector_lambdas_and_invalid_entries():
+    pred, target = flame(B=3)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[2] = False  # row 2: no listening frame -> 0 everywhere
+    valid = torch.ones(3, 6, dtype=torch.bool)
+    valid[1, GROUP_NAMES.index("rot")] = False  # row 1: rot invalid
+    expr = GroupReward("expr", {"vel": (VelocityVarianceTerm(), 1.0)})
+    rot = GroupReward("rot", {"mean": (MeanDriftTerm(), 1.0)})
+    fr = FlameReward([expr, rot], lambdas={"rot": 2.0})
+    assert fr.group_names == ("expr", "rot")
+    assert torch.equal(fr.lambdas, t([1.0, 2.0]))
+    out = fr.compute(pred, target, mask, valid)
+    r, ok = out["reward"], out["valid"]
+    assert r.shape == (3, 2)
+    assert ok.tolist() == [[True, True], [True, False], [False, False]]
+    assert torch.allclose(r[:2, 0], expr(pred[:2], target[:2], mask[:2]))
+    assert torch.allclose(r[0, 1], rot(pred[:1], target[:1], mask[:1])[0])
+    assert r[1, 1] == 0 and (r[2] == 0).all()
+    assert torch.equal(fr(pred, target, mask, valid), r)
+    assert torch.equal(fr.reward_valid(mask, valid), ok)
+    # invalid rows are never passed to the group module
+    counter = RowCounter("rot")
+    FlameReward([counter])(pred, target, mask, valid)
+    assert counter.calls == [1]
+    # extra leading batch dims
+    r4 = fr(pred.reshape(1, 3, 6, FLAME_DIM), target.reshape(1, 3, 6, FLAME_DIM), mask.reshape(1, 3, 6),
+            valid.reshape(1, 3, 6))
+    assert torch.allclose(r4.reshape(3, 2), r)
+
+
+def test_flame_reward_term_values():
+    pred, target = flame(B=3)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    valid = torch.ones(3, 6, dtype=torch.bool)
+    valid[0, GROUP_NAMES.index("jaw")] = False
+    fr = build_reward("jaw", weights={"mse": 0.5})
+    tv = fr.term_values(pred, target, mask, valid, reduce="none")
+    assert set(tv) == {f"reward/jaw/{k}" for k in ("var", "vel", "mean", "mse")}
+    sl = GROUPS["jaw"]
+    mse = MSETerm()(pred[..., sl], target[..., sl], mask)
+    assert tv["reward/jaw/mse"][0] == 0 and torch.allclose(tv["reward/jaw/mse"][1:], mse[1:])
+    tm = fr.term_values(pred, target, mask, valid)  # mean over the valid rows only
+    assert tm["reward/jaw/mse"].dim() == 0 and torch.allclose(tm["reward/jaw/mse"], mse[1:].mean())
+    w = fr.groups["jaw"].weights
+    total = -sum(w[k] * tv[f"reward/jaw/{k}"] for k in w)
+    assert torch.allclose(fr(pred, target, mask, valid)[:, 0], total)
+
+
+def test_nan_from_user_module_names_it():
+    pred, target = flame()
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    fr = FlameReward([GroupReward("eyelid", {"bad": (NaNTerm(), 1.0)})])
+    with pytest.raises(RuntimeError, match="NaNTerm.*eyelid"):
+        fr(pred, target, mask)
+
+    class BadGroup(nn.Module):
+        group = "neck"
+
+        def forward(self, pred, target, mask):
+            return torch.full((pred.shape[0],), math.inf)
+
+    with pytest.raises(RuntimeError, match="BadGroup.*neck"):
+        FlameReward([BadGroup()])(pred, target, mask)
+
+
+def test_flame_reward_validation():
+    g = GroupReward("jaw", {"var": (VarianceTerm(), 1.0)})
+    with pytest.raises(ValueError, match="duplicate"):
+        FlameReward([g, GroupReward("jaw", {"var": (VarianceTerm(), 1.0)})])
+    with pytest.raises(ValueError, match="not all be zero"):
+        FlameReward([g], lambdas=[0.0])
+    with pytest.raises(ValueError, match=">= 0"):
+        FlameReward([g], lambdas=[-1.0])
+    with pytest.raises(ValueError, match="not in the reward"):
+        FlameReward([g], lambdas={"rot": 1.0})
+    pred, target = flame()
+    with pytest.raises(ValueError, match="valid"):
+        FlameReward([g])(pred, target, torch.ones(2, 6, dtype=torch.bool), torch.ones(2, 5, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- spec + build
+
+
+def test_parse_reward_spec():
+    assert parse_reward_spec("expr+rot") == ["expr", "rot"]
+    assert parse_reward_spec(" rot +  expr ") == ["expr", "rot"]  # FLAME order, whitespace ok
+    assert parse_reward_spec("jaw") == ["jaw"]
+    assert parse_reward_spec("all") == list(GROUP_NAMES)
+    assert parse_reward_spec(["eyelid", "jaw"]) == ["jaw", "eyelid"]
+    with pytest.raises(ValueError) as e:
+        parse_reward_spec("expr+head")
+    assert "'head'" in str(e.value) and all(n in str(e.value) for n in GROUP_NAMES)
+    with pytest.raises(ValueError, match="duplicate"):
+        parse_reward_spec("jaw+expr+jaw")
+    for bad in ("", "  ", "expr+", "all+jaw"):
+        with pytest.raises(ValueError):
+            parse_reward_spec(bad)
+
+
+def test_build_reward_defaults_and_weights():
+    fr = build_reward()
+    assert fr.group_names == ("expr", "rot") and torch.equal(fr.lambdas, t([1.0, 1.0]))
+    assert fr.groups["expr"].weights == DEFAULT_WEIGHTS == {"var": 1.0, "vel": 1.0, "mean": 0.25, "mse": 0.1}
+    fr = build_reward("jaw+rot", weights={"mse": 0.0, "var": 2.0}, lambdas={"jaw": 3.0})
+    assert fr.groups["jaw"].weights == {"var": 2.0, "vel": 1.0, "mean": 0.25}  # zero weight left out
+    assert torch.equal(fr.lambdas, t([3.0, 1.0]))
+    pred, target = flame()
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    p, g = pred[..., GROUPS["jaw"]], target[..., GROUPS["jaw"]]
+    expect = -(2 * VarianceTerm()(p, g, mask) + VelocityVarianceTerm()(p, g, mask) + 0.25 * MeanDriftTerm()(p, g, mask))
+    assert torch.allclose(fr(pred, target, mask)[:, 0], expect)
+
+
+def test_build_reward_validation_errors():
+    with pytest.raises(ValueError, match="'mse'"):
+        build_reward(weights={"mse": -0.1})
+    with pytest.raises(ValueError, match="'var'"):
+        build_reward(weights={"var": math.nan})
+    with pytest.raises(ValueError, match="unknown reward weight 'jerk'"):
+        build_reward(weights={"jerk": 1.0})
+    with pytest.raises(ValueError, match="all reward term weights are zero"):
+        build_reward(weights={k: 0.0 for k in DEFAULT_WEIGHTS})
+    with pytest.raises(ValueError, match="not in the reward"):
+        build_reward("expr+rot", lambdas={"jaw": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        build_reward("expr+rot", lambdas={"rot": -1.0})
+    with pytest.raises(ValueError, match="not all be zero"):
+        build_reward("expr+rot", lambdas={"rot": 0.0, "expr": 0})
+    with pytest.raises(ValueError, match="valid groups"):
+        build_reward("mouth")
+    with pytest.raises(ValueError, match="no_such_module"):
+        build_reward(extra_terms={"x": {"target": "gdpo_listener.rewards.no_such_module.X", "weight": 1.0}})
+    with pytest.raises(ValueError, match="weight"):
+        build_reward(extra_terms={"jerk": {"target": "gdpo_listener.rewards.examples.JerkTerm"}})
+    with pytest.raises(ValueError, match="built-in"):
+        build_reward(extra_terms={"var": {"target": "gdpo_listener.rewards.examples.JerkTerm", "weight": 1.0}})
+
+
+def test_user_term_and_group_reward_by_dotted_path():
+    from omegaconf import OmegaConf
+
+    pred, target = flame()
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    sl = GROUPS["rot"]
+    base = build_reward("rot")
+    # extra term, config given as a Hydra DictConfig
+    extra = OmegaConf.create({"jerk": {"target": "gdpo_listener.rewards.examples.JerkTerm", "weight": 0.5}})
+    fr = build_reward("rot", extra_terms=extra)
+    assert isinstance(fr.groups["rot"].terms["jerk"], JerkTerm)
+    jerk = JerkTerm()(pred[..., sl], target[..., sl], mask)
+    assert torch.allclose(fr(pred, target, mask)[:, 0], base(pred, target, mask)[:, 0] - 0.5 * jerk)
+    assert "reward/rot/jerk" in fr.term_values(pred, target, mask)
+    # own group reward class with a constructor kwarg
+    fr = build_reward("rot", group_reward={"target": "gdpo_listener.rewards.examples.LogPenaltyGroupReward",
+                                           "scale": 2.0})
+    assert isinstance(fr.groups["rot"], LogPenaltyGroupReward)
+    assert torch.allclose(fr(pred, target, mask)[:, 0], -torch.log1p(-2.0 * base(pred, target, mask)[:, 0]))
+    fr = build_reward("rot", group_reward="gdpo_listener.rewards.examples.LogPenaltyGroupReward")
+    assert fr.groups["rot"].scale == 1.0
