@@ -212,7 +212,11 @@ class DatasetWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.finish()
+            try:
+                self.finish()
+            except BaseException:
+                self.abort()
+                raise
         else:
             self.abort()
 
@@ -292,7 +296,12 @@ class DatasetWriter:
         if self.out.exists():
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
             os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
+        try:
+            os.replace(self.tmp, self.out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, self.out)  # put the previous dataset back
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.out
