@@ -67,6 +67,17 @@ def trajectory_batch(rollout: TensorDictBase, n_tokens: int, sde_steps: int, tok
     }, batch_size=[B], device=rollout.device).apply(lambda v: v.contiguous())
 
 
+STEP_KEYS = ("x", "t", "action", "action_log_prob")
+
+
+def select_steps(traj: TensorDictBase, k0: int, k1: int, step_keys=STEP_KEYS) -> TensorDict:
+    """The chunk of denoising steps ``k0:k1`` of every token of a :func:`trajectory_batch` (a view)."""
+    out = traj.exclude(*step_keys)
+    for k in step_keys:
+        out.set(k, traj[k][:, k0:k1])
+    return out
+
+
 class GroupRelativeLoss(LossModule):
     """Shared PPO-clip + KL objective of :class:`GDPOLoss` and :class:`GRPOLoss`.
 

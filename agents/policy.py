@@ -40,9 +40,9 @@ class SDEGaussian(IndependentNormal):
 
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
-        g = self._generator
-        eps = torch.randn(shape, generator=g, device=g.device if g is not None else self.loc.device, dtype=self.loc.dtype)
-        return self.loc + eps.to(self.loc.device) * self.scale
+        g, loc, scale = self._generator, self.base_dist.loc, self.base_dist.scale
+        eps = torch.randn(shape, generator=g, device=g.device if g is not None else loc.device, dtype=loc.dtype)
+        return loc + eps.to(loc.device) * scale
 
     def sample(self, sample_shape=torch.Size()):
         with torch.no_grad():

@@ -45,8 +45,8 @@ class ListenerSDEEnv(EnvBase):
     def __init__(self, bank: TensorDictBase, decoder, normalizer, reward, n_prompts: int = 4, group_size: int = 4,
                  sde_steps: int = 4, sigma: float = 0.5, device: str | torch.device = "cpu",
                  generator: torch.Generator | None = None, seed: int = 0):
-        if group_size < 2:
-            raise ValueError(f"group_size (G) must be >= 2 for group-relative advantages, got {group_size}")
+        if group_size < 1:
+            raise ValueError(f"group_size (G) must be >= 1, got {group_size} (group-relative training needs G >= 2)")
         if n_prompts < 1:
             raise ValueError(f"n_prompts must be >= 1, got {n_prompts}")
         if sde_steps < 1:
@@ -134,11 +134,12 @@ class ListenerSDEEnv(EnvBase):
         # write the finished token into the history (rows are in lock-step; masked write keeps it general)
         onehot = torch.nn.functional.one_hot(token.clamp(max=N - 1), N).bool() & finished[:, None]  # (B, N)
         history = torch.where(onehot[..., None], action[:, None, :], history)  # (B, N, D)
-        x = torch.where(finished[:, None], self._noise((B, D)), action)
+        self._elapsed += 1
+        # a token starts from fresh noise; drawn only then, so the noise stream matches ARFlow.sample
+        x = torch.where(finished[:, None], self._noise((B, D)), action) if self._elapsed % K == 0 else action
         t = (new_step.float() / K)[:, None]
         done = (new_token >= N)[:, None]  # (B, 1)
         reward = torch.zeros(B, len(self.group_names), device=self.device)
-        self._elapsed += 1
         if self._elapsed >= N * K:  # last transition of the episode: decode and score
             reward = torch.where(done, self.episode_reward(history, tensordict["window"]), reward)
         return TensorDict({

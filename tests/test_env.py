@@ -1,0 +1,153 @@
+"""The SDE environment, the AR-Flow policy and their agreement with the AR-Flow samplers."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchrl.envs.utils import ExplorationType, check_env_specs, set_exploration_type
+
+from gdpo_listener.agents.policy import make_policy, transition_core
+from gdpo_listener.envs.sde_env import ListenerSDEEnv
+from gdpo_listener.envs.windows import cond_from_bank
+from gdpo_listener.rewards.groups import build_reward
+from rl_fixtures import DV, N, tiny_arflow, tiny_bank, tiny_vae
+
+
+def make(n_prompts=2, G=2, steps=2, sigma=0.5, spec="expr+rot", seed=0, bank=None):
+    bank = tiny_bank() if bank is None else bank
+    vae, norm = tiny_vae()
+    g = torch.Generator().manual_seed(seed)
+    env = ListenerSDEEnv(bank, vae, norm, build_reward(spec), n_prompts=n_prompts, group_size=G, sde_steps=steps,
+                         sigma=sigma, generator=g, seed=seed)
+    model = tiny_arflow()
+    policy = make_policy(model, bank, sigma=sigma, sde_steps=steps, generator=g)
+    return env, policy, model, bank
+
+
+@pytest.mark.parametrize("n_prompts,G,spec", [(1, 2, "expr"), (2, 2, "expr+rot"), (3, 4, "all")])
+def test_check_env_specs(n_prompts, G, spec):
+    env, _, _, _ = make(n_prompts, G, spec=spec)
+    check_env_specs(env)
+    assert env.reward_spec.shape == (n_prompts * G, len(spec.split("+")) if spec != "all" else 6)
+
+
+def test_episode_structure_and_reward_only_at_end():
+    env, policy, _, _ = make(steps=3)
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        ro = env.rollout(N * 3, policy, break_when_any_done=False)
+    assert ro.batch_size == (4, N * 3)
+    r = ro["next", "reward"]
+    assert torch.all(r[:, :-1] == 0)
+    assert torch.isfinite(r[:, -1]).all() and (r[:, -1] != 0).any()
+    assert ro["next", "done"][:, -1].all() and not ro["next", "done"][:, :-1].any()
+    # the G rollouts of a prompt share the window and the group id
+    w, gid = ro["window"][:, 0], ro["group_id"][:, 0]
+    assert torch.equal(w[0::2], w[1::2]) and torch.equal(gid, torch.tensor([0, 0, 1, 1]))
+    # the history is the last action of every token
+    hist = ro["next", "history"][:, -1]
+    assert torch.allclose(hist, ro["action"][:, 2::3])
+
+
+def test_policy_log_prob_is_closed_form_gaussian():
+    env, policy, _, _ = make(steps=4, sigma=0.5)
+    td = env.reset()
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        td = policy(td)
+    std = 0.5 * math.sqrt(0.25)
+    assert torch.allclose(td["scale"], torch.full_like(td["scale"], std))
+    z = (td["action"] - td["loc"]) / std
+    expected = (-0.5 * z.pow(2) - math.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+    assert torch.allclose(td["action_log_prob"], expected, atol=1e-5)
+
+
+def rollout_latents(env, policy, steps):
+    with torch.no_grad():
+        ro = env.rollout(N * steps, policy, break_when_any_done=False)
+    return ro["next", "history"][:, -1], ro
+
+
+def test_deterministic_rollout_reproduces_ode_sampler():
+    """sigma -> 0 (deterministic exploration = the transition mean) gives the Euler ODE sampler."""
+    env, policy, model, bank = make(steps=4, sigma=0.5)
+    env.set_windows(torch.tensor([1, 4]))
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        g = env.generator.manual_seed(123)
+        z_env, ro = rollout_latents(env, policy, 4)
+    rows = bank[ro["window"][:, 0]]
+    g.manual_seed(123)
+    # the env draws every token's initial noise from the generator, as sample() does
+    # sample() draws one (B, Dv) noise per token from its generator; in a deterministic rollout the
+    # policy draws nothing, so the env's noise stream is exactly the sampler's
+    z_ode = model.sample(cond_from_bank(rows), N, steps=4, generator=g)
+    assert torch.allclose(z_env, z_ode, atol=1e-4), (z_env - z_ode).abs().max()
+
+
+def test_sde_rollout_reproduces_sde_sampler():
+    env, policy, model, bank = make(steps=4, sigma=0.5)
+    env.set_windows(torch.tensor([0, 3]))
+    g = env.generator.manual_seed(7)
+    with set_exploration_type(ExplorationType.RANDOM):
+        z_env, ro = rollout_latents(env, policy, 4)
+    rows = bank[ro["window"][:, 0]]
+    g.manual_seed(7)
+    z_sde = model.sample(cond_from_bank(rows), N, steps=4, sigma=0.5, generator=g)
+    assert torch.allclose(z_env, z_sde, atol=1e-4), (z_env - z_sde).abs().max()
+    # and the path is really stochastic: another seed gives another result
+    env.set_windows(torch.tensor([0, 3]))
+    env.generator.manual_seed(8)
+    with set_exploration_type(ExplorationType.RANDOM):
+        z_other, _ = rollout_latents(env, policy, 4)
+    assert not torch.allclose(z_env, z_other, atol=1e-2)
+
+
+def test_kv_cache_matches_recompute_in_rollout():
+    """The cached policy step equals a full teacher-forced recompute of the same state."""
+    env, policy, model, bank = make(steps=2, sigma=0.5)
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        ro = env.rollout(N * 2, policy, break_when_any_done=False)
+    core = transition_core(policy)
+    hist = ro["next", "history"][:, -1]
+    B = hist.shape[0]
+    x = ro["x"].reshape(B, N, 2, DV).transpose(1, 2)
+    t = ro["t"].squeeze(-1).reshape(B, N, 2).transpose(1, 2)
+    with torch.no_grad():
+        loc = core.replay_loc(ro["window"][:, 0], hist, x, t)
+    assert torch.allclose(loc, ro["loc"].reshape(B, N, 2, DV).transpose(1, 2), atol=1e-5)
+
+
+def test_no_listening_frames_gives_zero_reward_not_nan():
+    env, policy, _, _ = make(bank=tiny_bank(listening=False))
+    with torch.no_grad():
+        ro = env.rollout(N * 2, policy, break_when_any_done=False)
+    r = ro["next", "reward"][:, -1]
+    assert torch.isfinite(r).all() and torch.all(r == 0)
+
+
+@pytest.mark.parametrize("kw,msg", [({"group_size": 0}, "group_size"), ({"sigma": float("nan")}, "sigma"), ({"sde_steps": 0}, "sde_steps")])
+def test_bad_env_config(kw, msg):
+    vae, norm = tiny_vae()
+    args = dict(n_prompts=2, group_size=2, sde_steps=2, sigma=0.5) | kw
+    with pytest.raises(ValueError, match=msg):
+        ListenerSDEEnv(tiny_bank(), vae, norm, build_reward("expr"), **args)
+
+
+def test_gymnasium_adapter_passes_check_env():
+    import gymnasium
+    from gymnasium.utils.env_checker import check_env
+
+    from gdpo_listener.envs.gym_adapter import ENV_ID, ListenerGymEnv
+
+    vae, norm = tiny_vae()
+    tenv = ListenerSDEEnv(tiny_bank(), vae, norm, build_reward("expr+rot", lambdas={"expr": 1.0, "rot": 3.0}),
+                          n_prompts=1, group_size=1, sde_steps=2, generator=torch.Generator().manual_seed(0))
+    env = gymnasium.make(ENV_ID, torchrl_env=tenv, disable_env_checker=True).unwrapped
+    assert isinstance(env, ListenerGymEnv)
+    check_env(env, skip_render_check=True)
+    obs, _ = env.reset(seed=3)
+    total, steps, done = 0.0, 0, False
+    while not done:
+        obs, r, done, trunc, info = env.step(obs["x"] * 0.9)
+        steps += 1
+    assert steps == N * 2 and obs["token"] == N
+    assert r == pytest.approx(0.25 * info["reward_vector"][0] + 0.75 * info["reward_vector"][1], rel=1e-5)
