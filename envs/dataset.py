@@ -195,8 +195,11 @@ class DatasetWriter:
         self.source = source
         self.overwrite = overwrite
         self.extra_meta = dict(extra_meta or {})
-        if self.out.exists() and not overwrite:
-            raise FileExistsError(f"output folder {self.out} exists (pass overwrite=True to replace it)")
+        if self.out.exists():
+            if not overwrite:
+                raise FileExistsError(f"output folder {self.out} exists (pass overwrite=True to replace it)")
+            if not self.out.is_dir() or (any(self.out.iterdir()) and not (self.out / "dataset.json").is_file()):
+                raise FileExistsError(f"output folder {self.out} exists and is not a canonical dataset; refusing to replace it")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         (self.tmp / "conversations").mkdir()
@@ -433,7 +436,7 @@ class DyadicWindows:
             "partner_vad": pvad,
             "speaking": avad.copy(),
             "listening": pvad & ~avad,
-            "text": conv.text[a][ix.window] if ix.window < len(conv.text[a]) else "",
+            "text": conv.text[a][s // WINDOW] if s // WINDOW < len(conv.text[a]) else "",
             "conversation": ix.conversation,
             "actor": a,
             "window": ix.window,

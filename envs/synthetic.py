@@ -1,0 +1,818 @@
+"""A deterministic synthetic dyadic corpus that reproduces the problem the paper attacks.
+
+Two speakers take turns. Every side of every conversation has FLAME motion (all six groups), a
+real 16 kHz waveform, per-frame VAD and one text description per 200-frame window. The corpus is
+built so that the three regimes of the paper are present and measurable:
+
+* **speaking is near-deterministic**: the actor's jaw opening (channel 50) and mouth expression
+  channels follow the syllable envelope and vowel of the actor's *own* waveform, so audio -> jaw
+  is learnable;
+* **listening is one-to-many**: for one partner context the listener's reaction is drawn from
+  several intents (eager nods with a smile, slow sad head shake with a frown, still and
+  attentive, skeptical tilt with raised brows, laughing, confused furrow, bored look-away) with
+  random amplitude and timing, so the per-frame mean over reactions is near-static -- a model
+  trained with MSE collapses to it;
+* **text names the intent** in varied free words ("Joyful and upbeat, nodding eagerly with a
+  broad smile."), so text control is measurable.
+
+Blinks (eyelid) and gaze saccades (eyepose) happen in all roles. The waveform is a small
+source-filter synthesiser: a glottal pulse train at a per-speaker f0 (declination, accents,
+jitter) filtered by per-vowel formant resonators scaled to the speaker's vocal tract, shaped by
+a syllable envelope, with fricative-like noise at syllable onsets and a low noise floor between
+utterances.
+
+Expression channels have a fixed (invented) meaning here, like the leading components of a
+FLAME expression basis: see ``EX_*`` below. Channels 10-49 carry low-amplitude texture (idle
+noise plus a fixed per-intent pattern).
+
+Public API::
+
+    INTENTS                                   the intent names
+    listener_reaction(intent, n_frames, rng, partner_vad=None, identity=None) -> {group: (T, d)}
+    describe(intent, rng, speaking=False) -> str
+    synthesize_conversation(cid, seconds=64.0, seed=0, index=0, speakers=None) -> (Conversation, info)
+    generate_corpus(out_dir, n_conversations=60, seconds=64.0, seed=0, test_fraction=0.1, progress=True)
+        -> summary dict (DatasetWriter summary + generation time + intent counts)
+
+Everything is deterministic given ``seed``: conversation ``i`` of a corpus depends only on
+``(seed, i)`` (and the speaker pool of ``seed``), not on how many conversations are generated.
+"""
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+from scipy.signal import butter, lfilter
+
+from .dataset import SAMPLES_PER_FRAME, WINDOW, Conversation, DatasetWriter
+from .flame import FLAME_DIM, FPS, GROUPS, N_GROUPS, SAMPLE_RATE
+
+# ----------------------------------------------------------------------------------------------
+# layout conventions of the synthetic faces
+
+# meaning given to the leading expression coefficients in this corpus
+EX_MOUTH_OPEN, EX_SMILE, EX_ROUND, EX_STRETCH, EX_BROW_UP = 0, 1, 2, 3, 4
+EX_FROWN, EX_SQUINT, EX_LIP_DOWN, EX_PRESS, EX_BROW_ONE = 5, 6, 7, 8, 9
+N_SEMANTIC = 10  # channels 10..49 are texture
+
+JAW_OPEN = GROUPS["jaw"].start  # 50: jaw opening (rotation about x, positive opens)
+ROT = GROUPS["rot"].start  # 64: head pitch (positive = down), 65 yaw, 66 roll
+NECK = GROUPS["neck"].start
+EYELID = GROUPS["eyelid"]
+EYE_L, EYE_R = GROUPS["eyepose"].start, GROUPS["eyepose"].start + 3  # each (pitch, yaw, roll)
+
+INTENTS: tuple[str, ...] = ("joyful", "sad", "attentive", "skeptical", "amused", "confused", "bored")
+
+# fixed per-intent texture patterns over expression channels 10..49 (not seed-dependent: an
+# intent looks the same in every corpus)
+_TEXTURE = {
+    name: np.random.default_rng([20260325, i]).standard_normal(50 - N_SEMANTIC)
+    * 0.12
+    * np.exp(-np.arange(50 - N_SEMANTIC) / 15.0)
+    for i, name in enumerate(INTENTS)
+}
+
+
+@dataclass(frozen=True)
+class IntentStyle:
+    """How one intent shows in the face (listening values; speaking uses scaled-down ones)."""
+
+    expr: dict  # semantic channel -> level
+    eyelid: float  # resting eyelid closure (0 open .. 1 closed)
+    head: tuple  # head offset (pitch, yaw, roll) in rad; yaw/roll signs drawn per reaction
+    gaze: tuple  # gaze offset (pitch, yaw) in rad; yaw follows the head yaw sign
+    # speaking style: f0 factor, f0 range, syllable rate, loudness, head motion, jaw gain
+    f0: float = 1.0
+    f0_range: float = 1.0
+    rate: float = 1.0
+    loud: float = 1.0
+    head_motion: float = 1.0
+    jaw: float = 1.0
+
+
+STYLES: dict[str, IntentStyle] = {
+    "joyful": IntentStyle({EX_SMILE: 1.3, EX_SQUINT: 0.5, EX_BROW_UP: 0.3, EX_MOUTH_OPEN: 0.15}, 0.12,
+                          (-0.02, 0.0, 0.0), (0.0, 0.0), 1.1, 1.4, 1.12, 1.0, 1.3, 1.1),
+    "sad": IntentStyle({EX_FROWN: 1.0, EX_LIP_DOWN: 0.9, EX_BROW_UP: 0.3, EX_SMILE: -0.4}, 0.28,
+                       (0.08, 0.0, 0.0), (0.1, 0.0), 0.9, 0.6, 0.8, 0.75, 0.6, 0.8),
+    "attentive": IntentStyle({EX_BROW_UP: 0.35}, 0.02, (0.02, 0.0, 0.0), (0.0, 0.0), 1.0, 1.0, 1.0, 0.95, 0.8, 1.0),
+    "skeptical": IntentStyle({EX_BROW_ONE: 1.1, EX_BROW_UP: 0.5, EX_PRESS: 0.9, EX_SQUINT: 0.3, EX_SMILE: -0.2}, 0.25,
+                             (0.0, 0.04, 0.1), (0.0, 0.04), 1.0, 1.2, 0.95, 0.95, 1.0, 0.95),
+    "amused": IntentStyle({EX_SMILE: 1.1, EX_SQUINT: 0.6, EX_MOUTH_OPEN: 0.3}, 0.2,
+                          (-0.03, 0.0, 0.0), (0.0, 0.0), 1.08, 1.3, 1.08, 1.0, 1.2, 1.1),
+    "confused": IntentStyle({EX_FROWN: 0.9, EX_SQUINT: 0.5, EX_BROW_ONE: 0.3, EX_PRESS: 0.3}, 0.22,
+                            (0.03, 0.04, 0.07), (0.0, 0.03), 1.02, 1.1, 0.9, 0.9, 0.9, 0.9),
+    "bored": IntentStyle({EX_SMILE: -0.2, EX_LIP_DOWN: 0.3, EX_BROW_UP: -0.3}, 0.38,
+                         (0.03, 0.08, 0.03), (0.05, 0.15), 0.93, 0.4, 0.85, 0.8, 0.5, 0.75),
+}
+
+# ----------------------------------------------------------------------------------------------
+# text: several emotion words, feature phrases and templates per intent (emotion words are
+# disjoint between intents, so each text names its intent)
+
+_WORDS = {
+    "joyful": dict(
+        emo=["joyful", "happy", "cheerful", "delighted", "elated", "glad"],
+        emo2=["energetic", "warm", "enthusiastic", "upbeat", "bright"],
+        listen=["nodding eagerly", "nodding along enthusiastically", "giving quick happy nods",
+                "bobbing the head in agreement"],
+        speak=["animated, with lively head movements", "bouncy and expressive in the head",
+               "with upbeat, energetic head motion"],
+        face=["with a broad smile", "smiling widely", "with a big grin and crinkled eyes",
+              "beaming with raised cheeks"]),
+    "sad": dict(
+        emo=["sad", "sorrowful", "downcast", "disappointed", "gloomy", "melancholic"],
+        emo2=["subdued", "heavy-hearted", "dejected", "low"],
+        listen=["slowly shaking the head", "shaking the head gently in dismay",
+                "giving a slow, heavy head shake"],
+        speak=["with a lowered head and little movement", "quiet, with the head hanging down",
+               "with slow, sagging head motion"],
+        face=["with a deep frown", "with drooping lip corners and a frown",
+              "brows knitted and mouth turned down", "eyes lowered and a frown"]),
+    "attentive": dict(
+        emo=["attentive", "focused", "engaged", "concentrated", "alert"],
+        emo2=["composed", "steady", "poised", "collected"],
+        listen=["holding very still", "keeping the head steady", "motionless and watchful",
+                "with a slight, rare nod"],
+        speak=["calm and measured, with a steady head", "with small, controlled head movements",
+               "keeping an even, steady posture"],
+        face=["staring directly ahead", "with wide, steady eyes", "eyes fixed forward",
+              "with a composed face and open eyes"]),
+    "skeptical": dict(
+        emo=["skeptical", "doubtful", "suspicious", "unconvinced", "wary"],
+        emo2=["guarded", "questioning", "critical", "reserved"],
+        listen=["head tilted to one side", "with the head cocked", "tilting the head"],
+        speak=["with a cocked head and pointed glances", "tilting the head while making a point",
+               "with a sideways tilt of the head"],
+        face=["one eyebrow raised", "with raised eyebrows and pursed lips",
+              "brows lifted and lips pressed together", "narrowed eyes and a raised brow"]),
+    "amused": dict(
+        emo=["amused", "laughing", "gleeful", "tickled", "mirthful", "giggly"],
+        emo2=["playful", "merry", "jolly", "lighthearted"],
+        listen=["laughing heartily", "bursting into laughter", "chuckling with the head thrown back",
+                "shaking with laughter"],
+        speak=["grinning through a funny story", "chuckling between phrases", "with a playful bounce of the head"],
+        face=["eyes squeezed with a wide open smile", "mouth wide open in a grin",
+              "crinkled eyes and a huge smile"]),
+    "confused": dict(
+        emo=["confused", "puzzled", "perplexed", "bewildered", "uncertain"],
+        emo2=["hesitant", "unsure", "lost", "baffled"],
+        listen=["head tilted slightly", "leaning in with a slight tilt", "with a small hesitant head turn"],
+        speak=["searching for words with a tilted head", "with hesitant, halting head motion",
+               "with a slight tilt and wandering eyes"],
+        face=["with a furrowed brow", "brows drawn together", "squinting in puzzlement",
+              "with knitted brows and narrowed eyes"]),
+    "bored": dict(
+        emo=["bored", "detached", "disinterested", "indifferent", "weary", "apathetic"],
+        emo2=["listless", "flat", "sluggish", "distant"],
+        listen=["looking away", "gazing off to the side", "eyes wandering away"],
+        speak=["monotone, glancing away", "with a flat, barely moving head", "with half-closed eyes, looking aside"],
+        face=["with a blank expression", "heavy-lidded and expressionless", "with drooping eyelids"]),
+}
+
+_TEMPLATES = (
+    "{Emo} and {emo2}, {feat}, {face}.",
+    "{Emo}, {feat}, {face}.",
+    "{A} {emo}, {emo2} look, {feat}, {face}.",
+    "{Face}, {feat}; {emo} and {emo2}.",
+    "{Emo} and {emo2}: {face}, {feat}.",
+)
+
+INTENT_WORDS: dict[str, tuple[str, ...]] = {k: tuple(v["emo"]) for k, v in _WORDS.items()}
+
+
+def describe(intent: str, rng: np.random.Generator, speaking: bool = False) -> str:
+    """One free-text description of ``intent`` (speaking-style wording if ``speaking``)."""
+    if intent not in _WORDS:
+        raise KeyError(f"unknown intent {intent!r}; valid: {', '.join(INTENTS)}")
+    w = _WORDS[intent]
+
+    def pick(key):
+        return w[key][rng.integers(len(w[key]))]
+
+    emo, emo2, face = pick("emo"), pick("emo2"), pick("face")
+    feat = pick("speak" if speaking else "listen")
+    t = _TEMPLATES[rng.integers(len(_TEMPLATES))]
+    return t.format(A="An" if emo[0] in "aeiou" else "A", Emo=emo.capitalize(), emo=emo, emo2=emo2, feat=feat, face=face, Face=face[0].upper() + face[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# speakers
+
+
+_VOWELS = ("a", "e", "i", "o", "u", "@")
+_FORMANTS = np.array([  # F1, F2, F3 in Hz (adult male reference; scaled per speaker)
+    [730, 1090, 2440], [530, 1840, 2480], [300, 2250, 3000],
+    [570, 840, 2410], [320, 870, 2240], [500, 1500, 2500]], dtype=np.float64)
+_BANDWIDTHS = np.array([80.0, 100.0, 140.0])
+_OPEN = np.array([1.0, 0.6, 0.3, 0.7, 0.35, 0.5])  # jaw opening per vowel
+_ROUND = np.array([0.0, 0.0, 0.0, 0.9, 1.0, 0.1])
+_STRETCH = np.array([0.2, 0.7, 1.0, 0.0, 0.0, 0.2])
+_LOUD = 0.55 + 0.45 * _OPEN  # open vowels are louder
+_VOWEL_P = np.array([0.24, 0.2, 0.18, 0.14, 0.1, 0.14])
+
+
+@dataclass
+class Speaker:
+    """Identity of one synthetic person: voice and facial habits."""
+
+    id: str
+    f0: float  # Hz
+    formant_scale: float
+    blink_rate: float  # blinks per minute
+    fixation_s: float  # mean time between gaze saccades
+    head_scale: float
+    expr_scale: float
+    talkative: float
+    rest_expr: np.ndarray = field(repr=False)  # (50,) resting face offset
+    rest_rot: np.ndarray = field(repr=False)  # (3,) resting head pose
+    filters: list = field(default_factory=list, repr=False)  # per vowel: IIR denominator
+
+    @classmethod
+    def draw(cls, sid: str, rng: np.random.Generator) -> "Speaker":
+        female = rng.random() < 0.5
+        f0 = rng.uniform(170, 235) if female else rng.uniform(90, 140)
+        scale = rng.uniform(1.1, 1.2) if female else rng.uniform(0.92, 1.02)
+        rest = np.zeros(50)
+        rest[:20] = rng.normal(0, 0.15, 20)
+        spk = cls(sid, f0, scale, rng.uniform(12, 22), rng.uniform(1.5, 2.3), rng.uniform(0.75, 1.25),
+                  rng.uniform(0.8, 1.2), rng.uniform(0.8, 1.25), rest, rng.normal(0, 0.02, 3))
+        spk.filters = [_formant_filter(_FORMANTS[v] * scale) for v in range(len(_VOWELS))]
+        return spk
+
+
+def _formant_filter(formants: np.ndarray) -> np.ndarray:
+    """Denominator of a cascade of second-order resonators (one pole pair per formant)."""
+    poles = []
+    for f, bw in zip(formants, _BANDWIDTHS):
+        r = np.exp(-np.pi * bw / SAMPLE_RATE)
+        th = 2 * np.pi * f / SAMPLE_RATE
+        poles += [r * np.exp(1j * th), r * np.exp(-1j * th)]
+    return np.poly(poles).real
+
+
+DEFAULT_SPEAKER_SEED = 12345
+
+
+def speaker_pool(seed: int, n: int = 20) -> list[Speaker]:
+    rng = np.random.default_rng([seed, 7_000_001])
+    return [Speaker.draw(f"spk{i:02d}", rng) for i in range(n)]
+
+
+@lru_cache(maxsize=1)
+def default_speaker() -> Speaker:
+    """A fixed identity (used by :func:`listener_reaction` when none is given; do not mutate)."""
+    return Speaker.draw("default", np.random.default_rng(DEFAULT_SPEAKER_SEED))
+
+
+# ----------------------------------------------------------------------------------------------
+# small signal helpers
+
+
+def _smooth_noise(rng: np.random.Generator, n: int, c: int, sigma: float) -> np.ndarray:
+    """(n, c) smooth Gaussian noise with unit marginal std (white noise, Gaussian-filtered)."""
+    x = gaussian_filter1d(rng.standard_normal((n, c)), sigma, axis=0, mode="reflect")
+    return x * np.sqrt(2 * np.sqrt(np.pi) * sigma)
+
+
+_HANN_TAB = 0.5 * (1 - np.cos(2 * np.pi * (np.arange(8192) + 0.5) / 8192))
+
+
+def _hann(n: int) -> np.ndarray:
+    """(n,) symmetric Hann window sampled at bin centres (table lookup: this is called a lot)."""
+    if n <= 1:
+        return np.ones(max(n, 0))
+    return _HANN_TAB[((np.arange(n) + 0.5) * (8192.0 / n)).astype(np.int64)]
+
+
+def _bump(n: int, start: float, length: float) -> np.ndarray:
+    """(n,) Hann bump over frames [start, start + length), zero elsewhere (fractional ok)."""
+    t = (np.arange(n) - start) / max(length, 1e-6)
+    return np.where((t > 0) & (t < 1), 0.5 * (1 - np.cos(2 * np.pi * np.clip(t, 0, 1))), 0.0)
+
+
+def _smooth_mask(mask: np.ndarray, half: int) -> np.ndarray:
+    """Float version of a bool mask with Hann ramps of about ``2 * half`` frames."""
+    k = _hann(2 * half + 1)
+    k /= k.sum()
+    return np.convolve(np.pad(mask.astype(np.float64), half, mode="edge"), k, mode="valid")
+
+
+def _onsets(rng: np.random.Generator, k: int, n: int, dur: float, partner_vad: np.ndarray | None) -> np.ndarray:
+    """Start frames of ``k`` reaction events lasting ``dur`` frames.
+
+    Half of the events (on average) are anchored near the end of a partner utterance (a
+    listener reacts at the partner's pauses) with +-0.4 s jitter; the rest are uniform. Events may
+    start before 0 or run past the end so the timing distribution is flat over the window.
+    """
+    starts = rng.uniform(-0.5 * dur, n - 0.5 * dur, k)
+    if partner_vad is not None and k:
+        pv = np.asarray(partner_vad, dtype=bool)
+        ends = np.flatnonzero(pv[:-1] & ~pv[1:]) + 1
+        if ends.size:
+            anchored = rng.random(k) < 0.5
+            picks = ends[rng.integers(ends.size, size=k)] + rng.normal(0, 0.4 * FPS, k) - 0.2 * dur
+            starts = np.where(anchored, picks, starts)
+    return starts
+
+
+# ----------------------------------------------------------------------------------------------
+# motion components: (n, 67) arrays; eyelid channels hold the *resting* closure (blinks added last)
+
+
+def _add_expr(m: np.ndarray, intent: str, gain: np.ndarray | float, speaker: Speaker) -> None:
+    st = STYLES[intent]
+    for ch, lv in st.expr.items():
+        m[:, ch] += lv * gain * speaker.expr_scale
+    m[:, N_SEMANTIC:50] += np.outer(np.broadcast_to(gain, (m.shape[0],)), _TEXTURE[intent])
+
+
+def _listen_component(intent: str, n: int, rng: np.random.Generator, partner_vad, speaker: Speaker) -> np.ndarray:
+    """Intent-driven listening behaviour for ``n`` frames (no blinks/saccades/idle noise)."""
+    st = STYLES[intent]
+    m = np.zeros((n, FLAME_DIM))
+    amp = rng.uniform(0.6, 1.4)  # intensity of this reaction
+    drift = 1 + 0.2 * _smooth_noise(rng, n, 1, 30)[:, 0]
+    _add_expr(m, intent, amp * drift, speaker)
+    m[:, EYELID] += st.eyelid * rng.uniform(0.7, 1.3)
+    sign = rng.choice([-1.0, 1.0])
+    head = np.array(st.head) * rng.uniform(0.6, 1.4) * np.array([1.0, sign, sign])
+    m[:, ROT:ROT + 3] += head * (1 + 0.15 * _smooth_noise(rng, n, 1, 40))
+    gaze = np.array([st.gaze[0], sign * st.gaze[1]]) * rng.uniform(0.7, 1.3)
+    m[:, [EYE_L, EYE_R]] += gaze[0]
+    m[:, [EYE_L + 1, EYE_R + 1]] += gaze[1]
+    m[:, JAW_OPEN] += 0.012
+    t = np.arange(n, dtype=np.float64)
+    hs = speaker.head_scale
+
+    if intent == "joyful":  # bursts of eager nods
+        for _ in range(rng.integers(1, 4)):
+            f = rng.uniform(1.6, 2.6) / FPS
+            cyc = rng.integers(2, 5)
+            s0 = _onsets(rng, 1, n, cyc / f, partner_vad)[0]
+            tau = (t - s0) * f
+            on = (tau > 0) & (tau < cyc)
+            m[:, ROT] += np.where(on, 0.5 * (1 - np.cos(2 * np.pi * tau)), 0) * rng.uniform(0.04, 0.11) * amp * hs
+    elif intent == "sad":  # slow head shake, head low
+        for _ in range(rng.integers(1, 3)):
+            f = rng.uniform(0.6, 1.1) / FPS
+            cyc = rng.integers(2, 4)
+            s0 = _onsets(rng, 1, n, cyc / f, partner_vad)[0]
+            m[:, ROT + 1] += (np.sin(2 * np.pi * (t - s0) * f) * _bump(n, s0, cyc / f)
+                              * rng.uniform(0.05, 0.13) * amp * hs)
+    elif intent == "attentive":  # still; at most a couple of tiny nods
+        for _ in range(rng.integers(0, 3)):
+            f = rng.uniform(1.2, 1.8) / FPS
+            s0 = _onsets(rng, 1, n, 1 / f, partner_vad)[0]
+            m[:, ROT] += _bump(n, s0, 1 / f) * rng.uniform(0.01, 0.025)
+    elif intent == "skeptical":  # tilt accents and extra brow raises
+        for _ in range(rng.integers(1, 3)):
+            d = rng.uniform(1.0, 2.2) * FPS
+            s0 = _onsets(rng, 1, n, d, partner_vad)[0]
+            b = _bump(n, s0, d)
+            m[:, ROT + 2] += sign * b * rng.uniform(0.03, 0.07) * hs
+            m[:, EX_BROW_ONE] += b * rng.uniform(0.3, 0.7)
+            m[:, EX_BROW_UP] += b * rng.uniform(0.1, 0.4)
+    elif intent == "amused":  # laughter bursts: ha-ha jaw modulation, big smile, head back
+        for _ in range(rng.integers(1, 4)):
+            d = rng.uniform(1.0, 2.5) * FPS
+            s0 = _onsets(rng, 1, n, d, partner_vad)[0]
+            e = _bump(n, s0, d)
+            fh = rng.uniform(4.0, 5.5) / FPS
+            ha = 0.5 * (1 - np.cos(2 * np.pi * (t - s0) * fh))
+            a = rng.uniform(0.6, 1.2) * amp
+            jaw = e * (0.03 + 0.1 * ha) * a
+            m[:, JAW_OPEN] += jaw
+            m[:, EX_MOUTH_OPEN] += 4.0 * jaw
+            m[:, EX_SMILE] += e * 0.6 * a
+            m[:, EX_SQUINT] += e * 0.6 * a
+            m[:, EYELID] += (e * 0.25 * a)[:, None]
+            m[:, ROT] += (-0.07 * e + 0.015 * e * ha) * a * hs
+    elif intent == "confused":  # hesitant head turn and brow furrow
+        for _ in range(rng.integers(1, 3)):
+            d = rng.uniform(1.2, 2.5) * FPS
+            s0 = _onsets(rng, 1, n, d, partner_vad)[0]
+            b = _bump(n, s0, d)
+            m[:, ROT + 1] += rng.choice([-1, 1]) * b * rng.uniform(0.02, 0.05) * hs
+            m[:, EX_FROWN] += b * rng.uniform(0.3, 0.7)
+            m[:, EX_SQUINT] += b * rng.uniform(0.2, 0.4)
+    elif intent == "bored":  # slow look shifts and sighs with heavy lids
+        for _ in range(rng.integers(1, 3)):
+            d = rng.uniform(1.5, 3.0) * FPS
+            s0 = _onsets(rng, 1, n, d, partner_vad)[0]
+            b = _bump(n, s0, d)
+            m[:, [EYE_L + 1, EYE_R + 1]] += (sign * b * rng.uniform(0.04, 0.08))[:, None]
+            m[:, ROT] += -0.04 * b * hs + 0.04 * _bump(n, s0 + 0.4 * d, 0.6 * d) * hs
+            m[:, EYELID] += (b * 0.12)[:, None]
+    return m
+
+
+def _speak_component(intent: str, feats: dict, rng: np.random.Generator, speaker: Speaker) -> np.ndarray:
+    """Speaking behaviour for the frames of ``feats`` (per-frame drives from the own audio)."""
+    st = STYLES[intent]
+    n = feats["open"].shape[0]
+    m = np.zeros((n, FLAME_DIM))
+    amp = rng.uniform(0.6, 1.2)
+    _add_expr(m, intent, 0.6 * amp * (1 + 0.15 * _smooth_noise(rng, n, 1, 30)[:, 0]), speaker)
+    jaw = 0.22 * st.jaw * feats["open"]
+    m[:, JAW_OPEN] += 0.012 + jaw
+    m[:, JAW_OPEN + 1:JAW_OPEN + 3] += 0.01 * _smooth_noise(rng, n, 2, 3) * feats["env"][:, None]
+    m[:, EX_MOUTH_OPEN] += 4.0 * jaw
+    m[:, EX_ROUND] += 1.2 * feats["round"]
+    m[:, EX_STRETCH] += 0.9 * feats["stretch"]
+    m[:, EX_BROW_UP] += 0.5 * st.head_motion * feats["stress"]
+    hm = st.head_motion * speaker.head_scale
+    m[:, ROT] += 0.03 * hm * feats["stress"]
+    m[:, ROT:ROT + 3] += 0.03 * hm * _smooth_noise(rng, n, 3, 12) * np.array([1.0, 1.2, 0.6])
+    sign = rng.choice([-1.0, 1.0])
+    m[:, ROT:ROT + 3] += 0.5 * np.array(st.head) * np.array([1.0, sign, sign])
+    m[:, EYELID] += 0.7 * st.eyelid
+    m[:, [EYE_L, EYE_R]] += 0.5 * st.gaze[0]
+    m[:, [EYE_L + 1, EYE_R + 1]] += 0.5 * sign * st.gaze[1]
+    return m
+
+
+def _blinks(n: int, rng: np.random.Generator, rate_per_min: float) -> np.ndarray:
+    """(n,) eyelid closure from blinks: fast close, slower open, 150-300 ms total."""
+    out = np.zeros(n)
+    mean_iv = 60.0 / rate_per_min
+    t = rng.uniform(0, mean_iv)
+    frames = np.arange(n) / FPS
+    while t * FPS < n + 10:
+        peak = round(t * FPS) / FPS  # closure peaks on a frame
+        d = rng.uniform(0.15, 0.3)
+        dc, do = 0.35 * d, 0.65 * d
+        tau = frames - peak
+        c = np.where(tau < 0, 0.5 * (1 + np.cos(np.pi * np.clip(tau / dc, -1, 0))),
+                     0.5 * (1 + np.cos(np.pi * np.clip(tau / do, 0, 1))))
+        out = np.maximum(out, c * rng.uniform(0.88, 1.0))
+        # gamma-distributed intervals with a 0.4 s refractory time; 10% double blinks
+        iv = 0.3 if rng.random() < 0.1 else 0.4 + rng.gamma(2.0, (mean_iv - 0.4) / 2.0)
+        t += iv
+    return out
+
+
+def _saccades(n: int, rng: np.random.Generator, fixation_s: float) -> np.ndarray:
+    """(n, 2) gaze (pitch, yaw): fixations held ~1-3 s, joined by 2-frame saccades."""
+    out = np.zeros((n, 2))
+    cur = np.array([rng.normal(0, 0.05), rng.normal(0, 0.1)])
+    f = -int(rng.uniform(0, fixation_s) * FPS)
+    while f < n:
+        nxt = f + max(int(np.clip(rng.gamma(4.0, fixation_s / 4.0), 0.7, 4.0) * FPS), 3)
+        out[max(f, 0):max(min(nxt, n), 0)] = cur
+        if nxt < n:  # saccade: half way on the first frame
+            new = cur
+            while np.hypot(*(new - cur)) < 0.07:
+                new = np.array([np.clip(rng.normal(0, 0.06), -0.14, 0.14), np.clip(rng.normal(0, 0.13), -0.3, 0.3)])
+            out[nxt] = 0.5 * (cur + new)
+            cur = new
+            nxt += 1
+        f = nxt
+    out += 0.003 * _smooth_noise(rng, n, 2, 4)  # fixational drift
+    return out
+
+
+def _finish(comp: np.ndarray, rng: np.random.Generator, speaker: Speaker) -> np.ndarray:
+    """Add the always-on behaviour (blinks, saccades, idle noise, neck, resting face) and clip."""
+    n = comp.shape[0]
+    m = comp.copy()
+    m[:, :50] += speaker.rest_expr
+    m[:, :50] += 0.05 * _smooth_noise(rng, n, 50, 6) * (0.4 + 0.6 * np.exp(-np.arange(50) / 12.0))
+    m[:, JAW_OPEN:JAW_OPEN + 3] += 0.002 * _smooth_noise(rng, n, 3, 6)
+    m[:, ROT:ROT + 3] += speaker.rest_rot + 0.012 * speaker.head_scale * _smooth_noise(rng, n, 3, 20)
+    # neck carries part of the head motion (trackers split it) plus its own small sway
+    m[:, NECK:NECK + 3] = 0.3 * (m[:, ROT:ROT + 3] - speaker.rest_rot) + 0.008 * _smooth_noise(rng, n, 3, 15)
+    # gaze: saccades + partial counter-rotation against head motion (vestibulo-ocular reflex)
+    gaze = _saccades(n, rng, speaker.fixation_s)
+    head = m[:, ROT:ROT + 2] - speaker.rest_rot[:2]
+    for e in (EYE_L, EYE_R):
+        m[:, e:e + 2] += gaze - 0.3 * head
+    m[:, EYE_L + 1] += 0.01  # slight vergence
+    m[:, EYE_R + 1] -= 0.01
+    m[:, EYE_L + 2] = m[:, EYE_R + 2] = 0.0
+    m[:, GROUPS["eyepose"]] = np.clip(m[:, GROUPS["eyepose"]], -0.45, 0.45)  # oculomotor range
+    # eyelid: resting closure then blinks on top (left/right slightly different)
+    base = np.clip(m[:, EYELID] + 0.02 * _smooth_noise(rng, n, 1, 15), 0.0, 0.45)  # stays below blink level
+    blink = _blinks(n, rng, speaker.blink_rate)
+    m[:, EYELID] = base + (1 - base) * (blink[:, None] * np.array([1.0, rng.uniform(0.95, 1.0)]))
+    m[:, :50] = np.clip(m[:, :50], -3.0, 3.0)
+    m[:, JAW_OPEN] = np.clip(m[:, JAW_OPEN], 0.0, 0.35)
+    return m
+
+
+def _as_groups(m: np.ndarray) -> dict[str, np.ndarray]:
+    return {g: m[:, s].astype(np.float32) for g, s in GROUPS.items()}
+
+
+def listener_reaction(intent: str, n_frames: int, rng: np.random.Generator, partner_vad=None,
+                      identity: Speaker | None = None) -> dict[str, np.ndarray]:
+    """One listening reaction of ``intent`` over ``n_frames`` frames, as ``{group: (T, dims)}``.
+
+    Draw many reactions for the SAME ``partner_vad`` (``(T,)`` bool or None) to see the
+    one-to-many mapping: intensity, timing, frequency and tilt/look-away direction are random;
+    about half of the events are anchored near the partner's pauses. Includes blinks, gaze
+    saccades and idle noise of ``identity`` (a fixed default speaker when None).
+    """
+    if intent not in STYLES:
+        raise KeyError(f"unknown intent {intent!r}; valid: {', '.join(INTENTS)}")
+    speaker = identity if identity is not None else default_speaker()
+    if partner_vad is not None and len(partner_vad) != n_frames:
+        raise ValueError(f"partner_vad has {len(partner_vad)} frames, expected {n_frames}")
+    comp = _listen_component(intent, n_frames, rng, partner_vad, speaker)
+    return _as_groups(_finish(comp, rng, speaker))
+
+
+# ----------------------------------------------------------------------------------------------
+# conversation plan and audio
+
+
+@dataclass
+class _Side:
+    utterances: list = field(default_factory=list)  # (start_s, end_s, syllables array (k, 6))
+    turns: list = field(default_factory=list)  # (start_s, end_s)
+
+
+def _plan(rng: np.random.Generator, seconds: float, intents: list[list[str]], speakers: list[Speaker]) -> list[_Side]:
+    """Turn-taking timeline; each utterance holds syllables (start, dur, vowel, stress, amp, f0)."""
+    sides = [_Side(), _Side()]
+    t = rng.uniform(0.3, 1.0)
+    who = int(rng.integers(2))
+
+    def intent_at(s, sec):
+        k = min(int(sec * FPS) // WINDOW, len(intents[s]) - 1)
+        return intents[s][k]
+
+    while t < seconds - 1.0:
+        end = min(t + rng.uniform(2.0, 9.0) * speakers[who].talkative, seconds - 0.3)
+        u, first, last = t, None, None
+        while u < end - 0.5:
+            ue = min(u + rng.uniform(0.7, 2.8), end)
+            syl, s = [], u
+            n_syl = 0
+            while True:
+                st = STYLES[intent_at(who, s)]
+                d = rng.uniform(0.75, 1.3) / (rng.uniform(4.0, 5.5) * st.rate)
+                if s + d > ue and n_syl:
+                    break
+                stress = rng.random() < 0.3
+                v = rng.choice(len(_VOWELS), p=_VOWEL_P)
+                amp = min(rng.uniform(0.65, 0.9) * (1.15 if stress else 1.0) * st.loud, 1.0)
+                pos = (s - u) / max(ue - u, 1e-3)  # declination over the utterance
+                f0 = (speakers[who].f0 * st.f0 * (1.08 - 0.16 * pos)
+                      * (1 + (0.12 if stress else 0.0) * st.f0_range + 0.03 * st.f0_range * rng.normal()))
+                syl.append((s, d, v, stress, amp, f0))
+                s += d
+                n_syl += 1
+            syl = np.array(syl)
+            a = syl[0, 0] - 0.2 * syl[0, 1]
+            b = syl[-1, 0] + 1.2 * syl[-1, 1]
+            if b > seconds - 0.05:
+                break
+            sides[who].utterances.append((max(a, 0.0), b, syl))
+            first = a if first is None else first
+            last = b
+            u = b + rng.uniform(0.2, 0.7)
+        if first is not None:
+            sides[who].turns.append((max(first, 0.0), last))
+            t = last + rng.uniform(-0.25, 0.9)
+        else:
+            t = end + 0.3
+        who = 1 - who
+    return sides
+
+
+_HIGHPASS = butter(2, 2500, btype="highpass", fs=SAMPLE_RATE)
+_DRIVE_HOP = 16  # motion drives are accumulated at 1 kHz (40 values per motion frame)
+
+
+def _glottal_table(n: int = 4096, tp: float = 0.4, tn: float = 0.16) -> np.ndarray:
+    """One period of the Rosenberg glottal flow pulse (opening ``tp``, closing ``tn`` of a period)."""
+    ph = (np.arange(n) + 0.5) / n
+    return np.where(ph < tp, 0.5 * (1 - np.cos(np.pi * ph / tp)),
+                    np.where(ph < tp + tn, np.cos(np.pi * np.clip(ph - tp, 0, tn) / (2 * tn)), 0.0))
+
+
+_GLOTTAL = _glottal_table()
+
+
+def _synthesize_side(side: _Side, speaker: Speaker, n_frames: int, rng: np.random.Generator):
+    """Waveform (S,) float32 and per-frame drives for one side (open, round, stretch, env, stress).
+
+    Per utterance: f0 contour (syllable targets, declination, accents, jitter) -> phase
+    accumulation -> glottal flow derivative (+ aspiration) -> one formant cascade per vowel used
+    -> each syllable takes its vowel's output under a Hann syllable envelope; consonant-like
+    high-passed noise bursts precede most vowel nuclei.
+    """
+    fs = SAMPLE_RATE
+    n_samp = n_frames * SAMPLES_PER_FRAME
+    wav = np.zeros(n_samp)
+    n_drv = n_samp // _DRIVE_HOP
+    drives = {k: np.zeros(n_drv) for k in ("open", "round", "stretch", "env", "stress")}
+    tab_n = _GLOTTAL.shape[0]
+    for a_s, b_s, syl in side.utterances:
+        a, b = int(a_s * fs), min(int(np.ceil(b_s * fs)), n_samp)
+        if b - a < 32:
+            continue
+        t = np.arange(a, b) / fs
+        centers = syl[:, 0] + 0.5 * syl[:, 1]
+        n_jit = max(int((b_s - a_s) * 100), 2)
+        jit = np.interp(t, np.linspace(a_s, b_s, n_jit), rng.normal(0, 1, n_jit))
+        f0 = np.interp(t, centers, syl[:, 5]) * (1 + 0.008 * jit)
+        phase = np.cumsum(f0 / fs) + rng.random()
+        g = _GLOTTAL[((phase % 1.0) * tab_n).astype(np.int64)]
+        noise = rng.standard_normal(b - a, dtype=np.float32)
+        exc = np.diff(g, prepend=g[0]) + 0.004 * noise  # glottal flow derivative + aspiration
+        voiced = {}
+        for v in np.unique(syl[:, 2]).astype(int):
+            y = lfilter([1.0], speaker.filters[v], exc)
+            voiced[v] = y / (np.sqrt(np.mean(y**2)) + 1e-9)
+        cons = np.zeros(b - a)
+        for s, d, v, stress, amp, _ in syl:
+            v = int(v)
+            ba, bb = int((s - 0.2 * d) * fs), int((s + 1.2 * d) * fs)
+            sa, sb = max(ba, a), min(bb, b)
+            if sb <= sa:
+                continue
+            bump = _hann(bb - ba)[sa - ba:sb - ba]
+            wav[sa:sb] += (amp * _LOUD[v]) * bump * voiced[v][sa - a:sb - a]
+            # the same envelope on the 1 kHz drive grid
+            da, db = -(-ba // _DRIVE_HOP), bb // _DRIVE_HOP
+            dbump = _bump(db - da, (ba / _DRIVE_HOP) - da, (bb - ba) / _DRIVE_HOP)
+            da0, db0 = max(da, 0), min(db, n_drv)
+            dbump = dbump[da0 - da:db0 - da] * amp
+            drives["open"][da0:db0] += dbump * _OPEN[v]
+            drives["round"][da0:db0] += dbump * _ROUND[v]
+            drives["stretch"][da0:db0] += dbump * _STRETCH[v]
+            drives["env"][da0:db0] += dbump
+            if stress:
+                drives["stress"][da0:db0] += dbump / amp
+            if rng.random() < 0.7:  # consonant: short noise burst before the vowel nucleus
+                ca = int((s - 0.15 * d) * fs) - a
+                cl = int(rng.uniform(0.025, 0.06) * fs)
+                if ca >= 0 and ca + cl <= b - a:
+                    cons[ca:ca + cl] += _hann(cl) * amp * rng.uniform(0.5, 1.2)
+        wav[a:b] += cons * lfilter(*_HIGHPASS, noise)
+    wav *= 0.12
+    peak = np.abs(wav).max()
+    if peak > 0.95:
+        wav *= 0.95 / peak
+    wav += 4e-4 * rng.standard_normal(n_samp, dtype=np.float32)  # noise floor (about -68 dBFS)
+    per = SAMPLES_PER_FRAME // _DRIVE_HOP
+    frames = {k: v.reshape(n_frames, per).mean(1) for k, v in drives.items()}
+    frames["stress"] = gaussian_filter1d(frames["stress"], 1.5)
+    return wav.astype(np.float32), frames
+
+
+def _frame_mask(spans, n_frames: int) -> np.ndarray:
+    """Frames covered at least half by one of the (start_s, end_s) spans."""
+    m = np.zeros(n_frames, dtype=bool)
+    for a, b in spans:
+        fa, fb = int(round(a * FPS)), int(round(b * FPS))
+        m[max(fa, 0):min(fb, n_frames)] = True
+    return m
+
+
+def _window_weights(n_frames: int, n_win: int, margin: int) -> np.ndarray:
+    """(n_win, T) crossfade weights: smoothed window indicators that sum to 1 per frame."""
+    ind = np.zeros((n_win, n_frames))
+    for k in range(n_win):
+        ind[k, k * WINDOW:(k + 1) * WINDOW] = 1.0
+    ker = _hann(2 * margin + 1)
+    w = np.stack([np.convolve(row, ker / ker.sum(), mode="same") for row in ind])
+    return w / w.sum(0, keepdims=True)
+
+
+def synthesize_conversation(cid: str, seconds: float = 64.0, seed: int = 0, index: int = 0,
+                            speakers: list[Speaker] | None = None) -> tuple[Conversation, dict]:
+    """One conversation; deterministic in ``(seed, index)`` (and the speakers).
+
+    Returns the :class:`Conversation` and an info dict with the per-window ``intents`` per side,
+    the speaker ids, per-side ``turns`` (seconds) and the per-frame ``role`` (1 = speaking turn).
+    """
+    n_frames = int(round(seconds * FPS))
+    if n_frames < 8:
+        raise ValueError(f"seconds={seconds} is too short (need at least 8 frames)")
+    rng = np.random.default_rng([seed, index])
+    pool = speakers if speakers is not None else speaker_pool(seed)
+    pick = rng.choice(len(pool), size=2, replace=False)
+    spk = [pool[i] for i in pick]
+    n_win = -(-n_frames // WINDOW)
+    intents = []
+    for _ in range(2):
+        seq = [INTENTS[rng.integers(len(INTENTS))]]
+        for _ in range(n_win - 1):
+            seq.append(seq[-1] if rng.random() < 0.35 else INTENTS[rng.integers(len(INTENTS))])
+        intents.append(seq)
+    plan = _plan(rng, n_frames / FPS, intents, spk)
+
+    audio, feats, vad, role = [], [], [], []
+    for s in range(2):
+        wav, fr = _synthesize_side(plan[s], spk[s], n_frames, rng)
+        audio.append(wav)
+        feats.append(fr)
+        vad.append(_frame_mask([(a, b) for a, b, _ in plan[s].utterances], n_frames))
+        role.append(_smooth_mask(_frame_mask(plan[s].turns, n_frames), 5))
+
+    margin = 10
+    weights = _window_weights(n_frames, n_win, margin)
+    motion = np.zeros((2, n_frames, FLAME_DIM), dtype=np.float32)
+    text: list[list[str]] = [[], []]
+    for s in range(2):
+        acc = np.zeros((n_frames, FLAME_DIM))
+        for k in range(n_win):
+            a, b = max(k * WINDOW - margin, 0), min((k + 1) * WINDOW + margin, n_frames)
+            lis = _listen_component(intents[s][k], b - a, rng, vad[1 - s][a:b], spk[s])
+            spe = _speak_component(intents[s][k], {key: v[a:b] for key, v in feats[s].items()}, rng, spk[s])
+            r = role[s][a:b, None]
+            acc[a:b] += weights[k, a:b, None] * (r * spe + (1 - r) * lis)
+            ws, we = k * WINDOW, min((k + 1) * WINDOW, n_frames)
+            speaking = vad[s][ws:we].mean() > 0.5
+            text[s].append(describe(intents[s][k], rng, speaking=bool(speaking)))
+        motion[s] = _finish(acc, rng, spk[s])
+
+    conv = Conversation(
+        id=cid, motion=motion, group_valid=np.ones((2, N_GROUPS), dtype=bool), has_motion=np.ones(2, dtype=bool),
+        vad=np.stack(vad), audio=audio, text=text,
+    )
+    info = {"intents": intents, "speakers": [p.id for p in spk], "turns": [plan[s].turns for s in range(2)],
+            "role": np.stack(role)}
+    return conv, info
+
+
+# ----------------------------------------------------------------------------------------------
+# corpus
+
+
+def split_ids(n: int, test_fraction: float, seed: int) -> list[str]:
+    """Split name per conversation index: a seeded random ``test_fraction`` goes to test
+    (at least one when ``n >= 2`` and the fraction is > 0; at least one stays in train)."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    n_test = int(round(n * test_fraction))
+    if test_fraction > 0 and n >= 2:
+        n_test = max(n_test, 1)
+    n_test = min(n_test, n - 1)
+    order = np.random.default_rng([seed, 9_000_001]).permutation(n)
+    test = set(order[:n_test].tolist())
+    return ["test" if i in test else "train" for i in range(n)]
+
+
+def _make_conversation(args) -> tuple[Conversation, dict]:
+    i, seconds, seed, pool = args
+    conv, info = synthesize_conversation(f"syn{i:04d}", seconds, seed=seed, index=i, speakers=pool)
+    info.pop("role")
+    return conv, info
+
+
+def generate_corpus(out_dir, n_conversations: int = 60, seconds: float = 64.0, seed: int = 0,
+                    test_fraction: float = 0.1, progress: bool = True, workers: int = 1) -> dict:
+    """Write the synthetic corpus to ``out_dir`` in the canonical format (atomic).
+
+    Conversations are synthesised in ``workers`` processes (the result does not depend on it)
+    and written in order by this process. Returns the :class:`DatasetWriter` summary plus
+    ``generation_seconds``, ``intent_counts``, ``seed`` and ``seconds_per_conversation``. Also
+    writes ``synthetic_labels.json`` (per conversation: intents per side per window, speaker
+    ids, split) into the dataset folder.
+    """
+    if n_conversations < 1:
+        raise ValueError(f"n_conversations must be >= 1, got {n_conversations}")
+    if seconds * FPS < WINDOW:
+        raise ValueError(f"seconds={seconds} gives fewer than {WINDOW} frames (one window); use >= {WINDOW / FPS:g}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    t0 = time.perf_counter()
+    splits = split_ids(n_conversations, test_fraction, seed)
+    pool = speaker_pool(seed)
+    labels, counts = {}, {k: 0 for k in INTENTS}
+    jobs = [(i, seconds, seed, pool) for i in range(n_conversations)]
+    meta = {"synthetic": {"seed": seed, "n_conversations": n_conversations, "seconds": seconds,
+                          "test_fraction": test_fraction, "intents": list(INTENTS)}}
+    executor = ProcessPoolExecutor(max_workers=workers) if workers > 1 and n_conversations > 1 else None
+    try:
+        results = executor.map(_make_conversation, jobs) if executor else map(_make_conversation, jobs)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=n_conversations, desc="synthetic conversations", unit="conv")
+        with DatasetWriter(out_dir, source="synthetic", extra_meta=meta) as w:
+            for i, (conv, info) in enumerate(results):
+                w.add(conv, splits[i])
+                labels[conv.id] = {"intents": info["intents"], "speakers": info["speakers"], "split": splits[i]}
+                for side in info["intents"]:
+                    for k in side:
+                        counts[k] += 1
+            with open(w.tmp / "synthetic_labels.json", "w") as f:
+                json.dump(labels, f)
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+    summary = w.summary()
+    summary.update(generation_seconds=time.perf_counter() - t0, intent_counts=counts, seed=seed,
+                   seconds_per_conversation=seconds, workers=workers, path=str(Path(out_dir)))
+    return summary

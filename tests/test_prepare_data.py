@@ -1,0 +1,104 @@
+"""train/prepare_data.py: synthetic smoke run, source dispatch and clear errors before any work."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from gdpo_listener.envs.dataset import DyadicWindows, load_meta
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "train" / "prepare_data.py"
+
+
+def run(args, cwd):
+    env = dict(os.environ, HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("prepare_data_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_synthetic_smoke(tmp_path):
+    res = run(["source=synthetic", "out=ds", "synthetic.n_conversations=2", "synthetic.seconds=16", "seed=3"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "ds"  # relative to the launch folder
+    meta = load_meta(out)
+    assert meta["source"] == "synthetic" and meta["summary"]["conversations"] == 2
+    assert meta["synthetic"]["seed"] == 3
+    for role in ("speaking", "listening"):
+        png = out / f"preview_{role}.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    ds = DyadicWindows(out, "train", load_audio=False)
+    assert len(ds) == 2 * 2  # one train conversation, two windows, two roles
+    for word in ("hours", "speaking share", "listening share", "rot=", "time:"):
+        assert word in res.stdout, word
+    # no Hydra clutter in the launch folder, no temporary dataset folders left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_unknown_source_fails_before_any_work(tmp_path):
+    res = run(["source=dualtlak", "out=ds"], tmp_path)
+    assert res.returncode != 0
+    assert "unknown source 'dualtlak'" in res.stderr
+    assert "synthetic, dualtalk, seamless" in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_input_and_out_are_clear_errors(tmp_path):
+    res = run(["source=seamless", "out=ds"], tmp_path)
+    assert res.returncode != 0 and "needs input=DIR" in res.stderr
+    res = run(["source=dualtalk", "input=nowhere", "out=ds"], tmp_path)
+    assert res.returncode != 0 and "does not exist" in res.stderr
+    res = run(["source=synthetic"], tmp_path)
+    assert res.returncode != 0 and "out=DIR is required" in res.stderr
+    assert list(tmp_path.iterdir()) == []
+    # a non-empty folder that is not a dataset is never replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    res = run(["source=synthetic", "out=mine"], tmp_path)
+    assert res.returncode != 0 and "not a canonical dataset" in res.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+@pytest.mark.parametrize("source", ["dualtalk", "seamless"])
+def test_real_sources_dispatch_to_converters(source, tmp_path, monkeypatch):
+    mod = load_script()
+    calls = []
+
+    def fake(input_dir, out_dir, **opts):
+        calls.append((Path(input_dir), Path(out_dir), opts))
+        return {"conversations": 0}
+
+    fake_mod = types.ModuleType(f"gdpo_listener.envs.converters.{source}")
+    setattr(fake_mod, f"convert_{source}", fake)
+    monkeypatch.setitem(sys.modules, f"gdpo_listener.envs.converters.{source}", fake_mod)
+    cfg = OmegaConf.load(REPO / "train" / "conf" / "prepare_data.yaml")
+    cfg.source, cfg.input, cfg.out, cfg.test_fraction = source, str(tmp_path), str(tmp_path / "out"), 0.2
+    cfg[source].vad = "energy"
+    summary = mod.build(cfg, source, tmp_path / "out", tmp_path)
+    assert summary == {"conversations": 0}
+    assert calls == [(tmp_path, tmp_path / "out", {"vad": "energy", "test_fraction": 0.2})]
+
+
+def test_preview_windows_are_the_most_speaking_and_listening(tmp_path):
+    from gdpo_listener.envs.synthetic import generate_corpus
+
+    generate_corpus(tmp_path / "ds", n_conversations=3, seconds=16.0, seed=1, progress=False)
+    ds = DyadicWindows(tmp_path / "ds", "train", load_audio=False)
+    chosen = load_script().choose_preview_windows(ds)
+    sp = [int(ds[i]["speaking"].sum()) for i in range(len(ds))]
+    li = [int(ds[i]["listening"].sum()) for i in range(len(ds))]
+    assert sp[chosen["speaking"]] == max(sp) and li[chosen["listening"]] == max(li)
+    assert max(sp) > 100 and max(li) > 100  # each preview is dominated by its role
