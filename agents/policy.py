@@ -26,6 +26,7 @@ from torch import nn
 from torchrl.modules import IndependentNormal, ProbabilisticActor
 
 from ..envs.windows import cond_from_bank
+from .arflow import DROP_KEYS
 from .flow import transition_mean
 
 POLICY_IN_KEYS = ["x", "t", "token", "sde_step", "history", "window"]
@@ -58,8 +59,9 @@ class SDETransition(nn.Module):
         sigma, sde_steps: eq. 7 noise scale and transitions per token.
     """
 
-    def __init__(self, arflow: nn.Module, bank: TensorDictBase, sigma: float, sde_steps: int):
+    def __init__(self, arflow: nn.Module, bank: TensorDictBase, sigma: float, sde_steps: int, use_cache: bool = True):
         super().__init__()
+        self.use_cache = bool(use_cache)  # False: recompute prefix + history every step (benchmark baseline)
         self.arflow = arflow
         self.bank = bank
         self.sigma = float(sigma)
@@ -81,6 +83,12 @@ class SDETransition(nn.Module):
     def forward(self, x, t, token, sde_step, history, window):
         # rows step in lock-step: one scalar read of the schedule per call
         l, k = int(token[0]), int(sde_step[0])
+        if not self.use_cache:
+            with torch.no_grad():
+                cond = cond_from_bank(self.bank[window])
+                v = self.arflow.velocity_uncached(cond, history[:, :l], x, t.squeeze(-1))
+            loc = transition_mean(x, v, self.dt)
+            return loc, torch.full_like(loc, self.sigma * math.sqrt(self.dt))
         if self._cache is None or (l, k) != self._expect or (l == 0 and k == 0):
             self._rebuild(window, history, l)
         elif self._cache_len < l:
@@ -102,16 +110,19 @@ class SDETransition(nn.Module):
         """
         model = self.arflow if model is None else model
         B, S, N, D = x.shape
-        cond = {k: v.repeat_interleave(S, 0) for k, v in cond_from_bank(self.bank[window]).items()}
-        xs = x.reshape(B * S, N, D)
-        v = model(cond, history.repeat_interleave(S, 0), xs, t.reshape(B * S, N))  # (B*S, N, Dv)
+        cond = cond_from_bank(self.bank[window])
+        # the S copies of every token share one sequence [prefix; history; S x N noisy tokens]
+        xs = x.reshape(B, S * N, D)
+        idx = torch.arange(N, device=x.device).repeat(S)  # token index of every noisy copy
+        no_drop = {k: False for k in DROP_KEYS}  # replay never drops conditions
+        v = model._full_pass(cond, history, xs, t.reshape(B, S * N), idx, no_drop)  # (B, S*N, Dv)
         return transition_mean(xs, v, self.dt).reshape(B, S, N, D)
 
 
 def make_policy(arflow: nn.Module, bank: TensorDictBase, sigma: float = 0.5, sde_steps: int = 4,
-                generator: torch.Generator | None = None) -> ProbabilisticActor:
+                generator: torch.Generator | None = None, use_cache: bool = True) -> ProbabilisticActor:
     """The AR-Flow wrapped as a ``ProbabilisticActor`` with the Gaussian SDE transition."""
-    core = SDETransition(arflow, bank, sigma, sde_steps)
+    core = SDETransition(arflow, bank, sigma, sde_steps, use_cache=use_cache)
     module = TensorDictModule(core, in_keys=POLICY_IN_KEYS, out_keys=["loc", "scale"])
     return ProbabilisticActor(
         module, in_keys=["loc", "scale"], out_keys=["action"], distribution_class=SDEGaussian,

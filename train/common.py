@@ -235,7 +235,7 @@ def generate_motion(model, vae, normalizer, bank, steps: int = 10, w_speak: floa
 
 def quality_report(model, vae, normalizer, bank, n_windows: int = 64, steps: int = 10, seed: int = 0, **cfg_w) -> dict:
     from gdpo_listener.envs.flame import GROUP_NAMES, GROUPS
-    from gdpo_listener.rewards.stats import masked_mean, velocity_std
+    from gdpo_listener.rewards.stats import dynamic_deviation, velocity_std
 
     b = bank[: min(n_windows, bank.batch_size[0])]
     pred = generate_motion(model, vae, normalizer, b, steps=steps, seed=seed, **cfg_w)
@@ -259,8 +259,7 @@ def quality_report(model, vae, normalizer, bank, n_windows: int = 64, steps: int
         vs_p = velocity_std(pred[rows][..., sl], lis[rows]).mean()
         vs_g = velocity_std(gt[rows][..., sl], lis[rows]).mean()
         rep[f"listening/{g}/vel_std_ratio"] = float(vs_p / vs_g.clamp(min=1e-8))
-        rep[f"listening/{g}/vel_std_dev"] = float((velocity_std(pred[rows][..., sl], lis[rows]) - velocity_std(gt[rows][..., sl], lis[rows])).abs().mean())
-    del masked_mean
+        rep[f"listening/{g}/vel_std_dev"] = float(dynamic_deviation(pred[rows][..., sl], gt[rows][..., sl], lis[rows]).mean())
     return rep
 
 
@@ -272,3 +271,62 @@ def print_quality_report(rep: dict, title: str) -> None:
     print(f"\n== {title} ==")
     for k, v in rep.items():
         print(f"  {k:40s} {v:.4f}" if isinstance(v, float) else f"  {k:40s} {v}")
+
+
+# ----------------------------------------------------------------------------------------------
+# RL helpers
+
+
+def make_reward(cfg: DictConfig):
+    """The ``FlameReward`` of ``reward=...`` and the ``rewards`` section (validated early)."""
+    from gdpo_listener.rewards.groups import build_reward
+
+    r = cfg.rewards
+    return build_reward(cfg.reward, weights=r.weights, lambdas=r.lambdas, group_reward=r.group_reward, extra_terms=r.extra_terms)
+
+
+def advantage_stats(traj, reward) -> dict:
+    """Advantage diagnostics for logging (tensors; converted by the caller)."""
+    from gdpo_listener.agents.advantages import advantage_stats as group_stats
+
+    a = traj["advantage"]
+    out = {"mean": a.mean(), "std": a.std(), "abs_mean": a.abs().mean()}
+    for k, v in group_stats(traj["reward"], traj["group_id"]).items():
+        if torch.is_tensor(v) and v.numel() == len(reward.group_names):
+            for g, x in zip(reward.group_names, v):
+                out[f"{k}/{g}"] = x
+        elif torch.is_tensor(v) and v.numel() == 1:
+            out[k] = v.reshape(())
+    return out
+
+
+@torch.no_grad()
+def listening_table(model, vae, normalizer, bank, reward, n_windows: int, steps: int, seed: int) -> dict:
+    """Per rewarded group: listening velocity-std deviation (|std(vel pred) - std(vel gt)|) and reward."""
+    from gdpo_listener.envs.flame import GROUPS
+    from gdpo_listener.rewards.stats import dynamic_deviation, velocity_std
+
+    b = bank[: min(n_windows, bank.batch_size[0])]
+    pred = generate_motion(model, vae, normalizer, b, steps=steps, seed=seed)
+    gt, lis = b["actor_motion"], b["listening"]
+    rewards = reward(pred, gt, lis, b["actor_valid"])  # (B, n_groups)
+    rows = lis.sum(1) > 2
+    out = {}
+    for i, g in enumerate(reward.group_names):
+        sl = GROUPS[g]
+        out[f"{g}/vel_std_dev"] = float(dynamic_deviation(pred[rows][..., sl], gt[rows][..., sl], lis[rows]).mean())
+        out[f"{g}/vel_std_ratio"] = float(velocity_std(pred[rows][..., sl], lis[rows]).mean() / velocity_std(gt[rows][..., sl], lis[rows]).mean().clamp(min=1e-8))
+        out[f"{g}/reward"] = float(rewards[rows, i].mean())
+    return out
+
+
+def before_after(supervised, trained, vae, normalizer, bank, reward, cfg) -> dict:
+    """Print and return the supervised-vs-post-trained table on held-out windows (ODE sampler)."""
+    kw = dict(n_windows=int(cfg.eval.n_windows), steps=int(cfg.eval.steps), seed=int(cfg.seed))
+    before = listening_table(supervised, vae, normalizer, bank, reward, **kw)
+    after = listening_table(trained, vae, normalizer, bank, reward, **kw)
+    print(f"\n== listening frames, held-out windows (n={min(kw['n_windows'], bank.batch_size[0])}), ODE {kw['steps']} steps ==")
+    print(f"  {'metric':32s} {'supervised':>12s} {cfg.algo.name:>12s}")
+    for k in before:
+        print(f"  {k:32s} {before[k]:12.4f} {after[k]:12.4f}")
+    return {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()}}

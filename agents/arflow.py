@@ -1,0 +1,700 @@
+"""AR-Flow: auto-regressive flow matching over VAE motion latents (paper section 3.2, eq. 1-6).
+
+One transformer reads the sequence
+
+    [c_txt (1) ; a_ptn (L) ; m_ptn (N) ; a_act (L) ; m_<l (history) ; m_{l,t} (noisy token)]
+
+and predicts the velocity of the noisy latent token (flow convention in ``agents/flow.py``:
+t = 0 noise, t = 1 data, target x1 - x0). L = window frames at 25 fps (200), N = L / r latent tokens
+(25), Dv = latent size.
+
+Positions (TMRoPE, eq. 2). Every token gets a timestamp on the audio frame axis: text 0, audio
+frame i -> i (both audio streams), motion token j -> j * r + r // 2 (partner tokens, history tokens
+and noisy tokens alike). Rotary embeddings with these positions are applied to queries and keys in
+every attention layer. Tokens that share a timestamp (partner vs actor audio, history vs noisy)
+are told apart by a learned token-type embedding added at the input.
+
+Attention (explicit boolean masks, True = may attend):
+
+* prefix tokens attend to the whole prefix (bidirectional) and nothing else;
+* clean history token j attends to the prefix and history tokens <= j;
+* noisy token l attends to the prefix, history tokens < l and itself.
+
+The prefix never sees the history, so its keys/values are computed once per window (KV cache).
+Teacher forcing (``forward``) puts all N clean tokens and all N noisy tokens in one sequence,
+``[prefix ; clean_0..N-1 ; noisy_0..N-1]``; the mask makes noisy token l see exactly what it sees
+during generation, so one pass trains every token.
+
+Flow time. t enters each noisy token twice: a sinusoidal embedding of t -> MLP is *added* to the
+noisy token's input embedding, and the same embedding modulates the final layer norm before the
+output head (DiT-style adaLN shift/scale, zero-initialised). Clean and prefix tokens carry no t.
+This keeps the per-layer cost and parameter count of a plain pre-LN transformer.
+
+Conditions and classifier-free guidance. Each condition has one learned null embedding (in model
+space, after the projector): text (1 token), audio (both streams together, every frame), partner
+motion (every token). A row uses the null when it is dropped (training-time condition dropout, or
+``drop`` masks) or when the condition is missing (``text_mask`` False, ``partner_has_motion``
+False), so "missing" and "dropped" look the same to the network. The unconditional CFG branch drops
+all three.
+
+Cached generation (``start`` / ``velocity`` / ``append``) is an inference path (no autograd; the
+cache is preallocated and written in place). Gradients go through ``forward`` (all tokens of one
+denoising step index at once) or ``velocity_uncached``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .flow import cfg_combine, euler_step, sde_step
+
+__all__ = [
+    "ARFlowConfig", "ARFlow", "KVCache", "prefix_positions", "token_positions", "attention_mask",
+    "rope_cos_sin", "apply_rope", "speaking_tokens_from_vad", "count_parameters", "COND_KEYS",
+]
+
+# keys of the conditioning dict; text_mask and partner_has_motion are optional (default: present)
+COND_KEYS = ("text_emb", "text_mask", "actor_audio", "partner_audio", "partner_latent", "partner_has_motion")
+DROP_KEYS = ("text", "audio", "motion")
+N_TIME_FREQ = 256  # sinusoidal features of the flow time
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class ARFlowConfig:
+    d_latent: int = 16         # Dv, VAE latent size
+    d_text: int = 384          # text encoder output (bundled MiniLM: 384)
+    d_audio: int = 80          # audio features per frame (log-mel: 80)
+    d_model: int = 128         # D
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    r: int = 8                 # frames per latent token
+    window: int = 200          # L, frames per training window
+    dropout: float = 0.0       # attention / residual / embedding dropout (training only)
+    p_drop_text: float = 0.1   # condition dropout probabilities (CFG training)
+    p_drop_audio: float = 0.1  # audio = both streams together
+    p_drop_motion: float = 0.1  # partner motion
+    rope_base: float = 10000.0
+    audio_stride: int = 1      # audio frames per audio token (1 = paper: one token per frame)
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"ARFlowConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"ARFlowConfig: head dim {self.d_model // self.n_heads} must be even for rotary embeddings")
+        if self.r < 1 or self.window % self.r:
+            raise ValueError(f"ARFlowConfig: window={self.window} must be a positive multiple of r={self.r}")
+        if self.audio_stride < 1 or self.r % self.audio_stride:
+            raise ValueError(f"ARFlowConfig: audio_stride={self.audio_stride} must be a positive divisor of r={self.r}")
+        for name in ("dropout", "p_drop_text", "p_drop_audio", "p_drop_motion"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"ARFlowConfig: {name}={p} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_tokens(self) -> int:
+        """Latent tokens per window (N = L / r)."""
+        return self.window // self.r
+
+    @classmethod
+    def small(cls, **overrides) -> "ARFlowConfig":
+        """CPU default: trains on the synthetic corpus in minutes on 2 cores.
+
+        Audio is tokenised 4 frames per token (TMRoPE position = centre of the 4 frames), which
+        cuts the prefix from 426 to 126 tokens; the paper preset keeps one token per frame.
+        """
+        return cls(**{**dict(d_model=128, n_layers=4, n_heads=4, dropout=0.0, audio_stride=4), **overrides})
+
+    @classmethod
+    def paper(cls, **overrides) -> "ARFlowConfig":
+        """Paper section 4.1: 6 layers, 16 heads, D = 512 (paper reports 19.3M trainable params)."""
+        return cls(**{**dict(d_model=512, n_layers=6, n_heads=16, dropout=0.1), **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# positions, rotary embeddings, masks (pure functions)
+
+
+def token_positions(n: int, r: int, start: int = 0, device=None) -> Tensor:
+    """TMRoPE timestamps of motion tokens start .. start+n-1: j * r + r // 2 -> (n,) float."""
+    return torch.arange(start, start + n, device=device, dtype=torch.float32) * r + (r // 2)
+
+
+def prefix_positions(L: int, N: int, r: int, device=None, audio_stride: int = 1) -> Tensor:
+    """Timestamps of the prefix [text; partner audio; partner motion; actor audio] -> (1 + 2L/s + N,).
+
+    Audio token i covers frames [i*s, (i+1)*s) and sits at their centre i*s + (s-1)/2 (s = 1: i).
+    """
+    s = audio_stride
+    audio = torch.arange(L // s, device=device, dtype=torch.float32) * s + (s - 1) / 2
+    return torch.cat([torch.zeros(1, device=device), audio, token_positions(N, r, device=device), audio])
+
+
+def rope_cos_sin(pos: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos, sin tables (S, head_dim / 2) for (possibly non-integer, repeated) positions (S,)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)  # (hd/2,)
+    ang = pos.float()[:, None] * inv_freq[None, :]  # (S, hd/2)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate feature pairs (i, i + hd/2) of x (..., S, hd) by angle pos * freq_i."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def attention_mask(P: int, n_clean: int, noisy_idx: Tensor) -> Tensor:
+    """Boolean mask (S, S), True = may attend, for the sequence [prefix (P); clean (n_clean); noisy (M)].
+
+    ``noisy_idx`` (M,) long: token index of each noisy token. Prefix: prefix only. Clean j: prefix +
+    clean <= j. Noisy token with index l: prefix + clean < l + itself.
+    """
+    M = noisy_idx.shape[0]
+    S = P + n_clean + M
+    dev = noisy_idx.device
+    mask = torch.zeros(S, S, dtype=torch.bool, device=dev)
+    mask[:, :P] = True
+    c = torch.arange(n_clean, device=dev)
+    mask[P:P + n_clean, P:P + n_clean] = c[None, :] <= c[:, None]
+    mask[P + n_clean:, P:P + n_clean] = c[None, :] < noisy_idx[:, None]
+    mask[P + n_clean:, P + n_clean:] = torch.eye(M, dtype=torch.bool, device=dev)
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# modules, in build-up order
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with rotary positions, optionally reading/writing a KV cache."""
+
+    def __init__(self, cfg: ARFlowConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.p = cfg.n_heads, cfg.head_dim, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+                kv: tuple[Tensor, Tensor] | None = None, at: int = 0) -> Tensor:
+        """x (B, S, D); cos/sin (S, hd/2) for these S tokens.
+
+        kv None: attention among the S tokens under ``mask`` (S, S).
+        kv = (K, V) each (B, H, C, hd): the S new rotated keys/values are written to slots
+        [at, at + S) and the queries attend to slots [0, at + S) (``mask`` (S, at + S) or None = all).
+        """
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            K, V = kv
+            K[:, :, at:at + S] = k
+            V[:, :, at:at + S] = v
+            k, v = K[:, :, :at + S], V[:, :, :at + S]  # views, no copy
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)  # (B, H, S, hd)
+        y = y.transpose(1, 2).reshape(B, S, D)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ARFlowConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, hidden)
+        self.proj = nn.Linear(hidden, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, S, D)
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, cfg: ARFlowConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, kv=None, at=0):  # (B, S, D) -> (B, S, D)
+        x = x + self.attn(self.ln1(x), cos, sin, mask, kv, at)
+        return x + self.mlp(self.ln2(x))
+
+
+class TimeEmbedding(nn.Module):
+    """Flow time t in [0, 1] (any shape) -> (..., D): sinusoidal features of 1000 t -> MLP."""
+
+    def __init__(self, d_model: int, n_freq: int = N_TIME_FREQ):
+        super().__init__()
+        half = n_freq // 2
+        self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * half, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+
+    def forward(self, t: Tensor) -> Tensor:
+        ang = (1000.0 * t.float())[..., None] * self.freqs  # (..., n_freq / 2)
+        return self.mlp(torch.cat([ang.cos(), ang.sin()], dim=-1))  # (..., D)
+
+
+class KVCache:
+    """Per-layer rotated keys/values of the prefix and the clean history of one window.
+
+    ``k[i]``, ``v[i]``: (B, H, P + n_tokens, hd). Slots [0, P) hold the prefix, slot P + j the clean
+    token j for j < ``length``. Slots from P + length on are scratch: ``ARFlow.velocity`` computes
+    the noisy token's keys/values there (the valid part is never modified), ``ARFlow.append``
+    commits a clean token there. ``cos``/``sin`` (n_tokens, hd/2): rotary tables of the motion tokens.
+    """
+
+    def __init__(self, k: list[Tensor], v: list[Tensor], prefix_len: int, n_tokens: int, cos: Tensor, sin: Tensor, length: int = 0):
+        self.k, self.v = k, v
+        self.prefix_len, self.n_tokens, self.length = prefix_len, n_tokens, length
+        self.cos, self.sin = cos, sin
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    def _map(self, fn) -> "KVCache":
+        return KVCache([fn(t) for t in self.k], [fn(t) for t in self.v], self.prefix_len, self.n_tokens, self.cos, self.sin, self.length)
+
+    def select(self, idx) -> "KVCache":
+        """Rows ``idx`` (index tensor, list or slice) as a new cache (copies)."""
+        return self._map(lambda t: t[idx].contiguous())
+
+    def repeat_interleave(self, repeats: int) -> "KVCache":
+        """Each row repeated ``repeats`` times in place order (row0, row0, ..., row1, ...), e.g. G rollouts per prompt."""
+        return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def clone(self) -> "KVCache":
+        return self._map(lambda t: t.clone())
+
+    @staticmethod
+    def cat(caches: list["KVCache"]) -> "KVCache":
+        """Stack caches of the same window layout along the batch dim (copies)."""
+        c0 = caches[0]
+        if any((c.prefix_len, c.n_tokens, c.length) != (c0.prefix_len, c0.n_tokens, c0.length) for c in caches):
+            raise ValueError("KVCache.cat: caches differ in prefix length, size or history length")
+        k = [torch.cat([c.k[i] for c in caches]) for i in range(len(c0.k))]
+        v = [torch.cat([c.v[i] for c in caches]) for i in range(len(c0.v))]
+        return KVCache(k, v, c0.prefix_len, c0.n_tokens, c0.cos, c0.sin, c0.length)
+
+    def __repr__(self) -> str:
+        return (f"KVCache(batch={self.batch_size}, layers={len(self.k)}, prefix={self.prefix_len}, "
+                f"length={self.length}/{self.n_tokens})")
+
+
+class ARFlow(nn.Module):
+    """AR-Flow transformer. See the module docstring for the sequence, positions and masks."""
+
+    T_TEXT, T_PTN_AUDIO, T_PTN_MOTION, T_ACT_AUDIO, T_HISTORY, T_NOISY = range(6)
+
+    def __init__(self, cfg: ARFlowConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.d_model
+        # condition projectors (paper P_txt, P_audio (shared by both streams), P_motion)
+        self.text_proj = nn.Linear(cfg.d_text, D)
+        self.audio_proj = nn.Linear(cfg.d_audio * cfg.audio_stride, D)  # audio_stride frames per token
+        self.partner_proj = nn.Linear(cfg.d_latent, D)
+        self.latent_in = nn.Linear(cfg.d_latent, D)  # actor latents, clean history and noisy tokens
+        self.null_text = nn.Parameter(torch.zeros(D))
+        self.null_audio = nn.Parameter(torch.zeros(D))
+        self.null_motion = nn.Parameter(torch.zeros(D))
+        self.type_emb = nn.Parameter(torch.zeros(6, D))
+        self.time_emb = TimeEmbedding(D)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.ln_f = nn.LayerNorm(D, elementwise_affine=False)
+        self.final_mod = nn.Linear(D, 2 * D)  # t -> (shift, scale) of the final norm
+        self.head = nn.Linear(D, cfg.d_latent)
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        for blk in self.blocks:  # nanoGPT: scaled init of residual projections
+            for lin in (blk.attn.proj, blk.mlp.proj):
+                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+        for p in (self.null_text, self.null_audio, self.null_motion, self.type_emb):
+            nn.init.normal_(p, std=0.02)
+        nn.init.zeros_(self.final_mod.weight)
+        nn.init.zeros_(self.final_mod.bias)
+
+    # ---- conditioning ---------------------------------------------------------------------
+
+    def check_cond(self, cond: Mapping[str, Tensor]) -> tuple[int, int, int]:
+        """Validate shapes of a conditioning dict; returns (B, L, N)."""
+        c = self.cfg
+        for key in ("text_emb", "actor_audio", "partner_audio", "partner_latent"):
+            if key not in cond:
+                raise KeyError(f"arflow: conditioning dict lacks {key!r}; expected keys {COND_KEYS}")
+        B = cond["text_emb"].shape[0]
+        expect = {"text_emb": (B, c.d_text), "actor_audio": (B, None, c.d_audio), "partner_audio": (B, None, c.d_audio),
+                  "partner_latent": (B, None, c.d_latent), "text_mask": (B,), "partner_has_motion": (B,)}
+        for key, shape in expect.items():
+            if key not in cond or cond[key] is None:
+                continue
+            got = tuple(cond[key].shape)
+            if len(got) != len(shape) or any(e is not None and e != g for e, g in zip(shape, got)):
+                want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
+                raise ValueError(f"arflow: cond[{key!r}] has shape {got}, expected {want}")
+        L = cond["actor_audio"].shape[1]
+        if cond["partner_audio"].shape[1] != L:
+            raise ValueError(f"arflow: partner_audio has {cond['partner_audio'].shape[1]} frames, actor_audio {L}")
+        return B, L, cond["partner_latent"].shape[1]
+
+    def sample_drop(self, batch_size: int, device=None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Training condition dropout: independent Bernoulli masks (B,) per condition."""
+        c = self.cfg
+        probs = {"text": c.p_drop_text, "audio": c.p_drop_audio, "motion": c.p_drop_motion}
+        return {k: torch.rand(batch_size, device=device, generator=generator) < p for k, p in probs.items()}
+
+    def _null_masks(self, cond, drop, B: int, device) -> tuple[Tensor, Tensor, Tensor]:
+        """(B,) bool masks, True = use the null embedding, for text, audio and partner motion."""
+        if drop is None:
+            drop = self.sample_drop(B, device) if self.training else {}
+        bad = set(drop) - set(DROP_KEYS)
+        if bad:
+            raise ValueError(f"arflow: unknown drop keys {sorted(bad)}; valid: {DROP_KEYS}")
+
+        def as_mask(v):
+            if v is None or v is False:
+                return torch.zeros(B, dtype=torch.bool, device=device)
+            if v is True:
+                return torch.ones(B, dtype=torch.bool, device=device)
+            if v.shape != (B,):
+                raise ValueError(f"arflow: drop mask has shape {tuple(v.shape)}, expected ({B},)")
+            return v.to(device=device, dtype=torch.bool)
+
+        text = as_mask(drop.get("text"))
+        if cond.get("text_mask") is not None:
+            text = text | ~cond["text_mask"].to(device=device, dtype=torch.bool)
+        motion = as_mask(drop.get("motion"))
+        if cond.get("partner_has_motion") is not None:
+            motion = motion | ~cond["partner_has_motion"].to(device=device, dtype=torch.bool)
+        return text, as_mask(drop.get("audio")), motion
+
+    def embed_prefix(self, cond: Mapping[str, Tensor], drop=None) -> tuple[Tensor, Tensor]:
+        """-> prefix tokens (B, P, D) and their TMRoPE positions (P,), P = 1 + 2L + N."""
+        B, L, N = self.check_cond(cond)
+        dev = cond["text_emb"].device
+        drop_text, drop_audio, drop_motion = self._null_masks(cond, drop, B, dev)
+        c_txt = torch.where(drop_text[:, None], self.null_text, self.text_proj(cond["text_emb"]))  # (B, D)
+        s = self.cfg.audio_stride
+        a_ptn = torch.where(drop_audio[:, None, None], self.null_audio, self.audio_proj(self._stack_audio(cond["partner_audio"], s)))  # (B, L/s, D)
+        m_ptn = torch.where(drop_motion[:, None, None], self.null_motion, self.partner_proj(cond["partner_latent"]))  # (B, N, D)
+        a_act = torch.where(drop_audio[:, None, None], self.null_audio, self.audio_proj(self._stack_audio(cond["actor_audio"], s)))  # (B, L/s, D)
+        te = self.type_emb
+        h = torch.cat([(c_txt + te[self.T_TEXT])[:, None], a_ptn + te[self.T_PTN_AUDIO],
+                       m_ptn + te[self.T_PTN_MOTION], a_act + te[self.T_ACT_AUDIO]], dim=1)  # (B, P, D)
+        return h, prefix_positions(L, N, self.cfg.r, device=dev, audio_stride=s)
+
+    @staticmethod
+    def _stack_audio(a: Tensor, s: int) -> Tensor:  # (B, L, Da) -> (B, L/s, s*Da): s frames per token
+        B, L, Da = a.shape
+        return a[:, : L - L % s].reshape(B, L // s, s * Da)
+
+    def _embed_clean(self, x: Tensor) -> Tensor:  # (B, n, Dv) -> (B, n, D)
+        return self.latent_in(x) + self.type_emb[self.T_HISTORY]
+
+    def _embed_noisy(self, x_t: Tensor, temb: Tensor) -> Tensor:  # (B, n, Dv), (B, n, D) -> (B, n, D)
+        return self.latent_in(x_t) + self.type_emb[self.T_NOISY] + temb
+
+    def _out(self, h: Tensor, temb: Tensor) -> Tensor:  # (..., D), (..., D) -> (..., Dv)
+        shift, scale = self.final_mod(temb).chunk(2, dim=-1)
+        return self.head(self.ln_f(h) * (1.0 + scale) + shift)
+
+    def _rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        return rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_base)
+
+    # ---- full-sequence passes (training, reference) -----------------------------------------
+
+    def _full_pass(self, cond, x_clean: Tensor, x_noisy: Tensor, t: Tensor, noisy_idx: Tensor, drop) -> Tensor:
+        """Sequence [prefix; x_clean (B, n, Dv); x_noisy (B, M, Dv)] -> velocities (B, M, Dv)."""
+        h_pre, pos_pre = self.embed_prefix(cond, drop)
+        P, n, r = h_pre.shape[1], x_clean.shape[1], self.cfg.r
+        temb = self.time_emb(t)  # (B, M, D)
+        h = torch.cat([h_pre, self._embed_clean(x_clean), self._embed_noisy(x_noisy, temb)], dim=1)  # (B, S, D)
+        pos = torch.cat([pos_pre, token_positions(n, r, device=h.device), noisy_idx.float() * r + (r // 2)])  # (S,)
+        cos, sin = self._rope(pos)
+        mask = attention_mask(P, n, noisy_idx)  # (S, S)
+        h = self.drop(h)
+        for blk in self.blocks:
+            h = blk(h, cos, sin, mask)
+        return self._out(h[:, P + n:], temb)  # (B, M, Dv)
+
+    def forward(self, cond: Mapping[str, Tensor], x_clean: Tensor, x_noisy: Tensor, t: Tensor, drop=None) -> Tensor:
+        """Teacher-forced velocities of all N tokens: x_clean, x_noisy (B, N, Dv), t (B, N) -> (B, N, Dv).
+
+        Noisy token l sees the prefix, x_clean[:, :l] and itself. ``drop``: optional dict of (B,)
+        bool masks {"text", "audio", "motion"} forcing nulls; None draws condition dropout when
+        ``self.training`` (no dropout in eval).
+        """
+        B, N, _ = x_noisy.shape
+        if x_clean.shape[1] < N - 1 or t.shape != (B, N):
+            raise ValueError(f"arflow.forward: x_clean {tuple(x_clean.shape)}, x_noisy {tuple(x_noisy.shape)}, "
+                             f"t {tuple(t.shape)}: need x_clean with >= N-1 tokens and t (B, N)")
+        idx = torch.arange(N, device=x_noisy.device)
+        return self._full_pass(cond, x_clean[:, :N], x_noisy, t, idx, drop)
+
+    def velocity_uncached(self, cond, history: Tensor, x_t: Tensor, t: Tensor, drop=None) -> Tensor:
+        """Velocity of token l = history.shape[1] by a full recompute: history (B, l, Dv), x_t (B, Dv), t (B,) -> (B, Dv)."""
+        l = history.shape[1]
+        idx = torch.full((1,), l, device=x_t.device, dtype=torch.long)
+        return self._full_pass(cond, history, x_t[:, None], t[:, None], idx, drop)[:, 0]
+
+    # ---- cached generation ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def start(self, cond: Mapping[str, Tensor], drop=None, n_tokens: int | None = None) -> KVCache:
+        """Run the prefix once; cache its per-layer rotated K, V (room for ``n_tokens`` history tokens)."""
+        h, pos = self.embed_prefix(cond, drop)  # (B, P, D), (P,)
+        B, P, _ = h.shape
+        N = cond["partner_latent"].shape[1] if n_tokens is None else int(n_tokens)
+        c = self.cfg
+        K = [h.new_empty(B, c.n_heads, P + N, c.head_dim) for _ in self.blocks]
+        V = [h.new_empty(B, c.n_heads, P + N, c.head_dim) for _ in self.blocks]
+        cos, sin = self._rope(pos)
+        h = self.drop(h)
+        for blk, k, v in zip(self.blocks, K, V):
+            h = blk(h, cos, sin, None, (k, v), 0)
+        tcos, tsin = self._rope(token_positions(N, c.r, device=h.device))
+        return KVCache(K, V, P, N, tcos, tsin)
+
+    def _one_token(self, cache: KVCache, h: Tensor, l: int, commit: bool) -> Tensor:
+        """Pass one token (B, 1, D) at token index l through all layers, attending to cache[:P+l] + itself."""
+        if not 0 <= l < cache.n_tokens:
+            raise IndexError(f"arflow: token index {l} outside the cache's 0..{cache.n_tokens - 1}")
+        if l > cache.length:
+            raise ValueError(f"arflow: token {l} needs history 0..{l - 1}, but the cache holds {cache.length} tokens")
+        at = cache.prefix_len + l
+        saved = None
+        if not commit and l < cache.length:  # slot holds a committed token: restore it afterwards
+            saved = [(k[:, :, at].clone(), v[:, :, at].clone()) for k, v in zip(cache.k, cache.v)]
+        cos, sin = cache.cos[l:l + 1], cache.sin[l:l + 1]
+        h = self.drop(h)
+        for blk, k, v in zip(self.blocks, cache.k, cache.v):
+            h = blk(h, cos, sin, None, (k, v), at)
+        if saved is not None:
+            for (sk, sv), k, v in zip(saved, cache.k, cache.v):
+                k[:, :, at], v[:, :, at] = sk, sv
+        return h  # (B, 1, D)
+
+    @torch.no_grad()
+    def velocity(self, cache: KVCache, x_t: Tensor, t: Tensor, l: int) -> Tensor:
+        """One new-token pass: velocity of noisy token l, x_t (B, Dv), t (B,) -> (B, Dv). Cache content unchanged."""
+        temb = self.time_emb(t)  # (B, D)
+        h = self._one_token(cache, self._embed_noisy(x_t, temb)[:, None], l, commit=False)
+        return self._out(h[:, 0], temb)
+
+    @torch.no_grad()
+    def append(self, cache: KVCache, x: Tensor, l: int) -> None:
+        """Write clean token l (B, Dv) into the cache (history becomes 0..l; later tokens are discarded)."""
+        self._one_token(cache, self._embed_clean(x)[:, None], l, commit=True)
+        cache.length = l + 1
+
+    # ---- sampling ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps: int = 10, w_speak: float = 1.0,
+               w_listen: float = 1.0, speaking_tokens: Tensor | None = None, sigma: float = 0.0,
+               generator: torch.Generator | None = None, prefix: Tensor | None = None, use_cache: bool = True) -> Tensor:
+        """Generate ``n_tokens`` latents (B, n_tokens, Dv) auto-regressively.
+
+        Per token: x0 ~ N(0, I) (drawn from ``generator``), ``steps`` Euler steps on t = s / steps
+        (ODE, eq. 5) or Euler-Maruyama steps with noise scale ``sigma`` (SDE, eq. 7). CFG (eq. 6) when
+        w_speak or w_listen != 1: cond and uncond (all conditions null) rows run as one 2B batch;
+        token l uses w_speak where ``speaking_tokens[:, l]`` else w_listen (``speaking_tokens``
+        (B, n_tokens) bool is required when the two weights differ). ``prefix`` (B, k, Dv): the
+        first k tokens are given (copied to the output), generation starts at token k. Runs in
+        eval mode (dropout off; the previous mode is restored).
+        """
+        w_speak, w_listen = _check_weight("w_speak", w_speak), _check_weight("w_listen", w_listen)
+        sigma = float(sigma)
+        if not math.isfinite(sigma) or sigma < 0:
+            raise ValueError(f"arflow.sample: sigma must be finite and >= 0, got {sigma}")
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"arflow.sample: steps must be a positive integer, got {steps!r}")
+        B, L, Np = self.check_cond(cond)
+        r = self.cfg.r
+        N = Np if n_tokens is None else int(n_tokens)
+        if not 1 <= N <= Np or N * r > L:
+            raise ValueError(f"arflow.sample: n_tokens={N} needs 1 <= n_tokens <= {Np} partner tokens and "
+                             f"{N * r} audio frames (have {L})")
+        k = 0 if prefix is None else prefix.shape[1]
+        if prefix is not None and (prefix.dim() != 3 or prefix.shape[0] != B or prefix.shape[2] != self.cfg.d_latent or k >= N):
+            raise ValueError(f"arflow.sample: prefix has shape {tuple(prefix.shape)}, expected ({B}, k < {N}, {self.cfg.d_latent})")
+        use_cfg = w_speak != 1.0 or w_listen != 1.0
+        dev = cond["text_emb"].device
+        if use_cfg:
+            if speaking_tokens is None:
+                if w_speak != w_listen:
+                    raise ValueError(f"arflow.sample: w_speak={w_speak} != w_listen={w_listen} needs speaking_tokens (B, n_tokens)")
+                w_tok = torch.full((B, N), w_speak, device=dev)
+            else:
+                if tuple(speaking_tokens.shape) != (B, N):
+                    raise ValueError(f"arflow.sample: speaking_tokens has shape {tuple(speaking_tokens.shape)}, expected ({B}, {N})")
+                w_tok = torch.where(speaking_tokens.to(dev, torch.bool), w_speak, w_listen).float()  # (B, N)
+            run_cond = {key: torch.cat([v, v]) for key, v in cond.items() if key in COND_KEYS and v is not None}
+            off, on = torch.zeros(B, dtype=torch.bool, device=dev), torch.ones(B, dtype=torch.bool, device=dev)
+            run_drop = {key: torch.cat([off, on]) for key in DROP_KEYS}
+        else:
+            run_cond, run_drop = cond, {key: False for key in DROP_KEYS}
+        R = 2 * B if use_cfg else B  # rows per model call
+
+        def rows(x):  # (B, ...) -> (R, ...)
+            return torch.cat([x, x]) if use_cfg else x
+
+        was_training = self.training
+        self.eval()
+        try:
+            out = cond["text_emb"].new_empty(B, N, self.cfg.d_latent)
+            if k:
+                out[:, :k] = prefix
+            if use_cache and use_cfg:
+                # the unconditional prefix (all nulls) is the same for every row: run it once, copy it B times
+                keep, null = {key: False for key in DROP_KEYS}, {key: True for key in DROP_KEYS}
+                uncond = self.start(_rows(cond, slice(0, 1)), null, n_tokens=N)  # 1 row
+                cache = KVCache.cat([self.start(cond, keep, n_tokens=N), uncond.repeat_interleave(B)])
+            elif use_cache:
+                cache = self.start(run_cond, run_drop, n_tokens=N)
+                for j in range(k):
+                    self.append(cache, rows(prefix[:, j]), j)
+            dt = 1.0 / steps
+            t_grid = [torch.full((R,), s * dt, device=dev) for s in range(steps)]
+            for l in range(k, N):
+                x = torch.randn((B, self.cfg.d_latent), generator=generator, device=dev, dtype=out.dtype)
+                for s in range(steps):
+                    xin = rows(x)
+                    if use_cache:
+                        v = self.velocity(cache, xin, t_grid[s], l)
+                    else:
+                        hist = rows(out[:, :l])
+                        v = self.velocity_uncached(run_cond, hist, xin, t_grid[s], run_drop)
+                    if use_cfg:
+                        v = cfg_combine(v[:B], v[B:], w_tok[:, l])
+                    if sigma > 0:
+                        noise = torch.randn((B, self.cfg.d_latent), generator=generator, device=dev, dtype=out.dtype)
+                        x = sde_step(x, v, dt, sigma, noise)
+                    else:
+                        x = euler_step(x, v, dt)
+                out[:, l] = x
+                if use_cache and l + 1 < N:
+                    self.append(cache, rows(x), l)
+            return out
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate_long(self, cond: Mapping[str, Tensor] | Callable[[int, int], Mapping[str, Tensor]], total_frames: int,
+                      window: int | None = None, k: int = 1, steps: int = 10, w_speak: float = 1.0, w_listen: float = 1.0,
+                      speaking_tokens: Tensor | None = None, sigma: float = 0.0, generator: torch.Generator | None = None,
+                      use_cache: bool = True) -> Tensor:
+        """Sliding-window generation of ``total_frames`` frames -> latents (B, total_frames / r, Dv).
+
+        Windows of W = window / r tokens (default the config window: 25 tokens); each next window
+        starts k tokens before the end of what is generated and gets those k latents as ``prefix``
+        (stride W - k). The last window is shifted back to end exactly at the last token (it then
+        gets more than k prefix tokens), so no padding is needed. TMRoPE positions restart at 0 in
+        every window, as in training.
+
+        ``cond``: either full-length features (text_emb (B, d_text) and the masks are shared by all
+        windows; actor_audio / partner_audio (B, >= total_frames, Da); partner_latent
+        (B, >= total_frames / r, Dv)), sliced per window, or a callable
+        ``cond_fn(start_frame, n_frames) -> cond`` for one window. ``speaking_tokens``: (B, total_frames / r).
+        """
+        r = self.cfg.r
+        window = self.cfg.window if window is None else int(window)
+        if window % r or window < 2 * r:
+            raise ValueError(f"arflow.generate_long: window={window} must be a multiple of r={r} holding >= 2 tokens")
+        W = window // r
+        if int(total_frames) != total_frames or total_frames < r or total_frames % r:
+            raise ValueError(f"arflow.generate_long: total_frames={total_frames} must be a positive multiple of r={r}")
+        if not 1 <= k < W:
+            raise ValueError(f"arflow.generate_long: k={k} prefix tokens must be in [1, {W - 1}] for a {W}-token window")
+        _check_weight("w_speak", w_speak), _check_weight("w_listen", w_listen)
+        n_total = int(total_frames) // r
+        if callable(cond):
+            cond_fn = cond
+        else:
+            B, _, _ = self.check_cond(cond)
+            for key in ("actor_audio", "partner_audio"):
+                if cond[key].shape[1] < total_frames:
+                    raise ValueError(f"arflow.generate_long: cond[{key!r}] has {cond[key].shape[1]} frames, "
+                                     f"fewer than the requested total_frames={total_frames}")
+            if cond["partner_latent"].shape[1] < n_total:
+                raise ValueError(f"arflow.generate_long: cond['partner_latent'] has {cond['partner_latent'].shape[1]} tokens, "
+                                 f"fewer than total_frames / r = {n_total}")
+
+            def cond_fn(f0, nf):
+                return {key: (v[:, f0:f0 + nf] if key in ("actor_audio", "partner_audio")
+                              else v[:, f0 // r:(f0 + nf) // r] if key == "partner_latent" else v)
+                        for key, v in cond.items() if key in COND_KEYS and v is not None}
+        if speaking_tokens is not None and speaking_tokens.shape[-1] != n_total:
+            raise ValueError(f"arflow.generate_long: speaking_tokens has {speaking_tokens.shape[-1]} tokens, expected {n_total}")
+        out, end = None, 0
+        while end < n_total:
+            s0 = 0 if end == 0 else min(end - k, n_total - W)
+            n = min(W, n_total - s0)
+            c = cond_fn(s0 * r, n * r)
+            x = self.sample(c, n, steps=steps, w_speak=w_speak, w_listen=w_listen,
+                            speaking_tokens=None if speaking_tokens is None else speaking_tokens[:, s0:s0 + n],
+                            sigma=sigma, generator=generator, prefix=None if end == 0 else out[:, s0:end], use_cache=use_cache)
+            if out is None:
+                out = x.new_empty(x.shape[0], n_total, x.shape[2])
+            out[:, end:s0 + n] = x[:, end - s0:]
+            end = s0 + n
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _rows(cond: Mapping[str, Tensor], idx) -> dict[str, Tensor]:
+    """Rows ``idx`` of every tensor of a conditioning dict."""
+    return {key: v[idx] for key, v in cond.items() if key in COND_KEYS and v is not None}
+
+
+def _check_weight(name: str, w) -> float:
+    try:
+        w = float(w)
+    except (TypeError, ValueError):
+        raise ValueError(f"arflow: CFG weight {name}={w!r} is not a number") from None
+    if not math.isfinite(w):
+        raise ValueError(f"arflow: CFG weight {name}={w} is not finite")
+    return w
+
+
+def speaking_tokens_from_vad(vad: Tensor, r: int) -> Tensor:
+    """Per-token speaking flag from per-frame actor VAD (B, L) bool -> (B, L / r): strict majority of the
+    token's r frames (a tie counts as not speaking)."""
+    if vad.dim() != 2 or vad.shape[1] % r:
+        raise ValueError(f"speaking_tokens_from_vad: vad has shape {tuple(vad.shape)}, expected (B, L) with L a multiple of r={r}")
+    B, L = vad.shape
+    return vad.reshape(B, L // r, r).to(torch.int32).sum(-1) * 2 > r
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,399 @@
+"""Motion VAE (paper section 3.1): normalised 67-d FLAME frames <-> continuous latent tokens.
+
+A window of ``T`` normalised frames ``x' (B, T, 67)`` is compressed ``r = 8`` times in time into
+``N = T / r`` latent tokens of size ``D_v`` (25 tokens for the 200-frame window)::
+
+    encoder: strided Conv1d (kernel 2r, stride r) -> transformer (bidirectional, RoPE) -> (mu, logvar)
+    decoder: Linear(D_v -> D) -> transformer -> ConvTranspose1d (kernel 2r, stride r) -> frame conv -> 67
+
+Overlapping kernels (2r) on both ends make neighbouring tokens share frames, so decoded motion has
+no seams at token boundaries. The VAE works on NORMALISED motion (``Normalizer`` of the dataset,
+stored in the checkpoint); ``per_group_report`` converts back to raw FLAME units.
+
+Loss terms (``MotionVAE.loss``), each a mean over valid channels:
+    loss_recon  masked MSE of frames                    (channel_weight masks invalid groups)
+    loss_vel    masked MSE of frame differences          (keeps dynamics, see DESIGN section 6)
+    loss_kl     KL(q(z|x) || N(0, I)), summed over D_v, mean over tokens
+    loss        loss_recon + vel_weight * loss_vel + kl_weight * loss_kl
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..envs.dataset import Normalizer
+from ..envs.flame import FLAME_DIM, GROUP_NAMES, GROUPS, channel_group_ids
+from .checkpoint import CheckpointError, load_meta, load_weights, save_checkpoint
+
+VAE_KIND = "vae"
+VAE_FORMAT_VERSION = 1
+LOGVAR_RANGE = (-10.0, 10.0)
+
+
+@dataclass
+class VAEConfig:
+    d_in: int = FLAME_DIM  # frame size (the 67-d FLAME layout)
+    d_latent: int = 16  # D_v, size of one latent token
+    d_model: int = 128  # transformer width
+    n_layers: int = 2  # transformer blocks in the encoder and again in the decoder
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    r: int = 8  # temporal downsampling: one token per r frames
+    window: int = 200  # training window in frames (must be a multiple of r)
+    dropout: float = 0.0
+    kl_weight: float = 1e-4
+    vel_weight: float = 4.0
+    rope_base: float = 10_000.0
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"VAEConfig: d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size")
+        if self.r < 1 or self.window % self.r:
+            raise ValueError(f"VAEConfig: window={self.window} must be a positive multiple of r={self.r}")
+
+    @classmethod
+    def small(cls, **kw) -> "VAEConfig":
+        """CPU default: ~1.1M parameters, trains on a 1-hour corpus in a minute or two on 2 cores."""
+        return cls(**kw)
+
+    @classmethod
+    def tiny(cls, **kw) -> "VAEConfig":
+        """For tests and smoke runs."""
+        return cls(**{"d_model": 32, "n_layers": 1, "n_heads": 2, **kw})
+
+    @classmethod
+    def base(cls, **kw) -> "VAEConfig":
+        """A larger model for real corpora (GPU)."""
+        return cls(**{"d_latent": 32, "d_model": 256, "n_layers": 4, "n_heads": 8, "dropout": 0.1, **kw})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "VAE config") -> "VAEConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"{where}: unknown VAE config fields {unknown}; valid fields: {sorted(fields)}")
+        return cls(**dict(d))
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+
+def rope_cos_sin(n: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables for positions 0..n-1: cos, sin each (n, head_dim / 2)."""
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    ang = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv[None, :]  # (n, hd/2)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of channels of ``x (B, H, N, hd)`` by position-dependent angles."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, H, N, hd/2)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, N, hd/2, 2)
+    return out.flatten(-2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, H, N, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block (bidirectional attention + GELU MLP)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model), nn.Dropout(cfg.dropout))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cos, sin)
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
+        cos, sin = rope_cos_sin(x.shape[1], self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base, x.device)
+        for blk in self.blocks:
+            x = blk(x, cos, sin)
+        return self.ln_f(x)
+
+
+class Encoder(nn.Module):
+    """(B, T, 67) normalised frames -> mu, logvar (B, T/r, D_v)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        r = cfg.r
+        # kernel 2r, stride r, padding r/2: token j sees frames [j r - r/2, j r + 3r/2)
+        self.patch = nn.Conv1d(cfg.d_in, cfg.d_model, kernel_size=2 * r, stride=r, padding=r // 2)
+        self.transformer = Transformer(cfg)
+        self.head = nn.Linear(cfg.d_model, 2 * cfg.d_latent)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.patch(x.transpose(1, 2)).transpose(1, 2)  # (B, N, D)
+        h = self.transformer(h)
+        mu, logvar = self.head(h).chunk(2, dim=-1)  # (B, N, Dv) each
+        return mu, logvar.clamp(*LOGVAR_RANGE)
+
+
+class Decoder(nn.Module):
+    """(B, N, D_v) latents -> (B, N r, 67) normalised frames."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        r = cfg.r
+        d_frame = max(cfg.d_model // 2, 16)
+        self.inp = nn.Linear(cfg.d_latent, cfg.d_model)
+        self.transformer = Transformer(cfg)
+        # inverse of the encoder's patch conv: output length (N - 1) r - r + 2r = N r
+        self.unpatch = nn.ConvTranspose1d(cfg.d_model, d_frame, kernel_size=2 * r, stride=r, padding=r // 2)
+        self.frame = nn.Conv1d(d_frame, cfg.d_in, kernel_size=3, padding=1, padding_mode="replicate")
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.transformer(self.inp(z))  # (B, N, D)
+        f = F.gelu(self.unpatch(h.transpose(1, 2)))  # (B, d_frame, N r)
+        return self.frame(f).transpose(1, 2)  # (B, N r, 67)
+
+
+class MotionVAE(nn.Module):
+    def __init__(self, cfg: VAEConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or VAEConfig.small()
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        # statistics of posterior means on the training split (set by train/vae.py; 0 / 1 until
+        # then). Not used by encode/decode: downstream models may use them to scale latents.
+        self.register_buffer("latent_mean", torch.zeros(cfg.d_latent))
+        self.register_buffer("latent_std", torch.ones(cfg.d_latent))
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.ndim != 3 or x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"MotionVAE expects motion (B, T, {self.cfg.d_in}), got {tuple(x.shape)}")
+        if x.shape[1] == 0 or x.shape[1] % self.cfg.r:
+            raise ValueError(f"MotionVAE: T={x.shape[1]} frames must be a positive multiple of r={self.cfg.r}")
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised motion (B, T, 67) -> (mu, logvar), each (B, T / r, D_v)."""
+        self._check(x)
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, N, D_v) -> normalised motion (B, N r, 67)."""
+        if z.ndim != 3 or z.shape[-1] != self.cfg.d_latent:
+            raise ValueError(f"MotionVAE.decode expects latents (B, N, {self.cfg.d_latent}), got {tuple(z.shape)}")
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, sample: bool | None = None) -> dict[str, torch.Tensor]:
+        """Reconstruct; ``sample`` (default: ``self.training``) draws z ~ q(z|x), else z = mu."""
+        mu, logvar = self.encode(x)
+        sample = self.training if sample is None else sample
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
+        return {"recon": self.decode(z), "mu": mu, "logvar": logvar, "z": z}
+
+    def loss(self, x: torch.Tensor, out: Mapping[str, torch.Tensor], channel_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Named loss terms; ``channel_weight (B, 67)`` (bool or float) masks invalid groups."""
+        recon = out["recon"]
+        B, T, C = x.shape
+        w = torch.ones(B, C, device=x.device) if channel_weight is None else channel_weight.to(x.device, x.dtype)
+        w = w[:, None, :]  # (B, 1, C)
+        terms = {
+            "loss_recon": masked_mse(recon, x, w),
+            "loss_vel": masked_mse(recon.diff(dim=1), x.diff(dim=1), w),
+            "loss_kl": kl_standard_normal(out["mu"], out["logvar"]),
+        }
+        terms["loss"] = terms["loss_recon"] + self.cfg.vel_weight * terms["loss_vel"] + self.cfg.kl_weight * terms["loss_kl"]
+        return terms
+
+
+def channel_weight(group_valid: torch.Tensor) -> torch.Tensor:
+    """Per-group validity ``(B, 6)`` bool -> per-channel float weights ``(B, 67)`` for :meth:`MotionVAE.loss`."""
+    ids = torch.as_tensor(channel_group_ids(), device=group_valid.device)
+    return group_valid.bool()[..., ids].float()
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Mean of ``w * (pred - target)^2`` over (B, T, C), normalised by the weight mass."""
+    err = (pred - target).pow(2) * w  # (B, T, C)
+    return err.sum() / (w.expand_as(err).sum()).clamp(min=1.0)
+
+
+def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over the latent dim, mean over (B, N)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1).mean()
+
+
+def make_vae(cfg: VAEConfig | Mapping[str, Any] | None = None) -> MotionVAE:
+    """Build a VAE from a :class:`VAEConfig`, a mapping of its fields (e.g. Hydra ``cfg.model``) or None."""
+    if cfg is None or isinstance(cfg, VAEConfig):
+        return MotionVAE(cfg)
+    if not isinstance(cfg, Mapping):
+        try:  # OmegaConf DictConfig
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        except Exception as e:  # noqa: BLE001
+            raise TypeError(f"make_vae: expected VAEConfig or a mapping, got {type(cfg).__name__}") from e
+    return MotionVAE(VAEConfig.from_dict(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint
+
+
+def save_vae(
+    directory: str | Path,
+    model: MotionVAE,
+    normalizer: Normalizer,
+    extra_meta: Mapping[str, Any] | None = None,
+    extra_weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write ``model.safetensors``, ``normalizer.safetensors`` and ``meta.json`` (kind "vae", last)."""
+    mean, std = np.asarray(normalizer.mean, np.float32), np.asarray(normalizer.std, np.float32)
+    if mean.shape != (model.cfg.d_in,) or std.shape != (model.cfg.d_in,):
+        raise ValueError(f"save_vae: normaliser mean/std must have shape ({model.cfg.d_in},), got {mean.shape}/{std.shape}")
+    weights = {
+        "model": model.state_dict(),
+        "normalizer": {"mean": torch.from_numpy(mean), "std": torch.from_numpy(std)},
+        **(extra_weights or {}),
+    }
+    meta = {"vae_format_version": VAE_FORMAT_VERSION, "vae_config": dataclasses.asdict(model.cfg), **(extra_meta or {})}
+    return save_checkpoint(directory, VAE_KIND, weights, meta)
+
+
+def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> tuple[MotionVAE, Normalizer, VAEConfig]:
+    """Load a VAE checkpoint (eval mode) with its normaliser; :class:`CheckpointError` on mismatch."""
+    meta = load_meta(directory, kind=VAE_KIND)
+    where = Path(directory) / "meta.json"
+    if meta.get("vae_format_version") != VAE_FORMAT_VERSION:
+        raise CheckpointError(f"{where}: VAE format version {meta.get('vae_format_version')}, this code reads {VAE_FORMAT_VERSION}")
+    try:
+        cfg = VAEConfig.from_dict(meta["vae_config"], where=str(where))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: bad VAE config ({e})") from None
+    if cfg.d_in != FLAME_DIM:
+        raise CheckpointError(f"{where}: VAE has d_in={cfg.d_in} but the FLAME layout has {FLAME_DIM} channels")
+    model = MotionVAE(cfg)
+    try:
+        model.load_state_dict(load_weights(directory, "model", "cpu"))
+    except RuntimeError as e:
+        raise CheckpointError(f"{Path(directory) / 'model.safetensors'} does not match the VAE config in {where}: {e}") from None
+    nz = load_weights(directory, "normalizer", "cpu")
+    if set(nz) != {"mean", "std"} or tuple(nz["mean"].shape) != (FLAME_DIM,) or tuple(nz["std"].shape) != (FLAME_DIM,):
+        raise CheckpointError(f"{Path(directory) / 'normalizer.safetensors'}: expected mean/std of shape ({FLAME_DIM},)")
+    normalizer = Normalizer(nz["mean"].numpy().astype(np.float32), nz["std"].numpy().astype(np.float32))
+    return model.to(device).eval(), normalizer, cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def per_group_report(
+    model: MotionVAE,
+    normalizer: Normalizer,
+    windows_iterable: Iterable[Mapping[str, Any]],
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+) -> dict[str, dict[str, float]]:
+    """Reconstruction quality per FLAME group on held-out windows (posterior mean, raw FLAME units).
+
+    ``windows_iterable`` yields dicts with ``actor_motion (T, 67)`` raw and ``actor_valid (6,)``
+    (e.g. a ``DyadicWindows``). Per group, over windows where the group is valid:
+
+    - ``rmse``: root mean square error of decoded vs original frames;
+    - ``vel_std_ratio``: mean over (window, channel) of the std over time of the decoded frame
+      differences, divided by the same for the original (1 = dynamics kept, < 1 = over-smoothed);
+    - ``windows``: number of windows used.
+    Groups valid in no window are left out.
+    """
+    model.eval()
+    acc = {g: {"se": 0.0, "n": 0, "vs_dec": 0.0, "vs_ref": 0.0, "windows": 0} for g in GROUP_NAMES}
+
+    def flush(motion: list, valid: list) -> None:
+        x = torch.as_tensor(np.stack(motion), dtype=torch.float32, device=device)  # (B, T, 67)
+        v = np.stack(valid).astype(bool)  # (B, 6)
+        rec = normalizer.denormalize(model(normalizer.normalize(x), sample=False)["recon"])  # (B, T, 67)
+        vs_dec = rec.diff(dim=1).std(dim=1, unbiased=False)  # (B, 67)
+        vs_ref = x.diff(dim=1).std(dim=1, unbiased=False)  # (B, 67)
+        se = (rec - x).pow(2).sum(dim=1)  # (B, 67)
+        for gi, g in enumerate(GROUP_NAMES):
+            rows = torch.as_tensor(v[:, gi], device=device)
+            if not rows.any():
+                continue
+            sl = GROUPS[g]
+            a = acc[g]
+            a["se"] += float(se[rows][:, sl].sum())
+            a["n"] += int(rows.sum()) * x.shape[1] * (sl.stop - sl.start)
+            a["vs_dec"] += float(vs_dec[rows][:, sl].sum())
+            a["vs_ref"] += float(vs_ref[rows][:, sl].sum())
+            a["windows"] += int(rows.sum())
+
+    motion, valid = [], []
+    for item in windows_iterable:
+        motion.append(np.asarray(item["actor_motion"], np.float32))
+        valid.append(np.asarray(item["actor_valid"], bool))
+        if len(motion) == batch_size:
+            flush(motion, valid)
+            motion, valid = [], []
+    if motion:
+        flush(motion, valid)
+    report = {}
+    for g, a in acc.items():
+        if a["windows"]:
+            report[g] = {
+                "rmse": math.sqrt(a["se"] / a["n"]),
+                "vel_std_ratio": a["vs_dec"] / max(a["vs_ref"], 1e-12),
+                "windows": a["windows"],
+            }
+    return report
+
+
+def format_report(report: Mapping[str, Mapping[str, float]]) -> str:
+    lines = [f"{'group':8s} {'rmse':>10s} {'vel_std_ratio':>14s} {'windows':>8s}"]
+    for g, r in report.items():
+        lines.append(f"{g:8s} {r['rmse']:10.5f} {r['vel_std_ratio']:14.3f} {r['windows']:8d}")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def latent_stats(model: MotionVAE, x: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dim mean and std of posterior means over normalised windows ``x (B, T, 67)``."""
+    mus = torch.cat([model.encode(x[i : i + batch_size])[0] for i in range(0, x.shape[0], batch_size)])  # (B, N, Dv)
+    flat = mus.reshape(-1, mus.shape[-1])
+    return flat.mean(0), flat.std(0, unbiased=False).clamp(min=1e-6)
+
+
+__all__ = [
+    "VAEConfig", "MotionVAE", "make_vae", "save_vae", "load_vae", "per_group_report", "format_report",
+    "latent_stats", "masked_mse", "kl_standard_normal", "channel_weight",
+]

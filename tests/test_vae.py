@@ -1,0 +1,333 @@
+"""Motion VAE (agents/vae.py) and its training entry point (train/vae.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gdpo_listener.agents.checkpoint import CheckpointError, load_meta
+from gdpo_listener.agents.vae import (
+    MotionVAE,
+    VAEConfig,
+    channel_weight,
+    kl_standard_normal,
+    load_vae,
+    make_vae,
+    masked_mse,
+    per_group_report,
+    save_vae,
+)
+from gdpo_listener.envs.dataset import Conversation, DatasetWriter, DyadicWindows, Normalizer
+from gdpo_listener.envs.flame import FLAME_DIM, FPS, GROUP_NAMES, GROUPS, N_GROUPS, SAMPLE_RATE
+
+REPO = Path(__file__).resolve().parents[1]
+
+# rough raw scales of the groups (expression coefficients are larger than pose angles)
+GROUP_SCALE = {"expr": 0.5, "jaw": 0.05, "neck": 0.05, "eyelid": 0.3, "eyepose": 0.1, "rot": 0.1}
+
+
+def smooth_motion(rng: np.random.Generator, T: int) -> np.ndarray:
+    """(T, 67) smooth random motion: per channel a few sinusoids of 0.2-2 Hz plus an offset."""
+    t = np.arange(T)[:, None] / FPS  # (T, 1)
+    m = np.zeros((T, FLAME_DIM), np.float32)
+    for g, sl in GROUPS.items():
+        d = sl.stop - sl.start
+        out = rng.normal(0, 0.5, d)[None, :]  # offset (1, d)
+        for _ in range(3):
+            f = rng.uniform(0.2, 2.0, d)
+            ph = rng.uniform(0, 2 * np.pi, d)
+            out = out + rng.uniform(0.2, 1.0, d) * np.sin(2 * np.pi * f * t + ph)
+        m[:, sl] = GROUP_SCALE[g] * out
+    return m
+
+
+def make_tiny_dataset(out: str | os.PathLike, n_conversations: int = 4, seconds: float = 24.0, seed: int = 0,
+                      text: bool = True) -> Path:
+    """A small canonical dataset of smooth random motion (no semantics) for tests.
+
+    Conversation 0 side 1 lacks eyelid/eyepose/neck (DualTalk-like); conversation 1 side 1 is
+    audio-only. Audio is quiet noise with louder "speech" bursts where VAD is on; text names
+    a random word per window (some windows empty).
+    """
+    rng = np.random.default_rng(seed)
+    T = int(seconds * FPS)
+    words = ["nodding", "smiling broadly", "slow head shake", "still and attentive", "skeptical tilt", ""]
+    with DatasetWriter(out, source="test-random") as w:
+        for c in range(n_conversations):
+            motion = np.stack([smooth_motion(rng, T), smooth_motion(rng, T)])  # (2, T, 67)
+            valid = np.ones((2, N_GROUPS), bool)
+            has_motion = np.ones(2, bool)
+            if c == 0:
+                for g in ("neck", "eyelid", "eyepose"):
+                    valid[1, GROUP_NAMES.index(g)] = False
+                    motion[1][:, GROUPS[g]] = 0.0
+            if c == 1 and n_conversations > 2:
+                has_motion[1] = False
+                motion[1] = 0.0
+                valid[1] = False
+            vad = np.zeros((2, T), bool)
+            for s in range(2):
+                for start in range(0, T, 50):
+                    vad[s, start : start + 25] = (start // 50 + s) % 2 == 0
+            audio = []
+            for s in range(2):
+                a = rng.normal(0, 0.01, T * SAMPLE_RATE // FPS).astype(np.float32)
+                a *= np.repeat(np.where(vad[s], 10.0, 1.0), SAMPLE_RATE // FPS).astype(np.float32)
+                audio.append(a)
+            n_win = T // 200
+            texts = [[str(rng.choice(words)) for _ in range(n_win)] for _ in range(2)] if text else [[], []]
+            conv = Conversation(f"conv{c:03d}", motion, valid, has_motion, vad, audio, texts)
+            w.add(conv, "test" if c == n_conversations - 1 else "train")
+    return Path(out)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run much faster on one thread on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+
+def test_shapes_and_latent_length():
+    cfg = VAEConfig.tiny()
+    vae = MotionVAE(cfg)
+    x = torch.randn(3, 200, FLAME_DIM)
+    mu, logvar = vae.encode(x)
+    assert mu.shape == logvar.shape == (3, 25, cfg.d_latent)
+    assert vae.decode(mu).shape == (3, 200, FLAME_DIM)
+    # any multiple of r works (sliding windows of other lengths)
+    assert vae.decode(vae.encode(torch.randn(2, 64, FLAME_DIM))[0]).shape == (2, 64, FLAME_DIM)
+    out = vae(x)
+    assert set(out) >= {"recon", "mu", "logvar"}
+
+
+def test_bad_input_raises():
+    vae = MotionVAE(VAEConfig.tiny())
+    with pytest.raises(ValueError, match="multiple of r"):
+        vae.encode(torch.randn(1, 201, FLAME_DIM))
+    with pytest.raises(ValueError, match="67"):
+        vae.encode(torch.randn(1, 200, 60))
+    with pytest.raises(ValueError, match="unknown VAE config fields"):
+        make_vae({"d_model": 32, "n_layer": 1})
+    with pytest.raises(ValueError, match="multiple of r"):
+        VAEConfig(window=100, r=8)
+
+
+def test_eval_is_deterministic_and_train_samples():
+    """Eval mode decodes z = mu (deterministic); train mode draws z ~ q(z|x)."""
+    torch.manual_seed(0)
+    vae = MotionVAE(VAEConfig.tiny())
+    x = torch.randn(2, 40, FLAME_DIM)
+    vae.eval()
+    a, b = vae(x)["recon"], vae(x)["recon"]
+    assert torch.equal(a, b)
+    vae.train()
+    out = vae(x)
+    assert not torch.equal(out["z"], out["mu"])
+
+
+def test_loss_terms_and_masking():
+    torch.manual_seed(0)
+    vae = MotionVAE(VAEConfig.tiny())
+    x = torch.randn(2, 16, FLAME_DIM)
+    out = vae(x, sample=False)
+    terms = vae.loss(x, out)
+    assert set(terms) == {"loss", "loss_recon", "loss_vel", "loss_kl"}
+    cfg = vae.cfg
+    assert torch.allclose(terms["loss"], terms["loss_recon"] + cfg.vel_weight * terms["loss_vel"] + cfg.kl_weight * terms["loss_kl"])
+    # recon term equals plain MSE without mask
+    assert torch.allclose(terms["loss_recon"], (out["recon"] - x).pow(2).mean())
+    assert torch.allclose(terms["loss_vel"], (out["recon"].diff(dim=1) - x.diff(dim=1)).pow(2).mean())
+    # errors on masked channels do not count
+    valid = torch.ones(2, N_GROUPS, dtype=torch.bool)
+    valid[:, GROUP_NAMES.index("eyelid")] = False
+    w = channel_weight(valid)
+    assert w.shape == (2, FLAME_DIM) and w[:, GROUPS["eyelid"]].sum() == 0 and w[:, GROUPS["expr"]].all()
+    x2 = x.clone()
+    x2[..., GROUPS["eyelid"]] += 100.0
+    assert torch.allclose(vae.loss(x, out, w)["loss_recon"], vae.loss(x2, out, w)["loss_recon"])
+    assert not torch.allclose(vae.loss(x, out)["loss_recon"], vae.loss(x2, out)["loss_recon"])
+
+
+def test_kl_and_masked_mse_math():
+    mu = torch.zeros(1, 2, 4)
+    assert kl_standard_normal(mu, torch.zeros_like(mu)).item() == pytest.approx(0.0)
+    # KL(N(1, 1) || N(0, 1)) = 0.5 per dim, summed over 4 dims
+    assert kl_standard_normal(mu + 1, torch.zeros_like(mu)).item() == pytest.approx(2.0)
+    # KL(N(0, e) || N(0, 1)) = 0.5 (e - 1 - 1) per dim
+    assert kl_standard_normal(mu, torch.ones_like(mu)).item() == pytest.approx(4 * 0.5 * (np.e - 2), rel=1e-5)
+    p, t = torch.ones(1, 3, 2), torch.zeros(1, 3, 2)
+    w = torch.tensor([[[1.0, 0.0]]])
+    assert masked_mse(p, t, w).item() == pytest.approx(1.0)
+    assert masked_mse(p, t, torch.zeros_like(w)).item() == 0.0  # no valid channel: 0, never NaN
+
+
+def test_overfits_smooth_motion_and_keeps_dynamics():
+    """A few hundred steps on a handful of windows: reconstruction and velocity error drop a lot."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    raw = np.stack([smooth_motion(rng, 48) for _ in range(4)])  # (4, 48, 67)
+    x = torch.from_numpy((raw - raw.mean((0, 1))) / raw.std((0, 1)))
+    vae = MotionVAE(VAEConfig.tiny(d_model=64))
+    opt = torch.optim.AdamW(vae.parameters(), lr=3e-3)
+    first = None
+    for _ in range(120):
+        terms = vae.loss(x, vae(x))
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+        first = first or {k: v.item() for k, v in terms.items()}
+    vae.eval()
+    final = vae.loss(x, vae(x))
+    assert final["loss_recon"].item() < 0.1 * first["loss_recon"]
+    assert final["loss_vel"].item() < 0.2 * first["loss_vel"]
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint
+
+
+def _normalizer(seed=0) -> Normalizer:
+    rng = np.random.default_rng(seed)
+    return Normalizer(rng.normal(size=FLAME_DIM).astype(np.float32), rng.uniform(0.5, 2, FLAME_DIM).astype(np.float32))
+
+
+def test_save_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    vae = MotionVAE(VAEConfig.tiny(d_latent=8))
+    vae.latent_std.fill_(2.5)
+    nz = _normalizer()
+    save_vae(tmp_path / "ck", vae, nz, extra_meta={"note": "hello"})
+    meta = load_meta(tmp_path / "ck", kind="vae")
+    assert meta["note"] == "hello" and meta["vae_config"]["d_latent"] == 8
+    vae2, nz2, cfg2 = load_vae(tmp_path / "ck", "cpu")
+    assert cfg2 == vae.cfg and not vae2.training
+    assert np.array_equal(nz2.mean, nz.mean) and np.array_equal(nz2.std, nz.std)
+    assert torch.equal(vae2.latent_std, vae.latent_std)
+    x = torch.randn(2, 24, FLAME_DIM)
+    vae.eval()
+    assert torch.equal(vae(x)["recon"], vae2(x)["recon"])
+
+
+def test_load_errors(tmp_path):
+    vae = MotionVAE(VAEConfig.tiny())
+    with pytest.raises(CheckpointError, match="missing"):
+        load_vae(tmp_path / "nothing")
+    d = save_vae(tmp_path / "ck", vae, _normalizer())
+    meta_path = d / "meta.json"
+    good = json.loads(meta_path.read_text())
+
+    def write(**changes):
+        m = json.loads(json.dumps(good))
+        for k, v in changes.items():
+            if k in m["vae_config"]:
+                m["vae_config"][k] = v
+            else:
+                m[k] = v
+        meta_path.write_text(json.dumps(m))
+
+    write(vae_format_version=99)
+    with pytest.raises(CheckpointError, match="VAE format version 99"):
+        load_vae(d)
+    write(kind="arflow")
+    with pytest.raises(CheckpointError, match="expected a 'vae'"):
+        load_vae(d)
+    write(d_in=60)
+    with pytest.raises(CheckpointError, match="d_in=60"):
+        load_vae(d)
+    write(d_model=64)  # weights no longer match the config
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_vae(d)
+    m = json.loads(json.dumps(good))
+    m["vae_config"]["n_layerz"] = 3
+    meta_path.write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="n_layerz"):
+        load_vae(d)
+
+
+def test_per_group_report_identity_and_smoothing():
+    """A perfect decoder has RMSE 0 and ratio 1; a temporally smoothed one has ratio < 1."""
+
+    class Identity(MotionVAE):
+        def forward(self, x, sample=None):
+            return {"recon": x}
+
+    class Smoother(MotionVAE):
+        def forward(self, x, sample=None):
+            k = torch.ones(FLAME_DIM, 1, 9) / 9
+            return {"recon": torch.nn.functional.conv1d(x.transpose(1, 2), k, padding=4, groups=FLAME_DIM).transpose(1, 2)}
+
+    rng = np.random.default_rng(1)
+    items = []
+    for i in range(5):
+        m = smooth_motion(rng, 64) + rng.normal(0, 0.05, (64, FLAME_DIM)).astype(np.float32)
+        v = np.ones(N_GROUPS, bool)
+        if i == 0:
+            v[GROUP_NAMES.index("rot")] = False
+        items.append({"actor_motion": m, "actor_valid": v})
+    items.append({"actor_motion": smooth_motion(rng, 64), "actor_valid": np.eye(N_GROUPS, dtype=bool)[0]})
+    nz = _normalizer()
+    rep = per_group_report(Identity(VAEConfig.tiny()), nz, items, "cpu", batch_size=4)
+    assert set(rep) == set(GROUP_NAMES)
+    assert rep["expr"]["windows"] == 6 and rep["rot"]["windows"] == 4
+    for r in rep.values():
+        assert r["rmse"] < 1e-5 and r["vel_std_ratio"] == pytest.approx(1.0, abs=1e-5)
+    rep = per_group_report(Smoother(VAEConfig.tiny()), nz, items, "cpu")
+    for r in rep.values():
+        assert r["rmse"] > 1e-3 and r["vel_std_ratio"] < 0.7
+    # a group valid nowhere is left out
+    rep = per_group_report(Identity(VAEConfig.tiny()), nz, items[-1:], "cpu")
+    assert list(rep) == ["expr"]
+
+
+# ----------------------------------------------------------------------------------------------
+# train/vae.py
+
+
+def _run_train(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+    res = subprocess.run([sys.executable, str(REPO / "train" / "vae.py"), *overrides], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def test_train_script_smoke_and_resume(tiny_dataset, tmp_path):
+    tiny = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "optim.batch_size=8",
+            "log_every=5", "ckpt_every=5", "threads=1"]
+    out = tmp_path / "run"
+    res = _run_train(f"data.root={tiny_dataset}", f"out_dir={out}", "optim.steps=10", *tiny, cwd=tmp_path)
+    assert "vel_std_ratio" in res.stdout and "expr" in res.stdout
+    vae, nz, cfg = load_vae(out, "cpu")
+    assert cfg.d_model == 32 and cfg.n_layers == 1
+    assert np.array_equal(nz.mean, Normalizer.load(tiny_dataset / "normalizer.npz").mean)
+    meta = load_meta(out, kind="vae")
+    assert meta["steps"] == 10 and set(meta["report"]["groups"]) == set(GROUP_NAMES)
+    assert json.loads((out / "report.json").read_text())["split"] == "test"
+    w = DyadicWindows(tiny_dataset, "test", load_audio=False)
+    mu, _ = vae.encode(nz.normalize(torch.from_numpy(w[0]["actor_motion"]))[None])
+    assert mu.shape == (1, 25, cfg.d_latent) and torch.isfinite(mu).all()
+    loss_csv = next((out / "logs").rglob("loss/loss.csv"))
+    assert [int(l.split(",")[0]) for l in loss_csv.read_text().splitlines()] == [5, 10]
+    # continue to 15 steps: starts at 10, does not start over
+    res = _run_train(f"data.root={tiny_dataset}", f"out_dir={out}", "optim.steps=15", "resume=true", *tiny, cwd=tmp_path)
+    assert "resumed from step 10" in res.stdout
+    assert load_meta(out)["steps"] == 15
+    assert [int(l.split(",")[0]) for l in loss_csv.read_text().splitlines()] == [5, 10, 15]

@@ -1,0 +1,189 @@
+"""Stage 2: GDPO / GRPO post-training of the supervised AR-Flow (paper section 3.3).
+
+    python train/gdpo.py reward=expr+rot          # the main job: works as typed on a fresh clone
+    python train/gdpo.py reward=all algo=grpo     # GRPO baseline
+    python train/gdpo.py resume=true              # continue a killed run
+
+If the dataset, the VAE or the supervised AR-Flow are missing they are produced first by their
+own entry points (cached: the next run skips them). Each iteration collects ``n_prompts * G``
+SDE rollouts without gradient (one env step = one denoising transition), computes per-group
+rewards and group-relative advantages, then replays the cached transitions in chunks of
+``algo.chunk_steps`` denoising steps with gradient accumulation. The run ends with a
+before/after table on held-out windows (deterministic ODE sampler).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import time
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+from tqdm import tqdm
+
+import common
+from gdpo_listener.agents.checkpoint import atomic_write_bytes
+from gdpo_listener.agents.loss import LOSSES, select_steps, trajectory_batch
+from gdpo_listener.agents.policy import make_policy, transition_core
+from gdpo_listener.envs.sde_env import ListenerSDEEnv
+
+# config sections that must match for resume=true to continue a run
+RESUME_KEYS = ("reward", "rewards", "env", "algo", "model", "pretrained", "features", "data", "seed")
+
+
+def make_env(cfg: DictConfig, bank, vae, normalizer, reward, generator) -> ListenerSDEEnv:
+    return ListenerSDEEnv(bank, vae, normalizer, reward, n_prompts=cfg.env.n_prompts, group_size=cfg.env.group_size,
+                          sde_steps=cfg.env.sde_steps, sigma=cfg.env.sigma, device=bank.device, generator=generator,
+                          seed=cfg.seed)
+
+
+def make_loss(algo_cfg: DictConfig, policy, model, reward):
+    if algo_cfg.name not in LOSSES:
+        raise ValueError(f"unknown algo {algo_cfg.name!r}; valid: {sorted(LOSSES)}")
+    return LOSSES[algo_cfg.name](transition_core(policy), model, reward.lambdas, clip_epsilon=algo_cfg.clip_epsilon,
+                                 beta=algo_cfg.beta, eps=algo_cfg.eps, eps0=algo_cfg.eps0, whiten=algo_cfg.whiten)
+
+
+def listening_token_mask(bank, window, n_tokens: int):
+    """(B, N): tokens whose frames overlap the actor's listening frames."""
+    lis = bank["listening"][window]  # (B, W)
+    return lis.reshape(lis.shape[0], n_tokens, -1).any(-1)
+
+
+@torch.no_grad()
+def collect(env, policy, algo_cfg) -> tuple:
+    with set_exploration_type(ExplorationType.RANDOM):
+        rollout = env.rollout(env.n_tokens * env.sde_steps, policy, auto_reset=True, break_when_any_done=False)
+    window = rollout["window"][:, 0]
+    mask = listening_token_mask(env.bank, window, env.n_tokens) if algo_cfg.listening_tokens_only else None
+    return trajectory_batch(rollout, env.n_tokens, env.sde_steps, token_mask=mask)
+
+
+def update(loss_module, traj, optimizer, algo_cfg, grad_clip: float) -> dict:
+    """Chunked replay with gradient accumulation; one optimiser step per epoch."""
+    K = traj["x"].shape[1]
+    S = int(algo_cfg.chunk_steps)
+    sums: dict[str, float] = {}
+    n = 0
+    for _ in range(int(algo_cfg.epochs)):
+        optimizer.zero_grad(set_to_none=True)
+        for k0 in range(0, K, S):
+            chunk = select_steps(traj, k0, min(k0 + S, K))
+            out = loss_module(chunk)
+            weight = (min(k0 + S, K) - k0) / K  # chunks add up to the mean over all transitions
+            ((out["loss_objective"] + out["loss_kl"]) * weight).backward()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v.detach() * weight
+            n += weight
+        gnorm = torch.nn.utils.clip_grad_norm_(loss_module.actor_network.parameters(), grad_clip)
+        optimizer.step()
+    stats = {f"loss/{k}": (v / n).item() for k, v in sums.items()}
+    stats["optim/grad_norm"] = gnorm.item()
+    return stats
+
+
+def reward_stats(traj, group_names) -> dict:
+    r = traj["reward"]
+    out = {}
+    for i, g in enumerate(group_names):
+        out[f"reward/{g}/mean"] = r[:, i].mean().item()
+        out[f"reward/{g}/std"] = r[:, i].std().item()
+    return out
+
+
+def save_state(path, model, behaviour, optimizer, iteration, logger, cfg) -> None:
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "behaviour": behaviour.state_dict(), "optim": optimizer.state_dict(),
+                "iteration": iteration, "rng": common.rng_state(),
+                "logger": logger.state_dict() if logger is not None and hasattr(logger, "state_dict") else None,
+                "config": {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in RESUME_KEYS}}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_state(path, cfg, device):
+    if not path.is_file():
+        raise FileNotFoundError(f"resume=true but no training state at {path}")
+    state = torch.load(path, map_location=device, weights_only=False)
+    now = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in RESUME_KEYS}
+    diff = [k for k in RESUME_KEYS if state["config"].get(k) != now[k]]
+    if diff:
+        raise ValueError(f"resume folder {path.parent.parent} was written with another config (differs in: {', '.join(diff)})")
+    return state
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="gdpo")
+def main(cfg: DictConfig) -> None:
+    torch.set_num_threads(int(cfg.threads))
+    device = common.make_device(cfg.device)
+    generator = common.seed_everything(cfg.seed)
+    out_dir = common.abspath(cfg.out_dir)
+    reward = common.make_reward(cfg).to(device)  # validates the reward spec before any long work
+    if cfg.env.group_size < 2:
+        raise ValueError(f"env.group_size (G) must be >= 2, got {cfg.env.group_size}")
+
+    # -- prerequisites: data, frozen VAE, supervised AR-Flow (produced on first use) ------------
+    t_start = time.perf_counter()
+    data_root = common.make_dataset(cfg.data)
+    vae_path = common.make_vae_checkpoint(cfg, data_root)
+    sft_path = common.make_sft_checkpoint(cfg, data_root, vae_path)
+    vae, normalizer, _ = common.load_frozen_vae(vae_path, device)
+    features, text_enc, audio_enc = common.make_features(cfg.features, data_root, device)
+    banks = common.make_banks(data_root, features, vae, normalizer, device)
+    model, _ = common.load_arflow(sft_path, device, expect={"d_latent": vae.cfg.d_latent, "d_text": text_enc.dim, "d_audio": audio_enc.dim})
+    supervised = copy.deepcopy(model)
+
+    # -- RL components ----------------------------------------------------------------------------
+    behaviour = copy.deepcopy(model).requires_grad_(False)
+    env = make_env(cfg, banks["train"], vae, normalizer, reward, generator)
+    policy = make_policy(behaviour, banks["train"], sigma=cfg.env.sigma, sde_steps=cfg.env.sde_steps, generator=generator)
+    loss_module = make_loss(cfg.algo, policy, model, reward)
+    model.eval()  # no dropout: replayed log-probs must match the behaviour policy's (gradients still flow)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+    state_path = out_dir / "last" / "state.pt"
+    start, logger_state = 0, None
+    if cfg.resume:
+        state = load_state(state_path, cfg, device)
+        model.load_state_dict(state["model"])
+        behaviour.load_state_dict(state["behaviour"])
+        optimizer.load_state_dict(state["optim"])
+        common.set_rng_state(state["rng"])
+        generator.manual_seed(cfg.seed + 7919 * state["iteration"])
+        start, logger_state = state["iteration"], state["logger"]
+        print(f"[gdpo] resumed at iteration {start}")
+    logger = common.make_logger(cfg.logger, out_dir, f"{cfg.algo.name}", state_dict=logger_state)
+    print(f"[gdpo] {cfg.algo.name} on reward={cfg.reward} ({', '.join(reward.group_names)}); "
+          f"batch {env.batch_size[0]} rollouts x {env.n_tokens * env.sde_steps} transitions; setup {time.perf_counter() - t_start:.1f} s")
+
+    iterations = int(cfg.optim.iterations)
+    bar = tqdm(range(start, iterations), desc=cfg.algo.name, initial=start, total=iterations)
+    for it in bar:
+        t0 = time.perf_counter()
+        traj = collect(env, policy, cfg.algo)
+        t1 = time.perf_counter()
+        loss_module.compute_advantage(traj)
+        stats = reward_stats(traj, reward.group_names)
+        stats.update({f"adv/{k}": v.item() for k, v in common.advantage_stats(traj, reward).items()})
+        t2 = time.perf_counter()
+        stats.update(update(loss_module, traj, optimizer, cfg.algo, cfg.optim.grad_clip))
+        t3 = time.perf_counter()
+        stats.update({"time/rollout": t1 - t0, "time/advantage": t2 - t1, "time/update": t3 - t2})
+        if (it + 1) % int(cfg.algo.sync_every) == 0:
+            behaviour.load_state_dict(model.state_dict())
+        if (it + 1) % int(cfg.log_every) == 0:
+            common.log_scalars(logger, stats, it + 1)
+        bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in stats.items() if k.endswith("/mean") and k.startswith("reward/")})
+        if (it + 1) % int(cfg.ckpt_every) == 0 or it + 1 == iterations:
+            save_state(state_path, model, behaviour, optimizer, it + 1, logger, cfg)
+    model.eval()
+    common.save_arflow(out_dir, model, cfg, extra={"stage": "rl", "algo": cfg.algo.name, "reward": cfg.reward,
+                                                   "vae_dir": str(vae_path), "sft": str(sft_path)})
+    table = common.before_after(supervised, model, vae, normalizer, banks["test"], reward, cfg)
+    common.log_scalars(logger, {f"eval/{k}": v for k, v in table.items()}, iterations)
+    print(f"[gdpo] total time {time.perf_counter() - t_start:.1f} s; checkpoint: {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

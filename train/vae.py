@@ -1,0 +1,166 @@
+"""Stage 0: train the motion VAE (paper section 3.1) on normalised actor motion.
+
+    python train/vae.py                          # small CPU model on the synthetic corpus
+    python train/vae.py optim.steps=3000 model.d_latent=32
+    python train/vae.py resume=true              # continue a killed run
+
+All train windows (actor motion only, no audio) are loaded once into one tensor and normalised
+with the dataset's normaliser; batches are random rows. Loss = reconstruction + velocity + small
+KL (agents/vae.py), masked by FLAME-group validity. The training state (model, optimiser, step,
+RNG, logger counters) is saved atomically to ``out_dir/last/state.pt`` every ``ckpt_every`` steps;
+the final VAE checkpoint (``out_dir/{model,normalizer}.safetensors`` + ``meta.json``, loadable
+with ``agents.vae.load_vae``) is written at the end, followed by a per-group report (RMSE in raw
+FLAME units, velocity-std ratio) on the held-out split.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import time
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torchrl.record.loggers.csv import CSVLogger
+
+import common
+from gdpo_listener.agents.checkpoint import atomic_write_bytes, atomic_write_json, is_checkpoint
+from gdpo_listener.agents.vae import channel_weight, format_report, latent_stats, make_vae, per_group_report, save_vae
+from gdpo_listener.envs.dataset import DyadicWindows
+
+
+def load_train_tensors(root, window: int) -> tuple[torch.Tensor, torch.Tensor, DyadicWindows]:
+    """All train windows' raw actor motion ``(n, W, 67)`` and validity ``(n, 6)``, in one pass."""
+    windows = DyadicWindows(root, "train", window=window, load_audio=False)
+    if len(windows) == 0:
+        raise ValueError(f"no training windows of {window} frames in {root} (split 'train')")
+    motion = np.empty((len(windows), window, 67), np.float32)
+    valid = np.empty((len(windows), 6), bool)
+    for i, ix in enumerate(windows.index):
+        conv = windows.conversation(ix.conversation)
+        motion[i] = conv.motion[ix.actor, ix.window * window : (ix.window + 1) * window]
+        valid[i] = conv.group_valid[ix.actor]
+    return torch.from_numpy(motion), torch.from_numpy(valid), windows
+
+
+def lr_at(step: int, optim_cfg) -> float:
+    """Linear warm-up then cosine decay to ``min_lr_ratio * lr`` (a pure function of the step)."""
+    lr, total, warm = float(optim_cfg.lr), int(optim_cfg.steps), max(int(optim_cfg.warmup), 1)
+    if step < warm:
+        return lr * (step + 1) / warm
+    p = min((step - warm) / max(total - warm, 1), 1.0)
+    lo = lr * float(optim_cfg.min_lr_ratio)
+    return lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * p))
+
+
+def save_training_state(path, model, opt, step, generator, logger) -> None:
+    buf = io.BytesIO()
+    torch.save({
+        "model": model.state_dict(), "optim": opt.state_dict(), "step": step,
+        "vae_config": dataclasses.asdict(model.cfg), "rng": common.rng_state(),
+        "generator": generator.get_state(), "logger": logger.state_dict(),
+    }, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="vae")
+def main(cfg: DictConfig) -> None:
+    torch.set_num_threads(int(cfg.threads))
+    device = common.make_device(cfg.device)
+    generator = common.seed_everything(int(cfg.seed))
+    out_dir = common.abspath(cfg.out_dir)
+    root = common.make_dataset(cfg.data)
+
+    model = make_vae(cfg.model).to(device)
+    W = model.cfg.window
+    raw, valid, windows = load_train_tensors(root, W)
+    normalizer = windows.normalizer
+    x_all = normalizer.normalize(raw).to(device)  # (n, W, 67) normalised
+    w_all = channel_weight(valid).to(device)  # (n, 67)
+    n = x_all.shape[0]
+    print(f"[vae] {n} train windows of {W} frames from {root}; "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.optim.lr), weight_decay=float(cfg.optim.weight_decay))
+    state_path = out_dir / "last" / "state.pt"
+    logger = CSVLogger(exp_name="vae", log_dir=str(out_dir / "logs"))
+    start = 0
+    if cfg.resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"resume=true but no training state at {state_path}")
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        saved = state["vae_config"]
+        diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(model.cfg).items() if saved.get(k) != v}
+        if diff:
+            raise ValueError(f"resume=true but the model config differs from {state_path} (field: (saved, now)): {diff}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        start = int(state["step"])
+        common.set_rng_state(state["rng"])
+        generator.set_state(state["generator"])
+        logger.load_state_dict(state["logger"])
+        print(f"[vae] resumed from step {start}")
+    elif is_checkpoint(out_dir):
+        print(f"[vae] note: overwriting the VAE checkpoint at {out_dir}")
+
+    steps, bs = int(cfg.optim.steps), int(cfg.optim.batch_size)
+    model.train()
+    t0 = time.perf_counter()
+    running: dict[str, float] = {}
+    for step in range(start, steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.optim)
+        idx = torch.randint(n, (bs,), generator=generator).to(device)
+        x, w = x_all[idx], w_all[idx]  # (B, W, 67), (B, 67)
+        terms = model.loss(x, model(x), w)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.optim.grad_clip))
+        opt.step()
+        for k, v in terms.items():
+            running[k] = running.get(k, 0.0) + v.item()
+        running["grad_norm"] = running.get("grad_norm", 0.0) + gnorm.item()
+        done = step + 1
+        if done % int(cfg.log_every) == 0 or done == steps:
+            k_avg = int(cfg.log_every) if done % int(cfg.log_every) == 0 else done % int(cfg.log_every)
+            scalars = {f"loss/{k}" if k.startswith("loss") else f"optim/{k}": v / k_avg for k, v in running.items()}
+            scalars["optim/lr"] = opt.param_groups[0]["lr"]
+            scalars["perf/windows_per_s"] = (done - start) * bs / (time.perf_counter() - t0)
+            for k, v in scalars.items():
+                logger.log_scalar(k, float(v), step=done)
+            print(f"[vae] step {done}/{steps}  loss {scalars['loss/loss']:.4f}  recon {scalars['loss/loss_recon']:.4f}  "
+                  f"vel {scalars['loss/loss_vel']:.5f}  kl {scalars['loss/loss_kl']:.2f}  "
+                  f"({scalars['perf/windows_per_s']:.0f} windows/s)", flush=True)
+            running = {}
+        if done % int(cfg.ckpt_every) == 0 and done < steps:
+            save_training_state(state_path, model, opt, done, generator, logger)
+    elapsed = time.perf_counter() - t0
+    save_training_state(state_path, model, opt, steps, generator, logger)
+
+    model.eval()
+    mean, std = latent_stats(model, x_all)
+    model.latent_mean.copy_(mean)
+    model.latent_std.copy_(std)
+    eval_windows = DyadicWindows(root, cfg.eval.split, window=W, load_audio=False)
+    report = per_group_report(model, normalizer, eval_windows, device, batch_size=int(cfg.eval.batch_size))
+    save_vae(out_dir, model, normalizer, extra_meta={
+        "config": common.resolved_config(cfg), "data_root": str(root), "steps": steps,
+        "train_windows": n, "report": {"split": cfg.eval.split, "groups": report},
+    })
+    atomic_write_json(out_dir / "report.json", {"split": cfg.eval.split, "windows": len(eval_windows), "groups": report})
+    for g, r in report.items():
+        logger.log_scalar(f"eval/{g}/rmse", r["rmse"], step=steps)
+        logger.log_scalar(f"eval/{g}/vel_std_ratio", r["vel_std_ratio"], step=steps)
+    print(f"[vae] trained {steps - start} steps in {elapsed:.1f} s; checkpoint: {out_dir}")
+    print(f"[vae] latent std per dim (train, posterior mean): {np.round(std.cpu().numpy(), 3).tolist()}")
+    if report:
+        print(f"[vae] per-group reconstruction on the {cfg.eval.split!r} split ({len(eval_windows)} windows, raw FLAME units):")
+        print(format_report(report))
+    else:
+        print(f"[vae] no windows in split {cfg.eval.split!r}: no per-group report")
+
+
+if __name__ == "__main__":
+    main()
