@@ -579,6 +579,7 @@ class ARFlow(nn.Module):
                 cache = KVCache.cat([self.start(cond, keep, n_tokens=N), uncond.repeat_interleave(B)])
             elif use_cache:
                 cache = self.start(run_cond, run_drop, n_tokens=N)
+            if use_cache:
                 for j in range(k):
                     self.append(cache, rows(prefix[:, j]), j)
             dt = 1.0 / steps

@@ -36,6 +36,7 @@ from .checkpoint import CheckpointError, load_meta, load_weights, save_checkpoin
 VAE_KIND = "vae"
 VAE_FORMAT_VERSION = 1
 LOGVAR_RANGE = (-10.0, 10.0)
+REL_VEL_EPS = 1e-4  # floor of the per-channel velocity variance (normalised units) in the relative velocity loss
 
 
 @dataclass
@@ -50,7 +51,9 @@ class VAEConfig:
     window: int = 200  # training window in frames (must be a multiple of r)
     dropout: float = 0.0
     kl_weight: float = 1e-4
-    vel_weight: float = 4.0
+    vel_weight: float = 1.0
+    group_balance: bool = True  # every valid FLAME group weighs the same in the loss (else every channel)
+    rel_vel: bool = True  # velocity error relative to each channel's velocity variance in the batch
     rope_base: float = 10_000.0
 
     def __post_init__(self) -> None:
@@ -194,6 +197,12 @@ class MotionVAE(nn.Module):
         # then). Not used by encode/decode: downstream models may use them to scale latents.
         self.register_buffer("latent_mean", torch.zeros(cfg.d_latent))
         self.register_buffer("latent_std", torch.ones(cfg.d_latent))
+        # loss weight per channel so that each group sums to the same total: (C / 6) / group dims
+        gw = torch.ones(cfg.d_in)
+        if cfg.d_in == FLAME_DIM:
+            gdims = torch.tensor([GROUPS[g].stop - GROUPS[g].start for g in GROUP_NAMES], dtype=torch.float32)
+            gw = (FLAME_DIM / len(GROUP_NAMES)) / gdims[torch.as_tensor(channel_group_ids())]
+        self.register_buffer("group_balance_weights", gw, persistent=False)
 
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 3 or x.shape[-1] != self.cfg.d_in:
@@ -224,10 +233,19 @@ class MotionVAE(nn.Module):
         recon = out["recon"]
         B, T, C = x.shape
         w = torch.ones(B, C, device=x.device) if channel_weight is None else channel_weight.to(x.device, x.dtype)
+        if self.cfg.group_balance:
+            w = w * self.group_balance_weights.to(x.dtype)
         w = w[:, None, :]  # (B, 1, C)
+        dr, dx = recon.diff(dim=1), x.diff(dim=1)  # (B, T-1, C) frame differences
+        if self.cfg.rel_vel:
+            # per-channel velocity variance of the target over the batch (valid rows only)
+            valid = (w > 0).to(x.dtype)
+            var = (dx.pow(2) * valid).sum((0, 1)) / (valid.sum((0, 1)) * (T - 1)).clamp(min=1.0)  # (C,)
+            scale = 1.0 / (var.detach() + REL_VEL_EPS)
+            dr, dx = dr * scale.sqrt(), dx * scale.sqrt()
         terms = {
             "loss_recon": masked_mse(recon, x, w),
-            "loss_vel": masked_mse(recon.diff(dim=1), x.diff(dim=1), w),
+            "loss_vel": masked_mse(dr, dx, w),
             "loss_kl": kl_standard_normal(out["mu"], out["logvar"]),
         }
         terms["loss"] = terms["loss_recon"] + self.cfg.vel_weight * terms["loss_vel"] + self.cfg.kl_weight * terms["loss_kl"]

@@ -5,8 +5,8 @@ A term::
     build_reward("expr+rot", extra_terms={"jerk": {"target": "gdpo_listener.rewards.examples.JerkTerm",
                                                      "weight": 0.5}})
 
-or from the command line ``reward.extra_terms.jerk.target=gdpo_listener.rewards.examples.JerkTerm
-reward.extra_terms.jerk.weight=0.5``. A group reward class::
+or from the command line ``python train/gdpo.py reward=expr+rot
++rewards.extra_terms.jerk.target=gdpo_listener.rewards.examples.JerkTerm +rewards.extra_terms.jerk.weight=0.5``. A group reward class::
 
     build_reward("jaw", group_reward="gdpo_listener.rewards.examples.LogPenaltyGroupReward")
 """

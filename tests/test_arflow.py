@@ -52,6 +52,9 @@ def test_tmrope_prefix_layout():
     assert token_positions(3, r, start=2).tolist() == [20, 28, 36]
     # r = 5: offset floor(5 / 2) = 2
     assert token_positions(3, 5).tolist() == [2, 7, 12]
+    # audio_stride s: audio token i covers frames [i s, (i + 1) s) and sits at their centre
+    audio4 = [1.5, 5.5, 9.5, 13.5]
+    assert prefix_positions(L, N, r, audio_stride=4).tolist() == [0] + audio4 + [4, 12] + audio4
 
 
 def test_model_uses_tmrope_positions(monkeypatch):
@@ -110,8 +113,9 @@ def test_attention_mask_structure():
 # teacher forcing vs incremental computation (the key mask test)
 
 
-def test_forward_equals_uncached_incremental_for_every_token():
-    m = make_model()
+@pytest.mark.parametrize("audio_stride", [1, 4])
+def test_forward_equals_uncached_incremental_for_every_token(audio_stride):
+    m = make_model(audio_stride=audio_stride)
     cfg = m.cfg
     N = cfg.n_tokens
     g = torch.Generator().manual_seed(3)
@@ -169,9 +173,9 @@ def test_cached_velocity_and_append_match_uncached():
 # sampling
 
 
-@pytest.mark.parametrize("sigma", [0.0, 0.5])
-def test_cached_and_uncached_sampling_agree_with_cfg(sigma):
-    m = make_model()
+@pytest.mark.parametrize("sigma,audio_stride", [(0.0, 1), (0.5, 1), (0.5, 4)])
+def test_cached_and_uncached_sampling_agree_with_cfg(sigma, audio_stride):
+    m = make_model(audio_stride=audio_stride)
     cfg = m.cfg
     cond = make_cond(cfg)
     speaking = torch.tensor([[True, False, False, True], [False, False, True, True]])
