@@ -1,0 +1,103 @@
+"""Generate an actor's FLAME motion for given audio (+ text, partner motion, CFG weights, length).
+
+    python train/generate.py actor_wav=a.wav partner_wav=b.wav text="joyful, nodding with a smile" \
+        seconds=60 w_speak=1.0 w_listen=2.0 out=gen/clip
+
+Writes ``OUT.npz`` (``motion (T, 67)`` raw FLAME at 25 fps, ``vad (T,)`` of the actor, the FLAME
+group names) and ``OUT.png`` (the six groups over time). Long clips use the sliding window of
+paper 4.3 (W = 25 tokens, the latest k = 1 latent as causal prefix). Audio at other sample rates
+is resampled to 16 kHz; audio shorter than the requested length is an error.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import hydra
+import numpy as np
+import soundfile as sf
+import torch
+from omegaconf import DictConfig
+from scipy.signal import resample_poly
+
+import common
+from gdpo_listener.envs.converters.vad import vad_frames
+from gdpo_listener.envs.flame import FLAME_DIM, FPS, GROUP_NAMES, SAMPLE_RATE
+from gdpo_listener.envs.windows import token_majority
+
+
+def read_audio(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file {path} does not exist")
+    try:
+        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot read audio {path}: {e}") from e
+    wav = wav.mean(1)
+    if sr != SAMPLE_RATE:
+        g = math.gcd(sr, SAMPLE_RATE)
+        wav = resample_poly(wav, SAMPLE_RATE // g, sr // g).astype(np.float32)
+    if not np.isfinite(wav).all():
+        raise ValueError(f"audio {path} has NaN/inf samples")
+    return wav
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="generate")
+def main(cfg: DictConfig) -> None:
+    torch.set_num_threads(int(cfg.threads))
+    device = common.make_device(cfg.device)
+    for name in ("w_speak", "w_listen"):
+        if not math.isfinite(float(cfg[name])):
+            raise ValueError(f"{name}={cfg[name]} is not a finite CFG weight")
+    actor = read_audio(common.abspath(cfg.actor_wav))
+    partner = read_audio(common.abspath(cfg.partner_wav)) if cfg.partner_wav else np.zeros_like(actor)
+    r, spf = 8, SAMPLE_RATE // FPS
+    n_frames = int(round(cfg.seconds * FPS)) if cfg.seconds else len(actor) // spf
+    n_frames -= n_frames % r
+    for name, wav in (("actor_wav", actor), ("partner_wav", partner)):
+        if len(wav) < n_frames * spf:
+            raise ValueError(f"{name} lasts {len(wav) / SAMPLE_RATE:.2f} s, shorter than the requested {n_frames / FPS:.2f} s of motion")
+
+    model, meta = common.load_arflow(common.abspath(cfg.checkpoint), device)
+    vae, normalizer, _ = common.load_frozen_vae(Path(meta["vae_dir"]) if cfg.vae_dir is None else common.abspath(cfg.vae_dir), device)
+    text_enc, audio_enc = common.make_encoders(cfg.features, device)
+    feats = {k: torch.as_tensor(audio_enc.encode(w[: n_frames * spf], n_frames))[None].to(device) for k, w in (("actor_audio", actor), ("partner_audio", partner))}
+    text = str(cfg.text or "")
+    text_emb = torch.as_tensor(text_enc.encode([text]))[:, :].to(device) if text else torch.zeros(1, text_enc.dim, device=device)
+    if cfg.partner_motion:
+        with np.load(common.abspath(cfg.partner_motion)) as z:
+            pm = torch.as_tensor(z["motion"], dtype=torch.float32)
+        if pm.ndim != 2 or pm.shape[1] != FLAME_DIM or pm.shape[0] < n_frames:
+            raise ValueError(f"partner_motion {cfg.partner_motion}: need motion (>= {n_frames}, {FLAME_DIM}), got {tuple(pm.shape)}")
+        with torch.no_grad():
+            partner_latent = torch.cat([vae.encode(normalizer.normalize(pm[None, s:s + 200].to(device)))[0]
+                                        for s in range(0, n_frames - n_frames % 200, 200)] or [torch.zeros(1, 0, vae.cfg.d_latent)], 1)
+        has_pm = True
+    else:
+        partner_latent, has_pm = None, False
+    n_tok = n_frames // r
+    if partner_latent is None or partner_latent.shape[1] < n_tok:
+        pl = torch.zeros(1, n_tok, vae.cfg.d_latent, device=device)
+        if partner_latent is not None:
+            pl[:, : partner_latent.shape[1]] = partner_latent
+        partner_latent = pl
+    vad = torch.as_tensor(vad_frames(actor[: n_frames * spf], n_frames, method=cfg.vad))[None]
+    cond = {"text_emb": text_emb, "text_mask": torch.tensor([bool(text)], device=device), **feats,
+            "partner_latent": partner_latent, "partner_has_motion": torch.tensor([has_pm], device=device)}
+    g = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    with torch.no_grad():
+        z = model.generate_long(cond, n_frames, steps=int(cfg.steps), w_speak=float(cfg.w_speak), w_listen=float(cfg.w_listen),
+                                speaking_tokens=token_majority(vad, r).to(device), generator=g)
+        motion = torch.cat([normalizer.denormalize(vae.decode(z[:, s:s + 25])) for s in range(0, z.shape[1], 25)], 1)[0].cpu().numpy()
+    out = common.abspath(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out.with_suffix(".npz"), motion=motion.astype(np.float32), vad=vad[0].numpy(), groups=np.array(GROUP_NAMES))
+    from gdpo_listener.envs.plots import plot_window
+
+    plot_window({"actor_motion": motion, "speaking": vad[0].numpy(), "listening": np.zeros(n_frames, bool),
+                 "partner_vad": np.zeros(n_frames, bool), "text": text or "(no text)"}, out.with_suffix(".png"))
+    print(f"[generate] {n_frames} frames ({n_frames / FPS:.1f} s) -> {out.with_suffix('.npz')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
