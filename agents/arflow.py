@@ -12,7 +12,9 @@ Positions (TMRoPE, eq. 2). Every token gets a timestamp on the audio frame axis:
 frame i -> i (both audio streams), motion token j -> j * r + r // 2 (partner tokens, history tokens
 and noisy tokens alike). Rotary embeddings with these positions are applied to queries and keys in
 every attention layer. Tokens that share a timestamp (partner vs actor audio, history vs noisy)
-are told apart by a learned token-type embedding added at the input.
+are told apart by a learned token-type embedding added at the input. With
+``ARFlowConfig.audio_stride`` s > 1 (the small CPU preset uses 4) each audio token concatenates
+s frames and sits at their centre i * s + (s - 1) / 2; s = 1 is the paper layout above.
 
 Attention (explicit boolean masks, True = may attend):
 
@@ -396,7 +398,7 @@ class ARFlow(nn.Module):
         return text, as_mask(drop.get("audio")), motion
 
     def embed_prefix(self, cond: Mapping[str, Tensor], drop=None) -> tuple[Tensor, Tensor]:
-        """-> prefix tokens (B, P, D) and their TMRoPE positions (P,), P = 1 + 2L + N."""
+        """-> prefix tokens (B, P, D) and their TMRoPE positions (P,), P = 1 + 2L/s + N (s = audio_stride)."""
         B, L, N = self.check_cond(cond)
         dev = cond["text_emb"].device
         drop_text, drop_audio, drop_motion = self._null_masks(cond, drop, B, dev)
