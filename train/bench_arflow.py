@@ -104,6 +104,8 @@ def main():
     ap.add_argument("--min-speedup", type=float, default=10.0, help="required cache speedup for the paper preset")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sft-batch", type=int, default=32, help="batch of the SFT throughput measurement (0: skip)")
+    ap.add_argument("--sft-steps", type=int, default=3, help="timed SFT steps per preset (after one warm-up)")
     ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE"],
                     help="OMP_WAIT_POLICY set before importing torch (an existing environment value wins)")
     args = ap.parse_args()
@@ -148,6 +150,34 @@ def main():
                   + ", ".join(f"{b} ({s:.1f}x)" for b, s in failed))
             raise SystemExit(1)
         print(f"OK: KV cache speedup >= {args.min_speedup:.0f}x for the paper preset")
+    if args.sft_batch:
+        print(f"\nSFT training throughput (teacher forced, forward + backward + AdamW, batch {args.sft_batch})")
+        for preset in args.presets:
+            rate = sft_throughput(preset, args.sft_batch, args.sft_steps, device, args.seed)
+            print(f"  {preset:6s} {rate:8.1f} windows/s")
+
+
+def sft_throughput(preset: str, batch: int, steps: int, device, seed: int) -> float:
+    """Windows per second of supervised rectified-flow training steps (random data, real shapes)."""
+    _import_torch()
+    cfg = getattr(ARFlowConfig, preset)()
+    g = torch.Generator().manual_seed(seed)
+    model = ARFlow(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    cond = make_cond(cfg, batch, g, device)
+    x1 = torch.randn(batch, cfg.n_tokens, cfg.d_latent, generator=g).to(device)
+
+    def step():
+        x0 = torch.randn_like(x1)
+        t = torch.rand(batch, cfg.n_tokens, device=device)
+        v = model(cond, x1, t[..., None] * x1 + (1 - t[..., None]) * x0, t)
+        loss = (v - (x1 - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    return batch * steps / timed(lambda: [step() for _ in range(steps)], 1)
 
 
 if __name__ == "__main__":
