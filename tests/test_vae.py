@@ -145,25 +145,60 @@ def test_eval_is_deterministic_and_train_samples():
 
 def test_loss_terms_and_masking():
     torch.manual_seed(0)
-    vae = MotionVAE(VAEConfig.tiny())
+    vae = MotionVAE(VAEConfig.tiny(group_balance=0.0))  # uniform channel weights: plain means
     x = torch.randn(2, 16, FLAME_DIM)
     out = vae(x, sample=False)
     terms = vae.loss(x, out)
-    assert set(terms) == {"loss", "loss_recon", "loss_vel", "loss_kl"}
+    assert set(terms) == {"loss", "loss_recon", "loss_vel", "loss_dyn", "loss_kl"}
     cfg = vae.cfg
-    assert torch.allclose(terms["loss"], terms["loss_recon"] + cfg.vel_weight * terms["loss_vel"] + cfg.kl_weight * terms["loss_kl"])
-    # recon term equals plain MSE without mask
+    assert torch.allclose(terms["loss"], terms["loss_recon"] + cfg.vel_weight * terms["loss_vel"]
+                          + cfg.dyn_weight * terms["loss_dyn"] + cfg.kl_weight * terms["loss_kl"])
     assert torch.allclose(terms["loss_recon"], (out["recon"] - x).pow(2).mean())
     assert torch.allclose(terms["loss_vel"], (out["recon"].diff(dim=1) - x.diff(dim=1)).pow(2).mean())
+    vs = lambda a: a.diff(dim=1).std(dim=1, unbiased=False)  # noqa: E731
+    assert torch.allclose(terms["loss_dyn"], (vs(out["recon"]) - vs(x)).pow(2).mean(), atol=1e-6)
     # errors on masked channels do not count
     valid = torch.ones(2, N_GROUPS, dtype=torch.bool)
     valid[:, GROUP_NAMES.index("eyelid")] = False
     w = channel_weight(valid)
     assert w.shape == (2, FLAME_DIM) and w[:, GROUPS["eyelid"]].sum() == 0 and w[:, GROUPS["expr"]].all()
     x2 = x.clone()
-    x2[..., GROUPS["eyelid"]] += 100.0
-    assert torch.allclose(vae.loss(x, out, w)["loss_recon"], vae.loss(x2, out, w)["loss_recon"])
-    assert not torch.allclose(vae.loss(x, out)["loss_recon"], vae.loss(x2, out)["loss_recon"])
+    x2[..., GROUPS["eyelid"]] += 100.0 * torch.randn(2, 16, 2)
+    for k in ("loss_recon", "loss_vel", "loss_dyn"):
+        assert torch.allclose(vae.loss(x, out, w)[k], vae.loss(x2, out, w)[k])
+        assert not torch.allclose(vae.loss(x, out)[k], vae.loss(x2, out)[k])
+    # a constant target channel (or group) keeps gradients finite
+    x3 = x.clone()
+    x3[..., GROUPS["rot"]] = 0.0
+    vae.train()
+    vae.loss(x3, vae(x3), w)["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in vae.parameters() if p.grad is not None)
+
+
+def test_loss_channel_weights():
+    from gdpo_listener.agents.vae import loss_channel_weights, raw_channel_std
+
+    # group balance 1: every group has the same total weight; 0: every channel the same
+    w = loss_channel_weights(VAEConfig(group_balance=1.0))
+    totals = torch.stack([w[sl].sum() for sl in GROUPS.values()])
+    assert torch.allclose(totals, totals[0].expand(N_GROUPS)) and w.mean().item() == pytest.approx(1.0)
+    assert torch.allclose(loss_channel_weights(VAEConfig(group_balance=0.0)), torch.ones(FLAME_DIM))
+    # raw weighting: inside a group, high-variance channels weigh more; constant ones keep a floor
+    std = np.full(FLAME_DIM, 0.1)
+    std[0], std[1] = 1.0, 0.0
+    w = loss_channel_weights(VAEConfig(group_balance=0.0, raw_weight=0.8), std)
+    assert w[0] > 10 * w[2] and w[1] > 0 and torch.allclose(w[GROUPS["rot"]], w[GROUPS["jaw"]])
+    # raw_channel_std ignores rows where the group is invalid
+    rng = np.random.default_rng(0)
+    motion = torch.from_numpy(rng.normal(0, 1, (4, 50, FLAME_DIM)).astype(np.float32))
+    valid = torch.ones(4, N_GROUPS, dtype=torch.bool)
+    motion[0, :, GROUPS["rot"]] = 100.0
+    valid[0, GROUP_NAMES.index("rot")] = False
+    s = raw_channel_std(motion, valid)
+    assert s.shape == (FLAME_DIM,) and np.all(np.abs(s - 1.0) < 0.15)
+    vae = MotionVAE(VAEConfig.tiny())
+    vae.set_loss_weights(s)
+    assert torch.allclose(vae.loss_weights, loss_channel_weights(vae.cfg, s))
 
 
 def test_kl_and_masked_mse_math():

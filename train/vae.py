@@ -27,7 +27,15 @@ from torchrl.record.loggers.csv import CSVLogger
 
 import common
 from gdpo_listener.agents.checkpoint import atomic_write_bytes, atomic_write_json, is_checkpoint
-from gdpo_listener.agents.vae import channel_weight, format_report, latent_stats, make_vae, per_group_report, save_vae
+from gdpo_listener.agents.vae import (
+    channel_weight,
+    format_report,
+    latent_stats,
+    make_vae,
+    per_group_report,
+    raw_channel_std,
+    save_vae,
+)
 from gdpo_listener.envs.dataset import DyadicWindows
 
 
@@ -77,6 +85,7 @@ def main(cfg: DictConfig) -> None:
     W = model.cfg.window
     raw, valid, windows = load_train_tensors(root, W)
     normalizer = windows.normalizer
+    model.set_loss_weights(raw_channel_std(raw, valid))  # weight channels by their raw variance in a group
     x_all = normalizer.normalize(raw).to(device)  # (n, W, 67) normalised
     w_all = channel_weight(valid).to(device)  # (n, 67)
     n = x_all.shape[0]
@@ -131,7 +140,7 @@ def main(cfg: DictConfig) -> None:
             for k, v in scalars.items():
                 logger.log_scalar(k, float(v), step=done)
             print(f"[vae] step {done}/{steps}  loss {scalars['loss/loss']:.4f}  recon {scalars['loss/loss_recon']:.4f}  "
-                  f"vel {scalars['loss/loss_vel']:.5f}  kl {scalars['loss/loss_kl']:.2f}  "
+                  f"vel {scalars['loss/loss_vel']:.5f}  dyn {scalars['loss/loss_dyn']:.5f}  kl {scalars['loss/loss_kl']:.2f}  "
                   f"({scalars['perf/windows_per_s']:.0f} windows/s)", flush=True)
             running = {}
         if done % int(cfg.ckpt_every) == 0 and done < steps:
@@ -154,7 +163,7 @@ def main(cfg: DictConfig) -> None:
         logger.log_scalar(f"eval/{g}/rmse", r["rmse"], step=steps)
         logger.log_scalar(f"eval/{g}/vel_std_ratio", r["vel_std_ratio"], step=steps)
     print(f"[vae] trained {steps - start} steps in {elapsed:.1f} s; checkpoint: {out_dir}")
-    print(f"[vae] latent std per dim (train, posterior mean): {np.round(std.cpu().numpy(), 3).tolist()}")
+    print(f"[vae] latent std per dim (train, posterior mean): {[round(float(v), 3) for v in std.cpu()]}")
     if report:
         print(f"[vae] per-group reconstruction on the {cfg.eval.split!r} split ({len(eval_windows)} windows, raw FLAME units):")
         print(format_report(report))
