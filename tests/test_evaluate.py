@@ -1,0 +1,195 @@
+"""train/evaluate.py and train/bench.py on a tiny pipeline (tiny synthetic corpus, tiny models).
+
+The VAE and the supervised AR-Flow are tiny random-weight checkpoints written in-process (a smoke
+test needs their layout, not their quality); the benchmark's GRPO / GDPO runs are real
+``train/gdpo.py`` subprocesses with tiny overrides, as in ``tests/test_pipeline.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "train"))
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny corpus (3 conversations of 16 s; test split: 1 conversation = 4 windows) + tiny VAE and AR-Flow."""
+    from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig
+    from gdpo_listener.agents.checkpoint import save_checkpoint
+    from gdpo_listener.agents.vae import VAEConfig, make_vae, save_vae
+    from gdpo_listener.envs.dataset import Normalizer
+    from gdpo_listener.envs.synthetic import generate_corpus
+
+    d = tmp_path_factory.mktemp("evaluate")
+    generate_corpus(d / "data", n_conversations=3, seconds=16, seed=0, test_fraction=0.34, progress=False)
+    torch.manual_seed(0)
+    save_vae(d / "vae", make_vae(VAEConfig.tiny(d_latent=8)), Normalizer.load(d / "data" / "normalizer.npz"),
+             extra_meta={"data_root": str(d / "data")})
+    arch = ARFlowConfig.small(d_latent=8, d_model=32, n_layers=1, n_heads=2)
+    save_checkpoint(d / "sft", "arflow", {"model": ARFlow(arch).state_dict()},
+                    {"arch": dataclasses.asdict(arch), "preset": "small", "vae_dir": str(d / "vae"),
+                     "config": {"data": {"root": str(d / "data")},
+                                "features": {"text_encoder": "bundled-minilm", "audio_encoder": "logmel"}}})
+    return d
+
+
+def compose(name: str, overrides: list[str]):
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "train" / "conf"), version_base="1.3"):
+        return hcompose(config_name=name, overrides=overrides)
+
+
+def eval_args(d: Path, *extra: str) -> list[str]:
+    return [f"checkpoint={d / 'sft'}", f"data.root={d / 'data'}", "data.auto_prepare=false",
+            f"features.cache_dir={d / 'cache'}", "progress=false", *extra]
+
+
+def flame_files(d: Path, **drop) -> tuple[Path, Path]:
+    from test_metrics import MASKS, tiny_model, write_pkl
+
+    m = {k: v for k, v in tiny_model().items() if k not in drop}
+    return write_pkl(d / "generic_model.pkl", m), write_pkl(d / "FLAME_masks.pkl", MASKS)
+
+
+def test_evaluate_writes_table1_and_supplementary_with_flame(tiny, tmp_path):
+    import evaluate
+
+    model, masks = flame_files(tmp_path)
+    cfg = compose("evaluate", eval_args(tiny, f"out={tmp_path / 'eval'}", f"metrics.flame_model={model}",
+                                        f"metrics.flame_masks={masks}"))
+    doc = evaluate.run(cfg, verbose=False)
+    md = (tmp_path / "eval" / "metrics.md").read_text()
+    assert "| all (n=4) |" in md and "Speaking LVE" in md and "Listening FDD" in md and "P-FD exp" in md
+    a = doc["all"]
+    assert doc["n_windows"] == 4 and 1 <= doc["n_expressive"] < 4
+    assert a["table1"]["speaking"]["LVE"]["value"] > 0 and a["table1"]["speaking"]["LVE"]["unit"] == "mm"
+    assert a["table1"]["speaking"]["MHD"]["value"] > 0
+    assert a["table1"]["listening"]["FDD"]["basis"].startswith("upper-face vertices")
+    assert "LVE" not in a["table1"]["listening"]  # vertex errors are speaking-only
+    for split in ("speaking", "listening"):
+        assert set(a["supplementary"][split]) == {"FD", "P-FD", "MSE", "SID", "rPCC"}
+        assert all(set(v) == {"exp", "jaw", "pose"} for v in a["supplementary"][split].values())
+        assert a["supplementary"][split]["MSE"]["exp"]["value"] > 0
+    assert set(a["listening_groups"]) == {"expr", "jaw", "neck", "eyelid", "eyepose", "rot"}
+    assert doc["expressive"]["n_windows"] == doc["n_expressive"]
+
+
+def test_evaluation_is_deterministic_given_the_seed_and_flame_free_vertex_metrics_are_unavailable(tiny):
+    import evaluate
+
+    cfg = compose("evaluate", eval_args(tiny, "max_windows=2", "steps=2"))
+    data, _ = evaluate.prepare(cfg, tiny / "sft", torch.device("cpu"))
+    model, _ = evaluate.load_model(tiny / "sft", data)
+    with evaluate.blas_threads(1):
+        r1 = evaluate.evaluate_model(model, data, cfg, seed=0, progress=False)
+        p2, p3 = (evaluate.generate(model, data, steps=2, seed=s, progress=False) for s in (0, 1))
+        assert torch.equal(r1["_pred"], p2) and not torch.equal(r1["_pred"], p3)
+        # the metrics are a deterministic function of the prediction (seeded k-means in SID)
+        st = evaluate.row_stats(p2, data, cfg.metrics)
+        again = evaluate.aggregate(p2, data, st, torch.ones(2, dtype=torch.bool), cfg.metrics)
+    assert json.dumps(evaluate.to_json(again)) == json.dumps(evaluate.to_json(r1["all"]))
+    lve = r1["all"]["table1"]["speaking"]["LVE"]
+    assert lve.value is None and "FLAME" in lve.note  # never 0
+    assert r1["all"]["table1"]["listening"]["FDD"].extra["basis"] == "parameters: expr+eyelid"
+
+
+def _copy_dataset(tiny: Path, dst: Path) -> Path:
+    shutil.copytree(tiny / "data", dst)
+    return dst
+
+
+def test_bad_inputs_are_clear_errors(tiny, tmp_path):
+    import evaluate
+    from gdpo_listener.envs.dataset import DatasetFormatError
+    from gdpo_listener.rewards.flame_layer import FlameModelError
+
+    # dataset in another format version
+    other = _copy_dataset(tiny, tmp_path / "v2")
+    meta = json.loads((other / "dataset.json").read_text())
+    (other / "dataset.json").write_text(json.dumps({**meta, "version": 2}))
+    with pytest.raises(DatasetFormatError, match="version 2"):
+        evaluate.run(compose("evaluate", eval_args(tiny, f"data.root={other}")), verbose=False)
+
+    # checkpoint trained on a dataset with another FLAME layout / format version
+    for change, msg in (({"groups": list(reversed(meta["groups"]))}, "FLAME layouts"), ({"version": 2}, "format versions")):
+        ck = tmp_path / f"ck_{msg.split()[0]}"
+        shutil.copytree(tiny / "sft", ck)
+        m = json.loads((ck / "meta.json").read_text())
+        m["dataset"] = {**{k: meta[k] for k in ("format", "version", "flame_dim", "groups")}, **change}
+        (ck / "meta.json").write_text(json.dumps(m))
+        with pytest.raises(evaluate.EvalInputError, match=msg):
+            evaluate.run(compose("evaluate", eval_args(tiny, f"checkpoint={ck}")), verbose=False)
+
+    # a test split without listening frames (both sides always speaking)
+    mute = _copy_dataset(tiny, tmp_path / "nolisten")
+    for npz in (mute / "conversations").glob("*.npz"):
+        with np.load(npz) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays["vad"][:] = True
+        np.savez(npz, **arrays)
+    with pytest.raises(evaluate.EvalInputError, match="no listening frames"):
+        evaluate.run(compose("evaluate", eval_args(tiny, f"data.root={mute}")), verbose=False)
+
+    # a FLAME model file missing keys; a model without its masks file
+    model, masks = flame_files(tmp_path, J_regressor=True)
+    with pytest.raises(FlameModelError, match="missing keys \\['J_regressor'\\]"):
+        evaluate.run(compose("evaluate", eval_args(tiny, f"metrics.flame_model={model}", f"metrics.flame_masks={masks}")), verbose=False)
+    with pytest.raises(FlameModelError, match="flame_masks"):
+        evaluate.run(compose("evaluate", eval_args(tiny, f"metrics.flame_model={model}")), verbose=False)
+
+
+def test_bench_quick(tiny):
+    """``python train/bench.py --quick`` end to end: real gdpo.py runs (GRPO and GDPO), evaluation of every
+    checkpoint, controls, report."""
+    out = tiny / "bench"
+    cmd = [sys.executable, str(ROOT / "train" / "bench.py"), "--quick", "jobs=2", "progress=false",
+           f"data.root={tiny / 'data'}", "data.auto_prepare=false", f"pretrained.vae={tiny / 'vae'}", f"pretrained.sft={tiny / 'sft'}",
+           "pretrained.auto_train=false", f"features.cache_dir={tiny / 'cache'}", f"out_dir={out}"]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    res = subprocess.run(cmd, cwd=tiny, capture_output=True, text=True, timeout=600, env=env)
+    if res.returncode != 0:
+        print(res.stdout[-4000:], res.stderr[-4000:])
+    assert res.returncode == 0
+    for f in ("report.md", "report.json", "reward_curves.png", "listening_motion.png"):
+        assert (out / f).is_file(), f
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["methods"] == ["supervised", "grpo", "gdpo"] and rep["setup"]["seeds"] == [0]
+    for m in rep["methods"]:
+        assert rep["metrics"][m]["all/listening/FDD"]["mean"] is not None
+        assert rep["metrics"][m]["all/speaking/LVE"]["mean"] is None  # no FLAME model: unavailable, not 0
+        assert 0.0 <= rep["controls"][m]["prompt_accuracy"]["mean"] <= 1.0
+        assert set(rep["controls"][m]["cfg_sweep"]) == {"1", "4"}
+    for algo in ("grpo", "gdpo"):  # training reward curves read from the CSV logs, every rewarded group
+        assert all(v["final"]["mean"] is not None for v in rep["training"]["reward"][algo].values())
+        assert (out / "runs" / f"{algo}_seed0" / "logs" / algo / "scalars" / "reward" / "expr" / "mean.csv").is_file()
+    ev = json.loads((out / "eval" / "gdpo_seed0" / "metrics.json").read_text())
+    assert "FLAME" in ev["all"]["table1"]["speaking"]["LVE"]["note"]
+    md = (out / "report.md").read_text()
+    assert "Table 1 layout" in md and "Text control" in md and "CFG intensity sweep" in md and "GDPO" in md
+
+
+def test_bench_helpers():
+    import bench
+
+    assert bench.hydra_argv(["bench.py", "--quick", "jobs=2"]) == ["bench.py", "quick=true", "jobs=2"]
+
+    assert bench.mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
+    assert bench.mean_std([None, 4.0]) == {"mean": 4.0, "std": None, "n": 1}
+    assert bench.mean_std([None]) == {"mean": None, "std": None, "n": 0}
+    assert bench.fmt_ms({"mean": 2.0, "std": 1.0}) == "2.00 ± 1.00" and bench.fmt_ms(None) == "n/a"
+    # t = (mean b - mean a) / sqrt(var_a / 3 + var_b / 3) = (5 - 2) / sqrt(1/3 + 1/3)
+    assert bench.welch_t(None, None, [1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(3 / (2 / 3) ** 0.5)

@@ -1,0 +1,382 @@
+"""Evaluation metrics against hand-computed values, and the FLAME layer on a tiny model file."""
+from __future__ import annotations
+
+import math
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from gdpo_listener.envs.flame import FLAME_DIM, GROUP_NAMES, GROUPS
+from gdpo_listener.rewards import metrics as M
+from gdpo_listener.rewards.flame_layer import FlameLayer, FlameModelError, load_flame_masks, load_flame_model, rodrigues
+from gdpo_listener.rewards.stats import dynamic_deviation
+
+torch.set_num_threads(1)
+
+JAW = GROUPS["jaw"].start  # 50
+ROT = GROUPS["rot"].start  # 64
+NECK = GROUPS["neck"].start
+EYELID = GROUPS["eyelid"].start
+
+
+def frames(T: int, B: int = 1) -> torch.Tensor:
+    return torch.zeros(B, T, FLAME_DIM, dtype=torch.float64)
+
+
+def valid(**off) -> torch.Tensor:
+    v = torch.ones(1, len(GROUP_NAMES), dtype=torch.bool)
+    for g in off:
+        v[0, GROUP_NAMES.index(g)] = False
+    return v
+
+
+# ----------------------------------------------------------------------------------------------
+# FDD / PDD / JDD
+
+
+def test_jdd_velocity_hand_computed():
+    pred, gt = frames(5), frames(5)
+    pred[0, :, JAW] = torch.tensor([0.0, 1, 0, 1, 0])  # velocities +-1: population std 1; gt: 0
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    r = M.dynamic_metric(pred, gt, mask, valid(), M.JAW_GROUPS, min_frames=5)
+    assert r.value == pytest.approx(1 / 3 * 1000)  # mean over the 3 jaw channels, x1000
+    assert r.n == 1
+    # equals the shared statistic when every channel is valid
+    assert float(dynamic_deviation(pred[..., GROUPS["jaw"]], gt[..., GROUPS["jaw"]], mask)) == pytest.approx(1 / 3)
+
+
+def test_jdd_position_convention_hand_computed():
+    pred, gt = frames(5), frames(5)
+    pred[0, :, JAW] = torch.tensor([0.0, 1, 0, 1, 0])  # positions: mean 0.4, var 0.24
+    r = M.dynamic_metric(pred, gt, torch.ones(1, 5, dtype=torch.bool), valid(), M.JAW_GROUPS, convention="position", min_frames=5)
+    assert r.value == pytest.approx(math.sqrt(0.24) / 3 * 100)
+
+
+def test_velocity_never_crosses_a_gap_in_the_mask():
+    pred, gt = frames(5), frames(5)
+    pred[0, :, JAW] = torch.tensor([0.0, 1, 5, 2, 3])
+    full = M.dynamic_metric(pred, gt, torch.ones(1, 5, dtype=torch.bool), valid(), M.JAW_GROUPS, min_frames=2)
+    assert full.value == pytest.approx(math.sqrt(6.1875) / 3 * 1000)  # v = 1, 4, -3, 1
+    gap = M.dynamic_metric(pred, gt, torch.tensor([[True, True, False, True, True]]), valid(), M.JAW_GROUPS, min_frames=2)
+    assert gap.value == pytest.approx(0.0)  # only v(0->1) = 1 and v(3->4) = 1: std 0
+
+
+def test_fdd_skips_invalid_groups_pdd_uses_rot_and_neck():
+    pred, gt = frames(5), frames(5)
+    pred[0, :, 0] = torch.tensor([0.0, 1, 0, 1, 0])  # one expression channel, deviation 1
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    assert M.dynamic_metric(pred, gt, mask, valid(), M.UPPER_FACE_GROUPS, min_frames=5).value == pytest.approx(1000 / 52)
+    assert M.dynamic_metric(pred, gt, mask, valid(eyelid=1), M.UPPER_FACE_GROUPS, min_frames=5).value == pytest.approx(1000 / 50)
+    pred[0, :, NECK] = torch.tensor([0.0, 2, 0, 2, 0])  # neck deviation 2
+    assert M.dynamic_metric(pred, gt, mask, valid(), M.HEAD_POSE_GROUPS, min_frames=5).value == pytest.approx(2 / 6 * 1000)
+    assert M.dynamic_metric(pred, gt, mask, valid(neck=1), M.HEAD_POSE_GROUPS, min_frames=5).value == pytest.approx(0.0)
+    r = M.dynamic_metric(pred, gt, mask, valid(jaw=1), M.JAW_GROUPS, min_frames=5)
+    assert r.value is None and "invalid" in r.note  # an invalid group is never scored as 0
+
+
+def test_empty_split_and_short_windows_are_unavailable_not_zero():
+    pred, gt = frames(20, B=2), frames(20, B=2)
+    none = torch.zeros(2, 20, dtype=torch.bool)
+    r = M.dynamic_metric(pred, gt, none, None, M.JAW_GROUPS, split="listening")
+    assert r.value is None and r.note == "no listening frames" and r.to_json()["value"] is None
+    few = torch.zeros(2, 20, dtype=torch.bool)
+    few[:, :5] = True
+    assert M.dynamic_metric(pred, gt, few, None, M.JAW_GROUPS, min_frames=10).value is None
+    # rows below min_frames are left out of the mean
+    pred[0, :, JAW] = torch.arange(20) % 2
+    pred[1, :, JAW] = 5 * (torch.arange(20) % 2)
+    mixed = torch.ones(2, 20, dtype=torch.bool)
+    mixed[1, 5:] = False
+    r = M.dynamic_metric(pred, gt, mixed, None, M.JAW_GROUPS, min_frames=10)
+    # row 0: 19 velocities, ten +1 and nine -1: std sqrt(1 - (1/19)^2)
+    assert r.n == 1 and r.value == pytest.approx(math.sqrt(1 - 1 / 19**2) / 3 * 1000)
+
+
+def test_vertex_fdd_lve_mhd_hand_computed():
+    # 2 frames, 2 lip vertices; distances frame 0: 5 and 1, frame 1: 0 and 2
+    pred = torch.zeros(1, 2, 2, 3)
+    gt = torch.zeros(1, 2, 2, 3)
+    pred[0, 0, 0] = torch.tensor([3.0, 4, 0])
+    pred[0, 0, 1] = torch.tensor([0.0, 0, 1])
+    pred[0, 1, 1] = torch.tensor([0.0, 0, 2])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    s, n = M.lve_rows(pred, gt, mask)
+    assert M.frame_mean(s, n).value == pytest.approx((5 + 2) / 2)
+    s, n = M.mhd_rows(pred, gt, mask)
+    assert M.frame_mean(s, n).value == pytest.approx((3 + 1) / 2)
+    s, n = M.lve_rows(pred, gt, torch.tensor([[False, True]]))
+    assert M.frame_mean(s, n).value == pytest.approx(2.0)
+    assert M.frame_mean(s * 0, n * 0).value is None
+    # vertex FDD: 3 frames of one vertex, x moves 0, 1, 0 (velocities +-1, std 1); 3 coordinates
+    pv, gv = torch.zeros(1, 3, 1, 3), torch.zeros(1, 3, 1, 3)
+    pv[0, :, 0, 0] = torch.tensor([0.0, 1, 0])
+    val, ok = M.vertex_dynamic_deviation_rows(pv, gv, torch.ones(1, 3, dtype=torch.bool), min_frames=3)
+    assert bool(ok[0]) and float(val[0]) == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# DualTalk metrics
+
+
+def test_frechet_distance_hand_computed():
+    # 1-d: means 1 and 3, unbiased variances 2 and 4: 4 + 2 + 4 - 2 sqrt(8)
+    assert M.frechet_distance(np.array([[0.0], [2.0]]), np.array([[1.0], [3.0], [5.0]])) == pytest.approx(10 - 2 * math.sqrt(8))
+    # 2-d, diagonal covariances 4/3 I and 16/3 I, means (1, 1) and (3, 2): 5 + 2 (sqrt(4/3) - sqrt(16/3))^2
+    x = np.array([[0.0, 0], [2, 0], [0, 2], [2, 2]])
+    y = np.array([[0.0, 0], [4, 0], [0, 4], [4, 4]]) + np.array([1.0, 0])
+    assert M.frechet_distance(x, y) == pytest.approx(5 + 8 / 3)
+    assert M.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_paired_fd_mse_sid_rpcc_hand_computed():
+    o = np.arange(4.0)[:, None]  # partner
+    g = o.copy()  # ground truth perfectly correlated with the partner
+    p = o[::-1].copy()  # prediction anti-correlated, same marginal distribution
+    assert M.frechet_distance(p, g) == pytest.approx(0.0, abs=1e-9)
+    # joint covariances 5/3 [[1, 1], [1, 1]] and 5/3 [[1, -1], [-1, 1]]: product 0, FD = 4 * 5/3
+    assert M.paired_frechet_distance(p, g, o) == pytest.approx(20 / 3)
+    assert M.mse(np.full((3, 2), 0.1), np.zeros((3, 2))) == pytest.approx(0.01)
+    gt = np.array([0.0, 0, 0, 10, 10, 10])[:, None]
+    assert M.sid(np.zeros((4, 1)), gt, k=2) == pytest.approx(0.0)
+    assert M.sid(np.array([[0.0], [10], [0], [10]]), gt, k=2) == pytest.approx(1.0)
+    assert M.sid(np.array([[0.0], [10], [10], [10]]), gt, k=2) == pytest.approx(-(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75)))
+    # rPCC: PCC(g, o) = 1, PCC([0, 1, 3, 2], o) = 0.8
+    assert M.rpcc(np.array([0.0, 1, 3, 2]), g, o) == pytest.approx(0.2)
+    assert M.rpcc(np.zeros(4), g, o) is None  # undefined, not 0
+
+
+def test_kmeans_is_deterministic_and_finds_clusters():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, (50, 2)), rng.normal(5, 0.1, (50, 2))])
+    c1, c2 = M.kmeans(x, 2, seed=3), M.kmeans(x, 2, seed=3)
+    assert np.array_equal(c1, c2)
+    assert sorted(np.round(c1[:, 0]).tolist()) == [0.0, 5.0]
+
+
+def test_dualtalk_metrics_publication_scaling_sequences_and_invalid_groups():
+    T = 12
+    pred, gt, partner = frames(T, B=2), frames(T, B=2), frames(T, B=2)
+    pred[..., GROUPS["expr"]] = 0.1
+    pred[..., GROUPS["jaw"]] = 0.01
+    pred[..., GROUPS["rot"]] = 0.1
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[1, 6:] = False
+    v = torch.ones(2, len(GROUP_NAMES), dtype=torch.bool)
+    out = M.dualtalk_metrics(pred, gt, mask, v, partner, v, seq_ids=["a", "a"], metrics=("MSE",), min_frames=10)
+    mse = out["MSE"]
+    assert mse["exp"].value == pytest.approx(0.01 * 10) and mse["jaw"].value == pytest.approx(1e-4 * 1000)
+    assert mse["pose"].value == pytest.approx(0.01 * 100) and mse["exp"].n == 1  # one sequence of 18 frames
+    # separate sequences: the second has 6 < 10 frames and is skipped
+    out = M.dualtalk_metrics(pred, gt, mask, v, seq_ids=["a", "b"], metrics=("MSE", "P-FD"), min_frames=10)
+    assert out["MSE"]["exp"].n == 1 and "skipped" in out["MSE"]["exp"].note
+    assert out["P-FD"]["exp"].value is None and "partner" in out["P-FD"]["exp"].note
+    # FD with jaw x1000: prediction offset by 0.01 on 3 channels (identical spread): 3e-4 * 1000
+    pred[..., GROUPS["jaw"]] = gt[..., GROUPS["jaw"]] + 0.01
+    gt[:, :, JAW] = torch.arange(T) % 3
+    pred[:, :, JAW] = gt[:, :, JAW] + 0.01
+    out = M.dualtalk_metrics(pred, gt, mask, v, seq_ids=["a", "a"], metrics=("FD",), min_frames=10)
+    assert out["FD"]["jaw"].value == pytest.approx(3e-4 * 1000, rel=1e-4)
+    # an invalid group is unavailable, never 0
+    v[:, GROUP_NAMES.index("rot")] = False
+    out = M.dualtalk_metrics(pred, gt, mask, v, partner, v, metrics=("FD", "rPCC"))
+    assert out["FD"]["pose"].value is None and out["rPCC"]["pose"].value is None
+    out = M.dualtalk_metrics(pred, gt, torch.zeros(2, T, dtype=torch.bool), v, partner, v, split="listening")
+    assert all(r.value is None for m in out.values() for r in m.values())
+
+
+def test_motion_std():
+    x = frames(5)
+    x[0, :, JAW] = torch.tensor([0.0, 1, 0, 1, 0])
+    r = M.motion_std(x, torch.ones(1, 5, dtype=torch.bool), valid(), ("jaw",), min_frames=5)
+    assert r.value == pytest.approx(math.sqrt(0.24) / 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLAME layer on a tiny model in the generic_model.pkl layout
+
+V_TEMPLATE = np.array([
+    [0.0, 0.0, 0.0],    # 0 root joint, root-weighted
+    [0.0, 1.0, 0.0],    # 1 neck joint, root-weighted
+    [0.0, 1.5, 0.5],    # 2 jaw joint, jaw-weighted
+    [0.3, 1.8, 0.5],    # 3 left eye joint, eye-weighted
+    [-0.3, 1.8, 0.5],   # 4 right eye joint
+    [0.0, 1.2, 1.0],    # 5 chin, jaw-weighted
+    [0.0, 2.0, 0.8],    # 6 forehead, neck-weighted
+    [0.3, 1.8, 0.6],    # 7 left pupil, left-eye-weighted
+    [-0.3, 1.8, 0.6],   # 8 right pupil, right-eye-weighted
+])
+WEIGHT_JOINT = [0, 0, 2, 3, 4, 2, 1, 3, 4]
+
+
+def tiny_model(posedirs: bool = False, eyelids: bool = False, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    V = len(V_TEMPLATE)
+    m = {
+        "v_template": V_TEMPLATE.copy(),
+        "shapedirs": rng.normal(0, 0.01, (V, 3, 400)),
+        "posedirs": rng.normal(0, 0.01, (V, 3, 36)) if posedirs else np.zeros((V, 3, 36)),
+        "J_regressor": np.eye(5, V),  # joint j = vertex j
+        "kintree_table": np.array([[2**32 - 1, 0, 1, 1, 1], [0, 1, 2, 3, 4]], dtype=np.int64),
+        "weights": np.eye(5)[WEIGHT_JOINT],
+        "f": np.array([[0, 1, 2], [2, 5, 6]]),
+    }
+    if eyelids:
+        m["l_eyelid"] = rng.normal(0, 0.01, (V, 3))
+        m["r_eyelid"] = rng.normal(0, 0.01, (V, 3))
+    return m
+
+
+MASKS = {"lips": np.array([5]), "forehead": np.array([6]), "eye_region": np.array([3, 4]), "nose": np.array([2])}
+
+
+def write_pkl(path, d):
+    with open(path, "wb") as f:
+        pickle.dump(d, f, protocol=2)
+    return path
+
+
+def rx(t):
+    c, s = math.cos(t), math.sin(t)
+    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+
+
+def ry(t):
+    c, s = math.cos(t), math.sin(t)
+    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+
+
+@pytest.fixture
+def flame(tmp_path):
+    return FlameLayer(write_pkl(tmp_path / "generic_model.pkl", tiny_model()), write_pkl(tmp_path / "FLAME_masks.pkl", MASKS))
+
+
+def motion(**groups) -> torch.Tensor:
+    x = torch.zeros(FLAME_DIM, dtype=torch.float64)
+    for g, v in groups.items():
+        x[GROUPS[g]] = torch.as_tensor(v, dtype=torch.float64)
+    return x
+
+
+def test_rodrigues_matches_closed_form():
+    R = rodrigues(torch.tensor([[0.3, 0.0, 0.0], [0.0, -0.7, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64))
+    assert np.allclose(R[0].numpy(), rx(0.3)) and np.allclose(R[1].numpy(), ry(-0.7)) and np.allclose(R[2].numpy(), np.eye(3))
+
+
+def test_zero_motion_gives_the_template(flame):
+    v = flame(torch.zeros(2, 3, FLAME_DIM))
+    assert v.shape == (2, 3, 9, 3)
+    assert np.allclose(v.numpy(), np.broadcast_to(V_TEMPLATE, (2, 3, 9, 3)), atol=1e-6)
+
+
+def test_jaw_rotation_moves_only_jaw_weighted_vertices(flame):
+    t = 0.4
+    v = flame(motion(jaw=[t, 0, 0])).numpy()
+    J2 = V_TEMPLATE[2]
+    expect = V_TEMPLATE.copy()
+    expect[5] = rx(t) @ (V_TEMPLATE[5] - J2) + J2
+    assert np.allclose(v, expect)
+    moved = np.flatnonzero(np.abs(v - V_TEMPLATE).sum(1) > 1e-9).tolist()
+    assert moved == [5]  # vertex 2 sits on the jaw joint
+
+
+def test_global_and_chained_neck_jaw_rotations(flame):
+    v = flame(motion(rot=[0, 0.5, 0])).numpy()
+    assert np.allclose(v, V_TEMPLATE @ ry(0.5).T)  # everything about the root at the origin
+    v = flame(motion(rot=[0, 0.5, 0]), with_global=False).numpy()
+    assert np.allclose(v, V_TEMPLATE)
+    tn, tj = 0.3, 0.2
+    v = flame(motion(neck=[tn, 0, 0], jaw=[tj, 0, 0])).numpy()
+    J1, J2 = V_TEMPLATE[1], V_TEMPLATE[2]
+    assert np.allclose(v[6], rx(tn) @ (V_TEMPLATE[6] - J1) + J1)
+    assert np.allclose(v[5], J1 + rx(tn) @ ((J2 - J1) + rx(tj) @ (V_TEMPLATE[5] - J2)))
+    assert np.allclose(v[:2], V_TEMPLATE[:2])  # root-weighted vertices stay
+
+
+def test_expression_uses_the_columns_after_the_shape_ones(tmp_path):
+    m = tiny_model()
+    fl = FlameLayer(model=load_flame_model(write_pkl(tmp_path / "m.pkl", m)))
+    e = np.zeros(50)
+    e[[0, 7]] = [1.5, -2.0]
+    v = fl(motion(expr=e)).numpy()
+    assert np.allclose(v, V_TEMPLATE + m["shapedirs"][:, :, 300] * 1.5 - m["shapedirs"][:, :, 307] * 2.0)
+
+
+def test_pose_correctives_and_eye_joints(tmp_path):
+    m = tiny_model(posedirs=True)
+    fl = FlameLayer(model=load_flame_model(write_pkl(tmp_path / "m.pkl", m)))
+    t = 0.25
+    v = fl(motion(neck=[t, 0, 0])).numpy()
+    feat = np.zeros(36)
+    feat[:9] = (rx(t) - np.eye(3)).reshape(-1)  # neck is the first non-root joint
+    # vertex 0 is root-weighted: the corrective offset is all that moves it
+    assert np.allclose(v[0], V_TEMPLATE[0] + m["posedirs"][0] @ feat)
+    # eyes: channels 58:61 rotate the left eye (joint 3), 61:64 the right eye (joint 4)
+    fl0 = FlameLayer(model=load_flame_model(write_pkl(tmp_path / "m0.pkl", tiny_model())))
+    v = fl0(motion(eyepose=[0, 0.3, 0, 0, 0, 0])).numpy()
+    expect = V_TEMPLATE.copy()
+    expect[7] = ry(0.3) @ (V_TEMPLATE[7] - V_TEMPLATE[3]) + V_TEMPLATE[3]
+    assert np.allclose(v, expect)
+    v = fl0(motion(eyepose=[0, 0, 0, 0, -0.2, 0])).numpy()
+    expect = V_TEMPLATE.copy()
+    expect[8] = ry(-0.2) @ (V_TEMPLATE[8] - V_TEMPLATE[4]) + V_TEMPLATE[4]
+    assert np.allclose(v, expect)
+
+
+def test_eyelid_blendshapes_optional(tmp_path):
+    m = tiny_model(eyelids=True)
+    fl = FlameLayer(model=load_flame_model(write_pkl(tmp_path / "m.pkl", m)))
+    assert fl.has_eyelids
+    v = fl(motion(eyelid=[0.5, 0.2])).numpy()
+    assert np.allclose(v, V_TEMPLATE + 0.5 * m["l_eyelid"] + 0.2 * m["r_eyelid"])
+    plain = FlameLayer(model=load_flame_model(write_pkl(tmp_path / "p.pkl", tiny_model())))
+    assert not plain.has_eyelids and np.allclose(plain(motion(eyelid=[0.5, 0.2])).numpy(), V_TEMPLATE)
+
+
+def test_missing_keys_and_bad_layout_are_clear_errors(tmp_path):
+    m = tiny_model()
+    del m["posedirs"], m["weights"]
+    with pytest.raises(FlameModelError, match=r"missing keys \['posedirs', 'weights'\]"):
+        load_flame_model(write_pkl(tmp_path / "bad.pkl", m))
+    m = tiny_model()
+    m["shapedirs"] = m["shapedirs"][:, :, :320]
+    with pytest.raises(FlameModelError, match="320 columns"):
+        load_flame_model(write_pkl(tmp_path / "few.pkl", m))
+    with pytest.raises(FileNotFoundError, match="licence"):
+        load_flame_model(tmp_path / "nope.pkl")
+    masks = dict(MASKS)
+    del masks["lips"]
+    with pytest.raises(FlameModelError, match="lips"):
+        load_flame_masks(write_pkl(tmp_path / "masks.pkl", masks))
+    np.savez(tmp_path / "m.npz", **{k: v for k, v in tiny_model().items() if k != "f"})
+    with pytest.raises(FlameModelError, match=r"missing keys \['f'\]"):
+        load_flame_model(tmp_path / "m.npz")
+
+
+def test_reads_chumpy_and_sparse_entries_without_chumpy(tmp_path):
+    """Original FLAME pickles hold chumpy arrays and a scipy.sparse J_regressor."""
+    import scipy.sparse
+
+    pkg, mod = types.ModuleType("chumpy"), types.ModuleType("chumpy.ch")
+
+    class Ch:  # pickled like chumpy.ch.Ch: its state dict holds the array under 'x'
+        pass
+
+    Ch.__module__, Ch.__qualname__ = "chumpy.ch", "Ch"
+    mod.Ch = Ch
+    sys.modules["chumpy"], sys.modules["chumpy.ch"] = pkg, mod
+    try:
+        m = tiny_model()
+        sd = Ch()
+        sd.__dict__.update({"x": m["shapedirs"], "_dirty_vars": set()})
+        m["shapedirs"] = sd
+        m["J_regressor"] = scipy.sparse.csc_matrix(m["J_regressor"])
+        path = write_pkl(tmp_path / "generic_model.pkl", m)
+    finally:
+        del sys.modules["chumpy"], sys.modules["chumpy.ch"]
+    fl = FlameLayer(path, write_pkl(tmp_path / "FLAME_masks.pkl", MASKS))
+    assert np.allclose(fl(torch.zeros(FLAME_DIM)).numpy(), V_TEMPLATE)
+    assert fl.region("upper_face").tolist() == [3, 4, 6] and fl.region("lips").tolist() == [5]
