@@ -144,6 +144,10 @@ def test_bad_inputs_are_clear_errors(tiny, tmp_path):
     with pytest.raises(evaluate.EvalInputError, match="no listening frames"):
         evaluate.run(compose("evaluate", eval_args(tiny, f"data.root={mute}")), verbose=False)
 
+    # a checkpoint that does not exist (only the default supervised one is produced on demand)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate.run(compose("evaluate", eval_args(tiny, f"checkpoint={tmp_path / 'nope'}")), verbose=False)
+
     # a FLAME model file missing keys; a model without its masks file
     model, masks = flame_files(tmp_path, J_regressor=True)
     with pytest.raises(FlameModelError, match="missing keys \\['J_regressor'\\]"):

@@ -17,8 +17,11 @@ per-channel variance over the window of the ground truth normalised with the dat
 normaliser). Writes ``OUT/metrics.json`` and ``OUT/metrics.md`` (default ``OUT`` =
 ``<checkpoint>/eval_<split>``).
 
-Bad input stops with a clear error: a checkpoint trained on a dataset with another FLAME layout
-or format version, a split without listening frames, a FLAME model file missing keys.
+On a fresh clone the default checkpoint (``runs/sft_small``) is produced first -- dataset, VAE and
+supervised AR-Flow by their own entry points, cached -- as ``train/gdpo.py`` does; any other
+checkpoint must exist. Bad input stops with a clear error: a checkpoint trained on a dataset
+with another FLAME layout or format version, a split without listening frames, a FLAME model
+file missing keys.
 """
 from __future__ import annotations
 
@@ -518,6 +521,25 @@ def write_report(out: Path, h: dict, res: dict) -> tuple[Path, Path]:
     return out / "metrics.json", out / "metrics.md"
 
 
+def ensure_checkpoint(cfg: DictConfig, ckpt: Path) -> None:
+    """On a fresh clone the default (supervised) checkpoint is produced first, as ``train/gdpo.py`` does:
+    dataset, VAE and supervised AR-Flow by their own entry points (cached). Other checkpoints must exist."""
+    pre = cfg.get("pretrained")
+    if (ckpt / "meta.json").is_file() or pre is None or not pre.get("auto_train", False) or ckpt != common.abspath(pre.sft):
+        if not ckpt.exists():
+            raise FileNotFoundError(f"checkpoint {ckpt} does not exist (supervised: train/sft.py; post-trained: "
+                                    f"train/gdpo.py, e.g. python train/gdpo.py reward=expr+rot -> runs/gdpo_small_expr+rot)")
+        return
+    feats = cfg.features
+    stage_cfg = OmegaConf.create({
+        "pretrained": OmegaConf.to_container(pre, resolve=True), "device": cfg.device, "model": {"preset": str(pre.preset)},
+        "features": {"text_encoder": feats.text_encoder or "bundled-minilm", "audio_encoder": feats.audio_encoder or "logmel",
+                     "cache_dir": feats.cache_dir}})
+    data_root = common.make_dataset(cfg.data)
+    vae = common.make_vae_checkpoint(stage_cfg, data_root)
+    common.make_sft_checkpoint(stage_cfg, data_root, vae)
+
+
 def run(cfg: DictConfig, verbose: bool = True) -> dict:
     """The whole evaluation of ``cfg`` (see ``conf/evaluate.yaml``); returns the JSON document written."""
     torch.set_num_threads(int(cfg.threads))
@@ -527,6 +549,7 @@ def run(cfg: DictConfig, verbose: bool = True) -> dict:
         raise ValueError(f"metrics.convention must be one of {list(M.DYNAMIC_SCALE)}, got {cfg.metrics.convention!r}")
     ckpt = common.abspath(cfg.checkpoint)
     t0 = time.perf_counter()
+    ensure_checkpoint(cfg, ckpt)
     data, _ = prepare(cfg, ckpt, device)
     model, _ = load_model(ckpt, data)
     with blas_threads(int(cfg.threads)):
