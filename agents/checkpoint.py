@@ -40,6 +40,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def atomic_save_torch(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` of ``obj`` (e.g. a resumable training state) written atomically."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, default=_json_default).encode())
 

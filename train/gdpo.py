@@ -14,7 +14,6 @@ before/after table on held-out windows (deterministic ODE sampler).
 from __future__ import annotations
 
 import copy
-import io
 import time
 
 import hydra
@@ -24,7 +23,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
 import common
-from gdpo_listener.agents.checkpoint import atomic_write_bytes
+from gdpo_listener.agents.checkpoint import atomic_save_torch
 from gdpo_listener.agents.loss import LOSSES, select_steps, trajectory_batch
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
@@ -93,20 +92,23 @@ def reward_stats(traj, group_names) -> dict:
     return out
 
 
+def resume_config(cfg: DictConfig) -> dict:
+    """The config sections a resumed run must share with the run that wrote the state."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in RESUME_KEYS}
+
+
 def save_state(path, model, behaviour, optimizer, iteration, logger, cfg) -> None:
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "behaviour": behaviour.state_dict(), "optim": optimizer.state_dict(),
+    atomic_save_torch(path, {"model": model.state_dict(), "behaviour": behaviour.state_dict(), "optim": optimizer.state_dict(),
                 "iteration": iteration, "rng": common.rng_state(),
                 "logger": logger.state_dict() if logger is not None and hasattr(logger, "state_dict") else None,
-                "config": {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in RESUME_KEYS}}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+                "config": resume_config(cfg)})
 
 
 def load_state(path, cfg, device):
     if not path.is_file():
         raise FileNotFoundError(f"resume=true but no training state at {path}")
     state = torch.load(path, map_location=device, weights_only=False)
-    now = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in RESUME_KEYS}
+    now = resume_config(cfg)
     diff = [k for k in RESUME_KEYS if state["config"].get(k) != now[k]]
     if diff:
         raise ValueError(f"resume folder {path.parent.parent} was written with another config (differs in: {', '.join(diff)})")

@@ -10,7 +10,6 @@ overall and binned by flow time. Checkpoints (safetensors + resolved config) are
 """
 from __future__ import annotations
 
-import io
 import time
 
 import hydra
@@ -19,7 +18,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 import common
-from gdpo_listener.agents.checkpoint import atomic_write_bytes, is_checkpoint
+from gdpo_listener.agents.checkpoint import atomic_save_torch, is_checkpoint
 from gdpo_listener.agents.flow import interpolate, velocity_target
 from gdpo_listener.envs.windows import cond_from_bank
 
@@ -52,12 +51,10 @@ def flow_step(model, batch, generator) -> dict[str, torch.Tensor]:
 
 
 def save_training_state(path, model, opt, sched, step, logger) -> None:
-    buf = io.BytesIO()
-    torch.save({
+    atomic_save_torch(path, {
         "model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(), "step": step,
         "rng": common.rng_state(), "logger": logger.state_dict() if logger is not None and hasattr(logger, "state_dict") else None,
-    }, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    })
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sft")
