@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..envs.windows import sliding_windows
 from .flow import cfg_combine, euler_step, sde_step
 
 __all__ = [
@@ -656,18 +657,15 @@ class ARFlow(nn.Module):
                         for key, v in cond.items() if key in COND_KEYS and v is not None}
         if speaking_tokens is not None and speaking_tokens.shape[-1] != n_total:
             raise ValueError(f"arflow.generate_long: speaking_tokens has {speaking_tokens.shape[-1]} tokens, expected {n_total}")
-        out, end = None, 0
-        while end < n_total:
-            s0 = 0 if end == 0 else min(end - k, n_total - W)
-            n = min(W, n_total - s0)
+        out = None
+        for s0, n, new0 in sliding_windows(n_total, W, k):
             c = cond_fn(s0 * r, n * r)
             x = self.sample(c, n, steps=steps, w_speak=w_speak, w_listen=w_listen,
                             speaking_tokens=None if speaking_tokens is None else speaking_tokens[:, s0:s0 + n],
-                            sigma=sigma, generator=generator, prefix=None if end == 0 else out[:, s0:end], use_cache=use_cache)
+                            sigma=sigma, generator=generator, prefix=None if new0 == s0 else out[:, s0:new0], use_cache=use_cache)
             if out is None:
                 out = x.new_empty(x.shape[0], n_total, x.shape[2])
-            out[:, end:s0 + n] = x[:, end - s0:]
-            end = s0 + n
+            out[:, new0:s0 + n] = x[:, new0 - s0:]
         return out
 
 

@@ -423,3 +423,36 @@ def motion_std(x: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None, 
     val = torch.where(cv, s, torch.zeros_like(s)).sum(-1) / n_c.clamp(min=1)
     ok = (mask.sum(-1) >= min_frames) & (n_c > 0)
     return row_mean(val, ok, 1.0, f"window with >= {min_frames} frames")
+
+
+# ----------------------------------------------------------------------------------------------
+# long-sequence stillness (paper 4.3): does motion decay over a long generation?
+
+
+def segment_velocity_std(x: torch.Tensor, segment: int) -> torch.Tensor:
+    """Velocity std per consecutive segment of ``segment`` frames: ``(B, T, C) -> (B, T // segment, C)``
+    (a trailing partial segment is dropped)."""
+    B, T, C = x.shape
+    if segment < 3 or T < segment:
+        raise ValueError(f"segment_velocity_std: need 3 <= segment <= T, got segment={segment}, T={T}")
+    n = T // segment
+    return velocity_std(x[:, : n * segment].reshape(B, n, segment, C))  # (B, n, C)
+
+
+def stillness_profile(x: torch.Tensor, segment: int, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per FLAME group, the mean velocity std of each segment over rows and valid channels: ``{group: (n_seg,)}``."""
+    vs = segment_velocity_std(x, segment)  # (B, n, 67)
+    out = {}
+    for gi, g in enumerate(GROUP_NAMES):
+        rows = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if valid is None else valid[:, gi].bool()
+        if rows.any():
+            out[g] = vs[rows][..., GROUPS[g]].mean(dim=(0, 2))
+    return out
+
+
+def decay_ratio(profile: torch.Tensor, parts: int = 3) -> float:
+    """Mean of the last ``1 / parts`` of a segment profile over the mean of its first: 1 = no decay, < 1 stiller at the end."""
+    n = profile.shape[0]
+    k = max(1, n // parts)
+    first, last = profile[:k].mean(), profile[-k:].mean()
+    return float(last / first) if first > 0 else float("nan")

@@ -15,12 +15,14 @@ W, R, DV, DT, DA = 32, 8, 4, 8, 6
 N = W // R
 
 
-def tiny_bank(n_windows: int = 6, seed: int = 0, listening: bool = True) -> TensorDict:
+def tiny_bank(n_windows: int = 6, seed: int = 0, listening: bool = True, frames: int = W) -> TensorDict:
+    """Random bank rows of ``frames`` frames (``frames > W``: long rows for multi-window episodes)."""
     g = torch.Generator().manual_seed(seed)
-    t = torch.linspace(0, 6.28, W)
+    W_, N_ = frames, frames // R
+    t = torch.linspace(0, 6.28 * W_ / W, W_)
     motion = 0.3 * torch.sin(t[None, :, None] * (1 + torch.rand(n_windows, 1, FLAME_DIM, generator=g) * 3))
-    vad = torch.zeros(n_windows, W, dtype=torch.bool)
-    vad[:, : W // 2] = True  # actor speaks in the first half, listens in the second
+    vad = torch.zeros(n_windows, W_, dtype=torch.bool)
+    vad[:, : W_ // 2] = True  # actor speaks in the first half, listens in the second
     lis = ~vad if listening else torch.zeros_like(vad)
     bank = TensorDict({
         "actor_motion": motion,
@@ -30,12 +32,12 @@ def tiny_bank(n_windows: int = 6, seed: int = 0, listening: bool = True) -> Tens
         "speaking": vad,
         "listening": lis,
         "partner_has_motion": torch.ones(n_windows, dtype=torch.bool),
-        "actor_audio": torch.randn(n_windows, W, DA, generator=g),
-        "partner_audio": torch.randn(n_windows, W, DA, generator=g),
+        "actor_audio": torch.randn(n_windows, W_, DA, generator=g),
+        "partner_audio": torch.randn(n_windows, W_, DA, generator=g),
         "text_emb": torch.randn(n_windows, DT, generator=g),
         "text_mask": torch.ones(n_windows, dtype=torch.bool),
-        "actor_latent": torch.randn(n_windows, N, DV, generator=g),
-        "partner_latent": torch.randn(n_windows, N, DV, generator=g),
+        "actor_latent": torch.randn(n_windows, N_, DV, generator=g),
+        "partner_latent": torch.randn(n_windows, N_, DV, generator=g),
     }, batch_size=[n_windows])
     bank["speaking_tokens"] = token_majority(bank["speaking"], R)
     return bank

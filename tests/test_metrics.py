@@ -380,3 +380,31 @@ def test_reads_chumpy_and_sparse_entries_without_chumpy(tmp_path):
     fl = FlameLayer(path, write_pkl(tmp_path / "FLAME_masks.pkl", MASKS))
     assert np.allclose(fl(torch.zeros(FLAME_DIM)).numpy(), V_TEMPLATE)
     assert fl.region("upper_face").tolist() == [3, 4, 6] and fl.region("lips").tolist() == [5]
+
+
+# ----------------------------------------------------------------------------------------------
+# long-sequence stillness
+
+
+def test_segment_velocity_std_and_decay_ratio():
+    T, seg = 300, 30
+    g = torch.Generator().manual_seed(0)
+    steady = torch.randn(2, T, FLAME_DIM, generator=g).cumsum(1) * 0.01  # random walk: constant velocity std
+    env = torch.linspace(1.0, 0.1, T)[None, :, None]  # motion that dies out to 10 %
+    fading = torch.randn(2, T, FLAME_DIM, generator=g).mul(env).cumsum(1) * 0.01
+    vs = M.segment_velocity_std(steady, seg)
+    assert vs.shape == (2, T // seg, FLAME_DIM)
+    # hand check of one segment: population std of the frame differences inside it
+    v = steady[0, seg:2 * seg, 5].diff()
+    assert vs[0, 1, 5].item() == pytest.approx(v.std(unbiased=False).item(), rel=1e-5)
+    prof_s, prof_f = M.stillness_profile(steady, seg), M.stillness_profile(fading, seg)
+    assert set(prof_s) == set(GROUP_NAMES) and prof_s["expr"].shape == (T // seg,)
+    for gname in GROUP_NAMES:
+        assert 0.8 < M.decay_ratio(prof_s[gname]) < 1.25
+        assert M.decay_ratio(prof_f[gname]) < 0.4
+    # invalid groups (per row) are left out of the profile
+    valid = torch.ones(2, len(GROUP_NAMES), dtype=torch.bool)
+    valid[:, GROUP_NAMES.index("eyepose")] = False
+    assert "eyepose" not in M.stillness_profile(steady, seg, valid)
+    with pytest.raises(ValueError, match="segment"):
+        M.segment_velocity_std(steady, 2)

@@ -98,6 +98,15 @@ def make_encoders(feat_cfg: DictConfig, device: torch.device):
     return TextEncoder(feat_cfg.text_encoder, device=device), AudioEncoder(feat_cfg.audio_encoder, device=device)
 
 
+def checkpoint_encoders(feat_cfg: DictConfig, ckpt_meta: dict) -> DictConfig:
+    """Encoder config: ``feat_cfg``'s non-null entries, else those recorded in the checkpoint, else the defaults."""
+    recorded = ((ckpt_meta.get("config") or {}).get("features") or {})
+    return OmegaConf.create({
+        "text_encoder": feat_cfg.text_encoder or recorded.get("text_encoder") or "bundled-minilm",
+        "audio_encoder": feat_cfg.audio_encoder or recorded.get("audio_encoder") or "logmel",
+        "cache_dir": feat_cfg.cache_dir})
+
+
 def make_features(feat_cfg: DictConfig, data_root: Path, device: torch.device):
     from gdpo_listener.agents.encoders import precompute_features
 
@@ -106,10 +115,12 @@ def make_features(feat_cfg: DictConfig, data_root: Path, device: torch.device):
     return feats, text_enc, audio_enc
 
 
-def make_banks(data_root: Path, features, vae, normalizer, device, splits=("train", "test"), max_windows: int | None = None):
+def make_banks(data_root: Path, features, vae, normalizer, device, splits=("train", "test"), max_windows: int | None = None,
+               window: int | None = None):
+    """Window banks per split; ``window`` (frames, default the dataset's 200) > 200 gives long rows."""
     banks = {}
     for split in splits:
-        windows = DyadicWindows(data_root, split, load_audio=False)
+        windows = DyadicWindows(data_root, split, load_audio=False, **({} if window is None else {"window": window}))
         idx = None
         if max_windows is not None and len(windows) > max_windows:
             idx = np.random.default_rng(0).choice(len(windows), max_windows, replace=False).tolist()

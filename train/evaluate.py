@@ -219,10 +219,7 @@ def prepare(cfg: DictConfig, ckpt: Path, device: torch.device) -> tuple[EvalData
 
     torch_dev = device
     vae, normalizer, _ = common.load_frozen_vae(vae_dir, torch_dev)
-    feat_cfg = OmegaConf.create({
-        "text_encoder": cfg.features.text_encoder or ((ckpt_meta.get("config") or {}).get("features") or {}).get("text_encoder") or "bundled-minilm",
-        "audio_encoder": cfg.features.audio_encoder or ((ckpt_meta.get("config") or {}).get("features") or {}).get("audio_encoder") or "logmel",
-        "cache_dir": cfg.features.cache_dir})
+    feat_cfg = common.checkpoint_encoders(cfg.features, ckpt_meta)
     text_enc, audio_enc = common.make_encoders(feat_cfg, torch_dev)
     from gdpo_listener.agents.encoders import precompute_features
 

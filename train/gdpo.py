@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import common
 from gdpo_listener.agents.checkpoint import atomic_save_torch
-from gdpo_listener.agents.loss import LOSSES, select_steps, trajectory_batch
+from gdpo_listener.agents.loss import LOSSES, chunked_update, trajectory_batch
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 
@@ -32,10 +32,24 @@ from gdpo_listener.envs.sde_env import ListenerSDEEnv
 RESUME_KEYS = ("reward", "rewards", "env", "algo", "model", "pretrained", "features", "data", "seed")
 
 
-def make_env(cfg: DictConfig, bank, vae, normalizer, reward, generator) -> ListenerSDEEnv:
+def make_env(cfg: DictConfig, bank, vae, normalizer, reward, generator, window_tokens: int) -> ListenerSDEEnv:
     return ListenerSDEEnv(bank, vae, normalizer, reward, n_prompts=cfg.env.n_prompts, group_size=cfg.env.group_size,
                           sde_steps=cfg.env.sde_steps, sigma=cfg.env.sigma, device=bank.device, generator=generator,
-                          seed=cfg.seed)
+                          seed=cfg.seed, window_tokens=window_tokens, prefix_tokens=cfg.env.prefix_tokens)
+
+
+def make_train_bank(cfg: DictConfig, data_root, features, vae, normalizer, banks: dict, window_tokens: int):
+    """The bank episodes are drawn from: the model's windows, or long rows of ``env.episode_tokens`` tokens."""
+    n = cfg.env.episode_tokens
+    if n is None or int(n) == window_tokens:
+        return banks["train"]
+    if int(n) != n or n < window_tokens:
+        raise ValueError(f"env.episode_tokens={n} must be null or an integer >= the model's window of {window_tokens} tokens")
+    frames = int(n) * vae.cfg.r
+    try:
+        return common.make_banks(data_root, features, vae, normalizer, banks["train"].device, splits=("train",), window=frames)["train"]
+    except ValueError as e:
+        raise ValueError(f"env.episode_tokens={n} needs {frames}-frame segments of the train conversations: {e}") from None
 
 
 def make_loss(algo_cfg: DictConfig, policy, model, reward):
@@ -58,29 +72,6 @@ def collect(env, policy, algo_cfg) -> tuple:
     window = rollout["window"][:, 0]
     mask = listening_token_mask(env.bank, window, env.n_tokens) if algo_cfg.listening_tokens_only else None
     return trajectory_batch(rollout, env.n_tokens, env.sde_steps, token_mask=mask)
-
-
-def update(loss_module, traj, optimizer, algo_cfg, grad_clip: float) -> dict:
-    """Chunked replay with gradient accumulation; one optimiser step per epoch."""
-    K = traj["x"].shape[1]
-    S = int(algo_cfg.chunk_steps)
-    sums: dict[str, float] = {}
-    n = 0
-    for _ in range(int(algo_cfg.epochs)):
-        optimizer.zero_grad(set_to_none=True)
-        for k0 in range(0, K, S):
-            chunk = select_steps(traj, k0, min(k0 + S, K))
-            out = loss_module(chunk)
-            weight = (min(k0 + S, K) - k0) / K  # chunks add up to the mean over all transitions
-            ((out["loss_objective"] + out["loss_kl"]) * weight).backward()
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + v.detach() * weight
-            n += weight
-        gnorm = torch.nn.utils.clip_grad_norm_(loss_module.actor_network.parameters(), grad_clip)
-        optimizer.step()
-    stats = {f"loss/{k}": (v / n).item() for k, v in sums.items()}
-    stats["optim/grad_norm"] = gnorm.item()
-    return stats
 
 
 def reward_stats(traj, group_names) -> dict:
@@ -138,8 +129,10 @@ def main(cfg: DictConfig) -> None:
 
     # -- RL components ----------------------------------------------------------------------------
     behaviour = copy.deepcopy(model).requires_grad_(False)
-    env = make_env(cfg, banks["train"], vae, normalizer, reward, generator)
-    policy = make_policy(behaviour, banks["train"], sigma=cfg.env.sigma, sde_steps=cfg.env.sde_steps, generator=generator)
+    train_bank = make_train_bank(cfg, data_root, features, vae, normalizer, banks, model.cfg.n_tokens)
+    env = make_env(cfg, train_bank, vae, normalizer, reward, generator, model.cfg.n_tokens)
+    policy = make_policy(behaviour, train_bank, sigma=cfg.env.sigma, sde_steps=cfg.env.sde_steps, generator=generator,
+                         prefix_tokens=cfg.env.prefix_tokens)
     loss_module = make_loss(cfg.algo, policy, model, reward)
     model.eval()  # no dropout: replayed log-probs must match the behaviour policy's (gradients still flow)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -169,7 +162,7 @@ def main(cfg: DictConfig) -> None:
         stats = reward_stats(traj, reward.group_names)
         stats.update({f"adv/{k}": v.item() for k, v in common.advantage_stats(traj, reward).items()})
         t2 = time.perf_counter()
-        stats.update(update(loss_module, traj, optimizer, cfg.algo, cfg.optim.grad_clip))
+        stats.update(chunked_update(loss_module, traj, optimizer, cfg.algo.chunk_steps, cfg.algo.epochs, cfg.optim.grad_clip))
         t3 = time.perf_counter()
         stats.update({"time/rollout": t1 - t0, "time/advantage": t2 - t1, "time/update": t3 - t2})
         if (it + 1) % int(cfg.algo.sync_every) == 0:

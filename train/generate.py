@@ -23,7 +23,7 @@ from scipy.signal import resample_poly
 import common
 from gdpo_listener.envs.converters.vad import vad_frames
 from gdpo_listener.envs.flame import FLAME_DIM, FPS, GROUP_NAMES, SAMPLE_RATE
-from gdpo_listener.envs.windows import token_majority
+from gdpo_listener.envs.windows import decode_latents, token_majority
 
 
 def read_audio(path: Path) -> np.ndarray:
@@ -88,7 +88,7 @@ def main(cfg: DictConfig) -> None:
     with torch.no_grad():
         z = model.generate_long(cond, n_frames, steps=int(cfg.steps), w_speak=float(cfg.w_speak), w_listen=float(cfg.w_listen),
                                 speaking_tokens=token_majority(vad, r).to(device), generator=g)
-        motion = torch.cat([normalizer.denormalize(vae.decode(z[:, s:s + 25])) for s in range(0, z.shape[1], 25)], 1)[0].cpu().numpy()
+        motion = decode_latents(vae, normalizer, z)[0].cpu().numpy()
     out = common.abspath(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out.with_suffix(".npz"), motion=motion.astype(np.float32), vad=vad[0].numpy(), groups=np.array(GROUP_NAMES))
