@@ -456,3 +456,24 @@ def decay_ratio(profile: torch.Tensor, parts: int = 3) -> float:
     k = max(1, n // parts)
     first, last = profile[:k].mean(), profile[-k:].mean()
     return float(last / first) if first > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# paired comparison of two models on the same windows
+
+
+def paired_bootstrap_ci(diff, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of paired differences ``(n,)`` and its percentile-bootstrap interval: ``(mean, low, high)``.
+
+    An interval that excludes 0 means the change is measurable at that level on these windows.
+    """
+    d = _np(diff).astype(np.float64).reshape(-1)
+    if d.size == 0 or not np.isfinite(d).all():
+        raise ValueError(f"paired_bootstrap_ci: need a non-empty finite vector of differences, got {d.size} values")
+    if not 0 < level < 1:
+        raise ValueError(f"paired_bootstrap_ci: level must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(int(n_boot), d.size))].mean(1)
+    a = (1 - level) / 2
+    lo, hi = np.quantile(means, [a, 1 - a])
+    return float(d.mean()), float(lo), float(hi)

@@ -61,7 +61,7 @@ def make_long(seed=0, use_cache=True):
     g = torch.Generator().manual_seed(seed)
     reward = build_reward("expr+rot")
     env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=2, sde_steps=K, sigma=0.5, generator=g,
-                         seed=seed, window_tokens=N)
+                         seed=seed)
     model = tiny_arflow()
     behaviour = copy.deepcopy(model).requires_grad_(False)
     policy = make_policy(behaviour, bank, sigma=0.5, sde_steps=K, generator=g, use_cache=use_cache)
@@ -77,7 +77,7 @@ def long_rollout(env, policy, seed):
 
 def test_long_episode_rollout_equals_sliding_window_sde_generation():
     env, policy, model, bank, _ = make_long()
-    assert env.schedule == sliding_windows(N_LONG, N, 1) and len(env.schedule) == 4
+    assert transition_core(policy).schedule == sliding_windows(N_LONG, N, 1) == [(0, 4, 0), (3, 4, 4), (6, 4, 7), (7, 4, 10)]
     ro = long_rollout(env, policy, 11)
     z_env = ro["next", "history"][:, -1]  # (B, N_LONG, Dv)
     rows = bank[ro["window"][:, 0]]
@@ -139,7 +139,5 @@ def test_windowed_update_gradient_equals_mean_objective_gradient():
 
 
 def test_bad_prefix_tokens():
-    bank = tiny_bank(frames=FRAMES)
-    vae, norm = tiny_vae()
     with pytest.raises(ValueError, match="1 <= k < W"):
-        ListenerSDEEnv(bank, vae, norm, build_reward("expr"), n_prompts=1, group_size=2, window_tokens=N, prefix_tokens=N)
+        make_policy(tiny_arflow(), tiny_bank(frames=FRAMES), prefix_tokens=N)

@@ -408,3 +408,18 @@ def test_segment_velocity_std_and_decay_ratio():
     assert "eyepose" not in M.stillness_profile(steady, seg, valid)
     with pytest.raises(ValueError, match="segment"):
         M.segment_velocity_std(steady, 2)
+
+
+def test_paired_bootstrap_ci():
+    rng = np.random.default_rng(0)
+    shifted = rng.normal(0.5, 1.0, 400)  # a real improvement: the interval excludes 0
+    mean, lo, hi = M.paired_bootstrap_ci(shifted)
+    assert mean == pytest.approx(shifted.mean()) and lo < mean < hi and lo > 0
+    # the interval is about mean +- 1.96 standard errors
+    se = shifted.std() / math.sqrt(shifted.size)
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.15)
+    _, lo0, hi0 = M.paired_bootstrap_ci(rng.normal(0.0, 1.0, 400))  # no change: the interval covers 0
+    assert lo0 < 0 < hi0
+    assert M.paired_bootstrap_ci(torch.ones(5)) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        M.paired_bootstrap_ci(np.array([1.0, np.nan]))

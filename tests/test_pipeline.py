@@ -104,3 +104,36 @@ def test_long_generation_check_runs(workdir, first_run):
     import json
     rep = json.loads((d / "long.json").read_text())
     assert rep["sequences"] == 2 and rep["frames"] == 600 and set(rep["groups"]) >= {"expr", "rot"}
+
+
+def _write_wav(path: Path, seconds: float, sr: int) -> Path:
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(seconds * sr)) / sr
+    sf.write(str(path), (0.3 * np.sin(2 * np.pi * 180 * t) * (np.sin(2 * np.pi * 0.5 * t) > 0)).astype(np.float32), sr)
+    return path
+
+
+def test_generate_cli_long_clip_and_bad_inputs(workdir, first_run):
+    import numpy as np
+
+    d = workdir
+    actor = _write_wav(d / "actor.wav", 20.0, 16000)
+    partner = _write_wav(d / "partner_22k.wav", 20.0, 22050)  # resampled to 16 kHz
+    np.savez(d / "partner_motion.npz", motion=np.random.default_rng(0).normal(0, 0.05, (500, 67)).astype(np.float32))
+    base = [f"checkpoint={d / 'sft'}", f"actor_wav={actor}", f"partner_wav={partner}", "steps=2", "seconds=18"]
+    res = run("generate.py", *base, f"partner_motion={d / 'partner_motion.npz'}", "text=nodding", "w_listen=2",
+              f"out={d / 'gen' / 'clip'}", cwd=d)
+    assert res.returncode == 0
+    with np.load(d / "gen" / "clip.npz") as z:
+        motion, vad = z["motion"], z["vad"]
+    assert motion.shape == (448, 67) and np.isfinite(motion).all() and vad.shape == (448,)  # 18 s -> 450 -> multiple of 8
+    assert (d / "gen" / "clip.png").is_file()
+    np.savez(d / "short_motion.npz", motion=np.zeros((300, 67), np.float32))  # 12 s of partner motion for 18 s of audio
+    for extra, msg in [(("seconds=30",), "shorter than the requested"), (("w_listen=nan",), "finite"),
+                       ((f"partner_motion={d / 'short_motion.npz'}",), "short_motion.npz")]:
+        res = run("generate.py", *base, *extra, f"out={d / 'gen' / 'bad'}", cwd=d)
+        assert res.returncode != 0 and msg in (res.stderr + res.stdout), (extra, res.stderr[-500:])
+    res = run("generate.py", f"checkpoint={d / 'sft'}", f"actor_wav={d / 'missing.wav'}", cwd=d)
+    assert res.returncode != 0 and "missing.wav" in res.stderr

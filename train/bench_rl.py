@@ -72,7 +72,7 @@ def build(preset: str, n_prompts: int, G: int, steps: int, use_cache: bool, devi
     reward = build_reward("expr+rot").to(device)
     g = torch.Generator(device=device).manual_seed(0)
     env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=n_prompts, group_size=G, sde_steps=steps, generator=g,
-                         device=device, window_tokens=cfg.n_tokens)
+                         device=device)
     behaviour = copy.deepcopy(model).requires_grad_(False)
     policy = make_policy(behaviour, bank, sde_steps=steps, generator=g, use_cache=use_cache)
     return env, policy, model, reward
@@ -107,6 +107,7 @@ def memory_child(preset: str, episode_tokens: int, args) -> dict:
     with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
         ro = env.rollout(env.n_tokens * K, policy, break_when_any_done=False)
     traj = trajectory_batch(ro, env.n_tokens, K)
+    ro_mb = _td_mb(ro)
     del ro
     loss = GDPOLoss(transition_core(policy), model, reward.lambdas)
     loss.compute_advantage(traj)
@@ -127,18 +128,22 @@ def memory_child(preset: str, episode_tokens: int, args) -> dict:
     chunked_update(loss, traj, opt, chunk_steps=args.chunk_steps)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _proc_kb("VmHWM") / 1024
-    return {"preset": preset, "tokens": env.n_tokens, "windows": len(env.schedule), "base_mb": base,
-            "peak_mb": peak, "update_mb": peak - base, "seconds": seconds,
-            "traj_mb": sum(v.numel() * v.element_size() for v in traj.values(include_nested=True, leaves_only=True)
-                           if isinstance(v, torch.Tensor)) / 2**20}
+    return {"preset": preset, "tokens": env.n_tokens, "windows": len(transition_core(policy).schedule), "base_mb": base,
+            "peak_mb": peak, "update_mb": peak - base, "seconds": seconds, "traj_mb": _td_mb(traj), "rollout_mb": ro_mb}
+
+
+def _td_mb(td) -> float:
+    return sum(v.numel() * v.element_size() for v in td.values(include_nested=True, leaves_only=True)
+               if isinstance(v, torch.Tensor)) / 2**20
 
 
 def memory_report(args) -> None:
     B = args.n_prompts * args.group_size
+    print("traj: the trajectory batch the update replays; rollout: TorchRL's per-step record, freed before the update")
     print(f"peak memory of one update (batch {B} rollouts, {args.sde_steps} SDE steps, chunks of {args.chunk_steps} steps, "
           f"{args.device}, {args.threads} threads); each row a fresh process\n")
     print(f"{'preset':8s} {'tokens':>6s} {'windows':>7s} {'before MB':>10s} {'peak MB':>9s} {'update MB':>10s} "
-          f"{'traj MB':>8s} {'seconds':>8s}")
+          f"{'traj MB':>8s} {'rollout MB':>11s} {'seconds':>8s}")
     for preset in args.presets:
         rows = []
         for n in args.memory_tokens:
@@ -149,7 +154,7 @@ def memory_report(args) -> None:
             r = json.loads(out.strip().splitlines()[-1])
             rows.append(r)
             print(f"{preset:8s} {r['tokens']:6d} {r['windows']:7d} {r['base_mb']:10.1f} {r['peak_mb']:9.1f} "
-                  f"{r['update_mb']:10.1f} {r['traj_mb']:8.2f} {r['seconds']:8.2f}")
+                  f"{r['update_mb']:10.1f} {r['traj_mb']:8.2f} {r['rollout_mb']:11.1f} {r['seconds']:8.2f}")
         print(f"{preset:8s} update memory ratio {rows[-1]['tokens']} / {rows[0]['tokens']} tokens: "
               f"{rows[-1]['update_mb'] / rows[0]['update_mb']:.2f}  (peak ratio {rows[-1]['peak_mb'] / rows[0]['peak_mb']:.2f})\n")
 

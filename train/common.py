@@ -312,8 +312,12 @@ def advantage_stats(traj, reward) -> dict:
 
 
 @torch.no_grad()
-def listening_table(model, vae, normalizer, bank, reward, n_windows: int, steps: int, seed: int) -> dict:
-    """Per rewarded group: listening velocity-std deviation (|std(vel pred) - std(vel gt)|) and reward."""
+def listening_table(model, vae, normalizer, bank, reward, n_windows: int, steps: int, seed: int) -> tuple[dict, dict]:
+    """Per rewarded group: listening velocity-std deviation (|std(vel pred) - std(vel gt)|), ratio and reward.
+
+    Returns the table and the per-window values ``{"{g}/vel_std_dev": (n,), "{g}/reward": (n,)}`` of the
+    windows with listening frames (for paired comparisons).
+    """
     from gdpo_listener.envs.flame import GROUPS
     from gdpo_listener.rewards.stats import dynamic_deviation, velocity_std
 
@@ -322,22 +326,39 @@ def listening_table(model, vae, normalizer, bank, reward, n_windows: int, steps:
     gt, lis = b["actor_motion"], b["listening"]
     rewards = reward(pred, gt, lis, b["actor_valid"])  # (B, n_groups)
     rows = lis.sum(1) > 2
-    out = {}
+    out, per_window = {}, {}
     for i, g in enumerate(reward.group_names):
         sl = GROUPS[g]
-        out[f"{g}/vel_std_dev"] = float(dynamic_deviation(pred[rows][..., sl], gt[rows][..., sl], lis[rows]).mean())
+        dev = dynamic_deviation(pred[rows][..., sl], gt[rows][..., sl], lis[rows])  # (n,) one per window
+        per_window[f"{g}/vel_std_dev"], per_window[f"{g}/reward"] = dev, rewards[rows, i]
+        out[f"{g}/vel_std_dev"] = float(dev.mean())
         out[f"{g}/vel_std_ratio"] = float(velocity_std(pred[rows][..., sl], lis[rows]).mean() / velocity_std(gt[rows][..., sl], lis[rows]).mean().clamp(min=1e-8))
         out[f"{g}/reward"] = float(rewards[rows, i].mean())
-    return out
+    return out, per_window
 
 
 def before_after(supervised, trained, vae, normalizer, bank, reward, cfg) -> dict:
-    """Print and return the supervised-vs-post-trained table on held-out windows (ODE sampler)."""
+    """Print and return the supervised-vs-post-trained table on held-out windows (ODE sampler).
+
+    Both policies sample with the same noise, so windows are paired: the table adds, per rewarded
+    group, the mean change with a 95 % paired-bootstrap interval and the share of windows improved.
+    """
+    from gdpo_listener.rewards.metrics import paired_bootstrap_ci
+
     kw = dict(n_windows=int(cfg.eval.n_windows), steps=int(cfg.eval.steps), seed=int(cfg.seed))
-    before = listening_table(supervised, vae, normalizer, bank, reward, **kw)
-    after = listening_table(trained, vae, normalizer, bank, reward, **kw)
+    before, pw_before = listening_table(supervised, vae, normalizer, bank, reward, **kw)
+    after, pw_after = listening_table(trained, vae, normalizer, bank, reward, **kw)
     print(f"\n== listening frames, held-out windows (n={min(kw['n_windows'], bank.batch_size[0])}), ODE {kw['steps']} steps ==")
-    print(f"  {'metric':32s} {'supervised':>12s} {cfg.algo.name:>12s}")
+    print(f"  {'metric':32s} {'supervised':>12s} {cfg.algo.name:>12s}   {'change [95% CI]':>28s} {'windows better':>15s}")
+    out = {}
     for k in before:
-        print(f"  {k:32s} {before[k]:12.4f} {after[k]:12.4f}")
-    return {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()}}
+        line = f"  {k:32s} {before[k]:12.4f} {after[k]:12.4f}"
+        if k in pw_before:
+            diff = pw_after[k] - pw_before[k]  # (n,) paired per window
+            better = diff < 0 if k.endswith("vel_std_dev") else diff > 0
+            mean, lo, hi = paired_bootstrap_ci(diff, seed=int(cfg.seed))
+            out.update({f"change/{k}": mean, f"change/{k}/ci_low": lo, f"change/{k}/ci_high": hi,
+                        f"change/{k}/frac_better": float(better.float().mean())})
+            line += f"   {mean:+10.5f} [{lo:+.5f}, {hi:+.5f}] {100 * float(better.float().mean()):14.0f}%"
+        print(line)
+    return {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()}, **out}

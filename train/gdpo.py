@@ -3,13 +3,15 @@
     python train/gdpo.py reward=expr+rot          # the main job: works as typed on a fresh clone
     python train/gdpo.py reward=all algo=grpo     # GRPO baseline
     python train/gdpo.py resume=true              # continue a killed run
+    python train/gdpo.py env.episode_tokens=100   # 32 s episodes by sliding windows (k = env.prefix_tokens)
 
 If the dataset, the VAE or the supervised AR-Flow are missing they are produced first by their
 own entry points (cached: the next run skips them). Each iteration collects ``n_prompts * G``
 SDE rollouts without gradient (one env step = one denoising transition), computes per-group
-rewards and group-relative advantages, then replays the cached transitions in chunks of
-``algo.chunk_steps`` denoising steps with gradient accumulation. The run ends with a
-before/after table on held-out windows (deterministic ODE sampler).
+rewards and group-relative advantages, then replays the cached transitions window by window in
+chunks of ``algo.chunk_steps`` denoising steps with gradient accumulation. The run ends with a
+before/after table on held-out windows (deterministic ODE sampler, paired per window with a
+bootstrap interval of the change).
 """
 from __future__ import annotations
 
@@ -32,10 +34,10 @@ from gdpo_listener.envs.sde_env import ListenerSDEEnv
 RESUME_KEYS = ("reward", "rewards", "env", "algo", "model", "pretrained", "features", "data", "seed")
 
 
-def make_env(cfg: DictConfig, bank, vae, normalizer, reward, generator, window_tokens: int) -> ListenerSDEEnv:
+def make_env(cfg: DictConfig, bank, vae, normalizer, reward, generator) -> ListenerSDEEnv:
     return ListenerSDEEnv(bank, vae, normalizer, reward, n_prompts=cfg.env.n_prompts, group_size=cfg.env.group_size,
                           sde_steps=cfg.env.sde_steps, sigma=cfg.env.sigma, device=bank.device, generator=generator,
-                          seed=cfg.seed, window_tokens=window_tokens, prefix_tokens=cfg.env.prefix_tokens)
+                          seed=cfg.seed)
 
 
 def make_train_bank(cfg: DictConfig, data_root, features, vae, normalizer, banks: dict, window_tokens: int):
@@ -130,7 +132,7 @@ def main(cfg: DictConfig) -> None:
     # -- RL components ----------------------------------------------------------------------------
     behaviour = copy.deepcopy(model).requires_grad_(False)
     train_bank = make_train_bank(cfg, data_root, features, vae, normalizer, banks, model.cfg.n_tokens)
-    env = make_env(cfg, train_bank, vae, normalizer, reward, generator, model.cfg.n_tokens)
+    env = make_env(cfg, train_bank, vae, normalizer, reward, generator)
     policy = make_policy(behaviour, train_bank, sigma=cfg.env.sigma, sde_steps=cfg.env.sde_steps, generator=generator,
                          prefix_tokens=cfg.env.prefix_tokens)
     loss_module = make_loss(cfg.algo, policy, model, reward)

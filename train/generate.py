@@ -23,7 +23,7 @@ from scipy.signal import resample_poly
 import common
 from gdpo_listener.envs.converters.vad import vad_frames
 from gdpo_listener.envs.flame import FLAME_DIM, FPS, GROUP_NAMES, SAMPLE_RATE
-from gdpo_listener.envs.windows import decode_latents, token_majority
+from gdpo_listener.envs.windows import decode_latents, encode_latents, token_majority
 
 
 def read_audio(path: Path) -> np.ndarray:
@@ -69,18 +69,9 @@ def main(cfg: DictConfig) -> None:
             pm = torch.as_tensor(z["motion"], dtype=torch.float32)
         if pm.ndim != 2 or pm.shape[1] != FLAME_DIM or pm.shape[0] < n_frames:
             raise ValueError(f"partner_motion {cfg.partner_motion}: need motion (>= {n_frames}, {FLAME_DIM}), got {tuple(pm.shape)}")
-        with torch.no_grad():
-            partner_latent = torch.cat([vae.encode(normalizer.normalize(pm[None, s:s + 200].to(device)))[0]
-                                        for s in range(0, n_frames - n_frames % 200, 200)] or [torch.zeros(1, 0, vae.cfg.d_latent)], 1)
-        has_pm = True
+        partner_latent, has_pm = encode_latents(vae, normalizer, pm[None, :n_frames].to(device)), True  # (1, N, Dv)
     else:
-        partner_latent, has_pm = None, False
-    n_tok = n_frames // r
-    if partner_latent is None or partner_latent.shape[1] < n_tok:
-        pl = torch.zeros(1, n_tok, vae.cfg.d_latent, device=device)
-        if partner_latent is not None:
-            pl[:, : partner_latent.shape[1]] = partner_latent
-        partner_latent = pl
+        partner_latent, has_pm = torch.zeros(1, n_frames // r, vae.cfg.d_latent, device=device), False
     vad = torch.as_tensor(vad_frames(actor[: n_frames * spf], n_frames, method=cfg.vad))[None]
     cond = {"text_emb": text_emb, "text_mask": torch.tensor([bool(text)], device=device), **feats,
             "partner_latent": partner_latent, "partner_has_motion": torch.tensor([has_pm], device=device)}
