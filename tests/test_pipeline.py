@@ -137,3 +137,15 @@ def test_generate_cli_long_clip_and_bad_inputs(workdir, first_run):
         assert res.returncode != 0 and msg in (res.stderr + res.stdout), (extra, res.stderr[-500:])
     res = run("generate.py", f"checkpoint={d / 'sft'}", f"actor_wav={d / 'missing.wav'}", cwd=d)
     assert res.returncode != 0 and "missing.wav" in res.stderr
+
+
+def test_pretrained_checkpoint_mismatch_is_refused(workdir, first_run):
+    """A VAE whose latent size differs from the supervised AR-Flow's, or an SFT checkpoint of another preset."""
+    d = workdir
+    res = run("vae.py", f"data.root={d / 'data'}", f"out_dir={d / 'vae4'}", "optim.steps=2", "optim.batch_size=8",
+              "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_latent=4", cwd=d)
+    assert res.returncode == 0
+    res = run("gdpo.py", *gdpo_args(d, "optim.iterations=1", f"out_dir={d / 'mismatch'}", f"pretrained.vae={d / 'vae4'}"), cwd=d)
+    assert res.returncode != 0 and "d_latent=8 but the pipeline needs d_latent=4" in res.stderr
+    res = run("gdpo.py", *gdpo_args(d, "optim.iterations=1", f"out_dir={d / 'mismatch'}", "model=paper"), cwd=d)
+    assert res.returncode != 0 and "preset 'small'" in res.stderr and "model=paper" in res.stderr

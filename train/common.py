@@ -208,12 +208,16 @@ def save_arflow(out_dir: Path, model, cfg: DictConfig, extra: dict | None = None
     return save_checkpoint(out_dir, "arflow", {"model": model.state_dict()}, meta)
 
 
-def load_arflow(path: Path, device: torch.device, expect: dict | None = None):
-    """Load an AR-Flow checkpoint; ``expect`` (e.g. ``{"d_latent": 16}``) must match its config."""
+def load_arflow(path: Path, device: torch.device, expect: dict | None = None, preset: str | None = None):
+    """Load an AR-Flow checkpoint; ``expect`` (e.g. ``{"d_latent": 16}``) must match its config and
+    ``preset`` (if given) the preset it was trained with."""
     from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig
     from gdpo_listener.agents.checkpoint import CheckpointError, load_meta, load_weights
 
     meta = load_meta(path, kind="arflow")
+    if preset is not None and meta.get("preset") != preset:
+        raise CheckpointError(f"{path}: AR-Flow checkpoint of preset {meta.get('preset')!r}, but the run uses model={preset} "
+                              f"(point pretrained.sft at a {preset} checkpoint or drop the model override)")
     cfg = ARFlowConfig(**meta["arch"])
     for k, v in (expect or {}).items():
         if getattr(cfg, k) != v:

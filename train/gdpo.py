@@ -126,7 +126,8 @@ def main(cfg: DictConfig) -> None:
     vae, normalizer, _ = common.load_frozen_vae(vae_path, device)
     features, text_enc, audio_enc = common.make_features(cfg.features, data_root, device)
     banks = common.make_banks(data_root, features, vae, normalizer, device)
-    model, _ = common.load_arflow(sft_path, device, expect={"d_latent": vae.cfg.d_latent, "d_text": text_enc.dim, "d_audio": audio_enc.dim})
+    model, _ = common.load_arflow(sft_path, device, expect={"d_latent": vae.cfg.d_latent, "d_text": text_enc.dim, "d_audio": audio_enc.dim},
+                                  preset=cfg.model.preset)
     supervised = copy.deepcopy(model)
 
     # -- RL components ----------------------------------------------------------------------------
