@@ -22,6 +22,7 @@ import copy
 import ctypes
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -150,7 +151,9 @@ def memory_report(args) -> None:
             cmd = [sys.executable, __file__, "--memory-child", preset, str(n), "--device", args.device,
                    "--threads", str(args.threads), "--n-prompts", str(args.n_prompts), "--group-size", str(args.group_size),
                    "--sde-steps", str(args.sde_steps), "--chunk-steps", str(args.chunk_steps)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            # large blocks straight from mmap and back on free: the resident set follows live memory, not heap fragmentation
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             r = json.loads(out.strip().splitlines()[-1])
             rows.append(r)
             print(f"{preset:8s} {r['tokens']:6d} {r['windows']:7d} {r['base_mb']:10.1f} {r['peak_mb']:9.1f} "
