@@ -168,6 +168,13 @@ class ListenerSDEEnv(EnvBase):
         pred = self.decode(history)
         return self.reward_fn(pred, rows["actor_motion"], rows["listening"], rows["actor_valid"])
 
+    def rng_state(self) -> dict:
+        """State of the window sampler (the noise generator is the caller's; save it alongside)."""
+        return {"windows": self._np_rng.bit_generator.state}
+
+    def set_rng_state(self, state: dict) -> None:
+        self._np_rng.bit_generator.state = state["windows"]
+
     def _set_seed(self, seed: int | None) -> None:
         self._np_rng = np.random.default_rng(seed)
         if self.generator is not None and seed is not None:

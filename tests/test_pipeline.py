@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +63,13 @@ def test_gdpo_main_job_trains_prerequisites_then_resumes(workdir, first_run):
     res2 = run("gdpo.py", "reward=expr+rot", *gdpo_args(d, "optim.iterations=3", f"out_dir={out}", "resume=true"), cwd=d)
     assert res2.returncode == 0
     assert "resumed at iteration 2" in res2.stdout and "[pipeline] running" not in res2.stdout
+    # ... exactly: 2 iterations + resume to 3 equals 3 iterations straight (optimiser, noise and window draws restored)
+    res_straight = run("gdpo.py", "reward=expr+rot", *gdpo_args(d, "optim.iterations=3", f"out_dir={d / 'straight'}"), cwd=d)
+    assert res_straight.returncode == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(d / "straight" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # resuming with another config is refused clearly
     res3 = run("gdpo.py", "reward=expr", *gdpo_args(d, "optim.iterations=3", f"out_dir={out}", "resume=true"), cwd=d)
     assert res3.returncode != 0 and "another config" in (res3.stderr + res3.stdout)
@@ -149,3 +157,20 @@ def test_pretrained_checkpoint_mismatch_is_refused(workdir, first_run):
     assert res.returncode != 0 and "d_latent=8 but the pipeline needs d_latent=4" in res.stderr
     res = run("gdpo.py", *gdpo_args(d, "optim.iterations=1", f"out_dir={d / 'mismatch'}", "model=paper"), cwd=d)
     assert res.returncode != 0 and "preset 'small'" in res.stderr and "model=paper" in res.stderr
+
+
+def test_sft_resume_continues_exactly_and_refuses_another_config(workdir, first_run):
+    """2 steps + resume to 4 gives the same weights as 4 steps straight (optimiser, schedule and RNG restored)."""
+    from safetensors.torch import load_file
+
+    d = workdir
+    tiny = ["optim.batch_size=8", "+model.arch.d_model=32", "+model.arch.n_layers=1", "+model.arch.n_heads=2",
+            "eval.n_windows=4", f"data.root={d / 'data'}", f"vae_dir={d / 'vae'}", f"features.cache_dir={d / 'cache'}"]
+    assert run("sft.py", *tiny, "optim.steps=4", f"out_dir={d / 'sft_a'}", cwd=d).returncode == 0
+    assert run("sft.py", *tiny, "optim.steps=2", f"out_dir={d / 'sft_b'}", cwd=d).returncode == 0
+    res = run("sft.py", *tiny, "optim.steps=4", f"out_dir={d / 'sft_b'}", "resume=true", cwd=d)
+    assert res.returncode == 0 and "resumed from step 2" in res.stdout
+    a, b = load_file(str(d / "sft_a" / "model.safetensors")), load_file(str(d / "sft_b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    res = run("sft.py", *tiny, "optim.steps=6", f"out_dir={d / 'sft_b'}", "resume=true", "seed=1", cwd=d)
+    assert res.returncode != 0 and "another config" in res.stderr and "seed" in res.stderr

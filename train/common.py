@@ -150,14 +150,39 @@ def resolved_config(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def resume_config(cfg: DictConfig, keys) -> dict:
+    """The config sections (``keys``) a resumed run must share with the run that wrote the state."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
 
 
-def set_rng_state(state: dict) -> None:
+def load_resume_state(path: Path, cfg: DictConfig, keys, device) -> dict:
+    """The training state at ``path`` (written with ``"config": resume_config(cfg, keys)``), refused clearly
+    when missing or written with another config."""
+    if not path.is_file():
+        raise FileNotFoundError(f"resume=true but no training state at {path}")
+    state = torch.load(path, map_location=device, weights_only=False)
+    now, then = resume_config(cfg, keys), state.get("config") or {}
+    diff = [k for k in keys if then.get(k) != now[k]]
+    if diff:
+        raise ValueError(f"resume folder {path.parent.parent} was written with another config (differs in: {', '.join(diff)})")
+    return state
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    """Global RNG states (torch, CUDA, numpy, python) and that of the run's ``generator``."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "generator": None if generator is None else generator.get_state()}
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and state.get("generator") is not None:
+        generator.set_state(state["generator"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import time
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
@@ -85,27 +85,11 @@ def reward_stats(traj, group_names) -> dict:
     return out
 
 
-def resume_config(cfg: DictConfig) -> dict:
-    """The config sections a resumed run must share with the run that wrote the state."""
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in RESUME_KEYS}
-
-
-def save_state(path, model, behaviour, optimizer, iteration, logger, cfg) -> None:
+def save_state(path, model, behaviour, optimizer, iteration, logger, cfg, env, generator) -> None:
     atomic_save_torch(path, {"model": model.state_dict(), "behaviour": behaviour.state_dict(), "optim": optimizer.state_dict(),
-                "iteration": iteration, "rng": common.rng_state(),
+                "iteration": iteration, "rng": common.rng_state(generator), "env_rng": env.rng_state(),
                 "logger": logger.state_dict() if logger is not None and hasattr(logger, "state_dict") else None,
-                "config": resume_config(cfg)})
-
-
-def load_state(path, cfg, device):
-    if not path.is_file():
-        raise FileNotFoundError(f"resume=true but no training state at {path}")
-    state = torch.load(path, map_location=device, weights_only=False)
-    now = resume_config(cfg)
-    diff = [k for k in RESUME_KEYS if state["config"].get(k) != now[k]]
-    if diff:
-        raise ValueError(f"resume folder {path.parent.parent} was written with another config (differs in: {', '.join(diff)})")
-    return state
+                "config": common.resume_config(cfg, RESUME_KEYS)})
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="gdpo")
@@ -143,12 +127,12 @@ def main(cfg: DictConfig) -> None:
     state_path = out_dir / "last" / "state.pt"
     start, logger_state = 0, None
     if cfg.resume:
-        state = load_state(state_path, cfg, device)
+        state = common.load_resume_state(state_path, cfg, RESUME_KEYS, device)
         model.load_state_dict(state["model"])
         behaviour.load_state_dict(state["behaviour"])
         optimizer.load_state_dict(state["optim"])
-        common.set_rng_state(state["rng"])
-        generator.manual_seed(cfg.seed + 7919 * state["iteration"])
+        common.set_rng_state(state["rng"], generator)  # rollout noise and window draws continue the killed run's
+        env.set_rng_state(state["env_rng"])
         start, logger_state = state["iteration"], state["logger"]
         print(f"[gdpo] resumed at iteration {start}")
     logger = common.make_logger(cfg.logger, out_dir, f"{cfg.algo.name}", state_dict=logger_state)
@@ -174,7 +158,7 @@ def main(cfg: DictConfig) -> None:
             common.log_scalars(logger, stats, it + 1)
         bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in stats.items() if k.endswith("/mean") and k.startswith("reward/")})
         if (it + 1) % int(cfg.ckpt_every) == 0 or it + 1 == iterations:
-            save_state(state_path, model, behaviour, optimizer, it + 1, logger, cfg)
+            save_state(state_path, model, behaviour, optimizer, it + 1, logger, cfg, env, generator)
     model.eval()
     common.save_arflow(out_dir, model, cfg, extra={"stage": "rl", "algo": cfg.algo.name, "reward": cfg.reward,
                                                    "vae_dir": str(vae_path), "sft": str(sft_path)})

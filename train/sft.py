@@ -50,10 +50,15 @@ def flow_step(model, batch, generator) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_training_state(path, model, opt, sched, step, logger) -> None:
+# config sections that must match for resume=true to continue a run (optim.steps may grow)
+RESUME_KEYS = ("model", "data", "features", "vae_dir", "seed")
+
+
+def save_training_state(path, model, opt, sched, step, logger, cfg, generator) -> None:
     atomic_save_torch(path, {
         "model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-        "rng": common.rng_state(), "logger": logger.state_dict() if logger is not None and hasattr(logger, "state_dict") else None,
+        "rng": common.rng_state(generator), "logger": logger.state_dict() if logger is not None and hasattr(logger, "state_dict") else None,
+        "config": common.resume_config(cfg, RESUME_KEYS),
     })
 
 
@@ -79,15 +84,12 @@ def main(cfg: DictConfig) -> None:
     state_path = out_dir / "last" / "state.pt"
     start, logger_state = 0, None
     if cfg.resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"resume=true but no training state at {state_path}")
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = common.load_resume_state(state_path, cfg, RESUME_KEYS, device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         start, logger_state = state["step"], state.get("logger")
-        common.set_rng_state(state["rng"])
-        generator.manual_seed(cfg.seed + start)
+        common.set_rng_state(state["rng"], generator)  # batches and flow noise continue the killed run's streams
         print(f"[sft] resumed from step {start}")
     elif is_checkpoint(out_dir):
         print(f"[sft] note: overwriting the finished checkpoint at {out_dir}")
@@ -114,8 +116,8 @@ def main(cfg: DictConfig) -> None:
             common.log_scalars(logger, scalars, step + 1)
             bar.set_postfix(loss=f"{scalars['loss/loss_flow']:.4f}")
         if (step + 1) % cfg.ckpt_every == 0:
-            save_training_state(state_path, model, opt, sched, step + 1, logger)
-    save_training_state(state_path, model, opt, sched, int(cfg.optim.steps), logger)
+            save_training_state(state_path, model, opt, sched, step + 1, logger, cfg, generator)
+    save_training_state(state_path, model, opt, sched, int(cfg.optim.steps), logger, cfg, generator)
     elapsed = time.perf_counter() - t0
     model.eval()
     common.save_arflow(out_dir, model, cfg, extra={"vae_dir": str(common.abspath(cfg.vae_dir)),
