@@ -30,10 +30,35 @@ from dataclasses import dataclass
 import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModule  # noqa: F401  (documentation cross-reference)
+from torchrl.envs.utils import step_mdp
 from torchrl.objectives import LossModule
 
 from .advantages import gdpo_advantages, grpo_advantages
 from .flow import gaussian_kl_same_std, gaussian_log_prob
+
+
+def _as_trajectories(steps: TensorDictBase, history: torch.Tensor, reward: torch.Tensor, window: torch.Tensor,
+                     group_id: torch.Tensor, n_tokens: int, sde_steps: int, token_mask: torch.Tensor | None,
+                     log_prob_key: str) -> TensorDict:
+    """Per-step records ``(B, N*K)`` + episode ends -> the trajectory layout ``(B,)`` (see :func:`trajectory_batch`)."""
+    B, L = steps.batch_size
+    N, K = n_tokens, sde_steps
+    if L != N * K:
+        raise ValueError(f"rollout has {L} steps, expected n_tokens * sde_steps = {N * K}")
+
+    def per_step(x):  # (B, N*K, ...) -> (B, K, N, ...)
+        return x.reshape(B, N, K, *x.shape[2:]).transpose(1, 2)
+
+    mask = torch.ones(B, N, dtype=torch.bool, device=steps.device) if token_mask is None else token_mask
+    return TensorDict({
+        "history": history, "window": window, "group_id": group_id,
+        "x": per_step(steps["x"]),
+        "t": per_step(steps["t"].squeeze(-1)),
+        "action": per_step(steps["action"]),
+        "action_log_prob": per_step(steps[log_prob_key]),
+        "reward": reward,
+        "token_mask": mask,
+    }, batch_size=[B], device=steps.device).apply(lambda v: v.contiguous())
 
 
 @torch.no_grad()
@@ -45,27 +70,31 @@ def trajectory_batch(rollout: TensorDictBase, n_tokens: int, sde_steps: int, tok
     ``t (K, N)``, ``action (K, N, D)``, ``action_log_prob (K, N)``, ``reward (n_groups,)``,
     ``token_mask (N,)`` (transitions that enter the objective).
     """
-    B, L = rollout.batch_size
-    N, K = n_tokens, sde_steps
-    if L != N * K:
-        raise ValueError(f"rollout has {L} steps, expected n_tokens * sde_steps = {N * K}")
+    return _as_trajectories(rollout, rollout["next", "history"][:, -1], rollout["next", "reward"][:, -1],
+                            rollout["window"][:, 0], rollout["group_id"][:, 0], n_tokens, sde_steps, token_mask, log_prob_key)
 
-    def per_step(x):  # (B, N*K, ...) -> (B, K, N, ...)
-        return x.reshape(B, N, K, *x.shape[2:]).transpose(1, 2)
 
-    D = rollout["x"].shape[-1]
-    mask = torch.ones(B, N, dtype=torch.bool, device=rollout.device) if token_mask is None else token_mask
-    return TensorDict({
-        "history": rollout["next", "history"][:, -1],
-        "window": rollout["window"][:, 0],
-        "group_id": rollout["group_id"][:, 0],
-        "x": per_step(rollout["x"]),
-        "t": per_step(rollout["t"].squeeze(-1)),
-        "action": per_step(rollout["action"]),
-        "action_log_prob": per_step(rollout[log_prob_key]),
-        "reward": rollout["next", "reward"][:, -1],
-        "token_mask": mask,
-    }, batch_size=[B], device=rollout.device).apply(lambda v: v.contiguous())
+@torch.no_grad()
+def collect_trajectories(env, policy, log_prob_key: str = "action_log_prob") -> TensorDict:
+    """One batch of episodes of ``env`` under ``policy``, straight into the :func:`trajectory_batch` layout.
+
+    Same transitions as ``trajectory_batch(env.rollout(N * K, policy), N, K)``, but only the state,
+    flow time, action and log-prob of each step are recorded: memory grows linearly with the episode,
+    whereas ``env.rollout``'s record holds the Markov state's whole ``history`` at every step
+    (quadratic in the number of tokens). Run it under the exploration type you want (random for RL).
+    """
+    N, K = env.n_tokens, env.sde_steps
+    td = env.reset()
+    window, group_id = td["window"], td["group_id"]
+    record = []
+    for _ in range(N * K):
+        td = policy(td)
+        record.append(td.select("x", "t", "action", log_prob_key))
+        td = env.step(td)
+        last = td["next"]
+        td = step_mdp(td)
+    return _as_trajectories(torch.stack(record, dim=1), last["history"], last["reward"], window, group_id, N, K,
+                            None, log_prob_key)
 
 
 STEP_KEYS = ("x", "t", "action", "action_log_prob")

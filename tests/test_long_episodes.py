@@ -8,7 +8,7 @@ import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from gdpo_listener.agents.flow import gaussian_log_prob
-from gdpo_listener.agents.loss import GDPOLoss, chunked_update, select_steps, select_window, trajectory_batch
+from gdpo_listener.agents.loss import GDPOLoss, chunked_update, collect_trajectories, select_steps, select_window, trajectory_batch
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.envs.windows import cond_from_bank, sliding_windows, window_cond
@@ -141,3 +141,17 @@ def test_windowed_update_gradient_equals_mean_objective_gradient():
 def test_bad_prefix_tokens():
     with pytest.raises(ValueError, match="1 <= k < W"):
         make_policy(tiny_arflow(), tiny_bank(frames=FRAMES), prefix_tokens=N)
+
+
+def test_collect_trajectories_equals_rollout_reshaped():
+    """The lean collector records the same transitions as env.rollout + trajectory_batch (same generator)."""
+    env, policy, _, _, _ = make_long()
+    ro = long_rollout(env, policy, 21)
+    expected = trajectory_batch(ro, N_LONG, K)
+    env.set_windows(torch.tensor([1, 4]))
+    env.generator.manual_seed(21)
+    with set_exploration_type(ExplorationType.RANDOM):
+        got = collect_trajectories(env, policy)
+    assert set(got.keys()) == set(expected.keys())
+    for key in expected.keys():
+        assert torch.allclose(got[key].float(), expected[key].float(), atol=1e-6), key

@@ -33,7 +33,7 @@ from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig
-from gdpo_listener.agents.loss import GDPOLoss, chunked_update, trajectory_batch
+from gdpo_listener.agents.loss import GDPOLoss, chunked_update, collect_trajectories, trajectory_batch
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.agents.vae import MotionVAE, VAEConfig
 from gdpo_listener.envs.dataset import Normalizer
@@ -100,37 +100,51 @@ def _release_free_heap() -> None:
         pass
 
 
+def _reset_peak(cuda: bool) -> float:
+    """Reset the peak-memory mark; returns the memory in use now (MB)."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/clear_refs", "w") as f:  # reset the resident-set high-water mark (Linux)
+        f.write("5")
+    return _proc_kb("VmRSS") / 1024
+
+
+def _peak(cuda: bool) -> float:
+    """Peak memory (MB) since the last :func:`_reset_peak`."""
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _proc_kb("VmHWM") / 1024
+
+
 def memory_child(preset: str, episode_tokens: int, args) -> dict:
     """Collect one batch of ``episode_tokens``-token episodes, then measure the memory of one update."""
     torch.set_num_threads(args.threads)
     K = args.sde_steps
     env, policy, model, reward = build(preset, args.n_prompts, args.group_size, K, True, args.device, episode_tokens)
-    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
-        ro = env.rollout(env.n_tokens * K, policy, break_when_any_done=False)
-    traj = trajectory_batch(ro, env.n_tokens, K)
-    ro_mb = _td_mb(ro)
-    del ro
+    cuda = torch.device(args.device).type == "cuda"
+    with set_exploration_type(ExplorationType.RANDOM):
+        collect_trajectories(env, policy)  # warm-up
+        gc.collect()
+        _release_free_heap()
+        base0 = _reset_peak(cuda)
+        traj = collect_trajectories(env, policy)  # what train/gdpo.py collects
+        collect_mb = _peak(cuda) - base0
     loss = GDPOLoss(transition_core(policy), model, reward.lambdas)
     loss.compute_advantage(traj)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     chunked_update(loss, traj, opt, chunk_steps=args.chunk_steps)  # warm-up: optimiser state, allocator pools
     gc.collect()
     _release_free_heap()
-    cuda = torch.device(args.device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    else:
-        base = _proc_kb("VmRSS") / 1024
-        with open("/proc/self/clear_refs", "w") as f:  # reset the resident-set high-water mark (Linux)
-            f.write("5")
+    base = _reset_peak(cuda)
     t0 = time.perf_counter()
     chunked_update(loss, traj, opt, chunk_steps=args.chunk_steps)
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _proc_kb("VmHWM") / 1024
+    peak = _peak(cuda)
     return {"preset": preset, "tokens": env.n_tokens, "windows": len(transition_core(policy).schedule), "base_mb": base,
-            "peak_mb": peak, "update_mb": peak - base, "seconds": seconds, "traj_mb": _td_mb(traj), "rollout_mb": ro_mb}
+            "peak_mb": peak, "update_mb": peak - base, "seconds": seconds, "traj_mb": _td_mb(traj), "collect_mb": collect_mb}
 
 
 def _td_mb(td) -> float:
@@ -140,11 +154,12 @@ def _td_mb(td) -> float:
 
 def memory_report(args) -> None:
     B = args.n_prompts * args.group_size
-    print("traj: the trajectory batch the update replays; rollout: TorchRL's per-step record, freed before the update")
+    print("traj: the collected trajectory batch the update replays; collect: peak rise while collecting it "
+          "(agents.loss.collect_trajectories)")
     print(f"peak memory of one update (batch {B} rollouts, {args.sde_steps} SDE steps, chunks of {args.chunk_steps} steps, "
           f"{args.device}, {args.threads} threads); each row a fresh process\n")
     print(f"{'preset':8s} {'tokens':>6s} {'windows':>7s} {'before MB':>10s} {'peak MB':>9s} {'update MB':>10s} "
-          f"{'traj MB':>8s} {'rollout MB':>11s} {'seconds':>8s}")
+          f"{'traj MB':>8s} {'collect MB':>11s} {'seconds':>8s}")
     for preset in args.presets:
         rows = []
         for n in args.memory_tokens:
@@ -157,7 +172,7 @@ def memory_report(args) -> None:
             r = json.loads(out.strip().splitlines()[-1])
             rows.append(r)
             print(f"{preset:8s} {r['tokens']:6d} {r['windows']:7d} {r['base_mb']:10.1f} {r['peak_mb']:9.1f} "
-                  f"{r['update_mb']:10.1f} {r['traj_mb']:8.2f} {r['rollout_mb']:11.1f} {r['seconds']:8.2f}")
+                  f"{r['update_mb']:10.1f} {r['traj_mb']:8.2f} {r['collect_mb']:11.1f} {r['seconds']:8.2f}")
         print(f"{preset:8s} update memory ratio {rows[-1]['tokens']} / {rows[0]['tokens']} tokens: "
               f"{rows[-1]['update_mb'] / rows[0]['update_mb']:.2f}  (peak ratio {rows[-1]['peak_mb'] / rows[0]['peak_mb']:.2f})\n")
 

@@ -21,12 +21,13 @@ import time
 import hydra
 import torch
 from omegaconf import DictConfig
+from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
 import common
 from gdpo_listener.agents.checkpoint import atomic_save_torch
-from gdpo_listener.agents.loss import LOSSES, chunked_update, trajectory_batch
+from gdpo_listener.agents.loss import LOSSES, chunked_update, collect_trajectories
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 
@@ -68,12 +69,12 @@ def listening_token_mask(bank, window, n_tokens: int):
 
 
 @torch.no_grad()
-def collect(env, policy, algo_cfg) -> tuple:
+def collect(env, policy, algo_cfg) -> TensorDict:
     with set_exploration_type(ExplorationType.RANDOM):
-        rollout = env.rollout(env.n_tokens * env.sde_steps, policy, auto_reset=True, break_when_any_done=False)
-    window = rollout["window"][:, 0]
-    mask = listening_token_mask(env.bank, window, env.n_tokens) if algo_cfg.listening_tokens_only else None
-    return trajectory_batch(rollout, env.n_tokens, env.sde_steps, token_mask=mask)
+        traj = collect_trajectories(env, policy)
+    if algo_cfg.listening_tokens_only:
+        traj["token_mask"] = listening_token_mask(env.bank, traj["window"], env.n_tokens)
+    return traj
 
 
 def reward_stats(traj, group_names) -> dict:
