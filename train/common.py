@@ -19,7 +19,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from gdpo_listener.agents.checkpoint import is_checkpoint
-from gdpo_listener.envs.dataset import DyadicWindows, load_meta
+from gdpo_listener.envs.dataset import WINDOW, DyadicWindows, load_meta
 from gdpo_listener.envs.windows import build_window_bank
 
 TRAIN_DIR = Path(__file__).resolve().parent
@@ -120,7 +120,7 @@ def make_banks(data_root: Path, features, vae, normalizer, device, splits=("trai
     """Window banks per split; ``window`` (frames, default the dataset's 200) > 200 gives long rows."""
     banks = {}
     for split in splits:
-        windows = DyadicWindows(data_root, split, load_audio=False, **({} if window is None else {"window": window}))
+        windows = DyadicWindows(data_root, split, load_audio=False, window=window or WINDOW)
         idx = None
         if max_windows is not None and len(windows) > max_windows:
             idx = np.random.default_rng(0).choice(len(windows), max_windows, replace=False).tolist()
@@ -384,10 +384,9 @@ def before_after(supervised, trained, vae, normalizer, bank, reward, cfg) -> dic
         line = f"  {k:32s} {before[k]:12.4f} {after[k]:12.4f}"
         if k in pw_before:
             diff = pw_after[k] - pw_before[k]  # (n,) paired per window
-            better = diff < 0 if k.endswith("vel_std_dev") else diff > 0
+            frac_better = float((diff < 0 if k.endswith("vel_std_dev") else diff > 0).float().mean())
             mean, lo, hi = paired_bootstrap_ci(diff, seed=int(cfg.seed))
-            out.update({f"change/{k}": mean, f"change/{k}/ci_low": lo, f"change/{k}/ci_high": hi,
-                        f"change/{k}/frac_better": float(better.float().mean())})
-            line += f"   {mean:+10.5f} [{lo:+.5f}, {hi:+.5f}] {100 * float(better.float().mean()):14.0f}%"
+            out.update({f"change/{k}": mean, f"change/{k}/ci_low": lo, f"change/{k}/ci_high": hi, f"change/{k}/frac_better": frac_better})
+            line += f"   {mean:+10.5f} [{lo:+.5f}, {hi:+.5f}] {100 * frac_better:14.0f}%"
         print(line)
     return {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()}, **out}

@@ -41,16 +41,14 @@ def make_env(cfg: DictConfig, bank, vae, normalizer, reward, generator) -> Liste
                           seed=cfg.seed)
 
 
-def make_train_bank(cfg: DictConfig, data_root, features, vae, normalizer, banks: dict, window_tokens: int):
+def make_train_bank(cfg: DictConfig, data_root, features, vae, normalizer, device, window_tokens: int):
     """The bank episodes are drawn from: the model's windows, or long rows of ``env.episode_tokens`` tokens."""
     n = cfg.env.episode_tokens
-    if n is None or int(n) == window_tokens:
-        return banks["train"]
-    if int(n) != n or n < window_tokens:
+    if n is not None and (int(n) != n or n < window_tokens):
         raise ValueError(f"env.episode_tokens={n} must be null or an integer >= the model's window of {window_tokens} tokens")
-    frames = int(n) * vae.cfg.r
+    frames = None if n is None else int(n) * vae.cfg.r
     try:
-        return common.make_banks(data_root, features, vae, normalizer, banks["train"].device, splits=("train",), window=frames)["train"]
+        return common.make_banks(data_root, features, vae, normalizer, device, splits=("train",), window=frames)["train"]
     except ValueError as e:
         raise ValueError(f"env.episode_tokens={n} needs {frames}-frame segments of the train conversations: {e}") from None
 
@@ -110,14 +108,14 @@ def main(cfg: DictConfig) -> None:
     sft_path = common.make_sft_checkpoint(cfg, data_root, vae_path)
     vae, normalizer, _ = common.load_frozen_vae(vae_path, device)
     features, text_enc, audio_enc = common.make_features(cfg.features, data_root, device)
-    banks = common.make_banks(data_root, features, vae, normalizer, device)
     model, _ = common.load_arflow(sft_path, device, expect={"d_latent": vae.cfg.d_latent, "d_text": text_enc.dim, "d_audio": audio_enc.dim},
                                   preset=cfg.model.preset)
     supervised = copy.deepcopy(model)
+    train_bank = make_train_bank(cfg, data_root, features, vae, normalizer, device, model.cfg.n_tokens)
+    test_bank = common.make_banks(data_root, features, vae, normalizer, device, splits=("test",))["test"]
 
     # -- RL components ----------------------------------------------------------------------------
     behaviour = copy.deepcopy(model).requires_grad_(False)
-    train_bank = make_train_bank(cfg, data_root, features, vae, normalizer, banks, model.cfg.n_tokens)
     env = make_env(cfg, train_bank, vae, normalizer, reward, generator)
     policy = make_policy(behaviour, train_bank, sigma=cfg.env.sigma, sde_steps=cfg.env.sde_steps, generator=generator,
                          prefix_tokens=cfg.env.prefix_tokens)
@@ -163,7 +161,7 @@ def main(cfg: DictConfig) -> None:
     model.eval()
     common.save_arflow(out_dir, model, cfg, extra={"stage": "rl", "algo": cfg.algo.name, "reward": cfg.reward,
                                                    "vae_dir": str(vae_path), "sft": str(sft_path)})
-    table = common.before_after(supervised, model, vae, normalizer, banks["test"], reward, cfg)
+    table = common.before_after(supervised, model, vae, normalizer, test_bank, reward, cfg)
     common.log_scalars(logger, {f"eval/{k}": v for k, v in table.items()}, iterations)
     print(f"[gdpo] total time {time.perf_counter() - t_start:.1f} s; checkpoint: {out_dir}")
 
