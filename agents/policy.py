@@ -75,9 +75,7 @@ class SDETransition(nn.Module):
         self.sde_steps = int(sde_steps)
         self.dt = 1.0 / self.sde_steps
         n_total, W = bank["actor_latent"].shape[1], arflow.cfg.n_tokens
-        self.schedule = sliding_windows(max(n_total, W), W, prefix_tokens)  # validates k for any row length
-        if n_total <= W:
-            self.schedule = [(0, n_total, 0)]
+        self.schedule = sliding_windows(n_total, W, prefix_tokens)  # [(0, n_total, 0)] for a one-window row; validates k
         self._window_of = [w for w, (s0, n, new0) in enumerate(self.schedule) for _ in range(new0, s0 + n)]  # token -> window
         self._cache = None
         self._expect = None  # (token, sde_step) the next in-order call will carry

@@ -15,7 +15,6 @@ FLAME units, velocity-std ratio) on the held-out split.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import time
 
@@ -26,7 +25,7 @@ from omegaconf import DictConfig
 from torchrl.record.loggers.csv import CSVLogger
 
 import common
-from gdpo_listener.agents.checkpoint import atomic_write_bytes, atomic_write_json, is_checkpoint
+from gdpo_listener.agents.checkpoint import atomic_save_torch, atomic_write_json, is_checkpoint
 from gdpo_listener.agents.vae import (
     channel_weight,
     format_report,
@@ -64,13 +63,10 @@ def lr_at(step: int, optim_cfg) -> float:
 
 
 def save_training_state(path, model, opt, step, generator, logger) -> None:
-    buf = io.BytesIO()
-    torch.save({
+    atomic_save_torch(path, {
         "model": model.state_dict(), "optim": opt.state_dict(), "step": step,
-        "vae_config": dataclasses.asdict(model.cfg), "rng": common.rng_state(),
-        "generator": generator.get_state(), "logger": logger.state_dict(),
-    }, buf)
-    atomic_write_bytes(path, buf.getvalue())
+        "vae_config": dataclasses.asdict(model.cfg), "rng": common.rng_state(generator), "logger": logger.state_dict(),
+    })
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="vae")
@@ -107,8 +103,7 @@ def main(cfg: DictConfig) -> None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         start = int(state["step"])
-        common.set_rng_state(state["rng"])
-        generator.set_state(state["generator"])
+        common.set_rng_state(state["rng"], generator)
         logger.load_state_dict(state["logger"])
         print(f"[vae] resumed from step {start}")
     elif is_checkpoint(out_dir):
