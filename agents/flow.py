@@ -11,9 +11,14 @@ use the opposite direction; do not mix them.)
 Sampling, per latent token, on the grid t_s = s / steps (s = 0 .. steps - 1), dt = 1 / steps:
 
     ODE (eq. 5):  x <- x + dt * v(x, t_s)
-    SDE (eq. 7):  x <- x + dt * v(x, t_s) + sigma * sqrt(dt) * eps,   eps ~ N(0, I)
+    SDE (eq. 7):  x <- x + dt * b(x, t_s) + sigma * sqrt(dt) * eps,   eps ~ N(0, I)
 
-One SDE step is a Gaussian transition N(mean = x + dt * v, std = sigma * sqrt(dt)) per latent
+with drift b (``sde_drift``) either the paper's b = v ("paper", eq. 7 as printed; it does not keep
+the flow's marginals) or the score-corrected b = v - sigma^2 (x - t v) / (2 (1 - t)) ("marginal":
+for the straight path the score is -(x - t v) / (1 - t), and adding sigma^2 / 2 times it to the
+drift keeps every marginal of the flow for any sigma).
+
+One SDE step is a Gaussian transition N(mean = x + dt * b, std = sigma * sqrt(dt)) per latent
 dimension; its log-probability and the closed-form KL between two such transitions (same std)
 are what the RL stage uses. Classifier-free guidance (eq. 6): v = v_uncond + w * (v_cond - v_uncond).
 
@@ -31,7 +36,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "interpolate", "velocity_target", "flow_matching_loss", "euler_step", "sde_step",
+    "interpolate", "velocity_target", "flow_matching_loss", "euler_step", "sde_step", "sde_drift", "SDE_KINDS",
     "transition_mean", "transition_std", "gaussian_log_prob", "gaussian_kl_same_std",
     "cfg_combine", "time_grid",
 ]
@@ -74,6 +79,28 @@ def flow_matching_loss(v_pred: Tensor, x0: Tensor, x1: Tensor, reduce_dims: int 
 def euler_step(x: Tensor, v: Tensor, dt) -> Tensor:
     """One Euler step of the ODE dx = v dt (eq. 5)."""
     return x + _lead(dt, x) * v
+
+
+SDE_KINDS = ("paper", "marginal")
+
+
+def sde_drift(x: Tensor, v: Tensor, t, sigma, sde: str = "paper") -> Tensor:
+    """Drift b(x, t) of the SDE whose Euler-Maruyama step is x + dt * b + sigma * sqrt(dt) * eps.
+
+    ``"paper"``: b = v (eq. 7 as printed).
+    ``"marginal"``: b = v - sigma^2 (x - t v) / (2 (1 - t)), the score-corrected drift. On the straight
+    path x_t = t x1 + (1 - t) x0 the noise estimate is x0 = x - t v and the score is -x0 / (1 - t),
+    so b = v + sigma^2 / 2 * score keeps the flow's marginals. Needs t < 1 (the sampler's grid
+    evaluates t = s / steps < 1).
+    """
+    if sde not in SDE_KINDS:
+        raise ValueError(f"flow.sde_drift: sde must be one of {SDE_KINDS}, got {sde!r}")
+    if sde == "paper":
+        return v
+    t = _lead(t, x)
+    if (t >= 1).any() if isinstance(t, Tensor) else t >= 1:
+        raise ValueError("flow.sde_drift: the marginal drift needs t < 1 (t = 1 is data, the score is singular)")
+    return v - (sigma ** 2) * (x - t * v) / (2.0 * (1.0 - t))
 
 
 def transition_mean(x: Tensor, v: Tensor, dt) -> Tensor:

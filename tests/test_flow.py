@@ -108,3 +108,22 @@ def test_time_grid_rejects_bad_steps():
         flow.time_grid(0)
     with pytest.raises(ValueError, match="steps"):
         flow.time_grid(2.5)
+
+
+def test_sde_drift_paper_and_marginal(g):
+    x0, x1 = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    t = torch.rand(3, 5, generator=g) * 0.9  # per-token t (B, N)
+    x, v = flow.interpolate(x0, x1, t), flow.velocity_target(x0, x1)
+    sigma = 0.7
+    assert torch.equal(flow.sde_drift(x, v, t, sigma, "paper"), v)
+    assert torch.equal(flow.sde_drift(x, v, t, sigma), v)  # default is the paper's eq. 7
+    # on the straight path x - t v is the noise x0, so the correction is -sigma^2 x0 / (2 (1 - t))
+    got = flow.sde_drift(x, v, t, sigma, "marginal")
+    torch.testing.assert_close(got, v - sigma**2 * x0 / (2 * (1 - t[..., None])))
+    torch.testing.assert_close(flow.sde_drift(x, v, t, 0.0, "marginal"), v)  # no noise, no correction
+    torch.testing.assert_close(flow.sde_drift(x[0, 0], v[0, 0], 0.25, sigma, "marginal"),
+                               v[0, 0] - sigma**2 * (x[0, 0] - 0.25 * v[0, 0]) / 1.5)  # python-number t
+    with pytest.raises(ValueError, match="sde must be one of"):
+        flow.sde_drift(x, v, t, sigma, "ito")
+    with pytest.raises(ValueError, match="t < 1"):
+        flow.sde_drift(x, v, torch.ones(3, 5), sigma, "marginal")
