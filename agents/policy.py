@@ -2,14 +2,27 @@
 
 For the state ``m_t`` of token ``l`` the policy is the Gaussian transition
 
-    pi(m_{t+dt} | m_t) = N(m_t + dt * v_theta(m_t), sigma^2 * dt * I),     dt = 1 / K
+    pi(m_{t+dt} | m_t) = N(m_t + dt * b(m_t, t), sigma^2 * dt * I),     dt = 1 / K
 
-with log-probability summed over the latent dims. The module keeps the AR-Flow's key/value cache
-across the transitions of a token and across tokens, so one environment step costs one
-new-token pass. The cache follows the rollout: a new episode (``token == 0``, ``sde_step == 0``)
-starts a fresh cache from the conditioning of ``window``; when a token starts, the finished token
-``l - 1`` (from ``history``) is appended; if the calls arrive out of order the cache is rebuilt
-from ``history``, so the output never depends on stale state.
+with drift ``b = flow.sde_drift(m_t, v_theta, t, sigma, sde)`` (``sde="paper"``: b = v, eq. 7;
+``"marginal"``: the score-corrected drift) and log-probability summed over the latent dims. The
+environment owns ``sigma``, ``K`` (``sde_steps``) and ``sde``; :func:`make_policy` takes them from
+the env, and every transition checks that the env's flow time ``t`` is ``sde_step / K``.
+
+Safe by default:
+
+* the policy samples (``InteractionType.RANDOM``) unless the caller asks for the mean with
+  ``set_exploration_type(ExplorationType.DETERMINISTIC)``;
+* collection and replay run the AR-Flow without dropout and without condition dropout, whatever
+  its train/eval mode, so replayed log-probs equal the collected ones;
+* the key/value cache is kept per episode (``episode``: an id the env writes at reset), so one
+  policy can step several environments in turn.
+
+The module keeps the AR-Flow's key/value cache across the transitions of a token and across
+tokens, so one environment step costs one new-token pass. A new episode (``token == 0``,
+``sde_step == 0``) starts a fresh cache from the conditioning of ``window``; when a token starts,
+the finished token ``l - 1`` (from ``history``) is appended; if the calls arrive out of order the
+cache is rebuilt from ``history``, so the output never depends on stale state.
 
 For the update, :meth:`SDETransition.replay_loc` recomputes the transition means of cached
 states with gradient, teacher forced (one pass for every token of the trajectory at a given
@@ -22,19 +35,24 @@ restarts at every window. ``replay_loc`` then replays one window (``span``) at a
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModule
+from tensordict.nn import InteractionType, TensorDictModule
 from torch import nn
 from torchrl.modules import IndependentNormal, ProbabilisticActor
 
 from ..envs.windows import sliding_windows, window_cond
-from .arflow import DROP_KEYS
-from .flow import transition_mean
+from .arflow import DROP_KEYS, KVCache
+from .flow import SDE_KINDS, sde_drift, transition_mean, transition_std
 
-POLICY_IN_KEYS = ["x", "t", "token", "sde_step", "history", "window"]
+POLICY_IN_KEYS = ["x", "t", "token", "sde_step", "history", "window", "episode"]
+NO_DROP = {k: False for k in DROP_KEYS}  # collection and replay never drop conditions
 
 
 class SDEGaussian(IndependentNormal):
@@ -55,68 +73,128 @@ class SDEGaussian(IndependentNormal):
             return self.rsample(sample_shape)
 
 
+@contextlib.contextmanager
+def inference_mode_of(model: nn.Module):
+    """Run ``model`` in eval mode (no dropout) and restore every sub-module's mode afterwards.
+
+    Gradients still flow; only the train-time randomness is switched off.
+    """
+    if not model.training:
+        yield model
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@dataclass
+class _EpisodeCache:
+    """Key/value cache of one episode: the current window's cache and where the rollout stands."""
+
+    cache: KVCache
+    expect: tuple[int, int]  # (token, sde_step) of the next in-order call
+    length: int  # finished tokens written into the cache
+
+
 class SDETransition(nn.Module):
-    """``(x, t, token, sde_step, history, window) -> (loc, scale)`` of one SDE transition.
+    """``(x, t, token, sde_step, history, window, episode) -> (loc, scale)`` of one SDE transition.
 
     Args:
         arflow: the AR-Flow (``agents/arflow.py``); its parameters are the policy's.
         bank: window bank holding the conditioning rows that ``window`` indexes.
-        sigma, sde_steps: eq. 7 noise scale and transitions per token.
+        sigma, sde_steps, sde: noise scale, transitions per token and drift kind (``flow.sde_drift``);
+            the environment's values (see :func:`make_policy`).
         prefix_tokens: k of the sliding-window schedule of long rows (paper 4.3).
+        max_episodes: episodes whose caches are kept at once (least recently used dropped first;
+            an episode's cache is dropped after its last transition).
     """
 
     def __init__(self, arflow: nn.Module, bank: TensorDictBase, sigma: float, sde_steps: int, use_cache: bool = True,
-                 prefix_tokens: int = 1):
+                 prefix_tokens: int = 1, sde: str = "paper", max_episodes: int = 4):
         super().__init__()
+        if sde not in SDE_KINDS:
+            raise ValueError(f"policy: sde must be one of {SDE_KINDS}, got {sde!r}")
+        if int(sde_steps) != sde_steps or sde_steps < 1:
+            raise ValueError(f"policy: sde_steps must be a positive integer, got {sde_steps!r}")
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"policy: sigma must be finite and >= 0, got {sigma}")
         self.use_cache = bool(use_cache)  # False: recompute prefix + history every step (benchmark baseline)
         self.arflow = arflow
         self.bank = bank
         self.sigma = float(sigma)
         self.sde_steps = int(sde_steps)
+        self.sde = sde
         self.dt = 1.0 / self.sde_steps
+        self.std = transition_std(self.sigma, self.dt)
         n_total, W = bank["actor_latent"].shape[1], arflow.cfg.n_tokens
+        self.n_total = n_total
         self.schedule = sliding_windows(n_total, W, prefix_tokens)  # [(0, n_total, 0)] for a one-window row; validates k
         self._window_of = [w for w, (s0, n, new0) in enumerate(self.schedule) for _ in range(new0, s0 + n)]  # token -> window
-        self._cache = None
-        self._expect = None  # (token, sde_step) the next in-order call will carry
-        self._cache_len = 0  # finished tokens written into the cache
+        self.max_episodes = int(max_episodes)
+        self._episodes: OrderedDict[int, _EpisodeCache] = OrderedDict()
 
     def reset_cache(self) -> None:
-        self._cache, self._expect, self._cache_len = None, None, 0
+        self._episodes.clear()
 
     def _cond(self, window: torch.Tensor, s0: int, n: int) -> dict:
         return window_cond(self.bank[window], s0, n, self.arflow.cfg.r)
 
-    def _rebuild(self, window: torch.Tensor, history: torch.Tensor, l: int, s0: int, n: int) -> None:
-        """Cache of the window starting at token ``s0`` holding its tokens ``s0 .. l - 1`` from ``history``."""
-        self._cache = self.arflow.start(self._cond(window, s0, n))
-        for j in range(s0, l):
-            self.arflow.append(self._cache, history[:, j], j - s0)
-        self._cache_len = l
+    def _mean(self, x: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
+        """Transition mean x + dt * b(x, t) of the env's SDE kind."""
+        return transition_mean(x, sde_drift(x, v, t, self.sigma, self.sde), self.dt)
 
-    def forward(self, x, t, token, sde_step, history, window):
-        # rows step in lock-step: one scalar read of the schedule per call
-        l, k = int(token[0]), int(sde_step[0])
+    def _rebuild(self, window: torch.Tensor, history: torch.Tensor, l: int, s0: int, n: int) -> _EpisodeCache:
+        """Cache of the window starting at token ``s0`` holding its tokens ``s0 .. l - 1`` from ``history``."""
+        cache = self.arflow.start(self._cond(window, s0, n), NO_DROP)
+        for j in range(s0, l):
+            self.arflow.append(cache, history[:, j], j - s0)
+        return _EpisodeCache(cache, (l, 0), l)
+
+    def _check_time(self, t: torch.Tensor, k: int) -> None:
+        """The env's flow time must be sde_step / K of this policy (else the step counts differ)."""
+        if k >= self.sde_steps or abs(float(t[0]) - k / self.sde_steps) > 1e-5:
+            raise ValueError(f"policy: the environment is at sde_step={k}, t={float(t[0]):.6g}, which does not fit the "
+                             f"policy's sde_steps={self.sde_steps} (t = sde_step / sde_steps); build the policy from the env "
+                             f"(make_policy(arflow, env)) so both use the same sde_steps")
+
+    def _velocity_cached(self, x, t, l: int, k: int, history, window, episode: int) -> torch.Tensor:
         s0, n, new0 = self.schedule[self._window_of[l]]
-        if not self.use_cache:
-            with torch.no_grad():
-                v = self.arflow.velocity_uncached(self._cond(window, s0, n), history[:, s0:l], x, t.squeeze(-1))
-            loc = transition_mean(x, v, self.dt)
-            return loc, torch.full_like(loc, self.sigma * math.sqrt(self.dt))
-        if self._cache is None or (l, k) != self._expect or (l == new0 and k == 0):
-            self._rebuild(window, history, l, s0, n)  # new episode, new window, or out-of-order call
-        elif self._cache_len < l:
-            self.arflow.append(self._cache, history[:, l - 1], l - 1 - s0)
-            self._cache_len = l
-        v = self.arflow.velocity(self._cache, x, t.squeeze(-1), l - s0)  # (B, Dv)
-        self._expect = (l, k + 1) if k + 1 < self.sde_steps else (l + 1, 0)
-        loc = transition_mean(x, v, self.dt)
-        scale = torch.full_like(loc, self.sigma * math.sqrt(self.dt))
-        return loc, scale
+        state = self._episodes.get(episode)
+        if state is None or (l, k) != state.expect or (l == new0 and k == 0):
+            state = self._rebuild(window, history, l, s0, n)  # new episode, new window, or out-of-order call
+        elif state.length < l:
+            self.arflow.append(state.cache, history[:, l - 1], l - 1 - s0)
+            state.length = l
+        v = self.arflow.velocity(state.cache, x, t, l - s0)  # (B, Dv)
+        state.expect = (l, k + 1) if k + 1 < self.sde_steps else (l + 1, 0)
+        self._episodes.pop(episode, None)
+        if state.expect[0] < self.n_total:  # keep it (most recent last) unless the episode is over
+            self._episodes[episode] = state
+            while len(self._episodes) > self.max_episodes:
+                self._episodes.popitem(last=False)
+        return v
+
+    def forward(self, x, t, token, sde_step, history, window, episode):
+        # rows step in lock-step: one scalar read of the schedule per call
+        l, k, ep = int(token[0]), int(sde_step[0]), int(episode[0])
+        self._check_time(t, k)
+        t = t.squeeze(-1)  # (B,)
+        with torch.no_grad(), inference_mode_of(self.arflow):
+            if self.use_cache:
+                v = self._velocity_cached(x, t, l, k, history, window, ep)  # (B, Dv)
+            else:
+                s0, n, _ = self.schedule[self._window_of[l]]
+                v = self.arflow.velocity_uncached(self._cond(window, s0, n), history[:, s0:l], x, t, NO_DROP)
+        loc = self._mean(x, v, t)  # (B, Dv)
+        return loc, torch.full_like(loc, self.std)
 
     def replay_loc(self, window: torch.Tensor, history: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                    model: nn.Module | None = None, span: tuple[int, int, int] | None = None) -> torch.Tensor:
-        """Transition means of cached states, teacher forced, with gradient.
+        """Transition means of cached states, teacher forced, with gradient (no dropout, whatever the mode).
 
         window (B,), history (B, N, Dv) finished trajectory; ``span = (s0, n, new0)`` one entry of
         ``schedule`` (default: the whole row as one window); x (B, S, M, Dv) states of S denoising
@@ -131,20 +209,49 @@ class SDETransition(nn.Module):
         cond = self._cond(window, s0, n)
         # the S copies of every token share one sequence [prefix; window history; S x M noisy tokens]
         xs = x.reshape(B, S * M, D)
+        ts = t.reshape(B, S * M)
         idx = torch.arange(new0 - s0, n, device=x.device).repeat(S)  # window-local index of every noisy copy
-        no_drop = {k: False for k in DROP_KEYS}  # replay never drops conditions
-        v = model._full_pass(cond, history[:, s0:s0 + n], xs, t.reshape(B, S * M), idx, no_drop)  # (B, S*M, Dv)
-        return transition_mean(xs, v, self.dt).reshape(B, S, M, D)
+        with inference_mode_of(model):
+            v = model._full_pass(cond, history[:, s0:s0 + n], xs, ts, idx, NO_DROP)  # (B, S*M, Dv)
+        return self._mean(xs, v, ts).reshape(B, S, M, D)
 
 
-def make_policy(arflow: nn.Module, bank: TensorDictBase, sigma: float = 0.5, sde_steps: int = 4,
-                generator: torch.Generator | None = None, use_cache: bool = True, prefix_tokens: int = 1) -> ProbabilisticActor:
-    """The AR-Flow wrapped as a ``ProbabilisticActor`` with the Gaussian SDE transition."""
-    core = SDETransition(arflow, bank, sigma, sde_steps, use_cache=use_cache, prefix_tokens=prefix_tokens)
+def make_policy(arflow: nn.Module, env, generator: torch.Generator | None = None, use_cache: bool = True,
+                prefix_tokens: int = 1, sigma: float | None = None, sde_steps: int | None = None,
+                sde: str | None = None) -> ProbabilisticActor:
+    """The AR-Flow wrapped as a ``ProbabilisticActor`` with the Gaussian SDE transition of ``env``.
+
+    ``env`` (a :class:`~envs.sde_env.ListenerSDEEnv`) owns the window bank, ``sigma``, ``sde_steps``
+    and ``sde``; the policy takes them from it. ``sigma``, ``sde_steps`` or ``sde`` given here must
+    equal the env's (a ``ValueError`` names both otherwise). The actor samples by default
+    (``InteractionType.RANDOM``); ``set_exploration_type(ExplorationType.DETERMINISTIC)`` gives
+    the transition mean.
+
+    Passing a window bank instead of the env is deprecated: the values then default to
+    sigma=0.5, sde_steps=4, sde="paper", and only the step count is checked at run time.
+    """
+    if isinstance(env, TensorDictBase):
+        warnings.warn("make_policy(arflow, bank, ...) is deprecated: pass the ListenerSDEEnv, which owns the bank, "
+                      "sigma, sde_steps and sde", DeprecationWarning, stacklevel=2)
+        bank = env
+        sigma = 0.5 if sigma is None else sigma
+        sde_steps = 4 if sde_steps is None else sde_steps
+        sde = "paper" if sde is None else sde
+    else:
+        bank = env.bank
+        given = {"sigma": sigma, "sde_steps": sde_steps, "sde": sde}
+        owned = {"sigma": env.sigma, "sde_steps": env.sde_steps, "sde": env.sde}
+        for name, value in given.items():
+            if value is not None and value != owned[name]:
+                raise ValueError(f"make_policy: {name}={value!r} but the environment has env.{name}={owned[name]!r}; "
+                                 f"the env owns {name} (leave it out here or build the env with {name}={value!r})")
+        sigma, sde_steps, sde = owned["sigma"], owned["sde_steps"], owned["sde"]
+    core = SDETransition(arflow, bank, sigma, sde_steps, use_cache=use_cache, prefix_tokens=prefix_tokens, sde=sde)
     module = TensorDictModule(core, in_keys=POLICY_IN_KEYS, out_keys=["loc", "scale"])
     return ProbabilisticActor(
         module, in_keys=["loc", "scale"], out_keys=["action"], distribution_class=SDEGaussian,
         distribution_kwargs={"generator": generator}, return_log_prob=True,
+        default_interaction_type=InteractionType.RANDOM,
     )
 
 

@@ -4,10 +4,17 @@ One gymnasium episode is one rollout (batch 1) of :class:`~envs.sde_env.Listener
 observes the current latent state and schedule and chooses the next latent ``m_{t+dt}`` (the
 action). The scalar reward is the lambda-weighted mean of the per-group rewards,
 ``sum_i lambda_i R_i / sum_i lambda_i``; the vector is in ``info["reward_vector"]`` with the group
-names in ``info["reward_groups"]``. Registered as ``GDPOListener-SDE-v0``::
+names in ``info["reward_groups"]``. Registered as ``GDPOListener-SDE-v0`` when ``gdpo_listener.envs``
+is imported; built from paths alone (``envs.factory.make_listener_env``; every keyword of it but
+``n_prompts`` and ``group_size``, which are 1 here) or around a ready batch-1 TorchRL env::
 
+    import gymnasium, gdpo_listener.envs
+    env = gymnasium.make("GDPOListener-SDE-v0", dataset="data/synthetic", vae="runs/vae", reward="expr+rot")
     env = gymnasium.make("GDPOListener-SDE-v0", torchrl_env=ListenerSDEEnv(bank, vae, norm, reward,
                                                                           n_prompts=1, group_size=1))
+
+``reset(seed=s)`` reseeds the env's noise and window sampling, so it is reproducible (gymnasium's
+``check_env`` passes through ``gymnasium.make``).
 """
 from __future__ import annotations
 
@@ -16,17 +23,28 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from . import ENV_ID
 from .sde_env import ListenerSDEEnv
 
-ENV_ID = "GDPOListener-SDE-v0"
+__all__ = ["ENV_ID", "ListenerGymEnv"]
 
 
 class ListenerGymEnv(gym.Env):
-    """gymnasium adapter over a batch-1 :class:`ListenerSDEEnv`."""
+    """gymnasium adapter over a batch-1 :class:`ListenerSDEEnv`.
+
+    Args:
+        torchrl_env: a ready batch-1 env; or None and ``factory_kwargs`` for
+            :func:`~envs.factory.make_listener_env` (at least ``dataset`` and ``vae``).
+    """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, torchrl_env: ListenerSDEEnv):
+    def __init__(self, torchrl_env: ListenerSDEEnv | None = None, **factory_kwargs):
+        if torchrl_env is None:
+            torchrl_env = _env_from_paths(factory_kwargs)
+        elif factory_kwargs:
+            raise TypeError(f"{ENV_ID}: give either torchrl_env or the factory keywords (dataset, vae, ...), "
+                            f"not both (got {sorted(factory_kwargs)})")
         if torchrl_env.batch_size != torch.Size([1]):
             raise ValueError(f"the gymnasium adapter needs a ListenerSDEEnv with n_prompts=1, group_size=1 "
                              f"(batch 1), got batch {tuple(torchrl_env.batch_size)}")
@@ -75,9 +93,13 @@ class ListenerGymEnv(gym.Env):
         return self._obs(nxt), float((rvec * self._lambdas).sum()), terminated, False, info
 
 
-def register() -> None:
-    if ENV_ID not in gym.registry:
-        gym.register(id=ENV_ID, entry_point=f"{__name__}:ListenerGymEnv")
+def _env_from_paths(kwargs: dict) -> ListenerSDEEnv:
+    from .factory import make_listener_env
 
-
-register()
+    missing = [k for k in ("dataset", "vae") if k not in kwargs]
+    if missing:
+        raise TypeError(f"{ENV_ID}: needs torchrl_env=... or the paths dataset=... and vae=... (missing {missing})")
+    for k in ("n_prompts", "group_size"):
+        if kwargs.get(k, 1) != 1:
+            raise ValueError(f"{ENV_ID}: one gymnasium episode is one rollout, so {k} must be 1, got {kwargs[k]}")
+    return make_listener_env(**{**kwargs, "n_prompts": 1, "group_size": 1})

@@ -5,7 +5,10 @@ of a prompt share its conditioning window (``window``: row of the window bank) a
 ``group_id``. For every token ``l = 0 .. N-1`` the state starts from fresh noise at flow time
 ``t = 0`` and takes ``K`` transitions (eq. 7, sampled by the policy)::
 
-    m_{t+dt} = m_t + dt * v(m_t) + sigma * sqrt(dt) * eps,      dt = 1 / K
+    m_{t+dt} = m_t + dt * b(m_t, t) + sigma * sqrt(dt) * eps,      dt = 1 / K
+
+with drift ``b`` of kind ``sde`` (``agents.flow.sde_drift``: "paper" b = v as in eq. 7, or the
+score-corrected "marginal" drift that keeps the flow's marginals).
 
 The action is ``m_{t+dt}``. After the ``K``-th transition the token joins ``history`` and the next
 token starts from noise. An episode is ``N * K`` transitions (25 x 4 = 100 by default).
@@ -20,11 +23,21 @@ Reward: a vector ``(n_groups,)`` per rollout, zero on every step but the last; o
 the generated latents are decoded by the frozen VAE to FLAME and scored against the ground
 truth on the actor's *listening* frames by the reward module (``rewards/``).
 
-The environment owns data sampling (the window bank), the frozen VAE decoder and the reward
-module; the policy (``agents/policy.py``) owns the AR-Flow parameters and reads the
-conditioning of ``window`` from the same bank.
+The environment owns data sampling (the window bank), the frozen VAE decoder, the reward
+module and the SDE (``sigma``, ``sde_steps``, ``sde``); the policy (``agents/policy.py``) owns the
+AR-Flow parameters, takes the SDE from the env (``make_policy(arflow, env)``) and reads the
+conditioning of ``window`` from the same bank. Every reset writes a fresh ``episode`` id (the same
+for the batch's rows) that the policy keys its cache on, so one policy can step several envs.
+
+Randomness: the env owns a ``torch.Generator`` for the initial noise of every token (the caller's,
+or its own seeded with ``seed``) and a numpy generator for window sampling; ``set_seed`` reseeds
+both, so ``reset`` after ``set_seed(s)`` is reproducible. To build an env from a dataset folder and
+a VAE checkpoint alone, see ``envs/factory.py``.
 """
 from __future__ import annotations
+
+import itertools
+import os
 
 import numpy as np
 import torch
@@ -32,7 +45,17 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Composite, Unbounded
 from torchrl.envs import EnvBase
 
+from ..agents.flow import SDE_KINDS
 from .windows import decode_latents
+
+# episode ids: unique within a process (counter) and, with overwhelming probability, across
+# processes (random 31-bit prefix), so envs in worker processes do not collide either
+_EPISODE_PREFIX = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+_EPISODE_COUNTER = itertools.count()
+
+
+def new_episode_id() -> int:
+    return (_EPISODE_PREFIX << 32) | (next(_EPISODE_COUNTER) & 0xFFFFFFFF)
 
 
 class ListenerSDEEnv(EnvBase):
@@ -43,16 +66,18 @@ class ListenerSDEEnv(EnvBase):
         decoder: frozen VAE (``decode(z) -> normalised FLAME``); ``normalizer`` maps back to raw.
         reward: ``FlameReward``-like module, ``(pred, target, mask, valid) -> (B, n_groups)``.
         n_prompts, group_size: batch = ``n_prompts * group_size`` rollouts.
-        sde_steps: transitions per token (``K``); ``sigma``: SDE noise scale (eq. 7).
-        generator: torch generator for the initial noise of every token (reproducible rollouts).
-        seed: numpy seed for window sampling.
+        sde_steps: transitions per token (``K``); ``sigma``: SDE noise scale (eq. 7); ``sde``: drift
+            kind, "paper" or "marginal" (``agents.flow.sde_drift``). The policy takes all three from the env.
+        generator: torch generator for the initial noise of every token; default: the env's own,
+            seeded with ``seed``.
+        seed: seed of window sampling (and of the env's own noise generator).
     """
 
     batch_locked = True
 
     def __init__(self, bank: TensorDictBase, decoder, normalizer, reward, n_prompts: int = 4, group_size: int = 4,
                  sde_steps: int = 4, sigma: float = 0.5, device: str | torch.device = "cpu",
-                 generator: torch.Generator | None = None, seed: int = 0):
+                 generator: torch.Generator | None = None, seed: int = 0, sde: str = "paper"):
         if group_size < 1:
             raise ValueError(f"group_size (G) must be >= 1, got {group_size} (group-relative training needs G >= 2)")
         if n_prompts < 1:
@@ -61,6 +86,8 @@ class ListenerSDEEnv(EnvBase):
             raise ValueError(f"sde_steps must be >= 1, got {sde_steps}")
         if not (np.isfinite(sigma) and sigma >= 0):
             raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+        if sde not in SDE_KINDS:
+            raise ValueError(f"sde must be one of {SDE_KINDS}, got {sde!r}")
         B = n_prompts * group_size
         super().__init__(device=device, batch_size=torch.Size([B]))
         self.bank = bank
@@ -68,9 +95,11 @@ class ListenerSDEEnv(EnvBase):
         self.normalizer = normalizer
         self.reward_fn = reward
         self.n_prompts, self.group_size = n_prompts, group_size
-        self.sde_steps, self.sigma = sde_steps, float(sigma)
+        self.sde_steps, self.sigma, self.sde = int(sde_steps), float(sigma), sde
         self.n_tokens, self.d_latent = bank["actor_latent"].shape[1:]
         self.n_windows = bank.batch_size[0]
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
         self.generator = generator
         self._np_rng = np.random.default_rng(seed)
         self._pending_windows: torch.Tensor | None = None
@@ -88,6 +117,7 @@ class ListenerSDEEnv(EnvBase):
             history=Unbounded((B, N, D), device=dev),  # finished tokens (zeros beyond l)
             window=Bounded(0, self.n_windows - 1, (B,), dtype=torch.int64, device=dev),
             group_id=Bounded(0, self.n_prompts - 1, (B,), dtype=torch.int64, device=dev),
+            episode=Unbounded((B,), dtype=torch.int64, device=dev),  # id written at reset (policy cache key)
             shape=(B,), device=dev,
         )
         self.action_spec = Unbounded((B, D), device=dev)
@@ -119,6 +149,7 @@ class ListenerSDEEnv(EnvBase):
         self._elapsed = 0
         window = prompts.to(self.device).repeat_interleave(self.group_size)  # (B,)
         group_id = torch.arange(self.n_prompts, device=self.device).repeat_interleave(self.group_size)  # (B,)
+        episode = torch.full((B,), new_episode_id(), dtype=torch.int64, device=self.device)  # (B,)
         return TensorDict({
             "x": self._noise((B, D)),
             "t": torch.zeros(B, 1, device=self.device),
@@ -127,6 +158,7 @@ class ListenerSDEEnv(EnvBase):
             "history": torch.zeros(B, N, D, device=self.device),
             "window": window,
             "group_id": group_id,
+            "episode": episode,
             "done": torch.zeros(B, 1, dtype=torch.bool, device=self.device),
             "terminated": torch.zeros(B, 1, dtype=torch.bool, device=self.device),
         }, batch_size=self.batch_size, device=self.device)
@@ -152,7 +184,7 @@ class ListenerSDEEnv(EnvBase):
             reward = torch.where(done, self.episode_reward(history, tensordict["window"]), reward)
         return TensorDict({
             "x": x, "t": t, "token": new_token, "sde_step": new_step, "history": history,
-            "window": tensordict["window"], "group_id": tensordict["group_id"],
+            "window": tensordict["window"], "group_id": tensordict["group_id"], "episode": tensordict["episode"],
             "reward": reward, "done": done, "terminated": done.clone(),
         }, batch_size=self.batch_size, device=self.device)
 
@@ -169,13 +201,15 @@ class ListenerSDEEnv(EnvBase):
         return self.reward_fn(pred, rows["actor_motion"], rows["listening"], rows["actor_valid"])
 
     def rng_state(self) -> dict:
-        """State of the window sampler (the noise generator is the caller's; save it alongside)."""
-        return {"windows": self._np_rng.bit_generator.state}
+        """State of the window sampler and of the noise generator (exact resume)."""
+        return {"windows": self._np_rng.bit_generator.state, "noise": self.generator.get_state()}
 
     def set_rng_state(self, state: dict) -> None:
         self._np_rng.bit_generator.state = state["windows"]
+        if "noise" in state:  # states saved before the env owned its generator hold only "windows"
+            self.generator.set_state(state["noise"])
 
     def _set_seed(self, seed: int | None) -> None:
         self._np_rng = np.random.default_rng(seed)
-        if self.generator is not None and seed is not None:
-            self.generator.manual_seed(seed)
+        if seed is not None:
+            self.generator.manual_seed(int(seed))

@@ -21,7 +21,7 @@ def make(n_prompts=2, G=2, steps=2, sigma=0.5, spec="expr+rot", seed=0, bank=Non
     env = ListenerSDEEnv(bank, vae, norm, build_reward(spec), n_prompts=n_prompts, group_size=G, sde_steps=steps,
                          sigma=sigma, generator=g, seed=seed)
     model = tiny_arflow()
-    policy = make_policy(model, bank, sigma=sigma, sde_steps=steps, generator=g)
+    policy = make_policy(model, env, generator=g)
     return env, policy, model, bank
 
 

@@ -64,7 +64,7 @@ def make_long(seed=0, use_cache=True):
                          seed=seed)
     model = tiny_arflow()
     behaviour = copy.deepcopy(model).requires_grad_(False)
-    policy = make_policy(behaviour, bank, sigma=0.5, sde_steps=K, generator=g, use_cache=use_cache)
+    policy = make_policy(behaviour, env, generator=g, use_cache=use_cache)
     return env, policy, model, bank, reward
 
 
@@ -118,16 +118,17 @@ def test_windowed_update_gradient_equals_mean_objective_gradient():
     loss.compute_advantage(traj)
     with torch.no_grad():
         model.head.bias.add_(0.05)  # move away from the behaviour policy so the ratio and KL matter
-    # reference: sum of every transition's objective and KL over the whole batch / number of transitions
+    # reference: the objective summed over the batch's listening transitions / their number, plus the KL
+    # summed over all generated transitions / their number (the KL covers every token)
     model.zero_grad()
-    total_sum, count = 0.0, 0
+    obj_sum, kl_sum, n_obj, n_all = 0.0, 0.0, 0, 0
     for span in transition_core(policy).schedule:
         win = select_window(traj, span)
         out = loss(win)
-        n = win["token_mask"].sum() * K
-        total_sum = total_sum + (out["loss_objective"] + out["loss_kl"]) * n
-        count += n
-    (total_sum / count).backward()
+        n, m = win["token_mask"].sum() * K, win["token_mask"].numel() * K
+        obj_sum, kl_sum = obj_sum + out["loss_objective"] * n, kl_sum + out["loss_kl"] * m
+        n_obj, n_all = n_obj + n, n_all + m
+    (obj_sum / n_obj + kl_sum / n_all).backward()
     expected = [p.grad.clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the parameters, read the gradient
     for chunk_steps in (1, 2):
@@ -135,12 +136,13 @@ def test_windowed_update_gradient_equals_mean_objective_gradient():
         got = [p.grad for p in model.parameters()]
         for e, g in zip(expected, got):
             assert torch.allclose(e, g, atol=1e-6, rtol=1e-4)
-        assert stats["loss/clip_fraction"] >= 0 and stats["optim/grad_norm"] > 0
+        assert stats["policy/clip_fraction"] >= 0 and stats["optim/grad_norm"] > 0
 
 
 def test_bad_prefix_tokens():
+    env = make_long()[0]
     with pytest.raises(ValueError, match="1 <= k < W"):
-        make_policy(tiny_arflow(), tiny_bank(frames=FRAMES), prefix_tokens=N)
+        make_policy(tiny_arflow(), env, prefix_tokens=N)
 
 
 def test_collect_trajectories_equals_rollout_reshaped():
