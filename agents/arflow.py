@@ -41,7 +41,10 @@ all three.
 
 Cached generation (``start`` / ``velocity`` / ``append``) is an inference path (no autograd; the
 cache is preallocated and written in place). Gradients go through ``forward`` (all tokens of one
-denoising step index at once) or ``velocity_uncached``.
+denoising step index at once) or ``velocity_uncached``. Sampling (ODE / SDE, CFG, sliding windows)
+is in ``agents/sampling.py``; ``ARFlow.sample`` / ``ARFlow.generate_long`` delegate to it. The
+transformer parts (rotary embeddings, attention, blocks) are shared with the VAE
+(``agents/attention.py``).
 """
 from __future__ import annotations
 
@@ -51,20 +54,18 @@ from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..envs.windows import sliding_windows
-from .flow import cfg_combine, euler_step, sde_step
+from ..envs.windows import COND_KEYS  # keys of the conditioning dict; text_mask, partner_has_motion optional
+from .attention import Block, rope_cos_sin
+from .checkpoint import CheckpointError, load_meta, load_weights, save_checkpoint
 
 __all__ = [
     "ARFlowConfig", "ARFlow", "KVCache", "prefix_positions", "token_positions", "attention_mask",
-    "rope_cos_sin", "apply_rope", "speaking_tokens_from_vad", "count_parameters", "COND_KEYS",
+    "count_parameters", "COND_KEYS", "DROP_KEYS", "save_arflow", "load_arflow",
 ]
 
-# keys of the conditioning dict; text_mask and partner_has_motion are optional (default: present)
-COND_KEYS = ("text_emb", "text_mask", "actor_audio", "partner_audio", "partner_latent", "partner_has_motion")
-DROP_KEYS = ("text", "audio", "motion")
+DROP_KEYS = ("text", "audio", "motion")  # condition groups a ``drop`` mask can null (CFG, condition dropout)
 N_TIME_FREQ = 256  # sinusoidal features of the flow time
 
 
@@ -132,7 +133,7 @@ class ARFlowConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# positions, rotary embeddings, masks (pure functions)
+# positions and masks (pure functions; rotary embeddings in ``agents/attention.py``)
 
 
 def token_positions(n: int, r: int, start: int = 0, device=None) -> Tensor:
@@ -148,20 +149,6 @@ def prefix_positions(L: int, N: int, r: int, device=None, audio_stride: int = 1)
     s = audio_stride
     audio = torch.arange(L // s, device=device, dtype=torch.float32) * s + (s - 1) / 2
     return torch.cat([torch.zeros(1, device=device), audio, token_positions(N, r, device=device), audio])
-
-
-def rope_cos_sin(pos: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """cos, sin tables (S, head_dim / 2) for (possibly non-integer, repeated) positions (S,)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)  # (hd/2,)
-    ang = pos.float()[:, None] * inv_freq[None, :]  # (S, hd/2)
-    return ang.cos(), ang.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate feature pairs (i, i + hd/2) of x (..., S, hd) by angle pos * freq_i."""
-    h = x.shape[-1] // 2
-    x1, x2 = x[..., :h], x[..., h:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 def attention_mask(P: int, n_clean: int, noisy_idx: Tensor) -> Tensor:
@@ -184,64 +171,6 @@ def attention_mask(P: int, n_clean: int, noisy_idx: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------------------------
 # modules, in build-up order
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with rotary positions, optionally reading/writing a KV cache."""
-
-    def __init__(self, cfg: ARFlowConfig):
-        super().__init__()
-        self.n_heads, self.head_dim, self.p = cfg.n_heads, cfg.head_dim, cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.resid_drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
-                kv: tuple[Tensor, Tensor] | None = None, at: int = 0) -> Tensor:
-        """x (B, S, D); cos/sin (S, hd/2) for these S tokens.
-
-        kv None: attention among the S tokens under ``mask`` (S, S).
-        kv = (K, V) each (B, H, C, hd): the S new rotated keys/values are written to slots
-        [at, at + S) and the queries attend to slots [0, at + S) (``mask`` (S, at + S) or None = all).
-        """
-        B, S, D = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:
-            K, V = kv
-            K[:, :, at:at + S] = k
-            V[:, :, at:at + S] = v
-            k, v = K[:, :, :at + S], V[:, :, :at + S]  # views, no copy
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)  # (B, H, S, hd)
-        y = y.transpose(1, 2).reshape(B, S, D)
-        return self.resid_drop(self.proj(y))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ARFlowConfig):
-        super().__init__()
-        hidden = int(cfg.mlp_ratio * cfg.d_model)
-        self.fc = nn.Linear(cfg.d_model, hidden)
-        self.proj = nn.Linear(hidden, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, S, D)
-        return self.drop(self.proj(F.gelu(self.fc(x))))
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block."""
-
-    def __init__(self, cfg: ARFlowConfig):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = SelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x, cos, sin, mask=None, kv=None, at=0):  # (B, S, D) -> (B, S, D)
-        x = x + self.attn(self.ln1(x), cos, sin, mask, kv, at)
-        return x + self.mlp(self.ln2(x))
 
 
 class TimeEmbedding(nn.Module):
@@ -325,7 +254,7 @@ class ARFlow(nn.Module):
         self.type_emb = nn.Parameter(torch.zeros(6, D))
         self.time_emb = TimeEmbedding(D)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.blocks = nn.ModuleList([Block(D, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(D, elementwise_affine=False)
         self.final_mod = nn.Linear(D, 2 * D)  # t -> (shift, scale) of the final norm
         self.head = nn.Linear(D, cfg.d_latent)
@@ -517,185 +446,71 @@ class ARFlow(nn.Module):
         self._one_token(cache, self._embed_clean(x)[:, None], l, commit=True)
         cache.length = l + 1
 
-    # ---- sampling ---------------------------------------------------------------------------
+    # ---- sampling (``agents/sampling.py``) ----------------------------------------------------
 
-    @torch.no_grad()
     def sample(self, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps: int = 10, w_speak: float = 1.0,
                w_listen: float = 1.0, speaking_tokens: Tensor | None = None, sigma: float = 0.0,
-               generator: torch.Generator | None = None, prefix: Tensor | None = None, use_cache: bool = True) -> Tensor:
-        """Generate ``n_tokens`` latents (B, n_tokens, Dv) auto-regressively.
+               generator: torch.Generator | None = None, prefix: Tensor | None = None, use_cache: bool = True,
+               sde: str = "paper") -> Tensor:
+        """Generate ``n_tokens`` latents (B, n_tokens, Dv) of one window: :func:`.sampling.sample`."""
+        from .sampling import sample  # imported here: sampling.py imports this module
 
-        Per token: x0 ~ N(0, I) (drawn from ``generator``), ``steps`` Euler steps on t = s / steps
-        (ODE, eq. 5) or Euler-Maruyama steps with noise scale ``sigma`` (SDE, eq. 7). CFG (eq. 6) when
-        w_speak or w_listen != 1: cond and uncond (all conditions null) rows run as one 2B batch;
-        token l uses w_speak where ``speaking_tokens[:, l]`` else w_listen (``speaking_tokens``
-        (B, n_tokens) bool is required when the two weights differ). ``prefix`` (B, k, Dv): the
-        first k tokens are given (copied to the output), generation starts at token k. Runs in
-        eval mode (dropout off; the previous mode is restored).
-        """
-        w_speak, w_listen = _check_weight("w_speak", w_speak), _check_weight("w_listen", w_listen)
-        sigma = float(sigma)
-        if not math.isfinite(sigma) or sigma < 0:
-            raise ValueError(f"arflow.sample: sigma must be finite and >= 0, got {sigma}")
-        if int(steps) != steps or steps < 1:
-            raise ValueError(f"arflow.sample: steps must be a positive integer, got {steps!r}")
-        B, L, Np = self.check_cond(cond)
-        r = self.cfg.r
-        N = Np if n_tokens is None else int(n_tokens)
-        if not 1 <= N <= Np or N * r > L:
-            raise ValueError(f"arflow.sample: n_tokens={N} needs 1 <= n_tokens <= {Np} partner tokens and "
-                             f"{N * r} audio frames (have {L})")
-        k = 0 if prefix is None else prefix.shape[1]
-        if prefix is not None and (prefix.dim() != 3 or prefix.shape[0] != B or prefix.shape[2] != self.cfg.d_latent or k >= N):
-            raise ValueError(f"arflow.sample: prefix has shape {tuple(prefix.shape)}, expected ({B}, k < {N}, {self.cfg.d_latent})")
-        use_cfg = w_speak != 1.0 or w_listen != 1.0
-        dev = cond["text_emb"].device
-        if use_cfg:
-            if speaking_tokens is None:
-                if w_speak != w_listen:
-                    raise ValueError(f"arflow.sample: w_speak={w_speak} != w_listen={w_listen} needs speaking_tokens (B, n_tokens)")
-                w_tok = torch.full((B, N), w_speak, device=dev)
-            else:
-                if tuple(speaking_tokens.shape) != (B, N):
-                    raise ValueError(f"arflow.sample: speaking_tokens has shape {tuple(speaking_tokens.shape)}, expected ({B}, {N})")
-                w_tok = torch.where(speaking_tokens.to(dev, torch.bool), w_speak, w_listen).float()  # (B, N)
-            run_cond = {key: torch.cat([v, v]) for key, v in cond.items() if key in COND_KEYS and v is not None}
-            off, on = torch.zeros(B, dtype=torch.bool, device=dev), torch.ones(B, dtype=torch.bool, device=dev)
-            run_drop = {key: torch.cat([off, on]) for key in DROP_KEYS}
-        else:
-            run_cond, run_drop = cond, {key: False for key in DROP_KEYS}
-        R = 2 * B if use_cfg else B  # rows per model call
+        return sample(self, cond, n_tokens, steps=steps, w_speak=w_speak, w_listen=w_listen, speaking_tokens=speaking_tokens,
+                      sigma=sigma, generator=generator, prefix=prefix, use_cache=use_cache, sde=sde)
 
-        def rows(x):  # (B, ...) -> (R, ...)
-            return torch.cat([x, x]) if use_cfg else x
-
-        was_training = self.training
-        self.eval()
-        try:
-            out = cond["text_emb"].new_empty(B, N, self.cfg.d_latent)
-            if k:
-                out[:, :k] = prefix
-            if use_cache and use_cfg:
-                # the unconditional prefix (all nulls) is the same for every row: run it once, copy it B times
-                keep, null = {key: False for key in DROP_KEYS}, {key: True for key in DROP_KEYS}
-                uncond = self.start(_rows(cond, slice(0, 1)), null, n_tokens=N)  # 1 row
-                cache = KVCache.cat([self.start(cond, keep, n_tokens=N), uncond.repeat_interleave(B)])
-            elif use_cache:
-                cache = self.start(run_cond, run_drop, n_tokens=N)
-            if use_cache:
-                for j in range(k):
-                    self.append(cache, rows(prefix[:, j]), j)
-            dt = 1.0 / steps
-            t_grid = [torch.full((R,), s * dt, device=dev) for s in range(steps)]
-            for l in range(k, N):
-                x = torch.randn((B, self.cfg.d_latent), generator=generator, device=dev, dtype=out.dtype)
-                for s in range(steps):
-                    xin = rows(x)
-                    if use_cache:
-                        v = self.velocity(cache, xin, t_grid[s], l)
-                    else:
-                        hist = rows(out[:, :l])
-                        v = self.velocity_uncached(run_cond, hist, xin, t_grid[s], run_drop)
-                    if use_cfg:
-                        v = cfg_combine(v[:B], v[B:], w_tok[:, l])
-                    if sigma > 0:
-                        noise = torch.randn((B, self.cfg.d_latent), generator=generator, device=dev, dtype=out.dtype)
-                        x = sde_step(x, v, dt, sigma, noise)
-                    else:
-                        x = euler_step(x, v, dt)
-                out[:, l] = x
-                if use_cache and l + 1 < N:
-                    self.append(cache, rows(x), l)
-            return out
-        finally:
-            self.train(was_training)
-
-    @torch.no_grad()
     def generate_long(self, cond: Mapping[str, Tensor] | Callable[[int, int], Mapping[str, Tensor]], total_frames: int,
                       window: int | None = None, k: int = 1, steps: int = 10, w_speak: float = 1.0, w_listen: float = 1.0,
                       speaking_tokens: Tensor | None = None, sigma: float = 0.0, generator: torch.Generator | None = None,
-                      use_cache: bool = True) -> Tensor:
-        """Sliding-window generation of ``total_frames`` frames -> latents (B, total_frames / r, Dv).
+                      use_cache: bool = True, sde: str = "paper") -> Tensor:
+        """Sliding-window generation of ``total_frames`` frames -> (B, total_frames / r, Dv): :func:`.sampling.generate_long`."""
+        from .sampling import generate_long  # imported here: sampling.py imports this module
 
-        Windows of W = window / r tokens (default the config window: 25 tokens); each next window
-        starts k tokens before the end of what is generated and gets those k latents as ``prefix``
-        (stride W - k). The last window is shifted back to end exactly at the last token (it then
-        gets more than k prefix tokens), so no padding is needed. TMRoPE positions restart at 0 in
-        every window, as in training.
-
-        ``cond``: either full-length features (text_emb (B, d_text) and the masks are shared by all
-        windows; actor_audio / partner_audio (B, >= total_frames, Da); partner_latent
-        (B, >= total_frames / r, Dv)), sliced per window, or a callable
-        ``cond_fn(start_frame, n_frames) -> cond`` for one window. ``speaking_tokens``: (B, total_frames / r).
-        """
-        r = self.cfg.r
-        window = self.cfg.window if window is None else int(window)
-        if window % r or window < 2 * r:
-            raise ValueError(f"arflow.generate_long: window={window} must be a multiple of r={r} holding >= 2 tokens")
-        W = window // r
-        if int(total_frames) != total_frames or total_frames < r or total_frames % r:
-            raise ValueError(f"arflow.generate_long: total_frames={total_frames} must be a positive multiple of r={r}")
-        if not 1 <= k < W:
-            raise ValueError(f"arflow.generate_long: k={k} prefix tokens must be in [1, {W - 1}] for a {W}-token window")
-        _check_weight("w_speak", w_speak), _check_weight("w_listen", w_listen)
-        n_total = int(total_frames) // r
-        if callable(cond):
-            cond_fn = cond
-        else:
-            B, _, _ = self.check_cond(cond)
-            for key in ("actor_audio", "partner_audio"):
-                if cond[key].shape[1] < total_frames:
-                    raise ValueError(f"arflow.generate_long: cond[{key!r}] has {cond[key].shape[1]} frames, "
-                                     f"fewer than the requested total_frames={total_frames}")
-            if cond["partner_latent"].shape[1] < n_total:
-                raise ValueError(f"arflow.generate_long: cond['partner_latent'] has {cond['partner_latent'].shape[1]} tokens, "
-                                 f"fewer than total_frames / r = {n_total}")
-
-            def cond_fn(f0, nf):
-                return {key: (v[:, f0:f0 + nf] if key in ("actor_audio", "partner_audio")
-                              else v[:, f0 // r:(f0 + nf) // r] if key == "partner_latent" else v)
-                        for key, v in cond.items() if key in COND_KEYS and v is not None}
-        if speaking_tokens is not None and speaking_tokens.shape[-1] != n_total:
-            raise ValueError(f"arflow.generate_long: speaking_tokens has {speaking_tokens.shape[-1]} tokens, expected {n_total}")
-        out = None
-        for s0, n, new0 in sliding_windows(n_total, W, k):
-            c = cond_fn(s0 * r, n * r)
-            x = self.sample(c, n, steps=steps, w_speak=w_speak, w_listen=w_listen,
-                            speaking_tokens=None if speaking_tokens is None else speaking_tokens[:, s0:s0 + n],
-                            sigma=sigma, generator=generator, prefix=None if new0 == s0 else out[:, s0:new0], use_cache=use_cache)
-            if out is None:
-                out = x.new_empty(x.shape[0], n_total, x.shape[2])
-            out[:, new0:s0 + n] = x[:, new0 - s0:]
-        return out
+        return generate_long(self, cond, total_frames, window=window, k=k, steps=steps, w_speak=w_speak, w_listen=w_listen,
+                             speaking_tokens=speaking_tokens, sigma=sigma, generator=generator, use_cache=use_cache, sde=sde)
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
 
 
-def _rows(cond: Mapping[str, Tensor], idx) -> dict[str, Tensor]:
-    """Rows ``idx`` of every tensor of a conditioning dict."""
-    return {key: v[idx] for key, v in cond.items() if key in COND_KEYS and v is not None}
-
-
-def _check_weight(name: str, w) -> float:
-    try:
-        w = float(w)
-    except (TypeError, ValueError):
-        raise ValueError(f"arflow: CFG weight {name}={w!r} is not a number") from None
-    if not math.isfinite(w):
-        raise ValueError(f"arflow: CFG weight {name}={w} is not finite")
-    return w
-
-
-def speaking_tokens_from_vad(vad: Tensor, r: int) -> Tensor:
-    """Per-token speaking flag from per-frame actor VAD (B, L) bool -> (B, L / r): strict majority of the
-    token's r frames (a tie counts as not speaking)."""
-    if vad.dim() != 2 or vad.shape[1] % r:
-        raise ValueError(f"speaking_tokens_from_vad: vad has shape {tuple(vad.shape)}, expected (B, L) with L a multiple of r={r}")
-    B, L = vad.shape
-    return vad.reshape(B, L // r, r).to(torch.int32).sum(-1) * 2 > r
-
-
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint (beside the VAE's ``save_vae`` / ``load_vae``; folder layout in ``agents/checkpoint.py``)
+
+ARFLOW_KIND = "arflow"
+
+
+def save_arflow(directory, model: ARFlow, preset: str, config: Mapping | None = None, extra: Mapping | None = None):
+    """Write an AR-Flow checkpoint folder (atomic): weights plus ``meta.json`` with the architecture
+    (``arch``), the preset it was built from and the run's resolved ``config``; ``extra`` adds meta keys."""
+    meta = {"arch": asdict(model.cfg), "preset": preset, "config": dict(config or {}), **(extra or {})}
+    return save_checkpoint(directory, ARFLOW_KIND, {"model": model.state_dict()}, meta)
+
+
+def load_arflow(directory, device="cpu", expect: Mapping | None = None, preset: str | None = None) -> tuple[ARFlow, dict]:
+    """Load an AR-Flow checkpoint (eval mode) and its meta.
+
+    ``expect`` (e.g. ``{"d_latent": 4}``) must match its architecture and ``preset`` (if given) the
+    preset it was trained with; any mismatch, a bad architecture or weights that do not fit it raise
+    ``CheckpointError`` naming the folder.
+    """
+    meta = load_meta(directory, kind=ARFLOW_KIND)
+    if preset is not None and meta.get("preset") != preset:
+        raise CheckpointError(f"{directory}: AR-Flow checkpoint of preset {meta.get('preset')!r}, but the run uses model={preset} "
+                              f"(point pretrained.sft at a {preset} checkpoint or drop the model override)")
+    try:
+        cfg = ARFlowConfig(**meta["arch"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory}: bad AR-Flow architecture in meta.json ({e})") from None
+    for k, v in (expect or {}).items():
+        if getattr(cfg, k) != v:
+            raise CheckpointError(f"{directory}: AR-Flow checkpoint has {k}={getattr(cfg, k)} but the pipeline needs {k}={v}")
+    model = ARFlow(cfg)
+    try:
+        model.load_state_dict(load_weights(directory, "model", "cpu"))
+    except RuntimeError as e:
+        raise CheckpointError(f"{directory}: AR-Flow weights do not match the architecture in meta.json: {e}") from None
+    return model.to(device).eval(), meta

@@ -6,6 +6,9 @@ A window of ``T`` normalised frames ``x' (B, T, 67)`` is compressed ``r = 8`` ti
     encoder: strided Conv1d (kernel 2r, stride r) -> transformer (bidirectional, RoPE) -> (mu, logvar)
     decoder: Linear(D_v -> D) -> transformer -> ConvTranspose1d (kernel 2r, stride r) -> frame conv -> 67
 
+The transformer blocks and rotary embeddings (token j at position j) are the AR-Flow's
+(``agents/attention.py``).
+
 Overlapping kernels (2r) on both ends make neighbouring tokens share frames, so decoded motion has
 no seams at token boundaries. The VAE works on NORMALISED motion (``Normalizer`` of the dataset,
 stored in the checkpoint); ``per_group_report`` converts back to raw FLAME units.
@@ -13,7 +16,8 @@ stored in the checkpoint); ``per_group_report`` converts back to raw FLAME units
 Loss terms (``MotionVAE.loss``), weighted means over valid channels:
     loss_recon  MSE of frames                            (channel_weight masks invalid groups)
     loss_vel    MSE of frame differences                 (keeps dynamics, see DESIGN section 6)
-    loss_dyn    squared error of each window's per-channel velocity std (the reward's statistic)
+    loss_dyn    squared error of each window's per-channel velocity std (the reward's statistic,
+                ``rewards.stats.velocity_std``)
     loss_kl     KL(q(z|x) || N(0, I)), summed over D_v, mean over tokens
     loss        loss_recon + vel_weight * loss_vel + dyn_weight * loss_dyn + kl_weight * loss_kl
 Channel weights (``loss_channel_weights``) follow each channel's raw variance within its group and
@@ -37,10 +41,14 @@ import torch.nn.functional as F
 
 from ..envs.dataset import Normalizer
 from ..envs.flame import FLAME_DIM, GROUP_NAMES, GROUPS, channel_group_ids
+from ..rewards.stats import velocity_std
+from .attention import Block, rope_cos_sin
 from .checkpoint import CheckpointError, load_meta, load_weights, save_checkpoint
 
 VAE_KIND = "vae"
-VAE_FORMAT_VERSION = 1
+# 2: shared attention blocks (agents/attention.py): rotary pairs (i, i + hd/2) instead of (2i, 2i + 1),
+#    MLP weights named fc/proj; weights of version 1 do not mean the same and are refused.
+VAE_FORMAT_VERSION = 2
 LOGVAR_RANGE = (-10.0, 10.0)
 
 
@@ -102,61 +110,18 @@ class VAEConfig:
 # building blocks
 
 
-def rope_cos_sin(n: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary tables for positions 0..n-1: cos, sin each (n, head_dim / 2)."""
-    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    ang = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv[None, :]  # (n, hd/2)
-    return ang.cos(), ang.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels of ``x (B, H, N, hd)`` by position-dependent angles."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, H, N, hd/2)
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, N, hd/2, 2)
-    return out.flatten(-2)
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.dropout = cfg.dropout
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, H, N, hd)
-        return self.proj(y.transpose(1, 2).reshape(B, N, D))
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block (bidirectional attention + GELU MLP)."""
-
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        hidden = int(cfg.mlp_ratio * cfg.d_model)
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = SelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model), nn.Dropout(cfg.dropout))
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cos, sin)
-        return x + self.mlp(self.ln2(x))
-
-
 class Transformer(nn.Module):
+    """Bidirectional pre-LN transformer over latent tokens with rotary positions 0 .. N-1."""
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
-        cos, sin = rope_cos_sin(x.shape[1], self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base, x.device)
+        pos = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)  # (N,) token j at position j
+        cos, sin = rope_cos_sin(pos, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base)  # (N, hd/2) each
         for blk in self.blocks:
             x = blk(x, cos, sin)
         return self.ln_f(x)
@@ -302,14 +267,6 @@ def channel_weight(group_valid: torch.Tensor) -> torch.Tensor:
     return group_valid.bool()[..., ids].float()
 
 
-def velocity_std(x: torch.Tensor) -> torch.Tensor:
-    """Std over time of frame differences, per window and channel: ``(B, T, C) -> (B, C)``.
-
-    A tiny floor inside the square root keeps the gradient finite for constant channels.
-    """
-    return (x.diff(dim=1).var(dim=1, unbiased=False) + 1e-10).sqrt()
-
-
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Mean of ``w * (pred - target)^2`` over (B, T, C), normalised by the weight mass."""
     err = (pred - target).pow(2) * w  # (B, T, C)
@@ -364,7 +321,8 @@ def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> tuple
     meta = load_meta(directory, kind=VAE_KIND)
     where = Path(directory) / "meta.json"
     if meta.get("vae_format_version") != VAE_FORMAT_VERSION:
-        raise CheckpointError(f"{where}: VAE format version {meta.get('vae_format_version')}, this code reads {VAE_FORMAT_VERSION}")
+        raise CheckpointError(f"{where}: VAE format version {meta.get('vae_format_version')}, this code reads {VAE_FORMAT_VERSION} "
+                              f"(retrain the VAE with train/vae.py)")
     try:
         cfg = VAEConfig.from_dict(meta["vae_config"], where=str(where))
     except (KeyError, TypeError, ValueError) as e:
@@ -465,5 +423,5 @@ def latent_stats(model: MotionVAE, x: torch.Tensor, batch_size: int = 256) -> tu
 
 __all__ = [
     "VAEConfig", "MotionVAE", "make_vae", "save_vae", "load_vae", "per_group_report", "format_report",
-    "latent_stats", "masked_mse", "kl_standard_normal", "velocity_std", "channel_weight", "loss_channel_weights", "raw_channel_std",
+    "latent_stats", "masked_mse", "kl_standard_normal", "channel_weight", "loss_channel_weights", "raw_channel_std",
 ]

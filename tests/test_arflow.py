@@ -1,4 +1,9 @@
-"""AR-Flow transformer (agents/arflow.py): positions, masks, KV cache, CFG, sampling, long generation."""
+"""AR-Flow transformer (agents/arflow.py): positions, masks, KV cache, CFG, sampling, long generation.
+
+The shared rotary/attention parts are tested in test_attention.py, the sampler's SDE variants in
+test_sampling.py; here sampling is exercised through the model's ``sample`` / ``generate_long``.
+"""
+import json
 import math
 
 import pytest
@@ -6,9 +11,9 @@ import torch
 
 from gdpo_listener.agents import flow
 from gdpo_listener.agents.arflow import (
-    ARFlow, ARFlowConfig, apply_rope, attention_mask, count_parameters, prefix_positions, rope_cos_sin,
-    speaking_tokens_from_vad, token_positions,
+    ARFlow, ARFlowConfig, attention_mask, count_parameters, load_arflow, prefix_positions, save_arflow, token_positions,
 )
+from gdpo_listener.agents.checkpoint import CheckpointError
 
 B = 2
 
@@ -50,7 +55,7 @@ def make_cond(cfg, batch=B, frames=None, seed=1):
 
 
 # ---------------------------------------------------------------------------------------------
-# positions and rotary embeddings
+# positions and masks
 
 
 def test_tmrope_prefix_layout():
@@ -79,26 +84,6 @@ def test_model_uses_tmrope_positions(monkeypatch):
     toks = [j * 8 + 4 for j in range(4)]
     expect = [0] + list(range(32)) + toks + list(range(32)) + toks + toks
     assert seen[-1].tolist() == expect
-
-
-def test_rotary_score_depends_only_on_position_difference():
-    g = torch.Generator().manual_seed(0)
-    hd = 16
-    q, k = torch.randn(hd, generator=g), torch.randn(hd, generator=g)
-
-    def score(pq, pk):
-        cos, sin = rope_cos_sin(torch.tensor([float(pq), float(pk)]), hd)
-        qr = apply_rope(q[None], cos[:1], sin[:1])[0]
-        kr = apply_rope(k[None], cos[1:], sin[1:])[0]
-        return (qr * kr).sum()
-
-    base = score(3, 10)
-    for shift in (1, 7, 100, 184):
-        torch.testing.assert_close(score(3 + shift, 10 + shift), base, atol=1e-4, rtol=1e-5)
-    assert not torch.allclose(score(3, 11), base, atol=1e-3)  # a different offset changes it
-    # rotation preserves norms
-    cos, sin = rope_cos_sin(torch.tensor([5.0]), hd)
-    torch.testing.assert_close(apply_rope(q[None], cos, sin).norm(), q.norm())
 
 
 def test_attention_mask_structure():
@@ -389,16 +374,6 @@ def test_bad_inputs_raise_clear_errors():
         m.sample(cond, sigma=-0.1)
 
 
-def test_speaking_tokens_from_vad():
-    vad = torch.zeros(2, 16, dtype=torch.bool)
-    vad[0, :5] = True   # token 0: 5 of 8 -> speaking
-    vad[0, 8:12] = True  # token 1: 4 of 8 (tie) -> not speaking
-    vad[1, 8:] = True
-    assert speaking_tokens_from_vad(vad, 8).tolist() == [[True, False], [False, True]]
-    with pytest.raises(ValueError, match="multiple of r"):
-        speaking_tokens_from_vad(vad[:, :15], 8)
-
-
 def test_presets_and_parameter_count():
     small, paper = ARFlowConfig.small(), ARFlowConfig.paper()
     assert (paper.n_layers, paper.n_heads, paper.d_model, paper.d_text, paper.d_audio) == (6, 16, 512, 384, 80)
@@ -409,3 +384,25 @@ def test_presets_and_parameter_count():
     assert abs(total - 19.3e6) / 19.3e6 < 0.1, total  # paper: about 19.3M trainable parameters
     with pytest.raises(ValueError, match="divisible"):
         ARFlowConfig(d_model=30, n_heads=4)
+
+
+def test_checkpoint_roundtrip_and_errors(tmp_path):
+    m = make_model(audio_stride=4)
+    d = save_arflow(tmp_path / "sft", m, "small", config={"lr": 1e-3}, extra={"step": 7})
+    m2, meta = load_arflow(d, expect={"d_latent": 6, "audio_stride": 4}, preset="small")
+    assert m2.cfg == m.cfg and not m2.training and meta["config"] == {"lr": 1e-3} and meta["step"] == 7
+    cond = make_cond(m.cfg)
+    x, t = torch.randn(B, 4, 6), torch.rand(B, 4)
+    assert torch.equal(m2(cond, x, x, t), m(cond, x, x, t))
+    with pytest.raises(CheckpointError, match="d_latent=6 but the pipeline needs d_latent=8"):
+        load_arflow(d, expect={"d_latent": 8})
+    with pytest.raises(CheckpointError, match="preset 'small'.*model=paper"):
+        load_arflow(d, preset="paper")
+    meta_path = d / "meta.json"
+    good = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**good, "arch": {**good["arch"], "d_model": 64}}))
+    with pytest.raises(CheckpointError, match="weights do not match"):
+        load_arflow(d)
+    meta_path.write_text(json.dumps({**good, "arch": {**good["arch"], "n_layerz": 3}}))
+    with pytest.raises(CheckpointError, match="bad AR-Flow architecture.*n_layerz"):
+        load_arflow(d)

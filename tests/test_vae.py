@@ -281,6 +281,11 @@ def test_load_errors(tmp_path):
     write(vae_format_version=99)
     with pytest.raises(CheckpointError, match="VAE format version 99"):
         load_vae(d)
+    # version 1 used another rotary pairing: its weights load without a shape error but mean something else
+    assert good["vae_format_version"] == 2
+    write(vae_format_version=1)
+    with pytest.raises(CheckpointError, match="VAE format version 1, this code reads 2.*retrain"):
+        load_vae(d)
     write(kind="arflow")
     with pytest.raises(CheckpointError, match="expected a 'vae'"):
         load_vae(d)

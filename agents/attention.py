@@ -1,0 +1,103 @@
+"""Transformer parts shared by the motion VAE and the AR-Flow: rotary positions, self-attention, MLP, block.
+
+Rotary convention (the only place it is defined). For a head of size ``hd`` and a position ``p``
+(any real number: the AR-Flow uses fractional and repeated timestamps), feature ``i < hd / 2`` is
+paired with feature ``i + hd / 2`` (the "half split", not neighbouring features) and the pair is
+rotated by the angle ``p * base ** (-2 i / hd)``::
+
+    (x_i, x_{i + hd/2}) -> (x_i cos a - x_{i + hd/2} sin a,  x_i sin a + x_{i + hd/2} cos a)
+
+Applied to queries and keys, the score ``q(p) . k(p')`` then depends on ``p - p'`` only.
+
+Masks are boolean, ``True`` = may attend (the convention of ``F.scaled_dot_product_attention``);
+``None`` = every query sees every key.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["rope_cos_sin", "apply_rope", "SelfAttention", "MLP", "Block"]
+
+
+def rope_cos_sin(pos: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """Rotary tables for positions ``pos (S,)`` (float, may repeat) -> cos, sin each ``(S, head_dim / 2)``."""
+    if head_dim % 2:
+        raise ValueError(f"rope_cos_sin: head_dim={head_dim} must be even")
+    if pos.dim() != 1:
+        raise ValueError(f"rope_cos_sin: positions must be a 1-d tensor, got shape {tuple(pos.shape)}")
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)  # (hd/2,)
+    ang = pos.float()[:, None] * inv_freq[None, :]  # (S, hd/2)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the feature pairs (i, i + hd/2) of ``x (..., S, hd)`` by the tables ``cos, sin (S, hd/2)``."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]  # (..., S, hd/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (..., S, hd)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with rotary positions, optionally reading/writing a KV cache."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % n_heads or (d_model // n_heads) % 2:
+            raise ValueError(f"SelfAttention: d_model={d_model} must split into n_heads={n_heads} heads of even size")
+        self.n_heads, self.head_dim, self.p = n_heads, d_model // n_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+                kv: tuple[Tensor, Tensor] | None = None, at: int = 0) -> Tensor:
+        """x (B, S, D); cos/sin (S, hd/2) for these S tokens.
+
+        kv None: attention among the S tokens under ``mask`` (S, S).
+        kv = (K, V) each (B, H, C, hd): the S new rotated keys/values are written in place to slots
+        [at, at + S) and the queries attend to slots [0, at + S) (``mask`` (S, at + S) or None = all).
+        """
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            K, V = kv
+            K[:, :, at:at + S] = k
+            V[:, :, at:at + S] = v
+            k, v = K[:, :, :at + S], V[:, :, :at + S]  # (B, H, at + S, hd) views, no copy
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)  # (B, H, S, hd)
+        y = y.transpose(1, 2).reshape(B, S, D)  # (B, S, D)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Linear -> GELU -> Linear -> dropout, hidden size ``mlp_ratio * d_model``."""
+
+    def __init__(self, d_model: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        hidden = int(mlp_ratio * d_model)
+        self.fc = nn.Linear(d_model, hidden)
+        self.proj = nn.Linear(hidden, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, S, D) -> (B, S, D)
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x)). Arguments as :class:`SelfAttention`."""
+
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = SelfAttention(d_model, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, mlp_ratio, dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+                kv: tuple[Tensor, Tensor] | None = None, at: int = 0) -> Tensor:  # (B, S, D) -> (B, S, D)
+        x = x + self.attn(self.ln1(x), cos, sin, mask, kv, at)
+        return x + self.mlp(self.ln2(x))

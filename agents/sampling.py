@@ -1,0 +1,239 @@
+"""Sampling from an AR-Flow (paper eq. 5-7 and section 4.3): one window, and sliding-window long generation.
+
+Plain functions over a model with the :class:`~.arflow.ARFlow` interface (``check_cond``, ``start`` /
+``velocity`` / ``append`` for cached generation, ``velocity_uncached``); ``ARFlow.sample`` and
+``ARFlow.generate_long`` delegate here. Flow time as in ``agents/flow.py`` (t = 0 noise, t = 1 data).
+
+Per latent token l (auto-regressive, in order): x ~ N(0, I), then ``steps`` steps on the grid
+t_s = s / steps, dt = 1 / steps, with the guided velocity v of token l given the tokens < l:
+
+    ODE (sigma = 0, eq. 5):  x <- x + dt * v
+    SDE (sigma > 0, eq. 7):  x <- x + dt * b(x, v, t_s) + sigma * sqrt(dt) * eps
+                             b = v (``sde="paper"``) or the score-corrected drift (``sde="marginal"``,
+                             ``flow.sde_drift``)
+
+Classifier-free guidance (eq. 6): v = v_uncond + w_l (v_cond - v_uncond), where the unconditional
+branch nulls every condition (text, audio, partner motion) and w_l is ``w_speak`` on tokens where
+the actor speaks and ``w_listen`` elsewhere. The two branches run as one stacked batch of 2B rows
+``[cond; uncond]``. With w_speak = w_listen = 1 only the conditional branch runs.
+
+Random draws come from ``generator`` in a fixed order (per token: x0, then per SDE step the noise),
+so a seeded generator reproduces a sample exactly, cached or not.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from ..envs.windows import COND_KEYS, sliding_windows
+from .arflow import DROP_KEYS, KVCache
+from .flow import SDE_KINDS, cfg_combine, euler_step, sde_drift, sde_step
+
+__all__ = ["sample", "generate_long", "token_cfg_weights", "check_cfg_weight"]
+
+
+def check_cfg_weight(name: str, w) -> float:
+    """A CFG weight as a finite float, else ``ValueError`` naming it."""
+    try:
+        w = float(w)
+    except (TypeError, ValueError):
+        raise ValueError(f"arflow: CFG weight {name}={w!r} is not a number") from None
+    if not math.isfinite(w):
+        raise ValueError(f"arflow: CFG weight {name}={w} is not finite")
+    return w
+
+
+def token_cfg_weights(B: int, N: int, w_speak: float, w_listen: float, speaking_tokens: Tensor | None, device) -> Tensor:
+    """Per-token CFG weight (B, N): ``w_speak`` where ``speaking_tokens`` (B, N) is True, else ``w_listen``.
+
+    ``speaking_tokens`` may be None only when the two weights are equal.
+    """
+    if speaking_tokens is None:
+        if w_speak != w_listen:
+            raise ValueError(f"arflow.sample: w_speak={w_speak} != w_listen={w_listen} needs speaking_tokens (B, n_tokens)")
+        return torch.full((B, N), w_speak, device=device)
+    if tuple(speaking_tokens.shape) != (B, N):
+        raise ValueError(f"arflow.sample: speaking_tokens has shape {tuple(speaking_tokens.shape)}, expected ({B}, {N})")
+    return torch.where(speaking_tokens.to(device, torch.bool), w_speak, w_listen).float()  # (B, N)
+
+
+def _cond_rows(cond: Mapping[str, Tensor], idx) -> dict[str, Tensor]:
+    """Rows ``idx`` of every tensor of a conditioning dict."""
+    return {key: v[idx] for key, v in cond.items() if key in COND_KEYS and v is not None}
+
+
+class _GuidedVelocity:
+    """Velocity of token l for B rows, CFG-combined over the stacked [cond; uncond] batch (2B rows)
+    when ``w_tok`` (B, N) is given; reads and extends a KV cache when ``use_cache``."""
+
+    def __init__(self, model, cond: Mapping[str, Tensor], B: int, N: int, w_tok: Tensor | None, use_cache: bool):
+        self.model, self.B, self.w_tok, self.use_cfg, self.use_cache = model, B, w_tok, w_tok is not None, use_cache
+        keep, null = {key: False for key in DROP_KEYS}, {key: True for key in DROP_KEYS}
+        if self.use_cfg:
+            self.cond = {key: torch.cat([v, v]) for key, v in cond.items() if key in COND_KEYS and v is not None}  # 2B rows
+            dev = cond["text_emb"].device
+            off, on = torch.zeros(B, dtype=torch.bool, device=dev), torch.ones(B, dtype=torch.bool, device=dev)
+            self.drop = {key: torch.cat([off, on]) for key in DROP_KEYS}
+        else:
+            self.cond, self.drop = cond, keep
+        if use_cache and self.use_cfg:
+            # the unconditional prefix (all nulls) is the same for every row: run it once, copy it B times
+            uncond = model.start(_cond_rows(cond, slice(0, 1)), null, n_tokens=N)  # 1 row
+            self.cache = KVCache.cat([model.start(cond, keep, n_tokens=N), uncond.repeat_interleave(B)])
+        elif use_cache:
+            self.cache = model.start(self.cond, self.drop, n_tokens=N)
+        else:
+            self.cache = None  # every step recomputes the whole sequence (velocity_uncached)
+
+    def rows(self, x: Tensor) -> Tensor:  # (B, ...) -> (R, ...), R = 2B with CFG else B
+        return torch.cat([x, x]) if self.use_cfg else x
+
+    def __call__(self, x: Tensor, t: Tensor, l: int, history: Tensor) -> Tensor:
+        """x (B, Dv), t (R,), history (B, l, Dv) (read only without a cache) -> v (B, Dv)."""
+        xin = self.rows(x)  # (R, Dv)
+        if self.use_cache:
+            v = self.model.velocity(self.cache, xin, t, l)  # (R, Dv)
+        else:
+            v = self.model.velocity_uncached(self.cond, self.rows(history), xin, t, self.drop)  # (R, Dv)
+        if self.use_cfg:
+            v = cfg_combine(v[:self.B], v[self.B:], self.w_tok[:, l])  # (B, Dv)
+        return v
+
+    def commit(self, x: Tensor, l: int) -> None:
+        """Token l (B, Dv) is final: write it into the cache (both branches)."""
+        if self.use_cache:
+            self.model.append(self.cache, self.rows(x), l)
+
+
+@torch.no_grad()
+def sample(model, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps: int = 10, w_speak: float = 1.0,
+           w_listen: float = 1.0, speaking_tokens: Tensor | None = None, sigma: float = 0.0,
+           generator: torch.Generator | None = None, prefix: Tensor | None = None, use_cache: bool = True,
+           sde: str = "paper") -> Tensor:
+    """Generate ``n_tokens`` latents (B, n_tokens, Dv) of one window auto-regressively (module docstring).
+
+    ``n_tokens`` defaults to the partner tokens of ``cond``. CFG runs when w_speak or w_listen != 1;
+    ``speaking_tokens`` (B, n_tokens) bool is required when the two weights differ. ``sigma`` > 0
+    selects the SDE with drift ``sde`` ("paper" or "marginal"). ``prefix`` (B, k, Dv): the first k
+    tokens are given (copied to the output), generation starts at token k. ``use_cache`` False
+    recomputes the whole sequence every step (reference path, same result up to float rounding).
+    Runs the model in eval mode (dropout off; the previous mode is restored).
+    """
+    w_speak, w_listen = check_cfg_weight("w_speak", w_speak), check_cfg_weight("w_listen", w_listen)
+    sigma = float(sigma)
+    if not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"arflow.sample: sigma must be finite and >= 0, got {sigma}")
+    if sde not in SDE_KINDS:
+        raise ValueError(f"arflow.sample: sde must be one of {SDE_KINDS}, got {sde!r}")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"arflow.sample: steps must be a positive integer, got {steps!r}")
+    B, L, Np = model.check_cond(cond)
+    d_latent, r = model.cfg.d_latent, model.cfg.r
+    N = Np if n_tokens is None else int(n_tokens)
+    if not 1 <= N <= Np or N * r > L:
+        raise ValueError(f"arflow.sample: n_tokens={N} needs 1 <= n_tokens <= {Np} partner tokens and "
+                         f"{N * r} audio frames (have {L})")
+    k = 0 if prefix is None else prefix.shape[1]
+    if prefix is not None and (prefix.dim() != 3 or prefix.shape[0] != B or prefix.shape[2] != d_latent or k >= N):
+        raise ValueError(f"arflow.sample: prefix has shape {tuple(prefix.shape)}, expected ({B}, k < {N}, {d_latent})")
+    dev = cond["text_emb"].device
+    use_cfg = w_speak != 1.0 or w_listen != 1.0
+    w_tok = token_cfg_weights(B, N, w_speak, w_listen, speaking_tokens, dev) if use_cfg else None  # (B, N)
+
+    was_training = model.training
+    model.eval()
+    try:
+        guided = _GuidedVelocity(model, cond, B, N, w_tok, use_cache)
+        out = cond["text_emb"].new_empty(B, N, d_latent)
+        for j in range(k):
+            out[:, j] = prefix[:, j]
+            guided.commit(prefix[:, j], j)
+        dt = 1.0 / steps
+        R = 2 * B if use_cfg else B
+        t_grid = [torch.full((R,), s * dt, device=dev) for s in range(steps)]  # (R,) per step
+        for l in range(k, N):
+            x = torch.randn((B, d_latent), generator=generator, device=dev, dtype=out.dtype)  # (B, Dv) noise, t = 0
+            for s in range(steps):
+                v = guided(x, t_grid[s], l, out[:, :l])  # (B, Dv)
+                if sigma > 0:
+                    noise = torch.randn((B, d_latent), generator=generator, device=dev, dtype=out.dtype)
+                    x = sde_step(x, sde_drift(x, v, s * dt, sigma, sde), dt, sigma, noise)
+                else:
+                    x = euler_step(x, v, dt)
+            out[:, l] = x
+            if l + 1 < N:
+                guided.commit(x, l)
+        return out
+    finally:
+        model.train(was_training)
+
+
+def _window_slicer(cond: Mapping[str, Tensor], r: int) -> Callable[[int, int], dict[str, Tensor]]:
+    """``cond_fn(start_frame, n_frames)`` slicing full-length conditioning: audio per frame, partner
+    latents per token; text and the masks are shared by every window."""
+
+    def cond_fn(f0: int, nf: int) -> dict[str, Tensor]:
+        return {key: (v[:, f0:f0 + nf] if key in ("actor_audio", "partner_audio")
+                      else v[:, f0 // r:(f0 + nf) // r] if key == "partner_latent" else v)
+                for key, v in cond.items() if key in COND_KEYS and v is not None}
+
+    return cond_fn
+
+
+@torch.no_grad()
+def generate_long(model, cond: Mapping[str, Tensor] | Callable[[int, int], Mapping[str, Tensor]], total_frames: int,
+                  window: int | None = None, k: int = 1, steps: int = 10, w_speak: float = 1.0, w_listen: float = 1.0,
+                  speaking_tokens: Tensor | None = None, sigma: float = 0.0, generator: torch.Generator | None = None,
+                  use_cache: bool = True, sde: str = "paper") -> Tensor:
+    """Sliding-window generation of ``total_frames`` frames -> latents (B, total_frames / r, Dv).
+
+    Windows of W = window / r tokens (default the model's config window); the schedule is
+    ``envs.windows.sliding_windows``: each next window starts k tokens before the end of what is
+    generated and gets those latents as ``prefix`` (stride W - k); the last window is shifted back to
+    end exactly at the last token (it then gets more than k prefix tokens). TMRoPE positions restart
+    at 0 in every window, as in training. Each window is one :func:`sample` call with the same
+    ``steps``, CFG weights, ``sigma``, ``sde``, ``generator`` and ``use_cache``.
+
+    ``cond``: either full-length features (text_emb (B, d_text) and the masks are shared by all
+    windows; actor_audio / partner_audio (B, >= total_frames, Da); partner_latent
+    (B, >= total_frames / r, Dv)), sliced per window, or a callable
+    ``cond_fn(start_frame, n_frames) -> cond`` for one window. ``speaking_tokens``: (B, total_frames / r).
+    """
+    r = model.cfg.r
+    window = model.cfg.window if window is None else int(window)
+    if window % r or window < 2 * r:
+        raise ValueError(f"arflow.generate_long: window={window} must be a multiple of r={r} holding >= 2 tokens")
+    W = window // r
+    if int(total_frames) != total_frames or total_frames < r or total_frames % r:
+        raise ValueError(f"arflow.generate_long: total_frames={total_frames} must be a positive multiple of r={r}")
+    if not 1 <= k < W:
+        raise ValueError(f"arflow.generate_long: k={k} prefix tokens must be in [1, {W - 1}] for a {W}-token window")
+    check_cfg_weight("w_speak", w_speak), check_cfg_weight("w_listen", w_listen)
+    n_total = int(total_frames) // r
+    if callable(cond):
+        cond_fn = cond
+    else:
+        model.check_cond(cond)
+        for key in ("actor_audio", "partner_audio"):
+            if cond[key].shape[1] < total_frames:
+                raise ValueError(f"arflow.generate_long: cond[{key!r}] has {cond[key].shape[1]} frames, "
+                                 f"fewer than the requested total_frames={total_frames}")
+        if cond["partner_latent"].shape[1] < n_total:
+            raise ValueError(f"arflow.generate_long: cond['partner_latent'] has {cond['partner_latent'].shape[1]} tokens, "
+                             f"fewer than total_frames / r = {n_total}")
+        cond_fn = _window_slicer(cond, r)
+    if speaking_tokens is not None and speaking_tokens.shape[-1] != n_total:
+        raise ValueError(f"arflow.generate_long: speaking_tokens has {speaking_tokens.shape[-1]} tokens, expected {n_total}")
+    out = None
+    for s0, n, new0 in sliding_windows(n_total, W, k):
+        x = sample(model, cond_fn(s0 * r, n * r), n, steps=steps, w_speak=w_speak, w_listen=w_listen,
+                   speaking_tokens=None if speaking_tokens is None else speaking_tokens[:, s0:s0 + n],
+                   sigma=sigma, generator=generator, prefix=None if new0 == s0 else out[:, s0:new0],
+                   use_cache=use_cache, sde=sde)  # (B, n, Dv)
+        if out is None:
+            out = x.new_empty(x.shape[0], n_total, x.shape[2])
+        out[:, new0:s0 + n] = x[:, new0 - s0:]
+    return out
