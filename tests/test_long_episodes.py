@@ -55,13 +55,13 @@ def test_window_cond_slices_and_picks_text_segment():
     assert torch.equal(c["text_emb"], rows["text_emb"][:, 2]) and not c["text_mask"].any()
 
 
-def make_long(seed=0, use_cache=True):
+def make_long(seed=0, use_cache=True, sde="paper"):
     bank = tiny_bank(frames=FRAMES)
     vae, norm = tiny_vae()
     g = torch.Generator().manual_seed(seed)
     reward = build_reward("expr+rot")
     env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=2, sde_steps=K, sigma=0.5, generator=g,
-                         seed=seed)
+                         seed=seed, sde=sde)
     model = tiny_arflow()
     behaviour = copy.deepcopy(model).requires_grad_(False)
     policy = make_policy(behaviour, env, generator=g, use_cache=use_cache)
@@ -75,17 +75,18 @@ def long_rollout(env, policy, seed):
         return env.rollout(N_LONG * K, policy, break_when_any_done=False)
 
 
-def test_long_episode_rollout_equals_sliding_window_sde_generation():
-    env, policy, model, bank, _ = make_long()
+@pytest.mark.parametrize("sde", ["paper", "marginal"])
+def test_long_episode_rollout_equals_sliding_window_sde_generation(sde):
+    env, policy, model, bank, _ = make_long(sde=sde)
     assert transition_core(policy).schedule == sliding_windows(N_LONG, N, 1) == [(0, 4, 0), (3, 4, 4), (6, 4, 7), (7, 4, 10)]
     ro = long_rollout(env, policy, 11)
     z_env = ro["next", "history"][:, -1]  # (B, N_LONG, Dv)
     rows = bank[ro["window"][:, 0]]
     env.generator.manual_seed(11)
-    z_gen = model.generate_long(cond_from_bank(rows), FRAMES, k=1, steps=K, sigma=0.5, generator=env.generator)
+    z_gen = model.generate_long(cond_from_bank(rows), FRAMES, k=1, steps=K, sigma=0.5, generator=env.generator, sde=sde)
     assert torch.allclose(z_env, z_gen, atol=1e-4), (z_env - z_gen).abs().max()
     # the uncached policy follows the same schedule
-    env_u, policy_u, _, _, _ = make_long(use_cache=False)
+    env_u, policy_u, _, _, _ = make_long(use_cache=False, sde=sde)
     ro_u = long_rollout(env_u, policy_u, 11)
     assert torch.allclose(ro_u["next", "history"][:, -1], z_env, atol=1e-4)
     # the reward is computed once, on the whole decoded episode
