@@ -44,16 +44,16 @@ import torch
 
 __all__ = [
     "EPS_MODES",
-    "effective_eps",
-    "group_normalize",
-    "gdpo_advantages",
-    "grpo_advantages",
-    "whiten_advantages",
-    "compute_advantages",
-    "reward_group_stats",
-    "within_group_zscores",
-    "distinct_per_group",
     "advantage_diagnostics",
+    "compute_advantages",
+    "distinct_per_group",
+    "effective_eps",
+    "gdpo_advantages",
+    "group_normalize",
+    "grpo_advantages",
+    "reward_group_stats",
+    "whiten_advantages",
+    "within_group_zscores",
 ]
 
 EPS_MODES = ("relative", "absolute")

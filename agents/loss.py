@@ -7,14 +7,21 @@ trajectory advantage:
   separately, then combined with weights lambda_i (eq. 8-9);
 - GRPO: the lambda-weighted sum of rewards is normalised within the group.
 
-Objective, averaged over the (optionally listening-only) transitions of the chunk::
+Terms (the caller sums the ``loss_*`` terms)::
 
-    loss_objective = -mean_t min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A)
-    loss_kl        = beta * mean_t KL(pi_theta || pi_ref)
-                   = beta * mean_t ||mu_theta - mu_ref||^2 / (2 sigma^2 dt)
+    loss_objective = -mean_{t in O} min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A)
+    loss_kl        = beta * mean_{t in T} KL(pi_theta || pi_ref)
+                   = beta * mean_{t in T} ||mu_theta - mu_ref||^2 / (2 sigma^2 dt)
 
 with ``rho_t = p_theta(a_t | s_t) / p_behaviour(a_t | s_t)``, the behaviour log-probability being
-the one recorded at collection. The caller sums the ``loss_*`` terms.
+the one recorded at collection. ``T`` is every generated transition: the KL keeps speaking tokens
+near the reference too. ``O`` are the objective's transitions: ``objective_tokens="listening"``
+(default) keeps the transitions of tokens marked in the trajectory's ``token_mask`` (the caller
+marks the tokens that overlap the actor's listening frames, :func:`listening_token_mask`),
+``"all"`` keeps every transition. Diagnostics, under non-loss names: ``kl`` (mean over ``T``),
+``clip_fraction``, ``ratio_mean``, ``log_ratio_abs_mean`` (means over ``O``) and ``ratio_max``
+(maximum over ``O``; NaN when ``O`` is empty); :data:`AGGREGATION` says how each output combines
+over chunks.
 
 Data layout (:func:`trajectory_batch`): one row per trajectory with the states of all ``K``
 denoising steps of all ``N`` tokens, so the update replays a chunk of ``S`` denoising steps for
@@ -25,6 +32,7 @@ is set by one chunk of one window, not by the number of transitions or the episo
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +41,14 @@ from tensordict.nn import TensorDictModule  # noqa: F401  (documentation cross-r
 from torchrl.envs.utils import step_mdp
 from torchrl.objectives import LossModule
 
-from .advantages import gdpo_advantages, grpo_advantages
-from .flow import gaussian_kl_same_std, gaussian_log_prob
+from .advantages import (
+    EPS_MODES,
+    advantage_diagnostics,
+    gdpo_advantages,
+    grpo_advantages,
+    reward_group_stats,
+)
+from .flow import gaussian_kl_same_std, gaussian_log_prob, transition_std
 
 
 def _as_trajectories(steps: TensorDictBase, history: torch.Tensor, reward: torch.Tensor, window: torch.Tensor,
@@ -68,7 +82,9 @@ def trajectory_batch(rollout: TensorDictBase, n_tokens: int, sde_steps: int, tok
 
     Keys of the result: ``history (N, D)``, ``window ()``, ``group_id ()``, ``x (K, N, D)``,
     ``t (K, N)``, ``action (K, N, D)``, ``action_log_prob (K, N)``, ``reward (n_groups,)``,
-    ``token_mask (N,)`` (transitions that enter the objective).
+    ``token_mask (N,)``: the tokens whose transitions enter the objective under
+    ``objective_tokens="listening"``; every token unless ``token_mask`` is given (build it with
+    :func:`listening_token_mask`).
     """
     return _as_trajectories(rollout, rollout["next", "history"][:, -1], rollout["next", "reward"][:, -1],
                             rollout["window"][:, 0], rollout["group_id"][:, 0], n_tokens, sde_steps, token_mask, log_prob_key)
@@ -82,6 +98,7 @@ def collect_trajectories(env, policy, log_prob_key: str = "action_log_prob") -> 
     flow time, action and log-prob of each step are recorded: memory grows linearly with the episode,
     whereas ``env.rollout``'s record holds the Markov state's whole ``history`` at every step
     (quadratic in the number of tokens). Run it under the exploration type you want (random for RL).
+    ``token_mask`` marks every token: set it (:func:`listening_token_mask`) before a listening-only objective.
     """
     N, K = env.n_tokens, env.sde_steps
     td = env.reset()
@@ -123,41 +140,94 @@ def select_window(traj: TensorDictBase, span: tuple[int, int, int], step_keys=ST
     return out
 
 
-def chunked_update(loss_module: "GroupRelativeLoss", traj: TensorDictBase, optimizer: torch.optim.Optimizer,
+def listening_token_mask(listening: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Tokens whose frames overlap the actor's listening frames: ``listening (B, W)`` bool -> ``(B, N)``.
+
+    The trajectory's ``token_mask`` for ``objective_tokens="listening"`` (``W`` must be ``N * r``).
+    """
+    B, W = listening.shape
+    if n_tokens < 1 or W % n_tokens:
+        raise ValueError(f"listening mask of {W} frames does not split into {n_tokens} tokens")
+    return listening.reshape(B, n_tokens, W // n_tokens).any(-1)  # (B, N)
+
+
+# How chunked_update combines a loss output over (window, chunk) passes and epochs:
+#   "objective": mean weighted by the pass's share of the objective's transitions,
+#   "all":       mean weighted by the pass's share of all generated transitions,
+#   "max":       maximum (NaN passes, i.e. without objective transitions, are ignored).
+AGGREGATION = {
+    "loss_objective": "objective", "clip_fraction": "objective", "ratio_mean": "objective",
+    "log_ratio_abs_mean": "objective", "loss_kl": "all", "kl": "all", "ratio_max": "max",
+}
+
+
+def _aggregate(outputs: list[tuple[TensorDictBase, dict[str, float]]], rules: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Combine the loss outputs of every pass by :data:`AGGREGATION`; ``outputs`` = [(out, {rule: weight})]."""
+    sums: dict[str, torch.Tensor] = {}
+    weights: dict[str, float] = {}
+    for out, w in outputs:
+        for key, v in out.items():
+            rule = rules.get(key)
+            if rule is None:
+                raise ValueError(f"loss output {key!r} has no aggregation rule; add it to the loss module's aggregation")
+            if rule == "max":
+                sums[key] = torch.fmax(sums[key], v) if key in sums else v
+            else:
+                sums[key] = sums.get(key, 0.0) + v * w[rule]
+                weights[key] = weights.get(key, 0.0) + w[rule]
+    return {k: v if rules[k] == "max" else (v / weights[k] if weights[k] > 0 else torch.full_like(v, float("nan")))
+            for k, v in sums.items()}
+
+
+def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimizer: torch.optim.Optimizer,
                    chunk_steps: int = 2, epochs: int = 1, grad_clip: float = 1.0) -> dict[str, float]:
     """One optimiser step per epoch over the whole batch, replayed window by window and ``chunk_steps``
     denoising steps at a time with gradient accumulation.
 
-    Chunks are weighted by their share of the objective's transitions, so the accumulated gradient
-    equals the gradient of the whole batch's mean objective; chunks without any such transition are
-    skipped. Peak memory is that of one (window, chunk) pass, whatever the episode length.
+    Each pass's ``loss_objective`` is weighted by its share of the batch's objective transitions
+    and its ``loss_kl`` by its share of all generated transitions, so the accumulated gradient
+    equals the gradient of the whole batch's mean objective plus its mean KL. Peak memory is that
+    of one (window, chunk) pass, whatever the episode length.
+
+    Returns floats: ``loss/<loss term>``, ``policy/<diagnostic>`` (aggregated by
+    :data:`AGGREGATION`, averaged over epochs; ``ratio_max`` is the maximum over the whole batch
+    and all epochs; objective-weighted figures are NaN when the batch has no objective transition)
+    and ``optim/grad_norm`` (last epoch, before clipping). Every window is replayed, also one
+    without objective tokens: the KL covers all of them.
     """
+    S, epochs = int(chunk_steps), int(epochs)
+    if S < 1:
+        raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
     K = traj["x"].shape[1]
-    S = int(chunk_steps)
     spans = loss_module.transition[0].schedule
-    mask = traj[loss_module.tensor_keys.token_mask]  # (B, N)
-    counts = torch.stack([mask[:, new0:s0 + n].sum() for s0, n, new0 in spans]).tolist()  # one device read
-    total = sum(counts)
-    sums: dict[str, torch.Tensor] = {}
-    for _ in range(int(epochs)):
+    obj = loss_module.objective_mask(traj)  # (B, N)
+    B = obj.shape[0]
+    n_obj = torch.stack([obj[:, new0:s0 + n].sum() for s0, n, new0 in spans]).tolist()  # one device read
+    n_all = [B * (s0 + n - new0) for s0, n, new0 in spans]
+    tot_obj, tot_all = sum(n_obj), sum(n_all)
+    outputs = []
+    for _ in range(epochs):
         optimizer.zero_grad(set_to_none=True)
-        for span, count in zip(spans, counts):
-            if total and not count:
-                continue
+        for span, c_obj, c_all in zip(spans, n_obj, n_all):
             win = select_window(traj, span)
             for k0 in range(0, K, S):
                 k1 = min(k0 + S, K)
+                share = (k1 - k0) / K
+                w = {"objective": c_obj / tot_obj * share if tot_obj else 0.0, "all": c_all / tot_all * share}
                 out = loss_module(select_steps(win, k0, k1))
-                # share of the batch's objective transitions (or of all steps if none is selected)
-                weight = (count / total if total else 1.0 / len(spans)) * (k1 - k0) / K
-                ((out["loss_objective"] + out["loss_kl"]) * weight).backward()
-                for key, v in out.items():
-                    sums[key] = sums.get(key, 0.0) + v.detach() * weight
+                (out["loss_objective"] * w["objective"] + out["loss_kl"] * w["all"]).backward()
+                outputs.append((out.detach(), w))
         gnorm = torch.nn.utils.clip_grad_norm_(loss_module.actor_network.parameters(), grad_clip)
         optimizer.step()
-    stats = {f"loss/{k}": (v / int(epochs)).item() for k, v in sums.items()}
+    stats = {f"loss/{k}" if k.startswith("loss_") else f"policy/{k}": v.item()
+             for k, v in _aggregate(outputs, loss_module.aggregation).items()}
     stats["optim/grad_norm"] = gnorm.item()
     return stats
+
+
+OBJECTIVE_TOKENS = ("listening", "all")
 
 
 class GroupRelativeLoss(LossModule):
@@ -168,8 +238,12 @@ class GroupRelativeLoss(LossModule):
             ``sigma`` and ``dt``); ``model`` is the AR-Flow being trained.
         model: trainable AR-Flow (theta). A frozen copy is kept as the reference policy.
         lambdas: ``(n_groups,)`` reward weights lambda_i.
-        clip_epsilon: PPO clip range; beta: KL weight; eps, eps0: advantage constants (eq. 8-9);
+        clip_epsilon: PPO clip range; beta: KL weight (the KL covers every generated transition).
+        eps, eps0, eps_mode: advantage constants (eq. 8-9); ``eps_mode="relative"`` (scale-free,
+            default) or ``"absolute"`` (reference code), see :mod:`agents.advantages`.
         whiten: batch-level whitening of the advantage after the group normalisation.
+        objective_tokens: ``"listening"`` (default: transitions of the tokens marked in
+            ``token_mask``) or ``"all"`` (every transition) enter the PPO objective.
     """
 
     @dataclass
@@ -184,14 +258,20 @@ class GroupRelativeLoss(LossModule):
         token_mask: str = "token_mask"
 
     default_keys = _AcceptedKeys
+    aggregation = AGGREGATION  # how chunked_update combines each output over passes
 
     def __init__(self, transition, model: torch.nn.Module, lambdas, clip_epsilon: float = 0.2, beta: float = 0.01,
-                 eps: float = 1e-4, eps0: float = 1e-4, whiten: bool = False, reference: torch.nn.Module | None = None):
+                 eps: float = 1e-4, eps0: float = 1e-4, whiten: bool = False, reference: torch.nn.Module | None = None,
+                 eps_mode: str = "relative", objective_tokens: str = "listening"):
         super().__init__()
         if clip_epsilon <= 0:
             raise ValueError(f"clip_epsilon must be > 0, got {clip_epsilon}")
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
+        if eps_mode not in EPS_MODES:
+            raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
+        if objective_tokens not in OBJECTIVE_TOKENS:
+            raise ValueError(f"objective_tokens must be one of {OBJECTIVE_TOKENS}, got {objective_tokens!r}")
         self._tensor_keys = self._AcceptedKeys()
         self.transition = [transition]  # plain list: not a sub-module (its AR-Flow is the behaviour copy)
         self.actor_network = model
@@ -199,13 +279,14 @@ class GroupRelativeLoss(LossModule):
         self.ref_network = ref.eval().requires_grad_(False)
         self.register_buffer("lambdas", torch.as_tensor(lambdas, dtype=torch.float32))
         self.clip_epsilon, self.beta = float(clip_epsilon), float(beta)
-        self.eps, self.eps0, self.whiten = float(eps), float(eps0), bool(whiten)
+        self.eps, self.eps0, self.whiten, self.eps_mode = float(eps), float(eps0), bool(whiten), eps_mode
+        self.objective_tokens = objective_tokens
 
     @property
     def tensor_keys(self) -> _AcceptedKeys:
         return self._tensor_keys
 
-    def set_keys(self, **kwargs) -> "GroupRelativeLoss":
+    def set_keys(self, **kwargs) -> GroupRelativeLoss:
         for k, v in kwargs.items():
             if not hasattr(self._tensor_keys, k):
                 raise ValueError(f"{type(self).__name__} has no key {k!r}; keys: {list(vars(self._tensor_keys))}")
@@ -218,7 +299,8 @@ class GroupRelativeLoss(LossModule):
     # -- advantage -----------------------------------------------------------------------------
     def advantage_fn(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         """``(B, n_groups)`` rewards -> ``(B,)`` advantages; GDPO by default, GRPO overrides it."""
-        return gdpo_advantages(rewards, group_ids, self.lambdas, eps=self.eps, eps0=self.eps0, whiten=self.whiten)
+        return gdpo_advantages(rewards, group_ids, self.lambdas, eps=self.eps, eps0=self.eps0, whiten=self.whiten,
+                               eps_mode=self.eps_mode)
 
     @torch.no_grad()
     def compute_advantage(self, td: TensorDictBase) -> TensorDictBase:
@@ -230,11 +312,29 @@ class GroupRelativeLoss(LossModule):
         td.set(keys.advantage, self.advantage_fn(rewards, td[keys.group_id]))
         return td
 
+    @torch.no_grad()
+    def batch_diagnostics(self, td: TensorDictBase) -> dict[str, torch.Tensor]:
+        """Per reward group and advantage diagnostics of a batch with advantages (tensors, for logging).
+
+        :func:`~agents.advantages.reward_group_stats` under this loss's ``eps`` / ``eps_mode``
+        (per group ``(n_groups,)``: ``frac_std_below_eps`` ...) and
+        :func:`~agents.advantages.advantage_diagnostics` (``distinct_per_group``, ``corr_zscore`` ...).
+        """
+        keys = self.tensor_keys
+        rewards, gid = td[keys.reward], td[keys.group_id]
+        return {**reward_group_stats(rewards, gid, self.eps, self.eps_mode),
+                **advantage_diagnostics(td[keys.advantage], rewards, gid)}
+
+    def objective_mask(self, td: TensorDictBase) -> torch.Tensor:
+        """``(B, N)`` bool: the tokens whose transitions enter the PPO objective."""
+        mask = td[self.tensor_keys.token_mask].bool()  # (B, N)
+        return torch.ones_like(mask) if self.objective_tokens == "all" else mask
+
     # -- objective -----------------------------------------------------------------------------
     def forward(self, td: TensorDictBase) -> TensorDict:
         """Loss terms on a chunk of trajectories ``(B,)`` holding ``S`` denoising steps ``(S, N, ...)``."""
         keys = self.tensor_keys
-        if keys.advantage not in td.keys():
+        if keys.advantage not in td.keys():  # noqa: SIM118 (TensorDict: membership of a key, not a value)
             self.compute_advantage(td)
         tr = self.transition[0]
         span = td.get_non_tensor("span", None)  # one sliding window of a long episode (select_window)
@@ -242,26 +342,26 @@ class GroupRelativeLoss(LossModule):
         loc = tr.replay_loc(td["window"], td["history"], x, t, model=self.actor_network, span=span)  # (B, S, N, D)
         with torch.no_grad():
             loc_ref = tr.replay_loc(td["window"], td["history"], x, t, model=self.ref_network, span=span)
-        std = tr.sigma * tr.dt ** 0.5
-        log_prob = gaussian_log_prob(action, loc, torch.full_like(loc, std))  # (B, S, N)
-        log_ratio = log_prob - td[keys.sample_log_prob]
+        log_prob = gaussian_log_prob(action, loc, torch.full_like(loc, transition_std(tr.sigma, tr.dt)))  # (B, S, N)
+        log_ratio = log_prob - td[keys.sample_log_prob]  # (B, S, N)
         ratio = log_ratio.exp()
         adv = td[keys.advantage][:, None, None].expand_as(ratio)  # same trajectory advantage on every transition
         surr = torch.minimum(ratio * adv, ratio.clamp(1 - self.clip_epsilon, 1 + self.clip_epsilon) * adv)
-        mask = td[keys.token_mask][:, None, :].expand_as(ratio).float()  # (B, S, N)
-        n = mask.sum().clamp(min=1.0)
-        kl = gaussian_kl_same_std(loc, loc_ref, tr.sigma, tr.dt)  # (B, S, N)
-        loss_objective = -(surr * mask).sum() / n
-        loss_kl = self.beta * (kl * mask).sum() / n
+        in_obj = self.objective_mask(td)[:, None, :].expand_as(ratio)  # (B, S, N) bool
+        m = in_obj.to(ratio.dtype)
+        n_obj = m.sum().clamp(min=1.0)  # no objective transition in this chunk: objective 0
+        kl = gaussian_kl_same_std(loc, loc_ref, tr.sigma, tr.dt)  # (B, S, N), every generated transition
+        loss_objective = -(surr * m).sum() / n_obj
+        loss_kl = self.beta * kl.mean()
         with torch.no_grad():
-            clipped = ((ratio - 1).abs() > self.clip_epsilon).float()
-            big = torch.finfo(ratio.dtype).min
+            clipped = ((ratio - 1).abs() > self.clip_epsilon).to(ratio.dtype)
+            r_max = torch.where(in_obj, ratio, torch.full_like(ratio, -math.inf)).amax()
             diag = {
-                "kl": (kl * mask).sum() / n,
-                "clip_fraction": (clipped * mask).sum() / n,
-                "ratio_mean": (ratio * mask).sum() / n,
-                "ratio_max": torch.where(mask.bool(), ratio, torch.full_like(ratio, big)).max(),
-                "log_ratio_abs_mean": (log_ratio.abs() * mask).sum() / n,
+                "kl": kl.mean(),
+                "clip_fraction": (clipped * m).sum() / n_obj,
+                "ratio_mean": (ratio * m).sum() / n_obj,
+                "ratio_max": torch.where(in_obj.any(), r_max, torch.full_like(r_max, math.nan)),
+                "log_ratio_abs_mean": (log_ratio.abs() * m).sum() / n_obj,
             }
         return TensorDict({"loss_objective": loss_objective, "loss_kl": loss_kl, **diag}, batch_size=[])
 
@@ -274,7 +374,7 @@ class GRPOLoss(GroupRelativeLoss):
     """Summed-then-normalised advantages (the GRPO baseline), then the shared objective."""
 
     def advantage_fn(self, rewards, group_ids):
-        return grpo_advantages(rewards, group_ids, self.lambdas, eps=self.eps, whiten=self.whiten)
+        return grpo_advantages(rewards, group_ids, self.lambdas, eps=self.eps, whiten=self.whiten, eps_mode=self.eps_mode)
 
 
 LOSSES = {"gdpo": GDPOLoss, "grpo": GRPOLoss}

@@ -3,10 +3,18 @@ import math
 
 import pytest
 import torch
-
-from gdpo_listener.agents.advantages import (advantage_diagnostics, compute_advantages, distinct_per_group,
-                                             effective_eps, gdpo_advantages, group_normalize, grpo_advantages,
-                                             reward_group_stats, whiten_advantages, within_group_zscores)
+from gdpo_listener.agents.advantages import (
+    advantage_diagnostics,
+    compute_advantages,
+    distinct_per_group,
+    effective_eps,
+    gdpo_advantages,
+    group_normalize,
+    grpo_advantages,
+    reward_group_stats,
+    whiten_advantages,
+    within_group_zscores,
+)
 
 # DESIGN section 7 public vector: prompts A and B, two rollouts each, rewards (r1, r2) per rollout.
 #   A: r1 = (0, 1), r2 = (0, 0);   B: r1 = (0, 1), r2 = (0, 1)
@@ -35,7 +43,7 @@ def reference_normalize(r, ids, eps):
     return out
 
 
-REF = dict(eps_mode="absolute")  # the reference code's absolute eps = 1e-4
+REF = {"eps_mode": "absolute"}  # the reference code's absolute eps = 1e-4
 
 
 def published(a, b):
@@ -120,7 +128,6 @@ def test_relative_eps_is_scale_free():
 
 def test_effective_eps():
     r = torch.tensor([[0.0, 5.0], [2.0, 5.0], [1.0, 5.0], [1.0, 5.0]])
-    ids = torch.tensor([0, 0, 1, 1])
     std = torch.tensor([[2 ** 0.5, 0.0], [0.0, 0.0]])  # within-group stds
     e = effective_eps(r, std, 1e-2, "relative")
     u = torch.finfo(torch.float32).eps

@@ -2,34 +2,61 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
-from torchrl.envs.utils import ExplorationType, set_exploration_type
-
-from gdpo_listener.agents.loss import GDPOLoss, GRPOLoss, select_steps, trajectory_batch
+from gdpo_listener.agents.flow import gaussian_log_prob
+from gdpo_listener.agents.loss import (
+    AGGREGATION,
+    GDPOLoss,
+    GRPOLoss,
+    chunked_update,
+    listening_token_mask,
+    select_steps,
+    select_window,
+    trajectory_batch,
+)
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.rewards.groups import build_reward
-from rl_fixtures import N, tiny_arflow, tiny_bank, tiny_vae
+from rl_fixtures import N, R, tiny_arflow, tiny_bank, tiny_vae
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 K = 4
+SIGMA = 0.5
 
 
-def setup(loss_cls=GDPOLoss, beta=0.01, seed=0):
-    bank = tiny_bank()
+def setup(loss_cls=GDPOLoss, beta=0.01, seed=0, frames=N * R, sde_steps=K, **loss_kw):
+    """Rollouts of the tiny policy; ``token_mask`` marks the listening tokens (the second half of every window)."""
+    bank = tiny_bank(frames=frames)
     vae, norm = tiny_vae()
     g = torch.Generator().manual_seed(seed)
     reward = build_reward("expr+rot")
-    env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=3, sde_steps=K, sigma=0.5, generator=g, seed=seed)
+    env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=3, sde_steps=sde_steps, sigma=SIGMA,
+                         generator=g, seed=seed)
     model = tiny_arflow()
     behaviour = copy.deepcopy(model).requires_grad_(False)
-    policy = make_policy(behaviour, bank, sigma=0.5, sde_steps=K, generator=g)
+    policy = make_policy(behaviour, env, generator=g)
+    n_tokens = frames // R
     with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
-        ro = env.rollout(N * K, policy, break_when_any_done=False)
-    traj = trajectory_batch(ro, N, K)
-    loss = loss_cls(transition_core(policy), model, reward.lambdas, beta=beta)
+        ro = env.rollout(n_tokens * sde_steps, policy, break_when_any_done=False)
+    traj = trajectory_batch(ro, n_tokens, sde_steps)
+    traj["token_mask"] = listening_token_mask(bank["listening"][traj["window"]], n_tokens)
+    loss = loss_cls(transition_core(policy), model, reward.lambdas, beta=beta, **loss_kw)
     return loss, traj, model, behaviour
+
+
+def shift_velocity_on_tokens(model, tokens, delta: float) -> None:
+    """Change ``model`` on the given window-local tokens only: ``delta`` added to every velocity there."""
+    full_pass = model._full_pass
+    tokens = torch.as_tensor(tokens)
+
+    def patched(cond, x_clean, x_noisy, t, noisy_idx, drop):
+        v = full_pass(cond, x_clean, x_noisy, t, noisy_idx, drop)  # (B, M, Dv)
+        return v + delta * torch.isin(noisy_idx, tokens).to(v.dtype)[:, None]
+
+    model._full_pass = patched
 
 
 def test_replayed_log_probs_equal_collected():
@@ -39,7 +66,6 @@ def test_replayed_log_probs_equal_collected():
         chunk = select_steps(traj, k0, k0 + 2)
         with torch.no_grad():
             loc = loss.transition[0].replay_loc(chunk["window"], chunk["history"], chunk["x"], chunk["t"])
-        from gdpo_listener.agents.flow import gaussian_log_prob
         out_lp.append(gaussian_log_prob(chunk["action"], loc, torch.full_like(loc, 0.5 * (1 / K) ** 0.5)))
     replayed = torch.cat(out_lp, 1)
     assert replayed.shape == traj["action_log_prob"].shape
@@ -48,6 +74,7 @@ def test_replayed_log_probs_equal_collected():
 
 def test_objective_at_behaviour_params_is_minus_mean_advantage():
     loss, traj, _, _ = setup(beta=0.0)
+    assert traj["token_mask"].tolist() == [[False, False, True, True]] * 6  # actor listens in the second half
     loss.compute_advantage(traj)
     out = loss(select_steps(traj, 0, 2))
     assert out["ratio_mean"].item() == pytest.approx(1.0, abs=1e-3)
@@ -55,6 +82,7 @@ def test_objective_at_behaviour_params_is_minus_mean_advantage():
     assert out["loss_objective"].item() == pytest.approx(-traj["advantage"].mean().item(), abs=1e-3)
     assert float(out["kl"]) == pytest.approx(0.0, abs=1e-8)
     assert set(out.keys()) >= {"loss_objective", "loss_kl", "clip_fraction", "kl", "ratio_mean", "ratio_max"}
+    assert set(out.keys()) <= set(AGGREGATION)  # chunked_update knows how to combine every output
 
 
 def test_kl_closed_form_after_perturbation():
@@ -111,3 +139,132 @@ def test_set_keys_and_errors():
     traj["reward"][0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         loss.compute_advantage(traj)
+
+
+def _closed_form_kl(delta: float, d_latent: int, sde_steps: int = K) -> float:
+    """KL of one transition whose velocity moved by ``delta`` in every latent dim (same std Gaussians)."""
+    dt = 1 / sde_steps
+    return d_latent * (dt * delta) ** 2 / (2 * SIGMA**2 * dt)
+
+
+def test_kl_covers_speaking_tokens():
+    loss, traj, model, _ = setup(beta=0.5)
+    shift_velocity_on_tokens(model, [0, 1], 0.1)  # the model changes on the speaking tokens only
+    loss.compute_advantage(traj)
+    out = loss(select_steps(traj, 0, 2))
+    # half the generated transitions moved: the mean KL over every transition is half the per-transition KL
+    expected = 0.5 * _closed_form_kl(0.1, model.cfg.d_latent)
+    assert float(out["kl"]) == pytest.approx(expected, rel=1e-3)
+    assert out["loss_kl"].item() == pytest.approx(0.5 * expected, rel=1e-3)
+    # the KL's gradient reaches the model although no objective token moved
+    out["loss_kl"].backward()
+    assert max(p.grad.abs().max() for p in model.parameters() if p.grad is not None) > 0
+    # the listening-token objective did not move: ratios there are 1
+    assert float(out["ratio_max"]) == pytest.approx(1.0, abs=1e-4) and float(out["clip_fraction"]) == 0.0
+
+
+def test_objective_tokens_listening_or_all():
+    results = {}
+    for which in ("listening", "all"):
+        loss, traj, model, _ = setup(beta=0.0, objective_tokens=which)
+        shift_velocity_on_tokens(model, [0, 1], 2.0)  # speaking tokens only, far enough to clip
+        loss.compute_advantage(traj)
+        results[which] = (loss(select_steps(traj, 0, 2)), traj["advantage"].mean().item())
+    out, mean_adv = results["listening"]
+    assert out["loss_objective"].item() == pytest.approx(-mean_adv, abs=1e-4)  # ratios 1 on listening tokens
+    assert float(out["ratio_max"]) == pytest.approx(1.0, abs=1e-4) and float(out["clip_fraction"]) == 0.0
+    out_all, _ = results["all"]
+    # speaking transitions moved by 0.5 std-units x 4 dims: their ratios collapse, half the transitions clip
+    assert float(out_all["ratio_mean"]) < 0.7 and float(out_all["clip_fraction"]) > 0.4
+    assert abs(out_all["loss_objective"].item() + mean_adv) > 1e-2
+    with pytest.raises(ValueError, match="objective_tokens"):
+        setup(objective_tokens="speaking")
+
+
+def test_chunked_update_over_windows_equals_batch_objective_and_kl():
+    """Several sliding windows, objective on listening tokens only, KL on every token.
+
+    Expected gradient: d/dtheta [mean over objective transitions of the PPO term + beta * mean over
+    all transitions of the KL], from one full pass per window; diagnostics: means with the same
+    weights, ratio_max the maximum over the whole batch.
+    """
+    n_long, k = 11, 2  # windows [0,4) [3,7) [6,10) [7,11): 4, 3, 3, 1 new tokens
+    loss, traj, model, _ = setup(beta=0.5, frames=n_long * R, sde_steps=k)
+    spans = loss.transition[0].schedule
+    assert len(spans) == 4
+    # listening tokens 5..10; keep 5..8: the first window (speaking) and the last (token 10) have no objective token
+    traj["token_mask"][:, 9:] = False
+    loss.compute_advantage(traj)
+    with torch.no_grad():
+        model.head.bias.add_(0.05)  # away from the behaviour policy: ratios and KL matter
+        model.head.weight.mul_(1.2)  # ratios that differ between windows
+    model.zero_grad()
+    obj_sum = kl_sum = 0.0
+    n_obj = n_all = 0
+    diag = {"kl": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0}
+    window_max = []
+    for span in spans:
+        win = select_window(traj, span)
+        out = loss(win)
+        c_obj, c_all = int(win["token_mask"].sum()) * k, win["token_mask"].numel() * k
+        obj_sum = obj_sum + out["loss_objective"] * c_obj
+        kl_sum = kl_sum + out["loss_kl"] * c_all
+        n_obj, n_all = n_obj + c_obj, n_all + c_all
+        diag["kl"] += float(out["kl"]) * c_all
+        diag["clip_fraction"] += float(out["clip_fraction"]) * c_obj
+        diag["ratio_mean"] += float(out["ratio_mean"]) * c_obj
+        window_max.append(float(out["ratio_max"]))
+    (obj_sum / n_obj + kl_sum / n_all).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    assert sum(math.isnan(m) for m in window_max) == 2  # windows without objective tokens have no ratio_max
+    true_max = max(m for m in window_max if not math.isnan(m))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the parameters, read the gradient
+    for chunk_steps in (1, 2):
+        stats = chunked_update(loss, traj, opt, chunk_steps=chunk_steps, grad_clip=1e9)
+        for e, g in zip(expected, (p.grad for p in model.parameters())):
+            assert torch.allclose(e, g, atol=1e-6, rtol=1e-4)
+        assert stats["loss/loss_objective"] == pytest.approx((obj_sum / n_obj).item(), rel=1e-4)
+        assert stats["loss/loss_kl"] == pytest.approx((kl_sum / n_all).item(), rel=1e-4)
+        assert stats["policy/kl"] == pytest.approx(diag["kl"] / n_all, rel=1e-4)
+        assert stats["policy/clip_fraction"] == pytest.approx(diag["clip_fraction"] / n_obj, abs=1e-6)
+        assert stats["policy/ratio_mean"] == pytest.approx(diag["ratio_mean"] / n_obj, rel=1e-5)
+        assert stats["policy/ratio_max"] == pytest.approx(true_max, rel=1e-6)
+        assert stats["policy/ratio_max"] > stats["policy/ratio_mean"]
+        assert not any(key.startswith("loss/") and "loss_" not in key for key in stats)
+    # the windows' maxima differ: any mean of them would fall short of the maximum checked above
+    assert min(m for m in window_max if not math.isnan(m)) < true_max - 1e-2
+
+
+def test_chunked_update_and_loss_argument_errors():
+    loss, traj, model, _ = setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.raises(ValueError, match="epochs"):
+        chunked_update(loss, traj, opt, epochs=0)
+    with pytest.raises(ValueError, match="chunk_steps"):
+        chunked_update(loss, traj, opt, chunk_steps=0)
+    with pytest.raises(ValueError, match="eps_mode"):
+        GDPOLoss(loss.transition[0], model, loss.lambdas, eps_mode="scaled")
+
+
+def test_eps_mode_reaches_the_advantage_and_diagnostics():
+    loss, traj, model, _ = setup()
+    ref = GRPOLoss(loss.transition[0], model, loss.lambdas, eps_mode="absolute")
+    r = torch.tensor([[0.0, 0.0], [1e-4, 0.0], [0.0, 0.0], [1e-4, 1e-4]])  # rewards at the scale of eps
+    gid = torch.tensor([0, 0, 1, 1])
+    a_rel, a_abs = loss.advantage_fn(r, gid), GDPOLoss(loss.transition[0], model, loss.lambdas,
+                                                       eps_mode="absolute").advantage_fn(r, gid)
+    std_a = 2 ** 0.5 / 2 * 1e-4  # prompt A's within-group std of reward 1
+    assert a_rel[1].item() == pytest.approx(0.5e-4 / std_a / 2, rel=1e-3)  # a full z-score, / sum lambda
+    assert a_abs[1].item() == pytest.approx(0.5e-4 / (std_a + 1e-4) / (2 + 1e-4), rel=1e-4)  # damped by eps
+    assert ref.advantage_fn(r, gid)[1].item() == pytest.approx(0.5e-4 / (std_a + 1e-4), rel=1e-4)
+    loss.compute_advantage(traj)
+    d = loss.batch_diagnostics(traj)
+    assert d["frac_std_below_eps"].shape == (2,) and d["corr_zscore"].shape == (2,)
+    assert float(d["distinct_per_group"]) == 3.0  # 3 rollouts per prompt, continuous rewards
+
+
+def test_listening_token_mask():
+    lis = torch.tensor([[False] * 8 + [True] + [False] * 7, [False] * 16])
+    assert listening_token_mask(lis, 2).tolist() == [[False, True], [False, False]]
+    with pytest.raises(ValueError, match="tokens"):
+        listening_token_mask(lis, 3)
