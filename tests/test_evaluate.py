@@ -115,7 +115,7 @@ def _copy_dataset(tiny: Path, dst: Path) -> Path:
 def test_bad_inputs_are_clear_errors(tiny, tmp_path):
     import evaluate
     from gdpo_listener.envs.dataset import DatasetFormatError
-    from gdpo_listener.rewards.flame_layer import FlameModelError
+    from gdpo_listener.evaluation.flame_layer import FlameModelError
 
     # dataset in another format version
     other = _copy_dataset(tiny, tmp_path / "v2")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from gdpo_listener.envs.flame import FLAME_DIM, GROUP_NAMES, GROUPS
-from gdpo_listener.rewards import metrics as M
-from gdpo_listener.rewards.flame_layer import FlameLayer, FlameModelError, load_flame_masks, load_flame_model, rodrigues
+from gdpo_listener.evaluation import metrics as M
+from gdpo_listener.evaluation.flame_layer import FlameLayer, FlameModelError, load_flame_masks, load_flame_model, rodrigues
 from gdpo_listener.rewards.stats import dynamic_deviation
 
 torch.set_num_threads(1)

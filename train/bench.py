@@ -51,12 +51,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import common
+from gdpo_listener.pipeline import factories, run_state, stages
 import evaluate as E
 from gdpo_listener.agents.checkpoint import atomic_write_bytes, atomic_write_json
 from gdpo_listener.envs.dataset import DyadicWindows
 from gdpo_listener.envs.flame import FPS, GROUP_NAMES, GROUPS
-from gdpo_listener.rewards import metrics as M
+from gdpo_listener.evaluation import metrics as M
 from gdpo_listener.rewards.groups import parse_reward_spec
 from gdpo_listener.rewards.stats import masked_mean, masked_std, velocity_std
 
@@ -74,7 +74,7 @@ def train_overrides(cfg: DictConfig, algo: str, seed: int, run_dir: Path, data_r
     return [f"algo={algo}", f"seed={seed}", f"out_dir={run_dir}", f"reward={cfg.reward}", f"model={cfg.model.preset}",
             f"data.root={data_root}", "data.auto_prepare=false", f"pretrained.vae={vae}", f"pretrained.sft={sft}",
             "pretrained.auto_train=false", f"features.text_encoder={f.text_encoder}", f"features.audio_encoder={f.audio_encoder}",
-            f"features.cache_dir={common.abspath(f.cache_dir)}",
+            f"features.cache_dir={factories.abspath(f.cache_dir)}",
             *([] if cfg.iterations is None else [f"optim.iterations={int(cfg.iterations)}"]),
             f"device={cfg.device}", f"threads={int(cfg.threads)}", "logger.backend=csv", *map(str, cfg.train_overrides)]
 
@@ -95,7 +95,7 @@ def run_training(cfg: DictConfig, algo: str, seed: int, out: Path, data_root: Pa
         shutil.rmtree(run_dir)
     log = out / "logs" / f"{algo}_seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(common.TRAIN_DIR / "gdpo.py"), *over]
+    cmd = [sys.executable, str(stages.TRAIN_DIR / "gdpo.py"), *over]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(int(cfg.threads))}
     print(f"[bench] training {algo} seed {seed} -> {run_dir} (log {log})", flush=True)
     t0 = time.perf_counter()
@@ -582,9 +582,9 @@ def _run(cfg: DictConfig) -> dict:
     if cfg.quick:
         cfg = apply_quick(cfg)
     torch.set_num_threads(int(cfg.threads))
-    device = common.make_device(cfg.device)
-    common.seed_everything(0)
-    out = common.abspath(cfg.out_dir)
+    device = factories.make_device(cfg.device)
+    run_state.seed_everything(0)
+    out = factories.abspath(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in cfg.seeds]
     algos = [str(a) for a in cfg.algos]
@@ -596,9 +596,9 @@ def _run(cfg: DictConfig) -> dict:
     t_start = time.perf_counter()
 
     # 1. prerequisites, produced by their own entry points when missing (cached)
-    data_root = common.make_dataset(cfg.data)
-    vae_path = common.make_vae_checkpoint(cfg, data_root)
-    sft_path = common.make_sft_checkpoint(cfg, data_root, vae_path)
+    data_root = stages.ensure_dataset(cfg.data)
+    vae_path = stages.ensure_vae(cfg, data_root)
+    sft_path = stages.ensure_sft(cfg, data_root, vae_path)
 
     # 2. RL runs: same budget for every algorithm
     jobs = [(a, s) for s in seeds for a in algos]
@@ -694,7 +694,7 @@ def _run_config(runs, algos, seeds) -> dict:
 def git_state() -> dict:
     """Commit and modified files of the code that produced the report (best effort)."""
     def git(*a):
-        r = subprocess.run(["git", *a], cwd=common.TRAIN_DIR.parent, capture_output=True, text=True)
+        r = subprocess.run(["git", *a], cwd=stages.TRAIN_DIR.parent, capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else None
 
     dirty = git("status", "--porcelain", "--untracked-files=no")

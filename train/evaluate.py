@@ -8,7 +8,7 @@
 
 Every window of the split (each side of each conversation as the actor once) is generated with
 the deterministic Euler ODE sampler (``steps=10``, CFG weights ``w_speak`` / ``w_listen``, noise
-from ``seed``) and scored against the ground truth with ``rewards/metrics.py``: the paper's
+from ``seed``) and scored against the ground truth with ``evaluation/metrics.py``: the paper's
 Table 1 (speaking LVE, MHD, FDD, PDD, JDD; listening FDD, PDD, JDD), the supplementary Table 6
 (FD, P-FD, MSE, SID, rPCC per group exp / jaw / pose, speaking and listening), per-FLAME-group
 listening dynamics and rewards, on all windows and on the *expressive subset* (windows whose
@@ -44,13 +44,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-import common
+from gdpo_listener.pipeline import factories, run_state, stages
+from gdpo_listener.agents.arflow import load_arflow
 from gdpo_listener.agents.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json
 from gdpo_listener.agents.checkpoint import load_meta as load_ckpt_meta
 from gdpo_listener.envs.dataset import DyadicWindows, load_meta
 from gdpo_listener.envs.flame import GROUP_NAMES, GROUPS, channel_mask
 from gdpo_listener.envs.windows import build_window_bank, cond_from_bank
-from gdpo_listener.rewards import metrics as M
+from gdpo_listener.evaluation import metrics as M
 from gdpo_listener.rewards.stats import masked_std
 
 SPLITS = ("speaking", "listening")
@@ -96,7 +97,7 @@ def training_dataset_signature(ckpt_meta: dict, vae_meta: dict) -> tuple[dict, s
     for r in roots:
         if not r:
             continue
-        p = common.abspath(r) / "dataset.json"
+        p = factories.abspath(r) / "dataset.json"
         if p.is_file():
             try:
                 return dataset_signature(json.loads(p.read_text())), str(p)
@@ -128,12 +129,12 @@ def load_flame(mcfg: DictConfig):
     """The FLAME layer of ``metrics.flame_model`` (+ masks), or None (vertex metrics unavailable)."""
     if not mcfg.get("flame_model"):
         return None
-    from gdpo_listener.rewards.flame_layer import FlameLayer, FlameModelError
+    from gdpo_listener.evaluation.flame_layer import FlameLayer, FlameModelError
 
     if not mcfg.get("flame_masks"):
         raise FlameModelError("metrics.flame_model is set but metrics.flame_masks is not: LVE needs the lip vertices "
                               "and the vertex FDD the forehead / eye-region vertices (FLAME_masks.pkl)")
-    return FlameLayer(common.abspath(mcfg.flame_model), common.abspath(mcfg.flame_masks),
+    return FlameLayer(factories.abspath(mcfg.flame_model), factories.abspath(mcfg.flame_masks),
                       n_shape=int(mcfg.get("flame_n_shape", 300)))
 
 
@@ -186,10 +187,10 @@ def checkpoint_meta(path: Path) -> dict:
 
 def prepare(cfg: DictConfig, ckpt: Path, device: torch.device) -> tuple[EvalData, dict]:
     """Check inputs, load the VAE, encoders and the window bank of ``cfg.split``; returns (data, ckpt meta)."""
-    data_root = common.make_dataset(cfg.data)
+    data_root = stages.ensure_dataset(cfg.data)
     data_meta = load_meta(data_root)
     ckpt_meta = checkpoint_meta(ckpt)
-    vae_dir = common.abspath(cfg.vae_dir) if cfg.get("vae_dir") else (Path(ckpt_meta["vae_dir"]) if ckpt_meta.get("vae_dir") else None)
+    vae_dir = factories.abspath(cfg.vae_dir) if cfg.get("vae_dir") else (Path(ckpt_meta["vae_dir"]) if ckpt_meta.get("vae_dir") else None)
     if vae_dir is None:
         raise CheckpointError(f"checkpoint {ckpt} records no VAE folder (vae_dir); pass vae_dir=...")
     if not (vae_dir / "meta.json").is_file():
@@ -218,12 +219,12 @@ def prepare(cfg: DictConfig, ckpt: Path, device: torch.device) -> tuple[EvalData
     flame = load_flame(cfg.metrics)  # fails early on a bad model file
 
     torch_dev = device
-    vae, normalizer, _ = common.load_frozen_vae(vae_dir, torch_dev)
-    feat_cfg = common.checkpoint_encoders(cfg.features, ckpt_meta)
-    text_enc, audio_enc = common.make_encoders(feat_cfg, torch_dev)
+    vae, normalizer, _ = factories.load_frozen_vae(vae_dir, torch_dev)
+    feat_cfg = factories.checkpoint_encoders(cfg.features, ckpt_meta)
+    text_enc, audio_enc = factories.make_encoders(feat_cfg, torch_dev)
     from gdpo_listener.agents.encoders import precompute_features
 
-    features = precompute_features(data_root, text_enc, audio_enc, common.abspath(feat_cfg.cache_dir),
+    features = precompute_features(data_root, text_enc, audio_enc, factories.abspath(feat_cfg.cache_dir),
                                    progress=bool(cfg.get("progress", True)), splits=(cfg.split,))
     idx = select_indices(len(windows), cfg.get("max_windows"))
     bank = build_window_bank(windows, features, vae, normalizer, device=torch_dev, indices=idx)
@@ -238,7 +239,7 @@ def prepare(cfg: DictConfig, ckpt: Path, device: torch.device) -> tuple[EvalData
 
 
 def load_model(ckpt: Path, data: EvalData):
-    model, meta = common.load_arflow(ckpt, data.device, expect={"d_latent": data.vae.cfg.d_latent, "d_text": data.text_enc.dim,
+    model, meta = load_arflow(ckpt, data.device, expect={"d_latent": data.vae.cfg.d_latent, "d_text": data.text_enc.dim,
                                                                "d_audio": data.audio_enc.dim})
     return model, meta
 
@@ -253,7 +254,7 @@ def generate(model, data: EvalData, bank=None, steps: int = 10, w_speak: float =
     """ODE-sample every row of ``bank`` (default: the split's bank) -> raw FLAME ``(B, W, 67)``.
 
     Deterministic given ``seed`` and ``batch_size`` (one generator for the whole pass, as in
-    ``common.generate_motion``). ``text_emb (B, Dt)`` replaces the windows' text (text control).
+    ``generation.generate_motion``). ``text_emb (B, Dt)`` replaces the windows' text (text control).
     """
     bank = data.bank if bank is None else bank
     g = torch.Generator(device=bank.device).manual_seed(int(seed))
@@ -522,7 +523,7 @@ def ensure_checkpoint(cfg: DictConfig, ckpt: Path) -> None:
     """On a fresh clone the default (supervised) checkpoint is produced first, as ``train/gdpo.py`` does:
     dataset, VAE and supervised AR-Flow by their own entry points (cached). Other checkpoints must exist."""
     pre = cfg.get("pretrained")
-    if (ckpt / "meta.json").is_file() or pre is None or not pre.get("auto_train", False) or ckpt != common.abspath(pre.sft):
+    if (ckpt / "meta.json").is_file() or pre is None or not pre.get("auto_train", False) or ckpt != factories.abspath(pre.sft):
         if not ckpt.exists():
             raise FileNotFoundError(f"checkpoint {ckpt} does not exist (supervised: train/sft.py; post-trained: "
                                     f"train/gdpo.py, e.g. python train/gdpo.py reward=expr+rot -> runs/gdpo_small_expr+rot)")
@@ -532,19 +533,19 @@ def ensure_checkpoint(cfg: DictConfig, ckpt: Path) -> None:
         "pretrained": OmegaConf.to_container(pre, resolve=True), "device": cfg.device, "model": {"preset": str(pre.preset)},
         "features": {"text_encoder": feats.text_encoder or "bundled-minilm", "audio_encoder": feats.audio_encoder or "logmel",
                      "cache_dir": feats.cache_dir}})
-    data_root = common.make_dataset(cfg.data)
-    vae = common.make_vae_checkpoint(stage_cfg, data_root)
-    common.make_sft_checkpoint(stage_cfg, data_root, vae)
+    data_root = stages.ensure_dataset(cfg.data)
+    vae = stages.ensure_vae(stage_cfg, data_root)
+    stages.ensure_sft(stage_cfg, data_root, vae)
 
 
 def run(cfg: DictConfig, verbose: bool = True) -> dict:
     """The whole evaluation of ``cfg`` (see ``conf/evaluate.yaml``); returns the JSON document written."""
     torch.set_num_threads(int(cfg.threads))
-    device = common.make_device(cfg.device)
-    common.seed_everything(int(cfg.seed))
+    device = factories.make_device(cfg.device)
+    run_state.seed_everything(int(cfg.seed))
     if cfg.metrics.convention not in M.DYNAMIC_SCALE:
         raise ValueError(f"metrics.convention must be one of {list(M.DYNAMIC_SCALE)}, got {cfg.metrics.convention!r}")
-    ckpt = common.abspath(cfg.checkpoint)
+    ckpt = factories.abspath(cfg.checkpoint)
     t0 = time.perf_counter()
     ensure_checkpoint(cfg, ckpt)
     data, _ = prepare(cfg, ckpt, device)
@@ -552,7 +553,7 @@ def run(cfg: DictConfig, verbose: bool = True) -> dict:
     with blas_threads(int(cfg.threads)):
         res = evaluate_model(model, data, cfg, progress=bool(cfg.progress))
     h = header(data, cfg, str(ckpt), int(cfg.seed))
-    out = common.abspath(cfg.out) if cfg.get("out") else ckpt / f"eval_{cfg.split}"
+    out = factories.abspath(cfg.out) if cfg.get("out") else ckpt / f"eval_{cfg.split}"
     js, md = write_report(out, h, res)
     if verbose:
         print(markdown_report(h, res))

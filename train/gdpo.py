@@ -25,14 +25,27 @@ from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
-import common
-from gdpo_listener.agents.checkpoint import atomic_save_torch
-from gdpo_listener.agents.loss import LOSSES, chunked_update, collect_trajectories
+from gdpo_listener.evaluation.generation import before_after
+from gdpo_listener.agents.arflow import load_arflow
+from gdpo_listener.agents.loss import LOSSES, chunked_update, collect_trajectories, listening_token_mask
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
+from gdpo_listener.pipeline import factories, stages
+from gdpo_listener.pipeline.checks import check_count, check_non_negative, check_positive
+from gdpo_listener.pipeline.run_state import load_run_state, save_run_state, seed_everything
 
 # config sections that must match for resume=true to continue a run
 RESUME_KEYS = ("reward", "rewards", "env", "algo", "model", "pretrained", "features", "data", "seed")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Every numeric setting in range before any long work (errors name the setting)."""
+    check_positive(cfg, ["optim.lr", "env.sigma", "algo.clip_epsilon", "algo.eps", "algo.eps0"])
+    check_non_negative(cfg, ["algo.beta", "optim.weight_decay", "optim.grad_clip"])
+    check_count(cfg, ["optim.iterations", "env.n_prompts", "env.sde_steps", "algo.chunk_steps", "algo.sync_every",
+                      "algo.epochs", "ckpt_every", "log_every", "eval.n_windows", "eval.steps"])
+    check_count(cfg, ["env.group_size"], minimum=2)
+    check_count(cfg, ["env.prefix_tokens"], minimum=0)
 
 
 def make_env(cfg: DictConfig, bank, vae, normalizer, reward, generator) -> ListenerSDEEnv:
@@ -48,7 +61,7 @@ def make_train_bank(cfg: DictConfig, data_root, features, vae, normalizer, devic
         raise ValueError(f"env.episode_tokens={n} must be null or an integer >= the model's window of {window_tokens} tokens")
     frames = None if n is None else int(n) * vae.cfg.r
     try:
-        return common.make_banks(data_root, features, vae, normalizer, device, splits=("train",), window=frames)["train"]
+        return factories.make_banks(data_root, features, vae, normalizer, device, splits=("train",), window=frames)["train"]
     except ValueError as e:
         raise ValueError(f"env.episode_tokens={n} needs {frames}-frame segments of the train conversations: {e}") from None
 
@@ -57,22 +70,31 @@ def make_loss(algo_cfg: DictConfig, policy, model, reward):
     if algo_cfg.name not in LOSSES:
         raise ValueError(f"unknown algo {algo_cfg.name!r}; valid: {sorted(LOSSES)}")
     return LOSSES[algo_cfg.name](transition_core(policy), model, reward.lambdas, clip_epsilon=algo_cfg.clip_epsilon,
-                                 beta=algo_cfg.beta, eps=algo_cfg.eps, eps0=algo_cfg.eps0, whiten=algo_cfg.whiten)
-
-
-def listening_token_mask(bank, window, n_tokens: int):
-    """(B, N): tokens whose frames overlap the actor's listening frames."""
-    lis = bank["listening"][window]  # (B, W)
-    return lis.reshape(lis.shape[0], n_tokens, -1).any(-1)
+                                 beta=algo_cfg.beta, eps=algo_cfg.eps, eps0=algo_cfg.eps0, whiten=algo_cfg.whiten,
+                                 eps_mode=algo_cfg.eps_mode, objective_tokens=algo_cfg.objective_tokens)
 
 
 @torch.no_grad()
 def collect(env, policy, algo_cfg) -> TensorDict:
     with set_exploration_type(ExplorationType.RANDOM):
         traj = collect_trajectories(env, policy)
-    if algo_cfg.listening_tokens_only:
-        traj["token_mask"] = listening_token_mask(env.bank, traj["window"], env.n_tokens)
+    traj["token_mask"] = listening_token_mask(env.bank["listening"][traj["window"]], env.n_tokens)  # the objective's tokens (listening)
     return traj
+
+
+def advantage_log_stats(traj, group_names, algo_cfg) -> dict:
+    """Advantage diagnostics (tensors), named ``adv/<figure>`` or ``adv/<figure>/<group>`` for per-group ones."""
+    from gdpo_listener.agents.advantages import advantage_diagnostics, reward_group_stats
+
+    figures = {**reward_group_stats(traj["reward"], traj["group_id"], eps=algo_cfg.eps, eps_mode=algo_cfg.eps_mode),
+               **advantage_diagnostics(traj["advantage"], traj["reward"], traj["group_id"])}
+    out = {}
+    for k, v in figures.items():
+        if v.numel() == len(group_names) and v.dim() == 1:
+            out.update({f"adv/{k}/{g}": x for g, x in zip(group_names, v)})
+        else:
+            out[f"adv/{k}"] = v.reshape(())
+    return out
 
 
 def reward_stats(traj, group_names) -> dict:
@@ -84,35 +106,27 @@ def reward_stats(traj, group_names) -> dict:
     return out
 
 
-def save_state(path, model, behaviour, optimizer, iteration, logger, cfg, env, generator) -> None:
-    atomic_save_torch(path, {"model": model.state_dict(), "behaviour": behaviour.state_dict(), "optim": optimizer.state_dict(),
-                "iteration": iteration, "rng": common.rng_state(generator), "env_rng": env.rng_state(),
-                "logger": logger.state_dict() if logger is not None and hasattr(logger, "state_dict") else None,
-                "config": common.resume_config(cfg, RESUME_KEYS)})
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="gdpo")
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))
-    device = common.make_device(cfg.device)
-    generator = common.seed_everything(cfg.seed)
-    out_dir = common.abspath(cfg.out_dir)
-    reward = common.make_reward(cfg).to(device)  # validates the reward spec before any long work
-    if cfg.env.group_size < 2:
-        raise ValueError(f"env.group_size (G) must be >= 2, got {cfg.env.group_size}")
+    device = factories.make_device(cfg.device)
+    generator = seed_everything(cfg.seed)
+    out_dir = factories.abspath(cfg.out_dir)
+    check_settings(cfg)
+    reward = factories.make_reward(cfg).to(device)  # validates the reward spec before any long work
 
     # -- prerequisites: data, frozen VAE, supervised AR-Flow (produced on first use) ------------
     t_start = time.perf_counter()
-    data_root = common.make_dataset(cfg.data)
-    vae_path = common.make_vae_checkpoint(cfg, data_root)
-    sft_path = common.make_sft_checkpoint(cfg, data_root, vae_path)
-    vae, normalizer, _ = common.load_frozen_vae(vae_path, device)
-    features, text_enc, audio_enc = common.make_features(cfg.features, data_root, device)
-    model, _ = common.load_arflow(sft_path, device, expect={"d_latent": vae.cfg.d_latent, "d_text": text_enc.dim, "d_audio": audio_enc.dim},
+    data_root = stages.ensure_dataset(cfg.data)
+    vae_path = stages.ensure_vae(cfg, data_root)
+    sft_path = stages.ensure_sft(cfg, data_root, vae_path)
+    vae, normalizer, _ = factories.load_frozen_vae(vae_path, device)
+    features, text_enc, audio_enc = factories.make_features(cfg.features, data_root, device)
+    model, _ = load_arflow(sft_path, device, expect={"d_latent": vae.cfg.d_latent, "d_text": text_enc.dim, "d_audio": audio_enc.dim},
                                   preset=cfg.model.preset)
     supervised = copy.deepcopy(model)
     train_bank = make_train_bank(cfg, data_root, features, vae, normalizer, device, model.cfg.n_tokens)
-    test_bank = common.make_banks(data_root, features, vae, normalizer, device, splits=("test",))["test"]
+    test_bank = factories.make_banks(data_root, features, vae, normalizer, device, splits=("test",))["test"]
 
     # -- RL components ----------------------------------------------------------------------------
     behaviour = copy.deepcopy(model).requires_grad_(False)
@@ -124,17 +138,15 @@ def main(cfg: DictConfig) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
     state_path = out_dir / "last" / "state.pt"
+    run_states = {"model": model, "behaviour": behaviour, "optim": optimizer}
     start, logger_state = 0, None
     if cfg.resume:
-        state = common.load_resume_state(state_path, cfg, RESUME_KEYS, device)
-        model.load_state_dict(state["model"])
-        behaviour.load_state_dict(state["behaviour"])
-        optimizer.load_state_dict(state["optim"])
-        common.set_rng_state(state["rng"], generator)  # rollout noise and window draws continue the killed run's
+        # rollout noise and window draws continue the killed run's
+        state = load_run_state(state_path, cfg, RESUME_KEYS, device, generator, states=run_states)
         env.set_rng_state(state["env_rng"])
-        start, logger_state = state["iteration"], state["logger"]
+        start, logger_state = state["step"], state["logger"]
         print(f"[gdpo] resumed at iteration {start}")
-    logger = common.make_logger(cfg.logger, out_dir, f"{cfg.algo.name}", state_dict=logger_state)
+    logger = factories.make_logger(cfg.logger, out_dir, f"{cfg.algo.name}", state_dict=logger_state)
     print(f"[gdpo] {cfg.algo.name} on reward={cfg.reward} ({', '.join(reward.group_names)}); "
           f"batch {env.batch_size[0]} rollouts x {env.n_tokens * env.sde_steps} transitions; setup {time.perf_counter() - t_start:.1f} s")
 
@@ -146,7 +158,7 @@ def main(cfg: DictConfig) -> None:
         t1 = time.perf_counter()
         loss_module.compute_advantage(traj)
         stats = reward_stats(traj, reward.group_names)
-        stats.update({f"adv/{k}": v.item() for k, v in common.advantage_stats(traj, reward).items()})
+        stats.update({k: v.item() for k, v in advantage_log_stats(traj, reward.group_names, cfg.algo).items()})
         t2 = time.perf_counter()
         stats.update(chunked_update(loss_module, traj, optimizer, cfg.algo.chunk_steps, cfg.algo.epochs, cfg.optim.grad_clip))
         t3 = time.perf_counter()
@@ -154,15 +166,16 @@ def main(cfg: DictConfig) -> None:
         if (it + 1) % int(cfg.algo.sync_every) == 0:
             behaviour.load_state_dict(model.state_dict())
         if (it + 1) % int(cfg.log_every) == 0:
-            common.log_scalars(logger, stats, it + 1)
+            factories.log_scalars(logger, stats, it + 1)
         bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in stats.items() if k.endswith("/mean") and k.startswith("reward/")})
         if (it + 1) % int(cfg.ckpt_every) == 0 or it + 1 == iterations:
-            save_state(state_path, model, behaviour, optimizer, it + 1, logger, cfg, env, generator)
+            save_run_state(state_path, cfg, RESUME_KEYS, it + 1, generator, logger, run_states, env_rng=env.rng_state())
     model.eval()
-    common.save_arflow(out_dir, model, cfg, extra={"stage": "rl", "algo": cfg.algo.name, "reward": cfg.reward,
+    factories.save_run_arflow(out_dir, model, cfg, extra={"stage": "rl", "algo": cfg.algo.name, "reward": cfg.reward,
                                                    "vae_dir": str(vae_path), "sft": str(sft_path)})
-    table = common.before_after(supervised, model, vae, normalizer, test_bank, reward, cfg)
-    common.log_scalars(logger, {f"eval/{k}": v for k, v in table.items()}, iterations)
+    table = before_after(supervised, model, vae, normalizer, test_bank, reward, n_windows=cfg.eval.n_windows,
+                         steps=cfg.eval.steps, seed=cfg.seed, label=cfg.algo.name)
+    factories.log_scalars(logger, {f"eval/{k}": v for k, v in table.items()}, iterations)
     print(f"[gdpo] total time {time.perf_counter() - t_start:.1f} s; checkpoint: {out_dir}")
 
 

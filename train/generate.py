@@ -20,7 +20,8 @@ import torch
 from omegaconf import DictConfig
 from scipy.signal import resample_poly
 
-import common
+from gdpo_listener.pipeline import factories
+from gdpo_listener.agents.arflow import load_arflow
 from gdpo_listener.envs.converters.vad import vad_frames
 from gdpo_listener.envs.flame import FLAME_DIM, FPS, GROUP_NAMES, SAMPLE_RATE
 from gdpo_listener.envs.windows import decode_latents, encode_latents, token_majority
@@ -45,12 +46,12 @@ def read_audio(path: Path) -> np.ndarray:
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))
-    device = common.make_device(cfg.device)
+    device = factories.make_device(cfg.device)
     for name in ("w_speak", "w_listen"):
         if not math.isfinite(float(cfg[name])):
             raise ValueError(f"{name}={cfg[name]} is not a finite CFG weight")
-    actor = read_audio(common.abspath(cfg.actor_wav))
-    partner = read_audio(common.abspath(cfg.partner_wav)) if cfg.partner_wav else np.zeros_like(actor)
+    actor = read_audio(factories.abspath(cfg.actor_wav))
+    partner = read_audio(factories.abspath(cfg.partner_wav)) if cfg.partner_wav else np.zeros_like(actor)
     r, spf = 8, SAMPLE_RATE // FPS
     n_frames = int(round(cfg.seconds * FPS)) if cfg.seconds else len(actor) // spf
     n_frames -= n_frames % r
@@ -58,14 +59,14 @@ def main(cfg: DictConfig) -> None:
         if len(wav) < n_frames * spf:
             raise ValueError(f"{name} lasts {len(wav) / SAMPLE_RATE:.2f} s, shorter than the requested {n_frames / FPS:.2f} s of motion")
 
-    model, meta = common.load_arflow(common.abspath(cfg.checkpoint), device)
-    vae, normalizer, _ = common.load_frozen_vae(Path(meta["vae_dir"]) if cfg.vae_dir is None else common.abspath(cfg.vae_dir), device)
-    text_enc, audio_enc = common.make_encoders(cfg.features, device)
+    model, meta = load_arflow(factories.abspath(cfg.checkpoint), device)
+    vae, normalizer, _ = factories.load_frozen_vae(Path(meta["vae_dir"]) if cfg.vae_dir is None else factories.abspath(cfg.vae_dir), device)
+    text_enc, audio_enc = factories.make_encoders(cfg.features, device)
     feats = {k: torch.as_tensor(audio_enc.encode(w[: n_frames * spf], n_frames))[None].to(device) for k, w in (("actor_audio", actor), ("partner_audio", partner))}
     text = str(cfg.text or "")
     text_emb = torch.as_tensor(text_enc.encode([text]))[:, :].to(device) if text else torch.zeros(1, text_enc.dim, device=device)
     if cfg.partner_motion:
-        with np.load(common.abspath(cfg.partner_motion)) as z:
+        with np.load(factories.abspath(cfg.partner_motion)) as z:
             pm = torch.as_tensor(z["motion"], dtype=torch.float32)
         if pm.ndim != 2 or pm.shape[1] != FLAME_DIM or pm.shape[0] < n_frames:
             raise ValueError(f"partner_motion {cfg.partner_motion}: need motion (>= {n_frames}, {FLAME_DIM}), got {tuple(pm.shape)}")
@@ -80,7 +81,7 @@ def main(cfg: DictConfig) -> None:
         z = model.generate_long(cond, n_frames, steps=int(cfg.steps), w_speak=float(cfg.w_speak), w_listen=float(cfg.w_listen),
                                 speaking_tokens=token_majority(vad, r).to(device), generator=g)
         motion = decode_latents(vae, normalizer, z)[0].cpu().numpy()
-    out = common.abspath(cfg.out)
+    out = factories.abspath(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out.with_suffix(".npz"), motion=motion.astype(np.float32), vad=vad[0].numpy(), groups=np.array(GROUP_NAMES))
     from gdpo_listener.envs.plots import plot_window

@@ -14,7 +14,6 @@ truth's: generation does not grow still faster than the data does. Writes a JSON
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -22,14 +21,15 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-import common
+from gdpo_listener.pipeline import factories, stages
+from gdpo_listener.agents.arflow import load_arflow
 from evaluate import checkpoint_meta, ensure_checkpoint
 from gdpo_listener.agents.checkpoint import atomic_write_json
 from gdpo_listener.agents.encoders import precompute_features
 from gdpo_listener.envs.dataset import DyadicWindows
 from gdpo_listener.envs.flame import FPS
 from gdpo_listener.envs.windows import build_window_bank, decode_latents, window_cond
-from gdpo_listener.rewards.metrics import decay_ratio, stillness_profile
+from gdpo_listener.evaluation.metrics import decay_ratio, stillness_profile
 
 
 def make_long_bank(cfg: DictConfig, root: Path, features, vae, normalizer, device):
@@ -76,7 +76,7 @@ def print_table(table: dict, tolerance: float, n_rows: int, frames: int, segment
 @hydra.main(version_base="1.3", config_path="conf", config_name="long_generation")
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))
-    device = common.make_device(cfg.device)
+    device = factories.make_device(cfg.device)
     t0 = time.perf_counter()
     frames, r = int(cfg.frames), 8
     segment = int(round(float(cfg.segment_seconds) * FPS))
@@ -85,16 +85,16 @@ def main(cfg: DictConfig) -> None:
     if not 3 <= segment <= frames // int(cfg.parts):
         raise ValueError(f"segment_seconds={cfg.segment_seconds} gives {segment}-frame segments; need >= 3 frames and "
                          f">= parts={cfg.parts} segments in frames={frames}")
-    ckpt = common.abspath(cfg.checkpoint)
+    ckpt = factories.abspath(cfg.checkpoint)
     ensure_checkpoint(cfg, ckpt)
     meta = checkpoint_meta(ckpt)
-    vae_dir = common.abspath(cfg.vae_dir) if cfg.vae_dir else Path(meta["vae_dir"])
-    vae, normalizer, _ = common.load_frozen_vae(vae_dir, device)
-    text_enc, audio_enc = common.make_encoders(common.checkpoint_encoders(cfg.features, meta), device)
-    root = common.make_dataset(cfg.long_data)
-    features = precompute_features(root, text_enc, audio_enc, common.abspath(cfg.features.cache_dir))
+    vae_dir = factories.abspath(cfg.vae_dir) if cfg.vae_dir else Path(meta["vae_dir"])
+    vae, normalizer, _ = factories.load_frozen_vae(vae_dir, device)
+    text_enc, audio_enc = factories.make_encoders(factories.checkpoint_encoders(cfg.features, meta), device)
+    root = stages.ensure_dataset(cfg.long_data)
+    features = precompute_features(root, text_enc, audio_enc, factories.abspath(cfg.features.cache_dir))
     bank = make_long_bank(cfg, root, features, vae, normalizer, device)
-    model, _ = common.load_arflow(ckpt, device, expect={"d_latent": vae.cfg.d_latent, "d_text": text_enc.dim, "d_audio": audio_enc.dim})
+    model, _ = load_arflow(ckpt, device, expect={"d_latent": vae.cfg.d_latent, "d_text": text_enc.dim, "d_audio": audio_enc.dim})
     r = model.cfg.r
     g = torch.Generator(device=device).manual_seed(int(cfg.seed))
     t1 = time.perf_counter()
@@ -106,7 +106,7 @@ def main(cfg: DictConfig) -> None:
     t_gen = time.perf_counter() - t1
     table = decay_table(pred, bank["actor_motion"], bank["actor_valid"], segment, int(cfg.parts))
     ok = print_table(table, float(cfg.tolerance), pred.shape[0], frames, segment)
-    out = common.abspath(cfg.out) if cfg.out else ckpt / "long_generation.json"
+    out = factories.abspath(cfg.out) if cfg.out else ckpt / "long_generation.json"
     atomic_write_json(out, {"checkpoint": str(ckpt), "frames": frames, "sequences": pred.shape[0], "segment_frames": segment,
                             "parts": int(cfg.parts), "tolerance": float(cfg.tolerance), "passed": bool(ok), "groups": table,
                             "generation_seconds": t_gen})

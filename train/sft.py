@@ -17,10 +17,13 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-import common
-from gdpo_listener.agents.checkpoint import atomic_save_torch, is_checkpoint
+from gdpo_listener.agents.arflow import count_parameters
+from gdpo_listener.agents.checkpoint import is_checkpoint
 from gdpo_listener.agents.flow import interpolate, velocity_target
 from gdpo_listener.envs.windows import cond_from_bank
+from gdpo_listener.evaluation.generation import numeric_items, print_quality_report, quality_report
+from gdpo_listener.pipeline import factories, stages
+from gdpo_listener.pipeline.run_state import load_run_state, save_run_state, seed_everything
 
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -54,46 +57,35 @@ def flow_step(model, batch, generator) -> dict[str, torch.Tensor]:
 RESUME_KEYS = ("model", "data", "features", "vae_dir", "seed")
 
 
-def save_training_state(path, model, opt, sched, step, logger, cfg, generator) -> None:
-    atomic_save_torch(path, {
-        "model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-        "rng": common.rng_state(generator), "logger": logger.state_dict() if logger is not None and hasattr(logger, "state_dict") else None,
-        "config": common.resume_config(cfg, RESUME_KEYS),
-    })
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="sft")
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))
-    device = common.make_device(cfg.device)
-    generator = common.seed_everything(cfg.seed)
-    out_dir = common.abspath(cfg.out_dir)
-    data_root = common.make_dataset(cfg.data)
+    device = factories.make_device(cfg.device)
+    generator = seed_everything(cfg.seed)
+    out_dir = factories.abspath(cfg.out_dir)
+    data_root = stages.ensure_dataset(cfg.data)
 
-    vae, normalizer, _ = common.load_frozen_vae(common.abspath(cfg.vae_dir), device)
-    features, text_enc, audio_enc = common.make_features(cfg.features, data_root, device)
-    banks = common.make_banks(data_root, features, vae, normalizer, device)
+    vae, normalizer, _ = factories.load_frozen_vae(factories.abspath(cfg.vae_dir), device)
+    features, text_enc, audio_enc = factories.make_features(cfg.features, data_root, device)
+    banks = factories.make_banks(data_root, features, vae, normalizer, device)
     train_bank, test_bank = banks["train"], banks["test"]
 
-    model = common.make_arflow(cfg.model, d_latent=vae.cfg.d_latent, d_text=text_enc.dim, d_audio=audio_enc.dim).to(device)
-    print(f"[sft] AR-Flow preset={cfg.model.preset}: {common.count_trainable(model) / 1e6:.2f}M trainable parameters"
+    model = factories.make_arflow(cfg.model, d_latent=vae.cfg.d_latent, d_text=text_enc.dim, d_audio=audio_enc.dim).to(device)
+    print(f"[sft] AR-Flow preset={cfg.model.preset}: {count_parameters(model) / 1e6:.2f}M trainable parameters"
           + (" (paper: 19.3M)" if cfg.model.preset == "paper" else ""))
     opt = make_optimizer(model, cfg.optim)
     sched = make_scheduler(opt, cfg.optim)
 
     state_path = out_dir / "last" / "state.pt"
+    run_states = {"model": model, "optim": opt, "sched": sched}
     start, logger_state = 0, None
-    if cfg.resume:
-        state = common.load_resume_state(state_path, cfg, RESUME_KEYS, device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        sched.load_state_dict(state["sched"])
+    if cfg.resume:  # batches and flow noise continue the killed run's streams
+        state = load_run_state(state_path, cfg, RESUME_KEYS, device, generator, states=run_states)
         start, logger_state = state["step"], state.get("logger")
-        common.set_rng_state(state["rng"], generator)  # batches and flow noise continue the killed run's streams
         print(f"[sft] resumed from step {start}")
     elif is_checkpoint(out_dir):
         print(f"[sft] note: overwriting the finished checkpoint at {out_dir}")
-    logger = common.make_logger(cfg.logger, out_dir, "sft", state_dict=logger_state)
+    logger = factories.make_logger(cfg.logger, out_dir, "sft", state_dict=logger_state)
 
     n = train_bank.batch_size[0]
     model.train()
@@ -113,19 +105,19 @@ def main(cfg: DictConfig) -> None:
             scalars["optim/grad_norm"] = gnorm.item()
             scalars["optim/lr"] = sched.get_last_lr()[0]
             scalars["perf/windows_per_s"] = (step + 1 - start) * cfg.optim.batch_size / (time.perf_counter() - t0)
-            common.log_scalars(logger, scalars, step + 1)
+            factories.log_scalars(logger, scalars, step + 1)
             bar.set_postfix(loss=f"{scalars['loss/loss_flow']:.4f}")
         if (step + 1) % cfg.ckpt_every == 0:
-            save_training_state(state_path, model, opt, sched, step + 1, logger, cfg, generator)
-    save_training_state(state_path, model, opt, sched, int(cfg.optim.steps), logger, cfg, generator)
+            save_run_state(state_path, cfg, RESUME_KEYS, step + 1, generator, logger, run_states)
+    save_run_state(state_path, cfg, RESUME_KEYS, int(cfg.optim.steps), generator, logger, run_states)
     elapsed = time.perf_counter() - t0
     model.eval()
-    common.save_arflow(out_dir, model, cfg, extra={"vae_dir": str(common.abspath(cfg.vae_dir)),
+    factories.save_run_arflow(out_dir, model, cfg, extra={"vae_dir": str(factories.abspath(cfg.vae_dir)),
                                                    "text_encoder": text_enc.key, "audio_encoder": audio_enc.key})
     print(f"[sft] trained {int(cfg.optim.steps) - start} steps in {elapsed:.1f} s; checkpoint: {out_dir}")
-    report = common.quality_report(model, vae, normalizer, test_bank, n_windows=int(cfg.eval.n_windows), steps=int(cfg.eval.steps), seed=cfg.seed)
-    common.print_quality_report(report, title="supervised AR-Flow on held-out windows (ODE, 10 steps, CFG 1)")
-    common.log_scalars(logger, {f"eval/{k}": v for k, v in common.flatten(report).items()}, int(cfg.optim.steps))
+    report = quality_report(model, vae, normalizer, test_bank, n_windows=int(cfg.eval.n_windows), steps=int(cfg.eval.steps), seed=cfg.seed)
+    print_quality_report(report, title=f"supervised AR-Flow on held-out windows (ODE, {cfg.eval.steps} steps, CFG 1)")
+    factories.log_scalars(logger, {f"eval/{k}": v for k, v in numeric_items(report).items()}, int(cfg.optim.steps))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ FLAME units, velocity-std ratio) on the held-out split.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -22,10 +21,8 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torchrl.record.loggers.csv import CSVLogger
 
-import common
-from gdpo_listener.agents.checkpoint import atomic_save_torch, atomic_write_json, is_checkpoint
+from gdpo_listener.agents.checkpoint import atomic_write_json, is_checkpoint
 from gdpo_listener.agents.vae import (
     channel_weight,
     format_report,
@@ -36,6 +33,8 @@ from gdpo_listener.agents.vae import (
     save_vae,
 )
 from gdpo_listener.envs.dataset import DyadicWindows
+from gdpo_listener.pipeline import factories, stages
+from gdpo_listener.pipeline.run_state import load_run_state, resolved_config, save_run_state, seed_everything
 
 
 def load_train_tensors(root, window: int) -> tuple[torch.Tensor, torch.Tensor, DyadicWindows]:
@@ -62,20 +61,17 @@ def lr_at(step: int, optim_cfg) -> float:
     return lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * p))
 
 
-def save_training_state(path, model, opt, step, generator, logger) -> None:
-    atomic_save_torch(path, {
-        "model": model.state_dict(), "optim": opt.state_dict(), "step": step,
-        "vae_config": dataclasses.asdict(model.cfg), "rng": common.rng_state(generator), "logger": logger.state_dict(),
-    })
+# config sections that must match for resume=true to continue a run (optim.steps may grow)
+RESUME_KEYS = ("model", "data", "seed")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="vae")
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))
-    device = common.make_device(cfg.device)
-    generator = common.seed_everything(int(cfg.seed))
-    out_dir = common.abspath(cfg.out_dir)
-    root = common.make_dataset(cfg.data)
+    device = factories.make_device(cfg.device)
+    generator = seed_everything(int(cfg.seed))
+    out_dir = factories.abspath(cfg.out_dir)
+    root = stages.ensure_dataset(cfg.data)
 
     model = make_vae(cfg.model).to(device)
     W = model.cfg.window
@@ -90,24 +86,15 @@ def main(cfg: DictConfig) -> None:
 
     opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.optim.lr), weight_decay=float(cfg.optim.weight_decay))
     state_path = out_dir / "last" / "state.pt"
-    logger = CSVLogger(exp_name="vae", log_dir=str(out_dir / "logs"))
-    start = 0
+    run_states = {"model": model, "optim": opt}
+    start, logger_state = 0, None
     if cfg.resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"resume=true but no training state at {state_path}")
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        saved = state["vae_config"]
-        diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(model.cfg).items() if saved.get(k) != v}
-        if diff:
-            raise ValueError(f"resume=true but the model config differs from {state_path} (field: (saved, now)): {diff}")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        start = int(state["step"])
-        common.set_rng_state(state["rng"], generator)
-        logger.load_state_dict(state["logger"])
+        state = load_run_state(state_path, cfg, RESUME_KEYS, device, generator, states=run_states)
+        start, logger_state = int(state["step"]), state.get("logger")
         print(f"[vae] resumed from step {start}")
     elif is_checkpoint(out_dir):
         print(f"[vae] note: overwriting the VAE checkpoint at {out_dir}")
+    logger = factories.make_logger(cfg.logger, out_dir, "vae", state_dict=logger_state)
 
     steps, bs = int(cfg.optim.steps), int(cfg.optim.batch_size)
     model.train()
@@ -132,16 +119,15 @@ def main(cfg: DictConfig) -> None:
             scalars = {f"loss/{k}" if k.startswith("loss") else f"optim/{k}": v / k_avg for k, v in running.items()}
             scalars["optim/lr"] = opt.param_groups[0]["lr"]
             scalars["perf/windows_per_s"] = (done - start) * bs / (time.perf_counter() - t0)
-            for k, v in scalars.items():
-                logger.log_scalar(k, float(v), step=done)
+            factories.log_scalars(logger, scalars, done)
             print(f"[vae] step {done}/{steps}  loss {scalars['loss/loss']:.4f}  recon {scalars['loss/loss_recon']:.4f}  "
                   f"vel {scalars['loss/loss_vel']:.5f}  dyn {scalars['loss/loss_dyn']:.5f}  kl {scalars['loss/loss_kl']:.2f}  "
                   f"({scalars['perf/windows_per_s']:.0f} windows/s)", flush=True)
             running = {}
         if done % int(cfg.ckpt_every) == 0 and done < steps:
-            save_training_state(state_path, model, opt, done, generator, logger)
+            save_run_state(state_path, cfg, RESUME_KEYS, done, generator, logger, run_states)
     elapsed = time.perf_counter() - t0
-    save_training_state(state_path, model, opt, steps, generator, logger)
+    save_run_state(state_path, cfg, RESUME_KEYS, steps, generator, logger, run_states)
 
     model.eval()
     mean, std = latent_stats(model, x_all)
@@ -150,13 +136,11 @@ def main(cfg: DictConfig) -> None:
     eval_windows = DyadicWindows(root, cfg.eval.split, window=W, load_audio=False)
     report = per_group_report(model, normalizer, eval_windows, device, batch_size=int(cfg.eval.batch_size))
     save_vae(out_dir, model, normalizer, extra_meta={
-        "config": common.resolved_config(cfg), "data_root": str(root), "steps": steps,
+        "config": resolved_config(cfg), "data_root": str(root), "steps": steps,
         "train_windows": n, "report": {"split": cfg.eval.split, "groups": report},
     })
     atomic_write_json(out_dir / "report.json", {"split": cfg.eval.split, "windows": len(eval_windows), "groups": report})
-    for g, r in report.items():
-        logger.log_scalar(f"eval/{g}/rmse", r["rmse"], step=steps)
-        logger.log_scalar(f"eval/{g}/vel_std_ratio", r["vel_std_ratio"], step=steps)
+    factories.log_scalars(logger, {f"eval/{g}/{k}": r[k] for g, r in report.items() for k in ("rmse", "vel_std_ratio")}, steps)
     print(f"[vae] trained {steps - start} steps in {elapsed:.1f} s; checkpoint: {out_dir}")
     print(f"[vae] latent std per dim (train, posterior mean): {[round(float(v), 3) for v in std.cpu()]}")
     if report:

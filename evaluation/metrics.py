@@ -77,7 +77,7 @@ import torch
 from scipy import linalg
 
 from ..envs.flame import GROUP_NAMES, GROUPS, channel_mask
-from .stats import masked_std, velocity_std
+from ..rewards.stats import masked_std, velocity_std
 
 __all__ = [
     "MetricResult",

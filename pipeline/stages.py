@@ -1,0 +1,72 @@
+"""Prerequisite stages: produce the dataset, the VAE or the supervised AR-Flow when missing.
+
+Each stage is produced by running its own entry point (``train/<stage>.py``) as a subprocess, so
+``python train/gdpo.py`` works on a fresh clone and later runs reuse what is already there.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ..agents.checkpoint import is_checkpoint
+from ..envs.dataset import load_meta
+from .factories import abspath
+
+# the entry points live in the repository's train/ folder (the package is installed editable)
+TRAIN_DIR = Path(__file__).resolve().parents[1] / "train"
+
+
+def run_stage(script: str, overrides: list[str]) -> None:
+    """Run another entry point (``train/<script>``) as a subprocess; fail loudly if it fails."""
+    path = TRAIN_DIR / script
+    if not path.is_file():
+        raise FileNotFoundError(f"entry point {path} not found (install the project editable from its repository: pip install -e .)")
+    cmd = [sys.executable, str(path), *overrides]
+    print(f"[pipeline] running: {' '.join(cmd[1:])}", flush=True)
+    res = subprocess.run(cmd, cwd=os.getcwd())
+    if res.returncode != 0:
+        raise RuntimeError(f"stage {script} failed with exit code {res.returncode} (command: {' '.join(cmd)})")
+
+
+def ensure_dataset(data_cfg: DictConfig) -> Path:
+    """The canonical dataset folder; the synthetic corpus is generated if missing and allowed."""
+    root = abspath(data_cfg.root)
+    if not (root / "dataset.json").is_file():
+        if not data_cfg.get("auto_prepare", False):
+            raise FileNotFoundError(f"no dataset at {root}; run train/prepare_data.py or set data.auto_prepare=true")
+        over = ["source=synthetic", f"out={root}", f"seed={data_cfg.seed}"]
+        for k in ("n_conversations", "seconds"):
+            if data_cfg.get(k) is not None:
+                over.append(f"synthetic.{k}={data_cfg[k]}")
+        run_stage("prepare_data.py", over)
+    load_meta(root)
+    return root
+
+
+def ensure_vae(cfg: DictConfig, data_root: Path) -> Path:
+    """Path of the frozen VAE; trained with ``train/vae.py`` if missing and ``pretrained.auto_train`` is set."""
+    path = abspath(cfg.pretrained.vae)
+    if not is_checkpoint(path):
+        if not cfg.pretrained.get("auto_train", False):
+            raise FileNotFoundError(f"no VAE checkpoint at {path}; run train/vae.py or set pretrained.auto_train=true")
+        run_stage("vae.py", [f"data.root={data_root}", f"out_dir={path}", f"device={cfg.device}", *cfg.pretrained.get("vae_overrides", [])])
+    return path
+
+
+def ensure_sft(cfg: DictConfig, data_root: Path, vae_path: Path) -> Path:
+    """Path of the supervised AR-Flow; trained with ``train/sft.py`` if missing and allowed."""
+    path = abspath(cfg.pretrained.sft)
+    if not is_checkpoint(path):
+        if not cfg.pretrained.get("auto_train", False):
+            raise FileNotFoundError(f"no supervised AR-Flow checkpoint at {path}; run train/sft.py or set pretrained.auto_train=true")
+        run_stage("sft.py", [
+            f"data.root={data_root}", f"vae_dir={vae_path}", f"out_dir={path}", f"device={cfg.device}",
+            f"model={cfg.model.preset}", f"features.cache_dir={cfg.features.cache_dir}",
+            f"features.text_encoder={cfg.features.text_encoder}", f"features.audio_encoder={cfg.features.audio_encoder}",
+            *cfg.pretrained.get("sft_overrides", []),
+        ])
+    return path
