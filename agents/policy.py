@@ -74,7 +74,7 @@ class SDEGaussian(IndependentNormal):
 
 
 @contextlib.contextmanager
-def inference_mode_of(model: nn.Module):
+def dropout_off(model: nn.Module):
     """Run ``model`` in eval mode (no dropout) and restore every sub-module's mode afterwards.
 
     Gradients still flow; only the train-time randomness is switched off.
@@ -183,7 +183,7 @@ class SDETransition(nn.Module):
         l, k, ep = int(token[0]), int(sde_step[0]), int(episode[0])
         self._check_time(t, k)
         t = t.squeeze(-1)  # (B,)
-        with torch.no_grad(), inference_mode_of(self.arflow):
+        with torch.no_grad(), dropout_off(self.arflow):
             if self.use_cache:
                 v = self._velocity_cached(x, t, l, k, history, window, ep)  # (B, Dv)
             else:
@@ -211,7 +211,7 @@ class SDETransition(nn.Module):
         xs = x.reshape(B, S * M, D)
         ts = t.reshape(B, S * M)
         idx = torch.arange(new0 - s0, n, device=x.device).repeat(S)  # window-local index of every noisy copy
-        with inference_mode_of(model):
+        with dropout_off(model):
             v = model._full_pass(cond, history[:, s0:s0 + n], xs, ts, idx, NO_DROP)  # (B, S*M, Dv)
         return self._mean(xs, v, ts).reshape(B, S, M, D)
 

@@ -145,9 +145,9 @@ def test_gymnasium_adapter_passes_check_env():
     assert isinstance(env, ListenerGymEnv)
     check_env(env, skip_render_check=True)
     obs, _ = env.reset(seed=3)
-    total, steps, done = 0.0, 0, False
+    steps, done = 0, False
     while not done:
-        obs, r, done, trunc, info = env.step(obs["x"] * 0.9)
+        obs, r, done, _, info = env.step(obs["x"] * 0.9)
         steps += 1
     assert steps == N * 2 and obs["token"] == N
     assert r == pytest.approx(0.25 * info["reward_vector"][0] + 0.75 * info["reward_vector"][1], rel=1e-5)

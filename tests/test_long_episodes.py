@@ -8,7 +8,7 @@ import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from gdpo_listener.agents.flow import gaussian_log_prob
-from gdpo_listener.agents.loss import GDPOLoss, chunked_update, collect_trajectories, select_steps, select_window, trajectory_batch
+from gdpo_listener.agents.loss import GDPOLoss, chunked_update, collect_trajectories, select_window, trajectory_batch
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.envs.windows import cond_from_bank, sliding_windows, window_cond

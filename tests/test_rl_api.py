@@ -167,9 +167,8 @@ def test_policy_with_other_step_count_than_the_env_fails_at_the_first_mismatched
     env = make_env(steps=3)
     with pytest.warns(DeprecationWarning, match="pass the ListenerSDEEnv"):
         policy = make_policy(tiny_arflow(), env.bank, sigma=SIGMA, sde_steps=2)
-    with pytest.raises(ValueError, match="sde_step=1, t=0.333.*policy's sde_steps=2"):
-        with torch.no_grad():
-            env.rollout(3, policy)
+    with pytest.raises(ValueError, match="sde_step=1, t=0.333.*policy's sde_steps=2"), torch.no_grad():
+        env.rollout(3, policy)
 
 
 # C -- an environment from paths alone ---------------------------------------------------------------
