@@ -69,14 +69,21 @@ EYE_L, EYE_R = GROUPS["eyepose"].start, GROUPS["eyepose"].start + 3  # each (pit
 
 INTENTS: tuple[str, ...] = ("joyful", "sad", "attentive", "skeptical", "amused", "confused", "bored")
 
-# fixed per-intent texture patterns over expression channels 10..49 (not seed-dependent: an
-# intent looks the same in every corpus)
-_TEXTURE = {
-    name: np.random.default_rng([20260325, i]).standard_normal(50 - N_SEMANTIC)
-    * 0.12
-    * np.exp(-np.arange(50 - N_SEMANTIC) / 15.0)
-    for i, name in enumerate(INTENTS)
-}
+
+def _texture_table(amp: float, decay: float | None) -> dict[str, np.ndarray]:
+    """Fixed per-intent patterns over expression channels 10..49 (not seed-dependent: an intent
+    looks the same in every corpus): ``amp`` times unit normals, times ``exp(-i / decay)``
+    (no decay over the channel index when ``decay`` is None)."""
+    table = {}
+    for i, name in enumerate(INTENTS):
+        x = np.random.default_rng([20260325, i]).standard_normal(50 - N_SEMANTIC) * amp
+        table[name] = x * np.exp(-np.arange(50 - N_SEMANTIC) / decay) if decay is not None else x
+    return table
+
+
+# fixed projection of the speech drives (open, round, stretch) onto all 50 expression channels
+# (a tracker's expression basis mixes mouth movement into most of its components)
+_SPEECH_BASIS = np.random.default_rng([20260325, 101]).standard_normal((3, 50))  # (3, 50)
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,74 @@ STYLES: dict[str, IntentStyle] = {
     "bored": IntentStyle({EX_SMILE: -0.2, EX_LIP_DOWN: 0.3, EX_BROW_UP: -0.3}, 0.38,
                          (0.03, 0.08, 0.03), (0.05, 0.15), 0.93, 0.4, 0.85, 0.8, 0.5, 0.75),
 }
+
+# ----------------------------------------------------------------------------------------------
+# corpus versions
+
+
+@dataclass(frozen=True)
+class CorpusParams:
+    """The knobs that differ between corpus versions (amplitudes in raw FLAME units).
+
+    Version 1 is the original corpus (bit for bit). Version 2 is calibrated to real tracker FLAME
+    (``envs/reference_stats.py``): all 50 expression channels active, a tracker-like
+    high-frequency component, speech mixed into every expression channel, brisk head beats while
+    speaking, smaller head offsets while listening, reactions only weakly anchored at the
+    partner's pauses, and a share of vague or missing texts.
+    """
+
+    version: int
+    expr_gain: float  # scale of the semantic expression levels of the intents (channels 0..9)
+    texture_amp: float  # per-intent pattern on channels 10..49 ...
+    texture_decay: float | None  # ... decaying as exp(-i / decay) over the channel index (None: flat)
+    idle_expr: float  # smooth idle expression noise (v1: 0.05 with a decay over the channel index)
+    idle_expr_sigma: float  # its Gaussian smoothing (frames)
+    idle_expr_decay: float | None  # v1 profile 0.4 + 0.6 exp(-i / decay) over the channel index (None: flat)
+    jitter: dict  # group -> std of the tracker-like high-frequency component (0: none)
+    jitter_sigma: float  # its Gaussian smoothing (frames)
+    head_offset: float  # scale of the intent head / gaze offsets while listening
+    head_event: float  # scale of the listening head events (nods, shakes, tilts)
+    idle_rot: float  # smooth idle head motion std (rad) ...
+    idle_rot_sigma: float  # ... and its smoothing (frames)
+    anchor_share: float  # share of listening events anchored at the partner's pauses
+    jaw_rest: float  # resting jaw opening (rad)
+    listen_jaw: float  # smooth jaw drift while listening (std, rad; 0: none)
+    speech_mix: float  # gain of the speech drives projected on all 50 expression channels
+    speak_beat: float  # head pitch beat per stressed syllable while speaking (rad) ...
+    beat_share: float | None  # ... on every one, smoothly (None), or as sparse brisk nods on this share
+    speak_head_noise: float  # smooth head motion while speaking (rad) ...
+    speak_head_sigma: float  # ... and its smoothing (frames)
+    text_missing: float  # share of windows with no text ("")
+    text_vague: float  # share of windows with a vague text that does not name the intent
+
+
+CORPUS_PARAMS: dict[int, CorpusParams] = {
+    1: CorpusParams(version=1, expr_gain=1.0, texture_amp=0.12, texture_decay=15.0, idle_expr=0.05, idle_expr_sigma=6.0,
+                    idle_expr_decay=12.0, jitter={}, jitter_sigma=0.7, head_offset=1.0, head_event=1.0, idle_rot=0.012,
+                    idle_rot_sigma=20.0,
+                    anchor_share=0.5, jaw_rest=0.012, listen_jaw=0.0, speech_mix=0.0, speak_beat=0.03, beat_share=None,
+                    speak_head_noise=0.03, speak_head_sigma=12.0, text_missing=0.0, text_vague=0.0),
+    2: CorpusParams(version=2, expr_gain=1.5, texture_amp=0.4, texture_decay=None, idle_expr=0.2, idle_expr_sigma=3.0,
+                    idle_expr_decay=None,
+                    jitter={"expr": 0.075, "jaw": 0.0015, "neck": 0.0008, "eyepose": 0.001, "rot": 0.0033},
+                    jitter_sigma=0.7, head_offset=0.4, head_event=0.7, idle_rot=0.008, idle_rot_sigma=8.0,
+                    anchor_share=0.2, jaw_rest=0.025, listen_jaw=0.012, speech_mix=1.1, speak_beat=0.18, beat_share=0.12,
+                    speak_head_noise=0.01, speak_head_sigma=6.0, text_missing=0.1, text_vague=0.15),
+}
+CORPUS_VERSION = 2  # the default
+
+
+def corpus_params(version: int) -> CorpusParams:
+    if version not in CORPUS_PARAMS:
+        raise ValueError(f"unknown synthetic corpus version {version!r}; valid: {sorted(CORPUS_PARAMS)}")
+    return CORPUS_PARAMS[version]
+
+
+@lru_cache(maxsize=None)
+def _texture(version: int) -> dict[str, np.ndarray]:
+    p = corpus_params(version)
+    return _texture_table(p.texture_amp, p.texture_decay)
+
 
 # ----------------------------------------------------------------------------------------------
 # text: several emotion words, feature phrases and templates per intent (emotion words are
@@ -200,6 +275,29 @@ def describe(intent: str, rng: np.random.Generator, speaking: bool = False) -> s
     feat = pick("speak" if speaking else "listen")
     t = _TEMPLATES[rng.integers(len(_TEMPLATES))]
     return t.format(A="An" if emo[0] in "aeiou" else "A", Emo=emo.capitalize(), emo=emo, emo2=emo2, feat=feat, face=face, Face=face[0].upper() + face[1:])
+
+
+# machine-written captions are often vague: these name no intent (and no role)
+VAGUE_TEXTS: tuple[str, ...] = (
+    "A person.", "Someone facing the camera.", "A person in a conversation.", "An adult, front view.",
+    "A face in a video call.", "Someone in a conversation, expression unclear.", "A person with a fairly neutral face.",
+    "Head and shoulders of a person.", "A man or a woman in front of a plain wall.", "Someone in a dialogue.",
+)
+TEXT_KINDS = ("full", "vague", "missing")
+
+
+def caption(intent: str, rng: np.random.Generator, speaking: bool, version: int = 2) -> tuple[str, str]:
+    """The text of one window of corpus ``version`` and its kind (one of :data:`TEXT_KINDS`):
+    empty ("missing") or one of :data:`VAGUE_TEXTS` ("vague") with the version's shares, else
+    :func:`describe` ("full")."""
+    p = corpus_params(version)
+    if p.text_missing or p.text_vague:
+        u = rng.random()
+        if u < p.text_missing:
+            return "", "missing"
+        if u < p.text_missing + p.text_vague:
+            return VAGUE_TEXTS[rng.integers(len(VAGUE_TEXTS))], "vague"
+    return describe(intent, rng, speaking=speaking), "full"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,19 +402,21 @@ def _smooth_mask(mask: np.ndarray, half: int) -> np.ndarray:
     return np.convolve(np.pad(mask.astype(np.float64), half, mode="edge"), k, mode="valid")
 
 
-def _onsets(rng: np.random.Generator, k: int, n: int, dur: float, partner_vad: np.ndarray | None) -> np.ndarray:
+def _onsets(rng: np.random.Generator, k: int, n: int, dur: float, partner_vad: np.ndarray | None,
+            anchor_share: float = 0.5) -> np.ndarray:
     """Start frames of ``k`` reaction events lasting ``dur`` frames.
 
-    Half of the events (on average) are anchored near the end of a partner utterance (a
-    listener reacts at the partner's pauses) with +-0.4 s jitter; the rest are uniform. Events may
-    start before 0 or run past the end so the timing distribution is flat over the window.
+    A share ``anchor_share`` of the events (on average) is anchored near the end of a partner
+    utterance (a listener reacts at the partner's pauses) with +-0.4 s jitter; the rest are
+    uniform. Events may start before 0 or run past the end so the timing distribution is flat
+    over the window.
     """
     starts = rng.uniform(-0.5 * dur, n - 0.5 * dur, k)
     if partner_vad is not None and k:
         pv = np.asarray(partner_vad, dtype=bool)
         ends = np.flatnonzero(pv[:-1] & ~pv[1:]) + 1
         if ends.size:
-            anchored = rng.random(k) < 0.5
+            anchored = rng.random(k) < anchor_share
             picks = ends[rng.integers(ends.size, size=k)] + rng.normal(0, 0.4 * FPS, k) - 0.2 * dur
             starts = np.where(anchored, picks, starts)
     return starts
@@ -326,36 +426,38 @@ def _onsets(rng: np.random.Generator, k: int, n: int, dur: float, partner_vad: n
 # motion components: (n, 67) arrays; eyelid channels hold the *resting* closure (blinks added last)
 
 
-def _add_expr(m: np.ndarray, intent: str, gain: np.ndarray | float, speaker: Speaker) -> None:
+def _add_expr(m: np.ndarray, intent: str, gain: np.ndarray | float, speaker: Speaker, P: CorpusParams) -> None:
+    """Add the intent's expression levels (channels 0..9) and texture (10..49) times ``gain``."""
     st = STYLES[intent]
     for ch, lv in st.expr.items():
-        m[:, ch] += lv * gain * speaker.expr_scale
-    m[:, N_SEMANTIC:50] += np.outer(np.broadcast_to(gain, (m.shape[0],)), _TEXTURE[intent])
+        m[:, ch] += lv * gain * speaker.expr_scale * P.expr_gain
+    m[:, N_SEMANTIC:50] += np.outer(np.broadcast_to(gain, (m.shape[0],)), _texture(P.version)[intent])
 
 
-def _listen_component(intent: str, n: int, rng: np.random.Generator, partner_vad, speaker: Speaker) -> np.ndarray:
+def _listen_component(intent: str, n: int, rng: np.random.Generator, partner_vad, speaker: Speaker,
+                      P: CorpusParams) -> np.ndarray:
     """Intent-driven listening behaviour for ``n`` frames (no blinks/saccades/idle noise)."""
     st = STYLES[intent]
     m = np.zeros((n, FLAME_DIM))
     amp = rng.uniform(0.6, 1.4)  # intensity of this reaction
     drift = 1 + 0.2 * _smooth_noise(rng, n, 1, 30)[:, 0]
-    _add_expr(m, intent, amp * drift, speaker)
+    _add_expr(m, intent, amp * drift, speaker, P)
     m[:, EYELID] += st.eyelid * rng.uniform(0.7, 1.3)
     sign = rng.choice([-1.0, 1.0])
-    head = np.array(st.head) * rng.uniform(0.6, 1.4) * np.array([1.0, sign, sign])
+    head = np.array(st.head) * rng.uniform(0.6, 1.4) * np.array([1.0, sign, sign]) * P.head_offset
     m[:, ROT:ROT + 3] += head * (1 + 0.15 * _smooth_noise(rng, n, 1, 40))
-    gaze = np.array([st.gaze[0], sign * st.gaze[1]]) * rng.uniform(0.7, 1.3)
+    gaze = np.array([st.gaze[0], sign * st.gaze[1]]) * rng.uniform(0.7, 1.3) * P.head_offset
     m[:, [EYE_L, EYE_R]] += gaze[0]
     m[:, [EYE_L + 1, EYE_R + 1]] += gaze[1]
-    m[:, JAW_OPEN] += 0.012
+    m[:, JAW_OPEN] += P.jaw_rest
     t = np.arange(n, dtype=np.float64)
-    hs = speaker.head_scale
+    hs = speaker.head_scale * P.head_event
 
     if intent == "joyful":  # bursts of eager nods
         for _ in range(rng.integers(1, 4)):
             f = rng.uniform(1.6, 2.6) / FPS
             cyc = rng.integers(2, 5)
-            s0 = _onsets(rng, 1, n, cyc / f, partner_vad)[0]
+            s0 = _onsets(rng, 1, n, cyc / f, partner_vad, P.anchor_share)[0]
             tau = (t - s0) * f
             on = (tau > 0) & (tau < cyc)
             m[:, ROT] += np.where(on, 0.5 * (1 - np.cos(2 * np.pi * tau)), 0) * rng.uniform(0.04, 0.11) * amp * hs
@@ -363,18 +465,18 @@ def _listen_component(intent: str, n: int, rng: np.random.Generator, partner_vad
         for _ in range(rng.integers(1, 3)):
             f = rng.uniform(0.6, 1.1) / FPS
             cyc = rng.integers(2, 4)
-            s0 = _onsets(rng, 1, n, cyc / f, partner_vad)[0]
+            s0 = _onsets(rng, 1, n, cyc / f, partner_vad, P.anchor_share)[0]
             m[:, ROT + 1] += (np.sin(2 * np.pi * (t - s0) * f) * _bump(n, s0, cyc / f)
                               * rng.uniform(0.05, 0.13) * amp * hs)
     elif intent == "attentive":  # still; at most a couple of tiny nods
         for _ in range(rng.integers(0, 3)):
             f = rng.uniform(1.2, 1.8) / FPS
-            s0 = _onsets(rng, 1, n, 1 / f, partner_vad)[0]
+            s0 = _onsets(rng, 1, n, 1 / f, partner_vad, P.anchor_share)[0]
             m[:, ROT] += _bump(n, s0, 1 / f) * rng.uniform(0.01, 0.025)
     elif intent == "skeptical":  # tilt accents and extra brow raises
         for _ in range(rng.integers(1, 3)):
             d = rng.uniform(1.0, 2.2) * FPS
-            s0 = _onsets(rng, 1, n, d, partner_vad)[0]
+            s0 = _onsets(rng, 1, n, d, partner_vad, P.anchor_share)[0]
             b = _bump(n, s0, d)
             m[:, ROT + 2] += sign * b * rng.uniform(0.03, 0.07) * hs
             m[:, EX_BROW_ONE] += b * rng.uniform(0.3, 0.7)
@@ -382,7 +484,7 @@ def _listen_component(intent: str, n: int, rng: np.random.Generator, partner_vad
     elif intent == "amused":  # laughter bursts: ha-ha jaw modulation, big smile, head back
         for _ in range(rng.integers(1, 4)):
             d = rng.uniform(1.0, 2.5) * FPS
-            s0 = _onsets(rng, 1, n, d, partner_vad)[0]
+            s0 = _onsets(rng, 1, n, d, partner_vad, P.anchor_share)[0]
             e = _bump(n, s0, d)
             fh = rng.uniform(4.0, 5.5) / FPS
             ha = 0.5 * (1 - np.cos(2 * np.pi * (t - s0) * fh))
@@ -397,7 +499,7 @@ def _listen_component(intent: str, n: int, rng: np.random.Generator, partner_vad
     elif intent == "confused":  # hesitant head turn and brow furrow
         for _ in range(rng.integers(1, 3)):
             d = rng.uniform(1.2, 2.5) * FPS
-            s0 = _onsets(rng, 1, n, d, partner_vad)[0]
+            s0 = _onsets(rng, 1, n, d, partner_vad, P.anchor_share)[0]
             b = _bump(n, s0, d)
             m[:, ROT + 1] += rng.choice([-1, 1]) * b * rng.uniform(0.02, 0.05) * hs
             m[:, EX_FROWN] += b * rng.uniform(0.3, 0.7)
@@ -405,37 +507,63 @@ def _listen_component(intent: str, n: int, rng: np.random.Generator, partner_vad
     elif intent == "bored":  # slow look shifts and sighs with heavy lids
         for _ in range(rng.integers(1, 3)):
             d = rng.uniform(1.5, 3.0) * FPS
-            s0 = _onsets(rng, 1, n, d, partner_vad)[0]
+            s0 = _onsets(rng, 1, n, d, partner_vad, P.anchor_share)[0]
             b = _bump(n, s0, d)
             m[:, [EYE_L + 1, EYE_R + 1]] += (sign * b * rng.uniform(0.04, 0.08))[:, None]
             m[:, ROT] += -0.04 * b * hs + 0.04 * _bump(n, s0 + 0.4 * d, 0.6 * d) * hs
             m[:, EYELID] += (b * 0.12)[:, None]
+    if P.listen_jaw:  # lips part and close, swallowing: the jaw is never perfectly still
+        m[:, JAW_OPEN:JAW_OPEN + 3] += P.listen_jaw * _smooth_noise(rng, n, 3, 6) * np.array([1.0, 0.5, 0.5])
     return m
 
 
-def _speak_component(intent: str, feats: dict, rng: np.random.Generator, speaker: Speaker) -> np.ndarray:
+def _speak_component(intent: str, feats: dict, rng: np.random.Generator, speaker: Speaker,
+                     P: CorpusParams) -> np.ndarray:
     """Speaking behaviour for the frames of ``feats`` (per-frame drives from the own audio)."""
     st = STYLES[intent]
     n = feats["open"].shape[0]
     m = np.zeros((n, FLAME_DIM))
     amp = rng.uniform(0.6, 1.2)
-    _add_expr(m, intent, 0.6 * amp * (1 + 0.15 * _smooth_noise(rng, n, 1, 30)[:, 0]), speaker)
+    _add_expr(m, intent, 0.6 * amp * (1 + 0.15 * _smooth_noise(rng, n, 1, 30)[:, 0]), speaker, P)
     jaw = 0.22 * st.jaw * feats["open"]
-    m[:, JAW_OPEN] += 0.012 + jaw
+    m[:, JAW_OPEN] += P.jaw_rest + jaw
     m[:, JAW_OPEN + 1:JAW_OPEN + 3] += 0.01 * _smooth_noise(rng, n, 2, 3) * feats["env"][:, None]
     m[:, EX_MOUTH_OPEN] += 4.0 * jaw
     m[:, EX_ROUND] += 1.2 * feats["round"]
     m[:, EX_STRETCH] += 0.9 * feats["stretch"]
+    if P.speech_mix:  # the tracker's expression basis mixes mouth movement into every channel
+        drives = np.stack([feats["open"], feats["round"], feats["stretch"]], 1)  # (n, 3)
+        m[:, :50] += P.speech_mix * drives @ _SPEECH_BASIS  # (n, 50)
     m[:, EX_BROW_UP] += 0.5 * st.head_motion * feats["stress"]
     hm = st.head_motion * speaker.head_scale
-    m[:, ROT] += 0.03 * hm * feats["stress"]
-    m[:, ROT:ROT + 3] += 0.03 * hm * _smooth_noise(rng, n, 3, 12) * np.array([1.0, 1.2, 0.6])
+    if P.beat_share is None:  # head beats on stressed syllables
+        m[:, ROT] += P.speak_beat * hm * feats["stress"]
+    else:
+        m[:, ROT:ROT + 3] += hm * _sparse_beats(feats["stress"], rng, P.speak_beat, P.beat_share)
+    m[:, ROT:ROT + 3] += P.speak_head_noise * hm * _smooth_noise(rng, n, 3, P.speak_head_sigma) * np.array([1.0, 1.2, 0.6])
     sign = rng.choice([-1.0, 1.0])
-    m[:, ROT:ROT + 3] += 0.5 * np.array(st.head) * np.array([1.0, sign, sign])
+    m[:, ROT:ROT + 3] += 0.5 * np.array(st.head) * np.array([1.0, sign, sign]) * P.head_offset
     m[:, EYELID] += 0.7 * st.eyelid
-    m[:, [EYE_L, EYE_R]] += 0.5 * st.gaze[0]
-    m[:, [EYE_L + 1, EYE_R + 1]] += 0.5 * sign * st.gaze[1]
+    m[:, [EYE_L, EYE_R]] += 0.5 * st.gaze[0] * P.head_offset
+    m[:, [EYE_L + 1, EYE_R + 1]] += 0.5 * sign * st.gaze[1] * P.head_offset
     return m
+
+
+def _sparse_beats(stress: np.ndarray, rng: np.random.Generator, amp: float, share: float) -> np.ndarray:
+    """(n, 3) brisk head beats (pitch nod, some yaw/roll) on a random ``share`` of the stressed
+    syllables (peaks of the ``stress`` drive): one sine cycle of 5-9 frames, amplitude ``amp``
+    times a log-normal factor (capped at 2), so head speed while speaking is heavy-tailed."""
+    n = stress.shape[0]
+    out = np.zeros((n, 3))
+    peaks = np.flatnonzero((stress[1:-1] > 0.3) & (stress[1:-1] >= stress[:-2]) & (stress[1:-1] > stress[2:])) + 1
+    t = np.arange(n, dtype=np.float64)
+    for p in peaks[rng.random(peaks.size) < share]:
+        d = rng.uniform(5.0, 9.0)
+        s0 = p - 0.3 * d
+        shape = np.sin(np.pi * np.clip((t - s0) / d, 0.0, 1.0))  # down and back up: a nod
+        direction = np.array([1.0, rng.normal(0, 0.5), rng.normal(0, 0.3)])
+        out += np.outer(shape, direction) * amp * min(rng.lognormal(0.0, 0.35), 2.0)
+    return out
 
 
 def _blinks(n: int, rng: np.random.Generator, rate_per_min: float) -> np.ndarray:
@@ -478,14 +606,25 @@ def _saccades(n: int, rng: np.random.Generator, fixation_s: float) -> np.ndarray
     return out
 
 
-def _finish(comp: np.ndarray, rng: np.random.Generator, speaker: Speaker) -> np.ndarray:
-    """Add the always-on behaviour (blinks, saccades, idle noise, neck, resting face) and clip."""
+def _jitter_std(P: CorpusParams) -> np.ndarray:
+    """(67,) std of the tracker-like high-frequency component per channel (eye roll stays 0)."""
+    amp = np.zeros(FLAME_DIM)
+    for g, a in P.jitter.items():
+        amp[GROUPS[g]] = a
+    amp[[EYE_L + 2, EYE_R + 2]] = 0.0
+    return amp
+
+
+def _finish(comp: np.ndarray, rng: np.random.Generator, speaker: Speaker, P: CorpusParams) -> np.ndarray:
+    """Add the always-on behaviour (blinks, saccades, idle noise, neck, resting face, tracker
+    jitter) and clip."""
     n = comp.shape[0]
     m = comp.copy()
     m[:, :50] += speaker.rest_expr
-    m[:, :50] += 0.05 * _smooth_noise(rng, n, 50, 6) * (0.4 + 0.6 * np.exp(-np.arange(50) / 12.0))
+    profile = 1.0 if P.idle_expr_decay is None else 0.4 + 0.6 * np.exp(-np.arange(50) / P.idle_expr_decay)
+    m[:, :50] += P.idle_expr * _smooth_noise(rng, n, 50, P.idle_expr_sigma) * profile
     m[:, JAW_OPEN:JAW_OPEN + 3] += 0.002 * _smooth_noise(rng, n, 3, 6)
-    m[:, ROT:ROT + 3] += speaker.rest_rot + 0.012 * speaker.head_scale * _smooth_noise(rng, n, 3, 20)
+    m[:, ROT:ROT + 3] += speaker.rest_rot + P.idle_rot * speaker.head_scale * _smooth_noise(rng, n, 3, P.idle_rot_sigma)
     # neck carries part of the head motion (trackers split it) plus its own small sway
     m[:, NECK:NECK + 3] = 0.3 * (m[:, ROT:ROT + 3] - speaker.rest_rot) + 0.008 * _smooth_noise(rng, n, 3, 15)
     # gaze: saccades + partial counter-rotation against head motion (vestibulo-ocular reflex)
@@ -501,6 +640,9 @@ def _finish(comp: np.ndarray, rng: np.random.Generator, speaker: Speaker) -> np.
     base = np.clip(m[:, EYELID] + 0.02 * _smooth_noise(rng, n, 1, 15), 0.0, 0.45)  # stays below blink level
     blink = _blinks(n, rng, speaker.blink_rate)
     m[:, EYELID] = base + (1 - base) * (blink[:, None] * np.array([1.0, rng.uniform(0.95, 1.0)]))
+    if P.jitter:  # tracker output: frame-to-frame estimation noise, barely smoothed
+        m += _jitter_std(P) * _smooth_noise(rng, n, FLAME_DIM, P.jitter_sigma)
+        m[:, GROUPS["eyepose"]] = np.clip(m[:, GROUPS["eyepose"]], -0.45, 0.45)
     m[:, :50] = np.clip(m[:, :50], -3.0, 3.0)
     m[:, JAW_OPEN] = np.clip(m[:, JAW_OPEN], 0.0, 0.35)
     return m
@@ -511,21 +653,23 @@ def _as_groups(m: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def listener_reaction(intent: str, n_frames: int, rng: np.random.Generator, partner_vad=None,
-                      identity: Speaker | None = None) -> dict[str, np.ndarray]:
+                      identity: Speaker | None = None, version: int = CORPUS_VERSION) -> dict[str, np.ndarray]:
     """One listening reaction of ``intent`` over ``n_frames`` frames, as ``{group: (T, dims)}``.
 
     Draw many reactions for the SAME ``partner_vad`` (``(T,)`` bool or None) to see the
     one-to-many mapping: intensity, timing, frequency and tilt/look-away direction are random;
-    about half of the events are anchored near the partner's pauses. Includes blinks, gaze
-    saccades and idle noise of ``identity`` (a fixed default speaker when None).
+    a share of the events (half in version 1, a fifth in version 2) is anchored near the
+    partner's pauses. Includes blinks, gaze saccades, idle noise and (version 2) tracker jitter
+    of ``identity`` (a fixed default speaker when None).
     """
+    P = corpus_params(version)
     if intent not in STYLES:
         raise KeyError(f"unknown intent {intent!r}; valid: {', '.join(INTENTS)}")
     speaker = identity if identity is not None else default_speaker()
     if partner_vad is not None and len(partner_vad) != n_frames:
         raise ValueError(f"partner_vad has {len(partner_vad)} frames, expected {n_frames}")
-    comp = _listen_component(intent, n_frames, rng, partner_vad, speaker)
-    return _as_groups(_finish(comp, rng, speaker))
+    comp = _listen_component(intent, n_frames, rng, partner_vad, speaker, P)
+    return _as_groups(_finish(comp, rng, speaker, P))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -689,12 +833,15 @@ def _window_weights(n_frames: int, n_win: int, margin: int) -> np.ndarray:
 
 
 def synthesize_conversation(cid: str, seconds: float = 64.0, seed: int = 0, index: int = 0,
-                            speakers: list[Speaker] | None = None) -> tuple[Conversation, dict]:
-    """One conversation; deterministic in ``(seed, index)`` (and the speakers).
+                            speakers: list[Speaker] | None = None,
+                            version: int = CORPUS_VERSION) -> tuple[Conversation, dict]:
+    """One conversation of corpus ``version``; deterministic in ``(seed, index)`` (and the speakers).
 
-    Returns the :class:`Conversation` and an info dict with the per-window ``intents`` per side,
-    the speaker ids, per-side ``turns`` (seconds) and the per-frame ``role`` (1 = speaking turn).
+    Returns the :class:`Conversation` and an info dict with the per-window ``intents`` and
+    ``text_kinds`` (see :func:`caption`) per side, the speaker ids, per-side ``turns`` (seconds)
+    and the per-frame ``role`` (1 = speaking turn).
     """
+    P = corpus_params(version)
     n_frames = int(round(seconds * FPS))
     if n_frames < 8:
         raise ValueError(f"seconds={seconds} is too short (need at least 8 frames)")
@@ -723,25 +870,28 @@ def synthesize_conversation(cid: str, seconds: float = 64.0, seed: int = 0, inde
     weights = _window_weights(n_frames, n_win, margin)
     motion = np.zeros((2, n_frames, FLAME_DIM), dtype=np.float32)
     text: list[list[str]] = [[], []]
+    kinds: list[list[str]] = [[], []]
     for s in range(2):
         acc = np.zeros((n_frames, FLAME_DIM))
         for k in range(n_win):
             a, b = max(k * WINDOW - margin, 0), min((k + 1) * WINDOW + margin, n_frames)
-            lis = _listen_component(intents[s][k], b - a, rng, vad[1 - s][a:b], spk[s])
-            spe = _speak_component(intents[s][k], {key: v[a:b] for key, v in feats[s].items()}, rng, spk[s])
+            lis = _listen_component(intents[s][k], b - a, rng, vad[1 - s][a:b], spk[s], P)
+            spe = _speak_component(intents[s][k], {key: v[a:b] for key, v in feats[s].items()}, rng, spk[s], P)
             r = role[s][a:b, None]
             acc[a:b] += weights[k, a:b, None] * (r * spe + (1 - r) * lis)
             ws, we = k * WINDOW, min((k + 1) * WINDOW, n_frames)
             speaking = vad[s][ws:we].mean() > 0.5
-            text[s].append(describe(intents[s][k], rng, speaking=bool(speaking)))
-        motion[s] = _finish(acc, rng, spk[s])
+            txt, kind = caption(intents[s][k], rng, bool(speaking), version)
+            text[s].append(txt)
+            kinds[s].append(kind)
+        motion[s] = _finish(acc, rng, spk[s], P)
 
     conv = Conversation(
         id=cid, motion=motion, group_valid=np.ones((2, N_GROUPS), dtype=bool), has_motion=np.ones(2, dtype=bool),
         vad=np.stack(vad), audio=audio, text=text,
     )
-    info = {"intents": intents, "speakers": [p.id for p in spk], "turns": [plan[s].turns for s in range(2)],
-            "role": np.stack(role)}
+    info = {"intents": intents, "text_kinds": kinds, "speakers": [p.id for p in spk],
+            "turns": [plan[s].turns for s in range(2)], "role": np.stack(role)}
     return conv, info
 
 
@@ -764,21 +914,24 @@ def split_ids(n: int, test_fraction: float, seed: int) -> list[str]:
 
 
 def _make_conversation(args) -> tuple[Conversation, dict]:
-    i, seconds, seed, pool = args
-    conv, info = synthesize_conversation(f"syn{i:04d}", seconds, seed=seed, index=i, speakers=pool)
+    i, seconds, seed, pool, version = args
+    conv, info = synthesize_conversation(f"syn{i:04d}", seconds, seed=seed, index=i, speakers=pool, version=version)
     info.pop("role")
     return conv, info
 
 
 def generate_corpus(out_dir, n_conversations: int = 60, seconds: float = 64.0, seed: int = 0,
-                    test_fraction: float = 0.1, progress: bool = True, workers: int = 1) -> dict:
-    """Write the synthetic corpus to ``out_dir`` in the canonical format (atomic).
+                    test_fraction: float = 0.1, progress: bool = True, workers: int = 1,
+                    version: int = CORPUS_VERSION) -> dict:
+    """Write the synthetic corpus ``version`` to ``out_dir`` in the canonical format (atomic).
 
     Conversations are synthesised in ``workers`` processes (the result does not depend on it)
-    and written in order by this process. Returns the :class:`DatasetWriter` summary plus
-    ``generation_seconds``, ``intent_counts``, ``seed`` and ``seconds_per_conversation``. Also
-    writes ``synthetic_labels.json`` (per conversation: intents per side per window, speaker
-    ids, split) into the dataset folder.
+    and written in order by this process. ``dataset.json`` records the generator settings under
+    ``"synthetic"``, including ``corpus_version``. Returns the :class:`DatasetWriter` summary
+    plus ``generation_seconds``, ``intent_counts``, ``text_kind_counts``, ``seed``,
+    ``corpus_version`` and ``seconds_per_conversation``. Also writes ``synthetic_labels.json``
+    (per conversation: intents and text kinds per side per window, speaker ids, split) into
+    the dataset folder.
     """
     if n_conversations < 1:
         raise ValueError(f"n_conversations must be >= 1, got {n_conversations}")
@@ -786,13 +939,14 @@ def generate_corpus(out_dir, n_conversations: int = 60, seconds: float = 64.0, s
         raise ValueError(f"seconds={seconds} gives fewer than {WINDOW} frames (one window); use >= {WINDOW / FPS:g}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    corpus_params(version)  # a clear error for an unknown version, before any work
     t0 = time.perf_counter()
     splits = split_ids(n_conversations, test_fraction, seed)
     pool = speaker_pool(seed)
-    labels, counts = {}, {k: 0 for k in INTENTS}
-    jobs = [(i, seconds, seed, pool) for i in range(n_conversations)]
-    meta = {"synthetic": {"seed": seed, "n_conversations": n_conversations, "seconds": seconds,
-                          "test_fraction": test_fraction, "intents": list(INTENTS)}}
+    labels, counts, kind_counts = {}, {k: 0 for k in INTENTS}, {k: 0 for k in TEXT_KINDS}
+    jobs = [(i, seconds, seed, pool, version) for i in range(n_conversations)]
+    meta = {"synthetic": {"corpus_version": version, "seed": seed, "n_conversations": n_conversations,
+                          "seconds": seconds, "test_fraction": test_fraction, "intents": list(INTENTS)}}
     executor = ProcessPoolExecutor(max_workers=workers) if workers > 1 and n_conversations > 1 else None
     try:
         results = executor.map(_make_conversation, jobs) if executor else map(_make_conversation, jobs)
@@ -803,16 +957,19 @@ def generate_corpus(out_dir, n_conversations: int = 60, seconds: float = 64.0, s
         with DatasetWriter(out_dir, source="synthetic", extra_meta=meta) as w:
             for i, (conv, info) in enumerate(results):
                 w.add(conv, splits[i])
-                labels[conv.id] = {"intents": info["intents"], "speakers": info["speakers"], "split": splits[i]}
-                for side in info["intents"]:
-                    for k in side:
+                labels[conv.id] = {"intents": info["intents"], "text_kinds": info["text_kinds"],
+                                   "speakers": info["speakers"], "split": splits[i]}
+                for side, side_kinds in zip(info["intents"], info["text_kinds"]):
+                    for k, kind in zip(side, side_kinds):
                         counts[k] += 1
+                        kind_counts[kind] += 1
             with open(w.tmp / "synthetic_labels.json", "w") as f:
                 json.dump(labels, f)
     finally:
         if executor is not None:
             executor.shutdown(cancel_futures=True)
     summary = w.summary()
-    summary.update(generation_seconds=time.perf_counter() - t0, intent_counts=counts, seed=seed,
-                   seconds_per_conversation=seconds, workers=workers, path=str(Path(out_dir)))
+    summary.update(generation_seconds=time.perf_counter() - t0, intent_counts=counts, text_kind_counts=kind_counts,
+                   seed=seed, corpus_version=version, seconds_per_conversation=seconds, workers=workers,
+                   path=str(Path(out_dir)))
     return summary

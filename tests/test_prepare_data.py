@@ -36,13 +36,19 @@ def test_synthetic_smoke(tmp_path):
     meta = load_meta(out)
     assert meta["source"] == "synthetic" and meta["summary"]["conversations"] == 2
     assert meta["synthetic"]["seed"] == 3
+    assert meta["synthetic"]["corpus_version"] == 2  # the default corpus
     for role in ("speaking", "listening"):
         png = out / f"preview_{role}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     ds = DyadicWindows(out, "train", load_audio=False)
     assert len(ds) == 2 * 2  # one train conversation, two windows, two roles
-    for word in ("hours", "speaking share", "listening share", "rot=", "time:"):
+    for word in ("hours", "speaking share", "listening share", "rot=", "time:", "synthetic corpus version: 2",
+                 "window texts: full="):
         assert word in res.stdout, word
+    # corpus vs real reference, side by side: one row per (figure, group) with both numbers
+    assert "corpus vs reference" in res.stdout and "DualTalk" in res.stdout
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| velocity std, listening frames | expr |")]
+    assert len(rows) == 1 and "| 0.092 |" in rows[0], rows
     # no Hydra clutter in the launch folder, no temporary dataset folders left behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
@@ -90,6 +96,19 @@ def test_real_sources_dispatch_to_converters(source, tmp_path, monkeypatch):
     summary = mod.build(cfg, source, tmp_path / "out", tmp_path)
     assert summary == {"conversations": 0}
     assert calls == [(tmp_path, tmp_path / "out", {"vad": "energy", "test_fraction": 0.2})]
+
+
+def test_synthetic_version_1_stays_reachable(tmp_path, capsys):
+    mod = load_script()
+    cfg = OmegaConf.load(REPO / "train" / "conf" / "prepare_data.yaml")
+    assert cfg.synthetic.version == 2
+    cfg.synthetic.n_conversations, cfg.synthetic.seconds, cfg.synthetic.workers = 2, 8, 1
+    cfg.synthetic.version = 1
+    summary = mod.build(cfg, "synthetic", tmp_path / "v1", None)
+    assert summary["corpus_version"] == 1 and load_meta(tmp_path / "v1")["synthetic"]["corpus_version"] == 1
+    mod.print_reference_comparison(tmp_path / "v1")
+    out = capsys.readouterr().out
+    assert "| velocity std, speaking frames | jaw |" in out and "| NO |" in out  # version 1 is off the reference
 
 
 def test_preview_windows_are_the_most_speaking_and_listening(tmp_path):

@@ -1,4 +1,5 @@
-"""Properties of the synthetic dyadic corpus (envs/synthetic.py).
+"""Properties of the synthetic dyadic corpus (envs/synthetic.py), version 2 (the default) and,
+where the property is new in version 2, version 1 as the corpus that lacks it.
 
 Every property is checked with a threshold that a corpus lacking it would fail, and the measured
 figure is printed (run with ``pytest -s`` to see them).
@@ -10,7 +11,9 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
+from gdpo_listener.envs import reference_stats as rs
 from gdpo_listener.envs.dataset import SAMPLES_PER_FRAME, DyadicWindows, load_conversation, read_split
 from gdpo_listener.envs.flame import FPS, GROUP_NAMES, GROUPS
 from gdpo_listener.envs.synthetic import (
@@ -23,6 +26,9 @@ from gdpo_listener.envs.synthetic import (
     INTENT_WORDS,
     INTENTS,
     JAW_OPEN,
+    TEXT_KINDS,
+    VAGUE_TEXTS,
+    corpus_params,
     generate_corpus,
     listener_reaction,
     speaker_pool,
@@ -30,6 +36,7 @@ from gdpo_listener.envs.synthetic import (
 )
 
 N_CONV, SECONDS = 4, 32.0
+N_STATS_CONV = 8  # conversations of 64 s for the corpus statistics (both versions, in memory)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +46,18 @@ def corpus(tmp_path_factory):
     labels = json.loads((root / "synthetic_labels.json").read_text())
     convs = [load_conversation(root, cid) for cid in sorted(labels)]
     return root, summary, labels, convs
+
+
+@pytest.fixture(scope="module")
+def stats():
+    """Reference statistics of a small corpus of each version: {version: corpus_statistics}."""
+    out = {}
+    for version in (1, 2):
+        pool = speaker_pool(0)
+        convs = [synthesize_conversation(f"c{i}", 64.0, seed=0, index=i, speakers=pool, version=version)[0]
+                 for i in range(N_STATS_CONV)]
+        out[version] = rs.corpus_statistics(convs)
+    return out
 
 
 def frame_rms(wav: np.ndarray, n_frames: int) -> np.ndarray:
@@ -88,7 +107,82 @@ def test_dyadic_windows_reads_both_roles(corpus):
     sp = sum(int(ds[i]["speaking"].sum()) for i in range(len(ds)))
     li = sum(int(ds[i]["listening"].sum()) for i in range(len(ds)))
     assert sp > 0 and li > 0
-    assert all(ds[i]["text"] for i in range(len(ds)))
+    # each window carries its own text of the conversation (possibly empty in version 2)
+    for i in range(len(ds)):
+        ix = ds.index[i]
+        assert ds[i]["text"] == ds.conversation(ix.conversation).text[ix.actor][ix.window]
+    assert sum(bool(ds[i]["text"]) for i in range(len(ds))) > 0.6 * len(ds)
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics against real tracker FLAME (envs/reference_stats.py)
+
+
+def test_statistics_convention_reproduces_the_issue_figures_of_version_1(stats):
+    """The statistic is the one the reference was measured with: on corpus version 1 it gives
+    the figures issue 10 reports for version 1 (to within 25 % on this small corpus)."""
+    st = stats[1]
+    for g, ref in rs.SYNTHETIC_V1.items():
+        for fig, val in ref.items():
+            got = st["groups"][g][fig]
+            assert val / 1.25 <= got <= val * 1.25, (g, fig, got, val)
+    assert rs.SYNTHETIC_V1_PARTNER_TIE * 1.4 <= st["partner_tie"] <= rs.SYNTHETIC_V1_PARTNER_TIE / 1.4
+
+
+def test_version_2_statistics_match_the_real_reference(stats):
+    print("\n" + rs.format_table(stats[2]))
+    rows = rs.compare(stats[2])
+    assert len(rows) == len(rs.FIGURES) * len(rs.REFERENCE) == 12
+    bad = [r for r in rows if not r["ok"]]
+    assert not bad, bad
+    # version 1 is far from it (expr dynamics ~20x too small): the check can fail
+    assert sum(not r["ok"] for r in rs.compare(stats[1])) >= 6
+    # groups without a reference have plausible values: they move, more slowly than the eyelid's blinks
+    g = stats[2]["groups"]
+    assert 2e-4 < g["neck"]["listen_vel"] < g["rot"]["listen_vel"]
+    assert 1e-3 < g["eyepose"]["listen_vel"] < 0.03 and 0.02 < g["eyelid"]["listen_vel"] < 0.2
+
+
+def all_channels_active(st) -> bool:
+    """Every block of ten expression channels in the real DualTalk ranges (no decay)."""
+    return all(lo <= v <= hi for kind, (lo, hi) in rs.REFERENCE_EXPR_BLOCKS.items() for v in st["expr_blocks"][kind])
+
+
+def test_all_expression_channels_are_active(stats):
+    blocks = stats[2]["expr_blocks"]
+    print(f"\nexpr blocks of 10 channels: position std {np.round(blocks['position'], 3)}, "
+          f"velocity std {np.round(blocks['velocity'], 3)} (version 1: {np.round(stats[1]['expr_blocks']['position'], 3)})")
+    assert all_channels_active(stats[2])
+    assert not all_channels_active(stats[1])
+    # no decay over the channel index: the last block moves as much as the first (within 30 %)
+    for kind in ("position", "velocity"):
+        assert blocks[kind][-1] > 0.7 * blocks[kind][0], kind
+
+
+def test_every_expression_channel_moves_with_tracker_jitter():
+    conv, _ = synthesize_conversation("x", 32.0, seed=5, index=0)
+    x = conv.motion[0][:, GROUPS["expr"]].astype(np.float64)  # (T, 50)
+    pos, vel = x.std(0), np.diff(x, axis=0).std(0)
+    # high-frequency component: the second difference is large against the first (a smooth
+    # signal has acc/vel ~ 0.2-0.5 at 25 fps; white noise ~ 1.7)
+    acc = np.diff(x, n=2, axis=0).std(0)
+    print(f"\nper-channel expr std: position [{pos.min():.3f}, {pos.max():.3f}], velocity [{vel.min():.3f}, "
+          f"{vel.max():.3f}]; acceleration / velocity std median {np.median(acc / vel):.2f}")
+    assert pos.min() > 0.2 and vel.min() > 0.07
+    assert np.median(acc / vel) > 0.9
+    v1, _ = synthesize_conversation("x", 32.0, seed=5, index=0, version=1)
+    y = v1.motion[0][:, GROUPS["expr"]].astype(np.float64)
+    assert np.median(np.diff(y, n=2, axis=0).std(0) / np.diff(y, axis=0).std(0)) < 0.9
+
+
+def test_partner_audio_tie_is_weak(stats):
+    """Real listener motion is only weakly tied to the partner's voice (issue 10: correlation of
+    the partner's VAD with the own head speed about -0.07 on real data, -0.15 in version 1)."""
+    r2, r1 = stats[2]["partner_tie"], stats[1]["partner_tie"]
+    print(f"\npartner VAD vs own head speed: version 2 {r2:.3f}, version 1 {r1:.3f}, real {rs.REFERENCE_PARTNER_TIE}")
+    assert -0.12 < r2 < 0.0
+    assert r1 < -0.12
+    assert corpus_params(2).anchor_share < corpus_params(1).anchor_share
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +202,7 @@ def test_jaw_follows_own_audio_envelope(corpus):
     r_own = np.corrcoef(jaw, own)[0, 1]
     r_other = np.corrcoef(jaw, other)[0, 1]
     print(f"\njaw opening vs own audio RMS (25 fps, speaking frames): r = {r_own:.3f}; vs partner audio: r = {r_other:.3f}")
-    assert r_own > 0.6
+    assert r_own > 0.7  # audio -> jaw stays learnable
     assert abs(r_other) < 0.3
     # the mouth opens in realistic ranges while speaking and rests nearly closed otherwise
     assert 0.05 < np.percentile(jaw, 90) < 0.3
@@ -267,7 +361,8 @@ def test_realistic_ranges_smoothness_and_motion(corpus):
           f"|eyepose| max {np.abs(m[:, GROUPS['eyepose']]).max():.3f}")
     assert np.abs(expr).max() <= 3.0 and np.percentile(np.abs(expr), 99.9) < 2.5
     assert 0.0 <= jaw.min() and jaw.max() <= 0.35
-    assert np.abs(rot).max() < 0.35
+    assert (jaw <= 0.0).mean() < 0.05  # the clip at a closed jaw is rarely reached
+    assert np.percentile(np.abs(rot), 99.9) < 0.3 and np.abs(rot).max() < 0.6
     assert lid.min() >= 0.0 and lid.max() <= 1.0
     assert np.abs(m[:, GROUPS["eyepose"]]).max() < 0.5
     assert np.abs(m[:, GROUPS["neck"]]).max() < 0.2
@@ -292,9 +387,11 @@ def test_texts_are_varied_and_name_the_intent(corpus):
     _, _, labels, convs = corpus
     texts, intents = [], []
     for conv in convs:
-        for s in range(2):
-            texts += conv.text[s]
-            intents += labels[conv.id]["intents"][s]
+        for s in range(2):  # the full captions of the corpus (vague and missing ones are tested below)
+            kinds = labels[conv.id]["text_kinds"][s]
+            texts += [t for t, kind in zip(conv.text[s], kinds) if kind == "full"]
+            intents += [k for k, kind in zip(labels[conv.id]["intents"][s], kinds) if kind == "full"]
+    assert len(texts) >= 16
     rng = np.random.default_rng(0)
     from gdpo_listener.envs.synthetic import describe
 
@@ -315,6 +412,33 @@ def test_texts_are_varied_and_name_the_intent(corpus):
         assert len({t for t, j in zip(texts, intents) if j == k}) >= 5, k
 
 
+def test_vague_and_missing_texts(corpus):
+    """A share of windows has a vague text (names no intent) or none, as machine captions do."""
+    from gdpo_listener.envs.synthetic import caption
+
+    _, _, labels, convs = corpus
+    all_intent_words = {w for k in INTENTS for w in INTENT_WORDS[k]}
+    seen = {k: 0 for k in TEXT_KINDS}
+    for conv in convs:  # the labels describe the written texts
+        for s in range(2):
+            for t, kind in zip(conv.text[s], labels[conv.id]["text_kinds"][s]):
+                seen[kind] += 1
+                assert (t == "") == (kind == "missing"), (t, kind)
+                assert (t in VAGUE_TEXTS) == (kind == "vague"), (t, kind)
+    assert seen["missing"] > 0 and seen["vague"] > 0
+    for t in VAGUE_TEXTS:
+        words = set(re.findall(r"[a-z-]+", t.lower()))
+        assert not words & (all_intent_words | {"speaking", "talking", "listening"}), t
+    # the shares, over many windows: version 2 about 10 % missing and 15 % vague, version 1 none
+    rng = np.random.default_rng(0)
+    n = 4000
+    for version, (lo_m, hi_m, lo_v, hi_v) in ((2, (0.08, 0.12, 0.12, 0.18)), (1, (0.0, 0.0, 0.0, 0.0))):
+        kinds = [caption(INTENTS[i % len(INTENTS)], rng, bool(i % 2), version)[1] for i in range(n)]
+        missing, vague = kinds.count("missing") / n, kinds.count("vague") / n
+        print(f"\nversion {version}: missing text share {missing:.3f}, vague {vague:.3f}")
+        assert lo_m <= missing <= hi_m and lo_v <= vague <= hi_v, version
+
+
 # ----------------------------------------------------------------------------------------------
 # audio and VAD
 
@@ -330,10 +454,9 @@ def test_vad_matches_audio_energy_of_written_wav(corpus):
     assert np.mean(agree) > 0.9 and np.min(agree) > 0.85
 
 
-def test_silero_vad_agreement_report(corpus):
-    """Report only: silero-vad on one synthetic clip (synthetic vowels need not count as speech)."""
-    silero = pytest.importorskip("silero_vad")
-    import torch
+def test_silero_vad_agrees_with_the_labels(corpus):
+    """silero-vad (a dependency) hears the synthetic voice as speech where the labels say so."""
+    import silero_vad as silero
 
     conv = corpus[3][0]
     model = silero.load_silero_vad(onnx=False)
@@ -341,8 +464,11 @@ def test_silero_vad_agreement_report(corpus):
     m = np.zeros(conv.n_frames, bool)
     for d in ts:
         m[d["start"] // SAMPLES_PER_FRAME: -(-d["end"] // SAMPLES_PER_FRAME)] = True
-    print(f"\nsilero-vad vs synthetic VAD agreement on {conv.id} side 0: {(m == conv.vad[0]).mean():.3f} "
+    agree = (m == conv.vad[0]).mean()
+    print(f"\nsilero-vad vs synthetic VAD agreement on {conv.id} side 0: {agree:.3f} "
           f"(silero speech {m.mean():.2f}, labels {conv.vad[0].mean():.2f})")
+    assert agree > 0.85
+    assert abs(m.mean() - conv.vad[0].mean()) < 0.1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,6 +501,22 @@ def test_corpus_independent_of_workers(tmp_path):
         assert x.text == y.text
 
 
+def test_dataset_json_records_corpus_version(corpus, tmp_path):
+    from gdpo_listener.envs.dataset import load_meta
+
+    root, summary = corpus[0], corpus[1]
+    assert load_meta(root)["synthetic"]["corpus_version"] == summary["corpus_version"] == 2
+    s1 = generate_corpus(tmp_path / "v1", n_conversations=1, seconds=8.0, seed=0, progress=False, version=1)
+    assert load_meta(tmp_path / "v1")["synthetic"]["corpus_version"] == s1["corpus_version"] == 1
+    assert s1["text_kind_counts"] == {"full": 2, "vague": 0, "missing": 0}
+    # version 1 stays the original corpus: same audio and timeline, different motion
+    a, _ = synthesize_conversation("x", 8.0, seed=0, index=0, version=1)
+    b, _ = synthesize_conversation("x", 8.0, seed=0, index=0, version=2)
+    np.testing.assert_array_equal(a.vad, b.vad)
+    np.testing.assert_array_equal(a.audio[0], b.audio[0])
+    assert not np.allclose(a.motion, b.motion)
+
+
 def test_bad_arguments():
     with pytest.raises(KeyError, match="valid"):
         listener_reaction("ecstatic", 50, np.random.default_rng(0))
@@ -382,3 +524,7 @@ def test_bad_arguments():
         listener_reaction("sad", 50, np.random.default_rng(0), partner_vad=np.zeros(10, bool))
     with pytest.raises(ValueError, match="seconds"):
         generate_corpus("/nonexistent/never", n_conversations=1, seconds=2.0)
+    with pytest.raises(ValueError, match="version 3"):
+        generate_corpus("/nonexistent/never", n_conversations=1, seconds=8.0, version=3)
+    with pytest.raises(ValueError, match="motion"):
+        rs.side_statistics(np.zeros((10, 60)), np.zeros(10, bool), np.zeros(10, bool))

@@ -2,12 +2,15 @@
 
     python train/prepare_data.py source=synthetic out=data/synthetic
     python train/prepare_data.py source=synthetic out=DIR synthetic.n_conversations=4 synthetic.seconds=32 seed=1
+    python train/prepare_data.py source=synthetic out=DIR synthetic.version=1      # the original corpus
     python train/prepare_data.py source=dualtalk input=DIR out=DIR [dualtalk.vad=energy]
     python train/prepare_data.py source=seamless input=DIR out=DIR [seamless.vad=silero]
 
-Prints a summary (hours, conversations, speaking/listening share, per-group motion std, time)
-and, once the dataset is complete, writes OUT/preview_speaking.png and OUT/preview_listening.png
-(the training window with the most speaking / listening frames). Paths are relative to the
+Prints a summary (hours, conversations, speaking/listening share, per-group motion std, time),
+the dataset's motion statistics side by side with the real-data reference figures
+(``envs/reference_stats.py``), and, once the dataset is complete, writes
+OUT/preview_speaking.png and OUT/preview_listening.png (the training window with the most
+speaking / listening frames). Paths are relative to the
 launch folder; Hydra writes no output folder for this script.
 """
 from __future__ import annotations
@@ -62,7 +65,8 @@ def build(cfg: DictConfig, source: str, out: Path, inp: Path | None) -> dict:
 
         s = cfg.synthetic
         return generate_corpus(out, n_conversations=int(s.n_conversations), seconds=float(s.seconds), seed=int(cfg.seed),
-                               test_fraction=float(cfg.test_fraction), progress=True, workers=int(s.get("workers", 1)))
+                               test_fraction=float(cfg.test_fraction), progress=True, workers=int(s.get("workers", 1)),
+                               version=int(s.get("version", 2)))
     opts = converter_options(cfg, source)
     if source == "dualtalk":
         from gdpo_listener.envs.converters.dualtalk import convert_dualtalk
@@ -71,6 +75,13 @@ def build(cfg: DictConfig, source: str, out: Path, inp: Path | None) -> dict:
     from gdpo_listener.envs.converters.seamless import convert_seamless
 
     return convert_seamless(inp, out, **opts)
+
+
+def print_reference_comparison(out: Path) -> None:
+    """The dataset's motion statistics next to the real-data reference (envs/reference_stats.py)."""
+    from gdpo_listener.envs.reference_stats import corpus_statistics, format_table
+
+    print(format_table(corpus_statistics(out)))
 
 
 def choose_preview_windows(ds) -> dict[str, int]:
@@ -101,6 +112,8 @@ def write_previews(out: Path) -> list[Path]:
 
 def print_summary(source: str, out: Path, summary: dict, seconds: float) -> None:
     print(f"[prepare_data] source={source} -> {out}")
+    if summary.get("corpus_version") is not None:
+        print(f"  synthetic corpus version: {summary['corpus_version']}")
     print(f"  conversations: {summary.get('conversations')} (train {summary.get('train')}, test {summary.get('test')})")
     print(f"  hours of conversation: {summary.get('hours', 0.0):.3f}")
     print(f"  speaking share: {summary.get('speaking_share', 0.0):.3f}   listening share: {summary.get('listening_share', 0.0):.3f}")
@@ -109,6 +122,8 @@ def print_summary(source: str, out: Path, summary: dict, seconds: float) -> None
           + "  ".join(f"{g}={v:.4f}" if v is not None else f"{g}=n/a" for g, v in gs.items()))
     if summary.get("intent_counts"):
         print("  intents (windows): " + ", ".join(f"{k}={v}" for k, v in summary["intent_counts"].items()))
+    if summary.get("text_kind_counts"):
+        print("  window texts: " + ", ".join(f"{k}={v}" for k, v in summary["text_kind_counts"].items()))
     if summary.get("skipped"):
         print(f"  skipped: {len(summary['skipped'])} item(s)")
     print(f"  time: {seconds:.1f} s")
@@ -121,6 +136,8 @@ def main(cfg: DictConfig) -> None:
     summary = build(cfg, source, out, inp)
     elapsed = time.perf_counter() - t0
     print_summary(source, out, summary, elapsed)
+    if summary.get("conversations"):
+        print_reference_comparison(out)
     if cfg.preview:
         for p in write_previews(out):
             print(f"  preview: {p}")
