@@ -290,6 +290,14 @@ def test_prompt_reaches_the_chat(describer):
     assert TABLE7_PROMPT in text and text.count("<image>") == FRAMES_PER_WINDOW
 
 
+def test_batched_answers_equal_one_by_one(describer):
+    """Left padding: a clip's description does not depend on the other clips of its batch."""
+    rng = np.random.default_rng(1)
+    clips = [rng.integers(0, 256, (FRAMES_PER_WINDOW, 24 + 8 * i, SIZE, 3), dtype=np.uint8) for i in range(3)]
+    batched = describer(clips)
+    assert len(batched) == 3 and batched == [describer([c])[0] for c in clips]
+
+
 def test_killed_run_resumes_without_redoing_work(data, describer):
     root, videos = data
     # kill 1: in the second batch of conv000 -> its first batch (side 0 windows 0 and 2) is saved
@@ -316,6 +324,13 @@ def test_killed_run_resumes_without_redoing_work(data, describer):
     assert read_doc(root, "conv000")["text"][0] == ["first 1.0", KEPT, "first 1.1"]
     assert len(load_conversation(root, "conv001", audio=False).text[0]) == 2
     assert plan_annotation(root, videos).n_todo == 0
+
+
+def test_empty_answers_are_done_and_not_asked_again(data):
+    root, videos = data
+    stats = run_annotation(plan_annotation(root, videos), lambda clips: ["  \n "] * len(clips), batch_size=8, progress=False)
+    assert stats.described == 7 and read_doc(root, "conv000")["text"] == [["", KEPT, ""], ["", "", ""]]
+    assert plan_annotation(root, videos).n_todo == 0  # marked done in the same file
 
 
 def test_sides_without_video_are_rendered_from_their_motion(data, tmp_path):

@@ -79,7 +79,7 @@ def main(cfg: DictConfig) -> None:
     print(f"[annotate] described {stats.described} window(s) in {stats.conversations} conversation(s) "
           f"in {stats.seconds:.1f} s ({stats.skipped} kept)")
     for text in stats.examples:
-        print(f"  e.g. {text!r}")
+        print(f"  e.g. {text[:160]!r}{' ...' if len(text) > 160 else ''}")
     sys.stdout.flush()
 
 
