@@ -359,6 +359,8 @@ def iter_clips(root: Path, job: ConversationJob, *, flame_model: str | Path | No
                 yield sj.side, k, np.stack([next(frames) for _ in range(FRAMES_PER_WINDOW)])
             frames.close()
             continue
+        if flame_model is None:
+            raise AnnotationError(f"{where}: no video and no flame_model to render it from")
         if motion is None:
             with np.load(root / "conversations" / f"{job.cid}.npz") as z:
                 motion = z["motion"]  # (2, T, 67)
