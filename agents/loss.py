@@ -49,6 +49,7 @@ from .advantages import (
     reward_group_stats,
 )
 from .flow import gaussian_kl_same_std, gaussian_log_prob, transition_std
+from .guards import check_finite_step
 
 
 def _as_trajectories(steps: TensorDictBase, history: torch.Tensor, reward: torch.Tensor, window: torch.Tensor,
@@ -220,6 +221,8 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
                 (out["loss_objective"] * w["objective"] + out["loss_kl"] * w["all"]).backward()
                 outputs.append((out.detach(), w))
         gnorm = torch.nn.utils.clip_grad_norm_(loss_module.actor_network.parameters(), grad_clip)
+        check_finite_step({k: out[k] for k in ("loss_objective", "loss_kl")}, gnorm, where="chunked_update",
+                          hint="a learning rate or clip range too large for this model, or sigma too small")
         optimizer.step()
     stats = {f"loss/{k}" if k.startswith("loss_") else f"policy/{k}": v.item()
              for k, v in _aggregate(outputs, loss_module.aggregation).items()}

@@ -54,6 +54,7 @@ def ensure_vae(cfg: DictConfig, data_root: Path) -> Path:
         if not cfg.pretrained.get("auto_train", False):
             raise FileNotFoundError(f"no VAE checkpoint at {path}; run train/vae.py or set pretrained.auto_train=true")
         run_stage("vae.py", [f"data.root={data_root}", f"out_dir={path}", f"device={cfg.device}", *cfg.pretrained.get("vae_overrides", [])])
+        _expect_checkpoint(path, "vae.py")
     return path
 
 
@@ -69,4 +70,11 @@ def ensure_sft(cfg: DictConfig, data_root: Path, vae_path: Path) -> Path:
             f"features.text_encoder={cfg.features.text_encoder}", f"features.audio_encoder={cfg.features.audio_encoder}",
             *cfg.pretrained.get("sft_overrides", []),
         ])
+        _expect_checkpoint(path, "sft.py")
     return path
+
+
+def _expect_checkpoint(path: Path, script: str) -> None:
+    if not is_checkpoint(path):
+        raise RuntimeError(f"{script} finished but wrote no checkpoint at {path}: the folder holds an unfinished run with "
+                           f"other settings (see the log above for where it wrote); remove {path} or point pretrained.* at it")

@@ -15,7 +15,7 @@ def hydra_list(*items: str) -> str:
     return "[" + ",".join(f"'{i}'" for i in items) + "]"
 
 
-TINY_VAE = hydra_list("optim.steps=4", "optim.batch_size=8", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_latent=8")
+TINY_VAE = hydra_list("optim.steps=4", "optim.batch_size=8", "+model.d_model=32", "+model.n_layers=1", "+model.n_heads=2", "+model.d_latent=8")
 TINY_SFT = hydra_list("optim.steps=4", "optim.batch_size=8", "+model.arch.d_model=32", "+model.arch.n_layers=1",
                       "+model.arch.n_heads=2", "eval.n_windows=4")
 
@@ -151,7 +151,7 @@ def test_pretrained_checkpoint_mismatch_is_refused(workdir, first_run):
     """A VAE whose latent size differs from the supervised AR-Flow's, or an SFT checkpoint of another preset."""
     d = workdir
     res = run("vae.py", f"data.root={d / 'data'}", f"out_dir={d / 'vae4'}", "optim.steps=2", "optim.batch_size=8",
-              "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_latent=4", cwd=d)
+              "+model.d_model=32", "+model.n_layers=1", "+model.n_heads=2", "+model.d_latent=4", cwd=d)
     assert res.returncode == 0
     res = run("gdpo.py", *gdpo_args(d, "optim.iterations=1", f"out_dir={d / 'mismatch'}", f"pretrained.vae={d / 'vae4'}"), cwd=d)
     assert res.returncode != 0 and "d_latent=8 but the pipeline needs d_latent=4" in res.stderr

@@ -350,7 +350,7 @@ def _run_train(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_train_script_smoke_and_resume(tiny_dataset, tmp_path):
-    tiny = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "optim.batch_size=8",
+    tiny = ["+model.d_model=32", "+model.n_layers=1", "+model.n_heads=2", "optim.batch_size=8",
             "log_every=5", "ckpt_every=5", "threads=1"]
     out = tmp_path / "run"
     res = _run_train(f"data.root={tiny_dataset}", f"out_dir={out}", "optim.steps=10", *tiny, cwd=tmp_path)

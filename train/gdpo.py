@@ -30,7 +30,9 @@ from gdpo_listener.agents.arflow import load_arflow
 from gdpo_listener.agents.loss import LOSSES, chunked_update, collect_trajectories, listening_token_mask
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
+from gdpo_listener.agents.guards import check_finite_stats, check_finite_weights
 from gdpo_listener.pipeline import factories, stages
+from gdpo_listener.pipeline.run_dir import claim_run_dir, truncate_logs
 from gdpo_listener.pipeline.checks import check_count, check_non_negative, check_positive
 from gdpo_listener.pipeline.run_state import load_run_state, save_run_state, seed_everything
 
@@ -50,7 +52,7 @@ def check_settings(cfg: DictConfig) -> None:
 
 def make_env(cfg: DictConfig, bank, vae, normalizer, reward, generator) -> ListenerSDEEnv:
     return ListenerSDEEnv(bank, vae, normalizer, reward, n_prompts=cfg.env.n_prompts, group_size=cfg.env.group_size,
-                          sde_steps=cfg.env.sde_steps, sigma=cfg.env.sigma, device=bank.device, generator=generator,
+                          sde_steps=cfg.env.sde_steps, sigma=cfg.env.sigma, sde=cfg.env.sde, device=bank.device, generator=generator,
                           seed=cfg.seed)
 
 
@@ -111,8 +113,8 @@ def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))
     device = factories.make_device(cfg.device)
     generator = seed_everything(cfg.seed)
-    out_dir = factories.abspath(cfg.out_dir)
     check_settings(cfg)
+    out_dir, _lock = claim_run_dir(factories.abspath(cfg.out_dir), cfg, stage="gdpo", resume=cfg.resume)
     reward = factories.make_reward(cfg).to(device)  # validates the reward spec before any long work
 
     # -- prerequisites: data, frozen VAE, supervised AR-Flow (produced on first use) ------------
@@ -131,8 +133,7 @@ def main(cfg: DictConfig) -> None:
     # -- RL components ----------------------------------------------------------------------------
     behaviour = copy.deepcopy(model).requires_grad_(False)
     env = make_env(cfg, train_bank, vae, normalizer, reward, generator)
-    policy = make_policy(behaviour, train_bank, sigma=cfg.env.sigma, sde_steps=cfg.env.sde_steps, generator=generator,
-                         prefix_tokens=cfg.env.prefix_tokens)
+    policy = make_policy(behaviour, env, generator=generator, prefix_tokens=cfg.env.prefix_tokens)  # sigma, steps, sde: the env's
     loss_module = make_loss(cfg.algo, policy, model, reward)
     model.eval()  # no dropout: replayed log-probs must match the behaviour policy's (gradients still flow)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -145,6 +146,7 @@ def main(cfg: DictConfig) -> None:
         state = load_run_state(state_path, cfg, RESUME_KEYS, device, generator, states=run_states)
         env.set_rng_state(state["env_rng"])
         start, logger_state = state["step"], state["logger"]
+        truncate_logs(out_dir / "logs", start)  # steps logged after the saved state are logged again
         print(f"[gdpo] resumed at iteration {start}")
     logger = factories.make_logger(cfg.logger, out_dir, f"{cfg.algo.name}", state_dict=logger_state)
     print(f"[gdpo] {cfg.algo.name} on reward={cfg.reward} ({', '.join(reward.group_names)}); "
@@ -161,6 +163,8 @@ def main(cfg: DictConfig) -> None:
         stats.update({k: v.item() for k, v in advantage_log_stats(traj, reward.group_names, cfg.algo).items()})
         t2 = time.perf_counter()
         stats.update(chunked_update(loss_module, traj, optimizer, cfg.algo.chunk_steps, cfg.algo.epochs, cfg.optim.grad_clip))
+        check_finite_stats(stats, [k for k in stats if k.startswith(("reward/", "loss/"))], where=f"{cfg.algo.name} iteration {it + 1}",
+                           hint=f"optim.lr={cfg.optim.lr} or env.sigma={cfg.env.sigma} out of range")
         t3 = time.perf_counter()
         stats.update({"time/rollout": t1 - t0, "time/advantage": t2 - t1, "time/update": t3 - t2})
         if (it + 1) % int(cfg.algo.sync_every) == 0:
@@ -169,6 +173,7 @@ def main(cfg: DictConfig) -> None:
             factories.log_scalars(logger, stats, it + 1)
         bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in stats.items() if k.endswith("/mean") and k.startswith("reward/")})
         if (it + 1) % int(cfg.ckpt_every) == 0 or it + 1 == iterations:
+            check_finite_weights(model, where=f"{cfg.algo.name} iteration {it + 1}", hint=f"optim.lr={cfg.optim.lr} too large")
             save_run_state(state_path, cfg, RESUME_KEYS, it + 1, generator, logger, run_states, env_rng=env.rng_state())
     model.eval()
     factories.save_run_arflow(out_dir, model, cfg, extra={"stage": "rl", "algo": cfg.algo.name, "reward": cfg.reward,

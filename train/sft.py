@@ -18,11 +18,13 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from gdpo_listener.agents.arflow import count_parameters
-from gdpo_listener.agents.checkpoint import is_checkpoint
+from gdpo_listener.agents.guards import check_finite_step, check_finite_weights
 from gdpo_listener.agents.flow import interpolate, velocity_target
 from gdpo_listener.envs.windows import cond_from_bank
 from gdpo_listener.evaluation.generation import numeric_items, print_quality_report, quality_report
 from gdpo_listener.pipeline import factories, stages
+from gdpo_listener.pipeline.checks import check_count, check_non_negative, check_positive
+from gdpo_listener.pipeline.run_dir import claim_run_dir, truncate_logs
 from gdpo_listener.pipeline.run_state import load_run_state, save_run_state, seed_everything
 
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -62,7 +64,11 @@ def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))
     device = factories.make_device(cfg.device)
     generator = seed_everything(cfg.seed)
-    out_dir = factories.abspath(cfg.out_dir)
+    check_positive(cfg, ["optim.lr", "optim.grad_clip"])
+    check_non_negative(cfg, ["optim.weight_decay"])
+    check_count(cfg, ["optim.steps", "optim.batch_size", "log_every", "ckpt_every", "eval.n_windows", "eval.steps"])
+    check_count(cfg, ["optim.warmup"], minimum=0)
+    out_dir, _lock = claim_run_dir(factories.abspath(cfg.out_dir), cfg, stage="sft", resume=cfg.resume)
     data_root = stages.ensure_dataset(cfg.data)
 
     vae, normalizer, _ = factories.load_frozen_vae(factories.abspath(cfg.vae_dir), device)
@@ -82,9 +88,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.resume:  # batches and flow noise continue the killed run's streams
         state = load_run_state(state_path, cfg, RESUME_KEYS, device, generator, states=run_states)
         start, logger_state = state["step"], state.get("logger")
+        truncate_logs(out_dir / "logs", start)  # steps logged after the saved state are logged again
         print(f"[sft] resumed from step {start}")
-    elif is_checkpoint(out_dir):
-        print(f"[sft] note: overwriting the finished checkpoint at {out_dir}")
     logger = factories.make_logger(cfg.logger, out_dir, "sft", state_dict=logger_state)
 
     n = train_bank.batch_size[0]
@@ -98,6 +103,7 @@ def main(cfg: DictConfig) -> None:
         opt.zero_grad(set_to_none=True)
         terms["loss_flow"].backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        check_finite_step({"loss_flow": terms["loss_flow"]}, gnorm, where=f"sft step {step + 1}", hint=f"optim.lr={cfg.optim.lr} too large")
         opt.step()
         sched.step()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.optim.steps:
@@ -108,7 +114,9 @@ def main(cfg: DictConfig) -> None:
             factories.log_scalars(logger, scalars, step + 1)
             bar.set_postfix(loss=f"{scalars['loss/loss_flow']:.4f}")
         if (step + 1) % cfg.ckpt_every == 0:
+            check_finite_weights(model, where=f"sft step {step + 1}", hint=f"optim.lr={cfg.optim.lr} too large")
             save_run_state(state_path, cfg, RESUME_KEYS, step + 1, generator, logger, run_states)
+    check_finite_weights(model, where=f"sft step {int(cfg.optim.steps)}", hint=f"optim.lr={cfg.optim.lr} too large")
     save_run_state(state_path, cfg, RESUME_KEYS, int(cfg.optim.steps), generator, logger, run_states)
     elapsed = time.perf_counter() - t0
     model.eval()

@@ -1,7 +1,7 @@
 """Stage 0: train the motion VAE (paper section 3.1) on normalised actor motion.
 
     python train/vae.py                          # small CPU model on the synthetic corpus
-    python train/vae.py optim.steps=3000 model.d_latent=32
+    python train/vae.py optim.steps=3000 +model.d_latent=32
     python train/vae.py resume=true              # continue a killed run
 
 All train windows (actor motion only, no audio) are loaded once into one tensor and normalised
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from gdpo_listener.agents.checkpoint import atomic_write_json, is_checkpoint
+from gdpo_listener.agents.checkpoint import atomic_write_json
+from gdpo_listener.agents.guards import check_finite_step, check_finite_weights
 from gdpo_listener.agents.vae import (
     channel_weight,
     format_report,
@@ -34,6 +35,8 @@ from gdpo_listener.agents.vae import (
 )
 from gdpo_listener.envs.dataset import DyadicWindows
 from gdpo_listener.pipeline import factories, stages
+from gdpo_listener.pipeline.checks import check_count, check_non_negative, check_positive
+from gdpo_listener.pipeline.run_dir import claim_run_dir, truncate_logs
 from gdpo_listener.pipeline.run_state import load_run_state, resolved_config, save_run_state, seed_everything
 
 
@@ -70,7 +73,11 @@ def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))
     device = factories.make_device(cfg.device)
     generator = seed_everything(int(cfg.seed))
-    out_dir = factories.abspath(cfg.out_dir)
+    check_positive(cfg, ["optim.lr", "optim.grad_clip"])
+    check_non_negative(cfg, ["optim.weight_decay", "optim.min_lr_ratio"])
+    check_count(cfg, ["optim.steps", "optim.batch_size", "log_every", "ckpt_every", "eval.batch_size"])
+    check_count(cfg, ["optim.warmup"], minimum=0)
+    out_dir, _lock = claim_run_dir(factories.abspath(cfg.out_dir), cfg, stage="vae", resume=cfg.resume)
     root = stages.ensure_dataset(cfg.data)
 
     model = make_vae(cfg.model).to(device)
@@ -91,9 +98,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.resume:
         state = load_run_state(state_path, cfg, RESUME_KEYS, device, generator, states=run_states)
         start, logger_state = int(state["step"]), state.get("logger")
+        truncate_logs(out_dir / "logs", start)  # steps logged after the saved state are logged again
         print(f"[vae] resumed from step {start}")
-    elif is_checkpoint(out_dir):
-        print(f"[vae] note: overwriting the VAE checkpoint at {out_dir}")
     logger = factories.make_logger(cfg.logger, out_dir, "vae", state_dict=logger_state)
 
     steps, bs = int(cfg.optim.steps), int(cfg.optim.batch_size)
@@ -109,6 +115,8 @@ def main(cfg: DictConfig) -> None:
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.optim.grad_clip))
+        check_finite_step({k: v for k, v in terms.items() if k.startswith("loss")}, gnorm, where=f"vae step {step + 1}",
+                          hint=f"optim.lr={cfg.optim.lr} too large")
         opt.step()
         for k, v in terms.items():
             running[k] = running.get(k, 0.0) + v.item()
@@ -125,8 +133,10 @@ def main(cfg: DictConfig) -> None:
                   f"({scalars['perf/windows_per_s']:.0f} windows/s)", flush=True)
             running = {}
         if done % int(cfg.ckpt_every) == 0 and done < steps:
+            check_finite_weights(model, where=f"vae step {done}", hint=f"optim.lr={cfg.optim.lr} too large")
             save_run_state(state_path, cfg, RESUME_KEYS, done, generator, logger, run_states)
     elapsed = time.perf_counter() - t0
+    check_finite_weights(model, where=f"vae step {steps}", hint=f"optim.lr={cfg.optim.lr} too large")
     save_run_state(state_path, cfg, RESUME_KEYS, steps, generator, logger, run_states)
 
     model.eval()

@@ -1,0 +1,155 @@
+"""Nothing lost, nothing silent (issue 15): run folders, locks, resumed logs, divergence, range checks."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from gdpo_listener.agents.guards import DivergenceError, check_finite_step, check_finite_weights
+from gdpo_listener.pipeline.checks import check_count, check_positive
+from gdpo_listener.pipeline.run_dir import RunDirError, RunLock, claim_run_dir, truncate_logs
+from gdpo_listener.pipeline.run_state import load_run_state, save_run_state
+
+
+def cfg_of(**kw):
+    return OmegaConf.create({"seed": 0, "optim": {"lr": 1e-3, "iterations": 60}, "out_dir": "x", "device": "cpu", **kw})
+
+
+# ----------------------------------------------------------------------------------------------
+# run folders
+
+
+def test_a_run_with_other_settings_gets_its_own_folder(tmp_path, capsys):
+    out = tmp_path / "runs" / "gdpo_small_expr+rot"
+    first, lock = claim_run_dir(out, cfg_of(), stage="gdpo")
+    assert first == out
+    (out / "model.safetensors").write_bytes(b"the real run")
+    lock.release()
+    quick, lock2 = claim_run_dir(out, cfg_of(optim={"lr": 1e-3, "iterations": 2}), stage="gdpo")
+    assert quick == out.with_name(out.name + "-2")
+    assert "optim.iterations" in capsys.readouterr().out
+    assert (out / "model.safetensors").read_bytes() == b"the real run"  # the real run is untouched
+    lock2.release()
+    # the same settings again (device and out_dir do not count) reuse the matching folder and start fresh logs
+    (out / "logs").mkdir()
+    (out / "logs" / "old.csv").write_text("1,0.5\n")
+    again, lock3 = claim_run_dir(out, cfg_of(device="cuda"), stage="gdpo")
+    assert again == out and not (out / "logs").exists()
+    lock3.release()
+
+
+def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "a.jpg").write_bytes(b"user data")
+    folder, lock = claim_run_dir(out, cfg_of(), stage="vae")
+    assert folder != out and (out / "a.jpg").read_bytes() == b"user data" and sorted(p.name for p in out.iterdir()) == ["a.jpg"]
+    lock.release()
+
+
+def test_a_busy_folder_is_refused_and_a_killed_runs_lock_is_not_stuck(tmp_path):
+    out = tmp_path / "run"
+    lock = RunLock(out)
+    with pytest.raises(RunDirError, match="in use by another run"):
+        claim_run_dir(out, cfg_of(), stage="gdpo", resume=True)
+    lock.release()
+    # a process that dies holding the lock releases it (flock belongs to the open file)
+    code = f"from gdpo_listener.pipeline.run_dir import RunLock; RunLock(__import__('pathlib').Path({str(out)!r})); import os; os._exit(9)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    folder, lock = claim_run_dir(out, cfg_of(), stage="gdpo", resume=True)
+    assert folder == out
+    lock.release()
+
+
+def test_resumed_logs_drop_the_steps_after_the_saved_state(tmp_path):
+    f = tmp_path / "logs" / "gdpo" / "scalars" / "reward" / "expr" / "mean.csv"
+    f.parent.mkdir(parents=True)
+    f.write_text("1,0.1\n2,0.2\n3,0.3\n4,0.4\n")
+    truncate_logs(tmp_path / "logs", 2)
+    assert f.read_text() == "1,0.1\n2,0.2\n"
+
+
+def test_a_truncated_training_state_is_named(tmp_path):
+    cfg = cfg_of()
+    path = tmp_path / "last" / "state.pt"
+    model = torch.nn.Linear(2, 2)
+    save_run_state(path, cfg, ["optim"], 3, torch.Generator(), states={"model": model})
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="state.pt cannot be read"):
+        load_run_state(path, cfg, ["optim"], "cpu", states={"model": model})
+
+
+# ----------------------------------------------------------------------------------------------
+# divergence and settings
+
+
+def test_non_finite_step_or_weights_stop_training():
+    check_finite_step({"loss": torch.tensor(1.0)}, torch.tensor(2.0), where="step 1", hint="lr")
+    with pytest.raises(DivergenceError, match=r"step 7: non-finite loss_kl=nan.*optim.lr=10000"):
+        check_finite_step({"loss_objective": torch.tensor(0.2), "loss_kl": torch.tensor(math.nan)}, torch.tensor(1.0),
+                          where="step 7", hint="optim.lr=10000 too large")
+    with pytest.raises(DivergenceError, match="grad_norm=inf"):
+        check_finite_step({"loss": torch.tensor(1.0)}, torch.tensor(math.inf), where="step 1", hint="lr")
+    m = torch.nn.Linear(2, 2)
+    check_finite_weights(m, where="it 1", hint="lr")
+    with torch.no_grad():
+        m.bias[0] = math.inf
+    with pytest.raises(DivergenceError, match="bias"):
+        check_finite_weights(m, where="it 1", hint="lr")
+
+
+@pytest.mark.parametrize("key,value,msg", [("optim.lr", "abc", "not a number"), ("optim.lr", "inf", "not finite"),
+                                           ("optim.lr", 0, "must be > 0"), ("env.sigma", 0.0, "must be > 0")])
+def test_settings_out_of_range_are_named(key, value, msg):
+    cfg = OmegaConf.create({"optim": {"lr": 1e-3}, "env": {"sigma": 0.5}})
+    OmegaConf.update(cfg, key, value)
+    with pytest.raises(ValueError, match=f"{key}=.*{msg}"):
+        check_positive(cfg, ["optim.lr", "env.sigma"])
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True])
+def test_counts_must_be_positive_integers(value):
+    with pytest.raises(ValueError, match="ckpt_every"):
+        check_count(OmegaConf.create({"ckpt_every": value}), ["ckpt_every"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the real entry points
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,named", [
+    ("env.sigma=0", "env.sigma"), ("optim.lr=inf", "optim.lr"), ("optim.lr=abc", "optim.lr"), ("ckpt_every=0", "ckpt_every"),
+    ("algo.sync_every=0", "algo.sync_every"), ("algo.chunk_steps=0", "algo.chunk_steps"), ("optim.iterations=0", "optim.iterations"),
+    ("optim.iterations=-3", "optim.iterations")])
+def test_gdpo_refuses_bad_settings_before_any_work(run_entry, tmp_path, override, named):
+    res = run_entry("gdpo.py", f"data.root={tmp_path / 'none'}", f"out_dir={tmp_path / 'out'}", override, cwd=tmp_path, timeout=120)
+    assert res.returncode != 0 and named in res.stderr and "[pipeline] running" not in res.stdout
+    assert not (tmp_path / "out").exists() and not (tmp_path / "none").exists()
+
+
+@pytest.mark.slow
+def test_diverged_gdpo_stops_and_saves_nothing_non_finite(run_entry, tiny_pipeline):
+    out = tiny_pipeline.root / "diverged"
+    res = run_entry("gdpo.py", *tiny_pipeline.gdpo_args("optim.iterations=4", "optim.lr=1e4", f"out_dir={out}"), cwd=tiny_pipeline.root)
+    assert res.returncode != 0 and "non-finite" in res.stderr and "optim.lr=10000" in res.stderr
+    assert not (out / "meta.json").exists()  # no final checkpoint
+    state = out / "last" / "state.pt"
+    if state.exists():  # states written before the divergence hold finite weights only
+        sd = torch.load(state, weights_only=False)["model"]
+        assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_second_gdpo_on_a_busy_folder_is_refused(run_entry, tiny_pipeline):
+    out = tiny_pipeline.root / "busy"
+    lock = RunLock(out)
+    try:
+        res = run_entry("gdpo.py", *tiny_pipeline.gdpo_args("optim.iterations=1", f"out_dir={out}", "resume=true"), cwd=tiny_pipeline.root)
+    finally:
+        lock.release()
+    assert res.returncode != 0 and "in use by another run" in res.stderr
