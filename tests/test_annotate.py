@@ -356,6 +356,26 @@ def test_sides_without_video_are_rendered_from_their_motion(data, tmp_path):
     assert read_doc(root, "conv001")["text"][0] == ["r 3.0", "r 3.1"]
 
 
+def test_project_renderer_fills_in_for_a_missing_video(data, tmp_path):
+    """The real gdpo_listener.evaluation.render.render_frames with the tests' tiny FLAME-layout model
+    (test_metrics.tiny_model, with the faces test_render gives it)."""
+    from test_metrics import tiny_model, write_pkl
+
+    root, videos = data
+    (videos / "conv001_s0.mkv").unlink()
+    m = tiny_model()
+    m["f"] = np.array([[0, 1, 2], [2, 5, 6], [1, 3, 6], [1, 6, 4], [3, 7, 6], [4, 6, 8], [2, 3, 5], [2, 5, 4], [0, 3, 1], [0, 1, 4]])
+    flame = write_pkl(tmp_path / "generic_model.pkl", m)
+    rec = Recorder(label="render")
+    run_annotation(plan_annotation(root, videos, flame_model=flame), rec, batch_size=4, flame_model=flame,
+                   render_size=32, progress=False)
+    rendered = rec.calls[-1]  # conv001 side 0: 2 windows
+    assert [c.shape for c in rendered] == [(FRAMES_PER_WINDOW, 32, 32, 3)] * 2
+    assert all(c.std() > 0 for c in rendered)  # a head is drawn, not a blank image
+    assert read_doc(root, "conv001")["text"][0] == ["render 3.0", "render 3.1"]
+
+
+@pytest.mark.slow
 def test_cli_end_to_end(data, tiny_vlm):
     root, videos = data
     (root / "conversations" / "conv000.json").write_text(json.dumps({"text": [[], []], "n_frames": 420}))
