@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -73,7 +72,7 @@ Examples:
 1. Skeptical and doubting, with one eyebrow raised and lips pursed.
 2. Joyful and energetic, smiling broadly with crinkled eyes.
 3. Bored and detached, looking away with a blank expression.
-4. Attentive and focused, staring directly ahead with a slight nod."""
+4. Attentive and focused, staring directly ahead with a slight nod."""  # noqa: E501 (verbatim lines)
 
 FRAMES_PER_WINDOW = 8  # paper supplement 6
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm")

@@ -59,8 +59,14 @@ def one_thread():
 def build_tiny_vlm(out: Path) -> Path:
     """A random LLaVA with a word-level tokenizer, a 28-pixel CLIP image processor and a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-                              PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     words = ["[UNK]", "system", "user", "assistant", ":", ".", ",", "calm", "happy", "attentive", "skeptical", "nodding",
