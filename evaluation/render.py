@@ -75,6 +75,7 @@ CHUNK = 64  # frames per FLAME / rasterising batch (bounds memory on long clips)
 # activity codes per frame (see module docstring)
 SILENT, SPEAKING, LISTENING, NOT_SPEAKING = 0, 1, 2, 3
 ACTIVITY_TEXT = {SILENT: "silent", SPEAKING: "speaking", LISTENING: "listening", NOT_SPEAKING: "not speaking"}
+DIVIDER = (150, 152, 158)  # RGB of the line between panels
 ACTIVITY_COLOR = {SILENT: (120, 120, 120), SPEAKING: (214, 69, 65), LISTENING: (46, 160, 67), NOT_SPEAKING: (120, 120, 120)}
 
 
@@ -534,6 +535,8 @@ def render_video(panels: Sequence[Panel], flame_model, out: str | os.PathLike, a
                 imgs = head.renderer.render(head.vertices(m[s:e]), p.color)  # (n, S, S, 3)
                 for k in range(e - s):
                     imgs[k, :bar] = bar_image(i, None if states[i] is None else states[i][s + k])
+                if i:
+                    imgs[:, :, 0] = DIVIDER  # a line between neighbouring panels
                 tiles.append(imgs)
             yield np.concatenate(tiles, axis=2)  # (n, S, S * panels, 3)
             if progress:
@@ -550,17 +553,13 @@ def render_video(panels: Sequence[Panel], flame_model, out: str | os.PathLike, a
 # benchmark on a FLAME-sized synthetic model
 
 
-def synthetic_flame_model(n_lon: int = 86, n_rings: int = 58, seed: int = 0) -> dict[str, np.ndarray]:
-    """A model in the ``generic_model.pkl`` layout on a UV sphere (radius 0.1 m) with FLAME's mesh
-    size: ``n_rings * n_lon + 2`` vertices, ``2 * n_lon * n_rings`` faces (defaults: 4990 / 9976,
-    FLAME: 5023 / 9976), random blendshapes and a 5-joint chain. For timing only."""
-    rng = np.random.default_rng(seed)
+def _uv_sphere(n_lon: int, n_rings: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit directions ``(n_rings * n_lon + 2, 3)`` (+y = north pole, +z = front) and outward faces ``(2 n_lon n_rings, 3)``."""
     theta = np.linspace(0, np.pi, n_rings + 2)[1:-1]  # polar angle of each ring
     phi = np.linspace(0, 2 * np.pi, n_lon, endpoint=False)
     ring = np.stack([np.sin(theta)[:, None] * np.sin(phi), np.cos(theta)[:, None] * np.ones_like(phi),
                      np.sin(theta)[:, None] * np.cos(phi)], -1).reshape(-1, 3)
-    v = 0.1 * np.concatenate([[[0.0, 1.0, 0.0]], ring, [[0.0, -1.0, 0.0]]])  # (V, 3)
-    V, south = len(v), len(v) - 1
+    d = np.concatenate([[[0.0, 1.0, 0.0]], ring, [[0.0, -1.0, 0.0]]])
     j = np.arange(n_lon)
     jn = (j + 1) % n_lon
     faces = [np.stack([np.zeros(n_lon, int), 1 + j, 1 + jn], 1)]  # north cap
@@ -568,22 +567,59 @@ def synthetic_flame_model(n_lon: int = 86, n_rings: int = 58, seed: int = 0) -> 
         a, b = 1 + r * n_lon + j, 1 + r * n_lon + jn
         faces += [np.stack([a, a + n_lon, b], 1), np.stack([b, a + n_lon, b + n_lon], 1)]
     last = 1 + (n_rings - 1) * n_lon
-    faces.append(np.stack([np.full(n_lon, south), last + jn, last + j], 1))  # south cap
-    joints = np.array([[0, -0.1, 0], [0, -0.05, 0], [0, -0.02, 0.05], [0.03, 0.03, 0.08], [-0.03, 0.03, 0.08]])
-    J_regressor = np.zeros((5, V))
-    J_regressor[np.arange(5), np.argmin(((v[None] - joints[:, None]) ** 2).sum(-1), 1)] = 1.0
+    faces.append(np.stack([np.full(n_lon, len(d) - 1), last + jn, last + j], 1))  # south cap
+    return d, np.concatenate(faces).astype(np.int64)
+
+
+def synthetic_flame_model(n_lon: int = 86, n_rings: int = 58, seed: int = 0) -> dict[str, np.ndarray]:
+    """A stand-in head in the ``generic_model.pkl`` layout with FLAME's mesh size, for timing and
+    for pictures of the layouts (the real FLAME model is never shipped).
+
+    A UV sphere (``n_rings * n_lon + 2`` vertices, ``2 * n_lon * n_rings`` faces; defaults 4990 /
+    9976, FLAME 2020: 5023 / 9976) shaped into a head (ellipsoid skull, nose, brow, chin, eye
+    sockets; metres, +y up, face along +z); expression blendshapes are smooth bumps along the
+    normal around random points of the face; the lower front face is skinned to the jaw joint.
+    """
+    rng = np.random.default_rng(seed)
+    d, faces = _uv_sphere(n_lon, n_rings)
+    V = len(d)
+
+    def bump(center, width):  # smooth bump on the unit sphere, 1 at ``center``
+        c = np.asarray(center, float) / np.linalg.norm(center)
+        return np.exp(-((d - c) ** 2).sum(1) / (2 * width**2))
+
+    v = d * np.array([0.078, 0.105, 0.092])  # skull ellipsoid
+    v += d * (0.020 * bump([0, -0.1, 1], 0.12) + 0.008 * bump([0, 0.35, 1], 0.25)  # nose, brow
+              + 0.010 * bump([0, -0.75, 0.65], 0.22)  # chin
+              - 0.010 * bump([0.33, 0.12, 0.94], 0.09) - 0.010 * bump([-0.33, 0.12, 0.94], 0.09))[:, None]  # eye sockets
+    normals = vertex_normals(v[None], faces)[0]  # (V, 3)
+    centers = rng.normal(0, 1, (50, 3)) * [0.5, 0.5, 0.25] + [0, 0, 1]
+    expr = np.stack([normals * 0.003 * bump(c, 0.2)[:, None] for c in centers], -1)  # (V, 3, 50)
+    shapedirs = np.concatenate([np.zeros((V, 3, 300)), expr], -1)
+
+    jaw = 1 / (1 + np.exp((v[:, 1] + 0.035) / 0.006)) * (d[:, 2] > 0.15)  # lower front face, soft edge
+
+    def centroid(mask):  # a joint inside the head: the mean of a set of vertices
+        return mask / mask.sum()
+
+    J_regressor = np.stack([
+        centroid(np.ones(V)),  # root: the head's centre
+        centroid((d[:, 1] < -0.9).astype(float)),  # neck: the bottom cap
+        centroid(((np.abs(d[:, 0]) > 0.9) & (np.abs(d[:, 1] + 0.2) < 0.15)).astype(float)),  # jaw hinge, between the ears
+        centroid((bump([0.33, 0.12, 0.94], 0.09) > 0.5).astype(float)),  # left eye
+        centroid((bump([-0.33, 0.12, 0.94], 0.09) > 0.5).astype(float)),  # right eye
+    ])
     weights = np.zeros((V, 5))
-    weights[:, 1] = 1.0  # neck
-    weights[v[:, 1] < -0.03, 2] = 1.0  # lower part follows the jaw
-    weights[v[:, 1] < -0.03, 1] = 0.0
+    weights[:, 1] = 1 - jaw
+    weights[:, 2] = jaw
     return {
         "v_template": v,
-        "shapedirs": rng.normal(0, 1e-3, (V, 3, 350)),
-        "posedirs": rng.normal(0, 1e-4, (V, 3, 36)),
+        "shapedirs": shapedirs,
+        "posedirs": np.zeros((V, 3, 36)),
         "J_regressor": J_regressor,
         "kintree_table": np.array([[-1, 0, 1, 1, 1], [0, 1, 2, 3, 4]]),
         "weights": weights,
-        "f": np.concatenate(faces).astype(np.int64),
+        "f": faces,
     }
 
 

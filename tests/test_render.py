@@ -15,7 +15,7 @@ import torch
 from gdpo_listener.envs.dataset import Conversation, DatasetWriter
 from gdpo_listener.envs.flame import FLAME_DIM, FPS, GROUPS, SAMPLE_RATE
 from gdpo_listener.evaluation import render as R
-from test_metrics import MASKS, tiny_model, write_pkl  # noqa: F401  (MASKS: the same tiny model family)
+from test_metrics import tiny_model, write_pkl
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,3 +226,16 @@ def test_cli_generated_clip_and_dataset_comparison(flame_model, tmp_path):
 
     r = run_cli("motion=clip.npz", "flame_model=FLAME2020/generic_model.pkl", "audio=a.wav", "out=gen/x.mp4", cwd=tmp_path)
     assert r.returncode != 0 and "flame.is.tue.mpg.de" in r.stderr and not (tmp_path / "gen" / "x.mp4").exists()
+
+
+def test_benchmark_head_has_flames_mesh_size_and_loads_as_a_flame_model(tmp_path):
+    from gdpo_listener.evaluation.flame_layer import FlameLayer
+
+    np.savez(tmp_path / "synthetic.npz", **R.synthetic_flame_model())
+    layer = FlameLayer(tmp_path / "synthetic.npz")
+    assert (layer.n_vertices, len(layer.faces)) == (4990, 9976)  # FLAME 2020: 5023 / 9976
+    m = np.zeros((2, FLAME_DIM), np.float32)
+    m[1, GROUPS["jaw"].start] = 0.3
+    v = layer(torch.as_tensor(m)).numpy()
+    moved = np.abs(v[1] - v[0]).sum(1) > 1e-4
+    assert 0.02 < moved.mean() < 0.5 and v[1][moved, 1].mean() < v[0][:, 1].mean()  # the jaw opens the lower face
