@@ -32,7 +32,7 @@ from ..envs.windows import COND_KEYS, sliding_windows
 from .arflow import DROP_KEYS, KVCache
 from .flow import SDE_KINDS, cfg_combine, euler_step, sde_drift, sde_step
 
-__all__ = ["sample", "generate_long", "token_cfg_weights", "check_cfg_weight"]
+__all__ = ["sample", "window_step", "generate_long", "token_cfg_weights", "check_cfg_weight"]
 
 
 def check_cfg_weight(name: str, w) -> float:
@@ -171,6 +171,22 @@ def sample(model, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps
         model.train(was_training)
 
 
+def window_step(model, cond: Mapping[str, Tensor], n: int, prefix: Tensor | None, speaking_tokens: Tensor | None, *,
+                steps: int, w_speak: float, w_listen: float, sigma: float, generator: torch.Generator | None,
+                use_cache: bool, sde: str) -> Tensor:
+    """One window of sliding-window generation -> its new latents (B, n - k_w, Dv).
+
+    ``cond``: the window's conditioning (n * r audio frames, n partner tokens); ``prefix`` (B, k_w, Dv):
+    its first k_w tokens, already generated (None: k_w = 0, the first window); ``speaking_tokens``
+    (B, n) for the window's tokens (entries of the prefix tokens are unused). The one per-window
+    step of :func:`generate_long` and of ``agents.streaming.StreamingGenerator``, so the two draw the
+    same noise in the same order from ``generator`` and agree bit for bit.
+    """
+    x = sample(model, cond, n, steps=steps, w_speak=w_speak, w_listen=w_listen, speaking_tokens=speaking_tokens,
+               sigma=sigma, generator=generator, prefix=prefix, use_cache=use_cache, sde=sde)  # (B, n, Dv)
+    return x[:, 0 if prefix is None else prefix.shape[1]:]
+
+
 def _window_slicer(cond: Mapping[str, Tensor], r: int) -> Callable[[int, int], dict[str, Tensor]]:
     """``cond_fn(start_frame, n_frames)`` slicing full-length conditioning: audio per frame, partner
     latents per token; text and the masks are shared by every window."""
@@ -229,11 +245,11 @@ def generate_long(model, cond: Mapping[str, Tensor] | Callable[[int, int], Mappi
         raise ValueError(f"arflow.generate_long: speaking_tokens has {speaking_tokens.shape[-1]} tokens, expected {n_total}")
     out = None
     for s0, n, new0 in sliding_windows(n_total, W, k):
-        x = sample(model, cond_fn(s0 * r, n * r), n, steps=steps, w_speak=w_speak, w_listen=w_listen,
-                   speaking_tokens=None if speaking_tokens is None else speaking_tokens[:, s0:s0 + n],
-                   sigma=sigma, generator=generator, prefix=None if new0 == s0 else out[:, s0:new0],
-                   use_cache=use_cache, sde=sde)  # (B, n, Dv)
+        x = window_step(model, cond_fn(s0 * r, n * r), n, None if new0 == s0 else out[:, s0:new0],
+                        None if speaking_tokens is None else speaking_tokens[:, s0:s0 + n], steps=steps,
+                        w_speak=w_speak, w_listen=w_listen, sigma=sigma, generator=generator, use_cache=use_cache,
+                        sde=sde)  # (B, n - (new0 - s0), Dv)
         if out is None:
             out = x.new_empty(x.shape[0], n_total, x.shape[2])
-        out[:, new0:s0 + n] = x[:, new0 - s0:]
+        out[:, new0:s0 + n] = x
     return out

@@ -1,0 +1,223 @@
+"""Streaming generation (agents/streaming.py): equal to offline generate_long + decoding for any chunking,
+incremental log-mel equal to the offline encoder, bounded state, CFG / text changes from the next token."""
+import numpy as np
+import pytest
+import torch
+
+from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig
+from gdpo_listener.agents.encoders import HOP, AudioEncoder
+from gdpo_listener.agents.sampling import generate_long
+from gdpo_listener.agents.streaming import StreamingEnergyVAD, StreamingGenerator, StreamingLogMel, decode_latents_causal, int8_copy
+from gdpo_listener.agents.vae import MotionVAE, VAEConfig
+from gdpo_listener.envs.converters.vad import energy_vad_frames
+from gdpo_listener.envs.dataset import Normalizer
+from gdpo_listener.envs.flame import FLAME_DIM, SAMPLE_RATE
+from gdpo_listener.envs.windows import decode_latents, token_majority
+
+R, W_FRAMES, DV, DT, N_MELS = 8, 32, 4, 8, 16  # 4-token AR window
+TOKEN = R * HOP  # samples per token
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """Tiny random AR-Flow (non-zero output modulation), tiny VAE with a 3-token window (not aligned with
+    the AR window), identity normaliser shifted by a constant, 16-band log-mel encoder."""
+    torch.manual_seed(0)
+    model = ARFlow(ARFlowConfig(d_latent=DV, d_text=DT, d_audio=N_MELS, d_model=32, n_layers=2, n_heads=2, r=R,
+                                window=W_FRAMES, p_drop_text=0.0, p_drop_audio=0.0, p_drop_motion=0.0))
+    with torch.no_grad():
+        model.final_mod.weight.normal_(std=0.05)
+    vae = MotionVAE(VAEConfig.tiny(d_latent=DV, window=24, r=R)).eval().requires_grad_(False)
+    norm = Normalizer(np.full(FLAME_DIM, 0.1, np.float32), np.full(FLAME_DIM, 2.0, np.float32))
+    return model.eval(), vae, norm, AudioEncoder("logmel", n_mels=N_MELS)
+
+
+def speech_like(seconds: float, seed: int) -> np.ndarray:
+    """Bursts of modulated tones and noise separated by near-silence (so the energy VAD switches)."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    env = (np.sin(2 * np.pi * rng.uniform(0.2, 0.4) * t + rng.uniform(0, 6)) > 0).astype(np.float32)
+    voice = 0.3 * np.sin(2 * np.pi * 180 * t * (1 + 0.05 * np.sin(2 * np.pi * 3 * t))) + 0.05 * rng.standard_normal(n)
+    return (env * voice + 1e-4 * rng.standard_normal(n)).astype(np.float32)
+
+
+def run_stream(gen: StreamingGenerator, actor, partner, chunk: int, on_chunk=None):
+    """Push both sides in chunks of ``chunk`` samples, then finish -> (latents (N, Dv), motion (T, 67), speaking (N,))."""
+    outs = []
+    for i, a in enumerate(range(0, len(actor), chunk)):
+        outs.append(gen.push(actor[a:a + chunk], None if partner is None else partner[a:a + chunk]))
+        if on_chunk is not None:
+            on_chunk(i, gen)
+    outs.append(gen.finish())
+    tok, frame = 0, 0
+    for o in outs:  # outputs are contiguous and in order
+        assert o.token0 == tok and o.frame0 == frame
+        tok, frame = tok + o.latents.shape[0], frame + o.motion.shape[0]
+    return (torch.cat([o.latents for o in outs]), np.concatenate([o.motion for o in outs]),
+            np.concatenate([o.speaking for o in outs]))
+
+
+def offline_cond(enc, actor, partner, n_frames, text=None):
+    feats = {k: torch.as_tensor(enc.encode(w[:n_frames * HOP], n_frames))[None]
+             for k, w in (("actor_audio", actor), ("partner_audio", partner))}
+    return {"text_emb": torch.zeros(1, DT) if text is None else torch.as_tensor(text)[None],
+            "text_mask": torch.tensor([text is not None]), **feats,
+            "partner_latent": torch.zeros(1, n_frames // R, DV), "partner_has_motion": torch.tensor([False])}
+
+
+SETTINGS = dict(steps=3, w_speak=1.5, w_listen=2.0)
+
+
+@pytest.mark.parametrize("chunk", [320, 777, SAMPLE_RATE])
+def test_stream_equals_generate_long_and_decode(parts, chunk):
+    model, vae, norm, enc = parts
+    actor, partner = speech_like(6.3, 1), speech_like(6.3, 2)  # 19 whole tokens and a partial one
+    text = torch.randn(DT, generator=torch.Generator().manual_seed(5))
+    gen = StreamingGenerator(model, vae, norm, enc, k=1, text_emb=text, generator=torch.Generator().manual_seed(3), **SETTINGS)
+    z, motion, speaking = run_stream(gen, actor, partner, chunk)
+    n_frames = (len(actor) // TOKEN) * R
+    assert z.shape == (n_frames // R, DV) and speaking.any() and not speaking.all()
+    ref = generate_long(model, offline_cond(enc, actor, partner, n_frames, text), n_frames, k=1,
+                        speaking_tokens=torch.from_numpy(speaking)[None], generator=torch.Generator().manual_seed(3),
+                        **SETTINGS)[0]  # (N, Dv)
+    assert torch.equal(z, ref)
+    assert np.array_equal(motion, decode_latents(vae, norm, ref[None])[0].numpy())
+    offline_vad = token_majority(torch.from_numpy(energy_vad_frames(actor, n_frames)), R).numpy()  # as generate.py
+    assert (speaking == offline_vad).mean() >= 0.9
+
+
+def test_low_latency_stream_equals_generate_long_k_w_minus_1(parts):
+    """k = W - 1 with causal decoding: every token runs once its own audio is in (after the first window)."""
+    model, vae, norm, enc = parts
+    actor = speech_like(4.0, 3)
+    W = W_FRAMES // R
+    gen = StreamingGenerator(model, vae, norm, enc, k=W - 1, decode="causal", sigma=0.3,
+                             generator=torch.Generator().manual_seed(4), **SETTINGS)
+    ready_after = []
+
+    def check(i, g):  # after the first window, everything whose audio is in has been generated and decoded
+        ready_after.append((g.tokens_ready, g.tokens_generated))
+
+    z, motion, speaking = run_stream(gen, actor, None, 1000, check)
+    assert all(gen_ == ready for ready, gen_ in ready_after if ready >= W)
+    n_frames = (len(actor) // TOKEN) * R
+    ref = generate_long(model, offline_cond(enc, actor, np.zeros_like(actor), n_frames), n_frames, k=W - 1, sigma=0.3,
+                        speaking_tokens=torch.from_numpy(speaking)[None], generator=torch.Generator().manual_seed(4),
+                        **SETTINGS)[0]
+    assert torch.equal(z, ref)
+    assert np.array_equal(motion, decode_latents_causal(vae, norm, ref[None])[0].numpy())
+
+
+def test_cfg_and_text_changes_apply_from_the_next_token(parts):
+    model, vae, norm, enc = parts
+    actor, partner = speech_like(6.0, 4), speech_like(6.0, 5)
+    text_a, text_b = torch.randn(2, DT, generator=torch.Generator().manual_seed(6))
+    k, change = 1, {}
+
+    def switch(i, g):
+        if i == 9 and not change:  # mid-stream (chunks of 4000 samples)
+            change["token"] = g.tokens_generated
+            g.set_cfg(w_listen=3.0)
+            g.set_text(text_b)
+
+    def stream(on_chunk):
+        g = StreamingGenerator(model, vae, norm, enc, k=k, steps=3, w_speak=1.5, w_listen=1.5, text_emb=text_a,
+                               generator=torch.Generator().manual_seed(7))
+        return run_stream(g, actor, partner, 4000, on_chunk)
+
+    z_same, _, _ = stream(None)
+    z, _, speaking = stream(switch)
+    T, n_tok = change["token"], z.shape[0]
+    assert 0 < T < n_tok - 3
+    assert torch.equal(z[:T], z_same[:T]) and not torch.equal(z[T:], z_same[T:])
+    # offline: weight 1.5 on every token before the change (marked "speaking"), 1.5 / 3.0 after it;
+    # text b in every window that generates tokens from T on
+    n_frames = n_tok * R
+    full = offline_cond(enc, actor, partner, n_frames)
+
+    def cond_fn(f0, nf):
+        s0 = f0 // R
+        text = text_b if s0 + k >= T or s0 + nf // R >= n_tok else text_a  # windows run after the change
+        return {"text_emb": text[None], "text_mask": torch.tensor([True]),
+                "actor_audio": full["actor_audio"][:, f0:f0 + nf], "partner_audio": full["partner_audio"][:, f0:f0 + nf],
+                "partner_latent": full["partner_latent"][:, s0:s0 + nf // R], "partner_has_motion": torch.tensor([False])}
+
+    weights_speak = torch.from_numpy(speaking).clone()
+    weights_speak[:T] = True
+    ref = generate_long(model, cond_fn, n_frames, k=k, steps=3, w_speak=1.5, w_listen=3.0,
+                        speaking_tokens=weights_speak[None], generator=torch.Generator().manual_seed(7))[0]
+    assert torch.equal(z, ref)
+
+
+def test_state_is_bounded(parts):
+    model, vae, norm, enc = parts
+    actor = speech_like(40.0, 6)  # 125 tokens, 41 windows
+    chunk, W = 3000, W_FRAMES // R
+    gen = StreamingGenerator(model, vae, norm, enc, k=1, steps=1, vad_seconds=2.0, generator=torch.Generator().manual_seed(0))
+    sizes = []
+    run_stream(gen, actor, None, chunk, lambda i, g: sizes.append(g.state_sizes()))
+    assert gen.tokens_generated == len(actor) // TOKEN
+    bounds = {"actor_feature_tokens": 2 * W, "partner_feature_tokens": 2 * W, "latent_tokens": max(W, gen.nv),
+              "actor_feature_samples": TOKEN + 1024 + chunk, "partner_feature_samples": TOKEN + 1024 + chunk,
+              "vad_samples": 2 * SAMPLE_RATE + W * TOKEN + chunk}
+    for key, bound in bounds.items():
+        seen = [s[key] for s in sizes]
+        assert max(seen) <= bound, (key, max(seen), bound)
+        half = len(seen) // 2
+        assert max(seen[half:]) <= max(seen[:half]), key  # no growth with length
+
+
+@pytest.mark.parametrize("chunk", [320, 1001, SAMPLE_RATE])
+def test_streaming_logmel_equals_offline_encoder(chunk):
+    enc = AudioEncoder("logmel")  # the real 80-band features
+    wav = speech_like(3.0, 7)
+    feat = StreamingLogMel(enc, R)
+    frames = np.concatenate([feat.push(wav[a:a + chunk]) for a in range(0, len(wav), chunk)])
+    n = (len(wav) // TOKEN) * R
+    assert frames.shape == (n, 80)
+    assert np.array_equal(frames, enc.encode(wav[:n * HOP], n))
+    with pytest.raises(ValueError, match="log-mel"):
+        StreamingLogMel(type("Enc", (), {"kind": "wav2vec"})(), R)
+
+
+def test_streaming_vad_is_chunk_independent_and_close_to_offline():
+    wav = speech_like(20.0, 8)
+    n_tok = len(wav) // TOKEN
+    offline = token_majority(torch.from_numpy(energy_vad_frames(wav, n_tok * R)), R).numpy()
+
+    def run(chunk):  # decisions per 4-token window, each as soon as its audio is in
+        vad, out, ends, got = StreamingEnergyVAD(R, context_frames=250), [], list(range(4, n_tok, 4)) + [n_tok], 0
+        for a in range(0, len(wav), chunk):
+            vad.push(wav[a:a + chunk])
+            while ends and min(a + chunk, len(wav)) // TOKEN >= ends[0]:
+                out.append(vad.tokens(got, ends[0]))
+                got = ends.pop(0)
+        return np.concatenate(out)
+
+    a, b = run(700), run(SAMPLE_RATE)
+    assert a.shape == (n_tok,) and np.array_equal(a, b)
+    agree = (a == offline).mean()
+    assert agree >= 0.9, agree
+
+
+def test_int8_copy_stays_close_to_fp32(parts):
+    model, vae, norm, enc = parts
+    q = int8_copy(model)
+    assert any("quantized" in type(m).__module__ for m in q.modules()) and not any(
+        "quantized" in type(m).__module__ for m in model.modules())
+    actor = speech_like(3.0, 9)
+    out = {}
+    for name, m in (("fp32", model), ("int8", q)):
+        gen = StreamingGenerator(m, vae, norm, enc, generator=torch.Generator().manual_seed(0), **SETTINGS)
+        out[name] = run_stream(gen, actor, None, SAMPLE_RATE)[0]
+    rel = (out["int8"] - out["fp32"]).norm() / out["fp32"].norm()
+    assert 0 < rel < 0.05, rel
