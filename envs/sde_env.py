@@ -137,7 +137,7 @@ class ListenerSDEEnv(EnvBase):
         self._pending_windows = windows
 
     def _noise(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, device=self.device if self.generator is None else self.generator.device).to(self.device)
+        return torch.randn(shape, generator=self.generator, device=self.generator.device).to(self.device)  # the env always owns one
 
     # -- dynamics ------------------------------------------------------------------------------
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
@@ -199,6 +199,14 @@ class ListenerSDEEnv(EnvBase):
         rows = self.bank[window]
         pred = self.decode(history)
         return self.reward_fn(pred, rows["actor_motion"], rows["listening"], rows["actor_valid"])
+
+    @torch.no_grad()
+    def episode_reward_terms(self, history: torch.Tensor, window: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unweighted penalty of every reward term, ``{"reward/<group>/<term>": (B,)}`` (for logging;
+        decodes again, so call it once per batch, not per step)."""
+        rows = self.bank[window]
+        pred = self.decode(history)
+        return self.reward_fn.compute(pred, rows["actor_motion"], rows["listening"], rows["actor_valid"], with_terms=True)["terms"]
 
     def rng_state(self) -> dict:
         """State of the window sampler and of the noise generator (exact resume)."""

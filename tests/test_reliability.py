@@ -153,3 +153,18 @@ def test_second_gdpo_on_a_busy_folder_is_refused(run_entry, tiny_pipeline):
     finally:
         lock.release()
     assert res.returncode != 0 and "in use by another run" in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# threads
+
+
+def test_threads_auto_and_bad_values(monkeypatch):
+    from gdpo_listener.pipeline import threads
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert threads.resolve_threads("auto") == min(3, threads.available_cores()) and threads.resolve_threads(2) == 2
+    assert threads.resolve_threads("4") == 4
+    for bad in (0, -1, "two", 1.5, True, None):
+        with pytest.raises(ValueError, match="threads="):
+            threads.resolve_threads(bad)

@@ -15,6 +15,10 @@ bootstrap interval of the change).
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (pipeline/threads.py)
+
 import copy
 import time
 
@@ -25,16 +29,17 @@ from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
-from gdpo_listener.evaluation.generation import before_after
 from gdpo_listener.agents.arflow import load_arflow
+from gdpo_listener.agents.guards import DivergenceError, check_finite_stats, check_finite_weights
 from gdpo_listener.agents.loss import LOSSES, chunked_update, collect_trajectories, listening_token_mask
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
-from gdpo_listener.agents.guards import check_finite_stats, check_finite_weights
+from gdpo_listener.evaluation.generation import before_after
 from gdpo_listener.pipeline import factories, stages
-from gdpo_listener.pipeline.run_dir import claim_run_dir, truncate_logs
 from gdpo_listener.pipeline.checks import check_count, check_non_negative, check_positive
+from gdpo_listener.pipeline.run_dir import claim_run_dir, truncate_logs
 from gdpo_listener.pipeline.run_state import load_run_state, save_run_state, seed_everything
+from gdpo_listener.pipeline.threads import configure_threads
 
 # config sections that must match for resume=true to continue a run
 RESUME_KEYS = ("reward", "rewards", "env", "algo", "model", "pretrained", "features", "data", "seed")
@@ -90,6 +95,8 @@ def advantage_log_stats(traj, group_names, algo_cfg) -> dict:
 
     figures = {**reward_group_stats(traj["reward"], traj["group_id"], eps=algo_cfg.eps, eps_mode=algo_cfg.eps_mode),
                **advantage_diagnostics(traj["advantage"], traj["reward"], traj["group_id"])}
+    for k in ("reward_mean", "reward_std"):  # logged once, as reward/<group>/mean and /std
+        figures.pop(k)
     out = {}
     for k, v in figures.items():
         if v.numel() == len(group_names) and v.dim() == 1:
@@ -99,18 +106,20 @@ def advantage_log_stats(traj, group_names, algo_cfg) -> dict:
     return out
 
 
-def reward_stats(traj, group_names) -> dict:
-    r = traj["reward"]
+def reward_stats(traj, env) -> dict:
+    """Per rewarded group: the reward's batch mean and std, and the batch mean of each of its terms' penalties."""
+    r = traj["reward"]  # (B, n_groups)
     out = {}
-    for i, g in enumerate(group_names):
-        out[f"reward/{g}/mean"] = r[:, i].mean().item()
-        out[f"reward/{g}/std"] = r[:, i].std().item()
-    return out
+    for i, g in enumerate(env.group_names):
+        out[f"reward/{g}/mean"] = r[:, i].mean()
+        out[f"reward/{g}/std"] = r[:, i].std()
+    out.update({k: v.mean() for k, v in env.episode_reward_terms(traj["history"], traj["window"]).items()})
+    return {k: v.item() for k, v in out.items()}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="gdpo")
 def main(cfg: DictConfig) -> None:
-    torch.set_num_threads(int(cfg.threads))
+    configure_threads(cfg.threads)
     device = factories.make_device(cfg.device)
     generator = seed_everything(cfg.seed)
     check_settings(cfg)
@@ -159,10 +168,14 @@ def main(cfg: DictConfig) -> None:
         traj = collect(env, policy, cfg.algo)
         t1 = time.perf_counter()
         loss_module.compute_advantage(traj)
-        stats = reward_stats(traj, reward.group_names)
+        stats = reward_stats(traj, env)
         stats.update({k: v.item() for k, v in advantage_log_stats(traj, reward.group_names, cfg.algo).items()})
         t2 = time.perf_counter()
-        stats.update(chunked_update(loss_module, traj, optimizer, cfg.algo.chunk_steps, cfg.algo.epochs, cfg.optim.grad_clip))
+        try:
+            stats.update(chunked_update(loss_module, traj, optimizer, cfg.algo.chunk_steps, cfg.algo.epochs, cfg.optim.grad_clip))
+        except DivergenceError as e:
+            raise DivergenceError(f"{cfg.algo.name} iteration {it + 1}: {e} (settings: optim.lr={cfg.optim.lr}, "
+                                  f"algo.clip_epsilon={cfg.algo.clip_epsilon}, env.sigma={cfg.env.sigma})") from None
         check_finite_stats(stats, [k for k in stats if k.startswith(("reward/", "loss/"))], where=f"{cfg.algo.name} iteration {it + 1}",
                            hint=f"optim.lr={cfg.optim.lr} or env.sigma={cfg.env.sigma} out of range")
         t3 = time.perf_counter()

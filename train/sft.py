@@ -10,6 +10,10 @@ overall and binned by flow time. Checkpoints (safetensors + resolved config) are
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (pipeline/threads.py)
+
 import time
 
 import hydra
@@ -18,14 +22,15 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from gdpo_listener.agents.arflow import count_parameters
-from gdpo_listener.agents.guards import check_finite_step, check_finite_weights
 from gdpo_listener.agents.flow import interpolate, velocity_target
+from gdpo_listener.agents.guards import check_finite_step, check_finite_weights
 from gdpo_listener.envs.windows import cond_from_bank
 from gdpo_listener.evaluation.generation import numeric_items, print_quality_report, quality_report
 from gdpo_listener.pipeline import factories, stages
 from gdpo_listener.pipeline.checks import check_count, check_non_negative, check_positive
 from gdpo_listener.pipeline.run_dir import claim_run_dir, truncate_logs
 from gdpo_listener.pipeline.run_state import load_run_state, save_run_state, seed_everything
+from gdpo_listener.pipeline.threads import configure_threads
 
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -61,7 +66,7 @@ RESUME_KEYS = ("model", "data", "features", "vae_dir", "seed")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sft")
 def main(cfg: DictConfig) -> None:
-    torch.set_num_threads(int(cfg.threads))
+    configure_threads(cfg.threads)
     device = factories.make_device(cfg.device)
     generator = seed_everything(cfg.seed)
     check_positive(cfg, ["optim.lr", "optim.grad_clip"])

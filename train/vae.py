@@ -14,6 +14,10 @@ FLAME units, velocity-std ratio) on the held-out split.
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (pipeline/threads.py)
+
 import math
 import time
 
@@ -38,6 +42,7 @@ from gdpo_listener.pipeline import factories, stages
 from gdpo_listener.pipeline.checks import check_count, check_non_negative, check_positive
 from gdpo_listener.pipeline.run_dir import claim_run_dir, truncate_logs
 from gdpo_listener.pipeline.run_state import load_run_state, resolved_config, save_run_state, seed_everything
+from gdpo_listener.pipeline.threads import configure_threads
 
 
 def load_train_tensors(root, window: int) -> tuple[torch.Tensor, torch.Tensor, DyadicWindows]:
@@ -70,7 +75,7 @@ RESUME_KEYS = ("model", "data", "seed")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="vae")
 def main(cfg: DictConfig) -> None:
-    torch.set_num_threads(int(cfg.threads))
+    configure_threads(cfg.threads)
     device = factories.make_device(cfg.device)
     generator = seed_everything(int(cfg.seed))
     check_positive(cfg, ["optim.lr", "optim.grad_clip"])
