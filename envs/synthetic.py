@@ -13,7 +13,8 @@ built so that the three regimes of the paper are present and measurable:
   random amplitude and timing, so the per-frame mean over reactions is near-static -- a model
   trained with MSE collapses to it;
 * **text names the intent** in varied free words ("Joyful and upbeat, nodding eagerly with a
-  broad smile."), so text control is measurable.
+  broad smile."), so text control is measurable (in version 2, except for a share of vague or
+  missing texts).
 
 Blinks (eyelid) and gaze saccades (eyepose) happen in all roles. The waveform is a small
 source-filter synthesiser: a glottal pulse train at a per-speaker f0 (declination, accents,
@@ -22,17 +23,31 @@ a syllable envelope, with fricative-like noise at syllable onsets and a low nois
 utterances.
 
 Expression channels have a fixed (invented) meaning here, like the leading components of a
-FLAME expression basis: see ``EX_*`` below. Channels 10-49 carry low-amplitude texture (idle
-noise plus a fixed per-intent pattern).
+FLAME expression basis: see ``EX_*`` below.
+
+Two corpus versions (:data:`CORPUS_PARAMS`; the version is recorded in ``dataset.json``):
+
+* **version 2** (default) is calibrated to real tracker FLAME (``envs/reference_stats.py``:
+  per-group scales, velocity std and listening/speaking ratios of real DualTalk within a factor
+  1.5): all 50 expression channels active (a flat per-intent pattern and idle motion on 10-49,
+  speech drives mixed into every channel), a tracker-like high-frequency component on every
+  group but the eyelids, brisk sparse head beats while speaking, small head offsets while
+  listening, reactions only weakly anchored at the partner's pauses (a fifth of the events), and
+  10 % missing / 15 % vague window texts;
+* **version 1** is the original corpus, reproduced bit for bit: expression energy decays over
+  the channel index, no jitter, all texts name their intent.
+
+The audio and the turn-taking timeline are the same in both versions.
 
 Public API::
 
-    INTENTS                                   the intent names
-    listener_reaction(intent, n_frames, rng, partner_vad=None, identity=None) -> {group: (T, d)}
+    INTENTS, CORPUS_VERSION, CORPUS_PARAMS, corpus_params(version)
+    listener_reaction(intent, n_frames, rng, partner_vad=None, identity=None, version=2) -> {group: (T, d)}
     describe(intent, rng, speaking=False) -> str
-    synthesize_conversation(cid, seconds=64.0, seed=0, index=0, speakers=None) -> (Conversation, info)
-    generate_corpus(out_dir, n_conversations=60, seconds=64.0, seed=0, test_fraction=0.1, progress=True)
-        -> summary dict (DatasetWriter summary + generation time + intent counts)
+    caption(intent, rng, speaking, version=2) -> (text, kind)      kind in TEXT_KINDS
+    synthesize_conversation(cid, seconds=64.0, seed=0, index=0, speakers=None, version=2) -> (Conversation, info)
+    generate_corpus(out_dir, n_conversations=60, seconds=64.0, seed=0, test_fraction=0.1, progress=True,
+                    workers=1, version=2) -> summary dict (DatasetWriter summary + generation time + counts)
 
 Everything is deterministic given ``seed``: conversation ``i`` of a corpus depends only on
 ``(seed, i)`` (and the speaker pool of ``seed``), not on how many conversations are generated.
@@ -43,7 +58,7 @@ import json
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +196,7 @@ def corpus_params(version: int) -> CorpusParams:
     return CORPUS_PARAMS[version]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _texture(version: int) -> dict[str, np.ndarray]:
     p = corpus_params(version)
     return _texture_table(p.texture_amp, p.texture_decay)
@@ -333,7 +348,7 @@ class Speaker:
     filters: list = field(default_factory=list, repr=False)  # per vowel: IIR denominator
 
     @classmethod
-    def draw(cls, sid: str, rng: np.random.Generator) -> "Speaker":
+    def draw(cls, sid: str, rng: np.random.Generator) -> Speaker:
         female = rng.random() < 0.5
         f0 = rng.uniform(170, 235) if female else rng.uniform(90, 140)
         scale = rng.uniform(1.1, 1.2) if female else rng.uniform(0.92, 1.02)

@@ -9,9 +9,8 @@ import types
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from gdpo_listener.envs.dataset import DyadicWindows, load_meta
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "prepare_data.py"

@@ -12,9 +12,13 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from gdpo_listener.envs import reference_stats as rs
-from gdpo_listener.envs.dataset import SAMPLES_PER_FRAME, DyadicWindows, load_conversation, read_split
+from gdpo_listener.envs.dataset import (
+    SAMPLES_PER_FRAME,
+    DyadicWindows,
+    load_conversation,
+    read_split,
+)
 from gdpo_listener.envs.flame import FPS, GROUP_NAMES, GROUPS
 from gdpo_listener.envs.synthetic import (
     EX_BROW_ONE,
@@ -75,7 +79,7 @@ def role_masks(conv, s):
 
 
 def test_summary_and_split(corpus):
-    root, summary, labels, convs = corpus
+    _, summary, _, convs = corpus
     assert summary["conversations"] == N_CONV and summary["train"] + summary["test"] == N_CONV
     assert summary["test"] >= 1 and summary["train"] >= 1
     assert abs(summary["hours"] - N_CONV * SECONDS / 3600) < 1e-3
@@ -225,7 +229,7 @@ def test_speaking_has_head_motion_and_expressions(corpus):
 
 def test_audio_is_voiced_at_speaker_f0(corpus):
     """Autocorrelation pitch of voiced frames is near the speaker's f0 (source-filter audio)."""
-    root, _, labels, convs = corpus
+    _, _, labels, convs = corpus
     pool = {p.id: p for p in speaker_pool(0)}
     errs = []
     for conv in convs[:2]:
@@ -444,7 +448,7 @@ def test_vague_and_missing_texts(corpus):
 
 
 def test_vad_matches_audio_energy_of_written_wav(corpus):
-    root, _, _, convs = corpus
+    _, _, _, convs = corpus
     agree = []
     for conv in convs:  # audio read back from the PCM16 files
         for s in range(2):
