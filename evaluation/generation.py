@@ -7,25 +7,39 @@
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from ..envs.flame import GROUP_NAMES, GROUPS
-from ..envs.windows import cond_from_bank
+from ..envs.windows import cond_from_bank, decode_latents
 from ..rewards.stats import dynamic_deviation, velocity_std
 from .metrics import paired_bootstrap_ci
 
 
 @torch.no_grad()
 def generate_motion(model, vae, normalizer, bank, steps: int = 10, w_speak: float = 1.0, w_listen: float = 1.0,
-                    seed: int = 0, batch_size: int = 32) -> torch.Tensor:
-    """ODE-sample every row of ``bank`` and decode to raw FLAME ``(B, W, 67)``."""
-    outs = []
-    g = torch.Generator(device=bank.device).manual_seed(seed)
+                    seed: int = 0, batch_size: int = 32, text_emb: torch.Tensor | None = None, progress: bool = False,
+                    desc: str = "generate") -> torch.Tensor:
+    """ODE-sample every row of ``bank`` and decode to raw FLAME ``(B, W, 67)``.
+
+    Deterministic given ``seed`` and ``batch_size``: one generator, seeded once, draws the noise of
+    every batch in row order. ``text_emb (B, Dt)`` replaces the rows' text condition (text control:
+    every row then has text). ``progress`` shows a bar over the batches.
+    """
+    B = bank.batch_size[0]
+    if text_emb is not None and text_emb.shape[0] != B:
+        raise ValueError(f"generate_motion: text_emb has {text_emb.shape[0]} rows, the bank {B}")
+    g = torch.Generator(device=bank.device).manual_seed(int(seed))
     n_tokens = bank["actor_latent"].shape[1]
-    for i in range(0, bank.batch_size[0], batch_size):
+    outs = []
+    for i in tqdm(range(0, B, batch_size), desc=desc, disable=not progress, unit="batch", leave=False):
         b = bank[i : i + batch_size]
-        z = model.sample(cond_from_bank(b), n_tokens, steps=steps, w_speak=w_speak, w_listen=w_listen,
+        cond = cond_from_bank(b)
+        if text_emb is not None:
+            te = text_emb[i : i + batch_size].to(bank.device)  # (b, Dt)
+            cond = {**cond, "text_emb": te, "text_mask": torch.ones(te.shape[0], dtype=torch.bool, device=bank.device)}
+        z = model.sample(cond, n_tokens, steps=int(steps), w_speak=float(w_speak), w_listen=float(w_listen),
                          speaking_tokens=b["speaking_tokens"], generator=g)  # (b, N, Dv)
-        outs.append(normalizer.denormalize(vae.decode(z)))  # (b, W, 67)
+        outs.append(decode_latents(vae, normalizer, z))  # (b, W, 67)
     return torch.cat(outs)
 
 

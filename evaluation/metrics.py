@@ -256,7 +256,8 @@ def frechet_distance(x: np.ndarray, y: np.ndarray, eps: float = 1e-6) -> float:
     with warnings.catch_warnings():  # a singular product (e.g. a constant channel) is handled below
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(s1 @ s2)
-        if not np.isfinite(covmean).all() or (np.iscomplexobj(covmean) and np.abs(covmean.imag).max() > 1e-3 * max(1.0, np.abs(covmean.real).max())):
+        complex_part = np.iscomplexobj(covmean) and np.abs(covmean.imag).max() > 1e-3 * max(1.0, np.abs(covmean.real).max())
+        if not np.isfinite(covmean).all() or complex_part:
             off = np.eye(s1.shape[0]) * eps
             covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
     covmean = np.real(covmean)
@@ -346,7 +347,8 @@ def _np(x) -> np.ndarray:
 
 def dualtalk_metrics(pred, target, mask, valid=None, partner=None, partner_valid=None, seq_ids: Sequence | None = None,
                      min_frames: int = 10, publication_scale: bool = True, seed: int = 0,
-                     metrics: Iterable[str] = ("FD", "P-FD", "MSE", "SID", "rPCC"), split: str = "split") -> dict[str, dict[str, MetricResult]]:
+                     metrics: Iterable[str] = ("FD", "P-FD", "MSE", "SID", "rPCC"),
+                     split: str = "split") -> dict[str, dict[str, MetricResult]]:
     """FD, P-FD, MSE, SID, rPCC per group ``exp / jaw / pose`` on the frames of ``mask``.
 
     pred, target, partner: ``(B, T, 67)``; mask ``(B, T)``; valid / partner_valid ``(B, 6)`` (None =

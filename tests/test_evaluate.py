@@ -1,4 +1,5 @@
-"""train/evaluate.py and train/bench.py on a tiny pipeline (tiny synthetic corpus, tiny models).
+"""train/evaluate.py and train/bench.py (and the evaluation package behind them) on a tiny pipeline
+(tiny synthetic corpus, tiny models).
 
 The VAE and the supervised AR-Flow are tiny random-weight checkpoints written in-process (a smoke
 test needs their layout, not their quality); the benchmark's GRPO / GDPO runs are real
@@ -89,19 +90,22 @@ def test_evaluate_writes_table1_and_supplementary_with_flame(tiny, tmp_path):
 
 
 def test_evaluation_is_deterministic_given_the_seed_and_flame_free_vertex_metrics_are_unavailable(tiny):
-    import evaluate
+    from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data
+    from gdpo_listener.evaluation.generation import generate_motion
+    from gdpo_listener.evaluation.report import to_json
+    from gdpo_listener.evaluation.scoring import aggregate, blas_threads, evaluate_model, row_stats
 
     cfg = compose("evaluate", eval_args(tiny, "max_windows=2", "steps=2"))
-    data, _ = evaluate.prepare(cfg, tiny / "sft", torch.device("cpu"))
-    model, _ = evaluate.load_model(tiny / "sft", data)
-    with evaluate.blas_threads(1):
-        r1 = evaluate.evaluate_model(model, data, cfg, seed=0, progress=False)
-        p2, p3 = (evaluate.generate(model, data, steps=2, seed=s, progress=False) for s in (0, 1))
+    data, _ = prepare_eval_data(cfg, tiny / "sft", tiny / "data", torch.device("cpu"))
+    model, _ = load_eval_model(tiny / "sft", data)
+    with blas_threads(1):
+        r1 = evaluate_model(model, data, cfg, seed=0, progress=False)
+        p2, p3 = (generate_motion(model, data.vae, data.normalizer, data.bank, steps=2, seed=s) for s in (0, 1))
         assert torch.equal(r1["_pred"], p2) and not torch.equal(r1["_pred"], p3)
         # the metrics are a deterministic function of the prediction (seeded k-means in SID)
-        st = evaluate.row_stats(p2, data, cfg.metrics)
-        again = evaluate.aggregate(p2, data, st, torch.ones(2, dtype=torch.bool), cfg.metrics)
-    assert json.dumps(evaluate.to_json(again)) == json.dumps(evaluate.to_json(r1["all"]))
+        st = row_stats(p2, data, cfg.metrics)
+        again = aggregate(p2, data, st, torch.ones(2, dtype=torch.bool), cfg.metrics)
+    assert json.dumps(to_json(again)) == json.dumps(to_json(r1["all"]))
     lve = r1["all"]["table1"]["speaking"]["LVE"]
     assert lve.value is None and "FLAME" in lve.note  # never 0
     assert r1["all"]["table1"]["listening"]["FDD"].extra["basis"] == "parameters: expr+eyelid"
@@ -114,7 +118,9 @@ def _copy_dataset(tiny: Path, dst: Path) -> Path:
 
 def test_bad_inputs_are_clear_errors(tiny, tmp_path):
     import evaluate
+
     from gdpo_listener.envs.dataset import DatasetFormatError
+    from gdpo_listener.evaluation.checkpoints import EvalInputError
     from gdpo_listener.evaluation.flame_layer import FlameModelError
 
     # dataset in another format version
@@ -131,7 +137,7 @@ def test_bad_inputs_are_clear_errors(tiny, tmp_path):
         m = json.loads((ck / "meta.json").read_text())
         m["dataset"] = {**{k: meta[k] for k in ("format", "version", "flame_dim", "groups")}, **change}
         (ck / "meta.json").write_text(json.dumps(m))
-        with pytest.raises(evaluate.EvalInputError, match=msg):
+        with pytest.raises(EvalInputError, match=msg):
             evaluate.run(compose("evaluate", eval_args(tiny, f"checkpoint={ck}")), verbose=False)
 
     # a test split without listening frames (both sides always speaking)
@@ -141,7 +147,7 @@ def test_bad_inputs_are_clear_errors(tiny, tmp_path):
             arrays = {k: z[k] for k in z.files}
         arrays["vad"][:] = True
         np.savez(npz, **arrays)
-    with pytest.raises(evaluate.EvalInputError, match="no listening frames"):
+    with pytest.raises(EvalInputError, match="no listening frames"):
         evaluate.run(compose("evaluate", eval_args(tiny, f"data.root={mute}")), verbose=False)
 
     # a checkpoint that does not exist (only the default supervised one is produced on demand)
@@ -189,11 +195,96 @@ def test_bench_quick(tiny):
 def test_bench_helpers():
     import bench
 
+    from gdpo_listener.evaluation.seed_stats import fmt_ms, mean_std, relative_change, welch_t
+
     assert bench.hydra_argv(["bench.py", "--quick", "jobs=2"]) == ["bench.py", "quick=true", "jobs=2"]
 
-    assert bench.mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
-    assert bench.mean_std([None, 4.0]) == {"mean": 4.0, "std": None, "n": 1}
-    assert bench.mean_std([None]) == {"mean": None, "std": None, "n": 0}
-    assert bench.fmt_ms({"mean": 2.0, "std": 1.0}) == "2.00 ± 1.00" and bench.fmt_ms(None) == "n/a"
+    assert mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
+    assert mean_std([None, 4.0]) == {"mean": 4.0, "std": None, "n": 1}
+    assert mean_std([None]) == {"mean": None, "std": None, "n": 0}
+    assert fmt_ms({"mean": 2.0, "std": 1.0}) == "2.00 ± 1.00" and fmt_ms(None) == "n/a"
     # t = (mean b - mean a) / sqrt(var_a / 3 + var_b / 3) = (5 - 2) / sqrt(1/3 + 1/3)
-    assert bench.welch_t(None, None, [1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(3 / (2 / 3) ** 0.5)
+    assert welch_t([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(3 / (2 / 3) ** 0.5)
+    assert welch_t([1.0, None], [4.0, 5.0]) is None and welch_t([1.0, 1.0], [2.0, 2.0]) is None
+    assert relative_change(2.0, 1.5) == pytest.approx(-0.25) and relative_change(0.0, 1.0) is None
+
+
+def test_bench_transitions_follow_the_episode_length():
+    """Transitions per run = iterations x prompts x G x tokens per episode x SDE steps, with the run's
+    env.episode_tokens (not a fixed 25)."""
+    from gdpo_listener.evaluation.benchmark import training_budget
+
+    arch = {"window": 200, "r": 8}
+    env = {"n_prompts": 2, "group_size": 3, "sde_steps": 4, "episode_tokens": None}
+    one_window = training_budget({"env": env, "optim": {"iterations": 5}}, arch)
+    assert one_window == {"iterations": 5, "rollouts": 30, "episode_tokens": 25, "transitions": 30 * 25 * 4}
+    long = training_budget({"env": {**env, "episode_tokens": 100}, "optim": {"iterations": 5}}, arch)
+    assert long["episode_tokens"] == 100 and long["transitions"] == 30 * 100 * 4
+    assert training_budget({"env": env, "optim": {"iterations": 5}}, {"window": 160, "r": 4})["transitions"] == 30 * 40 * 4
+
+
+def test_bench_refuses_to_delete_a_folder_it_did_not_write(tiny, tmp_path):
+    """A run folder in the way is replaced only if the benchmark wrote it (bench_run.json) or it is empty."""
+    import bench
+
+    from gdpo_listener.evaluation.benchmark import RUN_STAMP, replaceable_run_dir
+
+    out = tmp_path / "bench"
+    runs = out / "runs"
+    mine, empty, theirs = runs / "gdpo_seed0", runs / "grpo_seed0", runs / "gdpo_seed1"
+    for d in (mine, empty, theirs):
+        d.mkdir(parents=True)
+    (mine / RUN_STAMP).write_text("{}")
+    (theirs / "notes.txt").write_text("my notes")
+    assert replaceable_run_dir(mine, runs) and replaceable_run_dir(empty, runs) and replaceable_run_dir(runs / "new", runs)
+    assert not replaceable_run_dir(theirs, runs)
+    assert not replaceable_run_dir(runs / ".." / "elsewhere", runs)  # '..' resolved: not a run folder
+    (runs / "link").symlink_to(mine, target_is_directory=True)
+    assert not replaceable_run_dir(runs / "link", runs)
+
+    cfg = compose("bench", [f"out_dir={out}", "quick=true", f"features.cache_dir={tiny / 'cache'}"])
+    cfg = bench.apply_quick(cfg)
+    with pytest.raises(RuntimeError, match="refusing to delete .*gdpo_seed1"):
+        bench.run_training(cfg, "gdpo", 1, out, tiny / "data", tiny / "vae", tiny / "sft")
+    assert (theirs / "notes.txt").read_text() == "my notes"
+
+
+def test_evaluate_scores_a_run_with_its_own_reward_too(tiny, tmp_path):
+    """A post-trained run recorded reward=expr with its own term weights: its groups get a 'run_reward'
+    (that run's reward) beside the default reward, and the report says so."""
+    import evaluate
+
+    from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data
+    from gdpo_listener.evaluation.scoring import evaluate_model
+    from gdpo_listener.rewards.groups import build_reward
+
+    ck = tmp_path / "rl"
+    shutil.copytree(tiny / "sft", ck)
+    meta = json.loads((ck / "meta.json").read_text())
+    meta["config"] = {**meta["config"], "reward": "expr",
+                      "rewards": {"weights": {"mse": 50.0}, "lambdas": {}, "group_reward": None, "extra_terms": {}}}
+    (ck / "meta.json").write_text(json.dumps(meta))
+    doc = evaluate.run(compose("evaluate", eval_args(tiny, f"checkpoint={ck}", f"out={tmp_path / 'eval'}", "steps=2")),
+                       verbose=False)
+    groups = doc["all"]["listening_groups"]
+    assert [g for g, d in groups.items() if "run_reward" in d] == ["expr"]
+    assert doc["run_reward"]["reward"] == "expr" and doc["run_reward"]["scored_separately"] is True
+    assert "expr run reward" in (tmp_path / "eval" / "metrics.md").read_text()
+    # the value is that run's reward of the same prediction, on windows with >= min_frames listening frames
+    cfg = compose("evaluate", eval_args(tiny, "steps=2"))
+    data, _ = prepare_eval_data(cfg, ck, tiny / "data", torch.device("cpu"))
+    model, _ = load_eval_model(ck, data)
+    pred = evaluate_model(model, data, cfg, progress=False)["_pred"]
+    b = data.bank
+    r = build_reward("expr", weights={"mse": 50.0}).compute(pred, b["actor_motion"], b["listening"], b["actor_valid"])
+    ok = r["valid"][:, 0] & (b["listening"].sum(-1) >= 10)
+    assert groups["expr"]["run_reward"]["value"] == pytest.approx(float(r["reward"][ok, 0].mean()), rel=1e-5)
+    assert groups["expr"]["run_reward"]["value"] < groups["expr"]["reward"]["value"]  # mse weighted 500x more
+
+    # a run with the default per-group terms is not scored twice
+    meta["config"]["rewards"]["weights"] = {}
+    (ck / "meta.json").write_text(json.dumps(meta))
+    doc = evaluate.run(compose("evaluate", eval_args(tiny, f"checkpoint={ck}", f"out={tmp_path / 'eval2'}", "steps=2")),
+                       verbose=False)
+    assert doc["run_reward"]["scored_separately"] is False
+    assert not any("run_reward" in d for d in doc["all"]["listening_groups"].values())

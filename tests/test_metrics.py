@@ -410,6 +410,27 @@ def test_segment_velocity_std_and_decay_ratio():
         M.segment_velocity_std(steady, 2)
 
 
+def test_decay_table_compares_generated_with_ground_truth_decay():
+    """evaluation.long_sequences: per group, gen/gt decay and level; the check fails for motion that dies out."""
+    from gdpo_listener.evaluation.long_sequences import decay_passes, decay_table, format_decay_table
+
+    T, seg = 300, 30
+    g = torch.Generator().manual_seed(1)
+    gt = torch.randn(2, T, FLAME_DIM, generator=g).cumsum(1) * 0.01  # steady
+    fading = torch.randn(2, T, FLAME_DIM, generator=g).mul(torch.linspace(1.0, 0.1, T)[None, :, None]).cumsum(1) * 0.01
+    valid = torch.ones(2, len(GROUP_NAMES), dtype=torch.bool)
+    same = decay_table(gt, gt, valid, seg, 3)
+    assert set(same) == set(GROUP_NAMES)
+    assert all(r["relative_decay"] == pytest.approx(1.0) and r["level_ratio"] == pytest.approx(1.0) for r in same.values())
+    table = decay_table(fading, gt, valid, seg, 3)
+    r = table["expr"]
+    assert r["pred_decay"] == pytest.approx(M.decay_ratio(torch.tensor(r["pred_profile"]), 3))
+    assert r["relative_decay"] == pytest.approx(r["pred_decay"] / r["gt_decay"]) and r["relative_decay"] < 0.5
+    assert decay_passes(same, 0.8) and not decay_passes(table, 0.8)
+    text = format_decay_table(table, 0.8, 2, T, seg)
+    assert text.splitlines()[-1].endswith("NO") and format_decay_table(same, 0.8, 2, T, seg).endswith("yes")
+
+
 def test_paired_bootstrap_ci():
     rng = np.random.default_rng(0)
     shifted = rng.normal(0.5, 1.0, 400)  # a real improvement: the interval excludes 0

@@ -1,7 +1,9 @@
 """Speed of AR-Flow generation with and without the KV cache (random weights; speed only).
 
     python train/bench_arflow.py                                  # presets small + paper, B = 1 and 8
-    python train/bench_arflow.py --presets paper --batch 8 --threads 2 --uncached-tokens 1
+    python train/bench_arflow.py presets=[paper] batch=[8] threads=2 uncached_tokens=1
+
+Settings and their defaults: ``train/conf/bench_arflow.yaml`` (Hydra overrides, as every entry point).
 
 One window = 200 frames = 25 latent tokens = 8 s of motion, generated with 10 Euler steps per
 token and CFG on (w_speak != 1 or w_listen != 1: cond + uncond rows, 2B rows per model call).
@@ -10,7 +12,7 @@ token and CFG on (w_speak != 1 or w_listen != 1: cond + uncond rows, 2B rows per
             denoising step is one new-token pass over the cached keys/values.
 * uncached: ``ARFlow.sample(use_cache=False)``: every denoising step recomputes the whole sequence
             (prefix + history + noisy token). It is slow, so only ``--uncached-tokens`` tokens are
-            generated, starting mid-window (token ``--uncached-from``, earlier tokens given as a
+            generated, starting mid-window (token ``uncached_from``, earlier tokens given as a
             prefix, which costs nothing without a cache); the per-token time is scaled to 25 tokens.
 
 Real-time factor (RTF) = seconds of compute / seconds of generated motion: "wall" divides the
@@ -21,15 +23,18 @@ cores), OpenMP's default active spin-wait at the end of every parallel region ma
 many small ops of a one-token pass wait for a descheduled sibling thread: on the 2-core team
 machine under load ~4 the cached small-preset window took 54 s with 2 threads vs 0.9 s with 1
 thread and 2.2 s with ``OMP_WAIT_POLICY=PASSIVE``. This script therefore sets
-``OMP_WAIT_POLICY=PASSIVE`` (``--omp-wait-policy``) before torch is imported, unless the variable
-is already set in the environment.
+``OMP_WAIT_POLICY=PASSIVE`` (setting ``omp_wait_policy``) before torch is imported, unless the
+variable is already set in the environment.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
+import sys
 import time
+
+import hydra
+from omegaconf import DictConfig
 
 SECONDS_PER_WINDOW = 8.0
 PAPER_PARAMS = 19.3e6
@@ -39,6 +44,7 @@ def _import_torch():
     """Import torch only after OMP_WAIT_POLICY is settled (OpenMP reads it once, at start-up)."""
     global torch, ARFlow, ARFlowConfig, count_parameters
     import torch
+
     from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig, count_parameters
 
 
@@ -64,64 +70,66 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_one(preset: str, batch: int, args, device) -> dict:
-    torch.manual_seed(args.seed)
+def bench_one(preset: str, batch: int, bcfg: DictConfig, device) -> dict:
+    """Seconds for one window of ``batch`` streams with and without the KV cache (uncached: extrapolated)."""
+    seed, n_unc = int(bcfg.seed), int(bcfg.uncached_tokens)
+    torch.manual_seed(seed)
     cfg = getattr(ARFlowConfig, preset)()
     model = ARFlow(cfg).to(device).eval()
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(seed)
     cond = make_cond(cfg, batch, g, device)
     N = cfg.n_tokens
-    speaking = (torch.rand(batch, N, generator=g) < 0.5).to(device)
-    kw = dict(steps=args.steps, w_speak=args.w_speak, w_listen=args.w_listen, speaking_tokens=speaking)
+    speaking = (torch.rand(batch, N, generator=g) < 0.5).to(device)  # (B, N)
+    w_speak, w_listen = float(bcfg.w_speak), float(bcfg.w_listen)
+    kw = dict(steps=int(bcfg.steps), w_speak=w_speak, w_listen=w_listen, speaking_tokens=speaking)
 
     # warm-up (allocator, kernels)
-    model.sample(cond, 2, steps=1, w_speak=args.w_speak, w_listen=args.w_listen, speaking_tokens=speaking[:, :2])
+    model.sample(cond, 2, steps=1, w_speak=w_speak, w_listen=w_listen, speaking_tokens=speaking[:, :2])
 
-    t_cached = timed(lambda: model.sample(cond, N, generator=torch.Generator(device=device).manual_seed(0), **kw), args.repeats)
+    t_cached = timed(lambda: model.sample(cond, N, generator=torch.Generator(device=device).manual_seed(0), **kw), int(bcfg.repeats))
 
-    k0 = min(args.uncached_from, N - args.uncached_tokens)
-    n_u = k0 + args.uncached_tokens
-    prefix = torch.randn(batch, k0, cfg.d_latent, generator=g).to(device) if k0 else None
+    k0 = min(int(bcfg.uncached_from), N - n_unc)
+    n_u = k0 + n_unc
+    prefix = torch.randn(batch, k0, cfg.d_latent, generator=g).to(device) if k0 else None  # (B, k0, Dv)
     kw_u = dict(kw, speaking_tokens=speaking[:, :n_u])
     t_unc_part = timed(lambda: model.sample(cond, n_u, prefix=prefix, use_cache=False,
                                             generator=torch.Generator(device=device).manual_seed(0), **kw_u), 1)
-    t_uncached = t_unc_part / args.uncached_tokens * N
+    t_uncached = t_unc_part / n_unc * N
     return dict(preset=preset, batch=batch, params=count_parameters(model), cached=t_cached, uncached=t_uncached,
-                uncached_tokens=args.uncached_tokens, uncached_from=k0)
+                uncached_tokens=n_unc, uncached_from=k0)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--presets", nargs="+", default=["small", "paper"], choices=["small", "paper"])
-    ap.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="streams generated together")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    ap.add_argument("--steps", type=int, default=10, help="Euler steps per token")
-    ap.add_argument("--w-speak", type=float, default=1.5)
-    ap.add_argument("--w-listen", type=float, default=2.0)
-    ap.add_argument("--uncached-tokens", type=int, default=1, help="tokens generated without the cache (scaled to 25)")
-    ap.add_argument("--uncached-from", type=int, default=12, help="first uncached token (earlier ones given as prefix)")
-    ap.add_argument("--repeats", type=int, default=1, help="cached runs per setting (median)")
-    ap.add_argument("--min-speedup", type=float, default=10.0, help="required cache speedup for the paper preset")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sft-batch", type=int, default=32, help="batch of the SFT throughput measurement (0: skip)")
-    ap.add_argument("--sft-steps", type=int, default=3, help="timed SFT steps per preset (after one warm-up)")
-    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE"],
-                    help="OMP_WAIT_POLICY set before importing torch (an existing environment value wins)")
-    args = ap.parse_args()
-    os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
+def check_settings(cfg: DictConfig) -> None:
+    if not cfg.presets or set(cfg.presets) - {"small", "paper"}:
+        raise ValueError(f"presets={list(cfg.presets)} must be a non-empty subset of [small, paper]")
+    if not cfg.batch or any(int(b) < 1 for b in cfg.batch):
+        raise ValueError(f"batch={list(cfg.batch)} must list positive batch sizes (streams generated together)")
+    for key in ("threads", "steps", "uncached_tokens", "repeats"):
+        if int(cfg[key]) != cfg[key] or cfg[key] < 1:
+            raise ValueError(f"{key}={cfg[key]} must be a positive integer")
+    if cfg.omp_wait_policy not in ("PASSIVE", "ACTIVE"):
+        raise ValueError(f"omp_wait_policy={cfg.omp_wait_policy!r} must be PASSIVE or ACTIVE")
+    if float(cfg.w_speak) == 1.0 and float(cfg.w_listen) == 1.0:
+        raise ValueError("CFG is off with w_speak = w_listen = 1; this benchmark measures CFG on")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="bench_arflow")
+def main(cfg: DictConfig) -> None:
+    check_settings(cfg)
+    if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+        print("NOTE: torch was imported before OMP_WAIT_POLICY was set; omp_wait_policy has no effect")
+    os.environ.setdefault("OMP_WAIT_POLICY", str(cfg.omp_wait_policy))
     _import_torch()
-    if args.w_speak == 1.0 and args.w_listen == 1.0:
-        ap.error("CFG is off with w_speak = w_listen = 1; this benchmark measures CFG on")
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    torch.set_num_threads(int(cfg.threads))
+    device = torch.device(cfg.device)
+    n_unc = int(cfg.uncached_tokens)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"AR-Flow generation speed | torch {torch.__version__} | device {device} | threads {torch.get_num_threads()} "
           f"| cpus {os.cpu_count()} | load avg (1 min) {load:.2f} | OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
-    print(f"window 200 frames = 25 tokens = {SECONDS_PER_WINDOW:.0f} s | {args.steps} Euler steps/token | CFG on "
-          f"(w_speak {args.w_speak}, w_listen {args.w_listen}; 2B rows per call)")
-    print(f"uncached: {args.uncached_tokens} token(s) from token {args.uncached_from} timed, scaled x25/{args.uncached_tokens} to a window")
+    print(f"window 200 frames = 25 tokens = {SECONDS_PER_WINDOW:.0f} s | {cfg.steps} Euler steps/token | CFG on "
+          f"(w_speak {cfg.w_speak}, w_listen {cfg.w_listen}; 2B rows per call)")
+    print(f"uncached: {n_unc} token(s) from token {cfg.uncached_from} timed, scaled x25/{n_unc} to a window")
     if load > (os.cpu_count() or 1):
         print(f"NOTE: the machine is busy (load {load:.1f} > {os.cpu_count()} cpus): absolute times are inflated")
     print()
@@ -130,30 +138,32 @@ def main():
     print(hdr)
     print("-" * len(hdr))
     failed = []
-    for preset in args.presets:
-        for batch in args.batch:
-            r = bench_one(preset, batch, args, device)
+    for preset in cfg.presets:
+        for batch in cfg.batch:
+            batch = int(batch)
+            r = bench_one(preset, batch, cfg, device)
             sp = r["uncached"] / r["cached"]
-            print(f"{preset:<6} {r['params'] / 1e6:>7.2f}M {batch:>3} | {r['cached']:>9.2f} {r['cached'] / SECONDS_PER_WINDOW:>9.3f} "
-                  f"{r['cached'] / (SECONDS_PER_WINDOW * batch):>9.3f} | {r['uncached']:>11.1f} "
-                  f"{r['uncached'] / SECONDS_PER_WINDOW:>9.2f} {r['uncached'] / (SECONDS_PER_WINDOW * batch):>9.2f} | {sp:>7.1f}x", flush=True)
-            if preset == "paper" and sp < args.min_speedup:
+            wall, stream = SECONDS_PER_WINDOW, SECONDS_PER_WINDOW * batch
+            print(f"{preset:<6} {r['params'] / 1e6:>7.2f}M {batch:>3} | {r['cached']:>9.2f} {r['cached'] / wall:>9.3f} "
+                  f"{r['cached'] / stream:>9.3f} | {r['uncached']:>11.1f} {r['uncached'] / wall:>9.2f} "
+                  f"{r['uncached'] / stream:>9.2f} | {sp:>7.1f}x", flush=True)
+            if preset == "paper" and sp < float(cfg.min_speedup):
                 failed.append((batch, sp))
     print("-" * len(hdr))
     print("* uncached window time extrapolated from the timed tokens (see above); cached includes the prefix pass.")
-    if "paper" in args.presets:
+    if "paper" in cfg.presets:
         n = count_parameters(ARFlow(ARFlowConfig.paper()))
         print(f"paper preset: {n / 1e6:.2f}M trainable parameters (paper reports {PAPER_PARAMS / 1e6:.1f}M, "
               f"{100 * (n - PAPER_PARAMS) / PAPER_PARAMS:+.1f}%)")
         if failed:
-            print("FAIL: KV cache speedup below " + f"{args.min_speedup:.0f}x for the paper preset at B = "
+            print(f"FAIL: KV cache speedup below {float(cfg.min_speedup):.0f}x for the paper preset at B = "
                   + ", ".join(f"{b} ({s:.1f}x)" for b, s in failed))
             raise SystemExit(1)
-        print(f"OK: KV cache speedup >= {args.min_speedup:.0f}x for the paper preset")
-    if args.sft_batch:
-        print(f"\nSFT training throughput (teacher forced, forward + backward + AdamW, batch {args.sft_batch})")
-        for preset in args.presets:
-            rate = sft_throughput(preset, args.sft_batch, args.sft_steps, device, args.seed)
+        print(f"OK: KV cache speedup >= {float(cfg.min_speedup):.0f}x for the paper preset")
+    if int(cfg.sft_batch):
+        print(f"\nSFT training throughput (teacher forced, forward + backward + AdamW, batch {cfg.sft_batch})")
+        for preset in cfg.presets:
+            rate = sft_throughput(preset, int(cfg.sft_batch), int(cfg.sft_steps), device, int(cfg.seed))
             print(f"  {preset:6s} {rate:8.1f} windows/s")
 
 

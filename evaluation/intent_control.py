@@ -1,0 +1,195 @@
+"""Text control and CFG intensity of generated listening motion (synthetic corpus with intent labels).
+
+- **Intent classifier**: multinomial logistic regression (L2, L-BFGS, deterministic) on per-window
+  statistics of the listening frames -- mean, std and velocity std of expression channels 0-9,
+  jaw, neck, eyelid, eyepose and rot -- trained on *ground-truth* listener motion of the train
+  split with the intent labels of ``synthetic_labels.json``.
+- **Text control accuracy** (:func:`run_controls`): test windows generated with a prompt naming one
+  intent (``envs.synthetic.describe``); the classifier's accuracy on the generated listening motion
+  (chance = 1 / number of intents); also on the windows' own text.
+- **CFG intensity sweep**: listening motion std (per group: mean over channels of the std over the
+  listening frames) against the listening CFG weight ``w_listen``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from ..envs.dataset import DyadicWindows
+from ..envs.flame import GROUP_NAMES, GROUPS
+from ..rewards.stats import masked_mean, masked_std, velocity_std
+from . import metrics as M
+from .data import EvalData, select_indices
+from .generation import generate_motion
+
+CLS_CHANNELS = np.r_[0:10, GROUPS["jaw"], GROUPS["neck"], GROUPS["eyelid"], GROUPS["eyepose"], GROUPS["rot"]]
+
+
+def window_features(motion: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """``(B, T, 67)`` motion, ``(B, T)`` listening mask -> ``(B, 3 * 27)`` mean / std / velocity std."""
+    x = motion[..., torch.as_tensor(CLS_CHANNELS)].double()  # (B, T, 27)
+    m = mask.to(torch.bool)
+    return torch.cat([masked_mean(x, m), masked_std(x, m), velocity_std(x, m)], -1).cpu().numpy()
+
+
+class IntentClassifier:
+    """Multinomial logistic regression (L2) on standardised features, trained with L-BFGS; deterministic."""
+
+    def __init__(self, l2: float = 1e-3, iters: int = 300):
+        self.l2, self.iters = float(l2), int(iters)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, n_classes: int) -> "IntentClassifier":
+        self.mu, self.sd = X.mean(0), X.std(0) + 1e-8
+        Xt = torch.as_tensor((X - self.mu) / self.sd, dtype=torch.float64)
+        yt = torch.as_tensor(y, dtype=torch.long)
+        self.W = torch.zeros(X.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+        self.b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([self.W, self.b], max_iter=self.iters, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(Xt @ self.W + self.b, yt) + self.l2 * self.W.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            Xt = torch.as_tensor((X - self.mu) / self.sd, dtype=torch.float64)
+            return (Xt @ self.W + self.b).argmax(-1).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# labels of the synthetic corpus
+
+
+def load_labels(root: Path) -> dict | None:
+    """``synthetic_labels.json`` of a synthetic corpus, or None."""
+    p = root / "synthetic_labels.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def corpus_intents(root: Path) -> list[str] | None:
+    """The intent names of a synthetic corpus (its ``dataset.json``), or None."""
+    try:
+        meta = json.loads((root / "dataset.json").read_text())
+        return list(meta["synthetic"]["intents"])
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+
+
+def window_intent(labels: dict, cid: str, actor: int, window: int) -> str | None:
+    try:
+        return labels[cid]["intents"][actor][window]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def row_intents(data: EvalData, labels: dict, rows: list[int]) -> list[str | None]:
+    """The labelled intent of bank rows ``rows`` of ``data``."""
+    return [window_intent(labels, *data.seq_ids[r], data.windows.index[data.indices[r]].window) for r in rows]
+
+
+def train_intent_classifier(root: Path, labels: dict, intents: list[str], min_listen: int) -> tuple[IntentClassifier, dict]:
+    """Classifier on ground-truth listening motion of the train split windows."""
+    w = DyadicWindows(root, "train", load_audio=False)
+    motion, lis, y = [], [], []
+    for i in range(len(w)):
+        ix = w.index[i]
+        item = w[i]
+        lab = window_intent(labels, ix.conversation, ix.actor, ix.window)
+        if lab not in intents or item["listening"].sum() < min_listen:
+            continue
+        motion.append(item["actor_motion"])
+        lis.append(item["listening"])
+        y.append(intents.index(lab))
+    if len(set(y)) < 2:
+        raise ValueError(f"intent classifier: fewer than 2 intents among train windows with >= {min_listen} listening frames")
+    X = window_features(torch.as_tensor(np.stack(motion)), torch.as_tensor(np.stack(lis)))
+    y = np.asarray(y)
+    clf = IntentClassifier().fit(X, y, len(intents))
+    return clf, {"train_windows": int(len(y)), "train_accuracy": float((clf.predict(X) == y).mean())}
+
+
+def ground_truth_accuracy(clf: IntentClassifier, data: EvalData, labels: dict, intents: list[str], min_listen: int) -> dict:
+    """Accuracy of ``clf`` on the ground-truth listening motion of the labelled bank rows with
+    >= ``min_listen`` listening frames (empty dict when there is none)."""
+    lis = data.bank["listening"]
+    truth = row_intents(data, labels, list(range(len(data.indices))))
+    keep = [r for r, t in enumerate(truth) if t in intents and int(lis[r].sum()) >= min_listen]
+    if not keep:
+        return {}
+    X = window_features(data.bank["actor_motion"][keep], lis[keep])
+    acc = float((clf.predict(X) == np.array([intents.index(truth[r]) for r in keep])).mean())
+    return {"gt_test_accuracy": acc, "gt_test_windows": len(keep)}
+
+
+# ----------------------------------------------------------------------------------------------
+# controls
+
+
+def control_windows(data: EvalData, n: int, min_listen: int) -> list[int]:
+    """Evenly spaced bank rows with at least ``min_listen`` listening frames."""
+    ok = torch.nonzero(data.bank["listening"].sum(-1) >= min_listen).flatten().tolist()
+    if not ok:
+        return []
+    return [ok[i] for i in select_indices(len(ok), n)]
+
+
+def prompt_embeddings(data: EvalData, intents: list[str], n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Per intent, ``(n, Dt)`` text embeddings of ``n`` listener prompts naming it (seeded wording)."""
+    from ..envs.synthetic import describe
+
+    out = {}
+    for k, intent in enumerate(intents):
+        texts = [describe(intent, np.random.default_rng([seed, k, i]), speaking=False) for i in range(n)]
+        out[intent] = torch.as_tensor(data.text_enc.encode(texts))
+    return out
+
+
+def run_controls(model, data: EvalData, rows: list[int], ccfg: DictConfig, ecfg: DictConfig, seed: int, clf, intents,
+                 prompts, labels, pred_all: torch.Tensor, progress: bool) -> dict:
+    """Text-control accuracy (own text and each intent's prompt) and the CFG sweep on bank ``rows``.
+
+    ``ccfg``: ``min_listen``, ``cfg_weights``; ``ecfg``: ``steps``, ``batch_size``; ``pred_all``: the
+    evaluation's prediction of every bank row (the windows' own text).
+    """
+    out: dict = {}
+    mf = int(ccfg.min_listen)
+    if not rows:
+        return {"note": f"no test window with >= {mf} listening frames"}
+    sub = data.bank[torch.as_tensor(rows)]
+    lis = sub["listening"]
+    kw = dict(steps=int(ecfg.steps), seed=seed, batch_size=int(ecfg.batch_size), progress=progress)
+    if clf is not None:
+        truth = row_intents(data, labels, rows)
+        keep = [i for i, t in enumerate(truth) if t in intents]
+        if keep:
+            yp = clf.predict(window_features(pred_all[torch.as_tensor(rows)][keep], lis[keep]))
+            yt = np.array([intents.index(truth[i]) for i in keep])
+            out["own_text_accuracy"] = float((yp == yt).mean())
+        per, conf = {}, np.zeros((len(intents), len(intents)), dtype=np.int64)
+        for k, intent in enumerate(intents):
+            pred = generate_motion(model, data.vae, data.normalizer, sub, text_emb=prompts[intent][: len(rows)],
+                                   desc=f"prompt {intent}", **kw)
+            yp = clf.predict(window_features(pred, lis))
+            per[intent] = float((yp == k).mean())
+            np.add.at(conf[k], yp, 1)
+        out["prompt_accuracy"] = float(np.mean(list(per.values())))
+        out["per_intent"] = per
+        out["confusion"] = conf.tolist()
+    sweep = {}
+    for w in ccfg.cfg_weights:
+        pred = generate_motion(model, data.vae, data.normalizer, sub, w_speak=1.0, w_listen=float(w),
+                               desc=f"cfg w_listen={float(w):g}", **kw)
+        sweep[f"{float(w):g}"] = {g: M.motion_std(pred, lis, sub["actor_valid"], (g,), mf).value for g in GROUP_NAMES}
+    out["cfg_sweep"] = sweep
+    out["cfg_sweep_gt"] = {g: M.motion_std(sub["actor_motion"], lis, sub["actor_valid"], (g,), mf).value for g in GROUP_NAMES}
+    out["n_windows"] = len(rows)
+    return out

@@ -1,0 +1,147 @@
+"""The evaluation report of one checkpoint: JSON document and Markdown tables (paper layouts).
+
+:func:`header` describes the setting, :func:`markdown_report` lays out Table 1, the supplementary
+Table 6 and the per-group listening table, :func:`write_report` writes ``metrics.json`` and
+``metrics.md`` atomically. The table functions take a ``fmt`` so the benchmark reuses them for
+mean +- std over seeds. Unavailable values are ``null`` / "n/a", never 0.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ..agents.checkpoint import atomic_write_bytes, atomic_write_json
+from ..envs.flame import GROUP_NAMES
+from . import metrics as M
+from .checkpoints import terms_differ_from_default
+from .data import EvalData
+from .scoring import SPLITS, SUPP, TABLE1
+
+
+def to_json(x):
+    """Metric results, nested dicts and lists -> plain JSON values (non-finite floats -> null)."""
+    if isinstance(x, M.MetricResult):
+        return x.to_json()
+    if isinstance(x, dict):
+        return {str(k): to_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_json(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def header(data: EvalData, cfg: DictConfig, ckpt: str, seed: int, run_reward: dict | None = None) -> dict:
+    """The setting of one evaluation (goes first in ``metrics.json``)."""
+    mc = cfg.metrics
+    conv = str(mc.get("convention", "velocity"))
+    own = None
+    if run_reward is not None:
+        own = {**run_reward, "scored_separately": terms_differ_from_default(run_reward)}
+    return {
+        "checkpoint": str(ckpt), "dataset": str(data.root), "split": data.split, "n_windows": len(data.indices),
+        "n_expressive": int(data.expressive.sum()), "expressive_quantile": float(mc.get("expressive_quantile", 0.75)),
+        "seed": seed, "steps": int(cfg.steps), "w_speak": float(cfg.w_speak), "w_listen": float(cfg.w_listen),
+        "convention": conv, "dynamic_scale": M.DYNAMIC_SCALE[conv],
+        "min_frames": int(mc.get("min_frames", 10)), "publication_scale": bool(mc.get("publication_scale", True)),
+        "flame_model": str(mc.flame_model) if mc.get("flame_model") else None,
+        "flame_eyelids": None if data.flame is None else bool(data.flame.has_eyelids),
+        "run_reward": own,
+        "notes": list(data.notes),
+    }
+
+
+def fmt_value(x, digits: int = 2) -> str:
+    """A metric result (or its JSON dict, or a number) -> text; "n/a" when unavailable."""
+    if isinstance(x, M.MetricResult):
+        x = x.value
+    elif isinstance(x, dict):
+        x = x.get("value")
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def table1_markdown(rows: list[tuple[str, dict]], fmt=fmt_value) -> str:
+    """``rows``: (label, table1 dict {split: {metric: result}}) -> the paper's Table 1 layout."""
+    head = ["", *[f"Speaking {m}" if i == 0 else m for i, m in enumerate(TABLE1["speaking"])],
+            *[f"Listening {m}" if i == 0 else m for i, m in enumerate(TABLE1["listening"])]]
+    return _table(head, [[label, *[fmt(t["speaking"][m]) for m in TABLE1["speaking"]],
+                          *[fmt(t["listening"][m]) for m in TABLE1["listening"]]] for label, t in rows])
+
+
+def supp_markdown(rows: list[tuple[str, dict]], fmt=fmt_value) -> str:
+    """``rows``: (label, supplementary dict {split: {metric: {group: result}}}) -> Table 6 layout."""
+    groups = list(M.DUALTALK_GROUPS)
+    head = ["", "split"] + [f"{m} {g}" for m in SUPP for g in groups]
+    return _table(head, [[label, split, *[fmt(s[split][m][g]) for m in SUPP for g in groups]]
+                         for label, s in rows for split in SPLITS])
+
+
+def groups_markdown(rows: list[tuple[str, dict]], fmt=fmt_value) -> str:
+    """``rows``: (label, listening_groups dict) -> dynamic deviation and reward per FLAME group; a
+    "run reward" column per group the run rewarded with other terms than the default reward."""
+    own = [g for g in GROUP_NAMES if any("run_reward" in gr[g] for _, gr in rows)]
+    head = ["", *[f"{g} dd" for g in GROUP_NAMES], *[f"{g} reward" for g in GROUP_NAMES], *[f"{g} run reward" for g in own]]
+    return _table(head, [[label, *[fmt(gr[g]["dd"]) for g in GROUP_NAMES], *[fmt(gr[g]["reward"], 4) for g in GROUP_NAMES],
+                          *[fmt(gr[g].get("run_reward"), 4) for g in own]] for label, gr in rows])
+
+
+def _run_reward_note(h: dict) -> str:
+    own = h.get("run_reward")
+    if not own:
+        return ""
+    r = own["rewards"]
+    setting = ", ".join(f"{k} {v}" for k, v in r.items() if v not in (None, {}, []))
+    if own["scored_separately"]:
+        return (f" The run optimised reward `{own['reward']}` ({setting}): its own per-group reward is the "
+                f"'run reward' column (the 'reward' columns keep the default reward, comparable across checkpoints).")
+    return (f" The run optimised reward `{own['reward']}`{' (' + setting + ')' if setting else ''} with the default "
+            f"per-group terms: its rewards are the 'reward' columns of its groups.")
+
+
+def units_note(h: dict) -> str:
+    conv = h["convention"]
+    dyn = ("velocity std (paper): |std_t(vel P) - std_t(vel G)|" if conv == "velocity" else
+           "position std (ARTalk/UniLS): |std_t(P) - std_t(G)|")
+    flame = f"FLAME model {h['flame_model']}" if h["flame_model"] else "n/a: no FLAME model given"
+    return (f"FDD / PDD / JDD: {dyn}, x{h['dynamic_scale']:g}, mean over windows with >= {h['min_frames']} frames of the split; "
+            f"FDD on {'upper-face FLAME vertices (mm)' if h['flame_model'] else 'expr + eyelid parameters (no FLAME model)'}, "
+            f"PDD on rot + neck, JDD on jaw. LVE / MHD in mm ({flame}). "
+            f"Table 6: FD, P-FD (jaw x1000, pose x100), MSE (exp x10, jaw x1000, pose x100), SID (bits, higher = more diverse), "
+            f"rPCC; exp = expr, pose = rot; per (conversation, actor) sequence, then averaged. "
+            f"'dd' = listening velocity-std deviation of one FLAME group (same scale as FDD); reward = the default per-group reward "
+            f"(weights var 1, vel 1, mean 0.25, mse 0.1) on listening frames.{_run_reward_note(h)} "
+            f"n/a = unavailable (see the JSON notes), never 0.")
+
+
+def markdown_report(h: dict, res: dict) -> str:
+    lines = [f"# Evaluation of `{h['checkpoint']}`", "",
+             f"Dataset `{h['dataset']}`, split `{h['split']}`: {h['n_windows']} windows (expressive subset: "
+             f"{h['n_expressive']} windows, top {100 * (1 - h['expressive_quantile']):.0f}% of ground-truth variance). "
+             f"Euler ODE, {h['steps']} steps, CFG w_speak={h['w_speak']:g} w_listen={h['w_listen']:g}, seed {h['seed']}.", ""]
+    for n in h["notes"]:
+        lines.append(f"> note: {n}")
+    lines += ["", "## Table 1 layout", "",
+              table1_markdown([(f"all (n={res['all']['n_windows']})", res["all"]["table1"]),
+                               (f"expressive (n={res['expressive']['n_windows']})", res["expressive"]["table1"])]),
+              "", "## Supplementary (Table 6 layout)", "",
+              supp_markdown([("all", res["all"]["supplementary"]), ("expressive", res["expressive"]["supplementary"])]),
+              "", "## Listening, per FLAME group", "",
+              groups_markdown([("all", res["all"]["listening_groups"]), ("expressive", res["expressive"]["listening_groups"])]),
+              "", units_note(h), ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, h: dict, res: dict) -> tuple[Path, Path]:
+    """``out/metrics.json`` (header + results, without the ``_``-prefixed entries) and ``out/metrics.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {**h, **to_json({k: v for k, v in res.items() if not k.startswith("_")})}
+    atomic_write_json(out / "metrics.json", doc)
+    atomic_write_bytes(out / "metrics.md", markdown_report(h, res).encode())
+    return out / "metrics.json", out / "metrics.md"

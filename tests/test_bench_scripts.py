@@ -1,0 +1,46 @@
+"""train/bench_rl.py and train/bench_arflow.py are Hydra entry points (overrides, documented configs) with
+tiny settings: they run, print their tables, and refuse bad settings by name."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMP_NUM_THREADS"] = "1"
+    res = subprocess.run([sys.executable, str(ROOT / "train" / script), *overrides], cwd=cwd, capture_output=True, text=True,
+                         timeout=600, env=env)
+    if res.returncode != 0:
+        print(res.stdout[-3000:], res.stderr[-3000:])
+    return res
+
+
+def test_bench_arflow_hydra_overrides(tmp_path):
+    res = run("bench_arflow.py", "presets=[small]", "batch=[1]", "steps=1", "threads=1", "sft_batch=2", "sft_steps=1",
+              "min_speedup=0", cwd=tmp_path)
+    assert res.returncode == 0
+    assert "OMP_WAIT_POLICY=PASSIVE" in res.stdout  # set before torch was imported
+    assert "small" in res.stdout and "windows/s" in res.stdout and "paper preset" not in res.stdout
+    res = run("bench_arflow.py", "w_speak=1", "w_listen=1", cwd=tmp_path)
+    assert res.returncode != 0 and "CFG is off" in res.stderr
+    assert not list(tmp_path.glob("*.log"))  # no Hydra log files in the launch folder
+
+
+def test_bench_rl_hydra_overrides_throughput_and_memory(tmp_path):
+    tiny = ["presets=[small]", "n_prompts=1", "group_size=2", "sde_steps=1", "threads=1"]
+    res = run("bench_rl.py", *tiny, "uncached_tokens=1", cwd=tmp_path)
+    assert res.returncode == 0
+    assert "kv-cache" in res.stdout and "recompute" in res.stdout and "replay/update" in res.stdout
+    # memory=true: one child process per episode length, started with Hydra overrides
+    res = run("bench_rl.py", *tiny, "memory=true", "memory_tokens=[25,50]", cwd=tmp_path)
+    assert res.returncode == 0
+    rows = [line.split() for line in res.stdout.splitlines() if line.startswith("small ") and "ratio" not in line]
+    assert [int(r[1]) for r in rows] == [25, 50] and [int(r[2]) for r in rows] == [1, 3]  # tokens, sliding windows
+    assert "update memory ratio 50 / 25 tokens" in res.stdout
+    res = run("bench_rl.py", "presets=[big]", cwd=tmp_path)
+    assert res.returncode != 0 and "presets=['big']" in res.stderr
