@@ -317,6 +317,7 @@ class StreamingGenerator:
     def tokens_generated(self) -> int:
         return self._end
 
+    @torch.no_grad()
     def push(self, actor: np.ndarray, partner: np.ndarray | None = None) -> StreamOutput:
         """Feed the next samples of each side (partner None = silence as long as ``actor``) -> new output."""
         if self._finished:
@@ -336,6 +337,7 @@ class StreamingGenerator:
             self._run_window(s0, self.W, self._end)
         return self._output(token0, final=False)
 
+    @torch.no_grad()
     def finish(self) -> StreamOutput:
         """End of both streams: the remaining windows as ``generate_long`` runs them on the whole length
         (whole tokens only, as ``train/generate.py``), then the last frames."""

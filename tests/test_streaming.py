@@ -221,3 +221,45 @@ def test_int8_copy_stays_close_to_fp32(parts):
         out[name] = run_stream(gen, actor, None, SAMPLE_RATE)[0]
     rel = (out["int8"] - out["fp32"]).norm() / out["fp32"].norm()
     assert 0 < rel < 0.05, rel
+
+
+@pytest.mark.slow
+def test_stream_cli_writes_the_offline_motion_and_a_latency_report(tmp_path, run_entry):
+    """train/stream.py on a tiny checkpoint (not paced): its motion is generate_long + decode_latents of the same audio."""
+    import json
+
+    import soundfile as sf
+
+    from gdpo_listener.agents.arflow import load_arflow, save_arflow
+    from gdpo_listener.agents.vae import load_vae, save_vae
+
+    torch.manual_seed(0)
+    save_vae(tmp_path / "vae", MotionVAE(VAEConfig.tiny(d_latent=DV, window=24, r=R)),
+             Normalizer(np.zeros(FLAME_DIM, np.float32), np.ones(FLAME_DIM, np.float32)))
+    save_arflow(tmp_path / "sft", ARFlow(ARFlowConfig(d_latent=DV, d_text=384, d_audio=80, d_model=32, n_layers=1, n_heads=2,
+                                                      r=R, window=W_FRAMES)),
+                "small", config={"features": {"text_encoder": "bundled-minilm", "audio_encoder": "logmel"}},
+                extra={"vae_dir": str(tmp_path / "vae")})
+    actor, partner = speech_like(3.5, 10), speech_like(3.5, 11)
+    sf.write(tmp_path / "a.wav", actor, SAMPLE_RATE, subtype="FLOAT")  # read back bit for bit
+    sf.write(tmp_path / "b.wav", partner, SAMPLE_RATE, subtype="FLOAT")
+    res = run_entry("stream.py", f"checkpoint={tmp_path / 'sft'}", f"actor_wav={tmp_path / 'a.wav'}",
+                    f"partner_wav={tmp_path / 'b.wav'}", "realtime=false", "chunk_ms=30", "steps=2", "w_listen=2.0",
+                    "threads=1", f"out={tmp_path / 'gen'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with np.load(tmp_path / "gen.npz") as z:
+        motion, latents, speaking, latency = z["motion"], z["latents"], z["speaking_tokens"], z["latency_s"]
+    report = json.loads((tmp_path / "gen.json").read_text())
+    n_tok = len(actor) // TOKEN
+    assert motion.shape == (n_tok * R, FLAME_DIM) and latency.shape == (n_tok,) and report["tokens"] == n_tok
+    assert 0 <= report["latency_p50_s"] <= report["latency_p99_s"] and isinstance(report["kept_up"], bool)
+    model, _ = load_arflow(tmp_path / "sft")
+    vae, norm, _ = load_vae(tmp_path / "vae")
+    n_frames = n_tok * R
+    cond = offline_cond(AudioEncoder("logmel"), actor, partner, n_frames)
+    cond["text_emb"] = torch.zeros(1, 384)
+    z = generate_long(model, cond, n_frames, steps=2, w_listen=2.0, speaking_tokens=torch.from_numpy(speaking)[None],
+                      generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(latents, z[0].numpy()) and np.array_equal(motion, decode_latents(vae, norm, z)[0].numpy())
+    bad = run_entry("stream.py", f"checkpoint={tmp_path / 'sft'}", f"actor_wav={tmp_path / 'a.wav'}", "chunk_ms=10", cwd=tmp_path)
+    assert bad.returncode != 0 and "20 ms" in bad.stderr
