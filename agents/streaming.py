@@ -20,6 +20,7 @@ in the same order, on one generator:
   whole clip, whose loudness gate (99th percentile of the clip) and run smoothing then see the
   whole clip: decisions can differ near the gate (``test_streaming`` measures the agreement).
   ``StreamOutput.speaking`` reports the decisions; ``generate_long`` given them reproduces the stream.
+  ``speaking=`` replaces the VAD by given decisions (e.g. ``generate.py``'s whole-clip VAD).
 
 Latency. The AR-Flow prefix attends to the whole window's audio (both sides, bidirectional), so a
 window can only run when its last token's audio is in: a token waits for the rest of its window.
@@ -37,7 +38,7 @@ token j, the trailing tokens ``[j - nv + 1, j]`` and emits token j's r frames (n
 :func:`decode_latents_causal` on the offline latents, not to ``decode_latents``).
 
 State is bounded for any length: features of at most 2 W tokens and latents of at most
-max(W, nv) tokens are kept, plus one token of samples per side and ``vad_seconds`` of actor audio
+max(W, nv) tokens are kept, plus about one token of samples per side and ``vad_seconds`` of actor audio
 (:meth:`StreamingGenerator.state_sizes`).
 
 Partner motion is absent (zeros, ``partner_has_motion`` False), as ``train/generate.py`` does
@@ -50,6 +51,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -242,13 +244,15 @@ class StreamingGenerator:
     ``n_mels`` = the model's ``d_audio``). Settings as ``generate_long``: ``k`` prefix tokens, ``steps``,
     ``w_speak`` / ``w_listen``, ``sigma`` / ``sde``, ``generator``, ``use_cache``; ``window`` (frames)
     defaults to the model's. ``text_emb`` (Dt,) or None (no text). ``decode``: "chunked" or "causal".
-    ``vad_seconds``: actor audio the speaking decision looks back on.
+    ``vad_seconds``: actor audio the speaking decision looks back on. ``speaking(j0, j1) -> (j1 - j0,)
+    bool`` replaces that VAD by given decisions for tokens [j0, j1) (e.g. an offline VAD of the file).
     """
 
     def __init__(self, model, vae, normalizer, audio_encoder: AudioEncoder, *, k: int = 1, steps: int = 10,
                  w_speak: float = 1.0, w_listen: float = 1.0, sigma: float = 0.0, sde: str = "paper",
                  generator: torch.Generator | None = None, text_emb=None, window: int | None = None,
-                 decode: str = "chunked", vad_seconds: float = 30.0, use_cache: bool = True):
+                 decode: str = "chunked", vad_seconds: float = 30.0, use_cache: bool = True,
+                 speaking: Callable[[int, int], np.ndarray] | None = None):
         c = model.cfg
         self.model, self.vae, self.normalizer = model, vae, normalizer
         self.r = c.r
@@ -273,6 +277,7 @@ class StreamingGenerator:
             raise ValueError(f"StreamingGenerator: vad_seconds={vad_seconds} must cover the window ({window} frames)")
         self.k, self.steps, self.sigma, self.sde = int(k), int(steps), float(sigma), sde
         self.generator, self.use_cache, self.decode = generator, bool(use_cache), decode
+        self._speaking_fn = speaking
         self.nv = vae.cfg.window // vae.cfg.r  # tokens per VAE decoding window
         self.device = next(model.parameters()).device
         self.set_cfg(w_speak, w_listen)
@@ -362,7 +367,11 @@ class StreamingGenerator:
                 "partner_latent": torch.zeros(1, n, self.model.cfg.d_latent, device=dev),
                 "partner_has_motion": torch.tensor([False], device=dev)}
         speaking = np.zeros(n, bool)
-        speaking[new0 - s0:] = self._vad.tokens(new0, s0 + n)
+        given = self._vad.tokens(new0, s0 + n) if self._speaking_fn is None else self._speaking_fn(new0, s0 + n)
+        given = np.asarray(given, dtype=bool)
+        if given.shape != (s0 + n - new0,):
+            raise ValueError(f"StreamingGenerator: speaking({new0}, {s0 + n}) gave shape {given.shape}, expected ({s0 + n - new0},)")
+        speaking[new0 - s0:] = given
         prefix = self._latents.take(s0, new0)[None] if new0 > s0 else None  # (1, k_w, Dv)
         x = window_step(self.model, cond, n, prefix, torch.from_numpy(speaking)[None].to(dev), steps=self.steps,
                         w_speak=self.w_speak, w_listen=self.w_listen, sigma=self.sigma, generator=self.generator,

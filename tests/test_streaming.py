@@ -158,6 +158,28 @@ def test_cfg_and_text_changes_apply_from_the_next_token(parts):
     assert torch.equal(z, ref)
 
 
+def test_given_speaking_decisions_replace_the_vad(parts):
+    model, vae, norm, enc = parts
+    actor = speech_like(3.0, 12)
+    n_tok = len(actor) // TOKEN
+    given = np.arange(n_tok) % 3 == 0  # not what the VAD says
+    calls = []
+
+    def speaking(j0, j1):
+        calls.append((j0, j1))
+        return given[j0:j1]
+
+    gen = StreamingGenerator(model, vae, norm, enc, speaking=speaking, generator=torch.Generator().manual_seed(2), **SETTINGS)
+    z, _, sp = run_stream(gen, actor, None, 2000)
+    assert np.array_equal(sp, given) and calls[0] == (0, W_FRAMES // R)
+    ref = generate_long(model, offline_cond(enc, actor, np.zeros_like(actor), n_tok * R), n_tok * R,
+                        speaking_tokens=torch.from_numpy(given)[None], generator=torch.Generator().manual_seed(2), **SETTINGS)[0]
+    assert torch.equal(z, ref)
+    bad = StreamingGenerator(model, vae, norm, enc, speaking=lambda j0, j1: given[:1], **SETTINGS)
+    with pytest.raises(ValueError, match="speaking"):
+        run_stream(bad, actor, None, 2000)
+
+
 def test_state_is_bounded(parts):
     model, vae, norm, enc = parts
     actor = speech_like(40.0, 6)  # 125 tokens, 41 windows
