@@ -4,7 +4,7 @@ folders, training curves, figures and report.
 - :func:`training_budget`: RL iterations, SDE rollouts and denoising transitions of one run, from
   the resolved config the run recorded (episode length ``env.episode_tokens`` or the model window);
 - :func:`replaceable_run_dir`: whether a run folder may be deleted before a fresh run (only a
-  folder this benchmark wrote, identified by its :data:`RUN_STAMP`, or an empty one);
+  run this benchmark started, identified by its :func:`run_stamp`, or an empty folder);
 - :func:`read_curve` / :func:`reward_curves`: per-group training reward from the runs' CSV logs;
 - :func:`plot_reward_curves` / :func:`plot_listening_window`: the two figures;
 - :func:`build_report` / :func:`report_markdown`: ``report.json`` and ``report.md`` (statistics over
@@ -25,7 +25,11 @@ from .seed_stats import aggregate_seeds, findings, fmt_ms, mean_std
 
 METHOD_LABEL = {"supervised": "supervised-only", "grpo": "GRPO", "gdpo": "GDPO"}
 PAPER_ABLATION = {"FDD": (28.03, 18.85), "PDD": (2.15, 1.90), "JDD": (1.09, 0.87)}  # Table 4: without GDPO -> GDPO
-RUN_STAMP = "bench_run.json"  # written into every run folder the benchmark starts (before training)
+# The benchmark's record of a training run it started: ``runs/<algo>_seed<S>.bench_run.json`` beside the
+# run folder (train/gdpo.py accepts only an empty folder or one of its own runs as out_dir), written
+# before training starts and completed when it finishes. Older versions kept it inside the folder.
+RUN_STAMP_SUFFIX = ".bench_run.json"
+LEGACY_RUN_STAMP = "bench_run.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,15 +53,21 @@ def training_budget(run_config: dict, arch: dict | None) -> dict:
             "transitions": rollouts * int(tokens or 0) * int(env.get("sde_steps") or 0)}
 
 
+def run_stamp(run_dir: Path) -> Path:
+    """The benchmark's record of the training run in ``run_dir`` (a file beside it)."""
+    return run_dir.with_name(run_dir.name + RUN_STAMP_SUFFIX)
+
+
 def replaceable_run_dir(run_dir: Path, runs_root: Path) -> bool:
     """True when ``run_dir`` may be deleted to start a run afresh: it is a direct child of
-    ``runs_root`` (symbolic links and ``..`` resolved) and is missing, empty or holds the
-    :data:`RUN_STAMP` the benchmark writes before it starts training there."""
+    ``runs_root`` (symbolic links and ``..`` resolved) and is missing, empty, or a run the
+    benchmark started (its :func:`run_stamp` exists)."""
     if run_dir.is_symlink() or run_dir.resolve().parent != runs_root.resolve():
         return False
     if not run_dir.exists():
         return True
-    return run_dir.is_dir() and (not any(run_dir.iterdir()) or (run_dir / RUN_STAMP).is_file())
+    return run_dir.is_dir() and (not any(run_dir.iterdir()) or run_stamp(run_dir).is_file()
+                                 or (run_dir / LEGACY_RUN_STAMP).is_file())
 
 
 # ----------------------------------------------------------------------------------------------

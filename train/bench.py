@@ -31,8 +31,8 @@ CSV logs ``runs/<algo>_seed<S>/logs/<algo>/scalars/reward/<group>/mean.csv``),
 ``listening_motion.png`` (one test window: ground truth vs each method), ``eval/<method>_seed<S>/``
 (per-run metrics.json / metrics.md) and ``logs/<algo>_seed<S>.log`` (training output). Finished
 training runs are reused when their overrides are unchanged (``reuse=true``). A run folder is
-replaced only if the benchmark wrote it (its ``bench_run.json``) or it is empty; any other folder
-in the way stops the benchmark with an error naming it.
+replaced only if the benchmark started that run (its record ``runs/<algo>_seed<S>.bench_run.json``)
+or it is empty; any other folder in the way stops the benchmark with an error naming it.
 """
 from __future__ import annotations
 
@@ -58,12 +58,12 @@ from gdpo_listener.agents.checkpoint import atomic_write_bytes, atomic_write_jso
 from gdpo_listener.evaluation import intent_control as IC  # noqa: E402
 from gdpo_listener.evaluation.benchmark import (  # noqa: E402
     METHOD_LABEL,
-    RUN_STAMP,
     build_report,
     plot_listening_window,
     plot_reward_curves,
     replaceable_run_dir,
     reward_curves,
+    run_stamp,
     training_budget,
 )
 from gdpo_listener.evaluation.checkpoints import run_reward_config  # noqa: E402
@@ -97,7 +97,7 @@ def run_training(cfg: DictConfig, algo: str, seed: int, out: Path, data_root: Pa
     """Train (or reuse) ``out/runs/<algo>_seed<S>``; returns {path, wall_s, reused}."""
     run_dir = out / "runs" / f"{algo}_seed{seed}"
     over = train_overrides(cfg, algo, seed, run_dir, data_root, vae, sft)
-    stamp = run_dir / RUN_STAMP
+    stamp = run_stamp(run_dir)
     if cfg.reuse and stamp.is_file() and (run_dir / "meta.json").is_file():
         prev = json.loads(stamp.read_text())
         if prev.get("overrides") == over and prev.get("status", "done") == "done":
@@ -105,10 +105,10 @@ def run_training(cfg: DictConfig, algo: str, seed: int, out: Path, data_root: Pa
             return {"path": run_dir, "wall_s": prev.get("wall_s"), "reused": True}
     if run_dir.exists():  # stale or different run: start clean (its CSV logs would otherwise be appended to)
         if not replaceable_run_dir(run_dir, out / "runs"):
-            raise RuntimeError(f"refusing to delete {run_dir}: it holds files the benchmark did not write (no {RUN_STAMP}); "
-                               f"move it away or choose another out_dir")
+            raise RuntimeError(f"refusing to delete {run_dir}: it holds files the benchmark did not write (no {stamp.name} "
+                               f"beside it); move it away or choose another out_dir")
         shutil.rmtree(run_dir)
-    atomic_write_json(stamp, {"overrides": over, "status": "running"})  # marks the folder as the benchmark's
+    atomic_write_json(stamp, {"overrides": over, "status": "running"})  # the folder is the benchmark's from now on
     log = out / "logs" / f"{algo}_seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(stages.TRAIN_DIR / "gdpo.py"), *over]
@@ -121,6 +121,8 @@ def run_training(cfg: DictConfig, algo: str, seed: int, out: Path, data_root: Pa
     if res.returncode != 0:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"train/gdpo.py {algo} seed {seed} failed (exit {res.returncode}); log {log}:\n{tail}")
+    if not (run_dir / "meta.json").is_file():
+        raise RuntimeError(f"train/gdpo.py {algo} seed {seed} wrote no checkpoint into {run_dir}; see its log {log}")
     atomic_write_json(stamp, {"overrides": over, "wall_s": wall, "status": "done"})
     print(f"[bench] {algo} seed {seed} done in {wall:.0f} s", flush=True)
     return {"path": run_dir, "wall_s": wall, "reused": False}
