@@ -39,6 +39,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from .dataset import WINDOW
 from .flame import GROUP_NAMES, GROUPS
 
 SOURCE = ("issue 10: measured on real DualTalk conversations, tracker FLAME, 25 fps, with this "
@@ -150,7 +151,7 @@ def corpus_statistics(source, splits: Sequence[str] = ("train", "test")) -> dict
             if not conv.has_motion[s]:
                 continue
             sides.append(side_statistics(conv.motion[s], conv.vad[s], conv.vad[1 - s], conv.group_valid[s]))
-            texts = list(conv.text[s]) + [""] * max(conv.n_frames // 200 - len(conv.text[s]), 0)
+            texts = list(conv.text[s]) + [""] * max(conv.n_frames // WINDOW - len(conv.text[s]), 0)  # missing = ""
             n_text += len(texts)
             n_empty += sum(not t.strip() for t in texts)
     if not sides:
