@@ -380,6 +380,11 @@ def _conversation_info(root: Path, cid: str) -> tuple[int, list[list[str]]]:
     return int(T), doc["text"]
 
 
+def shard_owner(key: str, world_size: int) -> int:
+    """The rank that computes cache entry ``key`` (a hex digest) in a job of ``world_size`` ranks."""
+    return int(key[:8], 16) % int(world_size)
+
+
 def precompute_features(
     dataset_root: str | os.PathLike,
     text_encoder: TextEncoder,
@@ -387,12 +392,18 @@ def precompute_features(
     cache_dir: str | os.PathLike,
     progress: bool = True,
     splits: Sequence[str] = ("train", "test"),
+    shard: tuple[int, int] | None = None,
 ) -> DatasetFeatures:
     """Audio features of both sides of every clip and text embeddings of every window, cached.
 
     Cache keys hash the encoder key with the wav file's bytes (audio) or the side's window texts
     (text). Missing text embeddings are computed in one batched pass over the unique non-empty
-    strings of the whole dataset.
+    strings of the whole dataset (of this rank's share, with ``shard``).
+
+    ``shard=(rank, world_size)``: one rank of a distributed job computes only the cache entries it
+    owns (:func:`shard_owner`), so every entry is written by exactly one rank; the other entries are
+    neither read nor written. Call it on every rank, wait for all (a barrier), then call it again
+    without ``shard`` to check and load the whole cache (every entry is then a hit).
     """
     from tqdm import tqdm
 
@@ -400,6 +411,14 @@ def precompute_features(
     root = Path(dataset_root)
     load_meta(root)
     ids = list(dict.fromkeys(cid for split in splits for cid in read_split(root, split)))
+    if shard is not None:
+        rank, world = (int(v) for v in shard)
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"precompute_features: shard={tuple(shard)} must be (rank, world_size) with 0 <= rank < world_size")
+
+    def mine(key: str) -> bool:  # this call computes the entry ``key`` if it is missing
+        return shard is None or shard_owner(key, world) == rank
+
     cache = FeatureCache(cache_dir)
     stats = {"clips": 0, "audio_hits": 0, "audio_misses": 0, "text_hits": 0, "text_misses": 0, "unique_strings": 0}
     audio_paths, text_paths, masks = {}, {}, {}
@@ -414,7 +433,9 @@ def precompute_features(
             except OSError as e:
                 raise FileNotFoundError(f"cannot read audio {wav_path}: {e}") from None
             k = cache.key(audio_encoder.key, [data, f"n_frames={T}".encode()])
-            if cache.get(k) is None:
+            if not mine(k):
+                pass  # another rank's entry
+            elif cache.get(k) is None:
                 cache.put(k, audio_encoder.encode(read_wav(wav_path), T))
                 stats["audio_misses"] += 1
             else:
@@ -426,7 +447,9 @@ def precompute_features(
             masks[(cid, side)] = np.array([bool(t.strip()) for t in win], dtype=bool)
             k = cache.key(text_encoder.key, json.dumps(win).encode())
             text_paths[(cid, side)] = cache.path(k)
-            if cache.get(k) is None:
+            if not mine(k):
+                pass  # another rank's entry
+            elif cache.get(k) is None:
                 pending_text[(cid, side)] = (k, win)
                 stats["text_misses"] += 1
             else:
@@ -450,6 +473,6 @@ def precompute_features(
 
 
 __all__ = [
-    "TextEncoder", "AudioEncoder", "FeatureCache", "DatasetFeatures", "precompute_features",
+    "TextEncoder", "AudioEncoder", "FeatureCache", "DatasetFeatures", "precompute_features", "shard_owner",
     "bundled_minilm_dir", "resolve_model_dir", "model_fingerprint", "BUNDLED_MINILM",
 ]

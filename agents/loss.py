@@ -181,7 +181,7 @@ def _aggregate(outputs: list[tuple[TensorDictBase, dict[str, float]]], rules: di
 
 
 def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimizer: torch.optim.Optimizer,
-                   chunk_steps: int = 2, epochs: int = 1, grad_clip: float = 1.0) -> dict[str, float]:
+                   chunk_steps: int = 2, epochs: int = 1, grad_clip: float = 1.0, sync=None) -> dict[str, float]:
     """One optimiser step per epoch over the whole batch, replayed window by window and ``chunk_steps``
     denoising steps at a time with gradient accumulation.
 
@@ -195,6 +195,13 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
     and all epochs; objective-weighted figures are NaN when the batch has no objective transition)
     and ``optim/grad_norm`` (last epoch, before clipping). Every window is replayed, also one
     without objective tokens: the KL covers all of them.
+
+    ``sync`` (several processes, each holding its own rows of one global batch; e.g.
+    :class:`~pipeline.distributed.Dist`): an object with ``all_reduce(tensor, "sum")`` and
+    ``all_reduce_gradients(params)``. The shares are then of the GLOBAL batch's transition counts
+    and the accumulated gradients are summed over processes once per optimiser step, before
+    clipping: every process takes the step one process would take on the union of the batches.
+    The returned loss and policy figures stay those of this process's rows.
     """
     S, epochs = int(chunk_steps), int(epochs)
     if S < 1:
@@ -208,6 +215,8 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
     n_obj = torch.stack([obj[:, new0:s0 + n].sum() for s0, n, new0 in spans]).tolist()  # one device read
     n_all = [B * (s0 + n - new0) for s0, n, new0 in spans]
     tot_obj, tot_all = sum(n_obj), sum(n_all)
+    if sync is not None:  # shares of the global batch
+        tot_obj, tot_all = sync.all_reduce(torch.tensor([tot_obj, tot_all], dtype=torch.float64, device=obj.device), "sum").tolist()
     outputs = []
     for _ in range(epochs):
         optimizer.zero_grad(set_to_none=True)
@@ -220,6 +229,8 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
                 out = loss_module(select_steps(win, k0, k1))
                 (out["loss_objective"] * w["objective"] + out["loss_kl"] * w["all"]).backward()
                 outputs.append((out.detach(), w))
+        if sync is not None:
+            sync.all_reduce_gradients(loss_module.actor_network.parameters())  # one all-reduce per optimiser step
         gnorm = torch.nn.utils.clip_grad_norm_(loss_module.actor_network.parameters(), grad_clip)
         check_finite_step({k: out[k] for k in ("loss_objective", "loss_kl")}, gnorm, where="chunked_update",
                           hint="a learning rate or clip range too large for this model, or sigma too small")

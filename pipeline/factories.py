@@ -46,12 +46,20 @@ def checkpoint_encoders(feat_cfg: DictConfig, ckpt_meta: dict) -> DictConfig:
         "cache_dir": feat_cfg.cache_dir})
 
 
-def make_features(feat_cfg: DictConfig, data_root: Path, device: torch.device):
-    """Cached text/audio features of every clip of the dataset, and the two encoders."""
+def make_features(feat_cfg: DictConfig, data_root: Path, device: torch.device, dist=None):
+    """Cached text/audio features of every clip of the dataset, and the two encoders.
+
+    ``dist`` (a :class:`~pipeline.distributed.Dist` of several processes): every rank first computes
+    and writes its own share of the missing cache entries, then, after a barrier, loads them all.
+    """
     from ..agents.encoders import precompute_features
 
     text_enc, audio_enc = make_encoders(feat_cfg, device)
-    feats = precompute_features(data_root, text_enc, audio_enc, abspath(feat_cfg.cache_dir))
+    cache_dir = abspath(feat_cfg.cache_dir)
+    if dist is not None and dist.is_distributed:
+        precompute_features(data_root, text_enc, audio_enc, cache_dir, progress=dist.is_main, shard=(dist.rank, dist.world_size))
+        dist.barrier()
+    feats = precompute_features(data_root, text_enc, audio_enc, cache_dir, progress=dist is None or dist.is_main)
     return feats, text_enc, audio_enc
 
 

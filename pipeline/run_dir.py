@@ -11,7 +11,8 @@
   folder is refused, and the kernel releases the lock of a killed run, so nothing stays stuck.
 
 Settings that do not change results (``IGNORED``: paths of the run itself, device, threads,
-logging cadence) do not make runs different.
+logging cadence, the distributed timeout ``dist``) do not make runs different. A run of several
+processes records its ``world_size`` among its settings (pipeline/distributed.py ``run_config``).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from ..agents.checkpoint import atomic_write_json
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 RUN_FORMAT = "gdpo-listener-run"
-IGNORED = ("out_dir", "resume", "device", "threads", "log_every", "ckpt_every", "logger", "progress")
+IGNORED = ("out_dir", "resume", "device", "threads", "log_every", "ckpt_every", "logger", "progress", "dist")
 
 
 class RunDirError(RuntimeError):

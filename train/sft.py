@@ -3,10 +3,18 @@
     python train/sft.py                       # small CPU preset on the synthetic corpus
     python train/sft.py model=paper           # paper preset (6 layers, 16 heads, D = 512)
     python train/sft.py resume=true           # continue a killed run
+    torchrun --nproc_per_node=2 train/sft.py  # 2 processes (DistributedDataParallel); also --nnodes=...
 
 One forward pass trains all 25 tokens of a window: the noisy copy of token l attends to the
 conditioning prefix, the clean history < l and itself (agents/arflow.py). The loss is logged
 overall and binned by flow time. Checkpoints (safetensors + resolved config) are atomic.
+
+Under torchrun (pipeline/distributed.py) ``optim.batch_size`` stays the GLOBAL batch: every rank
+draws the same global batch of windows and flow noise from the run's generator (seeded ``seed``)
+and trains on its block of ``batch_size / world_size`` rows; DistributedDataParallel averages the
+gradients, so the update is the single-process update of the same global batch (condition dropout
+excepted: each rank draws it from its own stream, seeded ``rank_seed(seed, rank)``). Rank 0 claims
+the run folder, logs and writes the checkpoints, which also hold every rank's RNG states.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import time
 import hydra
 import torch
 from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from gdpo_listener.agents.arflow import count_parameters
@@ -28,8 +37,9 @@ from gdpo_listener.envs.windows import cond_from_bank
 from gdpo_listener.evaluation.generation import numeric_items, print_quality_report, quality_report
 from gdpo_listener.pipeline import factories, stages
 from gdpo_listener.pipeline.checks import check_count, check_non_negative, check_positive
+from gdpo_listener.pipeline.distributed import Dist, check_world_size, distributed, main_first, rank_seed, run_config
 from gdpo_listener.pipeline.run_dir import claim_run_dir, truncate_logs
-from gdpo_listener.pipeline.run_state import load_run_state, save_run_state, seed_everything
+from gdpo_listener.pipeline.run_state import load_run_state, rng_state, save_run_state, seed_everything, set_rng_state
 from gdpo_listener.pipeline.threads import configure_threads
 
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -44,46 +54,94 @@ def make_scheduler(opt, optim_cfg):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
 
 
-def flow_step(model, batch, generator) -> dict[str, torch.Tensor]:
-    """Rectified-flow loss on a batch of bank rows; returns named terms and per-bin losses."""
-    x1 = batch["actor_latent"]  # (B, N, Dv)
-    x0 = torch.randn(x1.shape, generator=generator, device="cpu").to(x1.device)  # (B, N, Dv)
-    t = torch.rand(x1.shape[:2], generator=generator, device="cpu").to(x1.device)  # (B, N)
+def draw_batch(bank, batch_size: int, generator, rows: slice = slice(None)):
+    """This rank's ``rows`` of a global batch of ``batch_size`` bank rows drawn with replacement."""
+    idx = torch.randint(bank.batch_size[0], (int(batch_size),), generator=generator)  # (B,) the global batch
+    return bank[idx[rows].to(bank.device)]
+
+
+def flow_step(model, batch, generator, rows: slice = slice(None), batch_size: int | None = None):
+    """Rectified-flow loss on this rank's rows of a global batch.
+
+    ``batch`` holds rows ``rows`` of a global batch of ``batch_size`` rows (default: the batch is
+    the whole global batch); the flow noise and times are drawn for the global batch and sliced, so
+    the ranks together see what one process would. Returns the loss (mean over the local rows,
+    with gradient), the per-token squared errors ``(b, N)`` and the flow times ``(b, N)``, detached.
+    """
+    x1 = batch["actor_latent"]  # (b, N, Dv)
+    B = x1.shape[0] if batch_size is None else int(batch_size)
+    x0 = torch.randn((B, *x1.shape[1:]), generator=generator, device="cpu")[rows].to(x1.device)  # (b, N, Dv)
+    t = torch.rand((B, x1.shape[1]), generator=generator, device="cpu")[rows].to(x1.device)  # (b, N)
     xt = interpolate(x0, x1, t.unsqueeze(-1))
-    v = model(cond_from_bank(batch), x1, xt, t)  # (B, N, Dv)
-    per_token = (v - velocity_target(x0, x1)).pow(2).mean(-1)  # (B, N)
+    v = model(cond_from_bank(batch), x1, xt, t)  # (b, N, Dv)
+    per_token = (v - velocity_target(x0, x1)).pow(2).mean(-1)  # (b, N)
+    return per_token.mean(), per_token.detach(), t
+
+
+@torch.no_grad()
+def flow_terms(per_token: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Logged loss terms of a batch: the mean flow loss and its mean per flow-time bin; ``(B, N)`` inputs."""
     out = {"loss_flow": per_token.mean()}
-    with torch.no_grad():
-        for lo, hi in zip(T_BINS[:-1], T_BINS[1:]):
-            m = (t >= lo) & (t < hi)
-            out[f"loss_flow_t{lo:.2f}-{hi:.2f}"] = (per_token * m).sum() / m.sum().clamp(min=1)
+    for lo, hi in zip(T_BINS[:-1], T_BINS[1:]):
+        m = (t >= lo) & (t < hi)
+        out[f"loss_flow_t{lo:.2f}-{hi:.2f}"] = (per_token * m).sum() / m.sum().clamp(min=1)
     return out
+
+
+def wrap_ddp(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel under torchrun (rank 0's weights broadcast), else itself."""
+    if not dist.is_distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
 
 
 # config sections that must match for resume=true to continue a run (optim.steps may grow)
 RESUME_KEYS = ("model", "data", "features", "vae_dir", "seed")
 
 
+def save_state(path, cfg, step, generator, logger, run_states, dist: Dist) -> None:
+    """Training state, written once by rank 0; under torchrun it also holds every rank's RNG states."""
+    extra = {}
+    if dist.is_distributed:  # a collective: every rank calls it at the same step
+        extra = {"world_size": dist.world_size, "ranks": dist.all_gather_object({"rng": rng_state()})}
+    if dist.is_main:
+        save_run_state(path, cfg, RESUME_KEYS, step, generator, logger, run_states, **extra)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="sft")
 def main(cfg: DictConfig) -> None:
     configure_threads(cfg.threads)
-    device = factories.make_device(cfg.device)
-    generator = seed_everything(cfg.seed)
+    with distributed(cfg.device, cfg.dist.timeout_min) as dist:
+        train(cfg, dist)
+
+
+def train(cfg: DictConfig, dist: Dist) -> None:
+    device = dist.device
+    seed_everything(rank_seed(cfg.seed, dist.rank))  # this rank's global streams (condition dropout)
+    generator = torch.Generator().manual_seed(int(cfg.seed))  # batches and flow noise: the same on every rank
     check_positive(cfg, ["optim.lr", "optim.grad_clip"])
     check_non_negative(cfg, ["optim.weight_decay"])
     check_count(cfg, ["optim.steps", "optim.batch_size", "log_every", "ckpt_every", "eval.n_windows", "eval.steps"])
     check_count(cfg, ["optim.warmup"], minimum=0)
-    out_dir, _lock = claim_run_dir(factories.abspath(cfg.out_dir), cfg, stage="sft", resume=cfg.resume)
-    data_root = stages.ensure_dataset(cfg.data)
+    batch_size = int(cfg.optim.batch_size)
+    rows = dist.shard(batch_size, "optim.batch_size")  # this rank's block of the global batch
+    out_dir = None
+    if dist.is_main:
+        out_dir, _lock = claim_run_dir(factories.abspath(cfg.out_dir), run_config(cfg, dist), stage="sft", resume=cfg.resume)
+    out_dir = dist.broadcast_object(out_dir)
+    data_root = main_first(dist, stages.ensure_dataset, cfg.data)
 
     vae, normalizer, _ = factories.load_frozen_vae(factories.abspath(cfg.vae_dir), device)
-    features, text_enc, audio_enc = factories.make_features(cfg.features, data_root, device)
+    features, text_enc, audio_enc = factories.make_features(cfg.features, data_root, device, dist=dist)
     banks = factories.make_banks(data_root, features, vae, normalizer, device)
     train_bank, test_bank = banks["train"], banks["test"]
 
     model = factories.make_arflow(cfg.model, d_latent=vae.cfg.d_latent, d_text=text_enc.dim, d_audio=audio_enc.dim).to(device)
-    print(f"[sft] AR-Flow preset={cfg.model.preset}: {count_parameters(model) / 1e6:.2f}M trainable parameters"
-          + (" (paper: 19.3M)" if cfg.model.preset == "paper" else ""))
+    if dist.is_main:
+        print(f"[sft] AR-Flow preset={cfg.model.preset}: {count_parameters(model) / 1e6:.2f}M trainable parameters"
+              + (" (paper: 19.3M)" if cfg.model.preset == "paper" else "")
+              + (f"; {dist.world_size} processes x {batch_size // dist.world_size} windows" if dist.is_distributed else ""))
+    trained = wrap_ddp(model, dist)
     opt = make_optimizer(model, cfg.optim)
     sched = make_scheduler(opt, cfg.optim)
 
@@ -92,39 +150,45 @@ def main(cfg: DictConfig) -> None:
     start, logger_state = 0, None
     if cfg.resume:  # batches and flow noise continue the killed run's streams
         state = load_run_state(state_path, cfg, RESUME_KEYS, device, generator, states=run_states)
+        check_world_size(state.get("world_size"), dist, state_path)
+        if dist.is_distributed:
+            set_rng_state(state["ranks"][dist.rank]["rng"])  # this rank's own global streams
         start, logger_state = state["step"], state.get("logger")
-        truncate_logs(out_dir / "logs", start)  # steps logged after the saved state are logged again
-        print(f"[sft] resumed from step {start}")
-    logger = factories.make_logger(cfg.logger, out_dir, "sft", state_dict=logger_state)
+        if dist.is_main:
+            truncate_logs(out_dir / "logs", start)  # steps logged after the saved state are logged again
+            print(f"[sft] resumed from step {start}")
+    logger = factories.make_logger(cfg.logger, out_dir, "sft", state_dict=logger_state) if dist.is_main else None
 
-    n = train_bank.batch_size[0]
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(range(start, int(cfg.optim.steps)), desc="sft", initial=start, total=int(cfg.optim.steps))
+    steps = int(cfg.optim.steps)
+    bar = tqdm(range(start, steps), desc="sft", initial=start, total=steps, disable=not dist.is_main)
     for step in bar:
-        idx = torch.randint(n, (int(cfg.optim.batch_size),), generator=generator)
-        batch = train_bank[idx.to(train_bank.device)]
-        terms = flow_step(model, batch, generator)
+        batch = draw_batch(train_bank, batch_size, generator, rows)
+        loss, per_token, t = flow_step(trained, batch, generator, rows, batch_size)
         opt.zero_grad(set_to_none=True)
-        terms["loss_flow"].backward()
+        loss.backward()  # DistributedDataParallel: gradients averaged over ranks = the global batch's mean
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        check_finite_step({"loss_flow": terms["loss_flow"]}, gnorm, where=f"sft step {step + 1}", hint=f"optim.lr={cfg.optim.lr} too large")
+        check_finite_step({"loss_flow": loss}, gnorm, where=f"sft step {step + 1}", hint=f"optim.lr={cfg.optim.lr} too large")
         opt.step()
         sched.step()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.optim.steps:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            terms = flow_terms(dist.all_gather_rows(per_token), dist.all_gather_rows(t))  # over the global batch
             scalars = {f"loss/{k}": v.item() for k, v in terms.items()}
             scalars["optim/grad_norm"] = gnorm.item()
             scalars["optim/lr"] = sched.get_last_lr()[0]
-            scalars["perf/windows_per_s"] = (step + 1 - start) * cfg.optim.batch_size / (time.perf_counter() - t0)
+            scalars["perf/windows_per_s"] = (step + 1 - start) * batch_size / (time.perf_counter() - t0)
             factories.log_scalars(logger, scalars, step + 1)
             bar.set_postfix(loss=f"{scalars['loss/loss_flow']:.4f}")
         if (step + 1) % cfg.ckpt_every == 0:
             check_finite_weights(model, where=f"sft step {step + 1}", hint=f"optim.lr={cfg.optim.lr} too large")
-            save_run_state(state_path, cfg, RESUME_KEYS, step + 1, generator, logger, run_states)
-    check_finite_weights(model, where=f"sft step {int(cfg.optim.steps)}", hint=f"optim.lr={cfg.optim.lr} too large")
-    save_run_state(state_path, cfg, RESUME_KEYS, int(cfg.optim.steps), generator, logger, run_states)
+            save_state(state_path, cfg, step + 1, generator, logger, run_states, dist)
+    check_finite_weights(model, where=f"sft step {steps}", hint=f"optim.lr={cfg.optim.lr} too large")
+    save_state(state_path, cfg, steps, generator, logger, run_states, dist)
     elapsed = time.perf_counter() - t0
     model.eval()
+    if not dist.is_main:
+        return
     factories.save_run_arflow(out_dir, model, cfg, extra={"vae_dir": str(factories.abspath(cfg.vae_dir)),
                                                    "text_encoder": text_enc.key, "audio_encoder": audio_enc.key})
     print(f"[sft] trained {int(cfg.optim.steps) - start} steps in {elapsed:.1f} s; checkpoint: {out_dir}")
