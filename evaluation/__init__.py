@@ -2,5 +2,15 @@
 
 - :mod:`.metrics`: the paper's metrics (LVE, MHD, FDD/PDD/JDD, FD, P-FD, MSE, SID, rPCC), paired bootstrap;
 - :mod:`.flame_layer`: FLAME linear blend skinning for vertex metrics (user-supplied FLAME model);
-- :mod:`.generation`: held-out motion generation, the supervised quality report and the before/after table.
+- :mod:`.generation`: held-out motion generation (one routine), the supervised quality report and the before/after table;
+- :mod:`.checkpoints`: checkpoint meta, its VAE and r, fresh-clone default, checkpoint/dataset compatibility, the run's recorded reward;
+- :mod:`.data`: shared evaluation data of one split (``EvalData``, ``prepare_eval_data``, ``load_eval_model``);
+- :mod:`.scoring`: generate and score one checkpoint (Table 1, Table 6, per-group dynamics and rewards; all windows and the expressive subset);
+- :mod:`.report`: ``metrics.json`` / ``metrics.md`` and the table layouts;
+- :mod:`.seed_stats`: mean +- std over seeds, relative change, Welch t, findings;
+- :mod:`.intent_control`: intent classifier, text-control accuracy, CFG sweep;
+- :mod:`.benchmark`: bench training budget, run records, curves, figures, report;
+- :mod:`.long_sequences`: decay table of long generation;
+- :mod:`.clip`: one clip from audio files, checked inputs and outputs;
+- :mod:`.render`: FLAME motion to shaded frames and MP4 videos with sound.
 """
