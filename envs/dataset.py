@@ -18,15 +18,32 @@ Both sides of a conversation are stored; each side is the *actor* once when wind
 be a partner but never an actor. Speaking frames = actor VAD; listening frames = partner VAD and
 not actor VAD (paper, supplementary section 1).
 
-Writes are atomic: a dataset is built in a temporary sibling folder and renamed into place only
-when complete, so a failed conversion never leaves a half-written dataset.
+Besides this layout a dataset folder may hold files the project's own tools add
+(:data:`PROJECT_EXTRAS`: the synthetic corpus's labels, ``prepare_data``'s previews) and files a
+user adds (notes, plots, ...).
+
+Writes are atomic and never lose a user's file (:class:`DatasetWriter`):
+
+- a dataset is built in a temporary sibling folder ``.<name>.tmp-<pid>@<host>.<hex>`` and renamed
+  into place only when complete, so a failed conversion never leaves a half-written dataset;
+- an existing folder is replaced only if it is provably this project's dataset (its
+  ``dataset.json`` parses and names this format and a supported version) or is empty; anything
+  else is refused before any work (:func:`check_output_folder`);
+- files a user added to a dataset are carried over into the new one at the same relative path
+  (hard link, else copy) and named in a printed note; a user file in the way of a new file is an
+  error that leaves the old dataset as it was;
+- final files and folders get the user's umask (folders ``0o777 & ~umask``, files ``0o666 & ~umask``);
+- killed writers leave nothing behind for good: the next writer removes stale temporaries (writer
+  process gone, see ``agents/checkpoint.py``), and the next read or write of a folder repairs a
+  swap interrupted between its two renames (:func:`recover_dataset_folder`);
+- ``dataset.json`` is strict JSON: a non-finite value is an error naming the file and the key.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,10 +51,26 @@ from typing import Sequence
 import numpy as np
 import soundfile as sf
 
-from .flame import FLAME_DIM, FPS, GROUP_NAMES, N_GROUPS, SAMPLE_RATE, channel_mask
+from ..agents.checkpoint import (
+    TEMP_RE,
+    host_tag,
+    remove_stale_temps,
+    strict_json,
+    temp_name,
+    writer_is_gone,
+    writer_tag,
+)
+from .flame import FLAME_DIM, FPS, GROUP_NAMES, N_GROUPS, SAMPLE_RATE, channel_group_ids, channel_mask
 
 FORMAT_NAME = "gdpo-listener-dataset"
 FORMAT_VERSION = 1
+REPLACEABLE_VERSIONS = (1,)  # dataset.json versions a writer may replace (provably this project's output)
+# files the project's own tools add to a dataset folder besides the layout above: they belong to
+# the dataset and are replaced with it, never carried over as user files
+PROJECT_EXTRAS = ("synthetic_labels.json", "preview_speaking.png", "preview_listening.png")
+# FLAME parameters are O(1) (radians; unit-variance PCA coefficients): a larger magnitude is a unit
+# or tracker error, and values near 1e19 already overflow float32 statistics (squares)
+MOTION_ABS_LIMIT = 1e4
 WINDOW = 200  # frames per training window (8 s at 25 fps)
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 # audio and motion durations may differ by at most this many frames (rounding at the ends)
@@ -81,8 +114,16 @@ class Conversation:
         if T < 1:
             raise DatasetFormatError(f"{where}: motion is empty")
         if not np.isfinite(m).all():
-            bad = np.argwhere(~np.isfinite(m))[0]
-            raise DatasetFormatError(f"{where}: motion has NaN/inf (side {bad[0]}, frame {bad[1]}, channel {bad[2]})")
+            s, t, c = np.argwhere(~np.isfinite(m))[0]
+            raise DatasetFormatError(f"{where}: motion has NaN/inf (side {s}, frame {t}, channel {c}, "
+                                     f"FLAME group {GROUP_NAMES[channel_group_ids()[c]]!r})")
+        if (np.abs(m) > MOTION_ABS_LIMIT).any():
+            s, t, c = np.argwhere(np.abs(m) > MOTION_ABS_LIMIT)[0]
+            raise DatasetFormatError(
+                f"{where}: implausible motion value {m[s, t, c]:.3g} (side {s}, frame {t}, channel {c}, FLAME group "
+                f"{GROUP_NAMES[channel_group_ids()[c]]!r}) beyond +-{MOTION_ABS_LIMIT:g}: FLAME parameters are O(1); "
+                "wrong units or a broken tracker?"
+            )
         if np.asarray(self.group_valid).shape != (2, N_GROUPS):
             raise DatasetFormatError(f"{where}: group_valid must have shape (2, {N_GROUPS})")
         if np.asarray(self.has_motion).shape != (2,):
@@ -177,38 +218,193 @@ class Normalizer:
 
 
 # ----------------------------------------------------------------------------------------------
-# writer
+# writer: output-folder safety
+
+
+def dataset_json_problem(root: str | os.PathLike) -> str | None:
+    """Why ``root/dataset.json`` does not prove ``root`` is this project's dataset, or None if it does
+    (it parses, names :data:`FORMAT_NAME` and a version in :data:`REPLACEABLE_VERSIONS`)."""
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        return "it has no dataset.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"its dataset.json is not valid JSON ({e})"
+    if not isinstance(meta, dict):
+        return f"its dataset.json holds a {type(meta).__name__}, not an object"
+    if meta.get("format") != FORMAT_NAME:
+        return f"its dataset.json has format {meta.get('format')!r}, not {FORMAT_NAME!r}"
+    if meta.get("version") not in REPLACEABLE_VERSIONS:
+        return (f"its dataset.json has format version {meta.get('version')!r}; this code replaces only version "
+                + ", ".join(map(str, REPLACEABLE_VERSIONS)))
+    return None
+
+
+def check_output_folder(out: str | os.PathLike, overwrite: bool = True) -> None:
+    """Raise :class:`FileExistsError` naming ``out`` and why, unless a dataset may be written there:
+    ``out`` is absent, an empty folder, or (with ``overwrite``) provably this project's dataset.
+    Call it before any long work; :class:`DatasetWriter` calls it too."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise FileExistsError(f"output folder {out} exists (pass overwrite=True to replace it)")
+    if not out.is_dir():
+        raise FileExistsError(f"output {out} is not a canonical dataset (it is not a folder); refusing to replace it")
+    if not any(out.iterdir()):
+        return
+    problem = dataset_json_problem(out)
+    if problem is not None:
+        raise FileExistsError(f"output folder {out} is not a canonical dataset: {problem}; refusing to replace it "
+                              "(choose another out= or move its contents away)")
+
+
+def project_files(root: Path) -> set[str]:
+    """Relative paths (files and folders) in dataset ``root`` that this project wrote: the layout's
+    files for the conversations listed in its splits, ``dataset.json``'s ``extra_files`` and
+    :data:`PROJECT_EXTRAS`."""
+    owned = {"dataset.json", "normalizer.npz", "splits", "conversations", "audio", *PROJECT_EXTRAS}
+    try:
+        owned.update(json.loads((root / "dataset.json").read_text()).get("extra_files", []))
+    except (OSError, ValueError, AttributeError):
+        pass
+    for split in ("train", "test"):
+        path = root / "splits" / f"{split}.txt"
+        if not path.is_file():
+            continue
+        owned.add(f"splits/{split}.txt")
+        for cid in (line.strip() for line in path.read_text().splitlines()):
+            if cid:
+                owned.update({f"conversations/{cid}.npz", f"conversations/{cid}.json",
+                              f"audio/{cid}_s0.wav", f"audio/{cid}_s1.wav"})
+    return owned
+
+
+def user_files(root: str | os.PathLike) -> list[str]:
+    """Sorted relative paths in dataset ``root`` this project did not write (see
+    :func:`project_files`): files, symbolic links, and empty folders."""
+    root = Path(root)
+    owned = project_files(root)
+    found = []
+    for d, dirs, files in os.walk(root):
+        rel_d = Path(d).relative_to(root)
+        for name in files + [x for x in dirs if os.path.islink(os.path.join(d, x))]:
+            rel = (rel_d / name).as_posix()
+            if rel not in owned:
+                found.append(rel)
+        if not dirs and not files and rel_d != Path(".") and rel_d.as_posix() not in owned:
+            found.append(rel_d.as_posix())
+    return sorted(found)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Put ``src`` (file, symbolic link or empty folder) at ``dst``: hard link, else copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        dst.mkdir()
+    else:
+        try:
+            os.link(src, dst)
+        except OSError:  # no hard links on this filesystem
+            shutil.copy2(src, dst)
+
+
+OLD_RE = re.compile(r"^\.(?P<target>.+)\.old-(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9_-]+))?$")
+
+
+def _old_name(out: Path) -> Path:
+    """Where this process moves the previous dataset during the swap: ``.<name>.old-<pid>@<host>``."""
+    return out.parent / f".{out.name}.old-{writer_tag()}"
+
+
+def abandoned_old_datasets(out: Path) -> list[Path]:
+    """Previous datasets of ``out`` moved aside by writers that are gone (killed during the swap).
+    The name ``.<name>.old-<pid>`` of earlier versions counts as this host's."""
+    found = []
+    if not out.parent.is_dir():
+        return found
+    for e in os.scandir(out.parent):
+        m = OLD_RE.match(e.name)
+        if m and m["target"] == out.name and writer_is_gone(int(m["pid"]), m["host"] or host_tag()):
+            found.append(Path(e.path))
+    return sorted(found)
+
+
+def recover_dataset_folder(out: str | os.PathLike) -> None:
+    """Repair what a writer killed during its swap left at ``out`` (called on every read or write).
+
+    Killed between its two renames, the writer left ``out`` missing and the previous dataset under
+    ``.<name>.old-<pid>@<host>``: it is renamed back to ``out``. Killed after them, it left the
+    previous dataset beside a complete ``out``: it is removed. Entries of live writers are never
+    touched; with ``out`` present but not a complete dataset nothing is removed.
+    """
+    out = Path(out)
+    olds = abandoned_old_datasets(out)
+    if not olds:
+        return
+    if not out.exists() and not out.is_symlink():
+        if len(olds) > 1:
+            raise DatasetFormatError(f"{out} is missing and killed writers left several previous datasets: "
+                                     f"{', '.join(map(str, olds))}; rename the one to keep to {out}")
+        try:
+            os.replace(olds[0], out)
+        except OSError as e:
+            raise DatasetFormatError(f"{out} is missing; its previous dataset is at {olds[0]} but cannot be "
+                                     f"restored ({e}); rename it to {out}") from e
+        print(f"[dataset] restored {out} from {olds[0].name} (a writer was killed while replacing it)", flush=True)
+    elif dataset_json_problem(out) is None:
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class DatasetWriter:
-    """Write a canonical dataset atomically.
+    """Write a canonical dataset atomically, never losing a user's file.
 
     >>> with DatasetWriter(out, source="synthetic") as w:
     ...     w.add(conv, split="train")
 
-    On success (leaving the ``with`` block) the folder is fitted with the normaliser and renamed
-    into ``out``; on an exception the temporary folder is removed and ``out`` is untouched.
+    On success (leaving the ``with`` block) the folder is fitted with the normaliser, the files a
+    user added to the previous dataset at ``out`` are carried over (:attr:`kept_user_files`, named
+    in a printed note), and the folder is renamed into ``out``; on an exception the temporary
+    folder is removed and ``out`` is untouched. ``out`` must be absent, empty or this project's
+    dataset (:func:`check_output_folder`); a symbolic link is followed (the link keeps working).
+    Files a client puts into :attr:`tmp` besides the layout (e.g. ``synthetic_labels.json``) are
+    listed in ``dataset.json`` as ``extra_files`` and belong to the dataset.
     """
 
     def __init__(self, out: str | os.PathLike, source: str, overwrite: bool = True, extra_meta: dict | None = None):
-        self.out = Path(out)
+        out = Path(out)
+        self.out = Path(os.path.realpath(out)) if out.is_symlink() else out
         self.source = source
         self.overwrite = overwrite
         self.extra_meta = dict(extra_meta or {})
-        if self.out.exists():
-            if not overwrite:
-                raise FileExistsError(f"output folder {self.out} exists (pass overwrite=True to replace it)")
-            if not self.out.is_dir() or (any(self.out.iterdir()) and not (self.out / "dataset.json").is_file()):
-                raise FileExistsError(f"output folder {self.out} exists and is not a canonical dataset; refusing to replace it")
+        recover_dataset_folder(self.out)
+        check_output_folder(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        remove_stale_temps(self.out.parent, self.out.name)
+        self._note_legacy_temps()
+        self.tmp = self.out.parent / temp_name(self.out.name)
+        self.tmp.mkdir()  # mode 0o777 & ~umask, like every folder inside
         (self.tmp / "conversations").mkdir()
         (self.tmp / "audio").mkdir()
         self.splits: dict[str, list[str]] = {"train": [], "test": []}
+        self.kept_user_files: list[str] = []
         self._train_motion: list[np.ndarray] = []
         self._train_valid: list[np.ndarray] = []
         self.stats = {"frames": 0, "speaking": 0, "listening": 0, "actor_frames": 0}
         self.group_sq: dict[str, list[float]] = {g: [] for g in GROUP_NAMES}
+
+    def _note_legacy_temps(self) -> None:
+        """Temporaries of earlier versions (``.<name>.tmp-XXXXXXXX``) carry no writer id: they may
+        belong to a running conversion, so they are named, not removed."""
+        legacy = re.compile(rf"^\.{re.escape(self.out.name)}\.tmp-[a-z0-9_]{{8}}$")
+        for p in sorted(self.out.parent.iterdir()):
+            if legacy.match(p.name) and not TEMP_RE.match(p.name):
+                print(f"[dataset] note: {p} is a temporary folder of an earlier version of this writer; "
+                      "delete it if no conversion to it is running", flush=True)
 
     def __enter__(self) -> "DatasetWriter":
         return self
@@ -237,8 +433,8 @@ class DatasetWriter:
             has_motion=np.asarray(conv.has_motion, dtype=bool),
             vad=np.asarray(conv.vad, dtype=bool),
         )
-        with open(self.tmp / "conversations" / f"{conv.id}.json", "w") as f:
-            json.dump({"text": [list(map(str, t)) for t in conv.text], "n_frames": T}, f)
+        doc_path = self.tmp / "conversations" / f"{conv.id}.json"
+        doc_path.write_text(strict_json({"text": [list(map(str, t)) for t in conv.text], "n_frames": T}, doc_path))
         for s in range(2):
             audio = fit_audio_length(conv.audio[s], T)
             sf.write(self.tmp / "audio" / f"{conv.id}_s{s}.wav", np.clip(audio, -1, 1), SAMPLE_RATE, subtype="PCM_16")
@@ -250,9 +446,10 @@ class DatasetWriter:
             self.stats["actor_frames"] += T
             self.stats["speaking"] += int(vad[s].sum())
             self.stats["listening"] += int((vad[1 - s] & ~vad[s]).sum())
+            m64 = conv.motion[s].astype(np.float64)  # (T, 67): float32 squares overflow for |x| > 1.8e19
             for gi, g in enumerate(GROUP_NAMES):
                 if conv.group_valid[s][gi]:
-                    self.group_sq[g].append(float(conv.motion[s][:, channel_mask(np.eye(N_GROUPS, dtype=bool)[gi])].std(0).mean()))
+                    self.group_sq[g].append(float(m64[:, channel_mask(np.eye(N_GROUPS, dtype=bool)[gi])].std(0).mean()))
             if split == "train":
                 self._train_motion.append(conv.motion[s])
                 self._train_valid.append(np.asarray(conv.group_valid[s], dtype=bool))
@@ -290,14 +487,45 @@ class DatasetWriter:
             "window": WINDOW,
             "source": self.source,
             "summary": self.summary(),
+            "extra_files": user_files(self.tmp),  # what the client added to tmp (before the user files come in)
             **self.extra_meta,
         }
-        with open(self.tmp / "dataset.json", "w") as f:
-            json.dump(meta, f, indent=2)
-        # atomic swap: move any old dataset aside, rename the new one in, then delete the old one
+        try:
+            text = strict_json(meta, self.out / "dataset.json", indent=2)
+        except ValueError as e:
+            raise DatasetFormatError(str(e)) from None
+        (self.tmp / "dataset.json").write_text(text)
+        check_output_folder(self.out, self.overwrite)  # still ours to replace (nobody put something else there)
+        self.kept_user_files = self._carry_over_user_files()
+        self._swap()
+        if self.kept_user_files:
+            print(f"[dataset] kept {len(self.kept_user_files)} file(s) you added to {self.out} (carried over from "
+                  "the previous dataset): " + ", ".join(self.kept_user_files), flush=True)
+        return self.out
+
+    def _carry_over_user_files(self) -> list[str]:
+        """Put the previous dataset's user files (:func:`user_files`) into the new one, same paths."""
+        if not self.out.is_dir():
+            return []
+        kept = user_files(self.out)
+        clash = [r for r in kept if (self.tmp / r).exists() or (self.tmp / r).is_symlink()]
+        if clash:
+            raise DatasetFormatError(
+                f"{self.out / clash[0]}: this file was added to the dataset by hand and the new dataset has a file "
+                f"of that name; move it out of {self.out} and run again (the dataset was left as it was)"
+            )
+        for rel in kept:
+            _link_or_copy(self.out / rel, self.tmp / rel)
+        return kept
+
+    def _swap(self) -> None:
+        """Move the previous dataset aside, rename the new one in, delete the previous one.
+        A kill between the renames is repaired by :func:`recover_dataset_folder`."""
         old = None
         if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            old = _old_name(self.out)
+            if old.exists():  # this process's own leftover, if a cleanup ever failed
+                shutil.rmtree(old, ignore_errors=True)
             os.replace(self.out, old)
         try:
             os.replace(self.tmp, self.out)
@@ -307,7 +535,6 @@ class DatasetWriter:
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        return self.out
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -318,8 +545,10 @@ class DatasetWriter:
 
 
 def load_meta(root: str | os.PathLike) -> dict:
-    """Read and check ``dataset.json``; clear errors for a missing file or another format."""
+    """Read and check ``dataset.json``; clear errors for a missing file or another format.
+    First repairs a swap a killed writer left unfinished (:func:`recover_dataset_folder`)."""
     root = Path(root)
+    recover_dataset_folder(root)
     path = root / "dataset.json"
     if not path.is_file():
         raise DatasetFormatError(f"{root} is not a canonical dataset: {path} is missing (run train/prepare_data.py)")
@@ -332,11 +561,19 @@ def load_meta(root: str | os.PathLike) -> dict:
     if meta.get("version") != FORMAT_VERSION:
         raise DatasetFormatError(f"{path}: format version {meta.get('version')} but this code reads version {FORMAT_VERSION}")
     if meta.get("flame_dim") != FLAME_DIM or tuple(meta.get("groups", ())) != GROUP_NAMES:
-        raise DatasetFormatError(f"{path}: FLAME layout {meta.get('groups')} / {meta.get('flame_dim')} differs from {GROUP_NAMES} / {FLAME_DIM}")
+        raise DatasetFormatError(f"{path}: FLAME layout {meta.get('groups')} / {meta.get('flame_dim')} differs from "
+                                 f"{GROUP_NAMES} / {FLAME_DIM}")
     return meta
 
 
+def _recover_if_missing(root: Path) -> None:
+    """Readers that skip :func:`load_meta` repair a missing dataset folder (cheap when present)."""
+    if not root.exists():
+        recover_dataset_folder(root)
+
+
 def read_split(root: str | os.PathLike, split: str) -> list[str]:
+    _recover_if_missing(Path(root))
     path = Path(root) / "splits" / f"{split}.txt"
     if not path.is_file():
         raise DatasetFormatError(f"split file {path} is missing")
@@ -345,6 +582,7 @@ def read_split(root: str | os.PathLike, split: str) -> list[str]:
 
 def load_conversation(root: str | os.PathLike, cid: str, audio: bool = True) -> Conversation:
     root = Path(root)
+    _recover_if_missing(root)
     npz = root / "conversations" / f"{cid}.npz"
     try:
         with np.load(npz) as z:

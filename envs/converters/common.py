@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -30,6 +30,7 @@ from scipy.signal import resample_poly
 
 from ..dataset import (
     DURATION_TOLERANCE_FRAMES,
+    MOTION_ABS_LIMIT,
     SAMPLES_PER_FRAME,
     WINDOW,
     Conversation,
@@ -93,10 +94,13 @@ def open_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def motion_array(path: str | os.PathLike, arrays: dict, key: str | Sequence[str], width: int | None = None,
-                 min_width: int | None = None) -> np.ndarray:
+                 min_width: int | None = None, groups: str | Mapping[str, slice] | None = None) -> np.ndarray:
     """``(T, C)`` float32 array stored under ``key`` (or the first present of several aliases).
 
-    Checks: present, numeric, 2-d, ``C == width`` (or ``C >= min_width``), ``T >= 1``, finite.
+    Checks: present, numeric, 2-d, ``C == width`` (or ``C >= min_width``), ``T >= 1``, and after the
+    float32 cast every value finite and within ``+-MOTION_ABS_LIMIT`` (:func:`check_motion_values`).
+    ``groups``: the FLAME group the columns hold, or ``{group: column slice}`` when the key holds
+    several (DualTalk ``pose``), so an error names the group.
     """
     keys = [key] if isinstance(key, str) else list(key)
     name = next((k for k in keys if k in arrays), None)
@@ -114,11 +118,29 @@ def motion_array(path: str | os.PathLike, arrays: dict, key: str | Sequence[str]
         raise ConversionError(path, f"{name!r} must have at least {min_width} channels, got shape {arr.shape}")
     if arr.shape[0] < 1:
         raise ConversionError(path, f"{name!r} has no frames")
-    arr = arr.astype(np.float32)
-    if not np.isfinite(arr).all():
-        t, c = np.argwhere(~np.isfinite(arr))[0]
-        raise ConversionError(path, f"{name!r} has NaN/inf values (first at frame {t}, channel {c})")
+    with np.errstate(over="ignore"):  # values beyond float32's range become inf, refused just below
+        arr = arr.astype(np.float32)
+    if isinstance(groups, str):
+        groups = {groups: slice(0, arr.shape[1])}
+    check_motion_values(path, name, arr, groups or {})
     return arr
+
+
+def check_motion_values(path: str | os.PathLike, name: str, arr: np.ndarray, groups: Mapping[str, slice]) -> None:
+    """Refuse NaN/inf (also float64 values that overflow float32) and magnitudes beyond
+    ``MOTION_ABS_LIMIT`` in ``arr`` ``(T, C)`` float32: :class:`ConversionError` naming the file,
+    the key, the first bad frame and channel and its FLAME group (from ``groups``)."""
+    nonfinite = ~np.isfinite(arr)  # (T, C)
+    bad = nonfinite | (np.abs(np.where(nonfinite, 0, arr)) > MOTION_ABS_LIMIT)
+    if not bad.any():
+        return
+    t, c = np.argwhere(bad)[0]
+    group = next((g for g, sl in groups.items() if sl.start <= c < sl.stop), None)
+    at = f"first at frame {t}, channel {c}" + (f", FLAME group {group!r}" if group is not None else "")
+    if nonfinite[t, c]:
+        raise ConversionError(path, f"{name!r} has NaN/inf values after the float32 cast ({at})")
+    raise ConversionError(path, f"{name!r} has an implausible value {arr[t, c]:.3g} ({at}): FLAME parameters are "
+                                f"O(1) and the limit is +-{MOTION_ABS_LIMIT:g}; wrong units or a broken tracker?")
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -62,8 +62,8 @@ def scan_dualtalk(folder: Path) -> dict[str, dict[tuple[int, str], Path]]:
 def load_dualtalk_side(npz: Path) -> dict[str, np.ndarray]:
     """FLAME groups of one DualTalk ``.npz``: ``{"expr": (T,50), "jaw": (T,3), "rot": (T,3)}``."""
     arrays = open_npz(npz)
-    exp = motion_array(npz, arrays, "exp", width=50)
-    pose = motion_array(npz, arrays, "pose", width=6)
+    exp = motion_array(npz, arrays, "exp", width=50, groups="expr")
+    pose = motion_array(npz, arrays, "pose", width=6, groups={"rot": slice(0, 3), "jaw": slice(3, 6)})
     if exp.shape[0] != pose.shape[0]:
         raise ConversionError(npz, f"'exp' has {exp.shape[0]} frames but 'pose' has {pose.shape[0]}")
     return {"expr": exp, "jaw": pose[:, 3:6], "rot": pose[:, 0:3]}

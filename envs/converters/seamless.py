@@ -116,9 +116,9 @@ def load_tracker(npz: Path, required_groups: Sequence[str], fps: float) -> tuple
         cols = []
         for aliases, width in pieces:
             if group == "expr":
-                cols.append(motion_array(npz, arrays, aliases, min_width=width)[:, :width])
+                cols.append(motion_array(npz, arrays, aliases, min_width=width, groups=group)[:, :width])
             else:
-                cols.append(motion_array(npz, arrays, aliases, width=width))
+                cols.append(motion_array(npz, arrays, aliases, width=width, groups=group))
         parts[group] = np.concatenate(cols, axis=1)
     if not parts:
         raise ConversionError(npz, f"no FLAME keys found (keys present: {sorted(arrays)})")
