@@ -23,7 +23,7 @@ from .scoring import SPLITS, SUPP, TABLE1
 def to_json(x):
     """Metric results, nested dicts and lists -> plain JSON values (non-finite floats -> null)."""
     if isinstance(x, M.MetricResult):
-        return x.to_json()
+        return to_json(x.to_json())
     if isinstance(x, dict):
         return {str(k): to_json(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
