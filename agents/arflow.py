@@ -16,16 +16,33 @@ are told apart by a learned token-type embedding added at the input. With
 ``ARFlowConfig.audio_stride`` s > 1 (the small CPU preset uses 4) each audio token concatenates
 s frames and sits at their centre i * s + (s - 1) / 2; s = 1 is the paper layout above.
 
-Attention (explicit boolean masks, True = may attend):
+Attention (explicit boolean masks, True = may attend). Bidirectional prefix (default,
+``ARFlowConfig.causal_prefix`` False):
 
 * prefix tokens attend to the whole prefix (bidirectional) and nothing else;
 * clean history token j attends to the prefix and history tokens <= j;
 * noisy token l attends to the prefix, history tokens < l and itself.
 
-The prefix never sees the history, so its keys/values are computed once per window (KV cache).
-Teacher forcing (``forward``) puts all N clean tokens and all N noisy tokens in one sequence,
-``[prefix ; clean_0..N-1 ; noisy_0..N-1]``; the mask makes noisy token l see exactly what it sees
-during generation, so one pass trains every token.
+Causal-in-time prefix (``causal_prefix`` True, for real-time listening). Every prefix entry belongs
+to the motion token whose frames hold it (``PrefixLayout.tok``: audio token i -> its last frame
+// r, partner token j -> j; text -> 0 and visible to all):
+
+* text attends to text only;
+* an audio token (either stream) attends to text and to audio tokens (both streams) with timestamps
+  <= its own;
+* partner-motion token j attends to the prefix entries of tokens <= j (text, audio, partner motion);
+* clean token j / noisy token l attend to the prefix entries of tokens <= j / <= l, and to the
+  history as above.
+
+Token l then depends only on the audio up to its own last frame, so a window can be generated as
+its audio arrives (one token of algorithmic latency; ``agents/streaming.py``), and a window cut
+short equals the first tokens of the full window.
+
+The prefix never sees the history, so its keys/values are computed once per window (KV cache); with
+a causal prefix they can also be computed token by token (:meth:`ARFlow.extend`), earlier entries
+never changing. Teacher forcing (``forward``) puts all N clean tokens and all N noisy tokens in one
+sequence, ``[prefix ; clean_0..N-1 ; noisy_0..N-1]``; the mask makes noisy token l see exactly what
+it sees during generation, so one pass trains every token.
 
 Flow time. t enters each noisy token twice: a sinusoidal embedding of t -> MLP is *added* to the
 noisy token's input embedding, and the same embedding modulates the final layer norm before the
@@ -39,9 +56,12 @@ motion (every token). A row uses the null when it is dropped (training-time cond
 False), so "missing" and "dropped" look the same to the network. The unconditional CFG branch drops
 all three.
 
-Cached generation (``start`` / ``velocity`` / ``append``) is an inference path (no autograd; the
-cache is preallocated and written in place). Gradients go through ``forward`` (all tokens of one
-denoising step index at once) or ``velocity_uncached``. Sampling (ODE / SDE, CFG, sliding windows)
+Cached generation (``start`` / ``extend`` / ``velocity`` / ``append``) is an inference path (no
+autograd; the cache is preallocated and written in place). Gradients go through ``forward`` (all
+tokens of one denoising step index at once), ``velocity_uncached``, or the two-stage
+``encode_context`` (prefix and clean history of a window, once) + ``velocity_in_context`` (any
+number of noisy tokens against it), which the RL replay uses to share one prefix pass between all
+chunks of denoising steps. Sampling (ODE / SDE, CFG, sliding windows)
 is in ``agents/sampling.py``; ``ARFlow.sample`` / ``ARFlow.generate_long`` delegate to it. The
 transformer parts (rotary embeddings, attention, blocks) are shared with the VAE
 (``agents/attention.py``).
@@ -61,8 +81,9 @@ from .attention import Block, rope_cos_sin
 from .checkpoint import CheckpointError, load_meta, load_weights, save_checkpoint
 
 __all__ = [
-    "ARFlowConfig", "ARFlow", "KVCache", "prefix_positions", "token_positions", "attention_mask",
-    "count_parameters", "COND_KEYS", "DROP_KEYS", "save_arflow", "load_arflow",
+    "ARFlowConfig", "ARFlow", "KVCache", "Context", "PrefixLayout", "CausalSlots", "prefix_positions", "prefix_layout",
+    "token_positions", "attention_mask", "causal_prefix_mask", "count_parameters", "COND_KEYS", "DROP_KEYS",
+    "save_arflow", "load_arflow",
 ]
 
 DROP_KEYS = ("text", "audio", "motion")  # condition groups a ``drop`` mask can null (CFG, condition dropout)
@@ -90,6 +111,7 @@ class ARFlowConfig:
     p_drop_motion: float = 0.1  # partner motion
     rope_base: float = 10000.0
     audio_stride: int = 1      # audio frames per audio token (1 = paper: one token per frame)
+    causal_prefix: bool = False  # True: causal-in-time prefix (module docstring; real-time streaming)
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -119,9 +141,12 @@ class ARFlowConfig:
         """CPU default: trains on the synthetic corpus in minutes on 2 cores.
 
         Audio is tokenised 4 frames per token (TMRoPE position = centre of the 4 frames), which
-        cuts the prefix from 426 to 126 tokens; the paper preset keeps one token per frame.
+        cuts the prefix from 426 to 126 tokens; the paper preset keeps one token per frame. The
+        prefix is causal in time (``causal_prefix``): a token needs only the audio up to its own
+        last frame, which a real-time listener needs (one token of latency when streaming).
         """
-        return cls(**{**dict(d_model=128, n_layers=4, n_heads=4, dropout=0.0, audio_stride=4), **overrides})
+        return cls(**{**dict(d_model=128, n_layers=4, n_heads=4, dropout=0.0, audio_stride=4, causal_prefix=True),
+                      **overrides})
 
     @classmethod
     def paper(cls, **overrides) -> "ARFlowConfig":
@@ -151,11 +176,68 @@ def prefix_positions(L: int, N: int, r: int, device=None, audio_stride: int = 1)
     return torch.cat([torch.zeros(1, device=device), audio, token_positions(N, r, device=device), audio])
 
 
-def attention_mask(P: int, n_clean: int, noisy_idx: Tensor) -> Tensor:
+# kinds of sequence entries (``PrefixLayout.kind``); HISTORY marks clean-token slots of a causal cache
+TEXT, AUDIO, MOTION, HISTORY = range(4)
+
+
+@dataclass(frozen=True)
+class PrefixLayout:
+    """Per-entry description of prefix entries (or cache slots), each (P,):
+
+    ``pos`` float TMRoPE timestamp; ``kind`` long (TEXT, AUDIO, MOTION = partner motion, HISTORY);
+    ``tok`` long: the motion token whose frames hold the entry (audio token covering frames
+    [a, b) -> (b - 1) // r; partner or history token j -> j; text -> 0).
+    """
+
+    pos: Tensor
+    kind: Tensor
+    tok: Tensor
+
+    def __len__(self) -> int:
+        return self.pos.shape[0]
+
+    def take(self, idx) -> "PrefixLayout":
+        return PrefixLayout(self.pos[idx], self.kind[idx], self.tok[idx])
+
+    @staticmethod
+    def cat(parts: list["PrefixLayout"]) -> "PrefixLayout":
+        return PrefixLayout(*(torch.cat([getattr(p, f) for p in parts]) for f in ("pos", "kind", "tok")))
+
+
+def prefix_layout(L: int, N: int, r: int, audio_stride: int = 1, device=None) -> PrefixLayout:
+    """Layout of the prefix [text; partner audio (L/s); partner motion (N); actor audio (L/s)]."""
+    s, na = audio_stride, L // audio_stride
+    audio_tok = ((torch.arange(na, device=device) + 1) * s - 1) // r  # (L/s,) token of each audio token's last frame
+
+    def full(n, v):
+        return torch.full((n,), v, dtype=torch.long, device=device)
+
+    kind = torch.cat([full(1, TEXT), full(na, AUDIO), full(N, MOTION), full(na, AUDIO)])
+    tok = torch.cat([full(1, 0), audio_tok, torch.arange(N, device=device), audio_tok])
+    return PrefixLayout(prefix_positions(L, N, r, device=device, audio_stride=s), kind, tok)
+
+
+def causal_prefix_mask(q: PrefixLayout, k: PrefixLayout) -> Tensor:
+    """Causal-in-time prefix attention (module docstring) of queries ``q`` to keys ``k`` -> (Pq, Pk) bool.
+
+    Text sees text; audio sees text and audio with timestamp <= its own; partner motion sees the
+    text, audio and partner motion of tokens <= its own. HISTORY keys are never seen.
+    """
+    kq, kk = q.kind[:, None], k.kind[None, :]
+    key_text = kk == TEXT
+    audio_ok = key_text | ((kk == AUDIO) & (k.pos[None, :] <= q.pos[:, None]))
+    motion_ok = (kk <= MOTION) & (k.tok[None, :] <= q.tok[:, None])
+    return ((kq == TEXT) & key_text) | ((kq == AUDIO) & audio_ok) | ((kq == MOTION) & motion_ok)
+
+
+def attention_mask(P: int, n_clean: int, noisy_idx: Tensor, prefix_tok: Tensor | None = None,
+                   prefix_mask: Tensor | None = None) -> Tensor:
     """Boolean mask (S, S), True = may attend, for the sequence [prefix (P); clean (n_clean); noisy (M)].
 
-    ``noisy_idx`` (M,) long: token index of each noisy token. Prefix: prefix only. Clean j: prefix +
-    clean <= j. Noisy token with index l: prefix + clean < l + itself.
+    ``noisy_idx`` (M,) long: token index of each noisy token. Prefix: ``prefix_mask`` (P, P) among
+    the prefix (None: all of it, bidirectional) and nothing else. Clean j: prefix + clean <= j.
+    Noisy token with index l: prefix + clean < l + itself. ``prefix_tok`` (P,) (causal prefix):
+    clean j / noisy l see only the prefix entries with ``prefix_tok`` <= j / <= l (None: all).
     """
     M = noisy_idx.shape[0]
     S = P + n_clean + M
@@ -163,10 +245,48 @@ def attention_mask(P: int, n_clean: int, noisy_idx: Tensor) -> Tensor:
     mask = torch.zeros(S, S, dtype=torch.bool, device=dev)
     mask[:, :P] = True
     c = torch.arange(n_clean, device=dev)
+    if prefix_mask is not None:
+        mask[:P, :P] = prefix_mask
+    if prefix_tok is not None:
+        mask[P:P + n_clean, :P] = prefix_tok[None, :] <= c[:, None]
+        mask[P + n_clean:, :P] = prefix_tok[None, :] <= noisy_idx[:, None]
     mask[P:P + n_clean, P:P + n_clean] = c[None, :] <= c[:, None]
     mask[P + n_clean:, P:P + n_clean] = c[None, :] < noisy_idx[:, None]
     mask[P + n_clean:, P + n_clean:] = torch.eye(M, dtype=torch.bool, device=dev)
     return mask
+
+
+class CausalSlots:
+    """Slot layout of a causal-prefix KV cache for ``n_tokens`` tokens:
+
+        [text; group 0; history 0; group 1; history 1; ...]
+
+    group j = the prefix entries of token j (``tok == j``) in prefix order (partner audio, partner
+    motion, actor audio), the text joining group 0. History (or noisy) token l at ``hist[l]`` then
+    attends to exactly the slots [0, hist[l]], with no mask; group j can be computed as soon as its
+    entries are known (:meth:`ARFlow.extend`). ``layout`` describes every slot.
+    """
+
+    def __init__(self, prefix: PrefixLayout, n_tokens: int, r: int):
+        parts, self.start, self.hist, at = [], [], [], 0
+        for j in range(n_tokens):
+            idx = ((prefix.tok == j) & (prefix.kind != TEXT)).nonzero()[:, 0]
+            if j == 0:
+                idx = torch.cat([(prefix.kind == TEXT).nonzero()[:, 0], idx])
+            dev = prefix.pos.device
+            hist = PrefixLayout(torch.full((1,), float(j * r + r // 2), device=dev),
+                                torch.full((1,), HISTORY, dtype=torch.long, device=dev), torch.full((1,), j, device=dev))
+            parts += [prefix.take(idx), hist]
+            self.start.append(at)
+            at += idx.shape[0]
+            self.hist.append(at)
+            at += 1
+        self.layout = PrefixLayout.cat(parts)
+        self.size = at
+
+    def group(self, j: int) -> slice:
+        """Slots of group j."""
+        return slice(self.start[j], self.hist[j])
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,23 +310,33 @@ class TimeEmbedding(nn.Module):
 class KVCache:
     """Per-layer rotated keys/values of the prefix and the clean history of one window.
 
-    ``k[i]``, ``v[i]``: (B, H, P + n_tokens, hd). Slots [0, P) hold the prefix, slot P + j the clean
-    token j for j < ``length``. Slots from P + length on are scratch: ``ARFlow.velocity`` computes
-    the noisy token's keys/values there (the valid part is never modified), ``ARFlow.append``
-    commits a clean token there. ``cos``/``sin`` (n_tokens, hd/2): rotary tables of the motion tokens.
+    ``k[i]``, ``v[i]``: (B, H, P + n_tokens, hd). Bidirectional prefix (``slots`` None): slots
+    [0, P) hold the prefix, slot P + j the clean token j for j < ``length``. Causal prefix: the
+    token-by-token layout of ``slots`` (:class:`CausalSlots`), of which ``groups`` prefix groups are
+    computed (slots not yet written hold zeros). The slot of history token j
+    (:meth:`history_slot`) is scratch from ``length`` on: ``ARFlow.velocity`` computes the noisy
+    token's keys/values there (the valid part is never modified), ``ARFlow.append`` commits a clean
+    token there. ``cos``/``sin`` (n_tokens, hd/2): rotary tables of the motion tokens.
     """
 
-    def __init__(self, k: list[Tensor], v: list[Tensor], prefix_len: int, n_tokens: int, cos: Tensor, sin: Tensor, length: int = 0):
+    def __init__(self, k: list[Tensor], v: list[Tensor], prefix_len: int, n_tokens: int, cos: Tensor, sin: Tensor,
+                 length: int = 0, slots: CausalSlots | None = None, groups: int | None = None):
         self.k, self.v = k, v
         self.prefix_len, self.n_tokens, self.length = prefix_len, n_tokens, length
         self.cos, self.sin = cos, sin
+        self.slots = slots
+        self.groups = n_tokens if groups is None else groups  # prefix groups computed (all, without a causal layout)
 
     @property
     def batch_size(self) -> int:
         return self.k[0].shape[0]
 
+    def history_slot(self, l: int) -> int:
+        return self.prefix_len + l if self.slots is None else self.slots.hist[l]
+
     def _map(self, fn) -> "KVCache":
-        return KVCache([fn(t) for t in self.k], [fn(t) for t in self.v], self.prefix_len, self.n_tokens, self.cos, self.sin, self.length)
+        return KVCache([fn(t) for t in self.k], [fn(t) for t in self.v], self.prefix_len, self.n_tokens, self.cos, self.sin,
+                       self.length, self.slots, self.groups)
 
     def select(self, idx) -> "KVCache":
         """Rows ``idx`` (index tensor, list or slice) as a new cache (copies)."""
@@ -223,15 +353,38 @@ class KVCache:
     def cat(caches: list["KVCache"]) -> "KVCache":
         """Stack caches of the same window layout along the batch dim (copies)."""
         c0 = caches[0]
-        if any((c.prefix_len, c.n_tokens, c.length) != (c0.prefix_len, c0.n_tokens, c0.length) for c in caches):
-            raise ValueError("KVCache.cat: caches differ in prefix length, size or history length")
+        if any((c.prefix_len, c.n_tokens, c.length, c.groups, c.slots is None) !=
+               (c0.prefix_len, c0.n_tokens, c0.length, c0.groups, c0.slots is None) for c in caches):
+            raise ValueError("KVCache.cat: caches differ in prefix length, size, layout or progress")
         k = [torch.cat([c.k[i] for c in caches]) for i in range(len(c0.k))]
         v = [torch.cat([c.v[i] for c in caches]) for i in range(len(c0.v))]
-        return KVCache(k, v, c0.prefix_len, c0.n_tokens, c0.cos, c0.sin, c0.length)
+        return KVCache(k, v, c0.prefix_len, c0.n_tokens, c0.cos, c0.sin, c0.length, c0.slots, c0.groups)
 
     def __repr__(self) -> str:
+        layout = "" if self.slots is None else f", causal groups={self.groups}"
         return (f"KVCache(batch={self.batch_size}, layers={len(self.k)}, prefix={self.prefix_len}, "
-                f"length={self.length}/{self.n_tokens})")
+                f"length={self.length}/{self.n_tokens}{layout})")
+
+
+@dataclass
+class Context:
+    """Per-layer rotated keys/values ``k[i]``, ``v[i]`` (B, H, P + n_clean, hd) of one window's
+    [prefix (P); clean history (n_clean)], from :meth:`ARFlow.encode_context` (with autograd when
+    enabled); ``prefix_tok`` (P,) the token of each prefix entry with a causal prefix, else None."""
+
+    k: list[Tensor]
+    v: list[Tensor]
+    prefix_len: int
+    n_clean: int
+    prefix_tok: Tensor | None
+
+    def detached(self) -> "Context":
+        """The same keys/values as new leaves (requiring grad when these do): gradients of passes
+        against it gather in their ``.grad``, to be sent through this context's graph once."""
+        def leaf(t):
+            return t.detach().requires_grad_(t.requires_grad)
+
+        return Context([leaf(t) for t in self.k], [leaf(t) for t in self.v], self.prefix_len, self.n_clean, self.prefix_tok)
 
 
 class ARFlow(nn.Module):
@@ -362,6 +515,15 @@ class ARFlow(nn.Module):
 
     # ---- full-sequence passes (training, reference) -----------------------------------------
 
+    def _prefix_structure(self, cond) -> tuple[Tensor | None, Tensor | None]:
+        """(prefix_tok (P,), prefix_mask (P, P)) of a causal prefix for ``cond``; (None, None) when bidirectional."""
+        if not self.cfg.causal_prefix:
+            return None, None
+        c = self.cfg
+        lay = prefix_layout(cond["actor_audio"].shape[1], cond["partner_latent"].shape[1], c.r, c.audio_stride,
+                            cond["actor_audio"].device)
+        return lay.tok, causal_prefix_mask(lay, lay)
+
     def _full_pass(self, cond, x_clean: Tensor, x_noisy: Tensor, t: Tensor, noisy_idx: Tensor, drop) -> Tensor:
         """Sequence [prefix; x_clean (B, n, Dv); x_noisy (B, M, Dv)] -> velocities (B, M, Dv)."""
         h_pre, pos_pre = self.embed_prefix(cond, drop)
@@ -370,7 +532,7 @@ class ARFlow(nn.Module):
         h = torch.cat([h_pre, self._embed_clean(x_clean), self._embed_noisy(x_noisy, temb)], dim=1)  # (B, S, D)
         pos = torch.cat([pos_pre, token_positions(n, r, device=h.device), noisy_idx.float() * r + (r // 2)])  # (S,)
         cos, sin = self._rope(pos)
-        mask = attention_mask(P, n, noisy_idx)  # (S, S)
+        mask = attention_mask(P, n, noisy_idx, *self._prefix_structure(cond))  # (S, S)
         h = self.drop(h)
         for blk in self.blocks:
             h = blk(h, cos, sin, mask)
@@ -396,11 +558,61 @@ class ARFlow(nn.Module):
         idx = torch.full((1,), l, device=x_t.device, dtype=torch.long)
         return self._full_pass(cond, history, x_t[:, None], t[:, None], idx, drop)[:, 0]
 
+    # ---- two-stage passes (RL replay: one prefix pass shared by many noisy tokens) --------------
+
+    def encode_context(self, cond: Mapping[str, Tensor], x_clean: Tensor, drop=None) -> Context:
+        """Keys/values of [prefix; x_clean (B, n, Dv)] in every layer (with autograd when enabled).
+
+        The masks are those of ``forward``; noisy tokens never influence these entries, so
+        :meth:`velocity_in_context` against this context equals the full pass up to float rounding.
+        """
+        h_pre, pos_pre = self.embed_prefix(cond, drop)  # (B, P, D), (P,)
+        B, P, _ = h_pre.shape
+        n, c = x_clean.shape[1], self.cfg
+        h = torch.cat([h_pre, self._embed_clean(x_clean)], dim=1)  # (B, C, D), C = P + n
+        cos, sin = self._rope(torch.cat([pos_pre, token_positions(n, c.r, device=h.device)]))
+        prefix_tok, prefix_mask = self._prefix_structure(cond)
+        mask = attention_mask(P, n, torch.zeros(0, dtype=torch.long, device=h.device), prefix_tok, prefix_mask)  # (C, C)
+        K = [h.new_zeros(B, c.n_heads, P + n, c.head_dim) for _ in self.blocks]
+        V = [h.new_zeros(B, c.n_heads, P + n, c.head_dim) for _ in self.blocks]
+        h = self.drop(h)
+        for blk, k, v in zip(self.blocks, K, V):
+            h = blk(h, cos, sin, mask, (k, v), 0)
+        return Context(K, V, P, n, prefix_tok)
+
+    def velocity_in_context(self, ctx: Context, x_noisy: Tensor, t: Tensor, noisy_idx: Tensor) -> Tensor:
+        """Velocities of noisy tokens against a context: x_noisy (B, M, Dv), t (B, M), noisy_idx (M,) long
+        (token index l of each; l <= ctx.n_clean) -> (B, M, Dv). Token l sees the prefix (of tokens <= l
+        with a causal prefix), clean tokens < l and itself, as in ``forward``."""
+        B, M, _ = x_noisy.shape
+        P, n, c = ctx.prefix_len, ctx.n_clean, self.cfg
+        if int(noisy_idx.max()) > n:
+            raise ValueError(f"arflow.velocity_in_context: token {int(noisy_idx.max())} needs history the context "
+                             f"lacks ({n} clean tokens)")
+        temb = self.time_emb(t)  # (B, M, D)
+        h = self._embed_noisy(x_noisy, temb)  # (B, M, D)
+        cos, sin = self._rope(noisy_idx.float() * c.r + (c.r // 2))
+        mask = attention_mask(P, n, noisy_idx, ctx.prefix_tok)[P + n:]  # (M, C + M)
+        h = self.drop(h)
+        for blk, k, v in zip(self.blocks, ctx.k, ctx.v):
+            room = k.new_zeros(B, c.n_heads, M, c.head_dim)
+            h = blk(h, cos, sin, mask, (torch.cat([k, room], 2), torch.cat([v, room], 2)), P + n)  # fresh buffers
+        return self._out(h, temb)  # (B, M, Dv)
+
     # ---- cached generation ------------------------------------------------------------------
 
     @torch.no_grad()
-    def start(self, cond: Mapping[str, Tensor], drop=None, n_tokens: int | None = None) -> KVCache:
-        """Run the prefix once; cache its per-layer rotated K, V (room for ``n_tokens`` history tokens)."""
+    def start(self, cond: Mapping[str, Tensor], drop=None, n_tokens: int | None = None, groups: int | None = None) -> KVCache:
+        """Run the prefix once; cache its per-layer rotated K, V (room for ``n_tokens`` history tokens).
+
+        With a causal prefix the cache has the token-by-token layout of :class:`CausalSlots` and holds
+        the prefix groups of tokens < ``groups`` (default: all ``n_tokens``; 0: none yet, the caller
+        adds them with :meth:`extend`; ``cond`` then needs only its batch size and ``text_emb``).
+        """
+        if self.cfg.causal_prefix:
+            return self._start_causal(cond, drop, n_tokens, groups)
+        if groups is not None:
+            raise ValueError("arflow.start: groups is for a causal prefix (ARFlowConfig.causal_prefix); this model's is bidirectional")
         h, pos = self.embed_prefix(cond, drop)  # (B, P, D), (P,)
         B, P, _ = h.shape
         N = cond["partner_latent"].shape[1] if n_tokens is None else int(n_tokens)
@@ -414,13 +626,81 @@ class ARFlow(nn.Module):
         tcos, tsin = self._rope(token_positions(N, c.r, device=h.device))
         return KVCache(K, V, P, N, tcos, tsin)
 
+    def _start_causal(self, cond, drop, n_tokens: int | None, groups: int | None) -> KVCache:
+        c = self.cfg
+        B, dev = cond["text_emb"].shape[0], cond["text_emb"].device
+        N = cond["partner_latent"].shape[1] if n_tokens is None else int(n_tokens)
+        G = N if groups is None else int(groups)
+        if not 0 <= G <= N:
+            raise ValueError(f"arflow.start: groups={groups} must be in [0, n_tokens={N}]")
+        slots = CausalSlots(prefix_layout(N * c.r, N, c.r, c.audio_stride, dev), N, c.r)
+        K = [torch.zeros(B, c.n_heads, slots.size, c.head_dim, device=dev) for _ in self.blocks]  # zeros: finite if masked
+        V = [torch.zeros(B, c.n_heads, slots.size, c.head_dim, device=dev) for _ in self.blocks]
+        tcos, tsin = self._rope(token_positions(N, c.r, device=dev))
+        cache = KVCache(K, V, slots.size - N, N, tcos, tsin, slots=slots, groups=0)
+        if G == 0:
+            return cache
+        _, L, Np = self.check_cond(cond)
+        if L < G * c.r or Np < G:
+            raise ValueError(f"arflow.start: {G} prefix groups need {G * c.r} audio frames and {G} partner tokens, "
+                             f"cond has {L} and {Np}")
+        # groups 0 .. G-1 in one pass (in group order, into a scratch buffer), then scattered to their slots
+        h, _ = self.embed_prefix(cond, drop)  # (B, P, D)
+        lay = prefix_layout(L, Np, c.r, c.audio_stride, dev)
+        idx = torch.cat([((lay.tok == j) & (lay.kind != TEXT)).nonzero()[:, 0] for j in range(G)])
+        idx = torch.cat([(lay.kind == TEXT).nonzero()[:, 0], idx])  # (S,) prefix entries in slot order
+        dest = torch.cat([torch.arange(slots.start[j], slots.hist[j], device=dev) for j in range(G)])  # (S,) their slots
+        sub = lay.take(idx)
+        cos, sin = self._rope(sub.pos)
+        mask = causal_prefix_mask(sub, sub)  # (S, S)
+        h = self.drop(h[:, idx])  # (B, S, D)
+        for blk, k, v in zip(self.blocks, K, V):
+            kt, vt = h.new_empty(B, c.n_heads, idx.shape[0], c.head_dim), h.new_empty(B, c.n_heads, idx.shape[0], c.head_dim)
+            h = blk(h, cos, sin, mask, (kt, vt), 0)
+            k[:, :, dest], v[:, :, dest] = kt, vt
+        cache.groups = G
+        return cache
+
+    @torch.no_grad()
+    def extend(self, cache: KVCache, cond: Mapping[str, Tensor], drop=None) -> None:
+        """Causal prefix: compute the next prefix group j = ``cache.groups`` (the text too when j = 0)
+        from ``cond`` (window-local; needs audio frames [0, (j+1) r) and partner tokens [0, j]; only
+        token j's are read) into the cache. Token j's velocity needs its group; the groups of earlier
+        tokens never change, so a window's prefix grows as its audio arrives."""
+        if cache.slots is None:
+            raise ValueError("arflow.extend: the cache has a bidirectional prefix (computed whole by start)")
+        j, c = cache.groups, self.cfg
+        if j >= cache.n_tokens:
+            raise IndexError(f"arflow.extend: all {cache.n_tokens} prefix groups are computed")
+        _, L, Np = self.check_cond(cond)
+        if L < (j + 1) * c.r or Np < j + 1:
+            raise ValueError(f"arflow.extend: prefix group {j} needs {(j + 1) * c.r} audio frames and {j + 1} partner "
+                             f"tokens, cond has {L} and {Np}")
+        f0, f1 = j * c.r, (j + 1) * c.r
+        part = {**cond, "actor_audio": cond["actor_audio"][:, f0:f1], "partner_audio": cond["partner_audio"][:, f0:f1],
+                "partner_latent": cond["partner_latent"][:, j:j + 1]}
+        h, _ = self.embed_prefix(part, drop)  # (B, 1 + 2 r/s + 1, D): [text; partner audio; partner motion; actor audio]
+        if j > 0:
+            h = h[:, 1:]  # the text is in group 0
+        at, S = cache.slots.start[j], h.shape[1]
+        lay = cache.slots.layout
+        mask = causal_prefix_mask(lay.take(slice(at, at + S)), lay.take(slice(0, at + S)))  # (S, at + S)
+        cos, sin = self._rope(lay.pos[at:at + S])
+        h = self.drop(h)
+        for blk, k, v in zip(self.blocks, cache.k, cache.v):
+            h = blk(h, cos, sin, mask, (k, v), at)
+        cache.groups = j + 1
+
     def _one_token(self, cache: KVCache, h: Tensor, l: int, commit: bool) -> Tensor:
-        """Pass one token (B, 1, D) at token index l through all layers, attending to cache[:P+l] + itself."""
+        """Pass one token (B, 1, D) at token index l through all layers, attending to the cache slots
+        before its own (prefix, history < l) + itself."""
         if not 0 <= l < cache.n_tokens:
             raise IndexError(f"arflow: token index {l} outside the cache's 0..{cache.n_tokens - 1}")
         if l > cache.length:
             raise ValueError(f"arflow: token {l} needs history 0..{l - 1}, but the cache holds {cache.length} tokens")
-        at = cache.prefix_len + l
+        if l >= cache.groups:
+            raise ValueError(f"arflow: token {l} needs its prefix group, but the cache holds {cache.groups} (ARFlow.extend)")
+        at = cache.history_slot(l)
         saved = None
         if not commit and l < cache.length:  # slot holds a committed token: restore it afterwards
             saved = [(k[:, :, at].clone(), v[:, :, at].clone()) for k, v in zip(cache.k, cache.v)]

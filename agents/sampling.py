@@ -19,9 +19,18 @@ the actor speaks and ``w_listen`` elsewhere. The two branches run as one stacked
 
 Random draws come from ``generator`` in a fixed order (per token: x0, then per SDE step the noise),
 so a seeded generator reproduces a sample exactly, cached or not.
+
+A window is sampled one token at a time by :class:`WindowSampler` (``sample`` runs it to the end).
+With a causal prefix (``ARFlowConfig.causal_prefix``) the sampler adds token l's prefix group to
+the cache (``ARFlow.extend``) right before token l, reading only the audio up to token l's last
+frame; the streaming generator (``agents/streaming.py``) runs the same sampler as the audio arrives,
+so the two agree bit for bit. Long generation with a causal prefix uses windows of stride W - k
+whose last one is simply cut short (:func:`window_schedule`): a causal window's first tokens do
+not depend on the rest of it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Mapping
 
@@ -32,7 +41,8 @@ from ..envs.windows import COND_KEYS, sliding_windows
 from .arflow import DROP_KEYS, KVCache
 from .flow import SDE_KINDS, cfg_combine, euler_step, sde_drift, sde_step
 
-__all__ = ["sample", "window_step", "generate_long", "token_cfg_weights", "check_cfg_weight"]
+__all__ = ["sample", "window_step", "generate_long", "token_cfg_weights", "check_cfg_weight", "WindowSampler",
+           "window_schedule", "eval_mode"]
 
 
 def check_cfg_weight(name: str, w) -> float:
@@ -65,21 +75,43 @@ def _cond_rows(cond: Mapping[str, Tensor], idx) -> dict[str, Tensor]:
     return {key: v[idx] for key, v in cond.items() if key in COND_KEYS and v is not None}
 
 
+def _cond_upto(cond: Mapping[str, Tensor], n: int, r: int) -> dict[str, Tensor]:
+    """The conditioning of a window's first n tokens: audio frames [0, n r), partner tokens [0, n)."""
+    return {key: (v[:, :n * r] if key in ("actor_audio", "partner_audio") else v[:, :n] if key == "partner_latent" else v)
+            for key, v in cond.items() if key in COND_KEYS and v is not None}
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run ``model`` in eval mode (dropout off) and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 class _GuidedVelocity:
     """Velocity of token l for B rows, CFG-combined over the stacked [cond; uncond] batch (2B rows)
-    when ``w_tok`` (B, N) is given; reads and extends a KV cache when ``use_cache``."""
+    when ``use_cfg``; reads and extends a KV cache when ``use_cache``. With a causal prefix the cache
+    starts empty and :meth:`extend` adds each token's prefix group; without a cache the conditioning
+    of the last :meth:`extend` is used."""
 
-    def __init__(self, model, cond: Mapping[str, Tensor], B: int, N: int, w_tok: Tensor | None, use_cache: bool):
-        self.model, self.B, self.w_tok, self.use_cfg, self.use_cache = model, B, w_tok, w_tok is not None, use_cache
+    def __init__(self, model, cond: Mapping[str, Tensor], B: int, N: int, use_cfg: bool, use_cache: bool):
+        self.model, self.B, self.use_cfg, self.use_cache = model, B, use_cfg, use_cache
+        self.causal = bool(getattr(model.cfg, "causal_prefix", False))  # duck-typed models may lack it
         keep, null = {key: False for key in DROP_KEYS}, {key: True for key in DROP_KEYS}
         if self.use_cfg:
-            self.cond = {key: torch.cat([v, v]) for key, v in cond.items() if key in COND_KEYS and v is not None}  # 2B rows
             dev = cond["text_emb"].device
             off, on = torch.zeros(B, dtype=torch.bool, device=dev), torch.ones(B, dtype=torch.bool, device=dev)
             self.drop = {key: torch.cat([off, on]) for key in DROP_KEYS}
         else:
-            self.cond, self.drop = cond, keep
-        if use_cache and self.use_cfg:
+            self.drop = keep
+        self.cond = self.rows_cond(cond)
+        if use_cache and self.causal:
+            self.cache = model.start(self.cond, self.drop, n_tokens=N, groups=0)  # prefix groups come with extend
+        elif use_cache and self.use_cfg:
             # the unconditional prefix (all nulls) is the same for every row: run it once, copy it B times
             uncond = model.start(_cond_rows(cond, slice(0, 1)), null, n_tokens=N)  # 1 row
             self.cache = KVCache.cat([model.start(cond, keep, n_tokens=N), uncond.repeat_interleave(B)])
@@ -88,24 +120,101 @@ class _GuidedVelocity:
         else:
             self.cache = None  # every step recomputes the whole sequence (velocity_uncached)
 
+    def rows_cond(self, cond: Mapping[str, Tensor]):  # B rows -> R rows of conditioning
+        if self.use_cfg:
+            return {key: torch.cat([v, v]) for key, v in cond.items() if key in COND_KEYS and v is not None}  # 2B rows
+        return cond
+
     def rows(self, x: Tensor) -> Tensor:  # (B, ...) -> (R, ...), R = 2B with CFG else B
         return torch.cat([x, x]) if self.use_cfg else x
 
-    def __call__(self, x: Tensor, t: Tensor, l: int, history: Tensor) -> Tensor:
-        """x (B, Dv), t (R,), history (B, l, Dv) (read only without a cache) -> v (B, Dv)."""
+    def extend(self, cond: Mapping[str, Tensor], l: int) -> None:
+        """Causal prefix: the conditioning up to token l (B rows) is known; add token l's prefix group."""
+        if not self.causal:
+            return
+        self.cond = self.rows_cond(cond)
+        if self.use_cache:
+            self.model.extend(self.cache, self.cond, self.drop)
+
+    def __call__(self, x: Tensor, t: Tensor, l: int, history: Tensor, w: Tensor | None) -> Tensor:
+        """x (B, Dv), t (R,), history (B, l, Dv) (read only without a cache), w (B,) CFG weight -> v (B, Dv)."""
         xin = self.rows(x)  # (R, Dv)
         if self.use_cache:
             v = self.model.velocity(self.cache, xin, t, l)  # (R, Dv)
         else:
             v = self.model.velocity_uncached(self.cond, self.rows(history), xin, t, self.drop)  # (R, Dv)
         if self.use_cfg:
-            v = cfg_combine(v[:self.B], v[self.B:], self.w_tok[:, l])  # (B, Dv)
+            v = cfg_combine(v[:self.B], v[self.B:], w)  # (B, Dv)
         return v
 
     def commit(self, x: Tensor, l: int) -> None:
         """Token l (B, Dv) is final: write it into the cache (both branches)."""
         if self.use_cache:
             self.model.append(self.cache, self.rows(x), l)
+
+
+def _check_settings(steps, sigma, sde) -> float:
+    sigma = float(sigma)
+    if not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"arflow.sample: sigma must be finite and >= 0, got {sigma}")
+    if sde not in SDE_KINDS:
+        raise ValueError(f"arflow.sample: sde must be one of {SDE_KINDS}, got {sde!r}")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"arflow.sample: steps must be a positive integer, got {steps!r}")
+    return sigma
+
+
+class WindowSampler:
+    """Auto-regressive sampling of one window of ``n_tokens`` tokens, one token per :meth:`advance`.
+
+    ``cond``: the window's conditioning (B rows); with a causal prefix it may hold only the tokens
+    known so far (the batch size and text are what the start needs). ``guided``: run the
+    unconditional CFG branch (then every generated token needs its weight). Settings as
+    :func:`sample`. The caller keeps the model in eval mode (:func:`eval_mode`). ``out`` (B, n_tokens, Dv)
+    holds the tokens so far.
+    """
+
+    def __init__(self, model, cond: Mapping[str, Tensor], n_tokens: int, *, steps: int, guided: bool, sigma: float = 0.0,
+                 sde: str = "paper", generator: torch.Generator | None = None, use_cache: bool = True):
+        self.model, self.N, self.steps = model, int(n_tokens), int(steps)
+        self.sigma, self.sde, self.generator = _check_settings(steps, sigma, sde), sde, generator
+        self.B = cond["text_emb"].shape[0]
+        self.guided = _GuidedVelocity(model, cond, self.B, self.N, bool(guided), use_cache)
+        self.out = cond["text_emb"].new_empty(self.B, self.N, model.cfg.d_latent)
+        self.dev = cond["text_emb"].device
+        dt = 1.0 / self.steps
+        R = 2 * self.B if guided else self.B
+        self.t_grid = [torch.full((R,), s * dt, device=self.dev) for s in range(self.steps)]  # (R,) per step
+        self.next = 0  # tokens done
+
+    def advance(self, cond: Mapping[str, Tensor], given: Tensor | None = None, w: Tensor | None = None) -> Tensor:
+        """Token l = ``next``: ``given`` (B, Dv) = a prefix token (copied), else generated with CFG weight
+        ``w`` (B,) (needed when guided) -> token l (B, Dv). ``cond``: the window's conditioning holding at
+        least tokens [0, l] (a causal prefix reads token l's; later tokens are ignored)."""
+        l, d_latent = self.next, self.model.cfg.d_latent
+        if l >= self.N:
+            raise IndexError(f"WindowSampler: all {self.N} tokens of the window are done")
+        if self.guided.causal:
+            self.guided.extend(_cond_upto(cond, l + 1, self.model.cfg.r), l)
+        if given is not None:
+            x = given
+        else:
+            if self.guided.use_cfg and w is None:
+                raise ValueError(f"WindowSampler: token {l} needs its CFG weight w (guided window)")
+            x = torch.randn((self.B, d_latent), generator=self.generator, device=self.dev, dtype=self.out.dtype)  # t = 0
+            dt = 1.0 / self.steps
+            for s in range(self.steps):
+                v = self.guided(x, self.t_grid[s], l, self.out[:, :l], w)  # (B, Dv)
+                if self.sigma > 0:
+                    noise = torch.randn((self.B, d_latent), generator=self.generator, device=self.dev, dtype=self.out.dtype)
+                    x = sde_step(x, sde_drift(x, v, s * dt, self.sigma, self.sde), dt, self.sigma, noise)
+                else:
+                    x = euler_step(x, v, dt)
+        self.out[:, l] = x
+        if l + 1 < self.N:
+            self.guided.commit(x, l)
+        self.next = l + 1
+        return x
 
 
 @torch.no_grad()
@@ -123,13 +232,7 @@ def sample(model, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps
     Runs the model in eval mode (dropout off; the previous mode is restored).
     """
     w_speak, w_listen = check_cfg_weight("w_speak", w_speak), check_cfg_weight("w_listen", w_listen)
-    sigma = float(sigma)
-    if not math.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"arflow.sample: sigma must be finite and >= 0, got {sigma}")
-    if sde not in SDE_KINDS:
-        raise ValueError(f"arflow.sample: sde must be one of {SDE_KINDS}, got {sde!r}")
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"arflow.sample: steps must be a positive integer, got {steps!r}")
+    _check_settings(steps, sigma, sde)
     B, L, Np = model.check_cond(cond)
     d_latent, r = model.cfg.d_latent, model.cfg.r
     N = Np if n_tokens is None else int(n_tokens)
@@ -143,32 +246,12 @@ def sample(model, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps
     use_cfg = w_speak != 1.0 or w_listen != 1.0
     w_tok = token_cfg_weights(B, N, w_speak, w_listen, speaking_tokens, dev) if use_cfg else None  # (B, N)
 
-    was_training = model.training
-    model.eval()
-    try:
-        guided = _GuidedVelocity(model, cond, B, N, w_tok, use_cache)
-        out = cond["text_emb"].new_empty(B, N, d_latent)
-        for j in range(k):
-            out[:, j] = prefix[:, j]
-            guided.commit(prefix[:, j], j)
-        dt = 1.0 / steps
-        R = 2 * B if use_cfg else B
-        t_grid = [torch.full((R,), s * dt, device=dev) for s in range(steps)]  # (R,) per step
-        for l in range(k, N):
-            x = torch.randn((B, d_latent), generator=generator, device=dev, dtype=out.dtype)  # (B, Dv) noise, t = 0
-            for s in range(steps):
-                v = guided(x, t_grid[s], l, out[:, :l])  # (B, Dv)
-                if sigma > 0:
-                    noise = torch.randn((B, d_latent), generator=generator, device=dev, dtype=out.dtype)
-                    x = sde_step(x, sde_drift(x, v, s * dt, sigma, sde), dt, sigma, noise)
-                else:
-                    x = euler_step(x, v, dt)
-            out[:, l] = x
-            if l + 1 < N:
-                guided.commit(x, l)
-        return out
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        sampler = WindowSampler(model, cond, N, steps=steps, guided=use_cfg, sigma=sigma, sde=sde, generator=generator,
+                                use_cache=use_cache)
+        for l in range(N):
+            sampler.advance(cond, prefix[:, l] if l < k else None, None if w_tok is None else w_tok[:, l])
+        return sampler.out
 
 
 def window_step(model, cond: Mapping[str, Tensor], n: int, prefix: Tensor | None, speaking_tokens: Tensor | None, *,
@@ -185,6 +268,27 @@ def window_step(model, cond: Mapping[str, Tensor], n: int, prefix: Tensor | None
     x = sample(model, cond, n, steps=steps, w_speak=w_speak, w_listen=w_listen, speaking_tokens=speaking_tokens,
                sigma=sigma, generator=generator, prefix=prefix, use_cache=use_cache, sde=sde)  # (B, n, Dv)
     return x[:, 0 if prefix is None else prefix.shape[1]:]
+
+
+def window_schedule(n_total: int, W: int, k: int = 1, causal: bool = False) -> list[tuple[int, int, int]]:
+    """Windows ``[(start, length, first_new), ...]`` (tokens) of long generation.
+
+    Bidirectional prefix: ``envs.windows.sliding_windows`` (the last window shifted back to end at
+    ``n_total``). Causal prefix: each window starts k tokens before the end of what is generated
+    (stride W - k) and the last one is cut short at ``n_total``; its tokens are then exactly those
+    of the full window, so a stream can emit them before it knows the length.
+    """
+    if not causal:
+        return sliding_windows(n_total, W, k)
+    if n_total < 1 or W < 2 or not 1 <= k < W:
+        raise ValueError(f"window_schedule: need n_total >= 1, W >= 2 and 1 <= k < W; got n_total={n_total}, W={W}, k={k}")
+    out, end = [], 0
+    while end < n_total:
+        s0 = 0 if end == 0 else end - k
+        n = min(W, n_total - s0)
+        out.append((s0, n, end))
+        end = s0 + n
+    return out
 
 
 def _window_slicer(cond: Mapping[str, Tensor], r: int) -> Callable[[int, int], dict[str, Tensor]]:
@@ -209,7 +313,8 @@ def generate_long(model, cond: Mapping[str, Tensor] | Callable[[int, int], Mappi
     Windows of W = window / r tokens (default the model's config window); the schedule is
     ``envs.windows.sliding_windows``: each next window starts k tokens before the end of what is
     generated and gets those latents as ``prefix`` (stride W - k); the last window is shifted back to
-    end exactly at the last token (it then gets more than k prefix tokens). TMRoPE positions restart
+    end exactly at the last token (it then gets more than k prefix tokens), or, with a causal prefix,
+    cut short there (:func:`window_schedule`). TMRoPE positions restart
     at 0 in every window, as in training. Each window is one :func:`sample` call with the same
     ``steps``, CFG weights, ``sigma``, ``sde``, ``generator`` and ``use_cache``.
 
@@ -244,7 +349,7 @@ def generate_long(model, cond: Mapping[str, Tensor] | Callable[[int, int], Mappi
     if speaking_tokens is not None and speaking_tokens.shape[-1] != n_total:
         raise ValueError(f"arflow.generate_long: speaking_tokens has {speaking_tokens.shape[-1]} tokens, expected {n_total}")
     out = None
-    for s0, n, new0 in sliding_windows(n_total, W, k):
+    for s0, n, new0 in window_schedule(n_total, W, k, causal=bool(getattr(model.cfg, "causal_prefix", False))):
         x = window_step(model, cond_fn(s0 * r, n * r), n, None if new0 == s0 else out[:, s0:new0],
                         None if speaking_tokens is None else speaking_tokens[:, s0:s0 + n], steps=steps,
                         w_speak=w_speak, w_listen=w_listen, sigma=sigma, generator=generator, use_cache=use_cache,

@@ -22,14 +22,25 @@ in the same order, on one generator:
   ``StreamOutput.speaking`` reports the decisions; ``generate_long`` given them reproduces the stream.
   ``speaking=`` replaces the VAD by given decisions (e.g. ``generate.py``'s whole-clip VAD).
 
-Latency. The AR-Flow prefix attends to the whole window's audio (both sides, bidirectional), so a
-window can only run when its last token's audio is in: a token waits for the rest of its window.
-With ``k`` prefix tokens the new tokens of a window are ``[s0 + k, s0 + W)``; the first of them waits
-``W - k - 1`` tokens after its own audio (23 tokens = 7.36 s for the paper's W = 25, k = 1). With
-``k = W - 1`` every window adds one token and that token runs as soon as its own 8 frames of audio
-are in: one token (0.32 s) of algorithmic latency, after the first window (W tokens). This is
-``generate_long(..., k=W - 1)`` exactly, at about ``W - 1`` prefix appends and one prefix pass per
-token instead of per ``W - k`` tokens.
+Latency, bidirectional prefix (``ARFlowConfig.causal_prefix`` False). The AR-Flow prefix attends
+to the whole window's audio (both sides), so a window can only run when its last token's audio is
+in: a token waits for the rest of its window. With ``k`` prefix tokens the new tokens of a window
+are ``[s0 + k, s0 + W)``; the first of them waits ``W - k - 1`` tokens after its own audio (23
+tokens = 7.36 s for the paper's W = 25, k = 1). With ``k = W - 1`` every window adds one token and
+that token runs as soon as its own 8 frames of audio are in: one token (0.32 s) of algorithmic
+latency, after the first window (W tokens). This is ``generate_long(..., k=W - 1)`` exactly, at
+about ``W - 1`` prefix appends and one prefix pass per token instead of per ``W - k`` tokens.
+
+Latency, causal prefix (``causal_prefix`` True). Token j needs only the audio up to its own last
+frame, so it runs as soon as its 8 frames of both sides are in, in every window and with any k:
+one token (0.32 s) of algorithmic latency from the token's first sample, none from its last (the
+log-mel adds no look-ahead: the 1024-sample window of a token's last frame ends 128 samples, 8 ms,
+before the token's last sample; the stream still waits for that sample). The window
+``[s0, s0 + W)`` (s0 = end - k) is run by one ``sampling.WindowSampler``, which adds each token's
+prefix group to the cache as its audio arrives (``ARFlow.extend``) and then generates it; the
+windows follow ``sampling.window_schedule`` (the last one cut short, which needs no knowledge of
+the length), so the latents equal ``generate_long`` bit for bit for any chunking and any stopping
+point. The speaking decision of token j is the VAD on the trailing audio ending at token j.
 
 Decoding (``decode``): ``"chunked"`` decodes the VAE windows ``[0, nv), [nv, 2 nv), ...`` (nv = VAE
 window / r) exactly as ``envs.windows.decode_latents`` does (equal to decoding the offline latents;
@@ -43,8 +54,11 @@ max(W, nv) tokens are kept, plus about one token of samples per side and ``vad_s
 
 Partner motion is absent (zeros, ``partner_has_motion`` False), as ``train/generate.py`` does
 without ``partner_motion``. Text and CFG weights may change between chunks (:meth:`set_text`,
-:meth:`set_cfg`): a change applies to every token generated after it, i.e. from the next token
-not yet output.
+:meth:`set_cfg`). A CFG weight change applies to every token generated after it, i.e. from the next
+token not yet output; a text change applies to every window that generates its first new token after
+it (bidirectional: every window run after it, i.e. from the next token too). With a causal prefix,
+switching guidance on or off (both weights 1 = no unconditional branch) takes effect from the next
+window.
 """
 from __future__ import annotations
 
@@ -62,7 +76,7 @@ from ..envs.converters.vad import energy_vad_frames
 from ..envs.flame import FLAME_DIM, SAMPLE_RATE
 from ..envs.windows import sliding_windows, token_majority
 from .encoders import HOP, AudioEncoder
-from .sampling import check_cfg_weight, window_step
+from .sampling import WindowSampler, check_cfg_weight, eval_mode, window_step
 
 __all__ = ["StreamingLogMel", "StreamingEnergyVAD", "StreamingGenerator", "StreamOutput", "decode_latents_causal",
            "int8_copy", "DECODE_MODES"]
@@ -290,6 +304,10 @@ class StreamingGenerator:
         self._decoded = 0  # tokens decoded to frames
         self._speaking_new: list[np.ndarray] = []  # VAD decisions of the tokens generated since the last output
         self._finished = False
+        self.causal = bool(getattr(c, "causal_prefix", False))
+        self._win: WindowSampler | None = None  # causal prefix: the window being generated, from token _win_s0
+        self._win_s0 = 0
+        self._win_text = (self._text, self._text_mask)
 
     # ---- controls ---------------------------------------------------------------------------
 
@@ -335,6 +353,11 @@ class StreamingGenerator:
                 self._audio[side].append(torch.from_numpy(f).to(self.device).reshape(-1, self.r, f.shape[1]))
         self._vad.push(actor)
         token0 = self._end
+        if self.causal:
+            with eval_mode(self.model):
+                while self.tokens_ready > self._end:
+                    self._causal_token(self._end)
+            return self._output(token0, final=False)
         while True:
             s0 = 0 if self._end == 0 else self._end - self.k
             if self.tokens_ready < s0 + self.W:
@@ -350,28 +373,58 @@ class StreamingGenerator:
             raise RuntimeError("StreamingGenerator.finish called twice")
         self._finished = True
         token0, n_total = self._end, self.tokens_ready
-        if n_total > self._end:
+        # causal prefix: every token was generated as its audio arrived (the last window is cut short)
+        if n_total > self._end and not self.causal:
             for s0, n, new0 in sliding_windows(n_total, self.W, self.k):
                 if new0 >= self._end:
                     self._run_window(s0, n, new0)
         return self._output(token0, final=True)
 
+    def _window_cond(self, s0: int, n: int, text: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        """Conditioning of the tokens [s0, s0 + n): both sides' audio features, no partner motion."""
+        r, dev, da = self.r, self.device, self.model.cfg.d_audio
+        return {"text_emb": text[0], "text_mask": text[1],
+                "actor_audio": self._audio["actor"].take(s0, s0 + n).reshape(1, n * r, da),  # (1, n r, Da)
+                "partner_audio": self._audio["partner"].take(s0, s0 + n).reshape(1, n * r, da),
+                "partner_latent": torch.zeros(1, n, self.model.cfg.d_latent, device=dev),
+                "partner_has_motion": torch.tensor([False], device=dev)}
+
+    def _speaking(self, j0: int, j1: int) -> np.ndarray:
+        """Speaking decisions (j1 - j0,) of tokens [j0, j1): the VAD or the given function."""
+        given = self._vad.tokens(j0, j1) if self._speaking_fn is None else self._speaking_fn(j0, j1)
+        given = np.asarray(given, dtype=bool)
+        if given.shape != (j1 - j0,):
+            raise ValueError(f"StreamingGenerator: speaking({j0}, {j1}) gave shape {given.shape}, expected ({j1 - j0},)")
+        return given
+
+    def _causal_token(self, j: int) -> None:
+        """Causal prefix: generate token j (its audio is in) in the current window, starting a new window
+        (s0 = j - k, its first k tokens given) when the current one is full."""
+        if self._win is None or j == self._win_s0 + self.W:
+            s0 = 0 if j == 0 else j - self.k
+            self._win_s0, self._win_text = s0, (self._text, self._text_mask)
+            self._win = WindowSampler(self.model, self._window_cond(s0, j - s0, self._win_text), self.W, steps=self.steps,
+                                      guided=(self.w_speak, self.w_listen) != (1.0, 1.0), sigma=self.sigma, sde=self.sde,
+                                      generator=self.generator, use_cache=self.use_cache)
+            for p in range(s0, j):
+                self._win.advance(self._window_cond(s0, p + 1 - s0, self._win_text), given=self._latents.take(p, p + 1))
+        speaking = self._speaking(j, j + 1)  # (1,)
+        w = torch.tensor([self.w_speak if speaking[0] else self.w_listen], device=self.device)  # (1,)
+        x = self._win.advance(self._window_cond(self._win_s0, j + 1 - self._win_s0, self._win_text), w=w)  # (1, Dv)
+        self._latents.append(x)
+        self._speaking_new.append(speaking)
+        self._end = j + 1
+        for buf in self._audio.values():  # the next window starts at end - k; this one at >= end - W
+            buf.drop_before(max(0, self._end - self.W))
+
     def _run_window(self, s0: int, n: int, new0: int) -> None:
         """Generate tokens [new0, s0 + n) of window [s0, s0 + n) (tokens [s0, new0) are its prefix)."""
         if new0 != self._end:
             raise RuntimeError(f"streaming: window [{s0}, {s0 + n}) starts new tokens at {new0}, generated {self._end}")
-        r, dev = self.r, self.device
-        cond = {"text_emb": self._text, "text_mask": self._text_mask,
-                "actor_audio": self._audio["actor"].take(s0, s0 + n).reshape(1, n * r, -1),  # (1, n r, Da)
-                "partner_audio": self._audio["partner"].take(s0, s0 + n).reshape(1, n * r, -1),
-                "partner_latent": torch.zeros(1, n, self.model.cfg.d_latent, device=dev),
-                "partner_has_motion": torch.tensor([False], device=dev)}
+        dev = self.device
+        cond = self._window_cond(s0, n, (self._text, self._text_mask))
         speaking = np.zeros(n, bool)
-        given = self._vad.tokens(new0, s0 + n) if self._speaking_fn is None else self._speaking_fn(new0, s0 + n)
-        given = np.asarray(given, dtype=bool)
-        if given.shape != (s0 + n - new0,):
-            raise ValueError(f"StreamingGenerator: speaking({new0}, {s0 + n}) gave shape {given.shape}, expected ({s0 + n - new0},)")
-        speaking[new0 - s0:] = given
+        speaking[new0 - s0:] = self._speaking(new0, s0 + n)
         prefix = self._latents.take(s0, new0)[None] if new0 > s0 else None  # (1, k_w, Dv)
         x = window_step(self.model, cond, n, prefix, torch.from_numpy(speaking)[None].to(dev), steps=self.steps,
                         w_speak=self.w_speak, w_listen=self.w_listen, sigma=self.sigma, generator=self.generator,

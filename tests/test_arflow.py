@@ -11,8 +11,10 @@ import torch
 
 from gdpo_listener.agents import flow
 from gdpo_listener.agents.arflow import (
-    ARFlow, ARFlowConfig, attention_mask, count_parameters, load_arflow, prefix_positions, save_arflow, token_positions,
+    AUDIO, MOTION, TEXT, ARFlow, ARFlowConfig, attention_mask, causal_prefix_mask, count_parameters, load_arflow,
+    prefix_layout, prefix_positions, save_arflow, token_positions,
 )
+from gdpo_listener.agents.sampling import window_schedule
 from gdpo_listener.agents.checkpoint import CheckpointError
 
 B = 2
@@ -107,9 +109,9 @@ def test_attention_mask_structure():
 # teacher forcing vs incremental computation (the key mask test)
 
 
-@pytest.mark.parametrize("audio_stride", [1, 4])
-def test_forward_equals_uncached_incremental_for_every_token(audio_stride):
-    m = make_model(audio_stride=audio_stride)
+@pytest.mark.parametrize("audio_stride,causal", [(1, False), (4, False), (1, True), (4, True)])
+def test_forward_equals_uncached_incremental_for_every_token(audio_stride, causal):
+    m = make_model(audio_stride=audio_stride, causal_prefix=causal)
     cfg = m.cfg
     N = cfg.n_tokens
     g = torch.Generator().manual_seed(3)
@@ -131,8 +133,9 @@ def test_forward_equals_uncached_incremental_for_every_token(audio_stride):
     assert not torch.allclose(v2[:, 3], v[:, 3], atol=1e-4)
 
 
-def test_cached_velocity_and_append_match_uncached():
-    m = make_model()
+@pytest.mark.parametrize("causal", [False, True])
+def test_cached_velocity_and_append_match_uncached(causal):
+    m = make_model(causal_prefix=causal)
     cfg = m.cfg
     N = cfg.n_tokens
     g = torch.Generator().manual_seed(4)
@@ -141,10 +144,10 @@ def test_cached_velocity_and_append_match_uncached():
     cache = m.start(cond, n_tokens=N)
     for l in range(N):
         x_t, t = torch.randn(B, cfg.d_latent, generator=g), torch.rand(B, generator=g)
-        before = [k[:, :, :cache.prefix_len + l].clone() for k in cache.k]
+        before = [k[:, :, :cache.history_slot(l)].clone() for k in cache.k]
         v1 = m.velocity(cache, x_t, t, l)
         v1b = m.velocity(cache, x_t, t, l)  # repeated call: same answer (cache unchanged)
-        assert all(torch.equal(b, k[:, :, :cache.prefix_len + l]) for b, k in zip(before, cache.k))
+        assert all(torch.equal(b, k[:, :, :cache.history_slot(l)]) for b, k in zip(before, cache.k))
         torch.testing.assert_close(v1, v1b, atol=0, rtol=0)
         torch.testing.assert_close(v1, m.velocity_uncached(cond, hist[:, :l], x_t, t), atol=1e-5, rtol=1e-5)
         m.append(cache, hist[:, l], l)
@@ -164,12 +167,121 @@ def test_cached_velocity_and_append_match_uncached():
 
 
 # ---------------------------------------------------------------------------------------------
+# causal-in-time prefix
+
+
+def test_causal_prefix_mask_structure():
+    L, N, r, s = 16, 2, 8, 4  # audio tokens at 1.5, 5.5 (token 0), 9.5, 13.5 (token 1)
+    lay = prefix_layout(L, N, r, audio_stride=s)
+    assert lay.kind.tolist() == [TEXT] + [AUDIO] * 4 + [MOTION] * 2 + [AUDIO] * 4
+    assert lay.tok.tolist() == [0, 0, 0, 1, 1, 0, 1, 0, 0, 1, 1]
+    m = causal_prefix_mask(lay, lay)
+    names = ["txt", "pa0", "pa1", "pa2", "pa3", "pm0", "pm1", "aa0", "aa1", "aa2", "aa3"]
+    seen = {q: {k for k, ok in zip(names, row) if ok} for q, row in zip(names, m.tolist())}
+    assert seen["txt"] == {"txt"}
+    assert seen["pa1"] == seen["aa1"] == {"txt", "pa0", "pa1", "aa0", "aa1"}  # audio: both streams, timestamps <= own
+    assert seen["pm0"] == {"txt", "pa0", "pa1", "aa0", "aa1", "pm0"}  # partner motion: the prefix of tokens <= own
+    assert seen["pm1"] == set(names)
+    full = attention_mask(len(lay), 2, torch.arange(2), lay.tok, m)
+    P = len(lay)
+    assert torch.equal(full[:P, :P], m) and not full[:P, P:].any()
+    for j in range(2):  # clean j and noisy j see the prefix entries of tokens <= j
+        assert full[P + j, :P].tolist() == (lay.tok <= j).tolist() == full[P + 2 + j, :P].tolist()
+
+
+@pytest.mark.parametrize("audio_stride", [1, 4])
+def test_causal_token_depends_only_on_audio_up_to_its_last_frame(audio_stride):
+    m = make_model(audio_stride=audio_stride, causal_prefix=True)
+    cfg = m.cfg
+    N, g = cfg.n_tokens, torch.Generator().manual_seed(9)
+    cond = make_cond(cfg)
+    xc, xn, t = torch.randn(B, N, cfg.d_latent, generator=g), torch.randn(B, N, cfg.d_latent, generator=g), torch.rand(B, N, generator=g)
+    v = m(cond, xc, xn, t)
+    for j in range(1, N):  # change everything from token j's frames on: tokens < j are untouched, token j changes
+        later = {**cond, "actor_audio": cond["actor_audio"].clone(), "partner_latent": cond["partner_latent"].clone()}
+        later["actor_audio"][:, j * cfg.r:] += 1.0
+        later["partner_latent"][:, j:] += 1.0
+        v2 = m(later, xc, xn, t)
+        assert torch.equal(v2[:, :j], v[:, :j]) and not torch.allclose(v2[:, j], v[:, j], atol=1e-4), j
+    # a bidirectional model sees the future
+    mb = make_model(audio_stride=audio_stride)
+    later = {**cond, "actor_audio": cond["actor_audio"].clone()}
+    later["actor_audio"][:, -cfg.r:] += 1.0
+    assert not torch.allclose(mb(later, xc, xn, t)[:, 0], mb(cond, xc, xn, t)[:, 0], atol=1e-4)
+
+
+def test_causal_cache_built_token_by_token_equals_start():
+    m = make_model(audio_stride=4, causal_prefix=True)
+    cfg = m.cfg
+    N = cfg.n_tokens
+    cond = make_cond(cfg, frames=cfg.window + 16)  # longer audio: entries of later tokens are never read
+    whole = m.start(cond, n_tokens=N)
+    inc = m.start({"text_emb": cond["text_emb"]}, n_tokens=N, groups=0)  # nothing known yet but the text
+    assert inc.groups == 0 and whole.groups == N and inc.slots.size == whole.k[0].shape[2]
+    g = torch.Generator().manual_seed(2)
+    hist = torch.randn(B, N, cfg.d_latent, generator=g)
+    with pytest.raises(ValueError, match="prefix group"):
+        m.velocity(inc, hist[:, 0], torch.rand(B), 0)
+    for j in range(N):
+        upto = {**cond, "actor_audio": cond["actor_audio"][:, :(j + 1) * cfg.r],
+                "partner_audio": cond["partner_audio"][:, :(j + 1) * cfg.r], "partner_latent": cond["partner_latent"][:, :j + 1]}
+        m.extend(inc, upto)
+        grp = inc.slots.group(j)
+        for a, b in zip(inc.k, whole.k):
+            torch.testing.assert_close(a[:, :, grp], b[:, :, grp], atol=1e-5, rtol=1e-5)
+        x, t = torch.randn(B, cfg.d_latent, generator=g), torch.rand(B, generator=g)
+        torch.testing.assert_close(m.velocity(inc, x, t, j), m.velocity_uncached(cond, hist[:, :j], x, t), atol=1e-5, rtol=1e-5)
+        m.append(inc, hist[:, j], j)
+        m.append(whole, hist[:, j], j)
+    with pytest.raises(IndexError, match="all 4 prefix groups"):
+        m.extend(inc, cond)
+    with pytest.raises(ValueError, match="needs 16 audio frames"):
+        m.extend(m.start(cond, n_tokens=N, groups=1), {**cond, "actor_audio": cond["actor_audio"][:, :8],
+                                                      "partner_audio": cond["partner_audio"][:, :8]})
+    with pytest.raises(ValueError, match="bidirectional"):
+        make_model().extend(make_model().start(cond), cond)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_context_passes_equal_forward_with_gradient(causal):
+    """encode_context once + velocity_in_context for any subset of noisy tokens == forward (values and gradients)."""
+    m = make_model(audio_stride=4, causal_prefix=causal)
+    cfg = m.cfg
+    N, g = cfg.n_tokens, torch.Generator().manual_seed(5)
+    cond = make_cond(cfg)
+    xc, xn, t = torch.randn(B, N, cfg.d_latent, generator=g), torch.randn(B, N, cfg.d_latent, generator=g), torch.rand(B, N, generator=g)
+    w = torch.randn(B, N, cfg.d_latent, generator=g)
+    (m(cond, xc, xn, t) * w).sum().backward()
+    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    ctx = m.encode_context(cond, xc)
+    v = torch.cat([m.velocity_in_context(ctx, xn[:, :2], t[:, :2], torch.arange(2)),
+                   m.velocity_in_context(ctx, xn[:, 2:], t[:, 2:], torch.arange(2, N))], dim=1)
+    torch.testing.assert_close(v, m(cond, xc, xn, t), atol=1e-5, rtol=1e-5)
+    (v * w).sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_causal_generate_long_cuts_the_last_window_short():
+    m = make_model(causal_prefix=True)
+    cfg = m.cfg
+    assert window_schedule(11, 4, 1, causal=True) == [(0, 4, 0), (3, 4, 4), (6, 4, 7), (9, 2, 10)]
+    assert window_schedule(11, 4, 1) == [(0, 4, 0), (3, 4, 4), (6, 4, 7), (7, 4, 10)]  # bidirectional: shifted back
+    for batch in (1, B):  # a causal stream (one row) can stop anywhere, bit for bit
+        cond = make_cond(cfg, frames=88, batch=batch)
+        long = m.generate_long(cond, 88, k=1, steps=2, generator=torch.Generator().manual_seed(3))
+        short = m.generate_long(cond, 64, k=1, steps=2, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(short, long[:, :8], atol=0 if batch == 1 else 1e-6, rtol=0 if batch == 1 else 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
 # sampling
 
 
-@pytest.mark.parametrize("sigma,audio_stride", [(0.0, 1), (0.5, 1), (0.5, 4)])
-def test_cached_and_uncached_sampling_agree_with_cfg(sigma, audio_stride):
-    m = make_model(audio_stride=audio_stride)
+@pytest.mark.parametrize("sigma,audio_stride,causal", [(0.0, 1, False), (0.5, 1, False), (0.5, 4, False), (0.5, 4, True)])
+def test_cached_and_uncached_sampling_agree_with_cfg(sigma, audio_stride, causal):
+    m = make_model(audio_stride=audio_stride, causal_prefix=causal)
     cfg = m.cfg
     cond = make_cond(cfg)
     speaking = torch.tensor([[True, False, False, True], [False, False, True, True]])
@@ -378,6 +490,7 @@ def test_presets_and_parameter_count():
     small, paper = ARFlowConfig.small(), ARFlowConfig.paper()
     assert (paper.n_layers, paper.n_heads, paper.d_model, paper.d_text, paper.d_audio) == (6, 16, 512, 384, 80)
     assert small.n_tokens == paper.n_tokens == 25
+    assert small.causal_prefix and not paper.causal_prefix and not ARFlowConfig().causal_prefix  # old checkpoints: bidirectional
     n = count_parameters(ARFlow(ARFlowConfig.paper(n_layers=1)))
     per_layer = count_parameters(ARFlow(ARFlowConfig.paper(n_layers=2))) - n
     total = n + 5 * per_layer

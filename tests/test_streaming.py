@@ -50,13 +50,16 @@ def speech_like(seconds: float, seed: int) -> np.ndarray:
     return (env * voice + 1e-4 * rng.standard_normal(n)).astype(np.float32)
 
 
-def run_stream(gen: StreamingGenerator, actor, partner, chunk: int, on_chunk=None):
-    """Push both sides in chunks of ``chunk`` samples, then finish -> (latents (N, Dv), motion (T, 67), speaking (N,))."""
+def run_stream(gen: StreamingGenerator, actor, partner, chunk: int, on_chunk=None, on_output=None):
+    """Push both sides in chunks of ``chunk`` samples, then finish -> (latents (N, Dv), motion (T, 67), speaking (N,)).
+    ``on_chunk(i, gen)`` / ``on_output(i, output)`` are called after push i."""
     outs = []
     for i, a in enumerate(range(0, len(actor), chunk)):
         outs.append(gen.push(actor[a:a + chunk], None if partner is None else partner[a:a + chunk]))
         if on_chunk is not None:
             on_chunk(i, gen)
+        if on_output is not None:
+            on_output(i, outs[-1])
     outs.append(gen.finish())
     tok, frame = 0, 0
     for o in outs:  # outputs are contiguous and in order
@@ -285,3 +288,106 @@ def test_stream_cli_writes_the_offline_motion_and_a_latency_report(tmp_path, run
     assert np.array_equal(latents, z[0].numpy()) and np.array_equal(motion, decode_latents(vae, norm, z)[0].numpy())
     bad = run_entry("stream.py", f"checkpoint={tmp_path / 'sft'}", f"actor_wav={tmp_path / 'a.wav'}", "chunk_ms=10", cwd=tmp_path)
     assert bad.returncode != 0 and "20 ms" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# causal-in-time prefix: one token of latency, equal to generate_long for any chunking
+
+
+@pytest.fixture(scope="module")
+def causal_parts(parts):
+    """The tiny AR-Flow of ``parts`` with a causal prefix (same weights)."""
+    model, vae, norm, enc = parts
+    causal = ARFlow(ARFlowConfig(**{**model.cfg.to_dict(), "causal_prefix": True}))
+    causal.load_state_dict(model.state_dict())
+    return causal.eval(), vae, norm, enc
+
+
+@pytest.mark.parametrize("chunk,k,sigma", [(320, 1, 0.0), (777, 2, 0.3), (SAMPLE_RATE, 1, 0.0)])
+def test_causal_stream_emits_each_token_with_its_audio_and_equals_generate_long(causal_parts, chunk, k, sigma):
+    model, vae, norm, enc = causal_parts
+    actor, partner = speech_like(6.3, 1), speech_like(6.3, 2)  # 19 whole tokens: the last window is cut short
+    text = torch.randn(DT, generator=torch.Generator().manual_seed(5))
+    gen = StreamingGenerator(model, vae, norm, enc, k=k, sigma=sigma, text_emb=text, decode="causal",
+                             generator=torch.Generator().manual_seed(3), **SETTINGS)
+    emitted, late = {"tokens": 0, "frames": 0}, []
+
+    def count(i, out):  # after every push: every token whose audio is in is out, latents and frames
+        emitted["tokens"] += out.latents.shape[0]
+        emitted["frames"] += out.motion.shape[0]
+        whole = min((i + 1) * chunk, len(actor)) // TOKEN
+        late.append((whole - emitted["tokens"], whole * R - emitted["frames"]))
+
+    z, motion, speaking = run_stream(gen, actor, partner, chunk, on_output=count)
+    assert late and all(lag == (0, 0) for lag in late), late  # no token waits for later audio
+    n_frames = (len(actor) // TOKEN) * R
+    assert z.shape == (n_frames // R, DV) and speaking.any() and not speaking.all()
+    ref = generate_long(model, offline_cond(enc, actor, partner, n_frames, text), n_frames, k=k, sigma=sigma,
+                        speaking_tokens=torch.from_numpy(speaking)[None], generator=torch.Generator().manual_seed(3),
+                        **SETTINGS)[0]  # (N, Dv)
+    assert torch.equal(z, ref)
+    assert np.array_equal(motion, decode_latents_causal(vae, norm, ref[None])[0].numpy())
+    # the causal model differs from the bidirectional one (same weights): the mask matters
+    model_b = parts_model_bidirectional(model)
+    ref_b = generate_long(model_b, offline_cond(enc, actor, partner, n_frames, text), n_frames, k=k, sigma=sigma,
+                          speaking_tokens=torch.from_numpy(speaking)[None], generator=torch.Generator().manual_seed(3),
+                          **SETTINGS)[0]
+    assert not torch.allclose(ref_b, ref, atol=1e-4)
+
+
+def parts_model_bidirectional(model):
+    m = ARFlow(ARFlowConfig(**{**model.cfg.to_dict(), "causal_prefix": False}))
+    m.load_state_dict(model.state_dict())
+    return m.eval()
+
+
+def test_causal_stream_uncached_and_a_stream_cut_short_agree(causal_parts):
+    """use_cache=False follows the same schedule; stopping earlier gives the first tokens of the longer stream."""
+    model, vae, norm, enc = causal_parts
+    actor = speech_like(3.0, 13)
+    runs = {}
+    for name, n, cache in (("long", len(actor), True), ("short", 5 * TOKEN + 100, True), ("uncached", len(actor), False)):
+        gen = StreamingGenerator(model, vae, norm, enc, k=1, use_cache=cache, generator=torch.Generator().manual_seed(8),
+                                 speaking=lambda j0, j1: np.arange(j0, j1) % 2 == 0, **SETTINGS)
+        runs[name] = run_stream(gen, actor[:n], None, 900)[0]
+    assert runs["short"].shape[0] == 5 and torch.equal(runs["short"], runs["long"][:5])
+    torch.testing.assert_close(runs["uncached"], runs["long"], atol=1e-4, rtol=1e-4)
+
+
+def test_causal_cfg_changes_from_the_next_token_and_text_from_the_next_window(causal_parts):
+    model, vae, norm, enc = causal_parts
+    actor, partner = speech_like(6.0, 4), speech_like(6.0, 5)
+    text_a, text_b = torch.randn(2, DT, generator=torch.Generator().manual_seed(6))
+    k, W, change = 1, W_FRAMES // R, {}
+
+    def switch(i, g):
+        if i == 10 and not change:  # mid-stream (chunks of 4000 samples), mid-window (token 8 of [6, 10))
+            change["token"] = g.tokens_generated
+            g.set_cfg(w_listen=3.0)
+            g.set_text(text_b)
+
+    def stream(on_chunk):
+        g = StreamingGenerator(model, vae, norm, enc, k=k, steps=3, w_speak=1.5, w_listen=1.5, text_emb=text_a,
+                               generator=torch.Generator().manual_seed(7))
+        return run_stream(g, actor, partner, 4000, on_chunk)
+
+    z_same, _, _ = stream(None)
+    z, _, speaking = stream(switch)
+    T, n_tok = change["token"], z.shape[0]
+    assert 0 < T < n_tok - W and T % (W - k) != 1  # the change falls inside a window
+    assert torch.equal(z[:T], z_same[:T]) and not torch.equal(z[T:], z_same[T:])
+    n_frames = n_tok * R
+    full = offline_cond(enc, actor, partner, n_frames)
+
+    def cond_fn(f0, nf):  # text b in the windows whose first new token comes after the change
+        s0 = f0 // R
+        text = text_b if (s0 + k if s0 else 0) >= T else text_a
+        return {"text_emb": text[None], "text_mask": torch.tensor([True]),
+                "actor_audio": full["actor_audio"][:, f0:f0 + nf], "partner_audio": full["partner_audio"][:, f0:f0 + nf],
+                "partner_latent": full["partner_latent"][:, s0:s0 + nf // R], "partner_has_motion": torch.tensor([False])}
+
+    weights_speak = torch.from_numpy(speaking).clone()
+    weights_speak[:T] = True  # weight 1.5 on every token before the change, 1.5 / 3.0 after it
+    ref = generate_long(model, cond_fn, n_frames, k=k, steps=3, w_speak=1.5, w_listen=3.0,
+                        speaking_tokens=weights_speak[None], generator=torch.Generator().manual_seed(7))[0]
+    assert torch.equal(z, ref)
