@@ -187,8 +187,9 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
 
     Each pass's ``loss_objective`` is weighted by its share of the batch's objective transitions
     and its ``loss_kl`` by its share of all generated transitions, so the accumulated gradient
-    equals the gradient of the whole batch's mean objective plus its mean KL. Peak memory is that
-    of one (window, chunk) pass, whatever the episode length.
+    equals the gradient of the whole batch's mean objective plus its mean KL. Each window's prefix
+    and history run once per model, shared by its chunks (``SDETransition.shared_context``). Peak memory
+    is that of one (window, chunk) pass plus one window's prefix activations, whatever the episode length.
 
     Returns floats: ``loss/<loss term>``, ``policy/<diagnostic>`` (aggregated by
     :data:`AGGREGATION`, averaged over epochs; ``ratio_max`` is the maximum over the whole batch
@@ -222,13 +223,16 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
         optimizer.zero_grad(set_to_none=True)
         for span, c_obj, c_all in zip(spans, n_obj, n_all):
             win = select_window(traj, span)
-            for k0 in range(0, K, S):
-                k1 = min(k0 + S, K)
-                share = (k1 - k0) / K
-                w = {"objective": c_obj / tot_obj * share if tot_obj else 0.0, "all": c_all / tot_all * share}
-                out = loss_module(select_steps(win, k0, k1))
-                (out["loss_objective"] * w["objective"] + out["loss_kl"] * w["all"]).backward()
-                outputs.append((out.detach(), w))
+            # the window's prefix and history run once per model, shared by its chunks (policy.SDETransition.shared_context)
+            with loss_module.transition[0].shared_context(win["window"], win["history"], span,
+                                                          (loss_module.actor_network, loss_module.ref_network)):
+                for k0 in range(0, K, S):
+                    k1 = min(k0 + S, K)
+                    share = (k1 - k0) / K
+                    w = {"objective": c_obj / tot_obj * share if tot_obj else 0.0, "all": c_all / tot_all * share}
+                    out = loss_module(select_steps(win, k0, k1))
+                    (out["loss_objective"] * w["objective"] + out["loss_kl"] * w["all"]).backward()
+                    outputs.append((out.detach(), w))
         if sync is not None:
             sync.all_reduce_gradients(loss_module.actor_network.parameters())  # one all-reduce per optimiser step
         gnorm = torch.nn.utils.clip_grad_norm_(loss_module.actor_network.parameters(), grad_clip)

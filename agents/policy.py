@@ -26,7 +26,12 @@ cache is rebuilt from ``history``, so the output never depends on stale state.
 
 For the update, :meth:`SDETransition.replay_loc` recomputes the transition means of cached
 states with gradient, teacher forced (one pass for every token of the trajectory at a given
-denoising step), which is what makes chunked replay cheap.
+denoising step), which is what makes chunked replay cheap. Inside
+:meth:`SDETransition.shared_context` (``loss.chunked_update`` opens one per window) it runs in two
+stages: the window's prefix and clean history (``ARFlow.encode_context``) once per window and model
+(the reference without gradient), shared by every chunk of denoising steps, then each chunk's noisy
+states against it (``ARFlow.velocity_in_context``); the gradient the chunks leave on the shared
+part is sent through the prefix once, at the end of the block.
 
 Long episodes (bank rows longer than the model's window) follow the sliding-window schedule of
 long generation (``envs.windows.sliding_windows``, ``schedule``): each token is conditioned on
@@ -100,6 +105,16 @@ class _EpisodeCache:
     length: int  # finished tokens written into the cache
 
 
+@dataclass
+class _SharedWindow:
+    """Replay contexts of one window: ``entries[id(model)] = (context with graph, context used by calls, with_grad)``."""
+
+    window: torch.Tensor
+    history: torch.Tensor
+    span: tuple[int, int, int]
+    entries: dict
+
+
 class SDETransition(nn.Module):
     """``(x, t, token, sde_step, history, window, episode) -> (loc, scale)`` of one SDE transition.
 
@@ -136,6 +151,7 @@ class SDETransition(nn.Module):
         self._window_of = [w for w, (s0, n, new0) in enumerate(self.schedule) for _ in range(new0, s0 + n)]  # token -> window
         self.max_episodes = int(max_episodes)
         self._episodes: OrderedDict[int, _EpisodeCache] = OrderedDict()
+        self._shared: _SharedWindow | None = None  # replay contexts of one window (shared_context)
 
     def reset_cache(self) -> None:
         self._episodes.clear()
@@ -202,18 +218,73 @@ class SDETransition(nn.Module):
         -> loc (B, S, M, Dv). ``model`` defaults to this policy's AR-Flow (pass the reference copy to score it).
         """
         model = self.arflow if model is None else model
-        s0, n, new0 = (0, history.shape[1], 0) if span is None else span
+        s0, n, new0 = (0, history.shape[1], 0) if span is None else tuple(span)
         B, S, M, D = x.shape
         if M != s0 + n - new0:
             raise ValueError(f"replay_loc: x holds {M} tokens per step, span {span} generates {s0 + n - new0}")
-        cond = self._cond(window, s0, n)
-        # the S copies of every token share one sequence [prefix; window history; S x M noisy tokens]
+        # the S copies of every token attend to one context [prefix; window history]: inside shared_context
+        # that of the block, else one sequence [prefix; window history; S x M noisy tokens]
         xs = x.reshape(B, S * M, D)
         ts = t.reshape(B, S * M)
         idx = torch.arange(new0 - s0, n, device=x.device).repeat(S)  # window-local index of every noisy copy
         with dropout_off(model):
-            v = model._full_pass(cond, history[:, s0:s0 + n], xs, ts, idx, NO_DROP)  # (B, S*M, Dv)
+            ctx = self._shared_for(model, window, history, (s0, n, new0))
+            if ctx is None:
+                v = model._full_pass(self._cond(window, s0, n), history[:, s0:s0 + n], xs, ts, idx, NO_DROP)  # (B, S*M, Dv)
+            else:
+                v = model.velocity_in_context(ctx, xs, ts, idx)  # (B, S*M, Dv)
         return self._mean(xs, v, ts).reshape(B, S, M, D)
+
+    @contextlib.contextmanager
+    def shared_context(self, window: torch.Tensor, history: torch.Tensor, span: tuple[int, int, int] | None = None,
+                       models: tuple[nn.Module, ...] = ()):
+        """Within the block, :meth:`replay_loc` of ``models`` on this ``window`` / ``history`` / ``span``
+        reuses one prefix-and-history pass per model instead of one per call.
+
+        The pass of a model whose parameters require grad runs with autograd (when enabled); calls
+        get detached copies of its keys/values, on which their backward passes leave gradients, and
+        a clean exit sends the gathered gradient through the prefix pass once (so each call's
+        ``backward`` plus the exit give the same parameter gradients as unshared calls). Other
+        models (the frozen reference) run without gradient. Memory: one window's prefix
+        activations, whatever the number of calls. A call for another window, history or span of
+        one of ``models`` inside the block is an error.
+        """
+        if self._shared is not None:
+            raise RuntimeError("shared_context: blocks do not nest")
+        s0, n, new0 = (0, history.shape[1], 0) if span is None else tuple(span)
+        cond = self._cond(window, s0, n)
+        entries = {}
+        for m in models:
+            grad = torch.is_grad_enabled() and any(p.requires_grad for p in m.parameters())
+            with torch.set_grad_enabled(grad), dropout_off(m):
+                full = m.encode_context(cond, history[:, s0:s0 + n], NO_DROP)
+            entries[id(m)] = (full, full.detached() if grad else full, grad)
+        self._shared = _SharedWindow(window, history, (s0, n, new0), entries)
+        try:
+            yield
+        finally:
+            self._shared = None
+        roots, grads = [], []
+        for full, leaf, grad in entries.values():
+            if grad:
+                for a, b in zip(full.k + full.v, leaf.k + leaf.v):
+                    if b.grad is not None:
+                        roots.append(a)
+                        grads.append(b.grad)
+        if roots:
+            torch.autograd.backward(roots, grads)
+
+    def _shared_for(self, model: nn.Module, window: torch.Tensor, history: torch.Tensor, span: tuple[int, int, int]):
+        """The shared context of ``model`` for this window (None outside :meth:`shared_context` or for other models)."""
+        sh = self._shared
+        if sh is None or id(model) not in sh.entries:
+            return None
+        same = (span == sh.span and history.shape == sh.history.shape and history.data_ptr() == sh.history.data_ptr()
+                and window.shape == sh.window.shape and torch.equal(window, sh.window))
+        if not same:
+            raise ValueError(f"replay_loc: span {span} or its window / history differ from the shared_context "
+                             f"block's (span {sh.span}); replay other windows outside the block")
+        return sh.entries[id(model)][1]
 
 
 def make_policy(arflow: nn.Module, env, generator: torch.Generator | None = None, use_cache: bool = True,
