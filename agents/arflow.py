@@ -77,7 +77,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..envs.windows import COND_KEYS  # keys of the conditioning dict; text_mask, partner_has_motion optional
-from .attention import Block, rope_cos_sin
+from .attention import Block, apply_rope, rope_cos_sin
 from .checkpoint import CheckpointError, load_meta, load_weights, save_checkpoint
 
 __all__ = [
@@ -558,6 +558,19 @@ class ARFlow(nn.Module):
         idx = torch.full((1,), l, device=x_t.device, dtype=torch.long)
         return self._full_pass(cond, history, x_t[:, None], t[:, None], idx, drop)[:, 0]
 
+    def _fill_kv(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, K: list[Tensor], V: list[Tensor],
+                 at: int) -> None:
+        """Write the rotated keys/values of entries whose outputs nobody reads (prefix, context) into
+        K[i], V[i] (B, H, C, hd) at slots [at, at + S): h (B, S, D) attends as in ``Block`` with
+        ``mask`` (S, at + S); the last block computes its keys/values only (no attention, no MLP)."""
+        for blk, k, v in zip(self.blocks[:-1], K, V):
+            h = blk(h, cos, sin, mask, (k, v), at)
+        last, (B, S, _) = self.blocks[-1], h.shape
+        a = last.attn
+        _, k, v = a.qkv(last.ln1(h)).view(B, S, 3, a.n_heads, a.head_dim).permute(2, 0, 3, 1, 4)  # as SelfAttention: (B, H, S, hd)
+        K[-1][:, :, at:at + S] = apply_rope(k, cos, sin)
+        V[-1][:, :, at:at + S] = v
+
     # ---- two-stage passes (RL replay: one prefix pass shared by many noisy tokens) --------------
 
     def encode_context(self, cond: Mapping[str, Tensor], x_clean: Tensor, drop=None) -> Context:
@@ -575,9 +588,7 @@ class ARFlow(nn.Module):
         mask = attention_mask(P, n, torch.zeros(0, dtype=torch.long, device=h.device), prefix_tok, prefix_mask)  # (C, C)
         K = [h.new_zeros(B, c.n_heads, P + n, c.head_dim) for _ in self.blocks]
         V = [h.new_zeros(B, c.n_heads, P + n, c.head_dim) for _ in self.blocks]
-        h = self.drop(h)
-        for blk, k, v in zip(self.blocks, K, V):
-            h = blk(h, cos, sin, mask, (k, v), 0)
+        self._fill_kv(self.drop(h), cos, sin, mask, K, V, 0)
         return Context(K, V, P, n, prefix_tok)
 
     def velocity_in_context(self, ctx: Context, x_noisy: Tensor, t: Tensor, noisy_idx: Tensor) -> Tensor:
@@ -620,9 +631,7 @@ class ARFlow(nn.Module):
         K = [h.new_empty(B, c.n_heads, P + N, c.head_dim) for _ in self.blocks]
         V = [h.new_empty(B, c.n_heads, P + N, c.head_dim) for _ in self.blocks]
         cos, sin = self._rope(pos)
-        h = self.drop(h)
-        for blk, k, v in zip(self.blocks, K, V):
-            h = blk(h, cos, sin, None, (k, v), 0)
+        self._fill_kv(self.drop(h), cos, sin, None, K, V, 0)
         tcos, tsin = self._rope(token_positions(N, c.r, device=h.device))
         return KVCache(K, V, P, N, tcos, tsin)
 
@@ -653,10 +662,10 @@ class ARFlow(nn.Module):
         sub = lay.take(idx)
         cos, sin = self._rope(sub.pos)
         mask = causal_prefix_mask(sub, sub)  # (S, S)
-        h = self.drop(h[:, idx])  # (B, S, D)
-        for blk, k, v in zip(self.blocks, K, V):
-            kt, vt = h.new_empty(B, c.n_heads, idx.shape[0], c.head_dim), h.new_empty(B, c.n_heads, idx.shape[0], c.head_dim)
-            h = blk(h, cos, sin, mask, (kt, vt), 0)
+        Kt = [h.new_empty(B, c.n_heads, idx.shape[0], c.head_dim) for _ in self.blocks]  # (B, H, S, hd) scratch
+        Vt = [h.new_empty(B, c.n_heads, idx.shape[0], c.head_dim) for _ in self.blocks]
+        self._fill_kv(self.drop(h[:, idx]), cos, sin, mask, Kt, Vt, 0)
+        for k, v, kt, vt in zip(K, V, Kt, Vt):
             k[:, :, dest], v[:, :, dest] = kt, vt
         cache.groups = G
         return cache
@@ -686,9 +695,7 @@ class ARFlow(nn.Module):
         lay = cache.slots.layout
         mask = causal_prefix_mask(lay.take(slice(at, at + S)), lay.take(slice(0, at + S)))  # (S, at + S)
         cos, sin = self._rope(lay.pos[at:at + S])
-        h = self.drop(h)
-        for blk, k, v in zip(self.blocks, cache.k, cache.v):
-            h = blk(h, cos, sin, mask, (k, v), at)
+        self._fill_kv(self.drop(h), cos, sin, mask, cache.k, cache.v, at)
         cache.groups = j + 1
 
     def _one_token(self, cache: KVCache, h: Tensor, l: int, commit: bool) -> Tensor:
