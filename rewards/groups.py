@@ -19,7 +19,7 @@ Defined values, never NaN (document for the environment and the advantages):
 - A group module returning NaN/inf on a valid entry raises ``RuntimeError`` naming the module
   class and the group (a silent NaN would poison every advantage of the batch).
 
-Default term weights (``DEFAULT_WEIGHTS``): ``var 1.0, vel 1.0, mean 0.25, mse 0.1``. The paper
+Default term weights (``DEFAULT_WEIGHTS``): ``var 1.0, vel 1.0, drift 0.25, mse 0.1``. The paper
 says the reward "primarily emphasizes dynamics-aware statistics (variance and velocity variance)
 rather than per-frame alignment", "using the mean and MSE anchors only to stabilize realism and
 avoid degenerate drift", without giving numbers. Hence full weight on the two dynamics terms, a
@@ -50,11 +50,11 @@ __all__ = [
     "build_reward",
 ]
 
-DEFAULT_WEIGHTS: dict[str, float] = {"var": 1.0, "vel": 1.0, "mean": 0.25, "mse": 0.1}
+DEFAULT_WEIGHTS: dict[str, float] = {"var": 1.0, "vel": 1.0, "drift": 0.25, "mse": 0.1}
 BUILTIN_TERMS: dict[str, type[nn.Module]] = {
     "var": VarianceTerm,
     "vel": VelocityVarianceTerm,
-    "mean": MeanDriftTerm,
+    "drift": MeanDriftTerm,
     "mse": MSETerm,
 }
 
@@ -395,7 +395,7 @@ def build_reward(spec: str | Sequence[str] = "expr+rot",
     """Build the :class:`FlameReward` of a config.
 
     spec: groups, see :func:`parse_reward_spec`.
-    weights: term weights merged over :data:`DEFAULT_WEIGHTS` (keys ``var vel mean mse``);
+    weights: term weights merged over :data:`DEFAULT_WEIGHTS` (keys ``var vel drift mse``);
       finite, >= 0, not all zero (counting extra terms); a zero-weight term is left out.
     lambdas: ``{group: lambda}`` (missing groups 1.0); only groups of ``spec``; >= 0, not all 0.
     group_reward: dotted path (or ``{"target": path, **kwargs}``) of a GroupReward-like class,

@@ -202,7 +202,7 @@ def test_flame_reward_vector_lambdas_and_invalid_entries():
     valid = torch.ones(3, 6, dtype=torch.bool)
     valid[1, GROUP_NAMES.index("rot")] = False  # row 1: rot invalid
     expr = GroupReward("expr", {"vel": (VelocityVarianceTerm(), 1.0)})
-    rot = GroupReward("rot", {"mean": (MeanDriftTerm(), 1.0)})
+    rot = GroupReward("rot", {"drift": (MeanDriftTerm(), 1.0)})
     fr = FlameReward([expr, rot], lambdas={"rot": 2.0})
     assert fr.group_names == ("expr", "rot")
     assert torch.equal(fr.lambdas, t([1.0, 2.0]))
@@ -232,7 +232,7 @@ def test_flame_reward_term_values():
     valid[0, GROUP_NAMES.index("jaw")] = False
     fr = build_reward("jaw", weights={"mse": 0.5})
     tv = fr.term_values(pred, target, mask, valid, reduce="none")
-    assert set(tv) == {f"reward/jaw/{k}" for k in ("var", "vel", "mean", "mse")}
+    assert set(tv) == {f"reward/jaw/{k}" for k in ("var", "vel", "drift", "mse")}
     sl = GROUPS["jaw"]
     mse = MSETerm()(pred[..., sl], target[..., sl], mask)
     assert tv["reward/jaw/mse"][0] == 0 and torch.allclose(tv["reward/jaw/mse"][1:], mse[1:])
@@ -297,9 +297,9 @@ def test_parse_reward_spec():
 def test_build_reward_defaults_and_weights():
     fr = build_reward()
     assert fr.group_names == ("expr", "rot") and torch.equal(fr.lambdas, t([1.0, 1.0]))
-    assert fr.groups["expr"].weights == DEFAULT_WEIGHTS == {"var": 1.0, "vel": 1.0, "mean": 0.25, "mse": 0.1}
+    assert fr.groups["expr"].weights == DEFAULT_WEIGHTS == {"var": 1.0, "vel": 1.0, "drift": 0.25, "mse": 0.1}
     fr = build_reward("jaw+rot", weights={"mse": 0.0, "var": 2.0}, lambdas={"jaw": 3.0})
-    assert fr.groups["jaw"].weights == {"var": 2.0, "vel": 1.0, "mean": 0.25}  # zero weight left out
+    assert fr.groups["jaw"].weights == {"var": 2.0, "vel": 1.0, "drift": 0.25}  # zero weight left out
     assert torch.equal(fr.lambdas, t([3.0, 1.0]))
     pred, target = flame()
     mask = torch.ones(2, 6, dtype=torch.bool)
