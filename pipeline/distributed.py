@@ -266,6 +266,17 @@ def gather_rank_states(d: Dist, state: dict) -> list[dict] | None:
     return d.all_gather_object(state) if d.is_distributed else None
 
 
+def on_cpu(tree: Any) -> Any:
+    """``tree`` (dicts, lists, tuples) with every tensor moved to the CPU (RNG states of a state loaded onto a GPU)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {k: on_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(on_cpu(v) for v in tree)
+    return tree
+
+
 def check_world_size(saved: int | None, d: Dist, path) -> None:
     """A resumed run needs the process count of the run that wrote the state (every rank has its own streams)."""
     saved = 1 if saved is None else int(saved)

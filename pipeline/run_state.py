@@ -35,13 +35,14 @@ def rng_state(generator: torch.Generator | None = None) -> dict:
 
 
 def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
-    torch.set_rng_state(state["torch"])
+    # RNG states are CPU byte tensors, also when a training state was loaded with map_location=cuda
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if generator is not None and state.get("generator") is not None:
-        generator.set_state(state["generator"])
+        generator.set_state(state["generator"].cpu())
 
 
 def resolved_config(cfg: DictConfig) -> dict:

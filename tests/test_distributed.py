@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from rl_fixtures import tiny_arflow, tiny_bank, tiny_vae
+
 from gdpo_listener.agents.loss import GDPOLoss, chunked_update
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.pipeline.distributed import Dist, init_distributed, launch_info, rank_seed, shard
 from gdpo_listener.rewards.groups import build_reward
-from rl_fixtures import tiny_arflow, tiny_bank, tiny_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 2  # SDE steps per token in the GDPO tests
@@ -208,8 +209,9 @@ def test_combine_rank_stats_weights_by_transitions_and_ignores_nan():
 
 
 def test_feature_cache_shards_write_every_entry_once(tmp_path, monkeypatch):
-    from gdpo_listener.agents import encoders
     from test_vae import make_tiny_dataset
+
+    from gdpo_listener.agents import encoders
 
     root = make_tiny_dataset(tmp_path / "data", n_conversations=3, seconds=8.0, seed=3)
     text_enc, audio_enc = encoders.TextEncoder(), encoders.AudioEncoder("logmel")
@@ -345,3 +347,26 @@ def test_two_process_sft_resumes_exactly(tiny_pipeline, run_entry):
     assert res.returncode == 0 and "resumed from step 2" in res.stdout
     assert_same_weights(weights(d / "sft_resumed"), weights(d / "sft_straight"))
     assert not list(d.glob("sft_resumed-*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark
+
+
+def test_communication_volume_per_step():
+    bench = load_recipe("bench_distributed")
+    assert bench.allreduce_factor(1) == 0.0 and bench.allreduce_factor(2) == 1.0 and bench.allreduce_factor(8) == 1.75
+    P = 1_000_000
+    assert bench.comm_bytes_per_step(P, 8, "sft") == 4 * P * 1.75
+    assert bench.comm_bytes_per_step(P, 8, "gdpo", sync_every=8) == 4 * P * 1.75 + 4 * P / 8  # + amortised weight broadcast
+    assert bench.comm_bytes_per_step(P, 1, "gdpo") == 0.0
+
+
+@pytest.mark.slow
+def test_bench_distributed_smoke(run_entry, tmp_path):
+    res = run_entry("bench_distributed.py", "sft.batch_size=4", "sft.steps=1", "sft.warmup=0", "gdpo.n_prompts=2", "gdpo.group_size=2",
+                    "gdpo.sde_steps=1", "gdpo.iterations=1", "gdpo.warmup=0", "gdpo.chunk_steps=1", "comm.preset=small", cwd=tmp_path)
+    assert res.returncode == 0
+    rows = [ln.split() for ln in res.stdout.splitlines() if ln.strip().startswith(("1 ", "2 "))]
+    assert [r[0] for r in rows[:2]] == ["1", "2"] and float(rows[0][2]) == 1.0  # the baseline's efficiency
+    assert "MB/step" in res.stdout

@@ -49,7 +49,7 @@ from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.evaluation.generation import before_after
 from gdpo_listener.pipeline import factories, stages
 from gdpo_listener.pipeline.checks import check_count, check_non_negative, check_positive
-from gdpo_listener.pipeline.distributed import Dist, check_world_size, distributed, main_first, rank_seed, run_config
+from gdpo_listener.pipeline.distributed import Dist, check_world_size, distributed, main_first, on_cpu, rank_seed, run_config
 from gdpo_listener.pipeline.run_dir import claim_run_dir, truncate_logs
 from gdpo_listener.pipeline.run_state import load_run_state, rng_state, save_run_state, seed_everything, set_rng_state
 from gdpo_listener.pipeline.threads import configure_threads
@@ -250,10 +250,10 @@ def train(cfg: DictConfig, dist: Dist) -> None:
         # rollout noise and window draws continue the killed run's
         state = load_run_state(state_path, cfg, RESUME_KEYS, device, generator, states=run_states)
         check_world_size(state.get("world_size"), dist, state_path)
-        env.set_rng_state(state["env_rng"])
+        env.set_rng_state(on_cpu(state["env_rng"]))
         if dist.is_distributed:  # this rank's own streams
             set_rng_state(state["ranks"][dist.rank]["rng"], generator)
-            env.set_rng_state(state["ranks"][dist.rank]["env_rng"])
+            env.set_rng_state(on_cpu(state["ranks"][dist.rank]["env_rng"]))
         start, logger_state = state["step"], state["logger"]
         if dist.is_main:
             truncate_logs(out_dir / "logs", start)  # steps logged after the saved state are logged again
