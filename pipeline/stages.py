@@ -43,8 +43,22 @@ def ensure_dataset(data_cfg: DictConfig) -> Path:
             if data_cfg.get(k) is not None:
                 over.append(f"synthetic.{k}={data_cfg[k]}")
         run_stage("prepare_data.py", over)
-    load_meta(root)
+    meta = load_meta(root)
+    _check_synthetic_version(root, meta, data_cfg)
     return root
+
+
+def _check_synthetic_version(root: Path, meta: dict, data_cfg: DictConfig) -> None:
+    """An auto-prepared synthetic corpus written by another corpus version is not reused silently."""
+    from ..envs.synthetic import CORPUS_VERSION
+
+    if meta.get("source") != "synthetic" or not data_cfg.get("auto_prepare", False):
+        return
+    version = (meta.get("synthetic") or {}).get("corpus_version", 1)
+    if version != CORPUS_VERSION:
+        raise RuntimeError(f"{root} holds synthetic corpus version {version}, but this code's default corpus is version "
+                           f"{CORPUS_VERSION}: move {root} away (and the VAE/AR-Flow checkpoints trained on it, e.g. runs/vae, "
+                           f"runs/sft_*) to regenerate it, or point data.root at another folder")
 
 
 def ensure_vae(cfg: DictConfig, data_root: Path) -> Path:

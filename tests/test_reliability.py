@@ -168,3 +168,16 @@ def test_threads_auto_and_bad_values(monkeypatch):
     for bad in (0, -1, "two", 1.5, True, None):
         with pytest.raises(ValueError, match="threads="):
             threads.resolve_threads(bad)
+
+
+def test_an_old_synthetic_corpus_is_not_reused_silently(tmp_path, monkeypatch):
+    from gdpo_listener.pipeline import stages
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.json").write_text("{}")
+    monkeypatch.setattr(stages, "load_meta", lambda root: {"source": "synthetic", "synthetic": {"corpus_version": 1}})
+    cfg = OmegaConf.create({"root": str(tmp_path / "data"), "auto_prepare": True, "seed": 0})
+    with pytest.raises(RuntimeError, match="synthetic corpus version 1"):
+        stages.ensure_dataset(cfg)
+    monkeypatch.setattr(stages, "load_meta", lambda root: {"source": "synthetic", "synthetic": {"corpus_version": 2}})
+    assert stages.ensure_dataset(cfg) == tmp_path / "data"
