@@ -1,7 +1,11 @@
 """Replay two wav files through the streaming generator at real-time pace and report per-token latency.
 
     python train/stream.py actor_wav=a.wav partner_wav=b.wav chunk_ms=20
-    python train/stream.py actor_wav=a.wav k=24 decode=causal        # one token of algorithmic latency
+    python train/stream.py actor_wav=a.wav k=24 decode=causal        # bidirectional model: one token of latency
+
+With a causal-prefix model (``model.arch.causal_prefix=true``; the small preset's default) every token
+runs as soon as its own audio is in, for any k: one token (0.32 s) of algorithmic latency, with
+``decode=causal`` (``decode=auto``, the default, picks it for such a model).
 
 Chunk i (``chunk_ms`` of both sides) arrives at t0 + (its last sample + 1) / 16 kHz; with
 ``realtime=true`` the replay sleeps until then, so a slow generator falls behind instead of being
@@ -10,10 +14,12 @@ fed early. Per token j:
     latency_j = (time its frames are out) - (arrival time of its last audio sample)
 
 (with ``realtime=false`` the arrival time is when that sample's chunk was pushed), and its compute
-latency: output time - arrival of the chunk whose push produced it. Tokens finished
+latency: output time - start of the push (or finish) that produced it, i.e. without the time a late
+push waited for the previous one (on a busy machine the two differ). Tokens finished
 by the end of the stream (the last window, the last VAE chunk) count from the last chunk's arrival.
-The latency includes the algorithmic wait (module docstring of ``agents/streaming.py``: with k = 1
-a token waits for the rest of its window) and the compute. ``kept_up``: no chunk finished more
+The latency includes the algorithmic wait (module docstring of ``agents/streaming.py``: with a
+bidirectional prefix and k = 1 a token waits for the rest of its window; with a causal prefix it
+does not wait) and the compute. ``kept_up``: no chunk finished more
 than one token (0.32 s) after its arrival, i.e. the generator never fell behind the audio by a token.
 
 Writes ``OUT.npz`` (``motion (T, 67)`` raw FLAME at 25 fps, ``vad (T,)`` the stream's speaking
@@ -24,7 +30,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (pipeline/threads.py)
 from pathlib import Path
 
 import hydra
@@ -38,6 +47,7 @@ from gdpo_listener.agents.arflow import load_arflow
 from gdpo_listener.agents.streaming import DECODE_MODES, StreamingGenerator, int8_copy
 from gdpo_listener.envs.flame import FPS, GROUP_NAMES, SAMPLE_RATE
 from gdpo_listener.pipeline import factories
+from gdpo_listener.pipeline.threads import configure_threads
 
 QUANTIZE = ("none", "int8")
 
@@ -73,7 +83,7 @@ def latency_report(latency: np.ndarray, compute: np.ndarray, lag: np.ndarray, to
 
 def replay(gen: StreamingGenerator, actor: np.ndarray, partner: np.ndarray, chunk: int, realtime: bool):
     """Push the two sides chunk by chunk -> (outputs, per-token latency (N,), per-token compute latency (N,),
-    per-chunk lag, busy seconds). Compute latency: output time - arrival of the chunk whose push emitted the token."""
+    per-chunk lag, busy seconds). Compute latency: output time - start of the push that emitted the token."""
     samples_per_token = gen.r * (SAMPLE_RATE // FPS)
     arrival, outs, lag, busy = [], [], [], 0.0
     t0 = time.perf_counter()
@@ -88,12 +98,12 @@ def replay(gen: StreamingGenerator, actor: np.ndarray, partner: np.ndarray, chun
         done = time.perf_counter()
         busy += done - start
         lag.append(done - arrival[-1])
-        outs.append((out, done, arrival[-1]))
+        outs.append((out, done, start))
     start = time.perf_counter()
     out = gen.finish()
     done = time.perf_counter()
     busy += done - start
-    outs.append((out, done, arrival[-1]))
+    outs.append((out, done, start))
     latency, compute = [], []
     for out, done, pushed in outs:
         for j in range(out.frame0 // gen.r, (out.frame0 + out.motion.shape[0]) // gen.r):
@@ -105,13 +115,13 @@ def replay(gen: StreamingGenerator, actor: np.ndarray, partner: np.ndarray, chun
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="stream")
 def main(cfg: DictConfig) -> None:
-    torch.set_num_threads(int(cfg.threads))
+    threads = configure_threads(cfg.threads)
     device = factories.make_device(cfg.device)
     chunk = int(round(float(cfg.chunk_ms) * SAMPLE_RATE / 1000))
     if chunk < SAMPLE_RATE // 50:
         raise ValueError(f"chunk_ms={cfg.chunk_ms} is below 20 ms (320 samples)")
-    if cfg.decode not in DECODE_MODES:
-        raise ValueError(f"decode={cfg.decode!r}; valid: {', '.join(DECODE_MODES)}")
+    if cfg.decode not in (*DECODE_MODES, "auto"):
+        raise ValueError(f"decode={cfg.decode!r}; valid: auto, {', '.join(DECODE_MODES)}")
     if cfg.quantize not in QUANTIZE:
         raise ValueError(f"quantize={cfg.quantize!r}; valid: {', '.join(QUANTIZE)}")
     actor = read_audio(factories.abspath(cfg.actor_wav))
@@ -129,12 +139,13 @@ def main(cfg: DictConfig) -> None:
     vae, normalizer, _ = factories.load_frozen_vae(Path(meta["vae_dir"]) if cfg.vae_dir is None else factories.abspath(cfg.vae_dir),
                                                    device)
     text_enc, audio_enc = factories.make_encoders(factories.checkpoint_encoders(cfg.features, meta), device)
+    decode = ("causal" if model.cfg.causal_prefix else "chunked") if cfg.decode == "auto" else str(cfg.decode)
     if cfg.quantize == "int8":
         model = int8_copy(model)
     text = str(cfg.text or "")
     gen = StreamingGenerator(model, vae, normalizer, audio_enc, k=int(cfg.k), steps=int(cfg.steps), w_speak=cfg.w_speak,
                              w_listen=cfg.w_listen, generator=torch.Generator(device=device).manual_seed(int(cfg.seed)),
-                             text_emb=torch.as_tensor(text_enc.encode([text]))[0] if text else None, decode=str(cfg.decode),
+                             text_emb=torch.as_tensor(text_enc.encode([text]))[0] if text else None, decode=decode,
                              vad_seconds=float(cfg.vad_seconds))
 
     outs, latency, compute, lag, busy = replay(gen, actor, partner, chunk, bool(cfg.realtime))
@@ -146,10 +157,13 @@ def main(cfg: DictConfig) -> None:
     np.savez(out.with_suffix(".npz"), motion=motion.astype(np.float32), vad=np.repeat(speaking, gen.r),
              speaking_tokens=speaking, latency_s=latency, latents=torch.cat([o.latents for o in outs]).numpy(),
              groups=np.array(GROUP_NAMES))
-    out.with_suffix(".json").write_text(json.dumps({**report, "settings": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
+    settings = {**OmegaConf.to_container(cfg, resolve=True), "decode": decode, "threads": threads,
+                "causal_prefix": bool(model.cfg.causal_prefix)}
+    out.with_suffix(".json").write_text(json.dumps({**report, "settings": settings}, indent=2))
     print(f"[stream] {motion.shape[0]} frames ({motion.shape[0] / FPS:.2f} s), chunks of {chunk} samples, k={cfg.k}, "
-          f"decode={cfg.decode}, quantize={cfg.quantize}: latency p50 {report['latency_p50_s']:.3f} s, "
-          f"p99 {report['latency_p99_s']:.3f} s (compute p99 {report['compute_latency_p99_s']:.3f} s), "
+          f"{'causal' if model.cfg.causal_prefix else 'bidirectional'} prefix, decode={decode}, quantize={cfg.quantize}, "
+          f"{threads} threads: latency p50 {report['latency_p50_s']:.3f} s, p99 {report['latency_p99_s']:.3f} s "
+          f"(compute p50 {report['compute_latency_p50_s']:.3f} s, p99 {report['compute_latency_p99_s']:.3f} s), "
           f"max lag {report['max_lag_s']:.3f} s, kept up: {report['kept_up']}, "
           f"RTF {report['rtf']:.3f} -> {out.with_suffix('.npz')}")
 
