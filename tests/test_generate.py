@@ -136,3 +136,121 @@ def test_output_paths_append_suffixes():
     assert output_paths(Path("gen/clip.npz")) == (Path("gen/clip.npz"), Path("gen/clip.png"))
     assert output_paths(Path("gen/clip")) == (Path("gen/clip.npz"), Path("gen/clip.png"))
     assert output_paths(Path("a.b.c")) == (Path("a.b.c.npz"), Path("a.b.c.png"))
+
+
+# ---- the streamed path (issue 15 item 6): bounded memory, same output -------------------------
+
+
+def write_noise_wav(path: Path, seconds: float, sr: int = 16000, channels: int = 1, seed: int = 0) -> Path:
+    """Speech-like bursts of noise (loud and quiet stretches, so the energy VAD has both classes)."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * sr))
+    env = np.repeat(rng.uniform(0, 1, n // (sr // 4) + 1) > 0.5, sr // 4)[:n] * 0.3 + 0.003  # (n,) 0.25 s bursts
+    x = (rng.standard_normal((n, channels)) * env[:, None]).astype(np.float32)  # (n, channels)
+    sf.write(str(path), x if channels > 1 else x[:, 0], sr, subtype="FLOAT")
+    return path
+
+
+@pytest.mark.parametrize("sr,channels", [(16000, 1), (44100, 2), (8000, 1), (48000, 1)])
+def test_audio_blocks_equal_the_whole_file_read(tmp_path, sr, channels):
+    """AudioFile.blocks (per-block resampling with overlap, channel mean) is bit-identical to read_audio
+    for any block size, with silence past the file's end; its length is known from the header."""
+    from gdpo_listener.evaluation.clip import AudioFile, read_audio
+
+    wav = write_noise_wav(tmp_path / "a.wav", 23.37, sr, channels)
+    whole = read_audio(wav)
+    f = AudioFile.open(wav)
+    assert f.samples == whole.shape[0]
+    for block in (16000 * 10, 12345, 640):
+        n = whole.shape[0] + 1000
+        blocks = list(f.blocks(n, block))
+        assert all(b.shape[0] == block for b in blocks[:-1]) and 0 < blocks[-1].shape[0] <= block
+        got = np.concatenate(blocks)
+        assert got.dtype == np.float32 and got.shape == (n,)
+        assert np.array_equal(got[: whole.shape[0]], whole) and not got[whole.shape[0]:].any()
+    assert np.array_equal(np.concatenate(list(f.blocks(5000, 3000))), whole[:5000])
+
+
+def test_energy_vad_in_one_pass_equals_energy_vad_frames(tmp_path):
+    """energy_vad_stream (RMS per block, then energy_gate) equals energy_vad_frames on the whole clip,
+    bridging and blip removal included; energy_gate on the same RMS too."""
+    from gdpo_listener.envs.converters.vad import energy_vad_frames
+    from gdpo_listener.evaluation.clip import AudioFile, energy_gate, energy_vad_stream, frame_rms, read_audio
+
+    for sr, seed in ((16000, 1), (44100, 2)):
+        wav = write_noise_wav(tmp_path / f"v{sr}.wav", 31.3, sr, seed=seed)
+        whole = read_audio(wav)
+        n_frames = whole.shape[0] // 640 - 3
+        expected = energy_vad_frames(whole[: n_frames * 640], n_frames)
+        assert 0.2 < expected.mean() < 0.8  # both classes: the comparison means something
+        assert np.array_equal(energy_vad_stream(AudioFile.open(wav), n_frames), expected)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(640 * 400) * np.repeat(rng.uniform(0, 1, 400) > 0.6, 640) * 0.2).astype(np.float32)
+    x[640 * 100:640 * 102] = 0  # a 2-frame gap inside speech (bridged) and a 1-frame blip (dropped)
+    x[640 * 300:640 * 310] = 0
+    x[640 * 305:640 * 306] = 0.3
+    assert np.array_equal(energy_gate(frame_rms(x)), energy_vad_frames(x, 400))
+
+
+def test_streamed_generation_equals_the_whole_recording_path(tiny, tmp_path, capsys):
+    """Same seed and settings (text, CFG weights, a partner wav, an actor at 44.1 kHz stereo): the streamed
+    npz equals stream=false bit for bit; a progress bar when asked."""
+    actor = write_noise_wav(tmp_path / "actor.wav", 23.3, 44100, channels=2, seed=3)
+    partner = write_noise_wav(tmp_path / "partner.wav", 25.0, 16000, seed=4)
+    common = (f"partner_wav={partner}", "seconds=23.1", "w_listen=2", "w_speak=0.5", "seed=5", "text='a nod'", "steps=2")
+    generate(tiny / "sft", actor, tmp_path / "whole", *common, "stream=false")
+    assert "whole-recording path (stream=false)" in capsys.readouterr().out
+    generate(tiny / "sft", actor, tmp_path / "streamed", *common, "progress=true")
+    err = capsys.readouterr().err
+    assert "generate" in err and "100%" in err  # the tqdm bar
+    with np.load(tmp_path / "whole.npz") as a, np.load(tmp_path / "streamed.npz") as b:
+        assert sorted(a.files) == sorted(b.files) == ["groups", "motion", "vad"]
+        assert b["motion"].shape == (578, 67) and b["motion"].dtype == np.float32
+        assert a["vad"].any() and not a["vad"].all()
+        for key in a.files:
+            assert np.array_equal(a[key], b[key]), key
+    assert (tmp_path / "streamed.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["actor.wav", "partner.wav", "streamed.npz", "streamed.png",
+                                                          "whole.npz", "whole.png"]  # no temporaries left
+
+
+def test_streamed_memory_does_not_grow_with_the_length(tiny, monkeypatch):
+    """Peak Python-side (numpy) allocations of stream_motion + write_clip_stream for 40 s and 160 s of audio
+    (4 s blocks; the PNG capped at 10 s here, as at 10 min by default) differ by less than one block's
+    worth: no buffer holds the whole recording or motion."""
+    import tracemalloc
+
+    from gdpo_listener.agents.arflow import load_arflow
+    from gdpo_listener.agents.encoders import AudioEncoder
+    from gdpo_listener.evaluation import clip
+    from gdpo_listener.pipeline import factories
+
+    monkeypatch.setattr(clip, "PLOT_MAX_FRAMES", 250)
+    vae, norm, _ = factories.load_frozen_vae(tiny / "vae", torch.device("cpu"))
+    model, _ = load_arflow(tiny / "sft", torch.device("cpu"))
+    enc = AudioEncoder("logmel")
+    peaks = []
+    for seconds in (12, 40, 160):  # the first run warms up (imports, one-time tables), not measured
+        wav = write_noise_wav(tiny / f"m{seconds}.wav", seconds, seed=seconds)
+        f = clip.AudioFile.open(wav)
+        n = seconds * 25
+        vad = clip.energy_vad_stream(f, n)
+        tracemalloc.start()
+        blocks = clip.stream_motion(model, vae, norm, None, enc, f, f, n, vad, steps=1, block=4 * 16000, progress=False)
+        clip.write_clip_stream(tiny / f"m{seconds}.npz", tiny / f"m{seconds}.png", blocks, n, vad, "", "ckpt")
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        with np.load(tiny / f"m{seconds}.npz") as z:
+            assert z["motion"].shape == (n, 67)
+    assert peaks[2] - peaks[1] < 4 * 16000 * 4, peaks  # 120 s more audio would be 7.7 MB per held side
+
+
+def test_why_not_streamed_names_the_reason():
+    from gdpo_listener.evaluation.clip import why_not_streamed
+
+    assert why_not_streamed("logmel", "energy", False) is None
+    assert "audio encoder" in why_not_streamed("facebook/wav2vec2-base", "energy", False)
+    assert "vad=silero" in why_not_streamed("logmel", "silero", False)
+    assert "partner_motion" in why_not_streamed("logmel", "energy", True)

@@ -10,9 +10,17 @@ a stem (``out=gen/take.v1`` -> ``gen/take.v1.npz``). Long clips use the sliding 
 checkpoint's (``features: checkpoint``; override with ``features.text_encoder=...`` / ``vae_dir=...``).
 
 Checked before the model loads: CFG weights (finite, |w| <= 20), the audio (readable, long enough
-for the requested length and for one latent token), the partner motion. Audio at other sample
+for the requested length and for one latent token, finite), the partner motion. Audio at other sample
 rates is resampled to 16 kHz. Motion with NaN/inf values (a diverged checkpoint) is an error and
 nothing is written (``gdpo_listener.evaluation.clip``).
+
+Memory. By default (``stream: true``) the audio is read in 10 s blocks and streamed through the
+features and the model window by window, and the motion is written to the npz as it comes out:
+memory does not grow with the input's length (``train/bench_generate_memory.py`` measures it), and a
+progress bar shows from 5 min of audio on (``progress``). The output is bit-identical to the
+whole-recording path (``stream=false``), which is also taken, with a note, when the stream cannot
+serve the settings: a Wav2Vec2 audio encoder, ``partner_motion``, or ``vad=silero``; its memory grows
+with the input (about 2 GB per hour of audio). The streamed PNG shows the first 10 min at most.
 """
 from __future__ import annotations
 
@@ -49,26 +57,42 @@ def main(cfg: DictConfig) -> None:
     meta = read_arflow_meta(ckpt)
     vae_dir = recorded_vae_dir(ckpt, meta, cfg.vae_dir)
     r = vae_frames_per_token(vae_dir)
-    actor = clip.read_audio(factories.abspath(cfg.actor_wav))
-    partner = clip.read_audio(factories.abspath(cfg.partner_wav)) if cfg.partner_wav else np.zeros_like(actor)
-    n_frames = clip.clip_frames(cfg.seconds, len(actor), r)
-    for name, wav in (("actor_wav", actor), ("partner_wav", partner)):
-        clip.check_audio_length(name, wav, n_frames)
+    encoders = factories.checkpoint_encoders(cfg.features, meta)
+    actor_file = clip.AudioFile.open(factories.abspath(cfg.actor_wav))
+    partner_file = clip.AudioFile.open(factories.abspath(cfg.partner_wav)) if cfg.partner_wav else None
+    n_frames = clip.clip_frames(cfg.seconds, actor_file.samples, r)
+    for name, f in (("actor_wav", actor_file), ("partner_wav", partner_file)):
+        if f is not None:
+            clip.check_audio_length(name, f.samples, n_frames)
     partner_motion = clip.read_partner_motion(factories.abspath(cfg.partner_motion), n_frames) if cfg.partner_motion else None
-    vad = vad_frames(actor[: n_frames * clip.SAMPLES_PER_FRAME], n_frames, method=cfg.vad)  # (T,) actor speaks
+    why_not = "stream=false" if not cfg.stream else clip.why_not_streamed(encoders.audio_encoder, cfg.vad, partner_motion is not None)
+    if why_not is None:  # one pass over the files in blocks: the actor's VAD, NaN/inf samples refused
+        vad = clip.energy_vad_stream(actor_file, n_frames)  # (T,) actor speaks
+        if partner_file is not None:
+            partner_file.check_finite()
+    else:
+        print(f"[generate] whole-recording path ({why_not}): memory grows with the input's length")
+        actor = clip.read_audio(actor_file.path)
+        partner = clip.read_audio(partner_file.path) if partner_file is not None else np.zeros_like(actor)
+        vad = vad_frames(actor[: n_frames * clip.SAMPLES_PER_FRAME], n_frames, method=cfg.vad)  # (T,) actor speaks
 
     # -- the checkpoint's VAE, encoders and AR-Flow (compatibility checked) -----------------------
     vae, normalizer, _ = factories.load_frozen_vae(vae_dir, device)
-    text_enc, audio_enc = factories.make_encoders(factories.checkpoint_encoders(cfg.features, meta), device)
+    text_enc, audio_enc = factories.make_encoders(encoders, device)
     model, _ = load_arflow(ckpt, device, expect={"d_latent": vae.cfg.d_latent, "d_text": text_enc.dim, "d_audio": audio_enc.dim,
                                                  "r": r})
 
     text = str(cfg.text or "")
-    motion = clip.generate_clip(model, vae, normalizer, text_enc, audio_enc, actor, partner, n_frames, vad, text=text,
-                                partner_motion=partner_motion, steps=int(cfg.steps), w_speak=w_speak, w_listen=w_listen,
-                                seed=int(cfg.seed))  # (T, 67)
-    clip.check_finite_motion(motion, ckpt)
-    clip.write_clip(npz, png, motion, vad, text)
+    settings = dict(text=text, steps=int(cfg.steps), w_speak=w_speak, w_listen=w_listen, seed=int(cfg.seed))
+    if why_not is None:
+        blocks = clip.stream_motion(model, vae, normalizer, text_enc, audio_enc, actor_file, partner_file, n_frames, vad,
+                                    progress=cfg.progress, **settings)  # (m, 67) blocks
+        clip.write_clip_stream(npz, png, blocks, n_frames, vad, text, ckpt)
+    else:
+        motion = clip.generate_clip(model, vae, normalizer, text_enc, audio_enc, actor, partner, n_frames, vad,
+                                    partner_motion=partner_motion, **settings)  # (T, 67)
+        clip.check_finite_motion(motion, ckpt)
+        clip.write_clip(npz, png, motion, vad, text)
     print(f"[generate] {n_frames} frames ({n_frames / FPS:.2f} s) -> {npz} and {png}")
 
 
