@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "train"))
 torch.set_num_threads(1)
 
 
-def write_checkpoints(d: Path, r: int = 8, d_audio: int = 80) -> Path:
+def write_checkpoints(d: Path, r: int = 8, d_audio: int = 80, **arch_overrides) -> Path:
     """A tiny VAE (r frames per token) and a tiny AR-Flow recording it; returns the AR-Flow folder."""
     from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig
     from gdpo_listener.agents.checkpoint import save_checkpoint
@@ -27,7 +27,7 @@ def write_checkpoints(d: Path, r: int = 8, d_audio: int = 80) -> Path:
     torch.manual_seed(0)
     save_vae(d / "vae", make_vae(VAEConfig.tiny(d_latent=8, r=r)),
              Normalizer(np.zeros(FLAME_DIM, np.float32), np.ones(FLAME_DIM, np.float32)))
-    arch = ARFlowConfig.small(d_latent=8, d_model=32, n_layers=1, n_heads=2, r=r, d_audio=d_audio)
+    arch = ARFlowConfig.small(d_latent=8, d_model=32, n_layers=1, n_heads=2, r=r, d_audio=d_audio, **arch_overrides)
     save_checkpoint(d / "sft", "arflow", {"model": ARFlow(arch).state_dict()},
                     {"arch": dataclasses.asdict(arch), "preset": "small", "vae_dir": str(d / "vae"),
                      "config": {"features": {"text_encoder": "bundled-minilm", "audio_encoder": "logmel"}}})
@@ -194,15 +194,18 @@ def test_energy_vad_in_one_pass_equals_energy_vad_frames(tmp_path):
     assert np.array_equal(energy_gate(frame_rms(x)), energy_vad_frames(x, 400))
 
 
-def test_streamed_generation_equals_the_whole_recording_path(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("causal_prefix", [True, False])
+def test_streamed_generation_equals_the_whole_recording_path(tiny, tmp_path, capsys, causal_prefix):
     """Same seed and settings (text, CFG weights, a partner wav, an actor at 44.1 kHz stereo): the streamed
-    npz equals stream=false bit for bit; a progress bar when asked."""
+    npz equals stream=false bit for bit, for a causal (small preset) and a bidirectional prefix; a
+    progress bar when asked."""
+    ckpt = tiny / "sft" if causal_prefix else write_checkpoints(tmp_path / "bidir", causal_prefix=False)
     actor = write_noise_wav(tmp_path / "actor.wav", 23.3, 44100, channels=2, seed=3)
     partner = write_noise_wav(tmp_path / "partner.wav", 25.0, 16000, seed=4)
     common = (f"partner_wav={partner}", "seconds=23.1", "w_listen=2", "w_speak=0.5", "seed=5", "text='a nod'", "steps=2")
-    generate(tiny / "sft", actor, tmp_path / "whole", *common, "stream=false")
+    generate(ckpt, actor, tmp_path / "whole", *common, "stream=false")
     assert "whole-recording path (stream=false)" in capsys.readouterr().out
-    generate(tiny / "sft", actor, tmp_path / "streamed", *common, "progress=true")
+    generate(ckpt, actor, tmp_path / "streamed", *common, "progress=true")
     err = capsys.readouterr().err
     assert "generate" in err and "100%" in err  # the tqdm bar
     with np.load(tmp_path / "whole.npz") as a, np.load(tmp_path / "streamed.npz") as b:
@@ -212,8 +215,8 @@ def test_streamed_generation_equals_the_whole_recording_path(tiny, tmp_path, cap
         for key in a.files:
             assert np.array_equal(a[key], b[key]), key
     assert (tmp_path / "streamed.png").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["actor.wav", "partner.wav", "streamed.npz", "streamed.png",
-                                                          "whole.npz", "whole.png"]  # no temporaries left
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["actor.wav", "partner.wav", "streamed.npz",
+                                                                         "streamed.png", "whole.npz", "whole.png"]  # no temporaries
 
 
 def test_streamed_memory_does_not_grow_with_the_length(tiny, monkeypatch):
