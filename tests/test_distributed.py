@@ -293,19 +293,25 @@ def assert_same_weights(a: dict, b: dict) -> None:
 @pytest.mark.slow
 def test_torchrun_job_fails_with_the_failing_ranks_error(tmp_path):
     script = tmp_path / "job.py"
-    script.write_text(
+    script.write_text(  # the recipes' pattern: a @record-ed body inside the distributed context
+        "from torch.distributed.elastic.multiprocessing.errors import record\n"
         "from gdpo_listener.pipeline.distributed import distributed\n"
-        "with distributed('cpu', timeout_min=1) as d:\n"
+        "@record\n"
+        "def body(d):\n"
         "    if d.rank == 1:\n"
         "        raise ValueError('rank 1 cannot read its shard')\n"
         "    d.barrier()\n"
-        "    print('rank 0 passed the barrier')\n")
+        "    print('rank 0 passed the barrier')\n"
+        "with distributed('cpu', timeout_min=1) as d:\n"
+        "    body(d)\n")
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode != 0 and time.perf_counter() - t0 < 90
     out = res.stdout + res.stderr
     assert "rank 1 cannot read its shard" in out and "rank 0 passed the barrier" not in out
+    root_cause = out[out.index("Root Cause"):]  # torchrun's failure summary names the failing rank and its error
+    assert "rank      : 1" in root_cause and "ValueError: rank 1 cannot read its shard" in root_cause
 
 
 @pytest.mark.slow

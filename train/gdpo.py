@@ -38,6 +38,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 from tensordict import TensorDict
+from torch.distributed.elastic.multiprocessing.errors import record
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
@@ -209,6 +210,7 @@ def main(cfg: DictConfig) -> None:
         train(cfg, dist)
 
 
+@record  # under torchrun the job's failure summary names this rank's error
 def train(cfg: DictConfig, dist: Dist) -> None:
     device = dist.device
     seed = rank_seed(cfg.seed, dist.rank)  # this rank's prompts and noise

@@ -27,6 +27,7 @@ import time
 import hydra
 import torch
 from omegaconf import DictConfig
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -115,6 +116,7 @@ def main(cfg: DictConfig) -> None:
         train(cfg, dist)
 
 
+@record  # under torchrun the job's failure summary names this rank's error
 def train(cfg: DictConfig, dist: Dist) -> None:
     device = dist.device
     seed_everything(rank_seed(cfg.seed, dist.rank))  # this rank's global streams (condition dropout)
