@@ -261,11 +261,6 @@ def main_first(d: Dist, fn: Callable[..., Any], *args, **kwargs) -> Any:
     return out
 
 
-def gather_rank_states(d: Dist, state: dict) -> list[dict] | None:
-    """Every rank's ``state`` (e.g. its RNG states) on every rank, in rank order; None for one process."""
-    return d.all_gather_object(state) if d.is_distributed else None
-
-
 def on_cpu(tree: Any) -> Any:
     """``tree`` (dicts, lists, tuples) with every tensor moved to the CPU (RNG states of a state loaded onto a GPU)."""
     if isinstance(tree, torch.Tensor):
