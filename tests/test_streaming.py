@@ -183,8 +183,9 @@ def test_given_speaking_decisions_replace_the_vad(parts):
         run_stream(bad, actor, None, 2000)
 
 
-def test_state_is_bounded(parts):
-    model, vae, norm, enc = parts
+@pytest.mark.parametrize("which", ["parts", "causal_parts"])
+def test_state_is_bounded(request, which):
+    model, vae, norm, enc = request.getfixturevalue(which)
     actor = speech_like(40.0, 6)  # 125 tokens, 41 windows
     chunk, W = 3000, W_FRAMES // R
     gen = StreamingGenerator(model, vae, norm, enc, k=1, steps=1, vad_seconds=2.0, generator=torch.Generator().manual_seed(0))
