@@ -1,35 +1,104 @@
-"""The GRPO vs GDPO vs supervised-only benchmark (``train/bench.py``): its training budget, run
-folders, training curves, figures and report.
+"""The GRPO vs GDPO vs supervised-only benchmark (``train/bench.py``): its methods, training budget,
+run folders, training curves, figures and report.
 
+- :class:`BenchMethod` / :func:`parse_method`: a method of ``algos`` -- ``grpo``, ``gdpo``, or one of
+  them trained with a given SDE, ``gdpo@marginal`` (``env.sde=marginal``; run folder
+  ``runs/gdpo-marginal_seed<S>``);
 - :func:`training_budget`: RL iterations, SDE rollouts and denoising transitions of one run, from
   the resolved config the run recorded (episode length ``env.episode_tokens`` or the model window);
 - :func:`replaceable_run_dir`: whether a run folder may be deleted before a fresh run (only a
   run this benchmark started, identified by its :func:`run_stamp`, or an empty folder);
-- :func:`read_curve` / :func:`reward_curves`: per-group training reward from the runs' CSV logs;
-- :func:`plot_reward_curves` / :func:`plot_listening_window`: the two figures;
+- :func:`reward_curves`: per-group training reward from the runs' CSV logs (:func:`.bench_stats.read_curve`);
+- :func:`plot_reward_curves` / :func:`plot_mechanism` / :func:`plot_listening_window`: the figures;
 - :func:`build_report` / :func:`report_markdown`: ``report.json`` and ``report.md`` (statistics over
-  seeds from :mod:`.seed_stats`, tables from :mod:`.report`).
+  seeds from :mod:`.seed_stats`, paired windows and mechanism figures from :mod:`.bench_stats`, the
+  SDE choice from :mod:`.sde_choice`, the issue-10 targets from :mod:`.targets`, tables from :mod:`.report`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..envs.flame import FPS, GROUP_NAMES, GROUPS
 from . import metrics as M
+from . import targets as T
+from .bench_stats import common_curve, curve_trends, mechanism_summary, moving_average, paired_report, read_curve, smoothing_window
 from .data import EvalData
 from .report import supp_markdown, table1_markdown, units_note
 from .scoring import SPLITS, SUPP, TABLE1
+from .sde_choice import closest_to_ode, mean_over_seeds, model_verdict
 from .seed_stats import aggregate_seeds, findings, fmt_ms, mean_std
 
+__all__ = ["ALGOS", "SDES", "BenchMethod", "parse_method", "method_label", "read_curve", "reward_curves", "training_budget",
+           "run_stamp", "replaceable_run_dir", "plot_reward_curves", "plot_mechanism", "plot_listening_window", "build_report",
+           "report_markdown"]
+
+ALGOS = ("grpo", "gdpo")
+SDES = ("paper", "marginal")  # train/gdpo.py env.sde
 METHOD_LABEL = {"supervised": "supervised-only", "grpo": "GRPO", "gdpo": "GDPO"}
+METHOD_COLOR = {"supervised": "tab:gray", "grpo": "tab:orange", "gdpo": "tab:blue"}
+SDE_LINESTYLE = {None: "-", "paper": "-.", "marginal": "--"}
 PAPER_ABLATION = {"FDD": (28.03, 18.85), "PDD": (2.15, 1.90), "JDD": (1.09, 0.87)}  # Table 4: without GDPO -> GDPO
-# The benchmark's record of a training run it started: ``runs/<algo>_seed<S>.bench_run.json`` beside the
+# The benchmark's record of a training run it started: ``runs/<slug>_seed<S>.bench_run.json`` beside the
 # run folder (train/gdpo.py accepts only an empty folder or one of its own runs as out_dir), written
 # before training starts and completed when it finishes. Older versions kept it inside the folder.
 RUN_STAMP_SUFFIX = ".bench_run.json"
 LEGACY_RUN_STAMP = "bench_run.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# methods
+
+
+@dataclass(frozen=True)
+class BenchMethod:
+    """One post-training method of the benchmark: ``algo`` trained with the SDE ``sde`` (None = the
+    training config's ``env.sde``). ``key`` is how ``algos`` writes it (``gdpo``, ``gdpo@marginal``)."""
+
+    algo: str
+    sde: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.algo if self.sde is None else f"{self.algo}@{self.sde}"
+
+    @property
+    def slug(self) -> str:
+        """File-name form of ``key``: run folder ``runs/<slug>_seed<S>``, ``eval/<slug>_seed<S>``."""
+        return self.key.replace("@", "-")
+
+    @property
+    def label(self) -> str:
+        base = METHOD_LABEL[self.algo]
+        return base if self.sde is None else f"{base} ({self.sde} SDE)"
+
+    def overrides(self) -> list[str]:
+        """The ``train/gdpo.py`` overrides that select this method."""
+        return [f"algo={self.algo}", *([] if self.sde is None else [f"env.sde={self.sde}"])]
+
+
+def parse_method(spec: str) -> BenchMethod:
+    """``"gdpo"`` / ``"grpo@marginal"`` -> :class:`BenchMethod`; anything else is a ValueError naming it."""
+    algo, _, sde = str(spec).strip().partition("@")
+    if algo not in ALGOS or (sde and sde not in SDES) or (not sde and "@" in str(spec)):
+        raise ValueError(f"unknown benchmark method {spec!r}: write an algorithm ({', '.join(ALGOS)}), optionally "
+                         f"followed by @ and an SDE ({', '.join(SDES)}), e.g. gdpo@marginal")
+    return BenchMethod(algo, sde or None)
+
+
+def method_label(key: str) -> str:
+    """Report label of a method key (``supervised`` or an ``algos`` entry)."""
+    return METHOD_LABEL["supervised"] if key == "supervised" else parse_method(key).label
+
+
+def method_style(key: str) -> dict:
+    """Matplotlib colour and line style of a method (colour by algorithm, line style by SDE)."""
+    if key == "supervised":
+        return {"color": METHOD_COLOR["supervised"], "ls": "-"}
+    m = parse_method(key)
+    return {"color": METHOD_COLOR[m.algo], "ls": SDE_LINESTYLE[m.sde]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,62 +143,94 @@ def replaceable_run_dir(run_dir: Path, runs_root: Path) -> bool:
 # training curves and figures
 
 
-def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A torchrl CSVLogger scalar file (``step,value`` lines) -> (steps, values); later duplicates win."""
-    rows: dict[int, float] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            parts = line.strip().split(",")
-            try:
-                rows[int(float(parts[0]))] = float(parts[1])
-            except (ValueError, IndexError):
-                continue
-    steps = np.array(sorted(rows), dtype=np.int64)
-    return steps, np.array([rows[s] for s in steps], dtype=np.float64)
-
-
 def reward_curves(run_dir: Path, algo: str, groups: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per group, the logged batch-mean training reward ``logs/<algo>/scalars/reward/<group>/mean.csv``."""
-    return {g: read_curve(run_dir / "logs" / algo / "scalars" / "reward" / g / "mean.csv") for g in groups}
+    """Per group, the logged batch-mean training reward ``logs/<algo>/scalars/reward/<group>/mean.csv``
+    (``algo``: the run's algorithm, the name its logger writes under)."""
+    return {g: read_curve(Path(run_dir) / "logs" / algo / "scalars" / "reward" / g / "mean.csv") for g in groups}
 
 
-def plot_reward_curves(curves: dict, groups: list[str], path: Path) -> Path:
-    """``curves[algo][seed][group] = (steps, values)`` -> one panel per group, mean +- std over seeds."""
+def _figure(n_panels: int, cols: int, w: float = 4.5, h: float = 3.2):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    n = len(groups)
-    cols = min(3, n)
-    rows = -(-n // cols)
-    fig = Figure(figsize=(4.5 * cols, 3.2 * rows), dpi=100)
+    cols = max(1, min(cols, n_panels))
+    rows = -(-n_panels // cols)
+    fig = Figure(figsize=(w * cols, h * rows), dpi=100)
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
-    colors = {"grpo": "tab:orange", "gdpo": "tab:blue"}
-    for ax, g in zip(axes, groups):
-        for algo, by_seed in curves.items():
-            series = [by_seed[s][g] for s in by_seed if len(by_seed[s][g][0])]
-            if not series:
-                continue
-            L = min(len(s[0]) for s in series)
-            steps = series[0][0][:L]
-            vals = np.stack([s[1][:L] for s in series])
-            mu = vals.mean(0)
-            ax.plot(steps, mu, color=colors.get(algo), marker="o" if L < 20 else None, ms=3,
-                    label=f"{METHOD_LABEL.get(algo, algo)} (n={len(series)})")
-            if len(series) > 1:
-                sd = vals.std(0, ddof=1)
-                ax.fill_between(steps, mu - sd, mu + sd, color=colors.get(algo), alpha=0.2, lw=0)
-        ax.set_title(f"reward/{g}")
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in axes[n:]:
+    for ax in axes[n_panels:]:
         ax.set_visible(False)
-    fig.suptitle("training reward per FLAME group (batch mean of the SDE rollouts; mean ± std over seeds)")
+    return fig, axes
+
+
+def _save(fig, path: Path, title: str) -> Path:
+    fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def plot_reward_curves(curves: dict, groups: list[str], path: Path) -> Path:
+    """``curves[method][seed][group] = (steps, values)`` -> one panel per group: every run (thin) and
+    the seed mean smoothed by a trailing moving average (:func:`.bench_stats.smoothing_window`, thick)."""
+    fig, axes = _figure(len(groups), 3)
+    for ax, g in zip(axes, groups):
+        for m, by_seed in curves.items():
+            st = method_style(m)
+            for s in by_seed:
+                steps, vals = by_seed[s][g]
+                if len(steps):
+                    ax.plot(steps, vals, color=st["color"], ls=st["ls"], lw=0.6, alpha=0.35)
+            cc = common_curve([by_seed[s][g] for s in by_seed])
+            if cc is None:
+                continue
+            steps, vals = cc
+            k = smoothing_window(len(steps))
+            ax.plot(steps, moving_average(vals.mean(0), k), color=st["color"], ls=st["ls"], lw=2.0,
+                    marker="o" if len(steps) < 20 else None, ms=3, label=f"{method_label(m)} (n={len(vals)}, smoothed {k})")
+        ax.set_title(f"reward/{g}")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path, "training reward per FLAME group (batch mean of the SDE rollouts): every run (thin) and the "
+                 "smoothed mean over seeds (thick)")
+
+
+def plot_mechanism(mech: dict, groups: list[str], path: Path, group_size: int | None = None) -> Path:
+    """GDPO paper mechanism figures per iteration (mean over seeds, smoothed like the reward curves):
+    distinct advantage values per prompt group for every method (first panel), then per method the
+    correlation of the final advantage with each group's within-group z-scored reward.
+    ``mech[method][seed]``: :func:`.bench_stats.mechanism_curves`."""
+    fig, axes = _figure(1 + len(mech), 3)
+    ax = axes[0]
+    for m, by_seed in mech.items():
+        cc = common_curve([c["distinct"] for c in by_seed.values()])
+        if cc is not None:
+            st = method_style(m)
+            ax.plot(cc[0], moving_average(cc[1].mean(0), smoothing_window(len(cc[0]))), color=st["color"], ls=st["ls"], lw=1.8,
+                    marker="o" if len(cc[0]) < 20 else None, ms=3, label=method_label(m))
+    if group_size:
+        ax.axhline(group_size, color="black", lw=0.8, ls=":", label=f"G = {group_size} (all distinct)")
+    ax.set_title("distinct advantage values per prompt group")
+    ax.set_xlabel("iteration")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    colors = {g: f"C{i}" for i, g in enumerate(GROUP_NAMES)}
+    for ax, (m, by_seed) in zip(axes[1:], mech.items()):
+        for g in groups:
+            cc = common_curve([c["corr"][g] for c in by_seed.values()])
+            if cc is not None:
+                ax.plot(cc[0], moving_average(cc[1].mean(0), smoothing_window(len(cc[0]))), color=colors[g], lw=1.5,
+                        marker="o" if len(cc[0]) < 20 else None, ms=3, label=g)
+        if len(groups) > 0:
+            ax.axhline(1 / np.sqrt(len(groups)), color="black", lw=0.8, ls=":", label="1/sqrt(n): even")
+        ax.set_title(f"{method_label(m)}: corr(advantage, group z-score)")
+        ax.set_xlabel("iteration")
+        ax.set_ylim(-0.2, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path, "GDPO paper mechanism figures per iteration (mean over seeds, smoothed)")
 
 
 def plot_listening_window(data: EvalData, row: int, preds: dict[str, np.ndarray], path: Path, seed: int = 0) -> Path:
@@ -152,7 +253,6 @@ def plot_listening_window(data: EvalData, row: int, preds: dict[str, np.ndarray]
     fig = Figure(figsize=(12, 2.2 * len(chans)), dpi=90)
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(chans), 1, sharex=True)
-    colors = {"supervised": "tab:gray", "grpo": "tab:orange", "gdpo": "tab:blue"}
     for ax, (c, name) in zip(axes, chans):
         for a, e in _spans(lis):
             ax.axvspan(a / FPS, e / FPS, color="tab:blue", alpha=0.10, lw=0)
@@ -160,7 +260,8 @@ def plot_listening_window(data: EvalData, row: int, preds: dict[str, np.ndarray]
             ax.axvspan(a / FPS, e / FPS, color="tab:green", alpha=0.10, lw=0)
         ax.plot(t, gt[:, c], color="black", lw=2.0, label="ground truth")
         for m, p in preds.items():
-            ax.plot(t, p[:, c], color=colors.get(m), lw=1.2, label=METHOD_LABEL.get(m, m))
+            st = method_style(m)
+            ax.plot(t, p[:, c], color=st["color"], ls=st["ls"], lw=1.2, label=method_label(m))
         ax.set_ylabel(name, fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(loc="upper right", fontsize=7, ncol=4)
@@ -178,13 +279,23 @@ def plot_listening_window(data: EvalData, row: int, preds: dict[str, np.ndarray]
 # report
 
 
-def build_report(cfg_weights: list[float], methods, flat, controls, curves, train_info, groups, hdr, clf_info,
-                 intents) -> tuple[dict, str]:
-    """The report dict (mean +- std over seeds of every metric, training rewards, controls, findings)
-    and its Markdown. ``flat[method][seed]``: :func:`.seed_stats.flat_metrics`; ``controls[method][seed]``:
-    :func:`.intent_control.run_controls`; ``curves[algo][seed][group]``: :func:`read_curve`."""
+def build_report(cfg_weights: list[float], methods, flat, controls, curves, train_info, groups, hdr, clf_info, intents, *,
+                 windows: dict | None = None, expressive: np.ndarray | None = None, mechanism: dict | None = None,
+                 sde_dynamics: dict | None = None, sde_variants: dict | None = None) -> tuple[dict, str]:
+    """The report dict and its Markdown.
+
+    Inputs per method and seed: ``flat[method][seed]`` (:func:`.seed_stats.flat_metrics`),
+    ``controls[method][seed]`` (:func:`.intent_control.run_controls`), ``curves[method][seed][group]``
+    (:func:`reward_curves`), ``windows[method][seed]`` (:func:`.bench_stats.table1_window_values`;
+    ``expressive`` (B,) bool: the expressive subset of the same windows), ``mechanism[method][seed]``
+    (:func:`.bench_stats.mechanism_curves`), ``sde_dynamics[variant][seed]`` (the supervised model's
+    :func:`.generation.quality_report` under each of ``sde_variants``, :func:`.sde_choice.final_sample_dynamics`).
+    ``hdr["sde"][method]``: the SDE each post-training method's runs recorded. Derived here: mean +-
+    std over seeds, findings (Welch), paired per-window comparisons, training-curve trends, mechanism
+    summaries, the SDE verdicts and the issue-10 targets.
+    """
     agg = {m: aggregate_seeds(flat[m]) for m in methods}
-    # training rewards: mean of the last min(5, n) logged iterations
+    # training rewards: mean of the first / last min(5, n) logged iterations
     final = {}
     for algo in curves:
         final[algo] = {}
@@ -202,42 +313,92 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
                                     for g in GROUP_NAMES} for w in [f"{float(x):g}" for x in cfg_weights]}}
     any_run = next(iter(next(iter(controls.values())).values()), {})
     gt_sweep = any_run.get("cfg_sweep_gt", {})
+    fnd = findings(agg, flat, methods, groups)
+    trends = curve_trends(curves, groups)
+    mech = {m: mechanism_summary(by_seed, groups) for m, by_seed in (mechanism or {}).items()}
+    paired = paired_report(windows, list(methods), expressive) if windows and "supervised" in windows else {}
+    sde = sde_report(methods, hdr.get("sde") or {}, windows, expressive, sde_dynamics, sde_variants)
+    algo_of = {m: "supervised" if m == "supervised" else parse_method(m).algo for m in methods}
+    targets = T.check_targets(quality=sde.get("ode_quality") or {}, findings=fnd, paired=paired, metrics=agg, mechanism=mech,
+                              controls=ctl,
+                              trends=trends, groups=list(groups), algo_of=algo_of, labels={m: method_label(m) for m in methods})
     report = {"setup": hdr, "methods": list(methods), "metrics": agg, "per_seed": flat,
-              "training": {"reward": final, "runs": train_info}, "controls": ctl, "controls_gt_listening_std": gt_sweep,
-              "intent_classifier": clf_info, "intents": intents, "findings": findings(agg, flat, methods, groups)}
+              "training": {"reward": final, "trend_last_third": trends, "runs": train_info}, "controls": ctl,
+              "controls_gt_listening_std": gt_sweep, "intent_classifier": clf_info, "intents": intents, "findings": fnd,
+              "paired": paired, "mechanism": mech, "sde_choice": sde, "targets": [t.to_json() for t in targets]}
     return report, report_markdown(cfg_weights, report, methods, groups, intents)
+
+
+def sde_report(methods, run_sde: dict, windows, expressive, dynamics: dict | None, variants: dict | None) -> dict:
+    """The SDE choice: the supervised model's final-sample dynamics per sampler (mean over seeds), the
+    SDE closest to the ODE (:func:`.sde_choice.closest_to_ode`), the evaluation sampler's figures
+    (``ode_quality``) and, per algorithm trained with two SDEs, the paired comparison of its runs
+    (the method listed first is the reference) and :func:`.sde_choice.model_verdict`."""
+    out: dict = {"run_sde": dict(run_sde)}
+    if dynamics and variants:
+        table = {v: mean_over_seeds(dynamics[v]) for v in variants}
+        ode = next((v for v, x in variants.items() if x["sigma"] == 0), None)
+        out.update({"variants": dict(variants), "dynamics": table, "closest_to_ode": closest_to_ode(table, variants),
+                    "ode_quality": table.get(ode) or {}})
+    models = {}
+    for algo in ALGOS:
+        same = [m for m in methods if m != "supervised" and parse_method(m).algo == algo]
+        if len(same) < 2 or not windows:
+            continue
+        ref = same[0]
+        for other in same[1:]:
+            pr = paired_report(windows, [other], expressive, reference=ref)[other]
+            a, b = run_sde.get(ref, "?"), run_sde.get(other, "?")
+            models[f"{other} vs {ref}"] = {"reference": ref, "method": other, "reference_sde": a, "method_sde": b,
+                                           "paired": pr, "verdict": model_verdict(pr["all"], a, b)}
+    out["models"] = models
+    return out
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    if x is None:
+        return "n/a"
+    return "inf" if np.isinf(x) else format(x, spec)
 
 
 def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> str:
     s, agg = rep["setup"], rep["metrics"]
     git = s["git"]
     local = f" + local changes in {', '.join(x.split()[-1] for x in git['modified'])}" if git.get("modified") else ""
+    post = [m for m in methods if m != "supervised"]
+    run_sde = s.get("sde") or {}
+    wall = ", ".join(f"{method_label(m)} {s['wall_s'].get(m, 'n/a')} s" for m in post)
     L = []
     L += ["# Benchmark: supervised-only vs GRPO vs GDPO", ""]
     L += [f"Dataset `{s['dataset']}` ({s['split']} split: {s['n_windows']} windows, expressive subset {s['n_expressive']}); "
           f"seeds {s['seeds']}; reward `{s['reward']}` ({', '.join(groups)}); {s['iterations']} RL iterations per run, "
-          f"{s['rollouts_per_run']} SDE rollouts ({s['transitions_per_run']} transitions) per run, identical for GRPO and GDPO "
-          f"(mean wall time per run: GRPO {s['wall_s'].get('grpo', 'n/a')} s, GDPO {s['wall_s'].get('gdpo', 'n/a')} s). "
+          f"{s['rollouts_per_run']} SDE rollouts ({s['transitions_per_run']} transitions) per run, identical for every method "
+          f"(mean wall time per run: {wall}). Post-training methods and the SDE their runs trained with: "
+          + ", ".join(f"{method_label(m)}: env.sde={run_sde.get(m, '?')}" for m in post) + ". "
           f"Evaluation: Euler ODE {s['steps']} steps, CFG 1, sampling seed = run seed (supervised-only: the same "
           f"checkpoint sampled with each seed). Values are mean ± std over seeds (sample std). "
           f"Code: commit {git.get('commit')}{local}.", ""]
+    L += ["## Targets (issue 10)", "", "Each target computed from the figures below; Welch p over seeds and the 95 % paired-bootstrap "
+          "interval over windows both decide significance.", ""]
+    L += [T.targets_markdown([T.Target(**t) for t in rep["targets"]]), ""]
     for subset, title in (("all", "all test windows"), ("expressive", "expressive subset (top quartile of ground-truth variance)")):
         L += [f"## Table 1 layout, {title}", ""]
-        rows = [(METHOD_LABEL[m], {sp: {n: agg[m].get(f"{subset}/{sp}/{n}") for n in TABLE1[sp]} for sp in TABLE1}) for m in methods]
+        rows = [(method_label(m), {sp: {n: agg[m].get(f"{subset}/{sp}/{n}") for n in TABLE1[sp]} for sp in TABLE1}) for m in methods]
         L += [table1_markdown(rows, fmt=fmt_ms), ""]
     L += ["Lower is better. " + units_note(s["eval_header"]), ""]
     L += ["## Findings (computed)", ""]
     pa = ", ".join(f"{k} {a:g} -> {b:g} ({(b - a) / a:+.0%})" for k, (a, b) in PAPER_ABLATION.items())
     L += [f"Paper ablation (Seamless, listening, without GDPO -> GDPO): {pa}.", ""]
-    L += ["| method | metric | supervised-only | method | relative change | Welch t |", "|---|---|---|---|---|---|"]
+    L += ["| method | metric | supervised-only | method | relative change | Welch t | p |", "|---|---|---|---|---|---|---|"]
     for m, fm in rep["findings"].items():
         for k, d in fm.items():
             if "/" not in k or d.get("rel_change") is None:
                 continue
-            t = d.get("welch_t")
-            L.append(f"| {METHOD_LABEL[m]} | {k} | {d['supervised']:.3f} | {d[m]:.3f} | {d['rel_change']:+.1%} | "
-                     f"{'n/a' if t is None else f'{t:+.2f}'} |")
-    L += ["", "Negative change = closer to the ground-truth dynamics (better). |t| > ~2.8 is significant at 5 % with 3 + 3 seeds.", ""]
+            L.append(f"| {method_label(m)} | {k} | {d['supervised']:.3f} | {d[m]:.3f} | {d['rel_change']:+.1%} | "
+                     f"{_fmt(d.get('welch_t'), '+.2f')} | {_fmt(d.get('welch_p'))} |")
+    L += ["", "Negative change = closer to the ground-truth dynamics (better). Welch's two-sided test over seeds "
+          "(|t| > ~2.8 is significant at 5 % with 3 + 3 seeds).", ""]
+    L += paired_markdown(rep["paired"], rep["findings"])
     L += ["### Per-group listening dynamics and evenness", ""]
     head = ["method", *[f"{g} dd" for g in GROUP_NAMES], "rewarded: mean rel. change", "std across groups", "improved", "worst"]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -249,24 +410,27 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
                       str(ev["worst_group"])]
         else:
             cells += ["–"] * 4
-        L.append(f"| {METHOD_LABEL[m]} | " + " | ".join(cells) + " |")
+        L.append(f"| {method_label(m)} | " + " | ".join(cells) + " |")
     L += ["", "dd = listening velocity-std deviation of one FLAME group (x1000, lower is better); relative changes vs supervised-only "
           "over the rewarded groups (negative = better; a small std across groups = even improvement).", ""]
+    L += sde_markdown(rep["sde_choice"])
+    L += mechanism_markdown(rep["mechanism"], groups, s.get("env") or {})
     L += ["## Rewards per FLAME group", "", "Evaluation reward on the test windows' listening frames (ODE samples; higher is better):", ""]
     head = ["method", *GROUP_NAMES]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         cells = [fmt_ms(agg[m].get(f"all/listening/group/{g}/reward"), 4) for g in GROUP_NAMES]
-        L.append(f"| {METHOD_LABEL[m]} | " + " | ".join(cells) + " |")
+        L.append(f"| {method_label(m)} | " + " | ".join(cells) + " |")
     L += ["", "Training reward (batch mean over the SDE rollouts; first 5 -> last 5 iterations), see `reward_curves.png`:", ""]
     head = ["method", *groups]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for algo, by_g in rep["training"]["reward"].items():
         cells = [f"{fmt_ms(by_g[g]['first'], 4)} -> {fmt_ms(by_g[g]['final'], 4)}" for g in groups]
-        L.append(f"| {METHOD_LABEL[algo]} | " + " | ".join(cells) + " |")
+        L.append(f"| {method_label(algo)} | " + " | ".join(cells) + " |")
+    L += trend_markdown(rep["training"]["trend_last_third"], groups)
     L += ["", "![reward curves](reward_curves.png)", ""]
     L += ["## Supplementary (Table 6 layout), all test windows", ""]
-    rows = [(METHOD_LABEL[m], {sp: {mm: {g: agg[m].get(f"all/{sp}/{mm}/{g}") for g in M.DUALTALK_GROUPS} for mm in SUPP}
+    rows = [(method_label(m), {sp: {mm: {g: agg[m].get(f"all/{sp}/{mm}/{g}") for g in M.DUALTALK_GROUPS} for mm in SUPP}
                                for sp in SPLITS}) for m in methods]
     L += [supp_markdown(rows, fmt=fmt_ms), ""]
     L += ["## Text control", ""]
@@ -281,22 +445,112 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
         L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in methods:
             c = rep["controls"][m]
-            L.append(f"| {METHOD_LABEL[m]} | {fmt_ms(c['own_text_accuracy'])} | {fmt_ms(c['prompt_accuracy'])} | "
+            L.append(f"| {method_label(m)} | {fmt_ms(c['own_text_accuracy'])} | {fmt_ms(c['prompt_accuracy'])} | "
                      + " | ".join(fmt_ms(c["per_intent"][i]) for i in intents) + " |")
         L += [""]
     L += ["## CFG intensity sweep", "", "Listening motion std (mean over channels of the std over listening frames) against w_listen "
           "(w_speak = 1):", ""]
     show = [g for g in ("expr", "jaw", "rot", "eyelid") if g in GROUP_NAMES]
-    head = ["w_listen", *[f"{METHOD_LABEL[m]} {g}" for m in methods for g in show]]
+    head = ["w_listen", *[f"{method_label(m)} {g}" for m in methods for g in show]]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for w in [f"{float(x):g}" for x in cfg_weights]:
         L.append(f"| {w} | " + " | ".join(fmt_ms(rep["controls"][m]["cfg_sweep"][w][g], 4) for m in methods for g in show) + " |")
     gt = rep["controls_gt_listening_std"]
     L.append("| ground truth | " + " | ".join(("n/a" if gt.get(g) is None else f"{gt[g]:.4f}") for m in methods for g in show) + " |")
     L += ["", "## Listening motion, one test window", "", "![listening motion](listening_motion.png)", ""]
-    L += ["## All metrics (mean ± std over seeds)", "", "| metric | " + " | ".join(METHOD_LABEL[m] for m in methods) + " |",
+    L += ["## All metrics (mean ± std over seeds)", "", "| metric | " + " | ".join(method_label(m) for m in methods) + " |",
           "|" + "---|" * (len(methods) + 1)]
     for k in sorted({k for m in methods for k in agg[m]}):
         L.append(f"| {k} | " + " | ".join(fmt_ms(agg[m].get(k), 4) for m in methods) + " |")
     L += [""]
     return "\n".join(L)
+
+
+def paired_markdown(paired: dict, fnd: dict) -> list[str]:
+    """The paired per-window comparison of every method vs supervised-only (with Welch over seeds beside it)."""
+    L = ["## Paired per-window comparison vs supervised-only", ""]
+    if not paired:
+        return L + ["Not computed (no supervised-only evaluation).", ""]
+    L += ["Per window, the metric difference method - supervised-only with the same sampling seed (paired), averaged over seeds; "
+          "95 % percentile-bootstrap interval over windows; share of windows improved (difference < 0).", ""]
+    L += ["| method | subset | metric | supervised-only | method | mean diff [95 % CI] | rel. change | windows improved | Welch t (p) |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for m, by_subset in paired.items():
+        for subset, res in by_subset.items():
+            for k in sorted(res, key=lambda k: (not k.startswith("listening"), k)):
+                p = res[k]
+                f = (fnd.get(m) or {}).get(f"{subset}/{k}") or {}
+                welch = "n/a" if f.get("welch_t") is None else f"{f['welch_t']:+.2f} ({f['welch_p']:.3f})"
+                L.append(f"| {method_label(m)} | {subset} | {k} | {p['reference']:.3f} | {p['method']:.3f} | {p['mean_diff']:+.3f} "
+                         f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] | {_fmt(p['rel_change'], '+.1%')} | "
+                         f"{p['frac_improved']:.0%} of {p['n_windows']} | {welch} |")
+    return L + [""]
+
+
+def sde_markdown(sde: dict) -> list[str]:
+    """The SDE choice: final-sample dynamics of the supervised model and, when two SDEs were trained, the verdict."""
+    L = ["## SDE choice", ""]
+    if sde.get("dynamics"):
+        L += ["### Final-sample dynamics (supervised model, no training)", "",
+              "Listening velocity-std ratio pred / gt per group (1 = ground-truth dynamics) and speaking jaw correlation, "
+              "mean ± std over seeds. RL optimises the rewards of SDE samples and is evaluated on ODE samples.", ""]
+        head = ["sampler", *[f"{g} ratio" for g in GROUP_NAMES], "speaking jaw corr", "|log ratio / ODE's|"]
+        L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        close = sde["closest_to_ode"]
+        for v, row in sde["dynamics"].items():
+            cells = [fmt_ms(row.get(f"listening/{g}/vel_std_ratio"), 3) for g in GROUP_NAMES]
+            d = close["distance"].get(v)
+            L.append(f"| {v} | " + " | ".join(cells) + f" | {fmt_ms(row.get('speaking/jaw_corr'), 3)} | "
+                     f"{'(reference)' if d is None and v not in close['distance'] else _fmt(d)} |")
+        best = close.get("best")
+        L += ["", f"Better final-sample dynamics (closest to the evaluation ODE's, mean over groups of |log ratio_SDE / ratio_ODE|): "
+              f"**{best or 'n/a'}**.", ""]
+    models = sde.get("models") or {}
+    L += ["### Post-trained model", ""]
+    if not models:
+        L += ["One SDE per algorithm in this run: add a variant such as `gdpo@marginal` to `algos` to compare the SDEs after training.", ""]
+    for name, d in models.items():
+        v = d["verdict"]
+        per = ", ".join(f"{k}: {w or 'no significant difference'}" for k, w in v["per_metric"].items())
+        L += [f"- {method_label(d['method'])} (env.sde={d['method_sde']}) vs {method_label(d['reference'])} "
+              f"(env.sde={d['reference_sde']}), listening dynamic deviations paired per window: {per or 'n/a'}. Better post-trained model: "
+              f"**{v['better'] or 'neither (no clear difference)'}**."]
+        for k, p in sorted(d["paired"]["all"].items()):
+            if k.startswith("listening/"):
+                L.append(f"  - {k}: {p['reference']:.3f} -> {p['method']:.3f} ({_fmt(p['rel_change'], '+.1%')}), {p['mean_diff']:+.3f} "
+                         f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}], {p['frac_improved']:.0%} of {p['n_windows']} windows lower")
+    return L + [""]
+
+
+def mechanism_markdown(mech: dict, groups: list[str], env: dict) -> list[str]:
+    """Mean over iterations of the GDPO paper mechanism figures, per method."""
+    L = ["## GDPO mechanism figures", ""]
+    if not mech:
+        return L + ["Not available (no advantage logs).", ""]
+    G = env.get("group_size")
+    L += [f"Mean over iterations, then mean ± std over seeds: distinct advantage values per prompt group (of G = {G or '?'} rollouts), "
+          "Pearson correlation of the final advantage with each rewarded group's within-group z-scored reward (an even "
+          f"advantage gives about 1/sqrt({len(groups)}) = {1 / np.sqrt(max(1, len(groups))):.2f} each), and the dominance "
+          "max / median over groups of those correlations (about 1: even; large: the advantage follows one group).", ""]
+    head = ["method", "distinct per group", *[f"corr {g}" for g in groups], "dominance", "top group"]
+    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, d in mech.items():
+        L.append(f"| {method_label(m)} | {fmt_ms(d['distinct'])} | " + " | ".join(fmt_ms(d["corr"][g]) for g in groups)
+                 + f" | {_fmt(d['dominance'], '.2f')} | {d['top_group'] or 'n/a'} |")
+    return L + ["", "![mechanism](mechanism.png)", ""]
+
+
+def trend_markdown(trends: dict, groups: list[str]) -> list[str]:
+    """Slope of the seed-mean training reward over the last third of iterations, per method and group."""
+    L = ["", f"Trend over the last third of iterations (least-squares slope per iteration of the mean over seeds; in brackets "
+         f"the share of the curve's whole gain made in that third -- below {T.STILL_RISING_SHARE:.0%}: flattened):", ""]
+    head = ["method", *groups, "verdict"]
+    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, by_g in trends.items():
+        rising = T.still_rising(by_g, groups)
+        known = [g for g in groups if by_g[g]["slope"] is not None]
+        verdict = "n/a (< 3 iterations)" if not known else (f"still rising: {', '.join(rising)}" if rising else "flattened")
+        L.append(f"| {method_label(m)} | " + " | ".join(
+            "n/a" if by_g[g]["slope"] is None else f"{by_g[g]['slope']:+.2e} ({_fmt(by_g[g]['share'], '.0%')})" for g in groups)
+            + f" | {verdict} |")
+    return L

@@ -3,7 +3,8 @@
 Conventions, written once: a value ``None`` (or non-finite) is a metric that was unavailable for
 that seed and is left out; ``std`` is the sample std (ddof = 1), None with fewer than 2 values;
 relative change = (method - supervised) / supervised, negative = lower (better for the deviation
-metrics); Welch's t = (mean b - mean a) / sqrt(var_a / n_a + var_b / n_b) with sample variances.
+metrics); Welch's t = (mean b - mean a) / sqrt(var_a / n_a + var_b / n_b) with sample variances,
+its two-sided p-value from Student's t with the Welch-Satterthwaite degrees of freedom.
 """
 from __future__ import annotations
 
@@ -63,6 +64,20 @@ def welch_t(a: list, b: list) -> float | None:
     return None if se == 0 else float((np.mean(xb) - np.mean(xa)) / se)
 
 
+def welch_test(a: list, b: list) -> dict:
+    """Welch's two-sided test of mean(b) != mean(a): ``{"t", "df", "p"}`` (Welch-Satterthwaite degrees of
+    freedom); every value None when :func:`welch_t` is undefined."""
+    t = welch_t(a, b)
+    if t is None:
+        return {"t": None, "df": None, "p": None}
+    from scipy.stats import t as student_t
+
+    xa, xb = _present(a), _present(b)
+    va, vb = np.var(xa, ddof=1) / len(xa), np.var(xb, ddof=1) / len(xb)
+    df = (va + vb) ** 2 / (va**2 / (len(xa) - 1) + vb**2 / (len(xb) - 1))
+    return {"t": t, "df": float(df), "p": float(2 * student_t.sf(abs(t), df))}
+
+
 def relative_change(before: float | None, after: float | None) -> float | None:
     """(after - before) / before; None when either is missing or ``before`` is 0."""
     if before is None or after is None or before == 0:
@@ -77,7 +92,7 @@ def aggregate_seeds(per_seed: dict[int, dict[str, float | None]]) -> dict[str, d
 
 
 def findings(agg: dict, flat: dict, methods: list[str], groups: list[str]) -> dict:
-    """Per method other than ``supervised``: relative change and Welch t of every Table 1 metric
+    """Per method other than ``supervised``: relative change, Welch t and p of every Table 1 metric
     vs supervised-only, and the evenness over the rewarded ``groups`` of the relative change of the
     listening dynamic deviation (mean, std, worst group, number improved)."""
     out: dict = {}
@@ -94,8 +109,9 @@ def findings(agg: dict, flat: dict, methods: list[str], groups: list[str]) -> di
                     a, b = agg["supervised"].get(k), agg[m].get(k)
                     if not a or not b or a["mean"] is None or b["mean"] is None:
                         continue
-                    t = welch_t([flat["supervised"][s].get(k) for s in flat["supervised"]], [flat[m][s].get(k) for s in flat[m]])
-                    fm[k] = {"supervised": a["mean"], m: b["mean"], "rel_change": relative_change(a["mean"], b["mean"]), "welch_t": t}
+                    w = welch_test([flat["supervised"][s].get(k) for s in flat["supervised"]], [flat[m][s].get(k) for s in flat[m]])
+                    fm[k] = {"supervised": a["mean"], m: b["mean"], "rel_change": relative_change(a["mean"], b["mean"]),
+                             "welch_t": w["t"], "welch_p": w["p"]}
         rel = {}
         for g in GROUP_NAMES:
             k = f"all/listening/group/{g}/dd"
@@ -112,3 +128,4 @@ def findings(agg: dict, flat: dict, methods: list[str], groups: list[str]) -> di
                           "n_improved": int(sum(v < 0 for v in vals))}
         out[m] = fm
     return out
+

@@ -162,22 +162,25 @@ def test_bad_inputs_are_clear_errors(tiny, tmp_path):
         evaluate.run(compose("evaluate", eval_args(tiny, f"metrics.flame_model={model}")), verbose=False)
 
 
+@pytest.mark.slow
 def test_bench_quick(tiny):
-    """``python train/bench.py --quick`` end to end: real gdpo.py runs (GRPO and GDPO), evaluation of every
-    checkpoint, controls, report."""
+    """``python train/bench.py --quick`` end to end with GRPO, GDPO and GDPO trained with the marginal SDE:
+    real gdpo.py runs, evaluation of every checkpoint, controls, the SDE choice, report with every section."""
     out = tiny / "bench"
-    cmd = [sys.executable, str(ROOT / "train" / "bench.py"), "--quick", "jobs=2", "progress=false",
+    cmd = [sys.executable, str(ROOT / "train" / "bench.py"), "--quick", "jobs=2", "progress=false", "algos=[grpo,gdpo,gdpo@marginal]",
            f"data.root={tiny / 'data'}", "data.auto_prepare=false", f"pretrained.vae={tiny / 'vae'}", f"pretrained.sft={tiny / 'sft'}",
            "pretrained.auto_train=false", f"features.cache_dir={tiny / 'cache'}", f"out_dir={out}"]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    res = subprocess.run(cmd, cwd=tiny, capture_output=True, text=True, timeout=600, env=env)
+    res = subprocess.run(cmd, cwd=tiny, capture_output=True, text=True, timeout=900, env=env)
     if res.returncode != 0:
         print(res.stdout[-4000:], res.stderr[-4000:])
     assert res.returncode == 0
-    for f in ("report.md", "report.json", "reward_curves.png", "listening_motion.png"):
+    for f in ("report.md", "report.json", "reward_curves.png", "mechanism.png", "listening_motion.png"):
         assert (out / f).is_file(), f
     rep = json.loads((out / "report.json").read_text())
-    assert rep["methods"] == ["supervised", "grpo", "gdpo"] and rep["setup"]["seeds"] == [0]
+    post = ["grpo", "gdpo", "gdpo@marginal"]
+    assert rep["methods"] == ["supervised", *post] and rep["setup"]["seeds"] == [0]
+    assert rep["setup"]["sde"] == {"grpo": "paper", "gdpo": "paper", "gdpo@marginal": "marginal"}  # as the runs recorded
     # quick budget: 1 iteration x 1 prompt x G = 2 rollouts of 25 tokens x 2 SDE steps
     assert rep["setup"]["rollouts_per_run"] == 2 and rep["setup"]["transitions_per_run"] == 2 * 25 * 2
     for m in rep["methods"]:
@@ -187,13 +190,43 @@ def test_bench_quick(tiny):
         per_intent = [ctl["per_intent"][i]["mean"] for i in rep["intents"]]
         assert len(per_intent) >= 2 and ctl["prompt_accuracy"]["mean"] == pytest.approx(float(np.mean(per_intent)))
         assert set(rep["controls"][m]["cfg_sweep"]) == {"1", "4"}
-    for algo in ("grpo", "gdpo"):  # training reward curves read from the CSV logs, every rewarded group
-        assert all(v["final"]["mean"] is not None for v in rep["training"]["reward"][algo].values())
-        assert (out / "runs" / f"{algo}_seed0" / "logs" / algo / "scalars" / "reward" / "expr" / "mean.csv").is_file()
+    for m, slug, algo in (("grpo", "grpo", "grpo"), ("gdpo", "gdpo", "gdpo"), ("gdpo@marginal", "gdpo-marginal", "gdpo")):
+        # training reward curves and mechanism figures read from the CSV logs, every rewarded group
+        assert all(v["final"]["mean"] is not None for v in rep["training"]["reward"][m].values())
+        logs = out / "runs" / f"{slug}_seed0" / "logs" / algo / "scalars"
+        assert (logs / "reward" / "expr" / "mean.csv").is_file() and (logs / "adv" / "distinct_per_group.csv").is_file()
+        mech = rep["mechanism"][m]
+        assert 1 <= mech["distinct"]["mean"] <= 2  # G = 2 rollouts per prompt group
+        assert set(mech["corr"]) == set(rep["training"]["reward"][m]) and all(abs(d["mean"]) <= 1 + 1e-5 for d in mech["corr"].values())
+        assert (out / "eval" / f"{slug}_seed0" / "metrics.json").is_file()
+    # paired per-window comparison: every method vs supervised, both subsets, the listening metrics
+    for m in post:
+        for subset in ("all", "expressive"):
+            p = rep["paired"][m][subset]["listening/PDD"]
+            assert p["ci_low"] <= p["mean_diff"] <= p["ci_high"] and 0 <= p["frac_improved"] <= 1
+        assert set(rep["paired"][m]["all"]) >= {"listening/FDD", "listening/PDD", "listening/JDD", "speaking/JDD"}
+    # one seed: the paired means are the two evaluations' Table 1 means (same windows, same units)
+    p = rep["paired"]["gdpo"]["all"]["listening/PDD"]
+    assert p["reference"] == pytest.approx(rep["metrics"]["supervised"]["all/listening/PDD"]["mean"], rel=1e-6)
+    assert p["method"] == pytest.approx(rep["metrics"]["gdpo"]["all/listening/PDD"]["mean"], rel=1e-6)
+    assert p["mean_diff"] == pytest.approx(p["method"] - p["reference"], abs=1e-9)
+    sde = rep["sde_choice"]
+    assert list(sde["dynamics"]) == ["ODE 2 steps", "SDE paper 2 steps sigma 0.5", "SDE marginal 2 steps sigma 0.5"]
+    assert sde["dynamics"]["ODE 2 steps"]["listening/expr/vel_std_ratio"]["mean"] > 0
+    assert sde["closest_to_ode"]["best"] in ("SDE paper 2 steps sigma 0.5", "SDE marginal 2 steps sigma 0.5")
+    assert list(sde["models"]) == ["gdpo@marginal vs gdpo"] and sde["models"]["gdpo@marginal vs gdpo"]["method_sde"] == "marginal"
+    names = [t["name"] for t in rep["targets"]]
+    assert all(t["status"] in ("PASS", "FAIL", "N/A") for t in rep["targets"])
+    assert "supervised listening velocity-std ratio, expr" in names and "GDPO (marginal SDE) vs supervised, listening FDD" in names
+    assert any(n.startswith("GRPO's advantage follows one group") for n in names)
     ev = json.loads((out / "eval" / "gdpo_seed0" / "metrics.json").read_text())
     assert "FLAME" in ev["all"]["table1"]["speaking"]["LVE"]["note"]
     md = (out / "report.md").read_text()
-    assert "Table 1 layout" in md and "Text control" in md and "CFG intensity sweep" in md and "GDPO" in md
+    for section in ("## Targets (issue 10)", "Table 1 layout", "## Paired per-window comparison", "## SDE choice",
+                    "Better post-trained model", "## GDPO mechanism figures", "Trend over the last third", "Text control",
+                    "CFG intensity sweep", "GDPO (marginal SDE)"):
+        assert section in md, section
+    assert "training-reward slope over the last third" in res.stdout
 
 
 def test_bench_helpers():
@@ -202,6 +235,20 @@ def test_bench_helpers():
     from gdpo_listener.evaluation.seed_stats import fmt_ms, mean_std, relative_change, welch_t
 
     assert bench.hydra_argv(["bench.py", "--quick", "jobs=2"]) == ["bench.py", "quick=true", "jobs=2"]
+    # a method's overrides differ from another's only in algo= / env.sde=
+    from gdpo_listener.evaluation.benchmark import parse_method
+
+    cfg = compose("bench", ["train_overrides=['eval.n_windows=4']"])
+    args = (0, Path("/r/x"), Path("/d"), Path("/v"), Path("/s"))
+    plain, marginal = (bench.train_overrides(cfg, parse_method(m), *args) for m in ("gdpo", "gdpo@marginal"))
+    assert plain[0] == "algo=gdpo" and marginal[:2] == ["algo=gdpo", "env.sde=marginal"] and marginal[2:] == plain[1:]
+    assert plain[-1] == "eval.n_windows=4" and not any(o.startswith("env.sde") for o in plain)
+    with pytest.raises(ValueError, match="sets env.sde itself"):
+        bench.train_overrides(compose("bench", ["train_overrides=['env.sde=paper']"]), parse_method("gdpo@marginal"), *args)
+    assert bench.parse_algos(["grpo", "gdpo@marginal"]) == ["grpo", "gdpo@marginal"]
+    for bad in (["gdpo", "gdpo"], [], ["ppo"]):
+        with pytest.raises(ValueError):
+            bench.parse_algos(bad)
 
     assert mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
     assert mean_std([None, 4.0]) == {"mean": 4.0, "std": None, "n": 1}

@@ -1,0 +1,285 @@
+"""The benchmark's report logic on hand-made inputs: methods, mechanism figures and dominance, paired
+per-window comparison, training-curve trends, the SDE verdicts and the issue-10 target checks."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gdpo_listener.evaluation import targets as T
+from gdpo_listener.evaluation.bench_stats import (
+    common_curve,
+    dominance,
+    last_third_trend,
+    mechanism_curves,
+    mechanism_summary,
+    moving_average,
+    paired_report,
+    paired_windows,
+    read_curve,
+    table1_window_values,
+)
+from gdpo_listener.evaluation.benchmark import method_label, parse_method
+from gdpo_listener.evaluation.sde_choice import SDESampling, closest_to_ode, model_verdict, sampler_variants
+from gdpo_listener.evaluation.seed_stats import welch_test
+
+
+def curve(values, start=1):
+    v = np.asarray(values, dtype=np.float64)
+    return np.arange(start, start + len(v)), v
+
+
+# ----------------------------------------------------------------------------------------------
+# methods
+
+
+def test_methods_parse_with_their_sde():
+    m = parse_method("gdpo@marginal")
+    assert (m.algo, m.sde, m.key, m.slug) == ("gdpo", "marginal", "gdpo@marginal", "gdpo-marginal")
+    assert m.label == "GDPO (marginal SDE)" and m.overrides() == ["algo=gdpo", "env.sde=marginal"]
+    g = parse_method("grpo")
+    assert g.sde is None and g.slug == "grpo" and g.overrides() == ["algo=grpo"] and g.label == "GRPO"
+    assert method_label("supervised") == "supervised-only" and method_label("grpo@paper") == "GRPO (paper SDE)"
+    for bad in ("ppo", "gdpo@", "gdpo@ode", "@marginal"):
+        with pytest.raises(ValueError, match="unknown benchmark method"):
+            parse_method(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# mechanism figures
+
+
+def test_dominance_is_max_over_median():
+    assert dominance({"a": 0.5, "b": 0.5, "c": 0.5}) == pytest.approx(1.0)  # even
+    assert dominance({"a": 0.9, "b": 0.1, "c": 0.2}) == pytest.approx(0.9 / 0.2)  # follows a
+    assert dominance({"a": 0.9, "b": 0.3}) == pytest.approx(0.9 / 0.6)  # median of two = their mean
+    assert dominance({"a": 0.9, "b": -0.1, "c": 0.0}) == math.inf  # median <= 0 < max
+    assert dominance({"a": 0.9}) is None and dominance({"a": -0.1, "b": -0.2}) is None
+    assert dominance({"a": 0.6, "b": None, "c": 0.3, "d": float("nan")}) == pytest.approx(0.6 / 0.45)
+
+
+def test_mechanism_summary_averages_iterations_then_seeds(tmp_path):
+    # two seeds of a run that follows 'expr': corr expr ~0.9, rot ~0.1; 2 and 4 distinct values per group
+    runs = {0: {"distinct": curve([2, 2, 2]), "corr": {"expr": curve([0.8, 0.9, 1.0]), "rot": curve([0.1, 0.1, 0.1])}},
+            1: {"distinct": curve([4, 4]), "corr": {"expr": curve([0.8, 0.8]), "rot": curve([0.3, 0.1])}}}
+    s = mechanism_summary(runs, ["expr", "rot"])
+    assert s["distinct"]["mean"] == pytest.approx(3.0) and s["distinct"]["n"] == 2
+    assert s["corr"]["expr"]["mean"] == pytest.approx((0.9 + 0.8) / 2)
+    assert s["corr"]["rot"]["mean"] == pytest.approx((0.1 + 0.2) / 2)
+    assert s["top_group"] == "expr" and s["dominance"] == pytest.approx(0.85 / ((0.85 + 0.15) / 2))
+
+    # the same figures read from CSV logs as train/gdpo.py writes them (later duplicate steps win)
+    adv = tmp_path / "logs" / "gdpo" / "scalars" / "adv"
+    (adv / "corr_zscore").mkdir(parents=True)
+    (adv / "distinct_per_group.csv").write_text("1,2.0\n2,3.0\n2,4.0\n")
+    (adv / "corr_zscore" / "expr.csv").write_text("1,0.5\n2,0.7\n")
+    c = mechanism_curves(tmp_path, "gdpo", ["expr", "rot"])
+    assert c["distinct"][0].tolist() == [1, 2] and c["distinct"][1].tolist() == [2.0, 4.0]
+    assert c["corr"]["expr"][1].tolist() == [0.5, 0.7] and len(c["corr"]["rot"][0]) == 0  # missing file: empty
+    assert read_curve(tmp_path / "nope.csv")[0].shape == (0,)
+
+
+def test_curves_align_smooth_and_flatten():
+    st, vals = common_curve([curve([1, 2, 3, 4]), curve([5, 6, 7], start=2)])
+    assert st.tolist() == [2, 3, 4] and vals.tolist() == [[2, 3, 4], [5, 6, 7]]
+    assert common_curve([curve([])]) is None
+    assert moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2).tolist() == [1.0, 2.0, 4.0, 6.0]
+
+    x = np.arange(1, 61)
+    rising = last_third_trend(x, 0.01 * x)  # still rising at a constant rate
+    assert rising["slope"] == pytest.approx(0.01) and rising["share"] == pytest.approx(0.01 * 19 / (0.01 * 54), rel=1e-6)
+    assert rising["share"] > T.STILL_RISING_SHARE
+    flat = last_third_trend(x, 1 - np.exp(-x / 5.0))  # saturated long before the last third
+    assert abs(flat["slope"]) < 1e-3 and flat["share"] < 0.01
+    assert last_third_trend(x[:2], x[:2])["slope"] is None
+    assert T.still_rising({"expr": rising, "rot": flat}, ["expr", "rot"]) == ["expr"]
+
+
+# ----------------------------------------------------------------------------------------------
+# paired per-window comparison
+
+
+def test_paired_windows_averages_seeds_per_window_and_keeps_the_pairing():
+    # window values vary 100x more between windows than the method's consistent gain of 1 per window:
+    # the paired interval excludes 0 (an unpaired comparison of the window means would not)
+    base = np.array([100.0, 300.0, 50.0, 800.0, 20.0, 500.0])
+    ok = np.ones(6, dtype=bool)
+    sup = {0: (base, ok), 1: (base + 2.0, ok)}
+    meth = {0: (base - 1.0, ok), 1: (base + 2.0 - 1.5, ok)}
+    p = paired_windows(sup, meth, seed=0)
+    assert p["n_windows"] == 6 and p["n_seeds"] == 2
+    assert p["mean_diff"] == pytest.approx(-1.25) and p["ci_low"] == pytest.approx(-1.25) and p["ci_high"] == pytest.approx(-1.25)
+    assert p["frac_improved"] == 1.0 and p["rel_change"] == pytest.approx(-1.25 / (base.mean() + 1.0))
+    assert p["reference"] == pytest.approx(base.mean() + 1.0)
+
+    # mixed signs: the interval covers 0; a window that does not count in one seed is left out everywhere
+    ok1 = ok.copy()
+    ok1[5] = False
+    meth2 = {0: (base + np.array([-3, 2, -1, 4, -2, 100.0]), ok), 1: (base + 2.0 + np.array([-3, 2, -1, 4, -2, 0.0]), ok1)}
+    q = paired_windows(sup, meth2, seed=0)
+    assert q["n_windows"] == 5 and q["mean_diff"] == pytest.approx(0.0)
+    assert q["ci_low"] < 0 < q["ci_high"] and q["frac_improved"] == pytest.approx(3 / 5)
+    # subset and seeds in common only; nothing counts -> None
+    r = paired_windows(sup, {0: meth2[0]}, subset=np.array([1, 1, 0, 0, 0, 0], bool))
+    assert r["n_seeds"] == 1 and r["n_windows"] == 2 and r["mean_diff"] == pytest.approx(-0.5)
+    assert paired_windows(sup, meth, subset=np.zeros(6, bool)) is None and paired_windows(sup, {5: meth[0]}) is None
+
+
+def test_paired_report_every_method_both_subsets():
+    ok = np.ones(4, dtype=bool)
+    w = lambda v: {"listening/FDD": (np.asarray(v, dtype=np.float64), ok)}  # noqa: E731
+    windows = {"supervised": {0: w([4, 4, 4, 4])}, "gdpo": {0: w([2, 3, 4, 5])}}
+    rep = paired_report(windows, ["supervised", "gdpo"], np.array([1, 1, 0, 0], bool))
+    assert set(rep) == {"gdpo"}
+    assert rep["gdpo"]["all"]["listening/FDD"]["mean_diff"] == pytest.approx(-0.5)
+    assert rep["gdpo"]["expressive"]["listening/FDD"]["mean_diff"] == pytest.approx(-1.5)
+    assert rep["gdpo"]["expressive"]["listening/FDD"]["n_windows"] == 2
+
+
+def test_table1_window_values_use_table1_bases_and_units():
+    B = 3
+    param = {(sp, n): (torch.tensor([0.001, 0.002, 0.003]), torch.tensor([True, False, True]))
+             for sp, names in (("speaking", ("FDD", "PDD", "JDD")), ("listening", ("FDD", "PDD", "JDD"))) for n in names}
+    v = table1_window_values({"param": param, "vertex": {}}, None, {"convention": "velocity"})
+    assert set(v) == {f"{sp}/{n}" for sp, n in param}  # no FLAME: no LVE / MHD
+    vals, ok = v["listening/PDD"]
+    assert vals.tolist() == pytest.approx([1.0, 2.0, 3.0]) and ok.tolist() == [True, False, True]  # x1000 as Table 1
+    vx = {"lve_sum": torch.tensor([10.0, 0.0, 6.0], dtype=torch.float64), "mhd_sum": torch.tensor([4.0, 0.0, 3.0]),
+          "frames": torch.tensor([5, 0, 3]),
+          **{f"fdd_{sp}": torch.full((B,), 0.5, dtype=torch.float64) for sp in ("speaking", "listening")},
+          **{f"fdd_{sp}_ok": torch.ones(B, dtype=torch.bool) for sp in ("speaking", "listening")}}
+    v = table1_window_values({"param": param, "vertex": vx}, None, {"convention": "velocity"})
+    assert v["speaking/LVE"][0].tolist() == pytest.approx([2.0, 0.0, 2.0]) and v["speaking/LVE"][1].tolist() == [True, False, True]
+    assert v["speaking/MHD"][0].tolist() == pytest.approx([0.8, 0.0, 1.0])
+    assert v["listening/FDD"][0].tolist() == pytest.approx([500.0] * 3)  # vertex FDD replaces the parameter one
+    assert v["listening/JDD"][0].tolist() == pytest.approx([1.0, 2.0, 3.0])
+
+
+def test_welch_test_matches_scipy():
+    from scipy.stats import ttest_ind
+
+    a, b = [1.0, 2.0, 3.5], [4.0, 6.0, 5.5, 7.0]
+    w = welch_test(a, b)
+    ref = ttest_ind(b, a, equal_var=False)
+    assert w["t"] == pytest.approx(ref.statistic) and w["p"] == pytest.approx(ref.pvalue)
+    assert welch_test([1.0], [2.0, 3.0]) == {"t": None, "df": None, "p": None}
+
+
+# ----------------------------------------------------------------------------------------------
+# SDE choice
+
+
+def test_sde_sampling_passes_sigma_and_sde():
+    class Fake:
+        def sample(self, *a, **kw):
+            return a, kw
+
+    a, kw = SDESampling(Fake(), 0.5, "marginal").sample("cond", 3, steps=4)
+    assert a == ("cond", 3) and kw == {"steps": 4, "sigma": 0.5, "sde": "marginal"}
+    with pytest.raises(ValueError, match="sigma"):
+        SDESampling(Fake(), 0.0, "paper")
+
+
+def test_closest_to_ode_and_model_verdict():
+    v = sampler_variants(10, 4, 0.5, ["paper", "marginal"])
+    assert list(v) == ["ODE 10 steps", "SDE paper 4 steps sigma 0.5", "SDE marginal 4 steps sigma 0.5"]
+    r = lambda e, j: {"listening/expr/vel_std_ratio": {"mean": e}, "listening/jaw/vel_std_ratio": {"mean": j}}  # noqa: E731
+    table = {"ODE 10 steps": r(0.6, 0.5), "SDE paper 4 steps sigma 0.5": r(0.9, 0.75), "SDE marginal 4 steps sigma 0.5": r(0.55, 0.5)}
+    c = closest_to_ode(table, v, groups=("expr", "jaw"))
+    assert c["best"] == "SDE marginal 4 steps sigma 0.5"
+    assert c["distance"]["SDE paper 4 steps sigma 0.5"] == pytest.approx(math.log(1.5))
+
+    p = lambda lo, hi: {"ci_low": lo, "ci_high": hi}  # noqa: E731
+    d = model_verdict({"listening/FDD": p(-2, -1), "listening/PDD": p(-1, 1), "listening/JDD": p(-0.5, -0.1)}, "paper", "marginal")
+    assert d["better"] == "marginal" and d["per_metric"] == {"FDD": "marginal", "PDD": None, "JDD": "marginal"}
+    d = model_verdict({"listening/FDD": p(1, 2), "listening/PDD": p(-2, -1)}, "paper", "marginal")
+    assert d["better"] is None and d["wins"] == {"reference": 1, "method": 1}
+    assert model_verdict({"listening/FDD": p(-2, -1)}, "paper", "paper")["better"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# targets
+
+
+def finding(rel, t, p):
+    return {"rel_change": rel, "welch_t": t, "welch_p": p}
+
+
+def paired_ci(lo, hi):
+    return {"mean_diff": (lo + hi) / 2, "ci_low": lo, "ci_high": hi, "frac_improved": 0.7, "n_windows": 40}
+
+
+def test_listening_gain_targets():
+    f = {"all/listening/FDD": finding(-0.40, -4.0, 0.01), "all/listening/PDD": finding(-0.10, -5.0, 0.001),
+         "all/listening/JDD": finding(-0.30, -1.0, 0.4)}
+    pr = {"all": {"listening/FDD": paired_ci(-3, -1), "listening/PDD": paired_ci(-3, -1), "listening/JDD": paired_ci(-3, 1)}}
+    trends = {"expr": {"slope": 1.0, "share": 0.5}}
+    rows = {r.name.split()[-1]: r for r in T.listening_gains("GDPO", f, pr, trends, ["expr"])}
+    assert rows["FDD"].status == T.PASS and "-40.0%" in rows["FDD"].measured
+    assert rows["PDD"].status == T.FAIL and "short of -12%" in rows["PDD"].note and "still rising" in rows["PDD"].note
+    assert rows["JDD"].status == T.FAIL and "not significant over seeds; not significant over windows" in rows["JDD"].note
+    # a significant change in the wrong direction fails and says so
+    worse = {"all": {"listening/FDD": paired_ci(1, 3)}}
+    bad = T.listening_gains("GDPO", {"all/listening/FDD": finding(-0.5, +4.0, 0.01)}, worse)[0]
+    assert bad.status == T.FAIL and bad.note == "significantly worse over seeds; significantly worse over windows"
+    # one seed: no Welch test -> not decided; no figures at all -> not measured
+    one = T.listening_gains("GDPO", {"all/listening/FDD": finding(-0.5, None, None)}, pr)[0]
+    assert one.status == T.NA and "needs >= 2 seeds" in one.note
+    assert T.listening_gains("GDPO", {}, None)[0].status == T.NA
+
+
+def test_collapse_cost_reward_dominance_control_targets():
+    q = {"listening/expr/vel_std_ratio": {"mean": 0.7}, "listening/jaw/vel_std_ratio": {"mean": 0.8},
+         "listening/rot/vel_std_ratio": {"mean": 1.14}, "speaking/jaw_corr": {"mean": 0.85}}
+    st = [r.status for r in T.supervised_collapse(q)]
+    assert st == [T.PASS, T.PASS, T.FAIL, T.PASS]
+    assert T.supervised_collapse({})[0].status == T.NA
+
+    ms = lambda x: {"mean": x}  # noqa: E731
+    sup = {f"all/speaking/{n}/{g}": ms(1.0) for n in ("FD", "MSE") for g in ("exp", "jaw", "pose")}
+    meth = {**sup, "all/speaking/FD/exp": ms(1.05), "all/speaking/FD/pose": ms(0.9), "all/speaking/MSE/jaw": ms(1.15)}
+    fd, mse = T.speaking_cost("GDPO", sup, meth)
+    assert fd.status == T.PASS and "exp +5.0%" in fd.measured
+    assert mse.status == T.FAIL and "jaw" in mse.note
+
+    sup_r = {"all/listening/group/expr/reward": ms(-0.5), "all/listening/group/rot/reward": ms(-0.2)}
+    assert T.reward_gains("GDPO", sup_r, {"all/listening/group/expr/reward": ms(-0.4), "all/listening/group/rot/reward": ms(-0.1)},
+                          ["expr", "rot"]).status == T.PASS
+    r = T.reward_gains("GDPO", sup_r, {"all/listening/group/expr/reward": ms(-0.4), "all/listening/group/rot/reward": ms(-0.2)},
+                       ["expr", "rot"])
+    assert r.status == T.FAIL and r.note == "not improved: rot"
+
+    mech = {"grpo": {"dominance": 3.0, "top_group": "expr"}, "gdpo": {"dominance": 1.1}, "gdpo@marginal": {"dominance": 1.2}}
+    assert T.grpo_dominance(mech, "grpo", ["gdpo", "gdpo@marginal"]).status == T.PASS
+    assert T.grpo_dominance({**mech, "grpo": {"dominance": 1.3}}, "grpo", ["gdpo"]).status == T.FAIL  # below 1.5
+    assert T.grpo_dominance({**mech, "gdpo": {"dominance": 3.5}}, "grpo", ["gdpo"]).status == T.FAIL  # GDPO more dominated
+    assert T.grpo_dominance({"grpo": {"dominance": None}}, "grpo", []).status == T.NA
+
+    assert T.text_control("GDPO", ms(0.93)).status == T.PASS and T.text_control("GDPO", ms(0.5)).status == T.FAIL
+    assert T.text_control("GDPO", ms(None)).status == T.NA
+
+    sweep = {w: {"expr": ms(0.1 * k), "rot": ms(0.01 * k)} for k, w in enumerate(["1", "2", "3", "4"], 1)}
+    assert T.cfg_monotone("GDPO", sweep).status == T.PASS
+    flat = {**sweep, "3": {"expr": ms(0.3), "rot": ms(0.02)}}  # rot: 0.02 -> 0.02 is not rising
+    c = T.cfg_monotone("GDPO", flat)
+    assert c.status == T.FAIL and c.note == "not monotone: rot"
+    assert T.cfg_monotone("GDPO", {"1": sweep["1"], "2": sweep["2"]}).status == T.NA  # w = 4 not swept
+
+
+def test_check_targets_covers_every_gdpo_method_and_reports_misses():
+    ms = lambda x: {"mean": x}  # noqa: E731
+    ctl = {m: {"prompt_accuracy": ms(0.95), "cfg_sweep": {"1": {"expr": ms(0.1)}, "4": {"expr": ms(0.2)}}}
+           for m in ("supervised", "grpo", "gdpo", "gdpo@marginal")}
+    rows = T.check_targets(quality={}, findings={}, paired={}, metrics={}, mechanism={}, controls=ctl, trends={},
+                           groups=["expr"], algo_of={"supervised": "supervised", "grpo": "grpo", "gdpo": "gdpo", "gdpo@marginal": "gdpo"},
+                           labels={"supervised": "supervised-only", "grpo": "GRPO", "gdpo": "GDPO", "gdpo@marginal": "GDPO (marginal SDE)"})
+    names = [r.name for r in rows]
+    assert sum(n.startswith("GDPO vs supervised, listening") for n in names) == 3
+    assert sum(n.startswith("GDPO (marginal SDE) vs supervised, listening") for n in names) == 3
+    assert sum("text-control" in n for n in names) == 4 and sum("w_listen" in n for n in names) == 4
+    md = T.targets_markdown(rows)
+    assert "not measured in this run" in md and "Missed targets" not in md  # nothing measured failed
+    md = T.targets_markdown(rows + [T.Target("x", T.FAIL, "1", "<= 0", "why")])
+    assert "Missed targets" in md and "- **x**: measured 1, needed <= 0 -- why." in md
