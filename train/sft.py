@@ -22,6 +22,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (pipeline/threads.py)
 
+import math
 import time
 
 import hydra
@@ -51,8 +52,37 @@ def make_optimizer(model, optim_cfg):
 
 
 def make_scheduler(opt, optim_cfg):
-    warmup = max(int(optim_cfg.warmup), 1)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    """Linear warm-up, then constant or cosine decay to ``min_lr_ratio * lr`` at ``optim.steps``."""
+    warmup, total = max(int(optim_cfg.warmup), 1), int(optim_cfg.steps)
+    schedule, floor = str(optim_cfg.schedule), float(optim_cfg.min_lr_ratio)
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule={schedule!r} must be constant or cosine")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        p = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * p))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def heldout_loss(model, bank, seed: int, batch_size: int = 64) -> float:
+    """Rectified-flow loss on every row of ``bank`` (the test split) with fixed noise and flow times,
+    so successive evaluations differ only by the weights (the curve shows when training flattens)."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(int(seed))
+    total = 0.0
+    for i in range(0, bank.batch_size[0], batch_size):
+        b = bank[i : i + batch_size]
+        _, per_token, _ = flow_step(model, b, g)  # (b, N)
+        total += float(per_token.mean(-1).sum())
+    model.train(was_training)
+    return total / bank.batch_size[0]
 
 
 def draw_batch(bank, batch_size: int, generator, rows: slice = slice(None)):
@@ -123,7 +153,8 @@ def train(cfg: DictConfig, dist: Dist) -> None:
     generator = torch.Generator().manual_seed(int(cfg.seed))  # batches and flow noise: the same on every rank
     check_positive(cfg, ["optim.lr", "optim.grad_clip"])
     check_non_negative(cfg, ["optim.weight_decay"])
-    check_count(cfg, ["optim.steps", "optim.batch_size", "log_every", "ckpt_every", "eval.n_windows", "eval.steps"])
+    check_count(cfg, ["optim.steps", "optim.batch_size", "log_every", "ckpt_every", "eval.n_windows", "eval.steps", "eval.loss_every"])
+    check_non_negative(cfg, ["optim.min_lr_ratio"])
     check_count(cfg, ["optim.warmup"], minimum=0)
     batch_size = int(cfg.optim.batch_size)
     rows = dist.shard(batch_size, "optim.batch_size")  # this rank's block of the global batch
@@ -164,6 +195,7 @@ def train(cfg: DictConfig, dist: Dist) -> None:
     model.train()
     t0 = time.perf_counter()
     steps = int(cfg.optim.steps)
+    curve: dict[int, float] = {}  # held-out flow loss by step (this run's part)
     bar = tqdm(range(start, steps), desc="sft", initial=start, total=steps, disable=not dist.is_main)
     for step in bar:
         batch = draw_batch(train_bank, batch_size, generator, rows)
@@ -182,6 +214,9 @@ def train(cfg: DictConfig, dist: Dist) -> None:
             scalars["perf/windows_per_s"] = (step + 1 - start) * batch_size / (time.perf_counter() - t0)
             factories.log_scalars(logger, scalars, step + 1)
             bar.set_postfix(loss=f"{scalars['loss/loss_flow']:.4f}")
+        if dist.is_main and ((step + 1) % int(cfg.eval.loss_every) == 0 or step + 1 == steps):
+            curve[step + 1] = heldout_loss(model, test_bank, seed=int(cfg.seed) + 1)
+            factories.log_scalars(logger, {"eval/loss_flow": curve[step + 1]}, step + 1)
         if (step + 1) % cfg.ckpt_every == 0:
             check_finite_weights(model, where=f"sft step {step + 1}", hint=f"optim.lr={cfg.optim.lr} too large")
             save_state(state_path, cfg, step + 1, generator, logger, run_states, dist)
@@ -194,6 +229,7 @@ def train(cfg: DictConfig, dist: Dist) -> None:
     factories.save_run_arflow(out_dir, model, cfg, extra={"vae_dir": str(factories.abspath(cfg.vae_dir)),
                                                    "text_encoder": text_enc.key, "audio_encoder": audio_enc.key})
     print(f"[sft] trained {int(cfg.optim.steps) - start} steps in {elapsed:.1f} s; checkpoint: {out_dir}")
+    print("[sft] held-out flow loss by step: " + ", ".join(f"{k}: {v:.4f}" for k, v in curve.items()))
     report = quality_report(model, vae, normalizer, test_bank, n_windows=int(cfg.eval.n_windows), steps=int(cfg.eval.steps), seed=cfg.seed)
     print_quality_report(report, title=f"supervised AR-Flow on held-out windows (ODE, {cfg.eval.steps} steps, CFG 1)")
     factories.log_scalars(logger, {f"eval/{k}": v for k, v in numeric_items(report).items()}, int(cfg.optim.steps))
