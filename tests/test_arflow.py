@@ -11,11 +11,22 @@ import torch
 
 from gdpo_listener.agents import flow
 from gdpo_listener.agents.arflow import (
-    AUDIO, MOTION, TEXT, ARFlow, ARFlowConfig, attention_mask, causal_prefix_mask, count_parameters, load_arflow,
-    prefix_layout, prefix_positions, save_arflow, token_positions,
+    AUDIO,
+    MOTION,
+    TEXT,
+    ARFlow,
+    ARFlowConfig,
+    attention_mask,
+    causal_prefix_mask,
+    count_parameters,
+    load_arflow,
+    prefix_layout,
+    prefix_positions,
+    save_arflow,
+    token_positions,
 )
-from gdpo_listener.agents.sampling import window_schedule
 from gdpo_listener.agents.checkpoint import CheckpointError
+from gdpo_listener.agents.sampling import window_schedule
 
 B = 2
 

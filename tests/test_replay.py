@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from rl_fixtures import R, tiny_arflow, tiny_bank, tiny_vae
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig
@@ -15,7 +16,6 @@ from gdpo_listener.agents.loss import GDPOLoss, chunked_update, select_steps, se
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.rewards.groups import build_reward
-from rl_fixtures import R, tiny_arflow, tiny_bank, tiny_vae
 
 K = 4
 N_LONG = 7  # windows of 4 tokens, k = 1: [0, 4) [3, 7)
