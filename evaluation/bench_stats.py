@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from .seed_stats import mean_std
 
 Curve = tuple[np.ndarray, np.ndarray]
 
@@ -141,20 +142,14 @@ def dominance(corr: Mapping[str, float | None]) -> float | None:
     return math.inf if med <= 0 else float(c.max() / med)
 
 
-def _mean_std(x: list[float]) -> dict:
-    if not x:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(x)), "std": float(np.std(x, ddof=1)) if len(x) > 1 else None, "n": len(x)}
-
-
 def mechanism_summary(by_seed: Mapping[int, dict], groups: list[str]) -> dict:
     """One method's :func:`mechanism_curves` per seed -> mean over iterations per seed, then mean +- std
     over seeds: ``distinct``, ``corr[group]``; ``dominance`` and ``top_group`` from the seed means of
     ``corr`` (:func:`dominance`)."""
     distinct = [float(c["distinct"][1].mean()) for c in by_seed.values() if len(c["distinct"][1])]
-    corr = {g: _mean_std([float(c["corr"][g][1].mean()) for c in by_seed.values() if len(c["corr"][g][1])]) for g in groups}
+    corr = {g: mean_std([float(c["corr"][g][1].mean()) for c in by_seed.values() if len(c["corr"][g][1])]) for g in groups}
     means = {g: d["mean"] for g, d in corr.items() if d["mean"] is not None}
-    return {"distinct": _mean_std(distinct), "corr": corr, "dominance": dominance(means),
+    return {"distinct": mean_std(distinct), "corr": corr, "dominance": dominance(means),
             "top_group": max(means, key=means.get) if means else None}
 
 
@@ -162,11 +157,12 @@ def mechanism_summary(by_seed: Mapping[int, dict], groups: list[str]) -> dict:
 # paired per-window comparison
 
 
-def table1_window_values(st: dict, data, mcfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def table1_window_values(st: dict, mcfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per Table 1 metric ``"<split>/<name>"``: the value of every window in Table 1 units ``(B,)``
     and whether the window counts ``(B,)`` bool, from :func:`.scoring.row_stats`' ``st`` -- the
     per-window quantities Table 1 averages (vertex FDD and LVE / MHD with a FLAME model,
-    parameter deviations otherwise). Metrics that are unavailable are left out."""
+    parameter deviations otherwise). Metrics that are unavailable are left out. LVE / MHD of a window
+    are its mean over its speaking frames (Table 1 pools the frames of all windows instead)."""
     from .scoring import TABLE1
 
     conv = str(mcfg.get("convention", "velocity"))

@@ -28,7 +28,7 @@ from .bench_stats import common_curve, curve_trends, mechanism_summary, moving_a
 from .data import EvalData
 from .report import supp_markdown, table1_markdown, units_note
 from .scoring import SPLITS, SUPP, TABLE1
-from .sde_choice import closest_to_ode, mean_over_seeds, model_verdict
+from .sde_choice import closest_to_ode, model_verdict
 from .seed_stats import aggregate_seeds, findings, fmt_ms, mean_std
 
 __all__ = ["ALGOS", "SDES", "BenchMethod", "parse_method", "method_label", "read_curve", "reward_curves", "training_budget",
@@ -336,7 +336,7 @@ def sde_report(methods, run_sde: dict, windows, expressive, dynamics: dict | Non
     (the method listed first is the reference) and :func:`.sde_choice.model_verdict`."""
     out: dict = {"run_sde": dict(run_sde)}
     if dynamics and variants:
-        table = {v: mean_over_seeds(dynamics[v]) for v in variants}
+        table = {v: aggregate_seeds(dynamics[v]) for v in variants}
         ode = next((v for v, x in variants.items() if x["sigma"] == 0), None)
         out.update({"variants": dict(variants), "dynamics": table, "closest_to_ode": closest_to_ode(table, variants),
                     "ode_quality": table.get(ode) or {}})

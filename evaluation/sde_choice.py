@@ -54,16 +54,6 @@ def final_sample_dynamics(model, data, variants: Mapping[str, dict], seeds: list
     return out
 
 
-def mean_over_seeds(by_seed: Mapping[int, Mapping[str, float]]) -> dict[str, dict]:
-    """``{seed: {key: number}}`` -> ``{key: {"mean", "std", "n"}}`` (sample std, None with one seed)."""
-    keys = sorted({k for r in by_seed.values() for k, v in r.items() if isinstance(v, (int, float))})
-    out = {}
-    for k in keys:
-        x = [float(r[k]) for r in by_seed.values() if isinstance(r.get(k), (int, float)) and math.isfinite(float(r[k]))]
-        out[k] = {"mean": float(np.mean(x)) if x else None, "std": float(np.std(x, ddof=1)) if len(x) > 1 else None, "n": len(x)}
-    return out
-
-
 def closest_to_ode(table: Mapping[str, Mapping[str, Mapping]], variants: Mapping[str, dict],
                    groups: tuple[str, ...] = GROUP_NAMES) -> dict:
     """Per SDE variant, the mean over ``groups`` of ``|log(ratio_sde / ratio_ode)|`` of the listening

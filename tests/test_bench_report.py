@@ -142,7 +142,7 @@ def test_table1_window_values_use_table1_bases_and_units():
     B = 3
     param = {(sp, n): (torch.tensor([0.001, 0.002, 0.003]), torch.tensor([True, False, True]))
              for sp, names in (("speaking", ("FDD", "PDD", "JDD")), ("listening", ("FDD", "PDD", "JDD"))) for n in names}
-    v = table1_window_values({"param": param, "vertex": {}}, None, {"convention": "velocity"})
+    v = table1_window_values({"param": param, "vertex": {}}, {"convention": "velocity"})
     assert set(v) == {f"{sp}/{n}" for sp, n in param}  # no FLAME: no LVE / MHD
     vals, ok = v["listening/PDD"]
     assert vals.tolist() == pytest.approx([1.0, 2.0, 3.0]) and ok.tolist() == [True, False, True]  # x1000 as Table 1
@@ -150,7 +150,7 @@ def test_table1_window_values_use_table1_bases_and_units():
           "frames": torch.tensor([5, 0, 3]),
           **{f"fdd_{sp}": torch.full((B,), 0.5, dtype=torch.float64) for sp in ("speaking", "listening")},
           **{f"fdd_{sp}_ok": torch.ones(B, dtype=torch.bool) for sp in ("speaking", "listening")}}
-    v = table1_window_values({"param": param, "vertex": vx}, None, {"convention": "velocity"})
+    v = table1_window_values({"param": param, "vertex": vx}, {"convention": "velocity"})
     assert v["speaking/LVE"][0].tolist() == pytest.approx([2.0, 0.0, 2.0]) and v["speaking/LVE"][1].tolist() == [True, False, True]
     assert v["speaking/MHD"][0].tolist() == pytest.approx([0.8, 0.0, 1.0])
     assert v["listening/FDD"][0].tolist() == pytest.approx([500.0] * 3)  # vertex FDD replaces the parameter one

@@ -254,7 +254,7 @@ def run(cfg: DictConfig) -> dict:
             write_report(out / "eval" / f"{slug}_seed{s}", header(data, ecfg, str(paths[m][s]), s, own_reward), res)
             flat[m][s] = flat_metrics(res)
             # per-window Table 1 values of the same prediction, for the paired comparison
-            windows[m][s] = table1_window_values(row_stats(res["_pred"], data, ecfg.metrics), data, ecfg.metrics)
+            windows[m][s] = table1_window_values(row_stats(res["_pred"], data, ecfg.metrics), ecfg.metrics)
             controls[m][s] = IC.run_controls(model, data, crow, cfg.controls, ecfg, s, clf, intents, prompts, labels,
                                              res["_pred"], bool(cfg.progress))
             if s == seeds[0]:
