@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import json
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..envs.dataset import WINDOW, load_meta, read_split, read_wav
 from ..envs.flame import FPS, SAMPLE_RATE
+from .checkpoint import atomic_write_bytes
 
 BUNDLED_MINILM = "bundled-minilm"
 HOP = SAMPLE_RATE // FPS  # 640 samples per motion frame
@@ -309,17 +310,11 @@ class FeatureCache:
             return None
 
     def put(self, key: str, array: np.ndarray) -> Path:
+        """Write one entry atomically (the project's one atomic writer: umask kept, stale temporaries swept)."""
         p = self.path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=".npy", dir=p.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, np.ascontiguousarray(array))
-            os.replace(tmp, p)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(array))
+        atomic_write_bytes(p, buf.getvalue())
         return p
 
     def get_or_compute(self, encoder_key: str, content: bytes | Iterable[bytes], fn: Callable[[], np.ndarray]) -> np.ndarray:

@@ -351,7 +351,8 @@ class StreamingGenerator:
             f = self._feats[side].push(x)  # (n r, Da)
             if f.shape[0]:
                 self._audio[side].append(torch.from_numpy(f).to(self.device).reshape(-1, self.r, f.shape[1]))
-        self._vad.push(actor)
+        if self._speaking_fn is None:  # given per-token decisions: the own VAD is never asked, so never fed
+            self._vad.push(actor)
         token0 = self._end
         if self.causal:
             with eval_mode(self.model):

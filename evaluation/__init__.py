@@ -10,6 +10,9 @@
 - :mod:`.seed_stats`: mean +- std over seeds, relative change, Welch t, findings;
 - :mod:`.intent_control`: intent classifier, text-control accuracy, CFG sweep;
 - :mod:`.benchmark`: bench training budget, run records, curves, figures, report;
+- :mod:`.bench_stats`: paired per-window comparisons and mechanism figures of the benchmark;
+- :mod:`.sde_choice`: final-sample dynamics of the ODE and both SDEs;
+- :mod:`.targets`: the issue-10 targets computed from the measured figures (pass / fail);
 - :mod:`.long_sequences`: decay table of long generation;
 - :mod:`.clip`: one clip from audio files, checked inputs and outputs;
 - :mod:`.render`: FLAME motion to shaded frames and MP4 videos with sound.

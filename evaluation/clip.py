@@ -12,8 +12,9 @@ the npz file itself). Both files are written atomically and only after the motio
 Two paths, equal npz files (bit for bit; ``tests/test_generate.py``):
 
 * **streamed** (:func:`stream_motion` + :func:`write_clip_stream`), memory bounded in the input's
-  length (but for the per-frame RMS and VAD, 9 bytes a frame, 0.8 MB an hour): the wav files are read in blocks (:class:`AudioFile`; other rates resampled per block with
-  enough overlap that every output sample equals the whole-file ``resample_poly``), the energy VAD
+  length (but for the per-frame RMS and VAD, 9 bytes a frame, 0.8 MB an hour): the wav files are
+  read in blocks (:class:`AudioFile`; other rates resampled per block with enough overlap that every
+  output sample equals the whole-file ``resample_poly``), the energy VAD
   is one first pass over per-frame RMS (:func:`energy_gate`, the gate of
   ``envs.converters.vad.energy_vad_frames``), the model runs window by window in
   ``agents.streaming.StreamingGenerator`` given those per-token decisions, and each block of frames
@@ -349,21 +350,6 @@ def why_not_streamed(audio_encoder: str, vad: str, partner_motion: bool) -> str 
     return None
 
 
-class _DiscardedVADAudio:
-    """Stands in for ``StreamingGenerator``'s own energy VAD when per-token decisions are given: as of
-    ``agents/streaming.py`` 9ae4921 that VAD buffers every actor sample pushed (it trims only when asked
-    for decisions, which given decisions never do), so a long input would be held whole."""
-
-    def push(self, samples) -> None:
-        pass
-
-    def buffered(self) -> int:
-        return 0
-
-    def tokens(self, j0: int, j1: int):
-        raise RuntimeError("streamed clip: the stream's own VAD is unused (per-token decisions are given)")
-
-
 @torch.no_grad()
 def stream_motion(model, vae, normalizer, text_enc, audio_enc, actor: AudioFile, partner: AudioFile | None, n_frames: int,
                   vad: np.ndarray, text: str = "", steps: int = 10, w_speak: float = 1.0, w_listen: float = 1.0, seed: int = 0,
@@ -392,8 +378,6 @@ def stream_motion(model, vae, normalizer, text_enc, audio_enc, actor: AudioFile,
     gen = StreamingGenerator(model, vae, normalizer, audio_enc, steps=int(steps), w_speak=float(w_speak),
                              w_listen=float(w_listen), generator=g, text_emb=text_emb, decode="chunked",
                              speaking=lambda j0, j1: tokens[j0:j1])
-    if hasattr(gen, "_vad"):  # work-around, private attribute: see _DiscardedVADAudio (bounded memory needs it)
-        gen._vad = _DiscardedVADAudio()
     n_samples = n_gen * SAMPLES_PER_FRAME
     partner_blocks = partner.blocks(n_samples, block) if partner is not None else itertools.repeat(None)
 
