@@ -5,7 +5,8 @@
 - :mod:`.generation`: held-out motion generation (one routine), the supervised quality report and the before/after table;
 - :mod:`.checkpoints`: checkpoint meta, its VAE and r, fresh-clone default, checkpoint/dataset compatibility, the run's recorded reward;
 - :mod:`.data`: shared evaluation data of one split (``EvalData``, ``prepare_eval_data``, ``load_eval_model``);
-- :mod:`.scoring`: generate and score one checkpoint (Table 1, Table 6, per-group dynamics and rewards; all windows and the expressive subset);
+- :mod:`.scoring`: generate and score one checkpoint (Table 1, Table 6, per-group dynamics and rewards; all windows and
+  the expressive subset);
 - :mod:`.report`: ``metrics.json`` / ``metrics.md`` and the table layouts;
 - :mod:`.seed_stats`: mean +- std over seeds, relative change, Welch t, findings;
 - :mod:`.intent_control`: intent classifier, text-control accuracy, CFG sweep;
