@@ -78,7 +78,7 @@ from torch import Tensor
 
 from ..envs.windows import COND_KEYS  # keys of the conditioning dict; text_mask, partner_has_motion optional
 from .attention import Block, apply_rope, rope_cos_sin
-from .checkpoint import CheckpointError, load_meta, load_weights, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint_meta, load_weights, save_checkpoint
 
 __all__ = [
     "ARFlowConfig", "ARFlow", "KVCache", "Context", "PrefixLayout", "CausalSlots", "prefix_positions", "prefix_layout",
@@ -487,9 +487,11 @@ class ARFlow(nn.Module):
         drop_text, drop_audio, drop_motion = self._null_masks(cond, drop, B, dev)
         c_txt = torch.where(drop_text[:, None], self.null_text, self.text_proj(cond["text_emb"]))  # (B, D)
         s = self.cfg.audio_stride
-        a_ptn = torch.where(drop_audio[:, None, None], self.null_audio, self.audio_proj(self._stack_audio(cond["partner_audio"], s)))  # (B, L/s, D)
+        a_ptn = self.audio_proj(self._stack_audio(cond["partner_audio"], s))  # (B, L/s, D)
+        a_ptn = torch.where(drop_audio[:, None, None], self.null_audio, a_ptn)
         m_ptn = torch.where(drop_motion[:, None, None], self.null_motion, self.partner_proj(cond["partner_latent"]))  # (B, N, D)
-        a_act = torch.where(drop_audio[:, None, None], self.null_audio, self.audio_proj(self._stack_audio(cond["actor_audio"], s)))  # (B, L/s, D)
+        a_act = self.audio_proj(self._stack_audio(cond["actor_audio"], s))  # (B, L/s, D)
+        a_act = torch.where(drop_audio[:, None, None], self.null_audio, a_act)
         te = self.type_emb
         h = torch.cat([(c_txt + te[self.T_TEXT])[:, None], a_ptn + te[self.T_PTN_AUDIO],
                        m_ptn + te[self.T_PTN_MOTION], a_act + te[self.T_ACT_AUDIO]], dim=1)  # (B, P, D)
@@ -784,7 +786,7 @@ def load_arflow(directory, device="cpu", expect: Mapping | None = None, preset: 
     preset it was trained with; any mismatch, a bad architecture or weights that do not fit it raise
     ``CheckpointError`` naming the folder.
     """
-    meta = load_meta(directory, kind=ARFLOW_KIND)
+    meta = load_checkpoint_meta(directory, kind=ARFLOW_KIND)
     if preset is not None and meta.get("preset") != preset:
         raise CheckpointError(f"{directory}: AR-Flow checkpoint of preset {meta.get('preset')!r}, but the run uses model={preset} "
                               f"(point pretrained.sft at a {preset} checkpoint or drop the model override)")

@@ -252,7 +252,10 @@ def save_checkpoint(
     return directory
 
 
-def load_meta(directory: str | os.PathLike, kind: str | None = None) -> dict:
+def load_checkpoint_meta(directory: str | os.PathLike, kind: str | None = None) -> dict:
+    """Read and check a checkpoint's ``meta.json`` (format, version and, if given, ``kind``: "vae" / "arflow").
+
+    Not a dataset's ``dataset.json``: that is :func:`gdpo_listener.envs.dataset.load_dataset_meta`."""
     directory = Path(directory)
     path = directory / "meta.json"
     if not path.is_file():

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..envs.dataset import WINDOW, load_meta, read_split, read_wav
+from ..envs.dataset import WINDOW, load_dataset_meta, read_split, read_wav
 from ..envs.flame import FPS, SAMPLE_RATE
 from .checkpoint import atomic_write_bytes
 
@@ -404,7 +404,7 @@ def precompute_features(
 
     t0 = time.perf_counter()
     root = Path(dataset_root)
-    load_meta(root)
+    load_dataset_meta(root)
     ids = list(dict.fromkeys(cid for split in splits for cid in read_split(root, split)))
     if shard is not None:
         rank, world = (int(v) for v in shard)

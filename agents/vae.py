@@ -43,7 +43,7 @@ from ..envs.dataset import Normalizer
 from ..envs.flame import FLAME_DIM, GROUP_NAMES, GROUPS, channel_group_ids
 from ..rewards.stats import velocity_std
 from .attention import Block, rope_cos_sin
-from .checkpoint import CheckpointError, load_meta, load_weights, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint_meta, load_weights, save_checkpoint
 
 VAE_KIND = "vae"
 # 2: shared attention blocks (agents/attention.py): rotary pairs (i, i + hd/2) instead of (2i, 2i + 1),
@@ -318,7 +318,7 @@ def save_vae(
 
 def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> tuple[MotionVAE, Normalizer, VAEConfig]:
     """Load a VAE checkpoint (eval mode) with its normaliser; :class:`CheckpointError` on mismatch."""
-    meta = load_meta(directory, kind=VAE_KIND)
+    meta = load_checkpoint_meta(directory, kind=VAE_KIND)
     where = Path(directory) / "meta.json"
     if meta.get("vae_format_version") != VAE_FORMAT_VERSION:
         raise CheckpointError(f"{where}: VAE format version {meta.get('vae_format_version')}, this code reads {VAE_FORMAT_VERSION} "

@@ -55,7 +55,7 @@ import numpy as np
 
 from ..agents.checkpoint import atomic_write_json
 from .converters.common import n_windows
-from .dataset import DURATION_TOLERANCE_FRAMES, WINDOW, DatasetFormatError, load_meta, read_split
+from .dataset import DURATION_TOLERANCE_FRAMES, WINDOW, DatasetFormatError, load_dataset_meta, read_split
 from .flame import FPS
 
 # The system prompt of the paper's Table 7 (supplement 6), verbatim. Override it through
@@ -294,7 +294,7 @@ def plan_annotation(root: str | Path, videos: str | Path | None = None, *, flame
     """List every window still to describe and check its frame source (video exists and covers the
     motion, or a FLAME model is given), so a bad input fails before the model is loaded."""
     root = Path(root)
-    load_meta(root)
+    load_dataset_meta(root)
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, all; got {split!r}")
     if videos is not None and not Path(videos).is_dir():

@@ -544,9 +544,10 @@ class DatasetWriter:
 # reader
 
 
-def load_meta(root: str | os.PathLike) -> dict:
-    """Read and check ``dataset.json``; clear errors for a missing file or another format.
-    First repairs a swap a killed writer left unfinished (:func:`recover_dataset_folder`)."""
+def load_dataset_meta(root: str | os.PathLike) -> dict:
+    """Read and check a dataset's ``dataset.json``; clear errors for a missing file or another format.
+    First repairs a swap a killed writer left unfinished (:func:`recover_dataset_folder`).
+    Not a checkpoint's ``meta.json``: that is :func:`gdpo_listener.agents.checkpoint.load_checkpoint_meta`."""
     root = Path(root)
     recover_dataset_folder(root)
     path = root / "dataset.json"
@@ -567,7 +568,7 @@ def load_meta(root: str | os.PathLike) -> dict:
 
 
 def _recover_if_missing(root: Path) -> None:
-    """Readers that skip :func:`load_meta` repair a missing dataset folder (cheap when present)."""
+    """Readers that skip :func:`load_dataset_meta` repair a missing dataset folder (cheap when present)."""
     if not root.exists():
         recover_dataset_folder(root)
 
@@ -634,7 +635,7 @@ class DyadicWindows:
 
     def __init__(self, root: str | os.PathLike, split: str = "train", window: int = WINDOW, load_audio: bool = True):
         self.root = Path(root)
-        self.meta = load_meta(self.root)
+        self.meta = load_dataset_meta(self.root)
         self.window = int(window)
         if self.window <= 0 or self.window % 8:
             raise ValueError(f"window must be a positive multiple of 8 frames, got {window}")

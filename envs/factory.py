@@ -81,12 +81,12 @@ def make_listener_env(
     from ..agents.encoders import precompute_features
     from ..agents.vae import load_vae
     from ..rewards import build_reward
-    from .dataset import DyadicWindows, load_meta
+    from .dataset import DyadicWindows, load_dataset_meta
     from .windows import build_window_bank
 
     root = _existing_dir(dataset, "dataset", "a canonical dataset folder holding dataset.json; "
                                              "write one with train/prepare_data.py")
-    load_meta(root)  # clear error for a folder that is not a canonical dataset
+    load_dataset_meta(root)  # clear error for a folder that is not a canonical dataset
     vae_dir = _existing_dir(vae, "VAE checkpoint", "a folder written by train/vae.py, holding meta.json and model.safetensors")
     if isinstance(reward, str):
         reward = build_reward(reward, **dict(reward_kwargs or {}))  # validates the spec before any long work

@@ -6,10 +6,6 @@
 - :func:`ensure_checkpoint`: the default supervised checkpoint is produced on a fresh clone;
 - :func:`check_compatibility`: the checkpoint and the evaluated dataset share the FLAME layout and format;
 - :func:`run_reward_config`: the reward a post-trained run optimised (its recorded ``reward`` / ``rewards``).
-
-Names: ``envs.dataset.load_meta`` reads a *dataset's* ``dataset.json``; ``agents.checkpoint.load_meta``
-a *checkpoint's* ``meta.json``. They are imported here as ``load_dataset_meta`` and
-``load_checkpoint_meta``.
 """
 from __future__ import annotations
 
@@ -18,8 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..agents.checkpoint import CheckpointError
-from ..agents.checkpoint import load_meta as load_checkpoint_meta
+from ..agents.checkpoint import CheckpointError, load_checkpoint_meta
 from ..pipeline import factories, stages
 
 

@@ -15,9 +15,8 @@ import torch
 from omegaconf import DictConfig
 
 from ..agents.arflow import load_arflow
-from ..agents.checkpoint import load_meta as load_checkpoint_meta
-from ..envs.dataset import DyadicWindows
-from ..envs.dataset import load_meta as load_dataset_meta
+from ..agents.checkpoint import load_checkpoint_meta
+from ..envs.dataset import DyadicWindows, load_dataset_meta
 from ..envs.flame import channel_mask
 from ..envs.windows import build_window_bank
 from ..pipeline import factories

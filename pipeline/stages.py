@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ..agents.checkpoint import is_checkpoint
-from ..envs.dataset import load_meta
+from ..envs.dataset import load_dataset_meta
 from .factories import abspath
 
 # the entry points live in the repository's train/ folder (the package is installed editable)
@@ -43,7 +43,7 @@ def ensure_dataset(data_cfg: DictConfig) -> Path:
             if data_cfg.get(k) is not None:
                 over.append(f"synthetic.{k}={data_cfg[k]}")
         run_stage("prepare_data.py", over)
-    meta = load_meta(root)
+    meta = load_dataset_meta(root)
     _check_synthetic_version(root, meta, data_cfg)
     return root
 

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+
 from gdpo_listener.agents.advantages import (
     advantage_diagnostics,
     compute_advantages,

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import av
@@ -37,7 +35,6 @@ from gdpo_listener.envs.annotate import (
 from gdpo_listener.envs.dataset import Conversation, DatasetWriter, load_conversation
 from gdpo_listener.envs.flame import FLAME_DIM, FPS, N_GROUPS, SAMPLE_RATE
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # video frame side (pixels)
 # conversation id -> (frames, has_motion per side); conv000 has a short last window (420 = 2 * 200 + 20)
 CONVS = {"conv000": (420, (True, True)), "conv001": (250, (True, False))}
@@ -362,16 +359,12 @@ def test_sides_without_video_are_rendered_from_their_motion(data, tmp_path):
     assert read_doc(root, "conv001")["text"][0] == ["r 3.0", "r 3.1"]
 
 
-def test_project_renderer_fills_in_for_a_missing_video(data, tmp_path):
+def test_project_renderer_fills_in_for_a_missing_video(data, tmp_path, flame_kit):
     """The real gdpo_listener.evaluation.render.render_frames with the tests' tiny FLAME-layout model
-    (test_metrics.tiny_model, with the faces test_render gives it)."""
-    from test_metrics import tiny_model, write_pkl
-
+    (conftest's flame_kit.renderable_model)."""
     root, videos = data
     (videos / "conv001_s0.mkv").unlink()
-    m = tiny_model()
-    m["f"] = np.array([[0, 1, 2], [2, 5, 6], [1, 3, 6], [1, 6, 4], [3, 7, 6], [4, 6, 8], [2, 3, 5], [2, 5, 4], [0, 3, 1], [0, 1, 4]])
-    flame = write_pkl(tmp_path / "generic_model.pkl", m)
+    flame = flame_kit.write_pkl(tmp_path / "generic_model.pkl", flame_kit.renderable_model())
     rec = Recorder(label="render")
     run_annotation(plan_annotation(root, videos, flame_model=flame), rec, batch_size=4, flame_model=flame,
                    render_size=32, progress=False)
@@ -382,17 +375,16 @@ def test_project_renderer_fills_in_for_a_missing_video(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_end_to_end(data, tiny_vlm):
+def test_cli_end_to_end(data, tiny_vlm, run_entry, tmp_path):
     root, videos = data
     (root / "conversations" / "conv000.json").write_text(json.dumps({"text": [[], []], "n_frames": 420}))
-    cmd = [sys.executable, str(REPO / "train" / "annotate.py"), f"dataset={root}", f"videos={videos}", f"vlm={tiny_vlm}",
-           "batch_size=4", "max_new_tokens=4", "progress=false", "threads=1"]
+    args = [f"dataset={root}", f"videos={videos}", f"vlm={tiny_vlm}", "batch_size=4", "max_new_tokens=4", "progress=false", "threads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    r = run_entry("annotate.py", *args, cwd=tmp_path, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "8 windows, 0 already described, 8 to describe" in r.stdout and "described 8 window(s)" in r.stdout
     assert all(len(load_conversation(root, c, audio=False).text[0]) == -(-CONVS[c][0] // 200) for c in CONVS)
     # a short video stops the CLI before the model is loaded, naming the file
     write_video(videos / "conv001_s0.mkv", 100, 25)
-    r = subprocess.run(cmd + ["overwrite=true"], capture_output=True, text=True, env=env, timeout=300)
+    r = run_entry("annotate.py", *args, "overwrite=true", cwd=tmp_path, timeout=300, env=env)
     assert r.returncode == 1 and "conv001_s0.mkv is shorter than the motion" in r.stderr

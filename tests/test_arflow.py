@@ -460,7 +460,8 @@ def test_generate_long_length_and_first_window():
 
     def cond_fn(f0, nf):
         calls.append((f0, nf))
-        return {k: (v[:, f0:f0 + nf] if "audio" in k else v[:, f0 // 8:(f0 + nf) // 8] if k == "partner_latent" else v) for k, v in cond.items()}
+        return {k: (v[:, f0:f0 + nf] if "audio" in k else v[:, f0 // 8:(f0 + nf) // 8] if k == "partner_latent" else v)
+                for k, v in cond.items()}
 
     out2 = m.generate_long(cond_fn, total, k=1, steps=2, generator=torch.Generator().manual_seed(3))
     assert calls == [(0, 32), (24, 32), (48, 32)]

@@ -3,24 +3,21 @@ tiny settings: they run, print their tables, and refuse bad settings by name."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+pytestmark = pytest.mark.slow
 
 
-def run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+@pytest.fixture
+def run(run_entry):
+    """``run(script, *overrides, cwd=DIR)`` on one thread, without OMP_WAIT_POLICY (the scripts set it themselves)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["OMP_NUM_THREADS"] = "1"
-    res = subprocess.run([sys.executable, str(ROOT / "train" / script), *overrides], cwd=cwd, capture_output=True, text=True,
-                         timeout=600, env=env)
-    if res.returncode != 0:
-        print(res.stdout[-3000:], res.stderr[-3000:])
-    return res
+    return lambda script, *overrides, cwd: run_entry(script, *overrides, cwd=cwd, env=env)
 
 
-def test_bench_arflow_hydra_overrides(tmp_path):
+def test_bench_arflow_hydra_overrides(tmp_path, run):
     res = run("bench_arflow.py", "presets=[small]", "batch=[1]", "steps=1", "threads=1", "sft_batch=2", "sft_steps=1",
               "min_speedup=0", cwd=tmp_path)
     assert res.returncode == 0
@@ -31,7 +28,7 @@ def test_bench_arflow_hydra_overrides(tmp_path):
     assert not list(tmp_path.glob("*.log"))  # no Hydra log files in the launch folder
 
 
-def test_bench_rl_hydra_overrides_throughput_and_memory(tmp_path):
+def test_bench_rl_hydra_overrides_throughput_and_memory(tmp_path, run):
     tiny = ["presets=[small]", "n_prompts=1", "group_size=2", "sde_steps=1", "threads=1"]
     res = run("bench_rl.py", *tiny, "uncached_tokens=1", cwd=tmp_path)
     assert res.returncode == 0

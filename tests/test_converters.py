@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from scipy.signal import lfilter
 
 from gdpo_listener.envs.converters import (
     ConversionError,
@@ -18,86 +17,10 @@ from gdpo_listener.envs.converters import (
     silero_vad_frames,
 )
 from gdpo_listener.envs.converters.common import intervals_to_frames, resample_frames, smooth_frames
-from gdpo_listener.envs.dataset import DyadicWindows, load_conversation, load_meta, read_split
+from gdpo_listener.envs.dataset import DyadicWindows, load_conversation, load_dataset_meta, read_split
 from gdpo_listener.envs.flame import FPS, GROUP_NAMES, GROUPS, SAMPLE_RATE
 
 SR = SAMPLE_RATE
-
-
-# ----------------------------------------------------------------------------------------------
-# synthetic audio: speech-like (silero fires on it) and silence
-
-
-def _resonator(x, f, bw, sr=SR):
-    r = np.exp(-np.pi * bw / sr)
-    a = [1.0, -2 * r * np.cos(2 * np.pi * f / sr), r * r]
-    return lfilter([sum(a)], a, x)
-
-
-VOWELS = [(730, 1090, 2440), (270, 2290, 3010), (530, 1840, 2480), (300, 870, 2240), (570, 840, 2410)]
-
-
-def speechlike(seconds: float, f0: float = 130.0, seed: int = 0, sr: int = SR) -> np.ndarray:
-    """Syllables: a short fricative noise burst, then a voiced vowel (Rosenberg glottal pulses with
-    pitch movement through three formant resonators). Verified: silero-vad gives speech
-    probability ~1 on it, ~0 on silence, pure tones and white noise."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * sr)
-    out = np.zeros(n)
-    i, phase = 0, 0.0
-    while i < n:
-        L = min(int(rng.uniform(0.15, 0.3) * sr), n - i)
-        c = int(min(L * 0.25, 0.05 * sr))
-        t = np.arange(L - c) / sr
-        f0c = f0 * (1 + 0.15 * np.sin(2 * np.pi * rng.uniform(1, 3) * t + rng.uniform(0, 6)))
-        ph = phase + np.cumsum(f0c / sr)
-        phase = ph[-1] % 1 if len(ph) else phase
-        frac = ph % 1
-        pulse = np.where(frac < 0.6, 0.5 * (1 - np.cos(np.pi * frac / 0.6)), np.cos(np.pi * (frac - 0.6) / 0.8))
-        y = np.diff(pulse, prepend=pulse[:1])
-        for k, f in enumerate(VOWELS[rng.integers(len(VOWELS))]):
-            y = _resonator(y, f, 60 + 30 * k, sr)
-        y = y / (np.abs(y).max() + 1e-9)
-        ramp = np.arange(len(y))
-        y *= np.minimum(1, np.minimum(ramp / (0.02 * sr), (len(y) - ramp) / (0.04 * sr)))
-        noise = _resonator(rng.standard_normal(c), rng.uniform(2500, 5000), 1500, sr)
-        out[i : i + c] = 0.3 * noise / (np.abs(noise).max() + 1e-9)
-        out[i + c : i + L] = y
-        i += L
-    return (0.3 * out / np.abs(out).max()).astype(np.float32)
-
-
-def track_audio(seconds: float, speech: list[tuple[float, float]], seed: int = 0, sr: int = SR) -> np.ndarray:
-    """Quiet background noise with speech-like bursts on the given [start, end) seconds."""
-    rng = np.random.default_rng(seed + 1000)
-    wav = (0.002 * rng.standard_normal(int(seconds * sr))).astype(np.float32)
-    for j, (a, b) in enumerate(speech):
-        s = speechlike(b - a, f0=110 + 40 * (seed % 3), seed=seed * 10 + j, sr=sr)
-        wav[int(a * sr) : int(a * sr) + len(s)] += s
-    return wav
-
-
-# ----------------------------------------------------------------------------------------------
-# DualTalk layout
-
-
-def dualtalk_motion(T: int, seed: int) -> dict[str, np.ndarray]:
-    t = np.arange(T)[:, None]
-    exp = (np.arange(50)[None, :] + 0.01 * t + seed).astype(np.float32)  # channel c ~ c: placement is visible
-    pose = (100 + 10 * np.arange(6)[None, :] + 0.1 * np.sin(t / 7 + seed)).astype(np.float32)
-    return {"exp": exp, "pose": pose, "shape": np.zeros((T, 100), np.float32), "tex": np.zeros((T, 50), np.float32),
-            "cam": np.zeros((T, 3), np.float32), "light": np.zeros((T, 27), np.float32)}
-
-
-def write_dualtalk(folder: Path, cid: str, seconds: float = 12.0, seed: int = 0, motion_sides=(1, 2),
-                   speech=((1.0, 5.0), (6.5, 10.5))) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    T = int(round(seconds * FPS))
-    for side in (1, 2):
-        if side in motion_sides:
-            np.savez(folder / f"{cid}_speaker{side}.npz", **dualtalk_motion(T, seed + side))
-        wav = track_audio(seconds, [speech[side - 1]], seed=seed * 2 + side)
-        sf.write(folder / f"{cid}_speaker{side}.wav", wav, SR, subtype="FLOAT")
 
 
 def tree(path: Path) -> dict[str, bytes]:
@@ -112,7 +35,7 @@ DT_SECONDS, DT_SPEECH = 8.0, ((0.8, 3.5), (4.5, 7.2))
 
 
 @pytest.fixture(scope="module")
-def dualtalk_silero(tmp_path_factory):
+def dualtalk_silero(tmp_path_factory, write_dualtalk):
     """Three conversations (one with an audio-only speaker2), converted once with silero VAD."""
     root = tmp_path_factory.mktemp("dualtalk")
     inp = root / "in"
@@ -126,7 +49,7 @@ def test_dualtalk_shapes_groups_and_placement(dualtalk_silero):
     inp, out, summary = dualtalk_silero
     assert summary["conversations"] == 3 and summary["skipped"] == []
     assert summary["train"] >= 1 and summary["train"] + summary["test"] == 3
-    assert load_meta(out)["source"] == "dualtalk"
+    assert load_dataset_meta(out)["source"] == "dualtalk"
     T = int(DT_SECONDS * FPS)
     for cid in ("c0", "c1", "c2"):
         conv = load_conversation(out, cid)
@@ -171,7 +94,7 @@ def test_dualtalk_silero_vad_matches_speech(dualtalk_silero):
     assert 0.2 < summary["speaking_share"] < 0.5 and summary["listening_share"] > 0.2
 
 
-def test_silero_vad_frames_speech_vs_silence_and_tone():
+def test_silero_vad_frames_speech_vs_silence_and_tone(track_audio):
     n = 6 * FPS
     wav = track_audio(6.0, [(2.0, 4.0)], seed=7)
     vad = silero_vad_frames(wav, n)
@@ -187,14 +110,14 @@ def test_silero_vad_frames_speech_vs_silence_and_tone():
         silero_vad_frames(np.zeros((2, 100), np.float32), 1)
 
 
-def test_energy_vad_frames():
+def test_energy_vad_frames(track_audio):
     n = 6 * FPS
     vad = energy_vad_frames(track_audio(6.0, [(2.0, 4.0)], seed=3), n)
     t = (np.arange(n) + 0.5) / FPS
     assert vad[(t > 2.2) & (t < 3.8)].mean() > 0.9 and not vad[(t < 1.7) | (t > 4.3)].any()
 
 
-def test_dualtalk_train_test_subfolders(tmp_path):
+def test_dualtalk_train_test_subfolders(tmp_path, write_dualtalk):
     write_dualtalk(tmp_path / "in" / "train", "a", seconds=4, seed=0, speech=((0.5, 1.5), (2.0, 3.5)))
     write_dualtalk(tmp_path / "in" / "train", "b", seconds=4, seed=1, speech=((0.5, 1.5), (2.0, 3.5)))
     write_dualtalk(tmp_path / "in" / "test", "c", seconds=4, seed=2, speech=((0.5, 1.5), (2.0, 3.5)))
@@ -208,7 +131,7 @@ def test_dualtalk_train_test_subfolders(tmp_path):
     assert read_split(tmp_path / "out", "train") == ["a", "b"]
 
 
-def test_dualtalk_hash_split_is_deterministic_and_keeps_a_train_conversation(tmp_path):
+def test_dualtalk_hash_split_is_deterministic_and_keeps_a_train_conversation(tmp_path, write_dualtalk):
     for i in range(4):
         write_dualtalk(tmp_path / "in", f"id{i}", seconds=2, seed=i, speech=((0.2, 0.8), (1.0, 1.8)))
     s1 = convert_dualtalk(tmp_path / "in", tmp_path / "o1", vad="energy", test_fraction=0.5, verbose=False)
@@ -221,7 +144,7 @@ def test_dualtalk_hash_split_is_deterministic_and_keeps_a_train_conversation(tmp
         convert_dualtalk(tmp_path / "in", tmp_path / "o4", vad="energy", test_fraction=1.5, verbose=False)
 
 
-def test_dualtalk_stereo_and_other_sample_rate_audio(tmp_path):
+def test_dualtalk_stereo_and_other_sample_rate_audio(tmp_path, track_audio, write_dualtalk):
     write_dualtalk(tmp_path / "in", "x", seconds=3, seed=0, speech=((0.5, 1.5), (1.8, 2.8)))
     wav = track_audio(3.0, [(1.8, 2.8)], seed=5, sr=48_000)
     sf.write(tmp_path / "in" / "x_speaker2.wav", np.stack([wav, wav], 1), 48_000, subtype="FLOAT")  # stereo, 48 kHz
@@ -276,7 +199,7 @@ BAD_DUALTALK = {
 
 
 @pytest.mark.parametrize("case", list(BAD_DUALTALK))
-def test_dualtalk_bad_file_is_skipped_with_warning_naming_it(tmp_path, case, capsys):
+def test_dualtalk_bad_file_is_skipped_with_warning_naming_it(tmp_path, case, capsys, write_dualtalk):
     name, corrupt, reason = BAD_DUALTALK[case]
     inp = tmp_path / "in"
     for i, cid in enumerate(("ok1", "bad", "ok2")):
@@ -303,7 +226,7 @@ def test_dualtalk_bad_file_is_skipped_with_warning_naming_it(tmp_path, case, cap
     assert siblings(tmp_path / "out") == ["in", "out"]  # no temporary folders left behind
 
 
-def test_dualtalk_side_mismatch_and_no_motion(tmp_path):
+def test_dualtalk_side_mismatch_and_no_motion(tmp_path, dualtalk_motion, write_dualtalk):
     inp = tmp_path / "in"
     write_dualtalk(inp, "ok", seconds=4, seed=0, speech=((0.5, 1.5), (2.0, 3.5)))
     write_dualtalk(inp, "nomotion", seconds=4, seed=1, motion_sides=(), speech=((0.5, 1.5), (2.0, 3.5)))
@@ -336,7 +259,7 @@ def test_missing_or_empty_input_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
-def test_failed_conversion_keeps_existing_dataset(tmp_path, monkeypatch):
+def test_failed_conversion_keeps_existing_dataset(tmp_path, monkeypatch, dualtalk_motion, write_dualtalk):
     inp = tmp_path / "in"
     write_dualtalk(inp, "a", seconds=3, seed=0, speech=((0.5, 1.5), (1.8, 2.8)))
     out = tmp_path / "data"
@@ -393,24 +316,30 @@ def seamless_tracker(T30: int, seed: int, rot_key: str = "global_rot", jaw_freq:
     }
 
 
-def write_seamless(folder: Path, interaction: str, participants=("P1", "P2"), seconds: float = 10.0, seed: int = 0,
-                   vad=((1.0, 4.0), (5.0, 9.0)), text=None, rot_keys=("global_rot", "rotation"), sr: int = SR,
-                   motion=(True, True)) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    T30 = int(round(seconds * SEAMLESS_FPS))
-    for i, pid in enumerate(participants):
-        stem = folder / f"{interaction}_{pid}"
-        if motion[i % 2]:
-            np.savez(f"{stem}.npz", **seamless_tracker(T30, seed + i, rot_keys[i % 2]))
-        a, b = vad[i % 2]
-        sf.write(f"{stem}.wav", track_audio(seconds, [(a, b)], seed=seed + i, sr=sr), sr)
-        meta = {"id": stem.name, "metadata:vad": [{"start": a, "end": b}]}
-        if text is not None:
-            meta["text"] = text[i % 2]
-        (Path(f"{stem}.json")).write_text(json.dumps(meta))
+@pytest.fixture(scope="session")
+def write_seamless(track_audio):
+    """``write_seamless(folder, interaction, ...)``: one Seamless interaction (tracker ``.npz``, ``.wav``, ``.json`` per participant)."""
+
+    def write(folder: Path, interaction: str, participants=("P1", "P2"), seconds: float = 10.0, seed: int = 0,
+              vad=((1.0, 4.0), (5.0, 9.0)), text=None, rot_keys=("global_rot", "rotation"), sr: int = SR,
+              motion=(True, True)) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        T30 = int(round(seconds * SEAMLESS_FPS))
+        for i, pid in enumerate(participants):
+            stem = folder / f"{interaction}_{pid}"
+            if motion[i % 2]:
+                np.savez(f"{stem}.npz", **seamless_tracker(T30, seed + i, rot_keys[i % 2]))
+            a, b = vad[i % 2]
+            sf.write(f"{stem}.wav", track_audio(seconds, [(a, b)], seed=seed + i, sr=sr), sr)
+            meta = {"id": stem.name, "metadata:vad": [{"start": a, "end": b}]}
+            if text is not None:
+                meta["text"] = text[i % 2]
+            (Path(f"{stem}.json")).write_text(json.dumps(meta))
+
+    return write
 
 
-def test_seamless_converts_resamples_and_places_channels(tmp_path):
+def test_seamless_converts_resamples_and_places_channels(tmp_path, write_seamless):
     inp = tmp_path / "in"
     write_seamless(inp, "V00_S01_I001", seed=0, sr=48_000,
                    text=(["nods eagerly", "smiles"], [{"start": 1.0, "end": 3.0, "text": "frowns"},
@@ -456,7 +385,7 @@ def test_seamless_resampling_keeps_frequency():
         assert np.fft.rfftfreq(500, 1 / 25)[np.abs(np.fft.rfft(y[:, 0])).argmax()] == pytest.approx(f, abs=0.05)
 
 
-def test_savgol_smoothing_reduces_high_frequency_noise(tmp_path):
+def test_savgol_smoothing_reduces_high_frequency_noise(tmp_path, write_seamless):
     rng = np.random.default_rng(0)
     t = np.arange(500) / 25
     clean = np.sin(2 * np.pi * 0.8 * t)[:, None]
@@ -517,7 +446,7 @@ BAD_SEAMLESS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_SEAMLESS))
-def test_seamless_bad_file_is_skipped_with_warning_naming_it(tmp_path, case):
+def test_seamless_bad_file_is_skipped_with_warning_naming_it(tmp_path, case, write_seamless):
     name, corrupt, reason = BAD_SEAMLESS[case]
     inp = tmp_path / "in"
     for i, iid in enumerate(("I1", "I2", "I3")):
@@ -529,7 +458,7 @@ def test_seamless_bad_file_is_skipped_with_warning_naming_it(tmp_path, case):
     assert s["conversations"] == 2 and s["skipped"][0][0].endswith(name)
 
 
-def test_seamless_partial_tracker_and_audio_only(tmp_path):
+def test_seamless_partial_tracker_and_audio_only(tmp_path, write_seamless):
     inp = tmp_path / "in"
     write_seamless(inp, "I1", seconds=8, vad=((1.0, 3.0), (4.0, 7.0)), motion=(True, False))
     _seamless_bad(inp / "I1_P1.npz", "eyelids", None)

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from rl_fixtures import tiny_arflow, tiny_bank, tiny_vae
 
 from gdpo_listener.agents.loss import GDPOLoss, chunked_update
 from gdpo_listener.agents.policy import make_policy, transition_core
@@ -102,19 +101,19 @@ def sft_gradient(model, bank, rows: slice, world_model=None) -> list[torch.Tenso
     return [p.grad.clone() for p in model.parameters()]
 
 
-def _sft_rank(d: Dist, out: str) -> None:
+def _sft_rank(d: Dist, rl, out: str) -> None:
     sft = load_recipe("sft")
-    model = tiny_arflow(seed=d.rank).train()  # other initial weights on rank 1: DDP starts from rank 0's
+    model = rl.tiny_arflow(seed=d.rank).train()  # other initial weights on rank 1: DDP starts from rank 0's
     ddp = sft.wrap_ddp(model, d)
-    grads = sft_gradient(model, tiny_bank(), d.shard(B_SFT), world_model=ddp)
+    grads = sft_gradient(model, rl.tiny_bank(), d.shard(B_SFT), world_model=ddp)
     torch.save([g for g in grads], Path(out) / f"sft{d.rank}.pt")
 
 
-def test_sft_gradient_two_processes_equals_one_process(tmp_path):
-    spawn(_sft_rank, str(tmp_path))
-    bank = tiny_bank()
-    one = flat(sft_gradient(tiny_arflow(seed=0).train(), bank, slice(None)))  # 1 process x B windows
-    half = flat(sft_gradient(tiny_arflow(seed=0).train(), bank, slice(0, B_SFT // 2)))  # rank 0's rows alone
+def test_sft_gradient_two_processes_equals_one_process(tmp_path, rl):
+    spawn(_sft_rank, rl, str(tmp_path))  # the builders travel to the spawned ranks by reference
+    bank = rl.tiny_bank()
+    one = flat(sft_gradient(rl.tiny_arflow(seed=0).train(), bank, slice(None)))  # 1 process x B windows
+    half = flat(sft_gradient(rl.tiny_arflow(seed=0).train(), bank, slice(0, B_SFT // 2)))  # rank 0's rows alone
     g0, g1 = (flat(torch.load(tmp_path / f"sft{r}.pt")) for r in range(2))
     assert torch.equal(g0, g1)  # every rank holds the averaged gradient
     assert rel_err(g0, one) < 1e-5
@@ -127,14 +126,14 @@ def test_sft_gradient_two_processes_equals_one_process(tmp_path):
 G = 2
 
 
-def gdpo_setup(n_prompts: int):
+def gdpo_setup(rl, n_prompts: int):
     """Deterministic tiny env, policy and loss (whiten + relative eps: batch-level advantage statistics)."""
-    bank = tiny_bank(n_windows=6)
-    vae, norm = tiny_vae()
+    bank = rl.tiny_bank(n_windows=6)
+    vae, norm = rl.tiny_vae()
     reward = build_reward("expr+rot")
     gen = torch.Generator().manual_seed(0)
     env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=n_prompts, group_size=G, sde_steps=K, sigma=0.5, generator=gen, seed=0)
-    model = tiny_arflow()
+    model = rl.tiny_arflow()
     policy = make_policy(copy.deepcopy(model).requires_grad_(False), env, generator=gen)
     loss = GDPOLoss(transition_core(policy), model, reward.lambdas, beta=0.1, whiten=True)
     with torch.no_grad():
@@ -142,10 +141,10 @@ def gdpo_setup(n_prompts: int):
     return env, policy, loss, model
 
 
-def gdpo_update(traj, n_prompts: int, d: Dist, sync: bool = True):
+def gdpo_update(rl, traj, n_prompts: int, d: Dist, sync: bool = True):
     """The recipe's advantage + update on ``traj`` (this rank's rows); returns (weights after, stats)."""
     gdpo = load_recipe("gdpo")
-    _, _, loss, model = gdpo_setup(n_prompts)
+    _, _, loss, model = gdpo_setup(rl, n_prompts)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     gdpo.global_advantages(loss, traj, d, n_prompts)
     stats = chunked_update(loss, traj, opt, chunk_steps=1, epochs=2, grad_clip=1.0, sync=d if sync and d.is_distributed else None)
@@ -154,31 +153,31 @@ def gdpo_update(traj, n_prompts: int, d: Dist, sync: bool = True):
     return [p.detach().clone() for p in model.parameters()], stats
 
 
-def collect_four_prompts():
+def collect_four_prompts(rl):
     gdpo = load_recipe("gdpo")
-    env, policy, _, _ = gdpo_setup(4)
+    env, policy, _, _ = gdpo_setup(rl, 4)
     traj = gdpo.collect(env, policy, None)
     traj["token_mask"][:3] = False  # uneven objective counts: rank 0 has fewer listening transitions
     return traj
 
 
-def _gdpo_rank(d: Dist, traj_path: str, out: str) -> None:
+def _gdpo_rank(d: Dist, rl, traj_path: str, out: str) -> None:
     traj = torch.load(traj_path, weights_only=False)
     local = traj[d.shard(traj.batch_size[0])].clone()
     local["group_id"] -= d.rank * 2  # the env numbers a rank's prompts 0 .. n_prompts-1
-    weights, stats = gdpo_update(local, 2, d)
+    weights, stats = gdpo_update(rl, local, 2, d)
     torch.save((weights, stats, local["advantage"]), Path(out) / f"gdpo{d.rank}.pt")
 
 
-def test_gdpo_update_two_processes_equals_one_process(tmp_path):
-    traj = collect_four_prompts()
+def test_gdpo_update_two_processes_equals_one_process(tmp_path, rl):
+    traj = collect_four_prompts(rl)
     assert traj["group_id"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     torch.save(traj, tmp_path / "traj.pt")
-    spawn(_gdpo_rank, str(tmp_path / "traj.pt"), str(tmp_path))
+    spawn(_gdpo_rank, rl, str(tmp_path / "traj.pt"), str(tmp_path))
 
-    w_init = flat(gdpo_setup(4)[3].parameters()).detach()
+    w_init = flat(gdpo_setup(rl, 4)[3].parameters()).detach()
     ref_traj = traj.clone()
-    w_one, stats_one = gdpo_update(ref_traj, 4, Dist())
+    w_one, stats_one = gdpo_update(rl, ref_traj, 4, Dist())
     (w0, stats0, adv0), (w1, _, adv1) = (torch.load(tmp_path / f"gdpo{r}.pt", weights_only=False) for r in range(2))
     assert torch.allclose(torch.cat([adv0, adv1]), ref_traj["advantage"], atol=1e-6)  # advantages of the global batch
     assert torch.equal(flat(w0), flat(w1))  # the same weights on every rank
@@ -188,7 +187,7 @@ def test_gdpo_update_two_processes_equals_one_process(tmp_path):
         assert stats0[k] == pytest.approx(v, rel=1e-4, abs=1e-7), k
     # control: rank 0's half alone (no gradient all-reduce, local shares) takes another step
     half = traj[:4].clone()
-    w_half, _ = gdpo_update(half, 2, Dist())
+    w_half, _ = gdpo_update(rl, half, 2, Dist())
     assert rel_err(flat(w_half) - w_init, step_one) > 1e-2
 
 
@@ -208,9 +207,7 @@ def test_combine_rank_stats_weights_by_transitions_and_ignores_nan():
 # feature cache split over ranks
 
 
-def test_feature_cache_shards_write_every_entry_once(tmp_path, monkeypatch):
-    from test_vae import make_tiny_dataset
-
+def test_feature_cache_shards_write_every_entry_once(tmp_path, monkeypatch, make_tiny_dataset):
     from gdpo_listener.agents import encoders
 
     root = make_tiny_dataset(tmp_path / "data", n_conversations=3, seconds=8.0, seed=3)

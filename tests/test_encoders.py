@@ -20,7 +20,6 @@ from gdpo_listener.agents.encoders import (
     precompute_features,
 )
 from gdpo_listener.envs.flame import FPS, SAMPLE_RATE
-from test_vae import make_tiny_dataset
 
 HOP = SAMPLE_RATE // FPS
 WORDS = "nodding smiling broadly slow head shake still and attentive skeptical tilt joyful sad".split()
@@ -228,7 +227,7 @@ def test_feature_cache_keys(tmp_path):
     assert not list((tmp_path / "c").rglob(".*"))  # no temporary files left behind
 
 
-def test_precompute_features_and_cache_invalidation(tmp_path, tiny_bert, tiny_t5):
+def test_precompute_features_and_cache_invalidation(tmp_path, tiny_bert, tiny_t5, make_tiny_dataset):
     root = make_tiny_dataset(tmp_path / "data", n_conversations=3, seconds=16.0, seed=3)
     text_enc, audio_enc = TextEncoder(str(tiny_bert)), AudioEncoder("logmel")
     feats = precompute_features(root, text_enc, audio_enc, tmp_path / "cache", progress=False)

@@ -11,32 +11,31 @@ from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.envs.windows import cond_from_bank
 from gdpo_listener.rewards.groups import build_reward
-from rl_fixtures import DV, N, tiny_arflow, tiny_bank, tiny_vae
 
 
-def make(n_prompts=2, G=2, steps=2, sigma=0.5, spec="expr+rot", seed=0, bank=None):
-    bank = tiny_bank() if bank is None else bank
-    vae, norm = tiny_vae()
+def make(rl, n_prompts=2, G=2, steps=2, sigma=0.5, spec="expr+rot", seed=0, bank=None):
+    bank = rl.tiny_bank() if bank is None else bank
+    vae, norm = rl.tiny_vae()
     g = torch.Generator().manual_seed(seed)
     env = ListenerSDEEnv(bank, vae, norm, build_reward(spec), n_prompts=n_prompts, group_size=G, sde_steps=steps,
                          sigma=sigma, generator=g, seed=seed)
-    model = tiny_arflow()
+    model = rl.tiny_arflow()
     policy = make_policy(model, env, generator=g)
     return env, policy, model, bank
 
 
 @pytest.mark.parametrize("n_prompts,G,spec", [(1, 2, "expr"), (2, 2, "expr+rot"), (3, 4, "all")])
-def test_check_env_specs(n_prompts, G, spec):
-    env, _, _, _ = make(n_prompts, G, spec=spec)
+def test_check_env_specs(n_prompts, G, spec, rl):
+    env, _, _, _ = make(rl, n_prompts, G, spec=spec)
     check_env_specs(env)
     assert env.reward_spec.shape == (n_prompts * G, len(spec.split("+")) if spec != "all" else 6)
 
 
-def test_episode_structure_and_reward_only_at_end():
-    env, policy, _, _ = make(steps=3)
+def test_episode_structure_and_reward_only_at_end(rl):
+    env, policy, _, _ = make(rl, steps=3)
     with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
-        ro = env.rollout(N * 3, policy, break_when_any_done=False)
-    assert ro.batch_size == (4, N * 3)
+        ro = env.rollout(rl.N * 3, policy, break_when_any_done=False)
+    assert ro.batch_size == (4, rl.N * 3)
     r = ro["next", "reward"]
     assert torch.all(r[:, :-1] == 0)
     assert torch.isfinite(r[:, -1]).all() and (r[:, -1] != 0).any()
@@ -49,8 +48,8 @@ def test_episode_structure_and_reward_only_at_end():
     assert torch.allclose(hist, ro["action"][:, 2::3])
 
 
-def test_policy_log_prob_is_closed_form_gaussian():
-    env, policy, _, _ = make(steps=4, sigma=0.5)
+def test_policy_log_prob_is_closed_form_gaussian(rl):
+    env, policy, _, _ = make(rl, steps=4, sigma=0.5)
     td = env.reset()
     with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
         td = policy(td)
@@ -61,85 +60,84 @@ def test_policy_log_prob_is_closed_form_gaussian():
     assert torch.allclose(td["action_log_prob"], expected, atol=1e-5)
 
 
-def rollout_latents(env, policy, steps):
+def rollout_latents(rl, env, policy, steps):
     with torch.no_grad():
-        ro = env.rollout(N * steps, policy, break_when_any_done=False)
+        ro = env.rollout(rl.N * steps, policy, break_when_any_done=False)
     return ro["next", "history"][:, -1], ro
 
 
-def test_deterministic_rollout_reproduces_ode_sampler():
+def test_deterministic_rollout_reproduces_ode_sampler(rl):
     """sigma -> 0 (deterministic exploration = the transition mean) gives the Euler ODE sampler."""
-    env, policy, model, bank = make(steps=4, sigma=0.5)
+    env, policy, model, bank = make(rl, steps=4, sigma=0.5)
     env.set_windows(torch.tensor([1, 4]))
     with set_exploration_type(ExplorationType.DETERMINISTIC):
         g = env.generator.manual_seed(123)
-        z_env, ro = rollout_latents(env, policy, 4)
+        z_env, ro = rollout_latents(rl, env, policy, 4)
     rows = bank[ro["window"][:, 0]]
     g.manual_seed(123)
-    # the env draws every token's initial noise from the generator, as sample() does
     # sample() draws one (B, Dv) noise per token from its generator; in a deterministic rollout the
     # policy draws nothing, so the env's noise stream is exactly the sampler's
-    z_ode = model.sample(cond_from_bank(rows), N, steps=4, generator=g)
+    z_ode = model.sample(cond_from_bank(rows), rl.N, steps=4, generator=g)
     assert torch.allclose(z_env, z_ode, atol=1e-4), (z_env - z_ode).abs().max()
 
 
-def test_sde_rollout_reproduces_sde_sampler():
-    env, policy, model, bank = make(steps=4, sigma=0.5)
+def test_sde_rollout_reproduces_sde_sampler(rl):
+    env, policy, model, bank = make(rl, steps=4, sigma=0.5)
     env.set_windows(torch.tensor([0, 3]))
     g = env.generator.manual_seed(7)
     with set_exploration_type(ExplorationType.RANDOM):
-        z_env, ro = rollout_latents(env, policy, 4)
+        z_env, ro = rollout_latents(rl, env, policy, 4)
     rows = bank[ro["window"][:, 0]]
     g.manual_seed(7)
-    z_sde = model.sample(cond_from_bank(rows), N, steps=4, sigma=0.5, generator=g)
+    z_sde = model.sample(cond_from_bank(rows), rl.N, steps=4, sigma=0.5, generator=g)
     assert torch.allclose(z_env, z_sde, atol=1e-4), (z_env - z_sde).abs().max()
     # and the path is really stochastic: another seed gives another result
     env.set_windows(torch.tensor([0, 3]))
     env.generator.manual_seed(8)
     with set_exploration_type(ExplorationType.RANDOM):
-        z_other, _ = rollout_latents(env, policy, 4)
+        z_other, _ = rollout_latents(rl, env, policy, 4)
     assert not torch.allclose(z_env, z_other, atol=1e-2)
 
 
-def test_kv_cache_matches_recompute_in_rollout():
+def test_kv_cache_matches_recompute_in_rollout(rl):
     """The cached policy step equals a full teacher-forced recompute of the same state."""
-    env, policy, model, bank = make(steps=2, sigma=0.5)
+    env, policy, model, bank = make(rl, steps=2, sigma=0.5)
     with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
-        ro = env.rollout(N * 2, policy, break_when_any_done=False)
+        ro = env.rollout(rl.N * 2, policy, break_when_any_done=False)
     core = transition_core(policy)
     hist = ro["next", "history"][:, -1]
     B = hist.shape[0]
-    x = ro["x"].reshape(B, N, 2, DV).transpose(1, 2)
-    t = ro["t"].squeeze(-1).reshape(B, N, 2).transpose(1, 2)
+    x = ro["x"].reshape(B, rl.N, 2, rl.DV).transpose(1, 2)
+    t = ro["t"].squeeze(-1).reshape(B, rl.N, 2).transpose(1, 2)
     with torch.no_grad():
         loc = core.replay_loc(ro["window"][:, 0], hist, x, t)
-    assert torch.allclose(loc, ro["loc"].reshape(B, N, 2, DV).transpose(1, 2), atol=1e-5)
+    assert torch.allclose(loc, ro["loc"].reshape(B, rl.N, 2, rl.DV).transpose(1, 2), atol=1e-5)
 
 
-def test_no_listening_frames_gives_zero_reward_not_nan():
-    env, policy, _, _ = make(bank=tiny_bank(listening=False))
+def test_no_listening_frames_gives_zero_reward_not_nan(rl):
+    env, policy, _, _ = make(rl, bank=rl.tiny_bank(listening=False))
     with torch.no_grad():
-        ro = env.rollout(N * 2, policy, break_when_any_done=False)
+        ro = env.rollout(rl.N * 2, policy, break_when_any_done=False)
     r = ro["next", "reward"][:, -1]
     assert torch.isfinite(r).all() and torch.all(r == 0)
 
 
 @pytest.mark.parametrize("kw,msg", [({"group_size": 0}, "group_size"), ({"sigma": float("nan")}, "sigma"), ({"sde_steps": 0}, "sde_steps")])
-def test_bad_env_config(kw, msg):
-    vae, norm = tiny_vae()
+def test_bad_env_config(kw, msg, rl):
+    vae, norm = rl.tiny_vae()
     args = dict(n_prompts=2, group_size=2, sde_steps=2, sigma=0.5) | kw
     with pytest.raises(ValueError, match=msg):
-        ListenerSDEEnv(tiny_bank(), vae, norm, build_reward("expr"), **args)
+        ListenerSDEEnv(rl.tiny_bank(), vae, norm, build_reward("expr"), **args)
 
 
-def test_gymnasium_adapter_passes_check_env():
+def test_gymnasium_adapter_passes_check_env(rl):
     import gymnasium
     from gymnasium.utils.env_checker import check_env
 
     from gdpo_listener.envs.gym_adapter import ENV_ID, ListenerGymEnv
 
-    vae, norm = tiny_vae()
-    tenv = ListenerSDEEnv(tiny_bank(), vae, norm, build_reward("expr+rot", lambdas={"expr": 1.0, "rot": 3.0}),
+    vae, norm = rl.tiny_vae()
+    tenv = ListenerSDEEnv(rl.tiny_bank(), vae, norm, build_reward("expr+rot", lambdas={"expr": 1.0, "rot": 3.0}),
                           n_prompts=1, group_size=1, sde_steps=2, generator=torch.Generator().manual_seed(0))
     env = gymnasium.make(ENV_ID, torchrl_env=tenv, disable_env_checker=True).unwrapped
     assert isinstance(env, ListenerGymEnv)
@@ -149,5 +147,5 @@ def test_gymnasium_adapter_passes_check_env():
     while not done:
         obs, r, done, _, info = env.step(obs["x"] * 0.9)
         steps += 1
-    assert steps == N * 2 and obs["token"] == N
+    assert steps == rl.N * 2 and obs["token"] == rl.N
     assert r == pytest.approx(0.25 * info["reward_vector"][0] + 0.75 * info["reward_vector"][1], rel=1e-5)

@@ -35,12 +35,9 @@ from gdpo_listener.envs.dataset import (
     DatasetFormatError,
     DatasetWriter,
     load_conversation,
-    load_meta,
+    load_dataset_meta,
     read_split,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_converters import write_dualtalk  # noqa: E402  (DualTalk inputs in the source's own layout)
 
 HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0])
 
@@ -95,7 +92,7 @@ FOREIGN = {
 
 
 @pytest.mark.parametrize("case", list(FOREIGN))
-def test_a_folder_with_a_foreign_dataset_json_is_refused_before_any_work(tmp_path, case):
+def test_a_folder_with_a_foreign_dataset_json_is_refused_before_any_work(tmp_path, case, write_dualtalk):
     text, why = FOREIGN[case]
     out = tmp_path / "out"
     (out / "images").mkdir(parents=True)
@@ -234,7 +231,7 @@ def test_kill_between_the_two_renames_is_repaired_on_the_next_read(tmp_path):
     before = files(out)
     kill_during_swap(out, "second rename")
     assert not out.exists()  # the crash this test simulates: the dataset is only under .old-<pid>
-    assert load_meta(out)["source"] == "test"  # the read puts the previous dataset back
+    assert load_dataset_meta(out)["source"] == "test"  # the read puts the previous dataset back
     assert files(out) == before and read_split(out, "train") == ["old"]
     assert not [n for n in names(tmp_path) if ".old-" in n]
 
@@ -252,7 +249,7 @@ def test_kill_before_removing_the_previous_dataset_is_cleaned_on_the_next_read(t
     out = write_dataset(tmp_path / "out", ids=("old",))
     kill_during_swap(out, "cleanup")
     assert any(".old-" in n for n in names(tmp_path))
-    assert read_split(out, "train") == ["new"] and load_meta(out)
+    assert read_split(out, "train") == ["new"] and load_dataset_meta(out)
     assert names(tmp_path) == ["out"]
 
 
@@ -268,7 +265,7 @@ def test_legacy_old_pid_folder_is_restored(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, group", [("exp", 1e30, "expr"), ("pose", 1e39, "jaw")])
-def test_absurd_or_overflowing_motion_is_refused_naming_file_and_group(tmp_path, key, value, group):
+def test_absurd_or_overflowing_motion_is_refused_naming_file_and_group(tmp_path, key, value, group, write_dualtalk):
     inp = tmp_path / "in"
     for i, cid in enumerate(("ok", "bad")):
         write_dualtalk(inp, cid, seconds=3, seed=i, speech=((0.5, 1.5), (1.8, 2.8)))

@@ -13,11 +13,9 @@ from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.envs.windows import cond_from_bank, sliding_windows, window_cond
 from gdpo_listener.rewards.groups import build_reward
-from rl_fixtures import DT, N, R, tiny_arflow, tiny_bank, tiny_vae
 
 K = 2
 N_LONG = 11  # tokens per episode: windows of N = 4 tokens, k = 1 -> [0,4) [3,7) [6,10) [7,11)
-FRAMES = N_LONG * R
 
 
 def test_sliding_windows_schedule():
@@ -38,31 +36,31 @@ def test_sliding_windows_schedule():
         sliding_windows(100, 25, 25)
 
 
-def test_window_cond_slices_and_picks_text_segment():
-    bank = tiny_bank(frames=FRAMES)
+def test_window_cond_slices_and_picks_text_segment(rl):
+    bank = rl.tiny_bank(frames=N_LONG * rl.R)
     rows = bank[torch.tensor([0, 2])]
-    full = window_cond(rows, 0, N_LONG, R)
+    full = window_cond(rows, 0, N_LONG, rl.R)
     for k, v in cond_from_bank(rows).items():
         assert torch.equal(full[k], v)
-    c = window_cond(rows, 3, 4, R)
+    c = window_cond(rows, 3, 4, rl.R)
     assert torch.equal(c["actor_audio"], rows["actor_audio"][:, 24:56])
     assert torch.equal(c["partner_latent"], rows["partner_latent"][:, 3:7])
     # long rows with one text per 16 frames: the window's centre frame (24 + 16 = 40) is in segment 2
     rows = rows.clone()
-    rows["text_emb"] = torch.randn(2, 6, DT)
+    rows["text_emb"] = torch.randn(2, 6, rl.DT)
     rows["text_mask"] = torch.tensor([[True, True, False, True, True, True]] * 2)
-    c = window_cond(rows, 3, 4, R, text_window=16)
+    c = window_cond(rows, 3, 4, rl.R, text_window=16)
     assert torch.equal(c["text_emb"], rows["text_emb"][:, 2]) and not c["text_mask"].any()
 
 
-def make_long(seed=0, use_cache=True, sde="paper"):
-    bank = tiny_bank(frames=FRAMES)
-    vae, norm = tiny_vae()
+def make_long(rl, seed=0, use_cache=True, sde="paper"):
+    bank = rl.tiny_bank(frames=N_LONG * rl.R)
+    vae, norm = rl.tiny_vae()
     g = torch.Generator().manual_seed(seed)
     reward = build_reward("expr+rot")
     env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=2, sde_steps=K, sigma=0.5, generator=g,
                          seed=seed, sde=sde)
-    model = tiny_arflow()
+    model = rl.tiny_arflow()
     behaviour = copy.deepcopy(model).requires_grad_(False)
     policy = make_policy(behaviour, env, generator=g, use_cache=use_cache)
     return env, policy, model, bank, reward
@@ -76,25 +74,25 @@ def long_rollout(env, policy, seed):
 
 
 @pytest.mark.parametrize("sde", ["paper", "marginal"])
-def test_long_episode_rollout_equals_sliding_window_sde_generation(sde):
-    env, policy, model, bank, _ = make_long(sde=sde)
-    assert transition_core(policy).schedule == sliding_windows(N_LONG, N, 1) == [(0, 4, 0), (3, 4, 4), (6, 4, 7), (7, 4, 10)]
+def test_long_episode_rollout_equals_sliding_window_sde_generation(sde, rl):
+    env, policy, model, bank, _ = make_long(rl, sde=sde)
+    assert transition_core(policy).schedule == sliding_windows(N_LONG, rl.N, 1) == [(0, 4, 0), (3, 4, 4), (6, 4, 7), (7, 4, 10)]
     ro = long_rollout(env, policy, 11)
     z_env = ro["next", "history"][:, -1]  # (B, N_LONG, Dv)
     rows = bank[ro["window"][:, 0]]
     env.generator.manual_seed(11)
-    z_gen = model.generate_long(cond_from_bank(rows), FRAMES, k=1, steps=K, sigma=0.5, generator=env.generator, sde=sde)
+    z_gen = model.generate_long(cond_from_bank(rows), N_LONG * rl.R, k=1, steps=K, sigma=0.5, generator=env.generator, sde=sde)
     assert torch.allclose(z_env, z_gen, atol=1e-4), (z_env - z_gen).abs().max()
     # the uncached policy follows the same schedule
-    env_u, policy_u, _, _, _ = make_long(use_cache=False, sde=sde)
+    env_u, policy_u, _, _, _ = make_long(rl, use_cache=False, sde=sde)
     ro_u = long_rollout(env_u, policy_u, 11)
     assert torch.allclose(ro_u["next", "history"][:, -1], z_env, atol=1e-4)
     # the reward is computed once, on the whole decoded episode
     assert (ro["next", "reward"][:, :-1] == 0).all() and ro["next", "reward"][:, -1].abs().sum() > 0
 
 
-def test_long_episode_replay_equals_collected_log_probs():
-    env, policy, model, bank, reward = make_long()
+def test_long_episode_replay_equals_collected_log_probs(rl):
+    env, policy, model, bank, reward = make_long(rl)
     traj = trajectory_batch(long_rollout(env, policy, 3), N_LONG, K)
     core = transition_core(policy)
     std = torch.tensor(0.5 * (1 / K) ** 0.5)
@@ -110,9 +108,9 @@ def test_long_episode_replay_equals_collected_log_probs():
     assert seen.all()
 
 
-def test_windowed_update_gradient_equals_mean_objective_gradient():
+def test_windowed_update_gradient_equals_mean_objective_gradient(rl):
     """chunked_update's accumulated gradient is the gradient of the whole batch's mean objective."""
-    env, policy, model, bank, reward = make_long()
+    env, policy, model, bank, reward = make_long(rl)
     traj = trajectory_batch(long_rollout(env, policy, 5), N_LONG, K)
     traj["token_mask"][:, :5] = False  # uneven masked counts per window
     loss = GDPOLoss(transition_core(policy), model, reward.lambdas, beta=0.1)
@@ -137,18 +135,18 @@ def test_windowed_update_gradient_equals_mean_objective_gradient():
         got = [p.grad for p in model.parameters()]
         for e, g in zip(expected, got):
             assert torch.allclose(e, g, atol=1e-6, rtol=1e-4)
-        assert stats["policy/clip_fraction"] >= 0 and stats["optim/grad_norm"] > 0
+        assert stats["optim/grad_norm"] > 0
 
 
-def test_bad_prefix_tokens():
-    env = make_long()[0]
+def test_bad_prefix_tokens(rl):
+    env = make_long(rl)[0]
     with pytest.raises(ValueError, match="1 <= k < W"):
-        make_policy(tiny_arflow(), env, prefix_tokens=N)
+        make_policy(rl.tiny_arflow(), env, prefix_tokens=rl.N)
 
 
-def test_collect_trajectories_equals_rollout_reshaped():
+def test_collect_trajectories_equals_rollout_reshaped(rl):
     """The lean collector records the same transitions as env.rollout + trajectory_batch (same generator)."""
-    env, policy, _, _, _ = make_long()
+    env, policy, _, _, _ = make_long(rl)
     ro = long_rollout(env, policy, 21)
     expected = trajectory_batch(ro, N_LONG, K)
     env.set_windows(torch.tensor([1, 4]))

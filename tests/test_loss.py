@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
 from gdpo_listener.agents.flow import gaussian_log_prob
 from gdpo_listener.agents.loss import (
     AGGREGATION,
@@ -20,25 +22,25 @@ from gdpo_listener.agents.loss import (
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.rewards.groups import build_reward
-from rl_fixtures import N, R, tiny_arflow, tiny_bank, tiny_vae
-from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 K = 4
 SIGMA = 0.5
 
 
-def setup(loss_cls=GDPOLoss, beta=0.01, seed=0, frames=N * R, sde_steps=K, **loss_kw):
-    """Rollouts of the tiny policy; ``token_mask`` marks the listening tokens (the second half of every window)."""
-    bank = tiny_bank(frames=frames)
-    vae, norm = tiny_vae()
+def loss_setup(rl, loss_cls=GDPOLoss, beta=0.01, seed=0, frames=None, sde_steps=K, **loss_kw):
+    """Rollouts of the tiny policy on rows of ``frames`` frames (default one window); ``token_mask`` marks the
+    listening tokens (the second half of every window)."""
+    frames = rl.W if frames is None else frames
+    bank = rl.tiny_bank(frames=frames)
+    vae, norm = rl.tiny_vae()
     g = torch.Generator().manual_seed(seed)
     reward = build_reward("expr+rot")
     env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=3, sde_steps=sde_steps, sigma=SIGMA,
                          generator=g, seed=seed)
-    model = tiny_arflow()
+    model = rl.tiny_arflow()
     behaviour = copy.deepcopy(model).requires_grad_(False)
     policy = make_policy(behaviour, env, generator=g)
-    n_tokens = frames // R
+    n_tokens = frames // rl.R
     with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
         ro = env.rollout(n_tokens * sde_steps, policy, break_when_any_done=False)
     traj = trajectory_batch(ro, n_tokens, sde_steps)
@@ -59,8 +61,8 @@ def shift_velocity_on_tokens(model, tokens, delta: float) -> None:
     model._full_pass = patched
 
 
-def test_replayed_log_probs_equal_collected():
-    loss, traj, _, _ = setup()
+def test_replayed_log_probs_equal_collected(rl):
+    loss, traj, _, _ = loss_setup(rl)
     out_lp = []
     for k0 in range(0, K, 2):
         chunk = select_steps(traj, k0, k0 + 2)
@@ -72,8 +74,8 @@ def test_replayed_log_probs_equal_collected():
     assert torch.allclose(replayed, traj["action_log_prob"], atol=1e-4), (replayed - traj["action_log_prob"]).abs().max()
 
 
-def test_objective_at_behaviour_params_is_minus_mean_advantage():
-    loss, traj, _, _ = setup(beta=0.0)
+def test_objective_at_behaviour_params_is_minus_mean_advantage(rl):
+    loss, traj, _, _ = loss_setup(rl, beta=0.0)
     assert traj["token_mask"].tolist() == [[False, False, True, True]] * 6  # actor listens in the second half
     loss.compute_advantage(traj)
     out = loss(select_steps(traj, 0, 2))
@@ -85,8 +87,8 @@ def test_objective_at_behaviour_params_is_minus_mean_advantage():
     assert set(out.keys()) <= set(AGGREGATION)  # chunked_update knows how to combine every output
 
 
-def test_kl_closed_form_after_perturbation():
-    loss, traj, model, _ = setup(beta=0.5)
+def test_kl_closed_form_after_perturbation(rl):
+    loss, traj, model, _ = loss_setup(rl, beta=0.5)
     with torch.no_grad():
         model.head.bias.add_(0.1)  # shifts every velocity by 0.1 -> every mean by dt * 0.1
     loss.compute_advantage(traj)
@@ -97,8 +99,8 @@ def test_kl_closed_form_after_perturbation():
     assert out["loss_kl"].item() == pytest.approx(0.5 * expected, rel=1e-3)
 
 
-def test_chunked_gradient_equals_full_gradient():
-    loss, traj, model, _ = setup()
+def test_chunked_gradient_equals_full_gradient(rl):
+    loss, traj, model, _ = loss_setup(rl)
     loss.compute_advantage(traj)
 
     def grads(chunk):
@@ -113,8 +115,8 @@ def test_chunked_gradient_equals_full_gradient():
     assert torch.allclose(g_full, g_chunk, atol=1e-6, rtol=1e-4)
 
 
-def test_gdpo_and_grpo_differ_only_in_advantage():
-    lg, traj, _, _ = setup(GDPOLoss)
+def test_gdpo_and_grpo_differ_only_in_advantage(rl):
+    lg, traj, _, _ = loss_setup(rl, GDPOLoss)
     lr = GRPOLoss(lg.transition[0], lg.actor_network, lg.lambdas)
     r = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 0.5], [0.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     gid = torch.tensor([0, 0, 0, 1, 1, 1])
@@ -127,8 +129,8 @@ def test_gdpo_and_grpo_differ_only_in_advantage():
     assert torch.allclose(o1["loss_objective"], o2["loss_objective"])
 
 
-def test_set_keys_and_errors():
-    loss, traj, _, _ = setup()
+def test_set_keys_and_errors(rl):
+    loss, traj, _, _ = loss_setup(rl)
     traj.rename_key_("action_log_prob", "old_lp")
     loss.set_keys(sample_log_prob="old_lp")
     loss.compute_advantage(traj)
@@ -147,8 +149,8 @@ def _closed_form_kl(delta: float, d_latent: int, sde_steps: int = K) -> float:
     return d_latent * (dt * delta) ** 2 / (2 * SIGMA**2 * dt)
 
 
-def test_kl_covers_speaking_tokens():
-    loss, traj, model, _ = setup(beta=0.5)
+def test_kl_covers_speaking_tokens(rl):
+    loss, traj, model, _ = loss_setup(rl, beta=0.5)
     shift_velocity_on_tokens(model, [0, 1], 0.1)  # the model changes on the speaking tokens only
     loss.compute_advantage(traj)
     out = loss(select_steps(traj, 0, 2))
@@ -163,10 +165,10 @@ def test_kl_covers_speaking_tokens():
     assert float(out["ratio_max"]) == pytest.approx(1.0, abs=1e-4) and float(out["clip_fraction"]) == 0.0
 
 
-def test_objective_tokens_listening_or_all():
+def test_objective_tokens_listening_or_all(rl):
     results = {}
     for which in ("listening", "all"):
-        loss, traj, model, _ = setup(beta=0.0, objective_tokens=which)
+        loss, traj, model, _ = loss_setup(rl, beta=0.0, objective_tokens=which)
         shift_velocity_on_tokens(model, [0, 1], 2.0)  # speaking tokens only, far enough to clip
         loss.compute_advantage(traj)
         results[which] = (loss(select_steps(traj, 0, 2)), traj["advantage"].mean().item())
@@ -178,10 +180,10 @@ def test_objective_tokens_listening_or_all():
     assert float(out_all["ratio_mean"]) < 0.7 and float(out_all["clip_fraction"]) > 0.4
     assert abs(out_all["loss_objective"].item() + mean_adv) > 1e-2
     with pytest.raises(ValueError, match="objective_tokens"):
-        setup(objective_tokens="speaking")
+        loss_setup(rl, objective_tokens="speaking")
 
 
-def test_chunked_update_over_windows_equals_batch_objective_and_kl():
+def test_chunked_update_over_windows_equals_batch_objective_and_kl(rl):
     """Several sliding windows, objective on listening tokens only, KL on every token.
 
     Expected gradient: d/dtheta [mean over objective transitions of the PPO term + beta * mean over
@@ -189,7 +191,7 @@ def test_chunked_update_over_windows_equals_batch_objective_and_kl():
     weights, ratio_max the maximum over the whole batch.
     """
     n_long, k = 11, 2  # windows [0,4) [3,7) [6,10) [7,11): 4, 3, 3, 1 new tokens
-    loss, traj, model, _ = setup(beta=0.5, frames=n_long * R, sde_steps=k)
+    loss, traj, model, _ = loss_setup(rl, beta=0.5, frames=n_long * rl.R, sde_steps=k)
     spans = loss.transition[0].schedule
     assert len(spans) == 4
     # listening tokens 5..10; keep 5..8: the first window (speaking) and the last (token 10) have no objective token
@@ -235,8 +237,8 @@ def test_chunked_update_over_windows_equals_batch_objective_and_kl():
     assert min(m for m in window_max if not math.isnan(m)) < true_max - 1e-2
 
 
-def test_chunked_update_and_loss_argument_errors():
-    loss, traj, model, _ = setup()
+def test_chunked_update_and_loss_argument_errors(rl):
+    loss, traj, model, _ = loss_setup(rl)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with pytest.raises(ValueError, match="epochs"):
         chunked_update(loss, traj, opt, epochs=0)
@@ -246,8 +248,8 @@ def test_chunked_update_and_loss_argument_errors():
         GDPOLoss(loss.transition[0], model, loss.lambdas, eps_mode="scaled")
 
 
-def test_eps_mode_reaches_the_advantage_and_diagnostics():
-    loss, traj, model, _ = setup()
+def test_eps_mode_reaches_the_advantage_and_diagnostics(rl):
+    loss, traj, model, _ = loss_setup(rl)
     ref = GRPOLoss(loss.transition[0], model, loss.lambdas, eps_mode="absolute")
     r = torch.tensor([[0.0, 0.0], [1e-4, 0.0], [0.0, 0.0], [1e-4, 1e-4]])  # rewards at the scale of eps
     gid = torch.tensor([0, 0, 1, 1])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import pickle
 import sys
 import types
 
@@ -196,47 +195,7 @@ def test_motion_std():
 
 
 # ----------------------------------------------------------------------------------------------
-# FLAME layer on a tiny model in the generic_model.pkl layout
-
-V_TEMPLATE = np.array([
-    [0.0, 0.0, 0.0],    # 0 root joint, root-weighted
-    [0.0, 1.0, 0.0],    # 1 neck joint, root-weighted
-    [0.0, 1.5, 0.5],    # 2 jaw joint, jaw-weighted
-    [0.3, 1.8, 0.5],    # 3 left eye joint, eye-weighted
-    [-0.3, 1.8, 0.5],   # 4 right eye joint
-    [0.0, 1.2, 1.0],    # 5 chin, jaw-weighted
-    [0.0, 2.0, 0.8],    # 6 forehead, neck-weighted
-    [0.3, 1.8, 0.6],    # 7 left pupil, left-eye-weighted
-    [-0.3, 1.8, 0.6],   # 8 right pupil, right-eye-weighted
-])
-WEIGHT_JOINT = [0, 0, 2, 3, 4, 2, 1, 3, 4]
-
-
-def tiny_model(posedirs: bool = False, eyelids: bool = False, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    V = len(V_TEMPLATE)
-    m = {
-        "v_template": V_TEMPLATE.copy(),
-        "shapedirs": rng.normal(0, 0.01, (V, 3, 400)),
-        "posedirs": rng.normal(0, 0.01, (V, 3, 36)) if posedirs else np.zeros((V, 3, 36)),
-        "J_regressor": np.eye(5, V),  # joint j = vertex j
-        "kintree_table": np.array([[2**32 - 1, 0, 1, 1, 1], [0, 1, 2, 3, 4]], dtype=np.int64),
-        "weights": np.eye(5)[WEIGHT_JOINT],
-        "f": np.array([[0, 1, 2], [2, 5, 6]]),
-    }
-    if eyelids:
-        m["l_eyelid"] = rng.normal(0, 0.01, (V, 3))
-        m["r_eyelid"] = rng.normal(0, 0.01, (V, 3))
-    return m
-
-
-MASKS = {"lips": np.array([5]), "forehead": np.array([6]), "eye_region": np.array([3, 4]), "nose": np.array([2])}
-
-
-def write_pkl(path, d):
-    with open(path, "wb") as f:
-        pickle.dump(d, f, protocol=2)
-    return path
+# FLAME layer on a tiny model in the generic_model.pkl layout (conftest's flame_kit)
 
 
 def rx(t):
@@ -250,8 +209,9 @@ def ry(t):
 
 
 @pytest.fixture
-def flame(tmp_path):
-    return FlameLayer(write_pkl(tmp_path / "generic_model.pkl", tiny_model()), write_pkl(tmp_path / "FLAME_masks.pkl", MASKS))
+def flame(tmp_path, flame_kit):
+    model = flame_kit.write_pkl(tmp_path / "generic_model.pkl", flame_kit.tiny_model())
+    return FlameLayer(model, flame_kit.write_pkl(tmp_path / "FLAME_masks.pkl", flame_kit.MASKS))
 
 
 def motion(**groups) -> torch.Tensor:
@@ -266,97 +226,100 @@ def test_rodrigues_matches_closed_form():
     assert np.allclose(R[0].numpy(), rx(0.3)) and np.allclose(R[1].numpy(), ry(-0.7)) and np.allclose(R[2].numpy(), np.eye(3))
 
 
-def test_zero_motion_gives_the_template(flame):
+def test_zero_motion_gives_the_template(flame, flame_kit):
     v = flame(torch.zeros(2, 3, FLAME_DIM))
     assert v.shape == (2, 3, 9, 3)
-    assert np.allclose(v.numpy(), np.broadcast_to(V_TEMPLATE, (2, 3, 9, 3)), atol=1e-6)
+    assert np.allclose(v.numpy(), np.broadcast_to(flame_kit.V_TEMPLATE, (2, 3, 9, 3)), atol=1e-6)
 
 
-def test_jaw_rotation_moves_only_jaw_weighted_vertices(flame):
+def test_jaw_rotation_moves_only_jaw_weighted_vertices(flame, flame_kit):
+    V0 = flame_kit.V_TEMPLATE  # (9, 3): the rest pose
     t = 0.4
     v = flame(motion(jaw=[t, 0, 0])).numpy()
-    J2 = V_TEMPLATE[2]
-    expect = V_TEMPLATE.copy()
-    expect[5] = rx(t) @ (V_TEMPLATE[5] - J2) + J2
+    J2 = V0[2]
+    expect = V0.copy()
+    expect[5] = rx(t) @ (V0[5] - J2) + J2
     assert np.allclose(v, expect)
-    moved = np.flatnonzero(np.abs(v - V_TEMPLATE).sum(1) > 1e-9).tolist()
+    moved = np.flatnonzero(np.abs(v - V0).sum(1) > 1e-9).tolist()
     assert moved == [5]  # vertex 2 sits on the jaw joint
 
 
-def test_global_and_chained_neck_jaw_rotations(flame):
+def test_global_and_chained_neck_jaw_rotations(flame, flame_kit):
+    V0 = flame_kit.V_TEMPLATE  # (9, 3): the rest pose
     v = flame(motion(rot=[0, 0.5, 0])).numpy()
-    assert np.allclose(v, V_TEMPLATE @ ry(0.5).T)  # everything about the root at the origin
+    assert np.allclose(v, V0 @ ry(0.5).T)  # everything about the root at the origin
     v = flame(motion(rot=[0, 0.5, 0]), with_global=False).numpy()
-    assert np.allclose(v, V_TEMPLATE)
+    assert np.allclose(v, V0)
     tn, tj = 0.3, 0.2
     v = flame(motion(neck=[tn, 0, 0], jaw=[tj, 0, 0])).numpy()
-    J1, J2 = V_TEMPLATE[1], V_TEMPLATE[2]
-    assert np.allclose(v[6], rx(tn) @ (V_TEMPLATE[6] - J1) + J1)
-    assert np.allclose(v[5], J1 + rx(tn) @ ((J2 - J1) + rx(tj) @ (V_TEMPLATE[5] - J2)))
-    assert np.allclose(v[:2], V_TEMPLATE[:2])  # root-weighted vertices stay
+    J1, J2 = V0[1], V0[2]
+    assert np.allclose(v[6], rx(tn) @ (V0[6] - J1) + J1)
+    assert np.allclose(v[5], J1 + rx(tn) @ ((J2 - J1) + rx(tj) @ (V0[5] - J2)))
+    assert np.allclose(v[:2], V0[:2])  # root-weighted vertices stay
 
 
-def test_expression_uses_the_columns_after_the_shape_ones(tmp_path):
-    m = tiny_model()
-    fl = FlameLayer(model=load_flame_model(write_pkl(tmp_path / "m.pkl", m)))
+def test_expression_uses_the_columns_after_the_shape_ones(tmp_path, flame_kit):
+    m = flame_kit.tiny_model()
+    fl = FlameLayer(model=load_flame_model(flame_kit.write_pkl(tmp_path / "m.pkl", m)))
     e = np.zeros(50)
     e[[0, 7]] = [1.5, -2.0]
     v = fl(motion(expr=e)).numpy()
-    assert np.allclose(v, V_TEMPLATE + m["shapedirs"][:, :, 300] * 1.5 - m["shapedirs"][:, :, 307] * 2.0)
+    assert np.allclose(v, flame_kit.V_TEMPLATE + m["shapedirs"][:, :, 300] * 1.5 - m["shapedirs"][:, :, 307] * 2.0)
 
 
-def test_pose_correctives_and_eye_joints(tmp_path):
-    m = tiny_model(posedirs=True)
-    fl = FlameLayer(model=load_flame_model(write_pkl(tmp_path / "m.pkl", m)))
+def test_pose_correctives_and_eye_joints(tmp_path, flame_kit):
+    V0 = flame_kit.V_TEMPLATE  # (9, 3): the rest pose
+    m = flame_kit.tiny_model(posedirs=True)
+    fl = FlameLayer(model=load_flame_model(flame_kit.write_pkl(tmp_path / "m.pkl", m)))
     t = 0.25
     v = fl(motion(neck=[t, 0, 0])).numpy()
     feat = np.zeros(36)
     feat[:9] = (rx(t) - np.eye(3)).reshape(-1)  # neck is the first non-root joint
     # vertex 0 is root-weighted: the corrective offset is all that moves it
-    assert np.allclose(v[0], V_TEMPLATE[0] + m["posedirs"][0] @ feat)
+    assert np.allclose(v[0], V0[0] + m["posedirs"][0] @ feat)
     # eyes: channels 58:61 rotate the left eye (joint 3), 61:64 the right eye (joint 4)
-    fl0 = FlameLayer(model=load_flame_model(write_pkl(tmp_path / "m0.pkl", tiny_model())))
+    fl0 = FlameLayer(model=load_flame_model(flame_kit.write_pkl(tmp_path / "m0.pkl", flame_kit.tiny_model())))
     v = fl0(motion(eyepose=[0, 0.3, 0, 0, 0, 0])).numpy()
-    expect = V_TEMPLATE.copy()
-    expect[7] = ry(0.3) @ (V_TEMPLATE[7] - V_TEMPLATE[3]) + V_TEMPLATE[3]
+    expect = V0.copy()
+    expect[7] = ry(0.3) @ (V0[7] - V0[3]) + V0[3]
     assert np.allclose(v, expect)
     v = fl0(motion(eyepose=[0, 0, 0, 0, -0.2, 0])).numpy()
-    expect = V_TEMPLATE.copy()
-    expect[8] = ry(-0.2) @ (V_TEMPLATE[8] - V_TEMPLATE[4]) + V_TEMPLATE[4]
+    expect = V0.copy()
+    expect[8] = ry(-0.2) @ (V0[8] - V0[4]) + V0[4]
     assert np.allclose(v, expect)
 
 
-def test_eyelid_blendshapes_optional(tmp_path):
-    m = tiny_model(eyelids=True)
-    fl = FlameLayer(model=load_flame_model(write_pkl(tmp_path / "m.pkl", m)))
+def test_eyelid_blendshapes_optional(tmp_path, flame_kit):
+    m = flame_kit.tiny_model(eyelids=True)
+    fl = FlameLayer(model=load_flame_model(flame_kit.write_pkl(tmp_path / "m.pkl", m)))
     assert fl.has_eyelids
     v = fl(motion(eyelid=[0.5, 0.2])).numpy()
-    assert np.allclose(v, V_TEMPLATE + 0.5 * m["l_eyelid"] + 0.2 * m["r_eyelid"])
-    plain = FlameLayer(model=load_flame_model(write_pkl(tmp_path / "p.pkl", tiny_model())))
-    assert not plain.has_eyelids and np.allclose(plain(motion(eyelid=[0.5, 0.2])).numpy(), V_TEMPLATE)
+    assert np.allclose(v, flame_kit.V_TEMPLATE + 0.5 * m["l_eyelid"] + 0.2 * m["r_eyelid"])
+    plain = FlameLayer(model=load_flame_model(flame_kit.write_pkl(tmp_path / "p.pkl", flame_kit.tiny_model())))
+    assert not plain.has_eyelids and np.allclose(plain(motion(eyelid=[0.5, 0.2])).numpy(), flame_kit.V_TEMPLATE)
 
 
-def test_missing_keys_and_bad_layout_are_clear_errors(tmp_path):
-    m = tiny_model()
+def test_missing_keys_and_bad_layout_are_clear_errors(tmp_path, flame_kit):
+    m = flame_kit.tiny_model()
     del m["posedirs"], m["weights"]
     with pytest.raises(FlameModelError, match=r"missing keys \['posedirs', 'weights'\]"):
-        load_flame_model(write_pkl(tmp_path / "bad.pkl", m))
-    m = tiny_model()
+        load_flame_model(flame_kit.write_pkl(tmp_path / "bad.pkl", m))
+    m = flame_kit.tiny_model()
     m["shapedirs"] = m["shapedirs"][:, :, :320]
     with pytest.raises(FlameModelError, match="320 columns"):
-        load_flame_model(write_pkl(tmp_path / "few.pkl", m))
+        load_flame_model(flame_kit.write_pkl(tmp_path / "few.pkl", m))
     with pytest.raises(FileNotFoundError, match="licence"):
         load_flame_model(tmp_path / "nope.pkl")
-    masks = dict(MASKS)
+    masks = dict(flame_kit.MASKS)
     del masks["lips"]
     with pytest.raises(FlameModelError, match="lips"):
-        load_flame_masks(write_pkl(tmp_path / "masks.pkl", masks))
-    np.savez(tmp_path / "m.npz", **{k: v for k, v in tiny_model().items() if k != "f"})
+        load_flame_masks(flame_kit.write_pkl(tmp_path / "masks.pkl", masks))
+    np.savez(tmp_path / "m.npz", **{k: v for k, v in flame_kit.tiny_model().items() if k != "f"})
     with pytest.raises(FlameModelError, match=r"missing keys \['f'\]"):
         load_flame_model(tmp_path / "m.npz")
 
 
-def test_reads_chumpy_and_sparse_entries_without_chumpy(tmp_path):
+def test_reads_chumpy_and_sparse_entries_without_chumpy(tmp_path, flame_kit):
     """Original FLAME pickles hold chumpy arrays and a scipy.sparse J_regressor."""
     import scipy.sparse
 
@@ -369,16 +332,16 @@ def test_reads_chumpy_and_sparse_entries_without_chumpy(tmp_path):
     mod.Ch = Ch
     sys.modules["chumpy"], sys.modules["chumpy.ch"] = pkg, mod
     try:
-        m = tiny_model()
+        m = flame_kit.tiny_model()
         sd = Ch()
         sd.__dict__.update({"x": m["shapedirs"], "_dirty_vars": set()})
         m["shapedirs"] = sd
         m["J_regressor"] = scipy.sparse.csc_matrix(m["J_regressor"])
-        path = write_pkl(tmp_path / "generic_model.pkl", m)
+        path = flame_kit.write_pkl(tmp_path / "generic_model.pkl", m)
     finally:
         del sys.modules["chumpy"], sys.modules["chumpy.ch"]
-    fl = FlameLayer(path, write_pkl(tmp_path / "FLAME_masks.pkl", MASKS))
-    assert np.allclose(fl(torch.zeros(FLAME_DIM)).numpy(), V_TEMPLATE)
+    fl = FlameLayer(path, flame_kit.write_pkl(tmp_path / "FLAME_masks.pkl", flame_kit.MASKS))
+    assert np.allclose(fl(torch.zeros(FLAME_DIM)).numpy(), flame_kit.V_TEMPLATE)
     assert fl.region("upper_face").tolist() == [3, 4, 6] and fl.region("lips").tolist() == [5]
 
 

@@ -1,58 +1,32 @@
-"""Smoke tests of the real entry points with tiny overrides: data -> VAE -> SFT -> GDPO/GRPO, resume."""
+"""Smoke tests of the real entry points with tiny overrides: data -> VAE -> SFT -> GDPO/GRPO, resume.
+
+Every test here starts entry-point subprocesses on conftest's ``tiny_pipeline`` corpus.
+"""
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
+from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def hydra_list(*items: str) -> str:
-    return "[" + ",".join(f"'{i}'" for i in items) + "]"
-
-
-TINY_VAE = hydra_list("optim.steps=4", "optim.batch_size=8", "+model.d_model=32", "+model.n_layers=1", "+model.n_heads=2", "+model.d_latent=8")
-TINY_SFT = hydra_list("optim.steps=4", "optim.batch_size=8", "+model.arch.d_model=32", "+model.arch.n_layers=1",
-                      "+model.arch.n_heads=2", "eval.n_windows=4")
-
-
-def run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "train" / script), *overrides]
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
-    if res.returncode != 0:
-        print(res.stdout[-4000:], res.stderr[-4000:])
-    return res
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pipeline")
-    res = run("prepare_data.py", "source=synthetic", f"out={d / 'data'}", "synthetic.n_conversations=3",
-              "synthetic.seconds=16", "test_fraction=0.34", cwd=d)
-    assert res.returncode == 0
-    return d
-
-
-def gdpo_args(d: Path, *extra: str) -> list[str]:
-    return [f"data.root={d / 'data'}", "data.auto_prepare=false", f"pretrained.vae={d / 'vae'}", f"pretrained.sft={d / 'sft'}",
-            f"pretrained.vae_overrides={TINY_VAE}", f"pretrained.sft_overrides={TINY_SFT}", f"features.cache_dir={d / 'cache'}",
-            "env.n_prompts=1", "env.group_size=2", "env.sde_steps=2", "eval.n_windows=4", "ckpt_every=1", *extra]
-
-
-@pytest.fixture(scope="module")
-def first_run(workdir):
-    """The main job with tiny overrides on a folder without VAE or SFT checkpoints."""
-    res = run("gdpo.py", "reward=expr+rot", *gdpo_args(workdir, "optim.iterations=2", f"out_dir={workdir / 'gdpo'}"), cwd=workdir)
+def first_run(tiny_pipeline, run_entry):
+    """The main job with tiny overrides (it trains the VAE and SFT prerequisites unless an earlier test did)."""
+    d, args = tiny_pipeline.root, tiny_pipeline.gdpo_args
+    res = run_entry("gdpo.py", "reward=expr+rot", *args("optim.iterations=2", f"out_dir={d / 'gdpo'}"), cwd=d)
     assert res.returncode == 0
     return res
 
 
-def test_gdpo_main_job_trains_prerequisites_then_resumes(workdir, first_run):
-    d, res = workdir, first_run
+def test_gdpo_main_job_with_prerequisites_then_resumes(tiny_pipeline, run_entry, first_run):
+    d, args, res = tiny_pipeline.root, tiny_pipeline.gdpo_args, first_run
     out = d / "gdpo"
     assert (d / "vae" / "meta.json").is_file() and (d / "sft" / "meta.json").is_file() and (out / "meta.json").is_file()
     assert "supervised" in res.stdout and "expr/vel_std_dev" in res.stdout  # the before/after table
@@ -60,24 +34,22 @@ def test_gdpo_main_job_trains_prerequisites_then_resumes(workdir, first_run):
     names = {p.stem for p in logs}
     assert {"mean", "loss_objective", "loss_kl", "clip_fraction"} <= names, names
     # a second run reuses the cached stages and continues the killed run from its last checkpoint
-    res2 = run("gdpo.py", "reward=expr+rot", *gdpo_args(d, "optim.iterations=3", f"out_dir={out}", "resume=true"), cwd=d)
+    res2 = run_entry("gdpo.py", "reward=expr+rot", *args("optim.iterations=3", f"out_dir={out}", "resume=true"), cwd=d)
     assert res2.returncode == 0
     assert "resumed at iteration 2" in res2.stdout and "[pipeline] running" not in res2.stdout
     # ... exactly: 2 iterations + resume to 3 equals 3 iterations straight (optimiser, noise and window draws restored)
-    res_straight = run("gdpo.py", "reward=expr+rot", *gdpo_args(d, "optim.iterations=3", f"out_dir={d / 'straight'}"), cwd=d)
+    res_straight = run_entry("gdpo.py", "reward=expr+rot", *args("optim.iterations=3", f"out_dir={d / 'straight'}"), cwd=d)
     assert res_straight.returncode == 0
-    from safetensors.torch import load_file
-
     a, b = load_file(str(out / "model.safetensors")), load_file(str(d / "straight" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # resuming with another config is refused clearly
-    res3 = run("gdpo.py", "reward=expr", *gdpo_args(d, "optim.iterations=3", f"out_dir={out}", "resume=true"), cwd=d)
+    res3 = run_entry("gdpo.py", "reward=expr", *args("optim.iterations=3", f"out_dir={out}", "resume=true"), cwd=d)
     assert res3.returncode != 0 and "another config" in (res3.stderr + res3.stdout)
 
 
-def test_grpo_runs_the_same(workdir, first_run):
-    d = workdir
-    res = run("gdpo.py", "algo=grpo", "reward=all", *gdpo_args(d, "optim.iterations=1", f"out_dir={d / 'grpo'}"), cwd=d)
+def test_grpo_runs_the_same(tiny_pipeline, run_entry, first_run):
+    d, args = tiny_pipeline.root, tiny_pipeline.gdpo_args
+    res = run_entry("gdpo.py", "algo=grpo", "reward=all", *args("optim.iterations=1", f"out_dir={d / 'grpo'}"), cwd=d)
     assert res.returncode == 0 and (d / "grpo" / "meta.json").is_file()
 
 
@@ -86,53 +58,48 @@ def test_grpo_runs_the_same(workdir, first_run):
     ("env.group_size=1", "group_size"),
     ("+rewards.lambdas.expr=-1", "lambda"),
 ])
-def test_bad_config_fails_early(workdir, override, msg):
-    res = run("gdpo.py", override, *[a for a in gdpo_args(workdir) if not a.startswith("env.group_size")],
-              f"out_dir={workdir / 'bad'}", cwd=workdir)
+def test_bad_config_fails_early(tiny_pipeline, run_entry, override, msg):
+    d = tiny_pipeline.root
+    res = run_entry("gdpo.py", override, *[a for a in tiny_pipeline.gdpo_args() if not a.startswith("env.group_size")],
+                    f"out_dir={d / 'bad'}", cwd=d)
     assert res.returncode != 0 and msg in (res.stderr + res.stdout).lower()
     assert "[pipeline] running" not in res.stdout
 
 
-def test_gdpo_long_episodes_by_sliding_windows(workdir, first_run):
+def test_gdpo_long_episodes_by_sliding_windows(tiny_pipeline, run_entry, first_run):
     """env.episode_tokens > 25: 400-frame episodes generated by two sliding windows, replayed window by window."""
-    d = workdir
-    res = run("gdpo.py", "reward=expr+rot", *gdpo_args(d, "optim.iterations=1", "env.episode_tokens=50", f"out_dir={d / 'long'}"), cwd=d)
+    d, args = tiny_pipeline.root, tiny_pipeline.gdpo_args
+    res = run_entry("gdpo.py", "reward=expr+rot", *args("optim.iterations=1", "env.episode_tokens=50", f"out_dir={d / 'long'}"), cwd=d)
     assert res.returncode == 0 and "x 100 transitions" in res.stdout and (d / "long" / "meta.json").is_file()
-    res = run("gdpo.py", "reward=expr", *gdpo_args(d, "optim.iterations=1", "env.episode_tokens=80", f"out_dir={d / 'long2'}"), cwd=d)
+    res = run_entry("gdpo.py", "reward=expr", *args("optim.iterations=1", "env.episode_tokens=80", f"out_dir={d / 'long2'}"), cwd=d)
     assert res.returncode != 0 and "env.episode_tokens=80" in (res.stderr + res.stdout)
 
 
-def test_long_generation_check_runs(workdir, first_run):
-    d = workdir
-    res = run("long_generation.py", f"checkpoint={d / 'sft'}", f"long_data.root={d / 'long_data'}", "long_data.n_conversations=1",
-              "long_data.seconds=24", "frames=600", "segment_seconds=2", "steps=2", f"features.cache_dir={d / 'cache'}",
-              f"out={d / 'long.json'}", cwd=d)
+def test_long_generation_check_runs(tiny_pipeline, run_entry, first_run):
+    d = tiny_pipeline.root
+    res = run_entry("long_generation.py", f"checkpoint={d / 'sft'}", f"long_data.root={d / 'long_data'}", "long_data.n_conversations=1",
+                    "long_data.seconds=24", "frames=600", "segment_seconds=2", "steps=2", f"features.cache_dir={d / 'cache'}",
+                    f"out={d / 'long.json'}", cwd=d)
     assert res.returncode == 0
     assert "gen/gt decay" in res.stdout and (d / "long.json").is_file()
-    import json
     rep = json.loads((d / "long.json").read_text())
     assert rep["sequences"] == 2 and rep["frames"] == 600 and set(rep["groups"]) >= {"expr", "rot"}
 
 
 def _write_wav(path: Path, seconds: float, sr: int) -> Path:
-    import numpy as np
-    import soundfile as sf
-
     t = np.arange(int(seconds * sr)) / sr
     sf.write(str(path), (0.3 * np.sin(2 * np.pi * 180 * t) * (np.sin(2 * np.pi * 0.5 * t) > 0)).astype(np.float32), sr)
     return path
 
 
-def test_generate_cli_long_clip_and_bad_inputs(workdir, first_run):
-    import numpy as np
-
-    d = workdir
+def test_generate_cli_long_clip_and_bad_inputs(tiny_pipeline, run_entry, first_run):
+    d = tiny_pipeline.root
     actor = _write_wav(d / "actor.wav", 20.0, 16000)
     partner = _write_wav(d / "partner_22k.wav", 20.0, 22050)  # resampled to 16 kHz
     np.savez(d / "partner_motion.npz", motion=np.random.default_rng(0).normal(0, 0.05, (500, 67)).astype(np.float32))
     base = [f"checkpoint={d / 'sft'}", f"actor_wav={actor}", f"partner_wav={partner}", "steps=2", "seconds=18"]
-    res = run("generate.py", *base, f"partner_motion={d / 'partner_motion.npz'}", "text=nodding", "w_listen=2",
-              f"out={d / 'gen' / 'clip'}", cwd=d)
+    res = run_entry("generate.py", *base, f"partner_motion={d / 'partner_motion.npz'}", "text=nodding", "w_listen=2",
+                    f"out={d / 'gen' / 'clip'}", cwd=d)
     assert res.returncode == 0
     with np.load(d / "gen" / "clip.npz") as z:
         motion, vad = z["motion"], z["vad"]
@@ -141,36 +108,34 @@ def test_generate_cli_long_clip_and_bad_inputs(workdir, first_run):
     np.savez(d / "short_motion.npz", motion=np.zeros((300, 67), np.float32))  # 12 s of partner motion for 18 s of audio
     for extra, msg in [(("seconds=30",), "shorter than the requested"), (("w_listen=nan",), "finite"),
                        (("w_listen=1e6",), "|w| <= 20"), ((f"partner_motion={d / 'short_motion.npz'}",), "short_motion.npz")]:
-        res = run("generate.py", *base, *extra, f"out={d / 'gen' / 'bad'}", cwd=d)
+        res = run_entry("generate.py", *base, *extra, f"out={d / 'gen' / 'bad'}", cwd=d)
         assert res.returncode != 0 and msg in (res.stderr + res.stdout), (extra, res.stderr[-500:])
-    res = run("generate.py", f"checkpoint={d / 'sft'}", f"actor_wav={d / 'missing.wav'}", cwd=d)
+    res = run_entry("generate.py", f"checkpoint={d / 'sft'}", f"actor_wav={d / 'missing.wav'}", cwd=d)
     assert res.returncode != 0 and "missing.wav" in res.stderr
 
 
-def test_pretrained_checkpoint_mismatch_is_refused(workdir, first_run):
+def test_pretrained_checkpoint_mismatch_is_refused(tiny_pipeline, run_entry, first_run):
     """A VAE whose latent size differs from the supervised AR-Flow's, or an SFT checkpoint of another preset."""
-    d = workdir
-    res = run("vae.py", f"data.root={d / 'data'}", f"out_dir={d / 'vae4'}", "optim.steps=2", "optim.batch_size=8",
-              "+model.d_model=32", "+model.n_layers=1", "+model.n_heads=2", "+model.d_latent=4", cwd=d)
+    d, args = tiny_pipeline.root, tiny_pipeline.gdpo_args
+    res = run_entry("vae.py", f"data.root={d / 'data'}", f"out_dir={d / 'vae4'}", "optim.steps=2", "optim.batch_size=8",
+                    "+model.d_model=32", "+model.n_layers=1", "+model.n_heads=2", "+model.d_latent=4", cwd=d)
     assert res.returncode == 0
-    res = run("gdpo.py", *gdpo_args(d, "optim.iterations=1", f"out_dir={d / 'mismatch'}", f"pretrained.vae={d / 'vae4'}"), cwd=d)
+    res = run_entry("gdpo.py", *args("optim.iterations=1", f"out_dir={d / 'mismatch'}", f"pretrained.vae={d / 'vae4'}"), cwd=d)
     assert res.returncode != 0 and "d_latent=8 but the pipeline needs d_latent=4" in res.stderr
-    res = run("gdpo.py", *gdpo_args(d, "optim.iterations=1", f"out_dir={d / 'mismatch'}", "model=paper"), cwd=d)
+    res = run_entry("gdpo.py", *args("optim.iterations=1", f"out_dir={d / 'mismatch'}", "model=paper"), cwd=d)
     assert res.returncode != 0 and "preset 'small'" in res.stderr and "model=paper" in res.stderr
 
 
-def test_sft_resume_continues_exactly_and_refuses_another_config(workdir, first_run):
+def test_sft_resume_continues_exactly_and_refuses_another_config(tiny_pipeline, run_entry, first_run):
     """2 steps + resume to 4 gives the same weights as 4 steps straight (optimiser, schedule and RNG restored)."""
-    from safetensors.torch import load_file
-
-    d = workdir
+    d = tiny_pipeline.root
     tiny = ["optim.batch_size=8", "+model.arch.d_model=32", "+model.arch.n_layers=1", "+model.arch.n_heads=2",
             "eval.n_windows=4", f"data.root={d / 'data'}", f"vae_dir={d / 'vae'}", f"features.cache_dir={d / 'cache'}"]
-    assert run("sft.py", *tiny, "optim.steps=4", f"out_dir={d / 'sft_a'}", cwd=d).returncode == 0
-    assert run("sft.py", *tiny, "optim.steps=2", f"out_dir={d / 'sft_b'}", cwd=d).returncode == 0
-    res = run("sft.py", *tiny, "optim.steps=4", f"out_dir={d / 'sft_b'}", "resume=true", cwd=d)
+    assert run_entry("sft.py", *tiny, "optim.steps=4", f"out_dir={d / 'sft_a'}", cwd=d).returncode == 0
+    assert run_entry("sft.py", *tiny, "optim.steps=2", f"out_dir={d / 'sft_b'}", cwd=d).returncode == 0
+    res = run_entry("sft.py", *tiny, "optim.steps=4", f"out_dir={d / 'sft_b'}", "resume=true", cwd=d)
     assert res.returncode == 0 and "resumed from step 2" in res.stdout
     a, b = load_file(str(d / "sft_a" / "model.safetensors")), load_file(str(d / "sft_b" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    res = run("sft.py", *tiny, "optim.steps=6", f"out_dir={d / 'sft_b'}", "resume=true", "seed=1", cwd=d)
+    res = run_entry("sft.py", *tiny, "optim.steps=6", f"out_dir={d / 'sft_b'}", "resume=true", "seed=1", cwd=d)
     assert res.returncode != 0 and "another config" in res.stderr and "seed" in res.stderr

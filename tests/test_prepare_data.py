@@ -3,22 +3,23 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
-from gdpo_listener.envs.dataset import DyadicWindows, load_meta
 from omegaconf import OmegaConf
+
+from gdpo_listener.envs.dataset import DyadicWindows, load_dataset_meta
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "prepare_data.py"
 
 
-def run(args, cwd):
-    env = dict(os.environ, HYDRA_FULL_ERROR="0")
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+@pytest.fixture
+def run(run_entry):
+    """``run([overrides], cwd)``: train/prepare_data.py with Hydra's short error messages."""
+    return lambda args, cwd: run_entry("prepare_data.py", *args, cwd=cwd, timeout=300, env=dict(os.environ, HYDRA_FULL_ERROR="0"))
 
 
 def load_script():
@@ -28,11 +29,12 @@ def load_script():
     return mod
 
 
-def test_synthetic_smoke(tmp_path):
+@pytest.mark.slow
+def test_synthetic_smoke(tmp_path, run):
     res = run(["source=synthetic", "out=ds", "synthetic.n_conversations=2", "synthetic.seconds=16", "seed=3"], tmp_path)
     assert res.returncode == 0, res.stderr
     out = tmp_path / "ds"  # relative to the launch folder
-    meta = load_meta(out)
+    meta = load_dataset_meta(out)
     assert meta["source"] == "synthetic" and meta["summary"]["conversations"] == 2
     assert meta["synthetic"]["seed"] == 3
     assert meta["synthetic"]["corpus_version"] == 2  # the default corpus
@@ -52,7 +54,8 @@ def test_synthetic_smoke(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
-def test_unknown_source_fails_before_any_work(tmp_path):
+@pytest.mark.slow
+def test_unknown_source_fails_before_any_work(tmp_path, run):
     res = run(["source=dualtlak", "out=ds"], tmp_path)
     assert res.returncode != 0
     assert "unknown source 'dualtlak'" in res.stderr
@@ -60,7 +63,8 @@ def test_unknown_source_fails_before_any_work(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_input_and_out_are_clear_errors(tmp_path):
+@pytest.mark.slow
+def test_missing_input_and_out_are_clear_errors(tmp_path, run):
     res = run(["source=seamless", "out=ds"], tmp_path)
     assert res.returncode != 0 and "needs input=DIR" in res.stderr
     res = run(["source=dualtalk", "input=nowhere", "out=ds"], tmp_path)
@@ -104,7 +108,7 @@ def test_synthetic_version_1_stays_reachable(tmp_path, capsys):
     cfg.synthetic.n_conversations, cfg.synthetic.seconds, cfg.synthetic.workers = 2, 8, 1
     cfg.synthetic.version = 1
     summary = mod.build(cfg, "synthetic", tmp_path / "v1", None)
-    assert summary["corpus_version"] == 1 and load_meta(tmp_path / "v1")["synthetic"]["corpus_version"] == 1
+    assert summary["corpus_version"] == 1 and load_dataset_meta(tmp_path / "v1")["synthetic"]["corpus_version"] == 1
     mod.print_reference_comparison(tmp_path / "v1")
     out = capsys.readouterr().out
     assert "| velocity std, speaking frames | jaw |" in out and "| NO |" in out  # version 1 is off the reference

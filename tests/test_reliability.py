@@ -175,9 +175,9 @@ def test_an_old_synthetic_corpus_is_not_reused_silently(tmp_path, monkeypatch):
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "dataset.json").write_text("{}")
-    monkeypatch.setattr(stages, "load_meta", lambda root: {"source": "synthetic", "synthetic": {"corpus_version": 1}})
+    monkeypatch.setattr(stages, "load_dataset_meta", lambda root: {"source": "synthetic", "synthetic": {"corpus_version": 1}})
     cfg = OmegaConf.create({"root": str(tmp_path / "data"), "auto_prepare": True, "seed": 0})
     with pytest.raises(RuntimeError, match="synthetic corpus version 1"):
         stages.ensure_dataset(cfg)
-    monkeypatch.setattr(stages, "load_meta", lambda root: {"source": "synthetic", "synthetic": {"corpus_version": 2}})
+    monkeypatch.setattr(stages, "load_dataset_meta", lambda root: {"source": "synthetic", "synthetic": {"corpus_version": 2}})
     assert stages.ensure_dataset(cfg) == tmp_path / "data"

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import av
@@ -15,20 +13,16 @@ import torch
 from gdpo_listener.envs.dataset import Conversation, DatasetWriter
 from gdpo_listener.envs.flame import FLAME_DIM, FPS, GROUPS, SAMPLE_RATE
 from gdpo_listener.evaluation import render as R
-from test_metrics import tiny_model, write_pkl
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # pixels per panel: small and fast
 T = 2 * FPS  # a 2-second clip: 50 frames
 
 
 @pytest.fixture
-def flame_model(tmp_path) -> Path:
+def flame_model(tmp_path, flame_kit) -> Path:
     """The tests' 9-vertex FLAME-layout model, with enough faces to cover part of the image."""
-    m = tiny_model()
-    m["f"] = np.array([[0, 1, 2], [2, 5, 6], [1, 3, 6], [1, 6, 4], [3, 7, 6], [4, 6, 8], [2, 3, 5], [2, 5, 4], [0, 3, 1], [0, 1, 4]])
-    return write_pkl(tmp_path / "generic_model.pkl", m)
+    return flame_kit.write_pkl(tmp_path / "generic_model.pkl", flame_kit.renderable_model())
 
 
 def nodding(n: int = T) -> np.ndarray:
@@ -198,13 +192,11 @@ def test_a_failed_write_leaves_no_partial_file_and_keeps_the_old_video(tmp_path)
 # command line
 
 
-def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "train" / "render.py"), *overrides], cwd=cwd, capture_output=True,
-                          text=True, env=env, timeout=300)
+@pytest.mark.slow
+def test_cli_generated_clip_and_dataset_comparison(flame_model, tmp_path, run_entry):
+    def run_cli(*overrides: str, cwd: Path):
+        return run_entry("render.py", *overrides, cwd=cwd, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
-
-def test_cli_generated_clip_and_dataset_comparison(flame_model, tmp_path):
     np.savez(tmp_path / "clip.npz", motion=nodding(), vad=np.arange(T) < 10)
     sf.write(tmp_path / "a.wav", tone(2.0), SAMPLE_RATE)
     motion = np.stack([nodding(60), np.zeros((60, FLAME_DIM), np.float32)])

@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from rl_fixtures import R, tiny_arflow, tiny_bank, tiny_vae
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig
@@ -29,13 +28,13 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def make_setup(causal: bool, seed: int = 0):
+def make_setup(rl, causal: bool, seed: int = 0):
     """Rollouts of a tiny policy over 2-window episodes -> (loss, traj, model, policy core)."""
-    base = tiny_arflow(seed)
+    base = rl.tiny_arflow(seed)
     model = ARFlow(ARFlowConfig(**{**base.cfg.to_dict(), "causal_prefix": causal}))
     model.load_state_dict(base.state_dict())
-    bank = tiny_bank(frames=N_LONG * R)
-    vae, norm = tiny_vae()
+    bank = rl.tiny_bank(frames=N_LONG * rl.R)
+    vae, norm = rl.tiny_vae()
     g = torch.Generator().manual_seed(seed)
     reward = build_reward("expr+rot")
     env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=2, sde_steps=K, sigma=0.5, generator=g, seed=seed)
@@ -51,8 +50,8 @@ def make_setup(causal: bool, seed: int = 0):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_shared_replay_equals_collected_log_probs_and_unshared_replay(causal):
-    loss, traj, model, core = make_setup(causal)
+def test_shared_replay_equals_collected_log_probs_and_unshared_replay(causal, rl):
+    loss, traj, model, core = make_setup(rl, causal)
     assert core.schedule == [(0, 4, 0), (3, 4, 4)]
     std = torch.tensor(0.5 * (1 / K) ** 0.5)
     for span in core.schedule:
@@ -68,8 +67,8 @@ def test_shared_replay_equals_collected_log_probs_and_unshared_replay(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_shared_prefix_runs_once_per_window_and_model_and_gives_the_unshared_gradient(causal, monkeypatch):
-    loss, traj, model, core = make_setup(causal)
+def test_shared_prefix_runs_once_per_window_and_model_and_gives_the_unshared_gradient(causal, monkeypatch, rl):
+    loss, traj, model, core = make_setup(rl, causal)
     with torch.no_grad():
         model.head.bias.add_(0.05)  # away from the behaviour policy: ratio and KL matter
     # reference gradient: every chunk replayed on its own (one full pass per chunk and model)
@@ -106,8 +105,8 @@ def test_shared_prefix_runs_once_per_window_and_model_and_gives_the_unshared_gra
     assert calls == {"context": 2 * len(core.schedule), "full": 0}
 
 
-def test_shared_context_refuses_other_windows_and_skips_the_prefix_gradient_on_errors():
-    loss, traj, model, core = make_setup(False)
+def test_shared_context_refuses_other_windows_and_skips_the_prefix_gradient_on_errors(rl):
+    loss, traj, model, core = make_setup(rl, False)
     w0, w1 = (select_window(traj, s) for s in core.schedule)
     with core.shared_context(w0["window"], w0["history"], core.schedule[0], (model,)):
         with pytest.raises(ValueError, match="shared_context"):

@@ -7,9 +7,22 @@ import torch
 from torch import nn
 
 from gdpo_listener.envs.flame import FLAME_DIM, GROUP_NAMES, GROUPS
-from gdpo_listener.rewards import (DEFAULT_WEIGHTS, FlameReward, GroupReward, MeanDriftTerm, MSETerm, VarianceTerm,
-                                   VelocityVarianceTerm, build_reward, dynamic_deviation, frame_velocity,
-                                   masked_mean, masked_std, parse_reward_spec, velocity_std)
+from gdpo_listener.rewards import (
+    DEFAULT_WEIGHTS,
+    FlameReward,
+    GroupReward,
+    MeanDriftTerm,
+    MSETerm,
+    VarianceTerm,
+    VelocityVarianceTerm,
+    build_reward,
+    dynamic_deviation,
+    frame_velocity,
+    masked_mean,
+    masked_std,
+    parse_reward_spec,
+    velocity_std,
+)
 from gdpo_listener.rewards.examples import JerkTerm, LogPenaltyGroupReward
 
 

@@ -14,7 +14,6 @@ from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.envs.windows import cond_from_bank
 from gdpo_listener.rewards.groups import build_reward
-from rl_fixtures import N, tiny_arflow, tiny_bank, tiny_vae
 
 DATA_STD = 0.30
 SIGMA = 0.5
@@ -81,19 +80,19 @@ def test_marginal_sde_keeps_the_data_std_paper_sde_does_not():
     assert torch.all(sampled_std("paper", 4, 6) > 1.1 * DATA_STD)
 
 
-def make(sde: str, steps: int = 3, seed: int = 0):
-    bank = tiny_bank()
-    vae, norm = tiny_vae()
+def make(rl, sde: str, steps: int = 3, seed: int = 0):
+    bank = rl.tiny_bank()
+    vae, norm = rl.tiny_vae()
     g = torch.Generator().manual_seed(seed)
     env = ListenerSDEEnv(bank, vae, norm, build_reward("expr+rot"), n_prompts=2, group_size=2, sde_steps=steps,
                          sigma=SIGMA, sde=sde, generator=g, seed=seed)
-    model = tiny_arflow()
+    model = rl.tiny_arflow()
     return env, make_policy(model, env, generator=g), model, bank
 
 
 @pytest.mark.parametrize("sde", ["paper", "marginal"])
-def test_env_rollout_equals_sampler_and_replay_equals_collection(sde):
-    env, policy, model, bank = make(sde)
+def test_env_rollout_equals_sampler_and_replay_equals_collection(sde, rl):
+    env, policy, model, bank = make(rl, sde)
     assert transition_core(policy).sde == sde
     env.set_windows(torch.tensor([2, 5]))
     env.generator.manual_seed(4)
@@ -101,7 +100,7 @@ def test_env_rollout_equals_sampler_and_replay_equals_collection(sde):
         traj = collect_trajectories(env, policy)
     rows = bank[traj["window"]]
     env.generator.manual_seed(4)
-    z_ref = model.sample(cond_from_bank(rows), N, steps=3, sigma=SIGMA, generator=env.generator, sde=sde)
+    z_ref = model.sample(cond_from_bank(rows), rl.N, steps=3, sigma=SIGMA, generator=env.generator, sde=sde)
     assert torch.allclose(traj["history"], z_ref, atol=1e-4), (traj["history"] - z_ref).abs().max()
     # the recorded mean is x + dt * sde_drift(x, v, t) and the replay (teacher forced) gives the same log-probs
     core = transition_core(policy)
@@ -111,10 +110,10 @@ def test_env_rollout_equals_sampler_and_replay_equals_collection(sde):
     assert torch.allclose(lp, traj["action_log_prob"], atol=1e-4), (lp - traj["action_log_prob"]).abs().max()
 
 
-def test_sde_kinds_give_different_paths_from_the_same_noise():
+def test_sde_kinds_give_different_paths_from_the_same_noise(rl):
     z = {}
     for sde in ("paper", "marginal"):
-        env, policy, _, _ = make(sde)
+        env, policy, _, _ = make(rl, sde)
         env.set_windows(torch.tensor([2, 5]))
         env.generator.manual_seed(4)
         with set_exploration_type(ExplorationType.RANDOM):
@@ -122,7 +121,7 @@ def test_sde_kinds_give_different_paths_from_the_same_noise():
     assert not torch.allclose(z["paper"], z["marginal"], atol=1e-3)
 
 
-def test_bad_sde_kind_is_refused():
-    vae, norm = tiny_vae()
+def test_bad_sde_kind_is_refused(rl):
+    vae, norm = rl.tiny_vae()
     with pytest.raises(ValueError, match="sde must be one of"):
-        ListenerSDEEnv(tiny_bank(), vae, norm, build_reward("expr"), n_prompts=1, group_size=2, sde="ito")
+        ListenerSDEEnv(rl.tiny_bank(), vae, norm, build_reward("expr"), n_prompts=1, group_size=2, sde="ito")

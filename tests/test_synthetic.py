@@ -12,6 +12,7 @@ import re
 import numpy as np
 import pytest
 import torch
+
 from gdpo_listener.envs import reference_stats as rs
 from gdpo_listener.envs.dataset import (
     SAMPLES_PER_FRAME,
@@ -506,12 +507,12 @@ def test_corpus_independent_of_workers(tmp_path):
 
 
 def test_dataset_json_records_corpus_version(corpus, tmp_path):
-    from gdpo_listener.envs.dataset import load_meta
+    from gdpo_listener.envs.dataset import load_dataset_meta
 
     root, summary = corpus[0], corpus[1]
-    assert load_meta(root)["synthetic"]["corpus_version"] == summary["corpus_version"] == 2
+    assert load_dataset_meta(root)["synthetic"]["corpus_version"] == summary["corpus_version"] == 2
     s1 = generate_corpus(tmp_path / "v1", n_conversations=1, seconds=8.0, seed=0, progress=False, version=1)
-    assert load_meta(tmp_path / "v1")["synthetic"]["corpus_version"] == s1["corpus_version"] == 1
+    assert load_dataset_meta(tmp_path / "v1")["synthetic"]["corpus_version"] == s1["corpus_version"] == 1
     assert s1["text_kind_counts"] == {"full": 2, "vague": 0, "missing": 0}
     # version 1 stays the original corpus: same audio and timeline, different motion
     a, _ = synthesize_conversation("x", 8.0, seed=0, index=0, version=1)

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from gdpo_listener.agents.checkpoint import CheckpointError, load_meta
+from gdpo_listener.agents.checkpoint import CheckpointError, load_checkpoint_meta
 from gdpo_listener.agents.vae import (
     MotionVAE,
     VAEConfig,
@@ -23,68 +21,8 @@ from gdpo_listener.agents.vae import (
     per_group_report,
     save_vae,
 )
-from gdpo_listener.envs.dataset import Conversation, DatasetWriter, DyadicWindows, Normalizer
-from gdpo_listener.envs.flame import FLAME_DIM, FPS, GROUP_NAMES, GROUPS, N_GROUPS, SAMPLE_RATE
-
-REPO = Path(__file__).resolve().parents[1]
-
-# rough raw scales of the groups (expression coefficients are larger than pose angles)
-GROUP_SCALE = {"expr": 0.5, "jaw": 0.05, "neck": 0.05, "eyelid": 0.3, "eyepose": 0.1, "rot": 0.1}
-
-
-def smooth_motion(rng: np.random.Generator, T: int) -> np.ndarray:
-    """(T, 67) smooth random motion: per channel a few sinusoids of 0.2-2 Hz plus an offset."""
-    t = np.arange(T)[:, None] / FPS  # (T, 1)
-    m = np.zeros((T, FLAME_DIM), np.float32)
-    for g, sl in GROUPS.items():
-        d = sl.stop - sl.start
-        out = rng.normal(0, 0.5, d)[None, :]  # offset (1, d)
-        for _ in range(3):
-            f = rng.uniform(0.2, 2.0, d)
-            ph = rng.uniform(0, 2 * np.pi, d)
-            out = out + rng.uniform(0.2, 1.0, d) * np.sin(2 * np.pi * f * t + ph)
-        m[:, sl] = GROUP_SCALE[g] * out
-    return m
-
-
-def make_tiny_dataset(out: str | os.PathLike, n_conversations: int = 4, seconds: float = 24.0, seed: int = 0,
-                      text: bool = True) -> Path:
-    """A small canonical dataset of smooth random motion (no semantics) for tests.
-
-    Conversation 0 side 1 lacks eyelid/eyepose/neck (DualTalk-like); conversation 1 side 1 is
-    audio-only. Audio is quiet noise with louder "speech" bursts where VAD is on; text names
-    a random word per window (some windows empty).
-    """
-    rng = np.random.default_rng(seed)
-    T = int(seconds * FPS)
-    words = ["nodding", "smiling broadly", "slow head shake", "still and attentive", "skeptical tilt", ""]
-    with DatasetWriter(out, source="test-random") as w:
-        for c in range(n_conversations):
-            motion = np.stack([smooth_motion(rng, T), smooth_motion(rng, T)])  # (2, T, 67)
-            valid = np.ones((2, N_GROUPS), bool)
-            has_motion = np.ones(2, bool)
-            if c == 0:
-                for g in ("neck", "eyelid", "eyepose"):
-                    valid[1, GROUP_NAMES.index(g)] = False
-                    motion[1][:, GROUPS[g]] = 0.0
-            if c == 1 and n_conversations > 2:
-                has_motion[1] = False
-                motion[1] = 0.0
-                valid[1] = False
-            vad = np.zeros((2, T), bool)
-            for s in range(2):
-                for start in range(0, T, 50):
-                    vad[s, start : start + 25] = (start // 50 + s) % 2 == 0
-            audio = []
-            for s in range(2):
-                a = rng.normal(0, 0.01, T * SAMPLE_RATE // FPS).astype(np.float32)
-                a *= np.repeat(np.where(vad[s], 10.0, 1.0), SAMPLE_RATE // FPS).astype(np.float32)
-                audio.append(a)
-            n_win = T // 200
-            texts = [[str(rng.choice(words)) for _ in range(n_win)] for _ in range(2)] if text else [[], []]
-            conv = Conversation(f"conv{c:03d}", motion, valid, has_motion, vad, audio, texts)
-            w.add(conv, "test" if c == n_conversations - 1 else "train")
-    return Path(out)
+from gdpo_listener.envs.dataset import DyadicWindows, Normalizer
+from gdpo_listener.envs.flame import FLAME_DIM, GROUP_NAMES, GROUPS, N_GROUPS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -97,7 +35,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory) -> Path:
+def tiny_dataset(tmp_path_factory, make_tiny_dataset) -> Path:
     return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
 
 
@@ -214,7 +152,7 @@ def test_kl_and_masked_mse_math():
     assert masked_mse(p, t, torch.zeros_like(w)).item() == 0.0  # no valid channel: 0, never NaN
 
 
-def test_overfits_smooth_motion_and_keeps_dynamics():
+def test_overfits_smooth_motion_and_keeps_dynamics(smooth_motion):
     """A few hundred steps on a handful of windows: reconstruction and velocity error drop a lot."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -250,7 +188,7 @@ def test_save_load_roundtrip(tmp_path):
     vae.latent_std.fill_(2.5)
     nz = _normalizer()
     save_vae(tmp_path / "ck", vae, nz, extra_meta={"note": "hello"})
-    meta = load_meta(tmp_path / "ck", kind="vae")
+    meta = load_checkpoint_meta(tmp_path / "ck", kind="vae")
     assert meta["note"] == "hello" and meta["vae_config"]["d_latent"] == 8
     vae2, nz2, cfg2 = load_vae(tmp_path / "ck", "cpu")
     assert cfg2 == vae.cfg and not vae2.training
@@ -302,7 +240,7 @@ def test_load_errors(tmp_path):
         load_vae(d)
 
 
-def test_per_group_report_identity_and_smoothing():
+def test_per_group_report_identity_and_smoothing(smooth_motion):
     """A perfect decoder has RMSE 0 and ratio 1; a temporally smoothed one has ratio < 1."""
 
     class Identity(MotionVAE):
@@ -341,15 +279,13 @@ def test_per_group_report_identity_and_smoothing():
 # train/vae.py
 
 
-def _run_train(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
-    res = subprocess.run([sys.executable, str(REPO / "train" / "vae.py"), *overrides], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
+@pytest.mark.slow
+def test_train_script_smoke_and_resume(tiny_dataset, tmp_path, run_entry):
+    def _run_train(*overrides: str, cwd: Path):
+        res = run_entry("vae.py", *overrides, cwd=cwd, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"})
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return res
 
-
-def test_train_script_smoke_and_resume(tiny_dataset, tmp_path):
     tiny = ["+model.d_model=32", "+model.n_layers=1", "+model.n_heads=2", "optim.batch_size=8",
             "log_every=5", "ckpt_every=5", "threads=1"]
     out = tmp_path / "run"
@@ -358,7 +294,7 @@ def test_train_script_smoke_and_resume(tiny_dataset, tmp_path):
     vae, nz, cfg = load_vae(out, "cpu")
     assert cfg.d_model == 32 and cfg.n_layers == 1
     assert np.array_equal(nz.mean, Normalizer.load(tiny_dataset / "normalizer.npz").mean)
-    meta = load_meta(out, kind="vae")
+    meta = load_checkpoint_meta(out, kind="vae")
     assert meta["steps"] == 10 and set(meta["report"]["groups"]) == set(GROUP_NAMES)
     assert json.loads((out / "report.json").read_text())["split"] == "test"
     w = DyadicWindows(tiny_dataset, "test", load_audio=False)
@@ -369,5 +305,5 @@ def test_train_script_smoke_and_resume(tiny_dataset, tmp_path):
     # continue to 15 steps: starts at 10, does not start over
     res = _run_train(f"data.root={tiny_dataset}", f"out_dir={out}", "optim.steps=15", "resume=true", *tiny, cwd=tmp_path)
     assert "resumed from step 10" in res.stdout
-    assert load_meta(out)["steps"] == 15
+    assert load_checkpoint_meta(out)["steps"] == 15
     assert [int(l.split(",")[0]) for l in loss_csv.read_text().splitlines()] == [5, 10, 15]

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from gdpo_listener.envs.converters.common import read_audio
 from gdpo_listener.envs.converters.vad import vad_frames
-from gdpo_listener.envs.dataset import DURATION_TOLERANCE_FRAMES, SAMPLES_PER_FRAME, load_conversation, load_meta
+from gdpo_listener.envs.dataset import DURATION_TOLERANCE_FRAMES, SAMPLES_PER_FRAME, load_conversation, load_dataset_meta
 from gdpo_listener.envs.flame import FPS, SAMPLE_RATE
 from gdpo_listener.evaluation.render import Panel, RenderError, benchmark, check_motion, render_video, require_flame_model
 
@@ -101,7 +101,7 @@ def build_panels(cfg: DictConfig) -> tuple[list[Panel], np.ndarray | None]:
     conv = None
     if has_dataset:
         root = abspath(cfg.dataset)
-        load_meta(root)
+        load_dataset_meta(root)
         conv = load_conversation(root, str(cfg.conversation))
     available = len(gen["motion"]) if gen is not None else conv.n_frames - start
     T = available if cfg.seconds is None else int(round(float(cfg.seconds) * FPS))
