@@ -3,6 +3,10 @@ torch's FLOP counter on the real model) and the arithmetic of the bounds. No tim
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +195,19 @@ def test_sft_child_runs_in_a_fresh_process():
     assert r["flops_per_step"] == hw.sft_step_work(ARFlowConfig.small(), 1).flops
     with pytest.raises(RuntimeError, match="preset='big'"):
         hw.run_condition(cond, {"preset": "big"}, timeout=300)
+
+
+def test_bench_threads_entry_point(tmp_path):
+    """train/bench_threads.py with tiny settings: four conditions in fresh processes, ratios printed; bad settings refused."""
+    script = Path(__file__).resolve().parents[1] / "train" / "bench_threads.py"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    res = subprocess.run([sys.executable, str(script), "batch=1", "steps=1", "warmup=0", "bank_rows=2"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split()[:2] for line in res.stdout.splitlines() if line.startswith(("default ", "old "))]
+    assert [" ".join(r) for r in rows] == ["default idle", "default busy", "old idle", "old busy"]
+    assert "busy / idle: default" in res.stdout and "target <= 1.6x" in res.stdout
+    res = subprocess.run([sys.executable, str(script), "busy=gpu"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert res.returncode != 0 and "busy='gpu'" in res.stderr
+    assert not list(tmp_path.glob("*.log"))

@@ -18,6 +18,16 @@ token and CFG on (w_speak != 1 or w_listen != 1: cond + uncond rows, 2B rows per
 Real-time factor (RTF) = seconds of compute / seconds of generated motion: "wall" divides the
 wall time of the batch by 8 s, "per stream" by B x 8 s. RTF < 1 is faster than real time.
 
+Physical bounds (``evaluation/hardware.py``: conventions, FLOP and byte counts). The script first
+measures this machine at the benchmark's thread count: memory bandwidth (triad) and fp32 GEMM peak.
+Next to each time it prints the least time the machine allows for the same passes (each pass at
+least its weight + KV-cache bytes over the bandwidth and its FLOPs over the GEMM peak, summed), the
+resource limiting most of it (single-stream decoding: memory; batched work and SFT: compute) and
+``reached`` = bound / measured. Per preset it prints the bytes read per generated token of one
+stream (weights of ``steps`` + 1 one-token passes, and the KV cache they read) and the least
+seconds per token they take. The bounds leave elementwise work and activations out: they are
+optimistic, the figures that reach them are not.
+
 OpenMP wait policy. On a CPU shared with other busy processes (more runnable threads than
 cores), OpenMP's default active spin-wait at the end of every parallel region makes each of the
 many small ops of a one-token pass wait for a descheduled sibling thread: on the 2-core team
@@ -36,29 +46,20 @@ import time
 import hydra
 from omegaconf import DictConfig
 
+from gdpo_listener.evaluation import hardware as hw  # no torch at import: OMP_WAIT_POLICY is set first
+from gdpo_listener.pipeline.threads import resolve_threads
+
 SECONDS_PER_WINDOW = 8.0
 PAPER_PARAMS = 19.3e6
 
 
 def _import_torch():
     """Import torch only after OMP_WAIT_POLICY is settled (OpenMP reads it once, at start-up)."""
-    global torch, ARFlow, ARFlowConfig, count_parameters
+    global torch, ARFlow, ARFlowConfig, count_parameters, make_cond
     import torch
 
     from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig, count_parameters
-
-
-def make_cond(cfg: ARFlowConfig, batch: int, generator: torch.Generator, device) -> dict:
-    L, N = cfg.window, cfg.n_tokens
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=generator).to(device)
-
-    return {
-        "text_emb": rnd(batch, cfg.d_text), "text_mask": torch.ones(batch, dtype=torch.bool, device=device),
-        "actor_audio": rnd(batch, L, cfg.d_audio), "partner_audio": rnd(batch, L, cfg.d_audio),
-        "partner_latent": rnd(batch, N, cfg.d_latent), "partner_has_motion": torch.ones(batch, dtype=torch.bool, device=device),
-    }
+    from gdpo_listener.evaluation.hardware import synthetic_cond as make_cond
 
 
 def timed(fn, repeats: int) -> float:
@@ -104,13 +105,26 @@ def check_settings(cfg: DictConfig) -> None:
         raise ValueError(f"presets={list(cfg.presets)} must be a non-empty subset of [small, paper]")
     if not cfg.batch or any(int(b) < 1 for b in cfg.batch):
         raise ValueError(f"batch={list(cfg.batch)} must list positive batch sizes (streams generated together)")
-    for key in ("threads", "steps", "uncached_tokens", "repeats"):
+    resolve_threads(cfg.threads)
+    for key in ("steps", "uncached_tokens", "repeats", "hw_repeats", "gemm_size"):
         if int(cfg[key]) != cfg[key] or cfg[key] < 1:
             raise ValueError(f"{key}={cfg[key]} must be a positive integer")
     if cfg.omp_wait_policy not in ("PASSIVE", "ACTIVE"):
         raise ValueError(f"omp_wait_policy={cfg.omp_wait_policy!r} must be PASSIVE or ACTIVE")
     if float(cfg.w_speak) == 1.0 and float(cfg.w_listen) == 1.0:
         raise ValueError("CFG is off with w_speak = w_listen = 1; this benchmark measures CFG on")
+    if not float(cfg.stream_mb) > 0:
+        raise ValueError(f"stream_mb={cfg.stream_mb} must be positive (MB per triad array, far above the caches)")
+
+
+def decode_bytes_line(arch, steps: int, machine) -> str:
+    """Bytes one stream reads per generated token and the least seconds per token they take."""
+    weights, kv = hw.decode_bytes_per_token(arch, 1, steps, cfg_on=True)
+    sec = (weights + kv) / machine.bandwidth
+    return (f"per generated token (1 stream, CFG: 2 rows): {steps} + 1 one-token passes read "
+            f"{weights / 1e6:.1f} MB of weights + {kv / 1e6:.1f} MB of KV cache -> >= {sec * 1e3:.1f} ms/token "
+            f"at {machine.bandwidth / 1e9:.1f} GB/s, RTF >= {sec * arch.n_tokens / SECONDS_PER_WINDOW:.3f} "
+            f"(decoding only; the prefix pass adds compute)")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench_arflow")
@@ -120,8 +134,9 @@ def main(cfg: DictConfig) -> None:
         print("NOTE: torch was imported before OMP_WAIT_POLICY was set; omp_wait_policy has no effect")
     os.environ.setdefault("OMP_WAIT_POLICY", str(cfg.omp_wait_policy))
     _import_torch()
-    torch.set_num_threads(int(cfg.threads))
+    torch.set_num_threads(resolve_threads(cfg.threads))
     device = torch.device(cfg.device)
+    machine = hw.measure_machine(float(cfg.stream_mb), int(cfg.gemm_size), int(cfg.hw_repeats))
     n_unc = int(cfg.uncached_tokens)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -130,11 +145,15 @@ def main(cfg: DictConfig) -> None:
     print(f"window 200 frames = 25 tokens = {SECONDS_PER_WINDOW:.0f} s | {cfg.steps} Euler steps/token | CFG on "
           f"(w_speak {cfg.w_speak}, w_listen {cfg.w_listen}; 2B rows per call)")
     print(f"uncached: {n_unc} token(s) from token {cfg.uncached_from} timed, scaled x25/{n_unc} to a window")
+    print(f"machine: {machine.describe()}")
     if load > (os.cpu_count() or 1):
         print(f"NOTE: the machine is busy (load {load:.1f} > {os.cpu_count()} cpus): absolute times are inflated")
+    for preset in cfg.presets:
+        print(f"{preset}: " + decode_bytes_line(getattr(ARFlowConfig, preset)(), int(cfg.steps), machine))
     print()
-    hdr = (f"{'preset':<6} {'params':>8} {'B':>3} | {'cached s':>9} {'RTF wall':>9} {'RTF/strm':>9} | "
-           f"{'uncached s*':>11} {'RTF wall':>9} {'RTF/strm':>9} | {'speedup':>8}")
+    hdr = (f"{'preset':<6} {'params':>8} {'B':>3} | {'cached s':>9} {'RTF wall':>9} {'RTF/strm':>9} | {'bound s':>8} "
+           f"{'bnd/strm':>8} {'limit':>7} {'reached':>7} | {'uncached s*':>11} {'RTF wall':>9} {'RTF/strm':>9} | "
+           f"{'bound s*':>8} {'reached':>7} | {'speedup':>8}")
     print(hdr)
     print("-" * len(hdr))
     failed = []
@@ -142,15 +161,20 @@ def main(cfg: DictConfig) -> None:
         for batch in cfg.batch:
             batch = int(batch)
             r = bench_one(preset, batch, cfg, device)
+            b, bu = window_bounds(preset, batch, r, cfg, machine)
             sp = r["uncached"] / r["cached"]
             wall, stream = SECONDS_PER_WINDOW, SECONDS_PER_WINDOW * batch
             print(f"{preset:<6} {r['params'] / 1e6:>7.2f}M {batch:>3} | {r['cached']:>9.2f} {r['cached'] / wall:>9.3f} "
-                  f"{r['cached'] / stream:>9.3f} | {r['uncached']:>11.1f} {r['uncached'] / wall:>9.2f} "
-                  f"{r['uncached'] / stream:>9.2f} | {sp:>7.1f}x", flush=True)
+                  f"{r['cached'] / stream:>9.3f} | {b.seconds:>8.3f} {b.seconds / stream:>8.3f} {b.limit:>7} "
+                  f"{hw.reached(b.seconds, r['cached']):>7.1%} | {r['uncached']:>11.1f} {r['uncached'] / wall:>9.2f} "
+                  f"{r['uncached'] / stream:>9.2f} | {bu.seconds:>8.2f} {hw.reached(bu.seconds, r['uncached']):>7.1%} | "
+                  f"{sp:>7.1f}x", flush=True)
             if preset == "paper" and sp < float(cfg.min_speedup):
                 failed.append((batch, sp))
     print("-" * len(hdr))
     print("* uncached window time extrapolated from the timed tokens (see above); cached includes the prefix pass.")
+    print("bound: least seconds of the same passes on this machine (bnd/strm: as an RTF per stream); limit: what bounds "
+          "most of it; reached = bound / measured.")
     if "paper" in cfg.presets:
         n = count_parameters(ARFlow(ARFlowConfig.paper()))
         print(f"paper preset: {n / 1e6:.2f}M trainable parameters (paper reports {PAPER_PARAMS / 1e6:.1f}M, "
@@ -161,10 +185,28 @@ def main(cfg: DictConfig) -> None:
             raise SystemExit(1)
         print(f"OK: KV cache speedup >= {float(cfg.min_speedup):.0f}x for the paper preset")
     if int(cfg.sft_batch):
-        print(f"\nSFT training throughput (teacher forced, forward + backward + AdamW, batch {cfg.sft_batch})")
+        target = float(cfg.min_peak_fraction)
+        print(f"\nSFT training throughput (teacher forced, forward + backward + AdamW, batch {cfg.sft_batch}); "
+              f"bound: the step's FLOPs at the GEMM peak (target: reach >= {target:.0%})")
         for preset in cfg.presets:
+            arch = getattr(ARFlowConfig, preset)()
             rate = sft_throughput(preset, int(cfg.sft_batch), int(cfg.sft_steps), device, int(cfg.seed))
-            print(f"  {preset:6s} {rate:8.1f} windows/s")
+            step = hw.sft_step_work(arch, int(cfg.sft_batch))
+            bound_rate = int(cfg.sft_batch) / step.seconds(machine)
+            got = rate / bound_rate
+            print(f"  {preset:6s} {rate:8.1f} windows/s | bound {bound_rate:8.1f} windows/s "
+                  f"({step.flops / int(cfg.sft_batch) / 1e9:.2f} GFLOP per window) | reached {got:.1%} of the GEMM peak "
+                  f"({got * machine.gemm_peak / 1e9:.1f} GFLOP/s) {'OK' if got >= target else 'BELOW TARGET'}")
+
+
+def window_bounds(preset: str, batch: int, r: dict, cfg: DictConfig, machine) -> tuple:
+    """Bounds of the cached window and of the uncached figure (its timed tokens, scaled as the time is)."""
+    arch = getattr(ARFlowConfig, preset)()
+    steps = int(cfg.steps)
+    cached = hw.bound_seconds(hw.generation_passes(arch, batch, steps, cfg_on=True), machine)
+    timed = range(r["uncached_from"], r["uncached_from"] + r["uncached_tokens"])
+    unc = hw.bound_seconds(hw.generation_passes(arch, batch, steps, cfg_on=True, tokens=timed, cached=False), machine)
+    return cached, unc.scaled(arch.n_tokens / r["uncached_tokens"])
 
 
 def sft_throughput(preset: str, batch: int, steps: int, device, seed: int) -> float:

@@ -1,0 +1,76 @@
+"""Supervised training steps idle and next to one busy single-threaded process (issue 11, threads that cope with load).
+
+    python train/bench_threads.py                          # small preset, 4 conditions, each in a fresh process
+    python train/bench_threads.py steps=20 repeats=3 busy=numpy
+
+Settings and their defaults: ``train/conf/bench_threads.yaml`` (Hydra overrides, as every entry point).
+
+Each condition times ``steps`` supervised steps of train/sft.py (``evaluation.hardware.time_sft_steps``:
+batch drawn from a synthetic bank with the real shapes, rectified-flow loss, backward, clipping,
+AdamW) in a fresh child process, with ``OMP_WAIT_POLICY`` set in its environment before torch loads:
+
+* default: ``OMP_WAIT_POLICY=PASSIVE`` and ``threads: auto`` (what the entry points now do);
+* old:     ``OMP_WAIT_POLICY=ACTIVE`` and ``old_threads`` threads (torch's spin-waiting, the former
+           ``threads: 2``);
+
+each idle and then next to one busy single-threaded process (``busy``: a pure-Python loop or a
+1-thread numpy loop), killed after the measurement. Thread-count variables of the calling
+environment (OMP_NUM_THREADS ...) are cleared for the timed child. The table gives seconds per step
+(mean over the timed steps; median of ``repeats`` children), and the busy / idle ratio of each
+setting (target for the default: at most ``max_busy_ratio``). Run it on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+
+import hydra
+from omegaconf import DictConfig
+
+from gdpo_listener.evaluation import hardware as hw
+from gdpo_listener.pipeline.threads import available_cores
+
+
+def check_settings(cfg: DictConfig) -> None:
+    if cfg.preset not in ("small", "paper"):
+        raise ValueError(f"preset={cfg.preset!r} must be small or paper")
+    for key in ("batch", "steps", "repeats", "bank_rows", "old_threads"):
+        if int(cfg[key]) != cfg[key] or cfg[key] < 1:
+            raise ValueError(f"{key}={cfg[key]} must be a positive integer")
+    if int(cfg.warmup) != cfg.warmup or cfg.warmup < 0:
+        raise ValueError(f"warmup={cfg.warmup} must be a non-negative integer")
+    if cfg.busy not in hw.BUSY_CODE:
+        raise ValueError(f"busy={cfg.busy!r} must be one of {sorted(hw.BUSY_CODE)}")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="bench_threads")
+def main(cfg: DictConfig) -> None:
+    check_settings(cfg)
+    settings = {k: cfg[k] for k in ("preset", "batch", "steps", "warmup", "bank_rows", "seed")}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"SFT steps under load | preset {cfg.preset}, batch {cfg.batch}, {cfg.steps} timed steps after {cfg.warmup} | "
+          f"cores available {available_cores()} | load avg (1 min) {load:.2f} | busy process: {cfg.busy} | "
+          f"median of {cfg.repeats} fresh process(es) per condition")
+    if load > 0.5:
+        print(f"NOTE: the machine is not idle (load {load:.1f}): the idle figures are inflated, the ratios understated")
+    print()
+    hdr = f"{'condition':<13} {'OMP_WAIT_POLICY':>15} {'threads':>7} {'s/step':>8} {'median':>8} {'max':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    seconds = {}
+    for cond in hw.thread_conditions(int(cfg.old_threads)):
+        runs = [hw.run_condition(cond, settings, str(cfg.busy)) for _ in range(int(cfg.repeats))]
+        seconds[cond.name] = statistics.median(r["seconds_per_step"] for r in runs)
+        med = statistics.median(r["median"] for r in runs)
+        print(f"{cond.name:<13} {cond.omp_wait_policy:>15} {runs[0]['threads']:>7} {seconds[cond.name]:>8.3f} {med:>8.3f} "
+              f"{max(r['max'] for r in runs):>8.3f}", flush=True)
+    print("-" * len(hdr))
+    ratios = hw.busy_ratios(seconds)
+    limit = float(cfg.max_busy_ratio)
+    print(f"busy / idle: default {ratios['default']:.2f}x (target <= {limit:.1f}x: "
+          f"{'OK' if ratios['default'] <= limit else 'ABOVE TARGET'}) | old {ratios['old']:.2f}x")
+    print(f"next to the busy process the default runs {seconds['old busy'] / seconds['default busy']:.2f}x faster than the old setting")
+
+
+if __name__ == "__main__":
+    main()
