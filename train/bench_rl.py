@@ -172,7 +172,7 @@ def memory_report(cfg: DictConfig) -> None:
     print("traj: the collected trajectory batch the update replays; collect: peak rise while collecting it "
           "(agents.loss.collect_trajectories)")
     print(f"peak memory of one update (batch {B} rollouts, {cfg.sde_steps} SDE steps, chunks of {cfg.chunk_steps} steps, "
-          f"{cfg.device}, {cfg.threads} threads); each row a fresh process\n")
+          f"{cfg.device}, {resolve_threads(cfg.threads)} threads); each row a fresh process\n")
     print(f"{'preset':8s} {'tokens':>6s} {'windows':>7s} {'before MB':>10s} {'peak MB':>9s} {'update MB':>10s} "
           f"{'traj MB':>8s} {'collect MB':>11s} {'seconds':>8s}")
     for preset in cfg.presets:
