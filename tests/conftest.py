@@ -1,5 +1,6 @@
 """The tests' shared helpers, as fixtures (test modules never import each other).
 
+- ``one_thread`` (automatic): torch runs on one thread in every test;
 - ``run_entry`` / ``tiny_pipeline``: run the real entry points; a tiny synthetic corpus whose VAE and
   supervised AR-Flow the first GDPO run trains (built once per session);
 - ``rl``: tiny RL components (random window bank, tiny VAE and AR-Flow) and their sizes;
@@ -35,6 +36,15 @@ from gdpo_listener.envs.flame import FLAME_DIM, FPS, GROUP_NAMES, GROUPS, N_GROU
 from gdpo_listener.envs.windows import token_majority
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Every test runs torch on one thread: tiny models run fastest so, and the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------

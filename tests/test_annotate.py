@@ -41,14 +41,6 @@ CONVS = {"conv000": (420, (True, True)), "conv001": (250, (True, False))}
 KEPT = "kept: an existing description"  # conv000 side 0 window 1 is described before annotation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------------------------
 # fixtures: tiny model, dataset, videos
 

@@ -31,15 +31,6 @@ from gdpo_listener.agents.sampling import window_schedule
 B = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(**kw):
     base = dict(d_latent=6, d_text=12, d_audio=10, d_model=32, n_layers=2, n_heads=2, r=8, window=32, dropout=0.0)
     return ARFlowConfig(**{**base, **kw})

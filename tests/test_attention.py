@@ -5,14 +5,6 @@ import torch
 from gdpo_listener.agents.attention import Block, SelfAttention, apply_rope, rope_cos_sin
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _block(seed=0, d_model=16, n_heads=2):
     torch.manual_seed(seed)
     return Block(d_model, n_heads).eval()

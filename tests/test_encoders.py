@@ -25,14 +25,6 @@ HOP = SAMPLE_RATE // FPS
 WORDS = "nodding smiling broadly slow head shake still and attentive skeptical tilt joyful sad".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tokenizer(folder):
     from transformers import BertTokenizer
 

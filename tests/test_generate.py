@@ -13,7 +13,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train"))
-torch.set_num_threads(1)
 
 
 def write_checkpoints(d: Path, r: int = 8, d_audio: int = 80, **arch_overrides) -> Path:

@@ -14,8 +14,6 @@ from gdpo_listener.evaluation import metrics as M
 from gdpo_listener.evaluation.flame_layer import FlameLayer, FlameModelError, load_flame_masks, load_flame_model, rodrigues
 from gdpo_listener.rewards.stats import dynamic_deviation
 
-torch.set_num_threads(1)
-
 JAW = GROUPS["jaw"].start  # 50
 ROT = GROUPS["rot"].start  # 64
 NECK = GROUPS["neck"].start

@@ -14,7 +14,6 @@ from gdpo_listener.envs.dataset import Conversation, DatasetWriter
 from gdpo_listener.envs.flame import FLAME_DIM, FPS, GROUPS, SAMPLE_RATE
 from gdpo_listener.evaluation import render as R
 
-torch.set_num_threads(1)
 SIZE = 32  # pixels per panel: small and fast
 T = 2 * FPS  # a 2-second clip: 50 frames
 

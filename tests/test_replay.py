@@ -20,14 +20,6 @@ K = 4
 N_LONG = 7  # windows of 4 tokens, k = 1: [0, 4) [3, 7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_setup(rl, causal: bool, seed: int = 0):
     """Rollouts of a tiny policy over 2-window episodes -> (loss, traj, model, policy core)."""
     base = rl.tiny_arflow(seed)

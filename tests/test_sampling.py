@@ -37,14 +37,6 @@ def make_cond(cfg, frames=None, seed=1):
     }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _paper_loop(m, cond, steps, sigma, generator):
     """The eq. 7 sampler written out with the model's cached primitives (no CFG): per token x0, then
     x <- x + dt v + sigma sqrt(dt) eps; the finished token joins the cache."""

@@ -18,14 +18,6 @@ R, W_FRAMES, DV, DT, N_MELS = 8, 32, 4, 8, 16  # 4-token AR window
 TOKEN = R * HOP  # samples per token
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def parts():
     """Tiny random AR-Flow (non-zero output modulation), tiny VAE with a 3-token window (not aligned with

@@ -25,15 +25,6 @@ from gdpo_listener.envs.dataset import DyadicWindows, Normalizer
 from gdpo_listener.envs.flame import FLAME_DIM, GROUP_NAMES, GROUPS, N_GROUPS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory, make_tiny_dataset) -> Path:
     return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
