@@ -52,9 +52,10 @@ from tensordict.nn import InteractionType, TensorDictModule
 from torch import nn
 from torchrl.modules import IndependentNormal, ProbabilisticActor
 
-from ..envs.windows import sliding_windows, window_cond
+from ..envs.windows import window_cond
 from .arflow import DROP_KEYS, KVCache
 from .flow import SDE_KINDS, sde_drift, transition_mean, transition_std
+from .sampling import window_schedule
 
 POLICY_IN_KEYS = ["x", "t", "token", "sde_step", "history", "window", "episode"]
 NO_DROP = {k: False for k in DROP_KEYS}  # collection and replay never drop conditions
@@ -147,7 +148,8 @@ class SDETransition(nn.Module):
         self.std = transition_std(self.sigma, self.dt)
         n_total, W = bank["actor_latent"].shape[1], arflow.cfg.n_tokens
         self.n_total = n_total
-        self.schedule = sliding_windows(n_total, W, prefix_tokens)  # [(0, n_total, 0)] for a one-window row; validates k
+        # the windows of generate_long: [(0, n_total, 0)] for a one-window row; validates k
+        self.schedule = window_schedule(n_total, W, prefix_tokens, causal=bool(getattr(arflow.cfg, "causal_prefix", False)))
         self._window_of = [w for w, (s0, n, new0) in enumerate(self.schedule) for _ in range(new0, s0 + n)]  # token -> window
         self.max_episodes = int(max_episodes)
         self._episodes: OrderedDict[int, _EpisodeCache] = OrderedDict()

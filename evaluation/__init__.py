@@ -16,5 +16,6 @@
 - :mod:`.targets`: the issue-10 targets computed from the measured figures (pass / fail);
 - :mod:`.long_sequences`: decay table of long generation;
 - :mod:`.clip`: one clip from audio files, checked inputs and outputs;
+- :mod:`.hardware`: measured memory bandwidth and GEMM peak, FLOP/byte counts of the AR-Flow passes, roofline bounds;
 - :mod:`.render`: FLAME motion to shaded frames and MP4 videos with sound.
 """

@@ -132,11 +132,11 @@ def tiny_bank(n_windows: int = 6, seed: int = 0, listening: bool = True, frames:
     return bank
 
 
-def tiny_arflow(seed: int = 0) -> ARFlow:
-    """A 2-layer AR-Flow in eval mode, condition dropout off."""
+def tiny_arflow(seed: int = 0, causal: bool = False) -> ARFlow:
+    """A 2-layer AR-Flow in eval mode, condition dropout off; ``causal``: causal-in-time prefix."""
     torch.manual_seed(seed)
     cfg = ARFlowConfig(d_latent=RL_DV, d_text=RL_DT, d_audio=RL_DA, d_model=32, n_layers=2, n_heads=2, r=RL_R, window=RL_W,
-                       p_drop_text=0.0, p_drop_audio=0.0, p_drop_motion=0.0)
+                       p_drop_text=0.0, p_drop_audio=0.0, p_drop_motion=0.0, causal_prefix=causal)
     return ARFlow(cfg).eval()
 
 

@@ -17,10 +17,14 @@ def run(run_entry):
     return lambda script, *overrides, cwd: run_entry(script, *overrides, cwd=cwd, env=env)
 
 
+HW = ["stream_mb=8", "gemm_size=256", "hw_repeats=1"]  # a quick machine measurement (bandwidth, GEMM peak)
+
+
 def test_bench_arflow_hydra_overrides(tmp_path, run):
     res = run("bench_arflow.py", "presets=[small]", "batch=[1]", "steps=1", "threads=1", "sft_batch=2", "sft_steps=1",
-              "min_speedup=0", cwd=tmp_path)
+              "min_speedup=0", *HW, cwd=tmp_path)
     assert res.returncode == 0
+    assert "reached" in res.stdout and "of the GEMM peak" in res.stdout  # each figure beside its physical bound
     assert "OMP_WAIT_POLICY=PASSIVE" in res.stdout  # set before torch was imported
     assert "small" in res.stdout and "windows/s" in res.stdout and "paper preset" not in res.stdout
     res = run("bench_arflow.py", "w_speak=1", "w_listen=1", cwd=tmp_path)
@@ -29,9 +33,10 @@ def test_bench_arflow_hydra_overrides(tmp_path, run):
 
 
 def test_bench_rl_hydra_overrides_throughput_and_memory(tmp_path, run):
-    tiny = ["presets=[small]", "n_prompts=1", "group_size=2", "sde_steps=1", "threads=1"]
+    tiny = ["presets=[small]", "n_prompts=1", "group_size=2", "sde_steps=1", "threads=1", *HW]
     res = run("bench_rl.py", *tiny, "uncached_tokens=1", cwd=tmp_path)
     assert res.returncode == 0
+    assert "bounds:" in res.stdout
     assert "kv-cache" in res.stdout and "recompute" in res.stdout and "replay/update" in res.stdout
     # memory=true: one child process per episode length, started with Hydra overrides
     res = run("bench_rl.py", *tiny, "memory=true", "memory_tokens=[25,50]", cwd=tmp_path)

@@ -53,14 +53,14 @@ def test_window_cond_slices_and_picks_text_segment(rl):
     assert torch.equal(c["text_emb"], rows["text_emb"][:, 2]) and not c["text_mask"].any()
 
 
-def make_long(rl, seed=0, use_cache=True, sde="paper"):
+def make_long(rl, seed=0, use_cache=True, sde="paper", causal=False):
     bank = rl.tiny_bank(frames=N_LONG * rl.R)
     vae, norm = rl.tiny_vae()
     g = torch.Generator().manual_seed(seed)
     reward = build_reward("expr+rot")
     env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=2, sde_steps=K, sigma=0.5, generator=g,
                          seed=seed, sde=sde)
-    model = rl.tiny_arflow()
+    model = rl.tiny_arflow(causal=causal)
     behaviour = copy.deepcopy(model).requires_grad_(False)
     policy = make_policy(behaviour, env, generator=g, use_cache=use_cache)
     return env, policy, model, bank, reward
@@ -73,10 +73,14 @@ def long_rollout(env, policy, seed):
         return env.rollout(N_LONG * K, policy, break_when_any_done=False)
 
 
-@pytest.mark.parametrize("sde", ["paper", "marginal"])
-def test_long_episode_rollout_equals_sliding_window_sde_generation(sde, rl):
-    env, policy, model, bank, _ = make_long(rl, sde=sde)
-    assert transition_core(policy).schedule == sliding_windows(N_LONG, rl.N, 1) == [(0, 4, 0), (3, 4, 4), (6, 4, 7), (7, 4, 10)]
+@pytest.mark.parametrize("sde,causal", [("paper", False), ("marginal", False), ("paper", True)])
+def test_long_episode_rollout_equals_sliding_window_sde_generation(sde, causal, rl):
+    env, policy, model, bank, _ = make_long(rl, sde=sde, causal=causal)
+    # bidirectional prefix: the last window shifted back to end at the last token; causal: cut short
+    expect = [(0, 4, 0), (3, 4, 4), (6, 4, 7), (9, 2, 10)] if causal else [(0, 4, 0), (3, 4, 4), (6, 4, 7), (7, 4, 10)]
+    assert transition_core(policy).schedule == expect
+    if not causal:
+        assert expect == sliding_windows(N_LONG, rl.N, 1)
     ro = long_rollout(env, policy, 11)
     z_env = ro["next", "history"][:, -1]  # (B, N_LONG, Dv)
     rows = bank[ro["window"][:, 0]]
@@ -84,7 +88,7 @@ def test_long_episode_rollout_equals_sliding_window_sde_generation(sde, rl):
     z_gen = model.generate_long(cond_from_bank(rows), N_LONG * rl.R, k=1, steps=K, sigma=0.5, generator=env.generator, sde=sde)
     assert torch.allclose(z_env, z_gen, atol=1e-4), (z_env - z_gen).abs().max()
     # the uncached policy follows the same schedule
-    env_u, policy_u, _, _, _ = make_long(rl, use_cache=False, sde=sde)
+    env_u, policy_u, _, _, _ = make_long(rl, use_cache=False, sde=sde, causal=causal)
     ro_u = long_rollout(env_u, policy_u, 11)
     assert torch.allclose(ro_u["next", "history"][:, -1], z_env, atol=1e-4)
     # the reward is computed once, on the whole decoded episode
