@@ -289,7 +289,8 @@ def describe(intent: str, rng: np.random.Generator, speaking: bool = False) -> s
     emo, emo2, face = pick("emo"), pick("emo2"), pick("face")
     feat = pick("speak" if speaking else "listen")
     t = _TEMPLATES[rng.integers(len(_TEMPLATES))]
-    return t.format(A="An" if emo[0] in "aeiou" else "A", Emo=emo.capitalize(), emo=emo, emo2=emo2, feat=feat, face=face, Face=face[0].upper() + face[1:])
+    return t.format(A="An" if emo[0] in "aeiou" else "A", Emo=emo.capitalize(), emo=emo, emo2=emo2, feat=feat, face=face,
+                    Face=face[0].upper() + face[1:])
 
 
 # machine-written captions are often vague: these name no intent (and no role)

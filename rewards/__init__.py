@@ -5,10 +5,8 @@
 - :mod:`.groups`: ``GroupReward``, ``FlameReward`` (``(B, n_groups)`` reward vector), ``build_reward``;
 - :mod:`.examples`: a user term and a user group reward plugged in by dotted path.
 """
-from .groups import (BUILTIN_TERMS, DEFAULT_WEIGHTS, FlameReward, GroupReward, build_reward,
-                     parse_reward_spec)
-from .stats import (dynamic_deviation, frame_velocity, masked_mean, masked_std, position_deviation,
-                    velocity_std)
+from .groups import BUILTIN_TERMS, DEFAULT_WEIGHTS, FlameReward, GroupReward, build_reward, parse_reward_spec
+from .stats import dynamic_deviation, frame_velocity, masked_mean, masked_std, position_deviation, velocity_std
 from .terms import MeanDriftTerm, MSETerm, RewardTerm, VarianceTerm, VelocityVarianceTerm
 
 __all__ = [

@@ -59,17 +59,15 @@ def eval_args(d: Path, *extra: str) -> list[str]:
             f"features.cache_dir={d / 'cache'}", "progress=false", *extra]
 
 
-def flame_files(d: Path, **drop) -> tuple[Path, Path]:
-    from test_metrics import MASKS, tiny_model, write_pkl
-
-    m = {k: v for k, v in tiny_model().items() if k not in drop}
-    return write_pkl(d / "generic_model.pkl", m), write_pkl(d / "FLAME_masks.pkl", MASKS)
+def flame_files(d: Path, flame_kit, **drop) -> tuple[Path, Path]:
+    m = {k: v for k, v in flame_kit.tiny_model().items() if k not in drop}
+    return flame_kit.write_pkl(d / "generic_model.pkl", m), flame_kit.write_pkl(d / "FLAME_masks.pkl", flame_kit.MASKS)
 
 
-def test_evaluate_writes_table1_and_supplementary_with_flame(tiny, tmp_path):
+def test_evaluate_writes_table1_and_supplementary_with_flame(tiny, tmp_path, flame_kit):
     import evaluate
 
-    model, masks = flame_files(tmp_path)
+    model, masks = flame_files(tmp_path, flame_kit)
     cfg = compose("evaluate", eval_args(tiny, f"out={tmp_path / 'eval'}", f"metrics.flame_model={model}",
                                         f"metrics.flame_masks={masks}"))
     doc = evaluate.run(cfg, verbose=False)
@@ -116,7 +114,7 @@ def _copy_dataset(tiny: Path, dst: Path) -> Path:
     return dst
 
 
-def test_bad_inputs_are_clear_errors(tiny, tmp_path):
+def test_bad_inputs_are_clear_errors(tiny, tmp_path, flame_kit):
     import evaluate
 
     from gdpo_listener.envs.dataset import DatasetFormatError
@@ -155,7 +153,7 @@ def test_bad_inputs_are_clear_errors(tiny, tmp_path):
         evaluate.run(compose("evaluate", eval_args(tiny, f"checkpoint={tmp_path / 'nope'}")), verbose=False)
 
     # a FLAME model file missing keys; a model without its masks file
-    model, masks = flame_files(tmp_path, J_regressor=True)
+    model, masks = flame_files(tmp_path, flame_kit, J_regressor=True)
     with pytest.raises(FlameModelError, match="missing keys \\['J_regressor'\\]"):
         evaluate.run(compose("evaluate", eval_args(tiny, f"metrics.flame_model={model}", f"metrics.flame_masks={masks}")), verbose=False)
     with pytest.raises(FlameModelError, match="flame_masks"):

@@ -188,6 +188,7 @@ def test_busy_ratios_and_process():
     assert proc.poll() is not None  # killed at the end of the block
 
 
+@pytest.mark.slow
 def test_sft_child_runs_in_a_fresh_process():
     cond = hw.Condition("default idle", "PASSIVE", "1", False)
     r = hw.run_condition(cond, {"preset": "small", "batch": 1, "steps": 1, "warmup": 0, "bank_rows": 2}, timeout=300)
@@ -197,6 +198,7 @@ def test_sft_child_runs_in_a_fresh_process():
         hw.run_condition(cond, {"preset": "big"}, timeout=300)
 
 
+@pytest.mark.slow
 def test_bench_threads_entry_point(tmp_path):
     """train/bench_threads.py with tiny settings: four conditions in fresh processes, ratios printed; bad settings refused."""
     script = Path(__file__).resolve().parents[1] / "train" / "bench_threads.py"
