@@ -55,6 +55,8 @@ Everything is deterministic given ``seed``: conversation ``i`` of a corpus depen
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -65,7 +67,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter1d
 from scipy.signal import butter, lfilter
 
-from .dataset import SAMPLES_PER_FRAME, WINDOW, Conversation, DatasetWriter
+from .dataset import SAMPLES_PER_FRAME, WINDOW, Conversation, DatasetWriter, check_output_folder
 from .flame import FLAME_DIM, FPS, GROUPS, N_GROUPS, SAMPLE_RATE
 
 # ----------------------------------------------------------------------------------------------
@@ -936,6 +938,18 @@ def _make_conversation(args) -> tuple[Conversation, dict]:
     return conv, info
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: the kernel kills this worker when the parent dies (Linux ``PR_SET_PDEATHSIG``),
+    so a killed ``prepare_data`` leaves no synthesising processes behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def generate_corpus(out_dir, n_conversations: int = 60, seconds: float = 64.0, seed: int = 0,
                     test_fraction: float = 0.1, progress: bool = True, workers: int = 1,
                     version: int = CORPUS_VERSION) -> dict:
@@ -956,6 +970,7 @@ def generate_corpus(out_dir, n_conversations: int = 60, seconds: float = 64.0, s
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     corpus_params(version)  # a clear error for an unknown version, before any work
+    check_output_folder(out_dir)  # refuse a folder that is not this project's dataset before synthesising anything
     t0 = time.perf_counter()
     splits = split_ids(n_conversations, test_fraction, seed)
     pool = speaker_pool(seed)
@@ -963,7 +978,8 @@ def generate_corpus(out_dir, n_conversations: int = 60, seconds: float = 64.0, s
     jobs = [(i, seconds, seed, pool, version) for i in range(n_conversations)]
     meta = {"synthetic": {"corpus_version": version, "seed": seed, "n_conversations": n_conversations,
                           "seconds": seconds, "test_fraction": test_fraction, "intents": list(INTENTS)}}
-    executor = ProcessPoolExecutor(max_workers=workers) if workers > 1 and n_conversations > 1 else None
+    executor = (ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),))
+                if workers > 1 and n_conversations > 1 else None)
     try:
         results = executor.map(_make_conversation, jobs) if executor else map(_make_conversation, jobs)
         if progress:

@@ -303,3 +303,32 @@ def test_atomic_write_json_is_strict(tmp_path):
     assert names(tmp_path) == []
     atomic_write_bytes(tmp_path / "b", b"x")
     assert (tmp_path / "b").read_bytes() == b"x"
+
+
+@pytest.mark.slow
+def test_synthetic_workers_die_with_their_parent(tmp_path):
+    """A killed corpus generation leaves no worker processes behind (issue 15 item 8)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import os, sys; from gdpo_listener.envs.synthetic import generate_corpus; "
+            f"generate_corpus({str(tmp_path / 'out')!r}, n_conversations=40, seconds=64, workers=2, progress=False)")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    workers: list[int] = []
+    for _ in range(300):  # wait for the two workers to start
+        time.sleep(0.1)
+        out = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout.split()
+        workers = [int(p) for p in out]
+        if len(workers) >= 2:
+            break
+    assert len(workers) >= 2, "the corpus generation did not start its workers"
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        alive = [p for p in workers if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
+        if not alive:
+            break
+        time.sleep(0.1)
+    assert not alive, f"workers {alive} outlived their killed parent"

@@ -38,9 +38,12 @@ def check_config(cfg: DictConfig) -> tuple[str, Path, Path | None]:
     if cfg.out is None or str(cfg.out).strip() == "":
         fail("out=DIR is required (the folder the dataset is written to)")
     out = Path(to_absolute_path(str(cfg.out)))
-    if out.exists() and not (out / "dataset.json").is_file() and (not out.is_dir() or any(out.iterdir())):
-        # the writer replaces an existing `out` as a whole: only ever replace a dataset
-        fail(f"out={out} exists and is not a canonical dataset (no dataset.json); refusing to replace it")
+    from gdpo_listener.envs.dataset import check_output_folder
+
+    try:  # the writer replaces an existing `out` as a whole: only ever this project's own dataset
+        check_output_folder(out)
+    except FileExistsError as e:
+        fail(str(e))
     inp = None
     if source != "synthetic":
         if cfg.input is None or str(cfg.input).strip() == "":
