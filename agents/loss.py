@@ -1,4 +1,4 @@
-"""GDPO and GRPO as TorchRL ``LossModule``s (paper eq. 8-10, DESIGN section 7).
+"""GDPO and GRPO as TorchRL ``LossModule``s (paper eq. 8-10, docs/design.md section 7).
 
 Both losses share the objective and differ only in how rollouts' reward vectors become one
 trajectory advantage:

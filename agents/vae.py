@@ -15,7 +15,7 @@ stored in the checkpoint); ``per_group_report`` converts back to raw FLAME units
 
 Loss terms (``MotionVAE.loss``), weighted means over valid channels:
     loss_recon  MSE of frames                            (channel_weight masks invalid groups)
-    loss_vel    MSE of frame differences                 (keeps dynamics, see DESIGN section 6)
+    loss_vel    MSE of frame differences                 (keeps dynamics, see docs/design.md section 6)
     loss_dyn    squared error of each window's per-channel velocity std (the reward's statistic,
                 ``rewards.stats.velocity_std``)
     loss_kl     KL(q(z|x) || N(0, I)), summed over D_v, mean over tokens

@@ -10,7 +10,7 @@ figures for the old synthetic corpus (``SYNTHETIC_V1``) to within about 10 %, wh
 were chosen:
 
 - raw FLAME units (no normalisation); one *side* of a conversation (its whole sequence) at a time;
-- speaking frames = own VAD; listening frames = partner VAD and not own VAD (DESIGN section 2);
+- speaking frames = own VAD; listening frames = partner VAD and not own VAD (docs/design.md section 2);
 - position std of a channel: population std over the side's frames of the role;
 - velocity std of a channel: population std of the frame differences ``x[t+1] - x[t]`` over the
   pairs whose *both* frames are in the role (a turn boundary never makes a jump), as in

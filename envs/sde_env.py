@@ -1,6 +1,6 @@
 """The RL environment: one step is one SDE denoising transition of one latent token.
 
-Paper section 3.3, DESIGN section 5. A batch holds ``n_prompts * G`` rollouts; the ``G`` rollouts
+Paper section 3.3, docs/design.md section 5. A batch holds ``n_prompts * G`` rollouts; the ``G`` rollouts
 of a prompt share its conditioning window (``window``: row of the window bank) and a
 ``group_id``. For every token ``l = 0 .. N-1`` the state starts from fresh noise at flow time
 ``t = 0`` and takes ``K`` transitions (eq. 7, sampled by the policy)::

@@ -1,4 +1,4 @@
-"""Evaluation metrics (paper section 4 and supplementary; DESIGN section 8).
+"""Evaluation metrics (paper section 4 and supplementary; docs/design.md section 8).
 
 Inputs follow :mod:`.stats`: prediction and ground truth ``(B, T, 67)`` raw FLAME frames of ``B``
 windows, a frame mask ``(B, T)`` selecting the frames of one split, and the per-group validity

@@ -1,6 +1,6 @@
 """FLAME-group rewards: terms -> one group's reward -> the reward vector over groups.
 
-Three layers (DESIGN section 6):
+Three layers (docs/design.md section 6):
 
 - a *term* (:mod:`.terms`) is a penalty ``(pred, target, mask) -> (B,)`` on one group's channels;
 - :class:`GroupReward` composes weighted terms on one FLAME group: ``R_i = -sum_k w_k * term_k``;

@@ -6,7 +6,7 @@ Every term is an ``nn.Module`` with ONE signature::
 
 ``C`` is the channel count of the group being scored (the caller slices the group), ``mask``
 marks the frames that count (the actor's listening frames). Statistics are over time per
-channel and then averaged over channels (DESIGN section 6), built on :mod:`.stats`, so the
+channel and then averaged over channels (docs/design.md section 6), built on :mod:`.stats`, so the
 degenerate cases are defined: no valid frame -> 0, fewer than 2 valid frames -> std 0.
 
 Your own term: subclass :class:`RewardTerm` (or write any ``nn.Module`` with the same

@@ -1,4 +1,4 @@
-"""GDPO / GRPO advantages (paper eq. 8-9, DESIGN section 7)."""
+"""GDPO / GRPO advantages (paper eq. 8-9, docs/design.md section 7)."""
 import math
 
 import pytest
@@ -17,7 +17,7 @@ from gdpo_listener.agents.advantages import (
     within_group_zscores,
 )
 
-# DESIGN section 7 public vector: prompts A and B, two rollouts each, rewards (r1, r2) per rollout.
+# docs/design.md section 7 public vector: prompts A and B, two rollouts each, rewards (r1, r2) per rollout.
 #   A: r1 = (0, 1), r2 = (0, 0);   B: r1 = (0, 1), r2 = (0, 1)
 R_PUB = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
 G_PUB = torch.tensor([0, 0, 1, 1])
@@ -78,7 +78,7 @@ def test_public_vector_gdpo_whitened():
 
 def test_public_vector_grpo_whitened():
     a = grpo_advantages(R_PUB, G_PUB, L_PUB, eps=1e-4, whiten=True, **REF)
-    # not in DESIGN's list; by hand from the GRPO vector x = (0.5 / (sqrt(.5) + 1e-4), 1 / (sqrt(2) + 1e-4)):
+    # not in the list of docs/design.md section 7; by hand from the GRPO vector x = (0.5 / (sqrt(.5) + 1e-4), 1 / (sqrt(2) + 1e-4)):
     # x / (unbiased std of (-x1, x1, -x2, x2) + 1e-4) = 0.86589, 0.86595
     assert published(a, [-0.8659, 0.8659, -0.8659, 0.8659])
     assert float(a[3] - a[1]) > 3e-5  # B's slightly larger std-to-eps ratio survives whitening
