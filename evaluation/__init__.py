@@ -11,6 +11,7 @@
 - :mod:`.seed_stats`: mean +- std over seeds, relative change, Welch t, findings;
 - :mod:`.intent_control`: intent classifier, text-control accuracy, CFG sweep;
 - :mod:`.benchmark`: bench training budget, run records, curves, figures, report;
+- :mod:`.bench_runs`: the benchmark's training runs (train/gdpo.py subprocesses, reuse, records);
 - :mod:`.bench_stats`: paired per-window comparisons and mechanism figures of the benchmark;
 - :mod:`.sde_choice`: final-sample dynamics of the ODE and both SDEs;
 - :mod:`.targets`: the issue-10 targets computed from the measured figures (pass / fail);

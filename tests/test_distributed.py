@@ -143,7 +143,7 @@ def gdpo_setup(rl, n_prompts: int):
 
 def gdpo_update(rl, traj, n_prompts: int, d: Dist, sync: bool = True):
     """The recipe's advantage + update on ``traj`` (this rank's rows); returns (weights after, stats)."""
-    gdpo = load_recipe("gdpo")
+    from gdpo_listener.pipeline import rl as gdpo  # the RL stage's components
     _, _, loss, model = gdpo_setup(rl, n_prompts)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     gdpo.global_advantages(loss, traj, d, n_prompts)
@@ -154,7 +154,7 @@ def gdpo_update(rl, traj, n_prompts: int, d: Dist, sync: bool = True):
 
 
 def collect_four_prompts(rl):
-    gdpo = load_recipe("gdpo")
+    from gdpo_listener.pipeline import rl as gdpo  # the RL stage's components
     env, policy, _, _ = gdpo_setup(rl, 4)
     traj = gdpo.collect(env, policy, None)
     traj["token_mask"][:3] = False  # uneven objective counts: rank 0 has fewer listening transitions
@@ -192,7 +192,7 @@ def test_gdpo_update_two_processes_equals_one_process(tmp_path, rl):
 
 
 def test_combine_rank_stats_weights_by_transitions_and_ignores_nan():
-    gdpo = load_recipe("gdpo")
+    from gdpo_listener.pipeline import rl as gdpo  # the RL stage's components
     a = {"loss/loss_objective": 1.0, "loss/loss_kl": 2.0, "policy/ratio_max": float("nan"), "optim/grad_norm": 3.0}
     b = {"loss/loss_objective": 4.0, "loss/loss_kl": 6.0, "policy/ratio_max": 1.5, "optim/grad_norm": 3.0}
     out = gdpo.combine_rank_stats([(a, 1.0, 10.0), (b, 3.0, 30.0)])

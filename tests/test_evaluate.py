@@ -234,15 +234,16 @@ def test_bench_helpers():
 
     assert bench.hydra_argv(["bench.py", "--quick", "jobs=2"]) == ["bench.py", "quick=true", "jobs=2"]
     # a method's overrides differ from another's only in algo= / env.sde=
+    from gdpo_listener.evaluation import bench_runs
     from gdpo_listener.evaluation.benchmark import parse_method
 
     cfg = compose("bench", ["train_overrides=['eval.n_windows=4']"])
     args = (0, Path("/r/x"), Path("/d"), Path("/v"), Path("/s"))
-    plain, marginal = (bench.train_overrides(cfg, parse_method(m), *args) for m in ("gdpo", "gdpo@marginal"))
+    plain, marginal = (bench_runs.train_overrides(cfg, parse_method(m), *args) for m in ("gdpo", "gdpo@marginal"))
     assert plain[0] == "algo=gdpo" and marginal[:2] == ["algo=gdpo", "env.sde=marginal"] and marginal[2:] == plain[1:]
     assert plain[-1] == "eval.n_windows=4" and not any(o.startswith("env.sde") for o in plain)
     with pytest.raises(ValueError, match="sets env.sde itself"):
-        bench.train_overrides(compose("bench", ["train_overrides=['env.sde=paper']"]), parse_method("gdpo@marginal"), *args)
+        bench_runs.train_overrides(compose("bench", ["train_overrides=['env.sde=paper']"]), parse_method("gdpo@marginal"), *args)
     assert bench.parse_algos(["grpo", "gdpo@marginal"]) == ["grpo", "gdpo@marginal"]
     for bad in (["gdpo", "gdpo"], [], ["ppo"]):
         with pytest.raises(ValueError):
@@ -277,6 +278,7 @@ def test_bench_refuses_to_delete_a_folder_it_did_not_write(tiny, tmp_path):
     folder) or it is empty."""
     import bench
 
+    from gdpo_listener.evaluation import bench_runs
     from gdpo_listener.evaluation.benchmark import replaceable_run_dir, run_stamp
 
     out = tmp_path / "bench"
@@ -295,7 +297,7 @@ def test_bench_refuses_to_delete_a_folder_it_did_not_write(tiny, tmp_path):
     cfg = compose("bench", [f"out_dir={out}", "quick=true", f"features.cache_dir={tiny / 'cache'}"])
     cfg = bench.apply_quick(cfg)
     with pytest.raises(RuntimeError, match="refusing to delete .*gdpo_seed1"):
-        bench.run_training(cfg, "gdpo", 1, out, tiny / "data", tiny / "vae", tiny / "sft")
+        bench_runs.run_training(cfg, "gdpo", 1, out, tiny / "data", tiny / "vae", tiny / "sft")
     assert (theirs / "notes.txt").read_text() == "my notes"
 
 

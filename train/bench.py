@@ -54,9 +54,6 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy / scipy BLAS (see train/evaluate.py)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (pipeline/threads.py)
 
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
@@ -69,18 +66,16 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gdpo_listener.agents.checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
 from gdpo_listener.evaluation import intent_control as IC  # noqa: E402
+from gdpo_listener.evaluation.bench_runs import git_state, run_meta, run_training  # noqa: E402
 from gdpo_listener.evaluation.bench_stats import mechanism_curves, table1_window_values  # noqa: E402
 from gdpo_listener.evaluation.benchmark import (  # noqa: E402
-    BenchMethod,
     build_report,
     method_label,
     parse_method,
     plot_listening_window,
     plot_mechanism,
     plot_reward_curves,
-    replaceable_run_dir,
     reward_curves,
-    run_stamp,
     training_budget,
 )
 from gdpo_listener.evaluation.checkpoints import run_reward_config  # noqa: E402
@@ -92,82 +87,6 @@ from gdpo_listener.evaluation.seed_stats import flat_metrics  # noqa: E402
 from gdpo_listener.pipeline import factories, run_state, stages  # noqa: E402
 from gdpo_listener.pipeline.threads import configure_threads, resolve_threads  # noqa: E402
 from gdpo_listener.rewards.groups import parse_reward_spec  # noqa: E402
-
-# ----------------------------------------------------------------------------------------------
-# training runs (subprocesses of train/gdpo.py)
-
-
-def train_overrides(cfg: DictConfig, method: BenchMethod, seed: int, run_dir: Path, data_root: Path, vae: Path, sft: Path) -> list[str]:
-    """Overrides of one ``train/gdpo.py`` run; identical for every method apart from ``algo=`` / ``env.sde=``."""
-    f = cfg.features
-    extra = [str(o) for o in cfg.train_overrides]
-    if method.sde is not None and any(o.lstrip("+~").startswith("env.sde=") for o in extra):
-        raise ValueError(f"method {method.key} sets env.sde itself; remove env.sde from train_overrides={extra}")
-    return [*method.overrides(), f"seed={seed}", f"out_dir={run_dir}", f"reward={cfg.reward}", f"model={cfg.model.preset}",
-            f"data.root={data_root}", "data.auto_prepare=false", f"pretrained.vae={vae}", f"pretrained.sft={sft}",
-            "pretrained.auto_train=false", f"features.text_encoder={f.text_encoder}", f"features.audio_encoder={f.audio_encoder}",
-            f"features.cache_dir={factories.abspath(f.cache_dir)}",
-            *([] if cfg.iterations is None else [f"optim.iterations={int(cfg.iterations)}"]),
-            f"device={cfg.device}", f"threads={resolve_threads(cfg.threads)}", "logger.backend=csv", *extra]
-
-
-def run_training(cfg: DictConfig, method: str | BenchMethod, seed: int, out: Path, data_root: Path, vae: Path, sft: Path) -> dict:
-    """Train (or reuse) ``out/runs/<slug>_seed<S>`` of ``method`` (an ``algos`` entry); returns {path, wall_s, reused}."""
-    method = parse_method(method) if isinstance(method, str) else method
-    name = f"{method.slug}_seed{seed}"
-    run_dir = out / "runs" / name
-    over = train_overrides(cfg, method, seed, run_dir, data_root, vae, sft)
-    stamp = run_stamp(run_dir)
-    if cfg.reuse and stamp.is_file() and (run_dir / "meta.json").is_file():
-        prev = json.loads(stamp.read_text())
-        if prev.get("overrides") == over and prev.get("status", "done") == "done":
-            print(f"[bench] reusing {run_dir} ({method.label}, seed {seed})", flush=True)
-            return {"path": run_dir, "wall_s": prev.get("wall_s"), "reused": True}
-    if run_dir.exists():  # stale or different run: start clean (its CSV logs would otherwise be appended to)
-        if not replaceable_run_dir(run_dir, out / "runs"):
-            raise RuntimeError(f"refusing to delete {run_dir}: it holds files the benchmark did not write (no {stamp.name} "
-                               f"beside it); move it away or choose another out_dir")
-        shutil.rmtree(run_dir)
-    atomic_write_json(stamp, {"overrides": over, "status": "running"})  # the folder is the benchmark's from now on
-    log = out / "logs" / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(stages.TRAIN_DIR / "gdpo.py"), *over]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(resolve_threads(cfg.threads))}
-    print(f"[bench] training {method.label} seed {seed} -> {run_dir} (log {log})", flush=True)
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        res = subprocess.run(cmd, cwd=os.getcwd(), stdout=fh, stderr=subprocess.STDOUT, env=env)
-    wall = time.perf_counter() - t0
-    if res.returncode != 0:
-        tail = log.read_text()[-3000:]
-        raise RuntimeError(f"train/gdpo.py {method.key} seed {seed} failed (exit {res.returncode}); log {log}:\n{tail}")
-    if not (run_dir / "meta.json").is_file():
-        raise RuntimeError(f"train/gdpo.py {method.key} seed {seed} wrote no checkpoint into {run_dir}; see its log {log}")
-    atomic_write_json(stamp, {"overrides": over, "wall_s": wall, "status": "done"})
-    print(f"[bench] {method.label} seed {seed} done in {wall:.0f} s", flush=True)
-    return {"path": run_dir, "wall_s": wall, "reused": False}
-
-
-def run_meta(runs: dict, algos: list[str], seeds: list[int]) -> dict:
-    """The meta.json of the first finished training run of ``algos`` (resolved ``config``, ``arch``); {} if none."""
-    for a in algos:
-        for s in seeds:
-            try:
-                return json.loads((Path(runs[a][s]["path"]) / "meta.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-    return {}
-
-
-def git_state() -> dict:
-    """Commit and modified files of the code that produced the report (best effort)."""
-    def git(*a):
-        r = subprocess.run(["git", *a], cwd=stages.TRAIN_DIR.parent, capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
-
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "--short", "HEAD"), "modified": dirty.splitlines() if dirty else []}
-
 
 # ----------------------------------------------------------------------------------------------
 # main

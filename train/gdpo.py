@@ -31,166 +31,40 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (pipeline/threads.py)
 
 import copy
-import math
 import time
 
 import hydra
 import torch
 from omegaconf import DictConfig
-from tensordict import TensorDict
 from torch.distributed.elastic.multiprocessing.errors import record
-from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
 from gdpo_listener.agents.arflow import load_arflow
 from gdpo_listener.agents.guards import DivergenceError, check_finite_stats, check_finite_weights
-from gdpo_listener.agents.loss import AGGREGATION, LOSSES, chunked_update, collect_trajectories, listening_token_mask
-from gdpo_listener.agents.policy import make_policy, transition_core
-from gdpo_listener.envs.sde_env import ListenerSDEEnv
+from gdpo_listener.agents.loss import chunked_update
+from gdpo_listener.agents.policy import make_policy
 from gdpo_listener.evaluation.generation import before_after
 from gdpo_listener.pipeline import factories, stages
-from gdpo_listener.pipeline.checks import check_count, check_non_negative, check_positive
 from gdpo_listener.pipeline.distributed import Dist, check_world_size, distributed, main_first, on_cpu, rank_seed, run_config
+from gdpo_listener.pipeline.rl import (
+    advantage_log_stats,
+    check_settings,
+    collect,
+    combine_rank_stats,
+    global_advantages,
+    make_env,
+    make_loss,
+    make_train_bank,
+    objective_counts,
+    reward_stats,
+    reward_term_means,
+)
 from gdpo_listener.pipeline.run_dir import claim_run_dir, truncate_logs
 from gdpo_listener.pipeline.run_state import load_run_state, rng_state, save_run_state, seed_everything, set_rng_state
 from gdpo_listener.pipeline.threads import configure_threads
 
 # config sections that must match for resume=true to continue a run
 RESUME_KEYS = ("reward", "rewards", "env", "algo", "model", "pretrained", "features", "data", "seed")
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """Every numeric setting in range before any long work (errors name the setting)."""
-    check_positive(cfg, ["optim.lr", "env.sigma", "algo.clip_epsilon", "algo.eps", "algo.eps0"])
-    check_non_negative(cfg, ["algo.beta", "optim.weight_decay", "optim.grad_clip"])
-    check_count(cfg, ["optim.iterations", "env.n_prompts", "env.sde_steps", "algo.chunk_steps", "algo.sync_every",
-                      "algo.epochs", "ckpt_every", "log_every", "eval.n_windows", "eval.steps"])
-    check_count(cfg, ["env.group_size"], minimum=2)
-    check_count(cfg, ["env.prefix_tokens"], minimum=0)
-
-
-def make_env(cfg: DictConfig, bank, vae, normalizer, reward, generator, n_prompts: int | None = None,
-             seed: int | None = None) -> ListenerSDEEnv:
-    """The RL env of ``cfg.env``; ``n_prompts`` and ``seed`` (a rank's share and stream) default to ``cfg``'s."""
-    return ListenerSDEEnv(bank, vae, normalizer, reward, n_prompts=cfg.env.n_prompts if n_prompts is None else n_prompts,
-                          group_size=cfg.env.group_size, sde_steps=cfg.env.sde_steps, sigma=cfg.env.sigma, sde=cfg.env.sde,
-                          device=bank.device, generator=generator, seed=cfg.seed if seed is None else seed)
-
-
-def make_train_bank(cfg: DictConfig, data_root, features, vae, normalizer, device, window_tokens: int):
-    """The bank episodes are drawn from: the model's windows, or long rows of ``env.episode_tokens`` tokens."""
-    n = cfg.env.episode_tokens
-    if n is not None and (int(n) != n or n < window_tokens):
-        raise ValueError(f"env.episode_tokens={n} must be null or an integer >= the model's window of {window_tokens} tokens")
-    frames = None if n is None else int(n) * vae.cfg.r
-    try:
-        return factories.make_banks(data_root, features, vae, normalizer, device, splits=("train",), window=frames)["train"]
-    except ValueError as e:
-        raise ValueError(f"env.episode_tokens={n} needs {frames}-frame segments of the train conversations: {e}") from None
-
-
-def make_loss(algo_cfg: DictConfig, policy, model, reward):
-    if algo_cfg.name not in LOSSES:
-        raise ValueError(f"unknown algo {algo_cfg.name!r}; valid: {sorted(LOSSES)}")
-    return LOSSES[algo_cfg.name](transition_core(policy), model, reward.lambdas, clip_epsilon=algo_cfg.clip_epsilon,
-                                 beta=algo_cfg.beta, eps=algo_cfg.eps, eps0=algo_cfg.eps0, whiten=algo_cfg.whiten,
-                                 eps_mode=algo_cfg.eps_mode, objective_tokens=algo_cfg.objective_tokens)
-
-
-@torch.no_grad()
-def collect(env, policy, algo_cfg) -> TensorDict:
-    with set_exploration_type(ExplorationType.RANDOM):
-        traj = collect_trajectories(env, policy)
-    traj["token_mask"] = listening_token_mask(env.bank["listening"][traj["window"]], env.n_tokens)  # the objective's tokens (listening)
-    return traj
-
-
-def advantage_log_stats(traj, group_names, algo_cfg) -> dict:
-    """Advantage diagnostics (tensors), named ``adv/<figure>`` or ``adv/<figure>/<group>`` for per-group ones."""
-    from gdpo_listener.agents.advantages import advantage_diagnostics, reward_group_stats
-
-    figures = {**reward_group_stats(traj["reward"], traj["group_id"], eps=algo_cfg.eps, eps_mode=algo_cfg.eps_mode),
-               **advantage_diagnostics(traj["advantage"], traj["reward"], traj["group_id"])}
-    for k in ("reward_mean", "reward_std"):  # logged once, as reward/<group>/mean and /std
-        figures.pop(k)
-    out = {}
-    for k, v in figures.items():
-        if v.numel() == len(group_names) and v.dim() == 1:
-            out.update({f"adv/{k}/{g}": x for g, x in zip(group_names, v)})
-        else:
-            out[f"adv/{k}"] = v.reshape(())
-    return out
-
-
-def global_advantages(loss_module, traj, dist: Dist, n_prompts: int) -> TensorDict:
-    """Write ``traj``'s advantages; return the global batch's ``reward``, ``group_id`` and ``advantage``.
-
-    One process: ``traj`` itself. Several: every rank's rewards ``(b, n_groups)`` and group ids
-    (offset by ``rank * n_prompts``, the local prompt count) are gathered in rank order, the
-    advantages computed on the global batch exactly as one process would, and this rank keeps its rows.
-    """
-    if not dist.is_distributed:
-        loss_module.compute_advantage(traj)
-        return traj
-    rewards = dist.all_gather_rows(traj["reward"])  # (B, n_groups) the global batch
-    glob = TensorDict({"reward": rewards, "group_id": dist.all_gather_rows(traj["group_id"] + dist.rank * n_prompts)},
-                      batch_size=rewards.shape[:1])
-    loss_module.compute_advantage(glob)
-    traj["advantage"] = glob["advantage"][dist.shard(rewards.shape[0])]  # (b,)
-    return glob
-
-
-def reward_stats(rewards: torch.Tensor, group_names, terms: dict) -> dict:
-    """Per rewarded group: the reward's batch mean and std (``rewards (B, n_groups)``), then ``terms``
-    (the batch mean of each of the groups' term penalties)."""
-    out = {}
-    for i, g in enumerate(group_names):
-        out[f"reward/{g}/mean"] = rewards[:, i].mean()
-        out[f"reward/{g}/std"] = rewards[:, i].std()
-    out.update(terms)
-    return {k: v.item() for k, v in out.items()}
-
-
-def reward_term_means(env, traj, dist: Dist) -> dict:
-    """Batch mean of every reward term's penalty over the global batch (every rank has the same batch size)."""
-    terms = {k: v.mean() for k, v in env.episode_reward_terms(traj["history"], traj["window"]).items()}
-    if not dist.is_distributed or not terms:
-        return terms
-    means = dist.all_reduce(torch.stack(list(terms.values())), "mean")  # same key order on every rank
-    return dict(zip(terms, means))
-
-
-def objective_counts(loss_module, traj) -> tuple[float, float]:
-    """This rank's objective and generated token counts over the replay windows (chunked_update's weights)."""
-    obj = loss_module.objective_mask(traj)  # (b, N)
-    spans = loss_module.transition[0].schedule
-    n_obj = sum(float(obj[:, new0:s0 + n].sum()) for s0, n, new0 in spans)
-    n_all = sum(float(obj.shape[0] * (s0 + n - new0)) for s0, n, new0 in spans)
-    return n_obj, n_all
-
-
-def combine_rank_stats(per_rank: list[tuple[dict, float, float]], rules: dict = AGGREGATION) -> dict:
-    """One process's ``chunked_update`` figures from every rank's ``(stats, n_objective, n_all)``.
-
-    ``loss/<term>`` and ``policy/<figure>`` combine by :data:`~agents.loss.AGGREGATION`: a mean
-    weighted by each rank's objective (or all) transitions (a rank without such transitions, whose
-    figure is NaN, has weight 0), or the maximum ignoring NaN; other figures (``optim/grad_norm``,
-    equal on every rank after the gradient all-reduce) are rank 0's.
-    """
-    out = dict(per_rank[0][0])
-    for key in out:
-        rule = rules.get(key.split("/", 1)[1]) if key.startswith(("loss/", "policy/")) else None
-        if rule is None:
-            continue
-        values = [(s[key], {"objective": n_obj, "all": n_all}) for s, n_obj, n_all in per_rank]
-        if rule == "max":
-            finite = [v for v, _ in values if not math.isnan(v)]
-            out[key] = max(finite) if finite else math.nan
-        else:
-            pairs = [(v, w[rule]) for v, w in values if w[rule] > 0]
-            total = sum(w for _, w in pairs)
-            out[key] = sum(v * w for v, w in pairs) / total if total > 0 else math.nan
-    return out
 
 
 def save_state(path, cfg, step, generator, logger, run_states, env, dist: Dist) -> None:
