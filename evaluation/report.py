@@ -116,7 +116,7 @@ def units_note(h: dict) -> str:
             f"Table 6: FD, P-FD (jaw x1000, pose x100), MSE (exp x10, jaw x1000, pose x100), SID (bits, higher = more diverse), "
             f"rPCC; exp = expr, pose = rot; per (conversation, actor) sequence, then averaged. "
             f"'dd' = listening velocity-std deviation of one FLAME group (same scale as FDD); reward = the default per-group reward "
-            f"(weights var 1, vel 1, mean 0.25, mse 0.1) on listening frames.{_run_reward_note(h)} "
+            f"(weights var 1, vel 1, drift 0.25, mse 0.1) on listening frames.{_run_reward_note(h)} "
             f"n/a = unavailable (see the JSON notes), never 0.")
 
 
