@@ -15,7 +15,7 @@ Two paths, equal npz files (bit for bit; ``tests/test_generate.py``):
   length (but for the per-frame RMS and VAD, 9 bytes a frame, 0.8 MB an hour): the wav files are
   read in blocks (:class:`AudioFile`; other rates resampled per block with enough overlap that every
   output sample equals the whole-file ``resample_poly``), the energy VAD
-  is one first pass over per-frame RMS (:func:`energy_gate`, the gate of
+  is one first pass over per-frame RMS (``envs.converters.vad.energy_gate``, the gate of
   ``envs.converters.vad.energy_vad_frames``), the model runs window by window in
   ``agents.streaming.StreamingGenerator`` given those per-token decisions, and each block of frames
   is checked finite and appended to the npz as it comes out. The PNG shows at most the first
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..agents.checkpoint import atomic_write_bytes
+from ..envs.converters.vad import energy_gate
 from ..envs.flame import FLAME_DIM, FPS, GROUP_NAMES, SAMPLE_RATE
 from ..envs.windows import decode_latents, encode_latents, token_majority
 
@@ -206,36 +207,6 @@ class AudioFile:
         with sf.SoundFile(str(self.path)) as f:
             for a in range(0, self.frames, BLOCK_SAMPLES):
                 self._read(f, a, min(a + BLOCK_SAMPLES, self.frames))
-
-
-def energy_gate(rms: np.ndarray, floor_db: float = -50.0, rel_db: float = 30.0, min_gap: int = 3,
-                min_run: int = 3) -> np.ndarray:
-    """``envs.converters.vad.energy_vad_frames`` on per-frame RMS ``(T,)`` -> ``(T,)`` bool (same gate and
-    smoothing, same defaults; equality tested): speech above ``floor_db`` dBFS and within ``rel_db`` of the
-    99th-percentile frame, silent gaps of <= ``min_gap`` frames inside speech bridged, then speech runs
-    shorter than ``min_run`` frames dropped. (That function takes the waveform, which the streamed path
-    never holds whole; its RMS fits in memory: 8 bytes a frame.)"""
-    db = 20 * np.log10(np.asarray(rms, dtype=np.float64) + 1e-12)  # (T,)
-    if db.size == 0:
-        return np.zeros(0, dtype=bool)
-    mask = db > max(floor_db, float(np.percentile(db, 99)) - rel_db)
-    runs = _runs(mask)
-    for i, (a, b, v) in enumerate(runs):  # bridge short interior silences
-        if not v and 0 < i < len(runs) - 1 and b - a <= min_gap:
-            mask[a:b] = True
-    for a, b, v in _runs(mask):  # drop short blips
-        if v and b - a < min_run:
-            mask[a:b] = False
-    return mask
-
-
-def _runs(mask: np.ndarray) -> list[tuple[int, int, bool]]:
-    """``[(start, stop, value), ...]`` runs of equal values."""
-    if mask.size == 0:
-        return []
-    edges = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1
-    starts, stops = np.concatenate([[0], edges]), np.concatenate([edges, [mask.size]])
-    return [(int(a), int(b), bool(mask[a])) for a, b in zip(starts, stops)]
 
 
 def frame_rms(x: np.ndarray) -> np.ndarray:

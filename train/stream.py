@@ -29,7 +29,6 @@ the FLAME group names) and ``OUT.json`` (the latency report and the settings).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
@@ -38,35 +37,17 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-import soundfile as sf
 import torch
 from omegaconf import DictConfig, OmegaConf
-from scipy.signal import resample_poly
 
 from gdpo_listener.agents.arflow import load_arflow
 from gdpo_listener.agents.streaming import DECODE_MODES, StreamingGenerator, int8_copy
 from gdpo_listener.envs.flame import FPS, GROUP_NAMES, SAMPLE_RATE
+from gdpo_listener.evaluation.clip import read_audio
 from gdpo_listener.pipeline import factories
 from gdpo_listener.pipeline.threads import configure_threads
 
 QUANTIZE = ("none", "int8")
-
-
-def read_audio(path: Path) -> np.ndarray:
-    """Mono float32 at 16 kHz (other rates resampled); clear errors for missing or broken files."""
-    if not path.is_file():
-        raise FileNotFoundError(f"audio file {path} does not exist")
-    try:
-        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read audio {path}: {e}") from e
-    wav = wav.mean(1)
-    if sr != SAMPLE_RATE:
-        g = math.gcd(sr, SAMPLE_RATE)
-        wav = resample_poly(wav, SAMPLE_RATE // g, sr // g).astype(np.float32)
-    if not np.isfinite(wav).all():
-        raise ValueError(f"audio {path} has NaN/inf samples")
-    return wav
 
 
 def latency_report(latency: np.ndarray, compute: np.ndarray, lag: np.ndarray, token_s: float, audio_s: float,

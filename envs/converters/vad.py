@@ -96,9 +96,17 @@ def energy_vad_frames(wav: np.ndarray, n_frames: int, floor_db: float = -50.0, r
     n = n_frames * SAMPLES_PER_FRAME
     wav = np.pad(wav[:n], (0, max(0, n - wav.size)))
     rms = np.sqrt(np.mean(wav.reshape(n_frames, SAMPLES_PER_FRAME).astype(np.float64) ** 2, axis=1))  # (T,)
-    db = 20 * np.log10(rms + 1e-12)
-    gate = max(floor_db, float(np.percentile(db, 99)) - rel_db)
-    mask = db > gate
+    return energy_gate(rms, floor_db, rel_db, min_gap, min_run)
+
+
+def energy_gate(rms: np.ndarray, floor_db: float = -50.0, rel_db: float = 30.0, min_gap: int = 3,
+                min_run: int = 3) -> np.ndarray:
+    """The gate of :func:`energy_vad_frames` on per-frame RMS ``(T,)`` -> ``(T,)`` bool (a caller that
+    never holds the whole waveform, e.g. streamed generation, computes the RMS block by block)."""
+    db = 20 * np.log10(np.asarray(rms, dtype=np.float64) + 1e-12)  # (T,)
+    if db.size == 0:
+        return np.zeros(0, dtype=bool)
+    mask = db > max(floor_db, float(np.percentile(db, 99)) - rel_db)
     runs = _runs(mask)
     for i, (a, b, v) in enumerate(runs):  # bridge short interior silences
         if not v and 0 < i < len(runs) - 1 and b - a <= min_gap:
@@ -118,4 +126,4 @@ def vad_frames(wav: np.ndarray, n_frames: int, method: str = "silero", threshold
     raise ValueError(f"unknown VAD method {method!r}; valid: {', '.join(VAD_METHODS)}")
 
 
-__all__ = ["silero_vad_frames", "energy_vad_frames", "vad_frames", "VAD_METHODS"]
+__all__ = ["silero_vad_frames", "energy_vad_frames", "energy_gate", "vad_frames", "VAD_METHODS"]
