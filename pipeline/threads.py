@@ -3,7 +3,10 @@
 Torch's OpenMP threads spin-wait by default: next to any other busy process, 2 spinning threads on
 2 cores run several times slower. Entry points therefore set ``OMP_WAIT_POLICY=PASSIVE`` before
 torch is imported (a value the user exported wins), and ``threads: auto`` picks the number of cores
-this process may actually run on (CPU affinity and the cgroup CPU quota, as containers set them).
+this process may actually run on (CPU affinity and the cgroup CPU quota, as containers set them)
+minus the cores other processes keep busy when the run starts (runnable tasks in ``/proc/loadavg``,
+sampled a few times): a thread that must share its core with a busy process stalls every parallel
+region of the others, so beside one busy process on 2 cores one thread is faster than two.
 """
 from __future__ import annotations
 
@@ -24,10 +27,28 @@ def available_cores() -> int:
     return max(1, n)
 
 
+def busy_cores(samples: int = 5, interval: float = 0.02) -> int:
+    """Cores other processes keep busy now: the median over ``samples`` readings of the runnable tasks
+    in ``/proc/loadavg``, minus this process (0 where the file does not exist)."""
+    import statistics
+    import time
+
+    counts = []
+    for i in range(samples):
+        try:
+            counts.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]))
+        except (OSError, ValueError, IndexError):
+            return 0
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0, int(statistics.median(counts)) - 1)
+
+
 def resolve_threads(spec) -> int:
-    """``"auto"`` -> :func:`available_cores`; otherwise a positive integer (error naming the value)."""
+    """``"auto"`` -> :func:`available_cores` minus :func:`busy_cores` (at least 1); otherwise a positive
+    integer (error naming the value)."""
     if isinstance(spec, str) and spec.strip().lower() == "auto":
-        return available_cores()
+        return max(1, available_cores() - busy_cores())
     if isinstance(spec, int) and not isinstance(spec, bool):
         n = spec
     elif isinstance(spec, str) and spec.strip().isdigit():

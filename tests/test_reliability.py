@@ -163,7 +163,12 @@ def test_threads_auto_and_bad_values(monkeypatch):
     from gdpo_listener.pipeline import threads
 
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0)
     assert threads.resolve_threads("auto") == min(3, threads.available_cores()) and threads.resolve_threads(2) == 2
+    monkeypatch.setattr(threads, "busy_cores", lambda: 1)  # another process keeps one core busy
+    assert threads.resolve_threads("auto") == min(3, threads.available_cores()) - 1
+    monkeypatch.setattr(threads, "busy_cores", lambda: 9)
+    assert threads.resolve_threads("auto") == 1  # never below one thread
     assert threads.resolve_threads("4") == 4
     for bad in (0, -1, "two", 1.5, True, None):
         with pytest.raises(ValueError, match="threads="):
@@ -181,3 +186,11 @@ def test_an_old_synthetic_corpus_is_not_reused_silently(tmp_path, monkeypatch):
         stages.ensure_dataset(cfg)
     monkeypatch.setattr(stages, "load_dataset_meta", lambda root: {"source": "synthetic", "synthetic": {"corpus_version": 2}})
     assert stages.ensure_dataset(cfg) == tmp_path / "data"
+
+
+def test_busy_cores_counts_other_runnable_processes(monkeypatch):
+    from gdpo_listener.pipeline import threads
+
+    readings = iter(["0.5 0.4 0.3 3/200 123\n"] * 5)
+    monkeypatch.setattr(threads.Path, "read_text", lambda self: next(readings))
+    assert threads.busy_cores(interval=0) == 2  # 3 runnable tasks, one of them this process
