@@ -45,9 +45,12 @@ def busy_cores(samples: int = 5, interval: float = 0.02) -> int:
 
 
 def resolve_threads(spec) -> int:
-    """``"auto"`` -> :func:`available_cores` minus :func:`busy_cores` (at least 1); otherwise a positive
-    integer (error naming the value)."""
+    """``"auto"`` -> an exported ``OMP_NUM_THREADS``, else :func:`available_cores` minus :func:`busy_cores`
+    (at least 1); otherwise a positive integer (error naming the value)."""
     if isinstance(spec, str) and spec.strip().lower() == "auto":
+        exported = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if exported.isdigit() and int(exported) >= 1:
+            return int(exported)
         return max(1, available_cores() - busy_cores())
     if isinstance(spec, int) and not isinstance(spec, bool):
         n = spec

@@ -65,6 +65,8 @@ TINY_SFT = hydra_list("optim.steps=4", "optim.batch_size=8", "+model.arch.d_mode
 def _run(script: str, *overrides: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``train/<script>`` with Hydra ``overrides`` in ``cwd``; prints the output's tail if it fails."""
     cmd = [sys.executable, str(ROOT / "train" / script), *overrides]
+    if env is None:  # one thread per entry point: deterministic and fast beside the test process on 2 cores
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if res.returncode != 0:
         print(res.stdout[-4000:], res.stderr[-4000:])

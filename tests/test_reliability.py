@@ -162,6 +162,7 @@ def test_second_gdpo_on_a_busy_folder_is_refused(run_entry, tiny_pipeline):
 def test_threads_auto_and_bad_values(monkeypatch):
     from gdpo_listener.pipeline import threads
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2})
     monkeypatch.setattr(threads, "busy_cores", lambda: 0)
     assert threads.resolve_threads("auto") == min(3, threads.available_cores()) and threads.resolve_threads(2) == 2
@@ -169,6 +170,8 @@ def test_threads_auto_and_bad_values(monkeypatch):
     assert threads.resolve_threads("auto") == min(3, threads.available_cores()) - 1
     monkeypatch.setattr(threads, "busy_cores", lambda: 9)
     assert threads.resolve_threads("auto") == 1  # never below one thread
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a user's exported thread count wins
+    assert threads.resolve_threads("auto") == 2
     assert threads.resolve_threads("4") == 4
     for bad in (0, -1, "two", 1.5, True, None):
         with pytest.raises(ValueError, match="threads="):
