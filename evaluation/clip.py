@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..agents.checkpoint import atomic_write_bytes
+from ..agents.sampling import check_cfg_weight
 from ..envs.converters.vad import energy_gate
 from ..envs.flame import FLAME_DIM, FPS, GROUP_NAMES, SAMPLE_RATE
 from ..envs.windows import decode_latents, encode_latents, token_majority
@@ -54,14 +55,10 @@ PROGRESS_MIN_FRAMES = 5 * 60 * FPS  # a progress bar from 5 min of motion on
 MAX_CFG_WEIGHT = 20.0
 
 
-def check_cfg_weight(name: str, w, bound: float = MAX_CFG_WEIGHT) -> float:
-    """A CFG weight as a float with ``|w| <= bound``, else ``ValueError`` naming it and the bound."""
-    try:
-        x = float(w)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={w!r} is not a number") from None
-    if not math.isfinite(x):
-        raise ValueError(f"{name}={w} is not a finite CFG weight")
+def check_bounded_cfg_weight(name: str, w, bound: float = MAX_CFG_WEIGHT) -> float:
+    """A CFG weight as a finite float (:func:`agents.sampling.check_cfg_weight`) with ``|w| <= bound``,
+    else ``ValueError`` naming it and the bound."""
+    x = check_cfg_weight(name, w)
     if abs(x) > bound:
         raise ValueError(f"{name}={w} is beyond the supported CFG range |w| <= {bound:g}")
     return x

@@ -45,7 +45,7 @@ from gdpo_listener.pipeline.threads import configure_threads  # noqa: E402
 def main(cfg: DictConfig) -> None:
     configure_threads(cfg.threads)
     device = factories.make_device(cfg.device)
-    w_speak, w_listen = clip.check_cfg_weight("w_speak", cfg.w_speak), clip.check_cfg_weight("w_listen", cfg.w_listen)
+    w_speak, w_listen = clip.check_bounded_cfg_weight("w_speak", cfg.w_speak), clip.check_bounded_cfg_weight("w_listen", cfg.w_listen)
     if int(cfg.steps) != cfg.steps or cfg.steps < 1:
         raise ValueError(f"steps={cfg.steps} must be a positive integer")
     if cfg.vad not in VAD_METHODS:
