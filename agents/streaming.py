@@ -62,14 +62,11 @@ window.
 """
 from __future__ import annotations
 
-import copy
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from ..envs.converters.vad import energy_vad_frames
@@ -79,7 +76,7 @@ from .encoders import HOP, AudioEncoder
 from .sampling import WindowSampler, check_cfg_weight, eval_mode, window_step
 
 __all__ = ["StreamingLogMel", "StreamingEnergyVAD", "StreamingGenerator", "StreamOutput", "decode_latents_causal",
-           "int8_copy", "DECODE_MODES"]
+           "DECODE_MODES"]
 
 DECODE_MODES = ("chunked", "causal")
 
@@ -463,22 +460,3 @@ class StreamingGenerator:
         return {"actor_feature_tokens": len(self._audio["actor"]), "partner_feature_tokens": len(self._audio["partner"]),
                 "latent_tokens": len(self._latents), "actor_feature_samples": self._feats["actor"].buffered(),
                 "partner_feature_samples": self._feats["partner"].buffered(), "vad_samples": self._vad.buffered()}
-
-
-
-# ----------------------------------------------------------------------------------------------
-# weight-compressed inference
-
-
-def int8_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every ``nn.Linear`` dynamically quantised to int8 weights
-    (``torch.ao.quantization.quantize_dynamic``; activations quantised per batch at run time). CPU only;
-    the original model is untouched."""
-    if any(p.device.type != "cpu" for p in model.parameters()):
-        raise ValueError("int8_copy: dynamic int8 quantisation runs on CPU; move the model to cpu first")
-    with warnings.catch_warnings():  # torch >= 2.10 moves this API to torchao; same maths
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-        from torch.ao.quantization import quantize_dynamic
-
-        return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)

@@ -52,6 +52,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ..pipeline.threads import OMP_WAIT_VARS, describe_omp_wait, omp_wait_env
+
 BYTES_PER_FLOAT = 4  # float32 weights, activations and caches
 TRAIN_FACTOR = 3  # forward + backward = 3 forward passes
 N_TIME_FREQ = 256  # sinusoidal features of the flow time (agents/arflow.py N_TIME_FREQ)
@@ -495,27 +497,32 @@ def time_sft_steps(preset: str = "small", batch: int = 32, steps: int = 10, warm
         step()
         times.append(time.perf_counter() - t0)
     return {"seconds_per_step": sum(times) / len(times), "median": statistics.median(times), "max": max(times),
-            "threads": n_threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+            "threads": n_threads, "omp_wait": describe_omp_wait(),
             "flops_per_step": sft_step_work(cfg, batch).flops}
 
 
 @dataclass(frozen=True)
 class Condition:
-    """One measurement of ``train/bench_threads.py``: OpenMP wait policy and threads of the timed
-    process, and whether a busy single-threaded process runs beside it."""
+    """One measurement of ``train/bench_threads.py``: OpenMP wait mode (``pipeline.threads.OMP_WAIT_MODES``)
+    and threads of the timed process, and whether a busy single-threaded process runs beside it."""
 
     name: str
-    omp_wait_policy: str
+    omp_wait: str
     threads: str
     busy: bool
 
 
+SETTINGS = ("default", "passive", "old")
+
+
 def thread_conditions(old_threads: int = 2) -> tuple[Condition, ...]:
-    """The entry points' default (passive waiting, ``threads: auto``) and torch's old behaviour
-    (active spin-waiting, ``old_threads`` threads), each idle and then beside a busy process."""
-    return (Condition("default idle", "PASSIVE", "auto", False), Condition("default busy", "PASSIVE", "auto", True),
-            Condition("old idle", "ACTIVE", str(int(old_threads)), False),
-            Condition("old busy", "ACTIVE", str(int(old_threads)), True))
+    """The entry points' default (short spin, ``threads: auto``), never spinning (passive, ``auto``)
+    and torch's old behaviour (active spin-waiting, ``old_threads`` threads), each idle and then
+    beside a busy process."""
+    modes = {"default": ("short", "auto"), "passive": ("passive", "auto"), "old": ("active", str(int(old_threads)))}
+    return tuple(Condition(f"{name} {state}", modes[name][0], modes[name][1], state == "busy")
+                 for name in SETTINGS for state in ("idle", "busy"))
+
 
 BUSY_CODE = {  # one busy single-threaded process: pure Python, or a 1-thread numpy matmul loop
     "python": "x = 0\nwhile True:\n    x = (x + 1) % 1000003",
@@ -551,7 +558,8 @@ def sft_child_command(settings: dict) -> list[str]:
 def run_condition(cond: Condition, settings: dict, busy_kind: str = "python", timeout: float | None = None) -> dict:
     """Time SFT steps in a fresh child process under ``cond`` (wait policy set before torch loads)."""
     env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
-    env["OMP_WAIT_POLICY"] = cond.omp_wait_policy
+    env = {k: v for k, v in env.items() if k not in OMP_WAIT_VARS}
+    env.update(omp_wait_env(cond.omp_wait))
     cmd = sft_child_command({**settings, "threads": cond.threads})
 
     def run():
@@ -567,9 +575,10 @@ def run_condition(cond: Condition, settings: dict, busy_kind: str = "python", ti
 
 
 def busy_ratios(results: dict[str, float]) -> dict[str, float]:
-    """``{"default": busy / idle, "old": ...}`` from seconds per step keyed by :func:`thread_conditions` names."""
+    """``{"default": busy / idle, "passive": ..., "old": ...}`` from seconds per step keyed by
+    :func:`thread_conditions` names (settings without both figures are left out)."""
     out = {}
-    for setting in ("default", "old"):
+    for setting in SETTINGS:
         idle, busy = results.get(f"{setting} idle"), results.get(f"{setting} busy")
         if idle and busy is not None:
             out[setting] = busy / idle

@@ -1,12 +1,21 @@
 """CPU threads that cope with a busy machine.
 
-Torch's OpenMP threads spin-wait by default: next to any other busy process, 2 spinning threads on
-2 cores run several times slower. Entry points therefore set ``OMP_WAIT_POLICY=PASSIVE`` before
-torch is imported (a value the user exported wins), and ``threads: auto`` picks the number of cores
-this process may actually run on (CPU affinity and the cgroup CPU quota, as containers set them)
-minus the cores other processes keep busy when the run starts (runnable tasks in ``/proc/loadavg``,
-sampled a few times): a thread that must share its core with a busy process stalls every parallel
-region of the others, so beside one busy process on 2 cores one thread is faster than two.
+OpenMP waiting. At the end of every parallel region torch's OpenMP threads wait for the next one.
+libgomp's default spins for about 300,000 iterations (~0.1-1 ms) before sleeping: next to any other
+busy process, 2 spinning threads on 2 cores run several times slower. Never spinning
+(``OMP_WAIT_POLICY=PASSIVE``) copes with load but costs a futex wake-up (~50 us) per parallel op,
+which is most of the time of one-token decoding (many small ops back to back: a paper-preset
+denoising pass took 7.7 ms passive vs 4.3 ms spinning, idle, 2 threads). Entry points therefore call
+:func:`omp_wait_defaults` before torch is imported: ``short`` spins for ``GOMP_SPINCOUNT=10000``
+iterations (tens of microseconds: long enough to catch the next op of a pass, short enough that a
+descheduled sibling costs little), then sleeps (4.5 ms for the same pass). An OpenMP wait variable
+the user exported wins. ``train/bench_threads.py`` measures the modes idle and under load.
+
+``threads: auto`` picks the number of cores this process may actually run on (CPU affinity and the
+cgroup CPU quota, as containers set them) minus the cores other processes keep busy when the run
+starts (runnable tasks in ``/proc/loadavg``, sampled a few times): a thread that must share its core
+with a busy process stalls every parallel region of the others, so beside one busy process on 2
+cores one thread is faster than two.
 """
 from __future__ import annotations
 
@@ -70,3 +79,36 @@ def configure_threads(spec) -> int:
     n = resolve_threads(spec)
     torch.set_num_threads(n)
     return n
+
+
+# OpenMP wait modes (module docstring): environment set before torch (and its libgomp) loads
+OMP_WAIT_MODES: dict[str, dict[str, str]] = {
+    "short": {"GOMP_SPINCOUNT": "10000"},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "active": {"OMP_WAIT_POLICY": "ACTIVE"},
+}
+OMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+def omp_wait_env(mode: str) -> dict[str, str]:
+    """The environment variables of an OpenMP wait ``mode`` (short | passive | active)."""
+    if mode not in OMP_WAIT_MODES:
+        raise ValueError(f"OpenMP wait mode {mode!r}; valid: {', '.join(OMP_WAIT_MODES)}")
+    return dict(OMP_WAIT_MODES[mode])
+
+
+def omp_wait_defaults(mode: str = "short", environ=None) -> dict[str, str]:
+    """The variables of OpenMP wait ``mode`` to add to ``environ`` (default ``os.environ``): none when
+    the user exported one of :data:`OMP_WAIT_VARS`. Entry points, before torch is imported::
+
+        os.environ.update(omp_wait_defaults())
+    """
+    env = os.environ if environ is None else environ
+    wanted = omp_wait_env(mode)
+    return {} if any(k in env for k in OMP_WAIT_VARS) else wanted
+
+
+def describe_omp_wait(environ=None) -> str:
+    """The OpenMP wait variables set in ``environ`` (default ``os.environ``), or ``(unset)``."""
+    env = os.environ if environ is None else environ
+    return " ".join(f"{k}={env[k]}" for k in OMP_WAIT_VARS if k in env) or "(unset)"

@@ -6,13 +6,15 @@ import os
 
 import pytest
 
+from gdpo_listener.pipeline.threads import OMP_WAIT_VARS
+
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def run(run_entry):
-    """``run(script, *overrides, cwd=DIR)`` on one thread, without OMP_WAIT_POLICY (the scripts set it themselves)."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    """``run(script, *overrides, cwd=DIR)`` on one thread, without OpenMP wait variables (the scripts set them)."""
+    env = {k: v for k, v in os.environ.items() if k not in OMP_WAIT_VARS}
     env["OMP_NUM_THREADS"] = "1"
     return lambda script, *overrides, cwd: run_entry(script, *overrides, cwd=cwd, env=env)
 
@@ -25,7 +27,8 @@ def test_bench_arflow_hydra_overrides(tmp_path, run):
               "min_speedup=0", *HW, cwd=tmp_path)
     assert res.returncode == 0
     assert "reached" in res.stdout and "of the GEMM peak" in res.stdout  # each figure beside its physical bound
-    assert "OMP_WAIT_POLICY=PASSIVE" in res.stdout  # set before torch was imported
+    assert "OpenMP wait GOMP_SPINCOUNT=10000" in res.stdout  # set before torch was imported
+    assert "small  bf16" in res.stdout and "latent error vs fp32" in res.stdout  # one stream per precision
     assert "small" in res.stdout and "windows/s" in res.stdout and "paper preset" not in res.stdout
     res = run("bench_arflow.py", "w_speak=1", "w_listen=1", cwd=tmp_path)
     assert res.returncode != 0 and "CFG is off" in res.stderr

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig, CausalSlots, count_parameters, prefix_layout
 from gdpo_listener.evaluation import hardware as hw
+from gdpo_listener.pipeline.threads import OMP_WAIT_VARS
 
 
 def tiny(causal: bool = False) -> ARFlowConfig:
@@ -177,8 +178,9 @@ def test_measurements_return_positive_rates():
 
 
 def test_busy_ratios_and_process():
-    r = hw.busy_ratios({"default idle": 0.5, "default busy": 0.75, "old idle": 0.4, "old busy": 2.0})
-    assert r == {"default": 1.5, "old": 5.0}
+    r = hw.busy_ratios({"default idle": 0.5, "default busy": 0.75, "passive idle": 0.8, "passive busy": 1.0,
+                        "old idle": 0.4, "old busy": 2.0})
+    assert r == {"default": 1.5, "passive": 1.25, "old": 5.0}
     assert hw.busy_ratios({"default idle": 0.5}) == {}
     with pytest.raises(ValueError, match="busy='gpu'"):
         with hw.busy_process("gpu"):
@@ -190,9 +192,9 @@ def test_busy_ratios_and_process():
 
 @pytest.mark.slow
 def test_sft_child_runs_in_a_fresh_process():
-    cond = hw.Condition("default idle", "PASSIVE", "1", False)
+    cond = hw.Condition("default idle", "short", "1", False)
     r = hw.run_condition(cond, {"preset": "small", "batch": 1, "steps": 1, "warmup": 0, "bank_rows": 2}, timeout=300)
-    assert r["omp_wait_policy"] == "PASSIVE" and r["threads"] == 1 and r["seconds_per_step"] > 0
+    assert r["omp_wait"] == "GOMP_SPINCOUNT=10000" and r["threads"] == 1 and r["seconds_per_step"] > 0
     assert r["flops_per_step"] == hw.sft_step_work(ARFlowConfig.small(), 1).flops
     with pytest.raises(RuntimeError, match="preset='big'"):
         hw.run_condition(cond, {"preset": "big"}, timeout=300)
@@ -200,14 +202,14 @@ def test_sft_child_runs_in_a_fresh_process():
 
 @pytest.mark.slow
 def test_bench_threads_entry_point(tmp_path):
-    """train/bench_threads.py with tiny settings: four conditions in fresh processes, ratios printed; bad settings refused."""
+    """train/bench_threads.py with tiny settings: six conditions in fresh processes, ratios printed; bad settings refused."""
     script = Path(__file__).resolve().parents[1] / "train" / "bench_threads.py"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in OMP_WAIT_VARS}
     res = subprocess.run([sys.executable, str(script), "batch=1", "steps=1", "warmup=0", "bank_rows=2"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [line.split()[:2] for line in res.stdout.splitlines() if line.startswith(("default ", "old "))]
-    assert [" ".join(r) for r in rows] == ["default idle", "default busy", "old idle", "old busy"]
+    rows = [line.split()[:2] for line in res.stdout.splitlines() if line.startswith(("default ", "passive ", "old "))]
+    assert [" ".join(r) for r in rows] == ["default idle", "default busy", "passive idle", "passive busy", "old idle", "old busy"]
     assert "busy / idle: default" in res.stdout and "target <= 1.6x" in res.stdout
     res = subprocess.run([sys.executable, str(script), "busy=gpu"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env=env)

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig
+from gdpo_listener.agents.compress import compress
 from gdpo_listener.agents.encoders import HOP, AudioEncoder
 from gdpo_listener.agents.sampling import generate_long
-from gdpo_listener.agents.streaming import StreamingEnergyVAD, StreamingGenerator, StreamingLogMel, decode_latents_causal, int8_copy
+from gdpo_listener.agents.streaming import StreamingEnergyVAD, StreamingGenerator, StreamingLogMel, decode_latents_causal
 from gdpo_listener.agents.vae import MotionVAE, VAEConfig
 from gdpo_listener.envs.converters.vad import energy_vad_frames
 from gdpo_listener.envs.dataset import Normalizer
@@ -227,18 +228,17 @@ def test_streaming_vad_is_chunk_independent_and_close_to_offline():
     assert agree >= 0.9, agree
 
 
-def test_int8_copy_stays_close_to_fp32(parts):
+@pytest.mark.parametrize("precision, tol", [("int8", 0.05), ("bf16", 0.02)])
+def test_compressed_copy_streams_close_to_fp32(parts, precision, tol):
     model, vae, norm, enc = parts
-    q = int8_copy(model)
-    assert any("quantized" in type(m).__module__ for m in q.modules()) and not any(
-        "quantized" in type(m).__module__ for m in model.modules())
-    actor = speech_like(3.0, 9)
+    q = compress(model, precision)
+    assert q is not model and all(p.dtype == torch.float32 for p in model.parameters())  # the original is untouched
     out = {}
-    for name, m in (("fp32", model), ("int8", q)):
+    for name, m in (("fp32", model), (precision, q)):
         gen = StreamingGenerator(m, vae, norm, enc, generator=torch.Generator().manual_seed(0), **SETTINGS)
-        out[name] = run_stream(gen, actor, None, SAMPLE_RATE)[0]
-    rel = (out["int8"] - out["fp32"]).norm() / out["fp32"].norm()
-    assert 0 < rel < 0.05, rel
+        out[name] = run_stream(gen, speech_like(3.0, 9), None, SAMPLE_RATE)[0]
+    rel = (out[precision] - out["fp32"]).norm() / out["fp32"].norm()
+    assert 0 < rel < tol, rel
 
 
 @pytest.mark.slow

@@ -28,13 +28,16 @@ stream (weights of ``steps`` + 1 one-token passes, and the KV cache they read) a
 seconds per token they take. The bounds leave elementwise work and activations out: they are
 optimistic, the figures that reach them are not.
 
-OpenMP wait policy. On a CPU shared with other busy processes (more runnable threads than
-cores), OpenMP's default active spin-wait at the end of every parallel region makes each of the
-many small ops of a one-token pass wait for a descheduled sibling thread: on the 2-core team
-machine under load ~4 the cached small-preset window took 54 s with 2 threads vs 0.9 s with 1
-thread and 2.2 s with ``OMP_WAIT_POLICY=PASSIVE``. This script therefore sets
-``OMP_WAIT_POLICY=PASSIVE`` (setting ``omp_wait_policy``) before torch is imported, unless the
-variable is already set in the environment.
+OpenMP waiting (``pipeline/threads.py``). On a CPU shared with other busy processes, OpenMP's
+default spin-wait at the end of every parallel region makes each of the many small ops of a
+one-token pass wait for a descheduled sibling thread; never spinning (passive) costs a thread
+wake-up per op instead. This script sets ``omp_wait`` (default ``short``, as the entry points:
+a brief spin, then sleep) before torch is imported, unless an OpenMP wait variable is already
+exported.
+
+Precisions. ``precisions`` lists the weight precisions (``agents/compress.py``: fp32, bf16, int8)
+timed for one stream of each preset (B = 1, one window, the same noise); each line gives the RTF,
+the speed-up over fp32 and the relative error of the generated latents against fp32.
 """
 from __future__ import annotations
 
@@ -46,19 +49,20 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from gdpo_listener.evaluation import hardware as hw  # no torch at import: OMP_WAIT_POLICY is set first
-from gdpo_listener.pipeline.threads import resolve_threads
+from gdpo_listener.evaluation import hardware as hw  # no torch at import: the OpenMP wait is set first
+from gdpo_listener.pipeline.threads import OMP_WAIT_MODES, describe_omp_wait, omp_wait_defaults, resolve_threads
 
 SECONDS_PER_WINDOW = 8.0
 PAPER_PARAMS = 19.3e6
 
 
 def _import_torch():
-    """Import torch only after OMP_WAIT_POLICY is settled (OpenMP reads it once, at start-up)."""
-    global torch, ARFlow, ARFlowConfig, count_parameters, make_cond
+    """Import torch only after the OpenMP wait is settled (OpenMP reads it once, at start-up)."""
+    global torch, ARFlow, ARFlowConfig, count_parameters, make_cond, compress
     import torch
 
     from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig, count_parameters
+    from gdpo_listener.agents.compress import compress
     from gdpo_listener.evaluation.hardware import synthetic_cond as make_cond
 
 
@@ -109,8 +113,11 @@ def check_settings(cfg: DictConfig) -> None:
     for key in ("steps", "uncached_tokens", "repeats", "hw_repeats", "gemm_size"):
         if int(cfg[key]) != cfg[key] or cfg[key] < 1:
             raise ValueError(f"{key}={cfg[key]} must be a positive integer")
-    if cfg.omp_wait_policy not in ("PASSIVE", "ACTIVE"):
-        raise ValueError(f"omp_wait_policy={cfg.omp_wait_policy!r} must be PASSIVE or ACTIVE")
+    if cfg.omp_wait not in OMP_WAIT_MODES:
+        raise ValueError(f"omp_wait={cfg.omp_wait!r} must be one of {', '.join(OMP_WAIT_MODES)}")
+    for p in cfg.precisions:
+        if p not in ("fp32", "bf16", "int8"):
+            raise ValueError(f"precisions: {p!r} is not one of fp32, bf16, int8")
     if float(cfg.w_speak) == 1.0 and float(cfg.w_listen) == 1.0:
         raise ValueError("CFG is off with w_speak = w_listen = 1; this benchmark measures CFG on")
     if not float(cfg.stream_mb) > 0:
@@ -130,9 +137,9 @@ def decode_bytes_line(arch, steps: int, machine) -> str:
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench_arflow")
 def main(cfg: DictConfig) -> None:
     check_settings(cfg)
-    if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
-        print("NOTE: torch was imported before OMP_WAIT_POLICY was set; omp_wait_policy has no effect")
-    os.environ.setdefault("OMP_WAIT_POLICY", str(cfg.omp_wait_policy))
+    if "torch" in sys.modules:
+        print("NOTE: torch was imported before the OpenMP wait was set; omp_wait has no effect")
+    os.environ.update(omp_wait_defaults(str(cfg.omp_wait)))
     _import_torch()
     torch.set_num_threads(resolve_threads(cfg.threads))
     device = torch.device(cfg.device)
@@ -141,7 +148,7 @@ def main(cfg: DictConfig) -> None:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"AR-Flow generation speed | torch {torch.__version__} | device {device} | threads {torch.get_num_threads()} "
-          f"| cpus {os.cpu_count()} | load avg (1 min) {load:.2f} | OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+          f"| cpus {os.cpu_count()} | load avg (1 min) {load:.2f} | OpenMP wait {describe_omp_wait()}")
     print(f"window 200 frames = 25 tokens = {SECONDS_PER_WINDOW:.0f} s | {cfg.steps} Euler steps/token | CFG on "
           f"(w_speak {cfg.w_speak}, w_listen {cfg.w_listen}; 2B rows per call)")
     print(f"uncached: {n_unc} token(s) from token {cfg.uncached_from} timed, scaled x25/{n_unc} to a window")
@@ -184,6 +191,12 @@ def main(cfg: DictConfig) -> None:
                   + ", ".join(f"{b} ({s:.1f}x)" for b, s in failed))
             raise SystemExit(1)
         print(f"OK: KV cache speedup >= {float(cfg.min_speedup):.0f}x for the paper preset")
+    if cfg.precisions:
+        print("\nOne stream by weight precision (B = 1, one window, CFG on, the same noise; agents/compress.py)")
+        for preset in cfg.presets:
+            for p in precision_rows(preset, cfg, device):
+                print(f"  {preset:6s} {p['precision']:5s} {p['seconds']:7.2f} s/window  RTF {p['seconds'] / SECONDS_PER_WINDOW:6.3f}  "
+                      f"x{p['speedup']:4.2f} vs fp32  latent error vs fp32 {p['error']:.2e}", flush=True)
     if int(cfg.sft_batch):
         target = float(cfg.min_peak_fraction)
         print(f"\nSFT training throughput (teacher forced, forward + backward + AdamW, batch {cfg.sft_batch}); "
@@ -197,6 +210,29 @@ def main(cfg: DictConfig) -> None:
             print(f"  {preset:6s} {rate:8.1f} windows/s | bound {bound_rate:8.1f} windows/s "
                   f"({step.flops / int(cfg.sft_batch) / 1e9:.2f} GFLOP per window) | reached {got:.1%} of the GEMM peak "
                   f"({got * machine.gemm_peak / 1e9:.1f} GFLOP/s) {'OK' if got >= target else 'BELOW TARGET'}")
+
+
+def precision_rows(preset: str, cfg: DictConfig, device) -> list[dict]:
+    """One cached window of one stream per precision: seconds, speed-up over fp32, relative latent error."""
+    torch.manual_seed(int(cfg.seed))
+    arch = getattr(ARFlowConfig, preset)()
+    model = ARFlow(arch).to(device).eval()
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    cond = make_cond(arch, 1, g, device)
+    speaking = (torch.rand(1, arch.n_tokens, generator=g) < 0.5).to(device)
+    kw = dict(steps=int(cfg.steps), w_speak=float(cfg.w_speak), w_listen=float(cfg.w_listen), speaking_tokens=speaking)
+    rows, ref = [], None
+    for p in ["fp32", *[q for q in cfg.precisions if q != "fp32"]]:
+        m = compress(model, p)
+        m.sample(cond, 2, steps=1, w_speak=kw["w_speak"], w_listen=kw["w_listen"], speaking_tokens=speaking[:, :2])  # warm-up
+        out = {}
+        sec = timed(lambda: out.update(x=m.sample(cond, arch.n_tokens, generator=torch.Generator(device=device).manual_seed(0),
+                                                  **kw)), int(cfg.repeats))
+        ref = out["x"] if ref is None else ref
+        rows.append(dict(precision=p, seconds=sec, error=float((out["x"] - ref).norm() / ref.norm())))
+    for r in rows:
+        r["speedup"] = rows[0]["seconds"] / r["seconds"]
+    return [r for r in rows if r["precision"] in cfg.precisions]
 
 
 def window_bounds(preset: str, batch: int, r: dict, cfg: DictConfig, machine) -> tuple:

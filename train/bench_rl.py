@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (pipeline/threads.py)
+from gdpo_listener.pipeline.threads import omp_wait_defaults  # imports no torch
+
+os.environ.update(omp_wait_defaults())  # before torch loads: OpenMP threads spin briefly, then sleep (pipeline/threads.py)
 
 import copy
 import ctypes
@@ -54,7 +56,7 @@ from gdpo_listener.envs.flame import FLAME_DIM, N_GROUPS
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.envs.windows import token_majority
 from gdpo_listener.evaluation import hardware as hw
-from gdpo_listener.pipeline.threads import configure_threads, resolve_threads
+from gdpo_listener.pipeline.threads import configure_threads, describe_omp_wait, resolve_threads
 from gdpo_listener.rewards.groups import build_reward
 
 
@@ -198,7 +200,7 @@ def throughput_report(cfg: DictConfig) -> None:
     n_prompts, G, K = int(cfg.n_prompts), int(cfg.group_size), int(cfg.sde_steps)
     B = n_prompts * G
     machine = hw.measure_machine(float(cfg.stream_mb), int(cfg.gemm_size), int(cfg.hw_repeats))
-    print(f"machine: {machine.describe()} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"machine: {machine.describe()} | OpenMP wait {describe_omp_wait()}")
     print(f"batch {B} rollouts ({n_prompts} prompts x G={G}), {K} SDE steps per token, {threads} threads\n")
     print(f"{'preset':8s} {'mode':10s} {'transitions':>12s} {'seconds':>9s} {'trans/s':>9s} {'speed-up':>9s}")
     for preset in cfg.presets:

@@ -31,7 +31,9 @@ import os
 # numpy / scipy BLAS: one thread unless the caller says otherwise (set before numpy is imported; the
 # Frechet distances' sqrtm is 30x slower with two BLAS threads on a busy 2-core machine)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (pipeline/threads.py)
+from gdpo_listener.pipeline.threads import omp_wait_defaults  # imports no torch
+
+os.environ.update(omp_wait_defaults())  # before torch loads: OpenMP threads spin briefly, then sleep (pipeline/threads.py)
 
 import json  # noqa: E402
 import time  # noqa: E402
@@ -39,6 +41,7 @@ import time  # noqa: E402
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from gdpo_listener.agents.compress import check_precision, compress  # noqa: E402
 from gdpo_listener.evaluation import metrics as M  # noqa: E402
 from gdpo_listener.evaluation.checkpoints import ensure_checkpoint, run_reward_config  # noqa: E402
 from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # noqa: E402
@@ -55,12 +58,14 @@ def run(cfg: DictConfig, verbose: bool = True) -> dict:
     run_state.seed_everything(int(cfg.seed))
     if cfg.metrics.convention not in M.DYNAMIC_SCALE:
         raise ValueError(f"metrics.convention must be one of {list(M.DYNAMIC_SCALE)}, got {cfg.metrics.convention!r}")
+    check_precision(cfg.precision)
     ckpt = factories.abspath(cfg.checkpoint)
     t0 = time.perf_counter()
     ensure_checkpoint(cfg, ckpt)
     data_root = stages.ensure_dataset(cfg.data)
     data, _ = prepare_eval_data(cfg, ckpt, data_root, device)
     model, meta = load_eval_model(ckpt, data)
+    model = compress(model, cfg.precision)  # fp32: the model itself
     own_reward = run_reward_config(meta)
     with blas_threads(threads):
         res = evaluate_model(model, data, cfg, progress=bool(cfg.progress), run_reward=own_reward)

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (pipeline/threads.py)
+from gdpo_listener.pipeline.threads import omp_wait_defaults  # imports no torch
+
+os.environ.update(omp_wait_defaults())  # before torch loads: OpenMP threads spin briefly, then sleep (pipeline/threads.py)
 
 import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from gdpo_listener.agents.arflow import load_arflow  # noqa: E402
+from gdpo_listener.agents.compress import check_precision, compress  # noqa: E402
 from gdpo_listener.envs.converters.vad import VAD_METHODS, vad_frames  # noqa: E402
 from gdpo_listener.envs.flame import FPS  # noqa: E402
 from gdpo_listener.evaluation import clip  # noqa: E402
@@ -48,6 +51,7 @@ def main(cfg: DictConfig) -> None:
     w_speak, w_listen = clip.check_bounded_cfg_weight("w_speak", cfg.w_speak), clip.check_bounded_cfg_weight("w_listen", cfg.w_listen)
     if int(cfg.steps) != cfg.steps or cfg.steps < 1:
         raise ValueError(f"steps={cfg.steps} must be a positive integer")
+    check_precision(cfg.precision)
     if cfg.vad not in VAD_METHODS:
         raise ValueError(f"vad={cfg.vad!r}; valid: {', '.join(VAD_METHODS)}")
     npz, png = clip.output_paths(factories.abspath(cfg.out))
@@ -81,6 +85,7 @@ def main(cfg: DictConfig) -> None:
     text_enc, audio_enc = factories.make_encoders(encoders, device)
     model, _ = load_arflow(ckpt, device, expect={"d_latent": vae.cfg.d_latent, "d_text": text_enc.dim, "d_audio": audio_enc.dim,
                                                  "r": r})
+    model = compress(model, cfg.precision)  # fp32: the model itself
 
     text = str(cfg.text or "")
     settings = dict(text=text, steps=int(cfg.steps), w_speak=w_speak, w_listen=w_listen, seed=int(cfg.seed))

@@ -32,7 +32,9 @@ import json
 import os
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (pipeline/threads.py)
+from gdpo_listener.pipeline.threads import omp_wait_defaults  # imports no torch
+
+os.environ.update(omp_wait_defaults())  # before torch loads: OpenMP threads spin briefly, then sleep (pipeline/threads.py)
 from pathlib import Path
 
 import hydra
@@ -41,13 +43,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gdpo_listener.agents.arflow import load_arflow
-from gdpo_listener.agents.streaming import DECODE_MODES, StreamingGenerator, int8_copy
+from gdpo_listener.agents.compress import check_precision, compress
+from gdpo_listener.agents.streaming import DECODE_MODES, StreamingGenerator
 from gdpo_listener.envs.flame import FPS, GROUP_NAMES, SAMPLE_RATE
 from gdpo_listener.evaluation.clip import read_audio
 from gdpo_listener.pipeline import factories
 from gdpo_listener.pipeline.threads import configure_threads
-
-QUANTIZE = ("none", "int8")
 
 
 def latency_report(latency: np.ndarray, compute: np.ndarray, lag: np.ndarray, token_s: float, audio_s: float,
@@ -103,8 +104,7 @@ def main(cfg: DictConfig) -> None:
         raise ValueError(f"chunk_ms={cfg.chunk_ms} is below 20 ms (320 samples)")
     if cfg.decode not in (*DECODE_MODES, "auto"):
         raise ValueError(f"decode={cfg.decode!r}; valid: auto, {', '.join(DECODE_MODES)}")
-    if cfg.quantize not in QUANTIZE:
-        raise ValueError(f"quantize={cfg.quantize!r}; valid: {', '.join(QUANTIZE)}")
+    check_precision(cfg.precision)
     actor = read_audio(factories.abspath(cfg.actor_wav))
     partner = read_audio(factories.abspath(cfg.partner_wav)) if cfg.partner_wav else np.zeros_like(actor)
     n = len(actor) if cfg.seconds is None else int(round(float(cfg.seconds) * SAMPLE_RATE))
@@ -121,8 +121,7 @@ def main(cfg: DictConfig) -> None:
                                                    device)
     text_enc, audio_enc = factories.make_encoders(factories.checkpoint_encoders(cfg.features, meta), device)
     decode = ("causal" if model.cfg.causal_prefix else "chunked") if cfg.decode == "auto" else str(cfg.decode)
-    if cfg.quantize == "int8":
-        model = int8_copy(model)
+    model = compress(model, cfg.precision)
     text = str(cfg.text or "")
     gen = StreamingGenerator(model, vae, normalizer, audio_enc, k=int(cfg.k), steps=int(cfg.steps), w_speak=cfg.w_speak,
                              w_listen=cfg.w_listen, generator=torch.Generator(device=device).manual_seed(int(cfg.seed)),
@@ -142,7 +141,7 @@ def main(cfg: DictConfig) -> None:
                 "causal_prefix": bool(model.cfg.causal_prefix)}
     out.with_suffix(".json").write_text(json.dumps({**report, "settings": settings}, indent=2))
     print(f"[stream] {motion.shape[0]} frames ({motion.shape[0] / FPS:.2f} s), chunks of {chunk} samples, k={cfg.k}, "
-          f"{'causal' if model.cfg.causal_prefix else 'bidirectional'} prefix, decode={decode}, quantize={cfg.quantize}, "
+          f"{'causal' if model.cfg.causal_prefix else 'bidirectional'} prefix, decode={decode}, precision={cfg.precision}, "
           f"{threads} threads: latency p50 {report['latency_p50_s']:.3f} s, p99 {report['latency_p99_s']:.3f} s "
           f"(compute p50 {report['compute_latency_p50_s']:.3f} s, p99 {report['compute_latency_p99_s']:.3f} s), "
           f"max lag {report['max_lag_s']:.3f} s, kept up: {report['kept_up']}, "

@@ -1,0 +1,103 @@
+"""Weight-compressed inference copies of a model: ``precision`` fp32 | bf16 | int8.
+
+Single-stream generation reads every weight once per denoising step for one or two rows (CFG), so
+on a CPU it is bound by memory bandwidth, not arithmetic (``train/bench_arflow.py`` prints the
+bound). Fewer weight bytes per step is the only way to go faster:
+
+- ``fp32``: the model as trained (no copy).
+- ``bf16``: every ``nn.Linear`` keeps its weight and bias in bfloat16 (half the bytes) and computes
+  in bfloat16 (inputs cast in, outputs cast back to the caller's dtype, so layer norms, residuals,
+  the time embedding and the flow integration stay fp32); generation KV caches are stored in
+  bfloat16 too (``ARFlow.kv_dtype``), so attention reads half the bytes as well. Fast where the CPU
+  has native bf16 dot products (AVX512-BF16 / AMX; :func:`bf16_native`) and on CUDA; elsewhere it
+  is emulated and slower than fp32.
+- ``int8``: ``torch.ao`` dynamic quantisation of every ``nn.Linear`` (int8 weights per tensor,
+  activations quantised per batch at run time), CPU only; caches stay fp32.
+
+Both copies are for inference only (no gradients flow into the compressed weights). Their effect
+on the evaluation metrics is measured, not assumed: ``python train/evaluate.py precision=bf16``
+scores the same windows with the same noise as ``precision=fp32`` (README, "Speed").
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["PRECISIONS", "BF16Linear", "bf16_native", "check_precision", "compress", "int8_copy", "bf16_copy"]
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def check_precision(precision) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
+    return str(precision)
+
+
+def bf16_native() -> bool:
+    """True when this CPU multiplies bfloat16 natively (oneDNN's AVX512-BF16 / AMX kernels)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class BF16Linear(nn.Module):
+    """``nn.Linear`` with bfloat16 weights: ``y = (x.bf16 @ W.T + b).to(x.dtype)``, inference only."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).clone())  # (out, in)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16).clone())
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out), in x's dtype
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype=bfloat16"
+
+
+def _swap_linears(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, BF16Linear(child))
+        else:
+            _swap_linears(child)
+
+
+def bf16_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) with bfloat16 linear layers and, if it has ``kv_dtype``
+    (the AR-Flow), bfloat16 generation caches. The original model is untouched."""
+    out = copy.deepcopy(model).eval()
+    _swap_linears(out)
+    if hasattr(out, "kv_dtype"):
+        out.kv_dtype = torch.bfloat16
+    return out
+
+
+def int8_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` dynamically quantised to int8 weights
+    (``torch.ao.quantization.quantize_dynamic``; activations quantised per batch at run time). CPU only;
+    the original model is untouched."""
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise ValueError("int8_copy: dynamic int8 quantisation runs on CPU; move the model to cpu first")
+    with warnings.catch_warnings():  # torch >= 2.10 moves this API to torchao; same maths
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def compress(model: nn.Module, precision: str) -> nn.Module:
+    """``model`` itself for fp32, else an inference copy with compressed linear weights (module docstring)."""
+    precision = check_precision(precision)
+    if precision == "fp32":
+        return model
+    return bf16_copy(model) if precision == "bf16" else int8_copy(model)
