@@ -411,7 +411,6 @@ class ARFlow(nn.Module):
         self.ln_f = nn.LayerNorm(D, elementwise_affine=False)
         self.final_mod = nn.Linear(D, 2 * D)  # t -> (shift, scale) of the final norm
         self.head = nn.Linear(D, cfg.d_latent)
-        self.kv_dtype: torch.dtype | None = None  # dtype of generation KV caches (None: the activations'); agents/compress.py
         self._init_weights()
 
     def _init_weights(self):
@@ -631,8 +630,8 @@ class ARFlow(nn.Module):
         B, P, _ = h.shape
         N = cond["partner_latent"].shape[1] if n_tokens is None else int(n_tokens)
         c = self.cfg
-        K = [h.new_empty(B, c.n_heads, P + N, c.head_dim, dtype=self.kv_dtype) for _ in self.blocks]
-        V = [h.new_empty(B, c.n_heads, P + N, c.head_dim, dtype=self.kv_dtype) for _ in self.blocks]
+        K = [h.new_empty(B, c.n_heads, P + N, c.head_dim) for _ in self.blocks]
+        V = [h.new_empty(B, c.n_heads, P + N, c.head_dim) for _ in self.blocks]
         cos, sin = self._rope(pos)
         self._fill_kv(self.drop(h), cos, sin, None, K, V, 0)
         tcos, tsin = self._rope(token_positions(N, c.r, device=h.device))
@@ -646,9 +645,8 @@ class ARFlow(nn.Module):
         if not 0 <= G <= N:
             raise ValueError(f"arflow.start: groups={groups} must be in [0, n_tokens={N}]")
         slots = CausalSlots(prefix_layout(N * c.r, N, c.r, c.audio_stride, dev), N, c.r)
-        kw = dict(device=dev, dtype=self.kv_dtype)
-        K = [torch.zeros(B, c.n_heads, slots.size, c.head_dim, **kw) for _ in self.blocks]  # zeros: finite if masked
-        V = [torch.zeros(B, c.n_heads, slots.size, c.head_dim, **kw) for _ in self.blocks]
+        K = [torch.zeros(B, c.n_heads, slots.size, c.head_dim, device=dev) for _ in self.blocks]  # zeros: finite if masked
+        V = [torch.zeros(B, c.n_heads, slots.size, c.head_dim, device=dev) for _ in self.blocks]
         tcos, tsin = self._rope(token_positions(N, c.r, device=dev))
         cache = KVCache(K, V, slots.size - N, N, tcos, tsin, slots=slots, groups=0)
         if G == 0:
@@ -666,8 +664,8 @@ class ARFlow(nn.Module):
         sub = lay.take(idx)
         cos, sin = self._rope(sub.pos)
         mask = causal_prefix_mask(sub, sub)  # (S, S)
-        Kt = [h.new_empty(B, c.n_heads, idx.shape[0], c.head_dim, dtype=self.kv_dtype) for _ in self.blocks]  # (B, H, S, hd)
-        Vt = [h.new_empty(B, c.n_heads, idx.shape[0], c.head_dim, dtype=self.kv_dtype) for _ in self.blocks]  # scratch
+        Kt = [h.new_empty(B, c.n_heads, idx.shape[0], c.head_dim) for _ in self.blocks]  # (B, H, S, hd) scratch
+        Vt = [h.new_empty(B, c.n_heads, idx.shape[0], c.head_dim) for _ in self.blocks]
         self._fill_kv(self.drop(h[:, idx]), cos, sin, mask, Kt, Vt, 0)
         for k, v, kt, vt in zip(K, V, Kt, Vt):
             k[:, :, dest], v[:, :, dest] = kt, vt

@@ -64,12 +64,12 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
-            K, V = kv  # a cache may be stored in a narrower dtype (ARFlow.kv_dtype): the attention runs in it
+            K, V = kv
             K[:, :, at:at + S] = k
             V[:, :, at:at + S] = v
-            q, k, v = q.to(K.dtype), K[:, :, :at + S], V[:, :, :at + S]  # (B, H, at + S, hd) views, no copy
+            k, v = K[:, :, :at + S], V[:, :, :at + S]  # (B, H, at + S, hd) views, no copy
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)  # (B, H, S, hd)
-        y = y.transpose(1, 2).reshape(B, S, D).to(x.dtype)  # (B, S, D)
+        y = y.transpose(1, 2).reshape(B, S, D)  # (B, S, D)
         return self.resid_drop(self.proj(y))
 
 

@@ -7,10 +7,10 @@ bound). Fewer weight bytes per step is the only way to go faster:
 - ``fp32``: the model as trained (no copy).
 - ``bf16``: every ``nn.Linear`` keeps its weight and bias in bfloat16 (half the bytes) and computes
   in bfloat16 (inputs cast in, outputs cast back to the caller's dtype, so layer norms, residuals,
-  the time embedding and the flow integration stay fp32); generation KV caches are stored in
-  bfloat16 too (``ARFlow.kv_dtype``), so attention reads half the bytes as well. Fast where the CPU
-  has native bf16 dot products (AVX512-BF16 / AMX; :func:`bf16_native`) and on CUDA; elsewhere it
-  is emulated and slower than fp32.
+  attention and its KV cache, the time embedding and the flow integration stay fp32; a bf16 KV
+  cache was tried and is slower on CPU: torch's bf16 attention kernel for one query is slower than
+  the fp32 one). Fast where the CPU has native bf16 dot products (AVX512-BF16 / AMX;
+  :func:`bf16_native`) and on CUDA; elsewhere it is emulated and slower than fp32.
 - ``int8``: ``torch.ao`` dynamic quantisation of every ``nn.Linear`` (int8 weights per tensor,
   activations quantised per batch at run time), CPU only; caches stay fp32.
 
@@ -72,12 +72,9 @@ def _swap_linears(module: nn.Module) -> None:
 
 
 def bf16_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` (eval mode) with bfloat16 linear layers and, if it has ``kv_dtype``
-    (the AR-Flow), bfloat16 generation caches. The original model is untouched."""
+    """A copy of ``model`` (eval mode) with bfloat16 linear layers. The original model is untouched."""
     out = copy.deepcopy(model).eval()
     _swap_linears(out)
-    if hasattr(out, "kv_dtype"):
-        out.kv_dtype = torch.bfloat16
     return out
 
 
