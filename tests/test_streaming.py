@@ -241,6 +241,19 @@ def test_compressed_copy_streams_close_to_fp32(parts, precision, tol):
     assert 0 < rel < tol, rel
 
 
+def test_auto_precision_is_bf16_only_where_native(monkeypatch):
+    from gdpo_listener.agents import compress as C
+
+    monkeypatch.setattr(C, "bf16_native", lambda: True)
+    assert C.resolve_precision("auto", "cpu") == "bf16" and C.resolve_precision("int8", "cpu") == "int8"
+    monkeypatch.setattr(C, "bf16_native", lambda: False)
+    assert C.resolve_precision("auto", "cpu") == "fp32"
+    model = ARFlow(ARFlowConfig(d_model=32, n_layers=1, n_heads=2))
+    assert C.compress(model, "auto") is model  # fp32: the model itself, no copy
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        C.compress(model, "fp16")
+
+
 @pytest.mark.slow
 def test_stream_cli_writes_the_offline_motion_and_a_latency_report(tmp_path, run_entry):
     """train/stream.py on a tiny checkpoint (not paced): its motion is generate_long + decode_latents of the same audio."""
@@ -263,7 +276,7 @@ def test_stream_cli_writes_the_offline_motion_and_a_latency_report(tmp_path, run
     sf.write(tmp_path / "b.wav", partner, SAMPLE_RATE, subtype="FLOAT")
     res = run_entry("stream.py", f"checkpoint={tmp_path / 'sft'}", f"actor_wav={tmp_path / 'a.wav'}",
                     f"partner_wav={tmp_path / 'b.wav'}", "realtime=false", "chunk_ms=30", "steps=2", "w_listen=2.0",
-                    "threads=1", f"out={tmp_path / 'gen'}", cwd=tmp_path)
+                    "threads=1", "precision=fp32", f"out={tmp_path / 'gen'}", cwd=tmp_path)  # fp32: compared bit for bit
     assert res.returncode == 0, res.stderr[-2000:]
     with np.load(tmp_path / "gen.npz") as z:
         motion, latents, speaking, latency = z["motion"], z["latents"], z["speaking_tokens"], z["latency_s"]

@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from gdpo_listener.agents.arflow import load_arflow  # noqa: E402
-from gdpo_listener.agents.compress import check_precision, compress  # noqa: E402
+from gdpo_listener.agents.compress import check_precision, compress, resolve_precision  # noqa: E402
 from gdpo_listener.envs.converters.vad import VAD_METHODS, vad_frames  # noqa: E402
 from gdpo_listener.envs.flame import FPS  # noqa: E402
 from gdpo_listener.evaluation import clip  # noqa: E402
@@ -85,7 +85,9 @@ def main(cfg: DictConfig) -> None:
     text_enc, audio_enc = factories.make_encoders(encoders, device)
     model, _ = load_arflow(ckpt, device, expect={"d_latent": vae.cfg.d_latent, "d_text": text_enc.dim, "d_audio": audio_enc.dim,
                                                  "r": r})
-    model = compress(model, cfg.precision)  # fp32: the model itself
+    precision = resolve_precision(cfg.precision, device)
+    model = compress(model, precision)  # fp32: the model itself
+    print(f"[generate] AR-Flow weights in {precision} (precision={cfg.precision})")
 
     text = str(cfg.text or "")
     settings = dict(text=text, steps=int(cfg.steps), w_speak=w_speak, w_listen=w_listen, seed=int(cfg.seed))

@@ -43,7 +43,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gdpo_listener.agents.arflow import load_arflow
-from gdpo_listener.agents.compress import check_precision, compress
+from gdpo_listener.agents.compress import check_precision, compress, resolve_precision
 from gdpo_listener.agents.streaming import DECODE_MODES, StreamingGenerator
 from gdpo_listener.envs.flame import FPS, GROUP_NAMES, SAMPLE_RATE
 from gdpo_listener.evaluation.clip import read_audio
@@ -121,7 +121,8 @@ def main(cfg: DictConfig) -> None:
                                                    device)
     text_enc, audio_enc = factories.make_encoders(factories.checkpoint_encoders(cfg.features, meta), device)
     decode = ("causal" if model.cfg.causal_prefix else "chunked") if cfg.decode == "auto" else str(cfg.decode)
-    model = compress(model, cfg.precision)
+    precision = resolve_precision(cfg.precision, device)
+    model = compress(model, precision)
     text = str(cfg.text or "")
     gen = StreamingGenerator(model, vae, normalizer, audio_enc, k=int(cfg.k), steps=int(cfg.steps), w_speak=cfg.w_speak,
                              w_listen=cfg.w_listen, generator=torch.Generator(device=device).manual_seed(int(cfg.seed)),
@@ -141,7 +142,7 @@ def main(cfg: DictConfig) -> None:
                 "causal_prefix": bool(model.cfg.causal_prefix)}
     out.with_suffix(".json").write_text(json.dumps({**report, "settings": settings}, indent=2))
     print(f"[stream] {motion.shape[0]} frames ({motion.shape[0] / FPS:.2f} s), chunks of {chunk} samples, k={cfg.k}, "
-          f"{'causal' if model.cfg.causal_prefix else 'bidirectional'} prefix, decode={decode}, precision={cfg.precision}, "
+          f"{'causal' if model.cfg.causal_prefix else 'bidirectional'} prefix, decode={decode}, precision={precision}, "
           f"{threads} threads: latency p50 {report['latency_p50_s']:.3f} s, p99 {report['latency_p99_s']:.3f} s "
           f"(compute p50 {report['compute_latency_p50_s']:.3f} s, p99 {report['compute_latency_p99_s']:.3f} s), "
           f"max lag {report['max_lag_s']:.3f} s, kept up: {report['kept_up']}, "
