@@ -208,8 +208,10 @@ def test_bench_threads_entry_point(tmp_path):
     res = subprocess.run([sys.executable, str(script), "batch=1", "steps=1", "warmup=0", "bank_rows=2"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [line.split()[:2] for line in res.stdout.splitlines() if line.startswith(("default ", "passive ", "old "))]
-    assert [" ".join(r) for r in rows] == ["default idle", "default busy", "passive idle", "passive busy", "old idle", "old busy"]
+    rows = [line.split()[:2] for line in res.stdout.splitlines() if line.startswith(("default ", "passive ", "old ", "one core "))]
+    assert [" ".join(r) for r in rows] == ["default idle", "default busy", "passive idle", "passive busy", "old idle", "old busy",
+                                           "one core"]
+    assert "busy / one core idle" in res.stdout
     assert "busy / idle: default" in res.stdout and "target <= 1.6x" in res.stdout
     res = subprocess.run([sys.executable, str(script), "busy=gpu"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env=env)

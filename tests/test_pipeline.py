@@ -139,3 +139,18 @@ def test_sft_resume_continues_exactly_and_refuses_another_config(tiny_pipeline, 
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     res = run_entry("sft.py", *tiny, "optim.steps=6", f"out_dir={d / 'sft_b'}", "resume=true", "seed=1", cwd=d)
     assert res.returncode != 0 and "another config" in res.stderr and "seed" in res.stderr
+
+
+def test_bench_precision_compares_every_metric_with_fp32(tiny_pipeline, run_entry, first_run):
+    """train/bench_precision.py: evaluate at fp32 and each precision (same windows and noise), verdict per precision."""
+    d = tiny_pipeline.root
+    res = run_entry("bench_precision.py", f"checkpoint={d / 'sft'}", f"data.root={tiny_pipeline.data}", "steps=2",
+                    "threads=1", "precisions=[bf16,int8]", f"out_dir={d / 'prec'}", cwd=d)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((d / "prec" / "report.json").read_text())
+    assert set(report["precisions"]) == {"bf16", "int8"}
+    for p, r in report["precisions"].items():
+        assert r["n_metrics"] > 20 and r["ok"] == (not r["over_limit"]) and f"{p}: {r['n_metrics']} metrics" in res.stdout
+    assert json.loads((d / "prec" / "bf16" / "metrics.json").read_text())["precision"] == "bf16"
+    res = run_entry("bench_precision.py", f"checkpoint={d / 'sft'}", "precisions=[fp32]", cwd=d)
+    assert res.returncode != 0 and "precisions=['fp32']" in res.stderr
