@@ -49,3 +49,20 @@ def test_bench_rl_hydra_overrides_throughput_and_memory(tmp_path, run):
     assert "update memory ratio 50 / 25 tokens" in res.stdout
     res = run("bench_rl.py", "presets=[big]", cwd=tmp_path)
     assert res.returncode != 0 and "presets=['big']" in res.stderr
+
+
+def test_bench_generate_rtf_times_generate_end_to_end(tmp_path):
+    """--rtf: generate.py run as a user runs it for 4 s and 20 s; the RTF line names preset, precision and the target."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "train" / "bench_generate_memory.py"
+    res = subprocess.run([sys.executable, str(script), "--rtf", "small", "--steps", "1", "--precisions", "fp32",
+                          "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    assert row["preset"] == "small" and row["precision"] == "fp32" and row["wall_20s"] > 0 and row["target"] == 0.3
+    assert (tmp_path / "rtf_small_fp32_20s.npz").is_file()
