@@ -12,7 +12,10 @@ bound). Fewer weight bytes per step is the only way to go faster:
   the fp32 one). Fast where the CPU has native bf16 dot products (AVX512-BF16 / AMX;
   :func:`bf16_native`) and on CUDA; elsewhere it is emulated and slower than fp32.
 - ``auto``: ``bf16`` where it is native (a CPU with AVX512-BF16 / AMX, or a CUDA device with
-  bf16), else ``fp32``; the default of ``train/generate.py`` and ``train/stream.py``. Evaluation
+  bf16) and the linear weights hold at least :data:`AUTO_BF16_MIN_BYTES` in fp32, else ``fp32``; the
+  default of ``train/generate.py`` and ``train/stream.py``. A smaller model's decoding is bound by
+  per-op overhead, not weight bytes, and bf16's casts cost more than they save (small preset, 3.9 MB:
+  RTF 0.052 bf16 vs 0.036 fp32; paper preset, 80 MB: 0.165 vs 0.370; ``train/bench_arflow.py``). Evaluation
   (``train/evaluate.py``, the benchmark) stays ``fp32`` unless asked: its sampler is part of the protocol.
 - ``int8``: ``torch.ao`` dynamic quantisation of every ``nn.Linear`` (int8 weights per tensor,
   activations quantised per batch at run time), CPU only; caches stay fp32.
@@ -33,10 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PRECISIONS", "BF16Linear", "bf16_native", "check_precision", "resolve_precision", "compress", "int8_copy",
-           "bf16_copy"]
+__all__ = ["PRECISIONS", "AUTO_BF16_MIN_BYTES", "BF16Linear", "bf16_native", "check_precision", "linear_weight_bytes",
+           "resolve_precision", "compress", "int8_copy", "bf16_copy"]
 
 PRECISIONS = ("fp32", "bf16", "int8")
+AUTO_BF16_MIN_BYTES = 16 * 2**20  # fp32 linear weights from which ``auto`` picks bf16 (module docstring)
 
 
 def check_precision(precision) -> str:
@@ -45,11 +49,19 @@ def check_precision(precision) -> str:
     return str(precision)
 
 
-def resolve_precision(precision, device) -> str:
-    """``auto`` -> ``bf16`` where bf16 matmuls are native on ``device``, else ``fp32``; others unchanged."""
+def linear_weight_bytes(model: nn.Module) -> int:
+    """fp32 bytes of the weights and biases of every ``nn.Linear`` of ``model``."""
+    return sum(4 * sum(p.numel() for p in m.parameters()) for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def resolve_precision(precision, device, weight_bytes: float = float("inf")) -> str:
+    """``auto`` -> ``bf16`` where bf16 matmuls are native on ``device`` and the model's fp32 linear
+    weights (``weight_bytes``) reach :data:`AUTO_BF16_MIN_BYTES`, else ``fp32``; others unchanged."""
     precision = check_precision(precision)
     if precision != "auto":
         return precision
+    if weight_bytes < AUTO_BF16_MIN_BYTES:
+        return "fp32"
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
@@ -112,7 +124,7 @@ def int8_copy(model: nn.Module) -> nn.Module:
 def compress(model: nn.Module, precision: str) -> nn.Module:
     """``model`` itself for fp32, else an inference copy with compressed linear weights (module docstring);
     ``auto`` is resolved on the device of the model's parameters."""
-    precision = resolve_precision(precision, next(model.parameters()).device)
+    precision = resolve_precision(precision, next(model.parameters()).device, linear_weight_bytes(model))
     if precision == "fp32":
         return model
     return bf16_copy(model) if precision == "bf16" else int8_copy(model)

@@ -246,6 +246,8 @@ def test_auto_precision_is_bf16_only_where_native(monkeypatch):
 
     monkeypatch.setattr(C, "bf16_native", lambda: True)
     assert C.resolve_precision("auto", "cpu") == "bf16" and C.resolve_precision("int8", "cpu") == "int8"
+    small, paper = (C.linear_weight_bytes(ARFlow(c)) for c in (ARFlowConfig.small(), ARFlowConfig.paper()))
+    assert C.resolve_precision("auto", "cpu", small) == "fp32" and C.resolve_precision("auto", "cpu", paper) == "bf16"
     monkeypatch.setattr(C, "bf16_native", lambda: False)
     assert C.resolve_precision("auto", "cpu") == "fp32"
     model = ARFlow(ARFlowConfig(d_model=32, n_layers=1, n_heads=2))

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from gdpo_listener.agents.arflow import load_arflow  # noqa: E402
-from gdpo_listener.agents.compress import check_precision, compress, resolve_precision  # noqa: E402
+from gdpo_listener.agents.compress import check_precision, compress, linear_weight_bytes, resolve_precision  # noqa: E402
 from gdpo_listener.envs.converters.vad import VAD_METHODS, vad_frames  # noqa: E402
 from gdpo_listener.envs.flame import FPS  # noqa: E402
 from gdpo_listener.evaluation import clip  # noqa: E402
@@ -89,7 +89,7 @@ def main(cfg: DictConfig) -> None:
     text_enc, audio_enc = factories.make_encoders(encoders, device)
     model, _ = load_arflow(ckpt, device, expect={"d_latent": vae.cfg.d_latent, "d_text": text_enc.dim, "d_audio": audio_enc.dim,
                                                  "r": r})
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, linear_weight_bytes(model))
     model = compress(model, precision)  # fp32: the model itself
     print(f"[generate] AR-Flow weights in {precision} (precision={cfg.precision})")
 

@@ -43,7 +43,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gdpo_listener.agents.arflow import load_arflow
-from gdpo_listener.agents.compress import check_precision, compress, resolve_precision
+from gdpo_listener.agents.compress import check_precision, compress, linear_weight_bytes, resolve_precision
 from gdpo_listener.agents.streaming import DECODE_MODES, StreamingGenerator
 from gdpo_listener.envs.flame import FPS, GROUP_NAMES, SAMPLE_RATE
 from gdpo_listener.evaluation.clip import read_audio
@@ -121,7 +121,7 @@ def main(cfg: DictConfig) -> None:
                                                    device)
     text_enc, audio_enc = factories.make_encoders(factories.checkpoint_encoders(cfg.features, meta), device)
     decode = ("causal" if model.cfg.causal_prefix else "chunked") if cfg.decode == "auto" else str(cfg.decode)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, linear_weight_bytes(model))
     model = compress(model, precision)
     text = str(cfg.text or "")
     gen = StreamingGenerator(model, vae, normalizer, audio_enc, k=int(cfg.k), steps=int(cfg.steps), w_speak=cfg.w_speak,
