@@ -21,14 +21,13 @@ import hydra
 from omegaconf import DictConfig
 
 from gdpo_listener.agents.checkpoint import atomic_write_json
+from gdpo_listener.agents.compress import PRECISIONS
 from gdpo_listener.evaluation.precision_check import compare_reports, worst_change
 from gdpo_listener.pipeline import factories, stages
 
-PRECISIONS = ("fp32", "bf16", "int8")
-
 
 def check_settings(cfg: DictConfig) -> None:
-    if not cfg.precisions or any(p not in PRECISIONS[1:] for p in cfg.precisions):
+    if not cfg.precisions or any(p not in PRECISIONS or p == "fp32" for p in cfg.precisions):
         raise ValueError(f"precisions={list(cfg.precisions)} must be a non-empty subset of [bf16, int8] (fp32 is the reference)")
     for key in ("max_change", "floor"):
         if not float(cfg[key]) > 0:
