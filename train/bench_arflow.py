@@ -75,18 +75,26 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def setup_window(preset: str, batch: int, bcfg: DictConfig, device) -> tuple:
+    """A random-weight model of ``preset``, one window of conditioning for ``batch`` streams and the
+    sampling settings (CFG on) -> (arch, model, cond, g, speaking (B, N), sample kwargs)."""
+    seed = int(bcfg.seed)
+    torch.manual_seed(seed)
+    arch = getattr(ARFlowConfig, preset)()
+    model = ARFlow(arch).to(device).eval()
+    g = torch.Generator().manual_seed(seed)
+    cond = make_cond(arch, batch, g, device)
+    speaking = (torch.rand(batch, arch.n_tokens, generator=g) < 0.5).to(device)  # (B, N)
+    kw = dict(steps=int(bcfg.steps), w_speak=float(bcfg.w_speak), w_listen=float(bcfg.w_listen), speaking_tokens=speaking)
+    return arch, model, cond, g, speaking, kw
+
+
 def bench_one(preset: str, batch: int, bcfg: DictConfig, device) -> dict:
     """Seconds for one window of ``batch`` streams with and without the KV cache (uncached: extrapolated)."""
-    seed, n_unc = int(bcfg.seed), int(bcfg.uncached_tokens)
-    torch.manual_seed(seed)
-    cfg = getattr(ARFlowConfig, preset)()
-    model = ARFlow(cfg).to(device).eval()
-    g = torch.Generator().manual_seed(seed)
-    cond = make_cond(cfg, batch, g, device)
+    n_unc = int(bcfg.uncached_tokens)
+    cfg, model, cond, g, speaking, kw = setup_window(preset, batch, bcfg, device)
     N = cfg.n_tokens
-    speaking = (torch.rand(batch, N, generator=g) < 0.5).to(device)  # (B, N)
-    w_speak, w_listen = float(bcfg.w_speak), float(bcfg.w_listen)
-    kw = dict(steps=int(bcfg.steps), w_speak=w_speak, w_listen=w_listen, speaking_tokens=speaking)
+    w_speak, w_listen = kw["w_speak"], kw["w_listen"]
 
     # warm-up (allocator, kernels)
     model.sample(cond, 2, steps=1, w_speak=w_speak, w_listen=w_listen, speaking_tokens=speaking[:, :2])
@@ -214,13 +222,7 @@ def main(cfg: DictConfig) -> None:
 
 def precision_rows(preset: str, cfg: DictConfig, device) -> list[dict]:
     """One cached window of one stream per precision: seconds, speed-up over fp32, relative latent error."""
-    torch.manual_seed(int(cfg.seed))
-    arch = getattr(ARFlowConfig, preset)()
-    model = ARFlow(arch).to(device).eval()
-    g = torch.Generator().manual_seed(int(cfg.seed))
-    cond = make_cond(arch, 1, g, device)
-    speaking = (torch.rand(1, arch.n_tokens, generator=g) < 0.5).to(device)
-    kw = dict(steps=int(cfg.steps), w_speak=float(cfg.w_speak), w_listen=float(cfg.w_listen), speaking_tokens=speaking)
+    arch, model, cond, _, speaking, kw = setup_window(preset, 1, cfg, device)
     rows, ref = [], None
     for p in ["fp32", *[q for q in cfg.precisions if q != "fp32"]]:
         m = compress(model, p)
