@@ -44,7 +44,7 @@ def header(data: EvalData, cfg: DictConfig, ckpt: str, seed: int, run_reward: di
         "checkpoint": str(ckpt), "dataset": str(data.root), "split": data.split, "n_windows": len(data.indices),
         "n_expressive": int(data.expressive.sum()), "expressive_quantile": float(mc.get("expressive_quantile", 0.75)),
         "seed": seed, "steps": int(cfg.steps), "w_speak": float(cfg.w_speak), "w_listen": float(cfg.w_listen),
-        "precision": str(cfg.get("precision", "fp32")),
+        "precision": str(cfg.get("precision", "fp32")),  # train/evaluate.py replaces "auto" with the one used
         "convention": conv, "dynamic_scale": M.DYNAMIC_SCALE[conv],
         "min_frames": int(mc.get("min_frames", 10)), "publication_scale": bool(mc.get("publication_scale", True)),
         "flame_model": str(mc.flame_model) if mc.get("flame_model") else None,

@@ -41,7 +41,7 @@ import time  # noqa: E402
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from gdpo_listener.agents.compress import check_precision, compress  # noqa: E402
+from gdpo_listener.agents.compress import check_precision, compress, linear_weight_bytes, resolve_precision  # noqa: E402
 from gdpo_listener.evaluation import metrics as M  # noqa: E402
 from gdpo_listener.evaluation.checkpoints import ensure_checkpoint, run_reward_config  # noqa: E402
 from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # noqa: E402
@@ -65,11 +65,12 @@ def run(cfg: DictConfig, verbose: bool = True) -> dict:
     data_root = stages.ensure_dataset(cfg.data)
     data, _ = prepare_eval_data(cfg, ckpt, data_root, device)
     model, meta = load_eval_model(ckpt, data)
-    model = compress(model, cfg.precision)  # fp32: the model itself
+    precision = resolve_precision(cfg.precision, device, linear_weight_bytes(model))
+    model = compress(model, precision)  # fp32: the model itself
     own_reward = run_reward_config(meta)
     with blas_threads(threads):
         res = evaluate_model(model, data, cfg, progress=bool(cfg.progress), run_reward=own_reward)
-    h = header(data, cfg, str(ckpt), int(cfg.seed), own_reward)
+    h = {**header(data, cfg, str(ckpt), int(cfg.seed), own_reward), "precision": precision}
     out = factories.abspath(cfg.out) if cfg.get("out") else ckpt / f"eval_{cfg.split}"
     js, md = write_report(out, h, res)
     if verbose:
