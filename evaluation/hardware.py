@@ -561,9 +561,7 @@ def sft_child_command(settings: dict) -> list[str]:
 
 def run_condition(cond: Condition, settings: dict, busy_kind: str = "python", timeout: float | None = None) -> dict:
     """Time SFT steps in a fresh child process under ``cond`` (wait policy set before torch loads)."""
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
-    env = {k: v for k, v in env.items() if k not in OMP_WAIT_VARS}
-    env.update(omp_wait_env(cond.omp_wait))
+    env = {**{k: v for k, v in os.environ.items() if k not in THREAD_ENV + OMP_WAIT_VARS}, **omp_wait_env(cond.omp_wait)}
     cmd = sft_child_command({**settings, "threads": cond.threads})
 
     def run():
