@@ -86,7 +86,9 @@ def peak_rss(args: list[str]) -> tuple[float, float, int]:
 
 def wall_seconds(cmd: list[str]) -> float:
     """Wall time of ``cmd`` in a child process with the entry point's own thread settings; exits on failure."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    from gdpo_listener.pipeline.threads import OMP_WAIT_VARS
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", *OMP_WAIT_VARS)}
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if res.returncode:
