@@ -43,11 +43,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class SelfAttention(nn.Module):
     """Multi-head self-attention with rotary positions, optionally reading/writing a KV cache."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, attn_dropout: float | None = None):
         super().__init__()
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise ValueError(f"SelfAttention: d_model={d_model} must split into n_heads={n_heads} heads of even size")
-        self.n_heads, self.head_dim, self.p = n_heads, d_model // n_heads, dropout
+        # dropout on the output projection; attn_dropout (None = dropout) on the attention probabilities.
+        # attn_dropout > 0 sends training through torch's math attention (no fused CPU kernel takes dropout)
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.p = dropout if attn_dropout is None else attn_dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.resid_drop = nn.Dropout(dropout)
@@ -88,12 +91,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x)). Arguments as :class:`SelfAttention`."""
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x)). Arguments as :class:`SelfAttention`;
+    ``dropout`` also on the MLP output."""
 
-    def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 attn_dropout: float | None = None):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = SelfAttention(d_model, n_heads, dropout)
+        self.attn = SelfAttention(d_model, n_heads, dropout, attn_dropout)
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, mlp_ratio, dropout)
 

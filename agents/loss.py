@@ -10,12 +10,14 @@ trajectory advantage:
 Terms (the caller sums the ``loss_*`` terms)::
 
     loss_objective = -mean_{t in O} min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A)
-    loss_kl        = beta * mean_{t in T} KL(pi_theta || pi_ref)
-                   = beta * mean_{t in T} ||mu_theta - mu_ref||^2 / (2 sigma^2 dt)
+    loss_kl        = mean_{t in T} beta_t KL(pi_theta || pi_ref)
+                   = mean_{t in T} beta_t ||mu_theta - mu_ref||^2 / (2 sigma^2 dt)
 
 with ``rho_t = p_theta(a_t | s_t) / p_behaviour(a_t | s_t)``, the behaviour log-probability being
 the one recorded at collection. ``T`` is every generated transition: the KL keeps speaking tokens
-near the reference too. ``O`` are the objective's transitions: ``objective_tokens="listening"``
+near the reference too; ``beta_t`` is ``beta`` on the tokens marked in ``token_mask`` (listening)
+and ``beta_speaking`` (default ``beta``) on the others, so the speaking motion the listening
+objective does not ask to change can be held closer to the reference. ``O`` are the objective's transitions: ``objective_tokens="listening"``
 (default) keeps the transitions of tokens marked in the trajectory's ``token_mask`` (the caller
 marks the tokens that overlap the actor's listening frames, :func:`listening_token_mask`),
 ``"all"`` keeps every transition. Diagnostics, under non-loss names: ``kl`` (mean over ``T``),
@@ -257,6 +259,7 @@ class GroupRelativeLoss(LossModule):
         model: trainable AR-Flow (theta). A frozen copy is kept as the reference policy.
         lambdas: ``(n_groups,)`` reward weights lambda_i.
         clip_epsilon: PPO clip range; beta: KL weight (the KL covers every generated transition).
+        beta_speaking: KL weight on the tokens outside ``token_mask`` (speaking); ``None`` = ``beta``.
         eps, eps0, eps_mode: advantage constants (eq. 8-9); ``eps_mode="relative"`` (scale-free,
             default) or ``"absolute"`` (reference code), see :mod:`agents.advantages`.
         whiten: batch-level whitening of the advantage after the group normalisation.
@@ -280,12 +283,13 @@ class GroupRelativeLoss(LossModule):
 
     def __init__(self, transition, model: torch.nn.Module, lambdas, clip_epsilon: float = 0.2, beta: float = 0.01,
                  eps: float = 1e-4, eps0: float = 1e-4, whiten: bool = False, reference: torch.nn.Module | None = None,
-                 eps_mode: str = "relative", objective_tokens: str = "listening"):
+                 eps_mode: str = "relative", objective_tokens: str = "listening", beta_speaking: float | None = None):
         super().__init__()
+        beta_speaking = beta if beta_speaking is None else beta_speaking
         if clip_epsilon <= 0:
             raise ValueError(f"clip_epsilon must be > 0, got {clip_epsilon}")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
+        if beta < 0 or beta_speaking < 0:
+            raise ValueError(f"beta and beta_speaking must be >= 0, got {beta} and {beta_speaking}")
         if eps_mode not in EPS_MODES:
             raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
         if objective_tokens not in OBJECTIVE_TOKENS:
@@ -296,7 +300,7 @@ class GroupRelativeLoss(LossModule):
         ref = copy.deepcopy(model) if reference is None else reference
         self.ref_network = ref.eval().requires_grad_(False)
         self.register_buffer("lambdas", torch.as_tensor(lambdas, dtype=torch.float32))
-        self.clip_epsilon, self.beta = float(clip_epsilon), float(beta)
+        self.clip_epsilon, self.beta, self.beta_speaking = float(clip_epsilon), float(beta), float(beta_speaking)
         self.eps, self.eps0, self.whiten, self.eps_mode = float(eps), float(eps0), bool(whiten), eps_mode
         self.objective_tokens = objective_tokens
 
@@ -370,7 +374,11 @@ class GroupRelativeLoss(LossModule):
         n_obj = m.sum().clamp(min=1.0)  # no objective transition in this chunk: objective 0
         kl = gaussian_kl_same_std(loc, loc_ref, tr.sigma, tr.dt)  # (B, S, N), every generated transition
         loss_objective = -(surr * m).sum() / n_obj
-        loss_kl = self.beta * kl.mean()
+        if self.beta_speaking == self.beta:
+            loss_kl = self.beta * kl.mean()
+        else:  # per-token weight: beta on listening tokens, beta_speaking on the others
+            listening = td[keys.token_mask].bool()[:, None, :].expand_as(kl)  # (B, S, N)
+            loss_kl = torch.where(listening, self.beta, self.beta_speaking).mul(kl).mean()
         with torch.no_grad():
             clipped = ((ratio - 1).abs() > self.clip_epsilon).to(ratio.dtype)
             r_max = torch.where(in_obj, ratio, torch.full_like(ratio, -math.inf)).amax()

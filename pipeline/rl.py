@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
+from ..agents.compress import check_precision, compress
 from ..agents.loss import AGGREGATION, LOSSES, collect_trajectories, listening_token_mask
 from ..agents.policy import transition_core
 from ..envs.sde_env import ListenerSDEEnv
@@ -29,6 +31,12 @@ def check_settings(cfg: DictConfig) -> None:
     """Every numeric setting in range before any long work (errors name the setting)."""
     check_positive(cfg, ["optim.lr", "env.sigma", "algo.clip_epsilon", "algo.eps", "algo.eps0"])
     check_non_negative(cfg, ["algo.beta", "optim.weight_decay", "optim.grad_clip"])
+    if cfg.algo.get("beta_speaking") is not None:
+        check_non_negative(cfg, ["algo.beta_speaking"])
+    try:
+        check_precision(cfg.algo.get("ref_precision", "fp32"))
+    except ValueError as e:
+        raise ValueError(f"algo.ref_precision: {e}") from None
     check_count(cfg, ["optim.iterations", "env.n_prompts", "env.sde_steps", "algo.chunk_steps", "algo.sync_every",
                       "algo.epochs", "ckpt_every", "log_every", "eval.n_windows", "eval.steps"])
     check_count(cfg, ["env.group_size"], minimum=2)
@@ -55,12 +63,21 @@ def make_train_bank(cfg: DictConfig, data_root, features, vae, normalizer, devic
         raise ValueError(f"env.episode_tokens={n} needs {frames}-frame segments of the train conversations: {e}") from None
 
 
+def make_reference(model, precision: str):
+    """The frozen reference policy: a copy of ``model`` at ``precision`` (agents/compress.py; ``auto`` = bf16
+    where native and the model is large, the paper preset on a bf16 CPU). It only scores the KL's means."""
+    ref = compress(model, precision)
+    return copy.deepcopy(model) if ref is model else ref
+
+
 def make_loss(algo_cfg: DictConfig, policy, model, reward):
     if algo_cfg.name not in LOSSES:
         raise ValueError(f"unknown algo {algo_cfg.name!r}; valid: {sorted(LOSSES)}")
+    reference = make_reference(model, algo_cfg.get("ref_precision", "fp32"))
     return LOSSES[algo_cfg.name](transition_core(policy), model, reward.lambdas, clip_epsilon=algo_cfg.clip_epsilon,
                                  beta=algo_cfg.beta, eps=algo_cfg.eps, eps0=algo_cfg.eps0, whiten=algo_cfg.whiten,
-                                 eps_mode=algo_cfg.eps_mode, objective_tokens=algo_cfg.objective_tokens)
+                                 eps_mode=algo_cfg.eps_mode, objective_tokens=algo_cfg.objective_tokens,
+                                 beta_speaking=algo_cfg.get("beta_speaking"), reference=reference)
 
 
 @torch.no_grad()

@@ -502,6 +502,19 @@ def test_presets_and_parameter_count():
         ARFlowConfig(d_model=30, n_heads=4)
 
 
+def test_attention_dropout_is_its_own_setting():
+    """Paper preset: residual dropout 0.1, none on attention probabilities (fused attention kernels);
+    an architecture without ``attn_dropout`` (checkpoints saved before it existed) keeps ``dropout`` there."""
+    paper = ARFlow(ARFlowConfig.paper(n_layers=1))
+    attn = paper.blocks[0].attn
+    assert attn.p == 0.0 and attn.resid_drop.p == 0.1 and paper.blocks[0].mlp.drop.p == 0.1
+    old = ARFlow(ARFlowConfig(**{k: v for k, v in ARFlowConfig.paper(n_layers=1).to_dict().items() if k != "attn_dropout"}))
+    assert old.blocks[0].attn.p == 0.1
+    assert ARFlow(ARFlowConfig.paper(n_layers=1, attn_dropout=0.2)).blocks[0].attn.p == 0.2
+    with pytest.raises(ValueError, match="attn_dropout"):
+        ARFlowConfig(attn_dropout=1.0)
+
+
 def test_checkpoint_roundtrip_and_errors(tmp_path):
     m = make_model(audio_stride=4)
     d = save_arflow(tmp_path / "sft", m, "small", config={"lr": 1e-3}, extra={"step": 7})

@@ -165,6 +165,21 @@ def test_kl_covers_speaking_tokens(rl):
     assert float(out["ratio_max"]) == pytest.approx(1.0, abs=1e-4) and float(out["clip_fraction"]) == 0.0
 
 
+def test_beta_speaking_weights_the_kl_of_speaking_tokens(rl):
+    """``beta_speaking`` multiplies the KL of the tokens outside ``token_mask`` only; ``None`` = ``beta``."""
+    d = rl.tiny_arflow().cfg.d_latent
+    for moved, beta_speaking, weight in (([0, 1], 2.0, 2.0), ([0, 1], None, 0.5), ([2, 3], 2.0, 0.5)):
+        loss, traj, model, _ = loss_setup(rl, beta=0.5, beta_speaking=beta_speaking)
+        shift_velocity_on_tokens(model, moved, 0.1)  # tokens 0, 1 speak, 2, 3 listen
+        loss.compute_advantage(traj)
+        out = loss(select_steps(traj, 0, 2))
+        half = 0.5 * _closed_form_kl(0.1, d)  # half the transitions moved
+        assert float(out["kl"]) == pytest.approx(half, rel=1e-3)
+        assert out["loss_kl"].item() == pytest.approx(weight * half, rel=1e-3), (moved, beta_speaking)
+    with pytest.raises(ValueError, match="beta_speaking"):
+        loss_setup(rl, beta_speaking=-1.0)
+
+
 def test_objective_tokens_listening_or_all(rl):
     results = {}
     for which in ("listening", "all"):

@@ -209,13 +209,15 @@ def main(cfg: DictConfig) -> None:
         target = float(cfg.min_peak_fraction)
         print(f"\nSFT training throughput (teacher forced, forward + backward + AdamW, batch {cfg.sft_batch}); "
               f"bound: the step's FLOPs at the GEMM peak (target: reach >= {target:.0%})")
-        for preset in cfg.presets:
-            arch = getattr(ARFlowConfig, preset)()
-            rate = sft_throughput(preset, int(cfg.sft_batch), int(cfg.sft_steps), device, int(cfg.seed))
+        for preset, attn_p in ((p, a) for p in cfg.presets for a in cfg.sft_attn_dropout):
+            arch = getattr(ARFlowConfig, preset)(**({} if attn_p is None else {"attn_dropout": float(attn_p)}))
+            rate = sft_throughput(arch, int(cfg.sft_batch), int(cfg.sft_steps), device, int(cfg.seed))
             step = hw.sft_step_work(arch, int(cfg.sft_batch))
             bound_rate = int(cfg.sft_batch) / step.seconds(machine)
             got = rate / bound_rate
-            print(f"  {preset:6s} {rate:8.1f} windows/s | bound {bound_rate:8.1f} windows/s "
+            drop = arch.dropout if arch.attn_dropout is None else arch.attn_dropout
+            print(f"  {preset:6s} attn dropout {drop:<4.2g}{'' if attn_p is None else '(set)':6s}{rate:8.1f} windows/s | "
+                  f"bound {bound_rate:8.1f} windows/s "
                   f"({step.flops / int(cfg.sft_batch) / 1e9:.2f} GFLOP per window) | reached {got:.1%} of the GEMM peak "
                   f"({got * machine.gemm_peak / 1e9:.1f} GFLOP/s) {'OK' if got >= target else 'BELOW TARGET'}")
 
@@ -247,10 +249,9 @@ def window_bounds(preset: str, batch: int, r: dict, cfg: DictConfig, machine) ->
     return cached, unc.scaled(arch.n_tokens / r["uncached_tokens"])
 
 
-def sft_throughput(preset: str, batch: int, steps: int, device, seed: int) -> float:
-    """Windows per second of supervised rectified-flow training steps (random data, real shapes)."""
+def sft_throughput(cfg, batch: int, steps: int, device, seed: int) -> float:
+    """Windows per second of supervised rectified-flow training steps of architecture ``cfg`` (random data, real shapes)."""
     _import_torch()
-    cfg = getattr(ARFlowConfig, preset)()
     g = torch.Generator().manual_seed(seed)
     model = ARFlow(cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

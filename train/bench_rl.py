@@ -48,6 +48,7 @@ from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig
+from gdpo_listener.agents.compress import linear_weight_bytes, resolve_precision
 from gdpo_listener.agents.loss import GDPOLoss, chunked_update, collect_trajectories, trajectory_batch
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.agents.vae import MotionVAE, VAEConfig
@@ -56,6 +57,7 @@ from gdpo_listener.envs.flame import FLAME_DIM, N_GROUPS
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.envs.windows import token_majority
 from gdpo_listener.evaluation import hardware as hw
+from gdpo_listener.pipeline.rl import make_reference
 from gdpo_listener.pipeline.threads import configure_threads, describe_omp_wait, resolve_threads
 from gdpo_listener.rewards.groups import build_reward
 
@@ -224,15 +226,22 @@ def throughput_report(cfg: DictConfig) -> None:
         with torch.no_grad():
             env.episode_reward(traj["history"], traj["window"])
         t_reward = time.perf_counter() - t0
-        loss = GDPOLoss(transition_core(policy), model, reward.lambdas)
-        loss.compute_advantage(traj)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        t0 = time.perf_counter()
-        chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))
-        t_update = time.perf_counter() - t0
-        print(f"{preset:8s} iteration: rollout {dt_cached:.2f} s | reward (VAE decode + terms) {t_reward:.3f} s | "
-              f"replay/update {t_update:.2f} s  ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
-        print(bounds_line(preset, model.cfg, transition_core(policy).schedule, dt_cached, t_update, cfg, machine) + "\n")
+        print(f"{preset:8s} iteration: rollout {dt_cached:.2f} s | reward (VAE decode + terms) {t_reward:.3f} s "
+              f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
+        for i, ref_precision in enumerate(cfg.ref_precisions):
+            loss = GDPOLoss(transition_core(policy), model, reward.lambdas, reference=make_reference(model, ref_precision))
+            loss.compute_advantage(traj)
+            if i == 0:
+                chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))  # warm-up (first-call allocations)
+            t0 = time.perf_counter()
+            chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))
+            t_update = time.perf_counter() - t0
+            resolved = resolve_precision(ref_precision, cfg.device, linear_weight_bytes(model))
+            print(f"{preset:8s} replay/update, reference {ref_precision} ({resolved}): {t_update:.2f} s = "
+                  f"{t_update / dt_cached:.2f}x the rollout")
+            print(bounds_line(preset, model.cfg, transition_core(policy).schedule, dt_cached, t_update, cfg, machine))
+        print()
 
 
 def bounds_line(preset: str, arch, spans, t_rollout: float, t_update: float, cfg: DictConfig, machine) -> str:
