@@ -158,7 +158,8 @@ class ARFlowConfig:
         Dropout is not in the paper: residual and embedding dropout 0.1, none on the attention
         probabilities, so that training runs torch's fused attention kernels (attention dropout forces the
         math path, which materialises the (B, H, S, S) scores and a Bernoulli draw per score: SFT at 33 %
-        of the GEMM peak instead of 72 % on the benchmark CPU, ``python train/bench_arflow.py``). Checkpoints saved before ``attn_dropout`` existed keep 0.1 there (None = dropout).
+        of the GEMM peak instead of 72 % on the benchmark CPU, ``python train/bench_arflow.py``).
+        Checkpoints saved before ``attn_dropout`` existed keep 0.1 there (None = dropout).
         """
         return cls(**{**dict(d_model=512, n_layers=6, n_heads=16, dropout=0.1, attn_dropout=0.0), **overrides})
 

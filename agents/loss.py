@@ -17,10 +17,11 @@ with ``rho_t = p_theta(a_t | s_t) / p_behaviour(a_t | s_t)``, the behaviour log-
 the one recorded at collection. ``T`` is every generated transition: the KL keeps speaking tokens
 near the reference too; ``beta_t`` is ``beta`` on the tokens marked in ``token_mask`` (listening)
 and ``beta_speaking`` (default ``beta``) on the others, so the speaking motion the listening
-objective does not ask to change can be held closer to the reference. ``O`` are the objective's transitions: ``objective_tokens="listening"``
-(default) keeps the transitions of tokens marked in the trajectory's ``token_mask`` (the caller
-marks the tokens that overlap the actor's listening frames, :func:`listening_token_mask`),
-``"all"`` keeps every transition. Diagnostics, under non-loss names: ``kl`` (mean over ``T``),
+objective does not ask to change can be held closer to the reference. ``O`` are the objective's
+transitions: ``objective_tokens="listening"`` (default) keeps the transitions of tokens marked in
+the trajectory's ``token_mask`` (the caller marks the tokens that overlap the actor's listening
+frames, :func:`listening_token_mask`), ``"all"`` keeps every transition. Diagnostics, under non-loss
+names: ``kl`` (mean over ``T``),
 ``clip_fraction``, ``ratio_mean``, ``log_ratio_abs_mean`` (means over ``O``) and ``ratio_max``
 (maximum over ``O``; NaN when ``O`` is empty); :data:`AGGREGATION` says how each output combines
 over chunks.

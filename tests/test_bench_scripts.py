@@ -41,6 +41,9 @@ def test_bench_rl_hydra_overrides_throughput_and_memory(tmp_path, run):
     assert res.returncode == 0
     assert "bounds:" in res.stdout
     assert "kv-cache" in res.stdout and "recompute" in res.stdout and "replay/update" in res.stdout
+    kl = [float(line.split("equal weights ")[1].split()[0]) for line in res.stdout.splitlines() if "equal weights" in line]
+    assert "reference fp32 (fp32)" in res.stdout and "reference bf16 (bf16)" in res.stdout
+    assert len(kl) == 2 and kl[0] == 0.0 and kl[1] > 0.0  # a fresh fp32 copy scores no KL; bf16 rounding a little
     # memory=true: one child process per episode length, started with Hydra overrides
     res = run("bench_rl.py", *tiny, "memory=true", "memory_tokens=[25,50]", cwd=tmp_path)
     assert res.returncode == 0

@@ -180,6 +180,27 @@ def test_beta_speaking_weights_the_kl_of_speaking_tokens(rl):
         loss_setup(rl, beta_speaking=-1.0)
 
 
+def test_bf16_reference_scores_the_kl_nearly_as_fp32(rl):
+    """``algo.ref_precision=bf16`` (pipeline.rl.make_reference): at equal weights the KL is bf16 rounding only,
+    far below the KL of a small real change, which it reproduces to a few per cent."""
+    from gdpo_listener.pipeline.rl import make_reference
+
+    d = rl.tiny_arflow().cfg.d_latent
+    for delta in (0.0, 0.1):
+        loss, traj, model, _ = loss_setup(rl, beta=0.5)
+        bf16 = type(loss)(loss.transition[0], model, loss.lambdas, beta=0.5, reference=make_reference(model, "bf16"))
+        assert make_reference(model, "fp32") is not model
+        shift_velocity_on_tokens(model, [0, 1, 2, 3], delta)
+        for lm in (loss, bf16):
+            lm.compute_advantage(traj)
+        kl32, kl16 = (float(lm(select_steps(traj, 0, 2))["kl"]) for lm in (loss, bf16))
+        if delta == 0.0:
+            assert kl32 == 0.0 and 0.0 <= kl16 < 1e-2 * _closed_form_kl(0.1, d)
+        else:
+            assert kl32 == pytest.approx(_closed_form_kl(0.1, d), rel=1e-3)
+            assert kl16 == pytest.approx(kl32, rel=0.05)
+
+
 def test_objective_tokens_listening_or_all(rl):
     results = {}
     for which in ("listening", "all"):

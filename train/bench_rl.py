@@ -1,7 +1,9 @@
 """Benchmark of the RL stage, for both model presets:
 
 - rollout throughput (KV cache vs full recompute);
-- wall time of one GDPO iteration split into rollout, reward and replay/update;
+- wall time of one GDPO iteration split into rollout, reward and replay/update, the last once per
+  reference-policy precision (``ref_precisions``, ``algo.ref_precision``) with the KL a reference of
+  the same weights scores at that precision (its rounding error; 0 in fp32);
 - ``memory=true``: peak memory of one update for episodes of 25 and 100 tokens at the same batch,
   side by side (each measured in a fresh child process: on CPU the rise of the resident-set peak
   over the resident set before the update, from ``/proc/self/status`` after resetting the peak;
@@ -230,17 +232,23 @@ def throughput_report(cfg: DictConfig) -> None:
         print(f"{preset:8s} iteration: rollout {dt_cached:.2f} s | reward (VAE decode + terms) {t_reward:.3f} s "
               f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
         for i, ref_precision in enumerate(cfg.ref_precisions):
+            if i == 0:  # warm-up (first-call allocations)
+                loss = GDPOLoss(transition_core(policy), model, reward.lambdas)
+                loss.compute_advantage(traj)
+                chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))
+            # the reference is a copy of the current weights: the update's KL (computed before its step) is the
+            # precision's own error (0 in fp32)
             loss = GDPOLoss(transition_core(policy), model, reward.lambdas, reference=make_reference(model, ref_precision))
             loss.compute_advantage(traj)
-            if i == 0:
-                chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))  # warm-up (first-call allocations)
             t0 = time.perf_counter()
-            chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))
+            stats = chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))
             t_update = time.perf_counter() - t0
             resolved = resolve_precision(ref_precision, cfg.device, linear_weight_bytes(model))
             print(f"{preset:8s} replay/update, reference {ref_precision} ({resolved}): {t_update:.2f} s = "
-                  f"{t_update / dt_cached:.2f}x the rollout")
-            print(bounds_line(preset, model.cfg, transition_core(policy).schedule, dt_cached, t_update, cfg, machine))
+                  f"{t_update / dt_cached:.2f}x the rollout | KL to the reference at equal weights {stats['policy/kl']:.2e} "
+                  f"(the precision's error)")
+            if resolved == "fp32":  # the bound counts fp32 FLOPs at the fp32 GEMM peak
+                print(bounds_line(preset, model.cfg, transition_core(policy).schedule, dt_cached, t_update, cfg, machine))
         print()
 
 
