@@ -21,8 +21,8 @@ objective does not ask to change can be held closer to the reference. ``O`` are 
 transitions: ``objective_tokens="listening"`` (default) keeps the transitions of tokens marked in
 the trajectory's ``token_mask`` (the caller marks the tokens that overlap the actor's listening
 frames, :func:`listening_token_mask`), ``"all"`` keeps every transition. Diagnostics, under non-loss
-names: ``kl`` (mean over ``T``),
-``clip_fraction``, ``ratio_mean``, ``log_ratio_abs_mean`` (means over ``O``) and ``ratio_max``
+names: ``kl`` (mean over ``T``), ``kl_listening`` / ``kl_speaking`` (means over the transitions of
+tokens inside / outside ``token_mask``), ``clip_fraction``, ``ratio_mean``, ``log_ratio_abs_mean`` (means over ``O``) and ``ratio_max``
 (maximum over ``O``; NaN when ``O`` is empty); :data:`AGGREGATION` says how each output combines
 over chunks.
 
@@ -158,11 +158,27 @@ def listening_token_mask(listening: torch.Tensor, n_tokens: int) -> torch.Tensor
 # How chunked_update combines a loss output over (window, chunk) passes and epochs:
 #   "objective": mean weighted by the pass's share of the objective's transitions,
 #   "all":       mean weighted by the pass's share of all generated transitions,
+#   "listening" / "speaking": mean weighted by the pass's share of the transitions of tokens inside /
+#                outside ``token_mask``,
 #   "max":       maximum (NaN passes, i.e. without objective transitions, are ignored).
 AGGREGATION = {
     "loss_objective": "objective", "clip_fraction": "objective", "ratio_mean": "objective",
     "log_ratio_abs_mean": "objective", "loss_kl": "all", "kl": "all", "ratio_max": "max",
+    "kl_listening": "listening", "kl_speaking": "speaking",
 }
+COUNT_KINDS = ("objective", "all", "listening", "speaking")  # the transition counts the mean rules weight by
+
+
+def transition_counts(loss_module: GroupRelativeLoss, traj: TensorDictBase) -> list[dict[str, float]]:
+    """Per replay window (``transition[0].schedule``), its token counts by :data:`COUNT_KINDS`
+    (each token stands for ``K`` transitions in every kind alike); one device read."""
+    obj = loss_module.objective_mask(traj)  # (B, N)
+    lis = traj[loss_module.tensor_keys.token_mask].bool()  # (B, N)
+    spans = loss_module.transition[0].schedule
+    per = torch.stack([torch.stack([obj[:, new0:s0 + n].sum(), lis[:, new0:s0 + n].sum()]) for s0, n, new0 in spans]).tolist()
+    B = obj.shape[0]
+    return [{"objective": float(o), "all": float(B * (s0 + n - new0)), "listening": float(li),
+             "speaking": float(B * (s0 + n - new0) - li)} for (o, li), (s0, n, new0) in zip(per, spans)]
 
 
 def _aggregate(outputs: list[tuple[TensorDictBase, dict[str, float]]], rules: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -214,17 +230,16 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     K = traj["x"].shape[1]
     spans = loss_module.transition[0].schedule
-    obj = loss_module.objective_mask(traj)  # (B, N)
-    B = obj.shape[0]
-    n_obj = torch.stack([obj[:, new0:s0 + n].sum() for s0, n, new0 in spans]).tolist()  # one device read
-    n_all = [B * (s0 + n - new0) for s0, n, new0 in spans]
-    tot_obj, tot_all = sum(n_obj), sum(n_all)
+    counts = transition_counts(loss_module, traj)  # per window
+    total = {k: sum(c[k] for c in counts) for k in COUNT_KINDS}
     if sync is not None:  # shares of the global batch
-        tot_obj, tot_all = sync.all_reduce(torch.tensor([tot_obj, tot_all], dtype=torch.float64, device=obj.device), "sum").tolist()
+        reduced = sync.all_reduce(torch.tensor([total[k] for k in COUNT_KINDS], dtype=torch.float64,
+                                               device=traj["x"].device), "sum").tolist()
+        total = dict(zip(COUNT_KINDS, reduced))
     outputs = []
     for _ in range(epochs):
         optimizer.zero_grad(set_to_none=True)
-        for span, c_obj, c_all in zip(spans, n_obj, n_all):
+        for span, c in zip(spans, counts):
             win = select_window(traj, span)
             # the window's prefix and history run once per model, shared by its chunks (policy.SDETransition.shared_context)
             with loss_module.transition[0].shared_context(win["window"], win["history"], span,
@@ -232,7 +247,7 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
                 for k0 in range(0, K, S):
                     k1 = min(k0 + S, K)
                     share = (k1 - k0) / K
-                    w = {"objective": c_obj / tot_obj * share if tot_obj else 0.0, "all": c_all / tot_all * share}
+                    w = {k: c[k] / total[k] * share if total[k] else 0.0 for k in COUNT_KINDS}
                     out = loss_module(select_steps(win, k0, k1))
                     (out["loss_objective"] * w["objective"] + out["loss_kl"] * w["all"]).backward()
                     outputs.append((out.detach(), w))
@@ -374,17 +389,20 @@ class GroupRelativeLoss(LossModule):
         m = in_obj.to(ratio.dtype)
         n_obj = m.sum().clamp(min=1.0)  # no objective transition in this chunk: objective 0
         kl = gaussian_kl_same_std(loc, loc_ref, tr.sigma, tr.dt)  # (B, S, N), every generated transition
+        listening = td[keys.token_mask].bool()[:, None, :].expand_as(kl)  # (B, S, N)
         loss_objective = -(surr * m).sum() / n_obj
         if self.beta_speaking == self.beta:
             loss_kl = self.beta * kl.mean()
         else:  # per-token weight: beta on listening tokens, beta_speaking on the others
-            listening = td[keys.token_mask].bool()[:, None, :].expand_as(kl)  # (B, S, N)
             loss_kl = torch.where(listening, self.beta, self.beta_speaking).mul(kl).mean()
         with torch.no_grad():
             clipped = ((ratio - 1).abs() > self.clip_epsilon).to(ratio.dtype)
             r_max = torch.where(in_obj, ratio, torch.full_like(ratio, -math.inf)).amax()
+            lis = listening.to(kl.dtype)
             diag = {
                 "kl": kl.mean(),
+                "kl_listening": (kl * lis).sum() / lis.sum().clamp(min=1.0),  # 0 without such transitions (weight 0)
+                "kl_speaking": (kl * (1 - lis)).sum() / (1 - lis).sum().clamp(min=1.0),
                 "clip_fraction": (clipped * m).sum() / n_obj,
                 "ratio_mean": (ratio * m).sum() / n_obj,
                 "ratio_max": torch.where(in_obj.any(), r_max, torch.full_like(r_max, math.nan)),

@@ -19,7 +19,7 @@ from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from ..agents.compress import check_precision, compress
-from ..agents.loss import AGGREGATION, LOSSES, collect_trajectories, listening_token_mask
+from ..agents.loss import AGGREGATION, COUNT_KINDS, LOSSES, collect_trajectories, listening_token_mask, transition_counts
 from ..agents.policy import transition_core
 from ..envs.sde_env import ListenerSDEEnv
 from . import factories
@@ -143,20 +143,18 @@ def reward_term_means(env, traj, dist: Dist) -> dict:
     return dict(zip(terms, means))
 
 
-def objective_counts(loss_module, traj) -> tuple[float, float]:
-    """This rank's objective and generated token counts over the replay windows (chunked_update's weights)."""
-    obj = loss_module.objective_mask(traj)  # (b, N)
-    spans = loss_module.transition[0].schedule
-    n_obj = sum(float(obj[:, new0:s0 + n].sum()) for s0, n, new0 in spans)
-    n_all = sum(float(obj.shape[0] * (s0 + n - new0)) for s0, n, new0 in spans)
-    return n_obj, n_all
+def objective_counts(loss_module, traj) -> dict[str, float]:
+    """This rank's transition counts by kind (objective, all, listening, speaking) over the replay
+    windows: the weights of chunked_update's means (:data:`~agents.loss.AGGREGATION`)."""
+    counts = transition_counts(loss_module, traj)
+    return {k: sum(c[k] for c in counts) for k in COUNT_KINDS}
 
 
-def combine_rank_stats(per_rank: list[tuple[dict, float, float]], rules: dict = AGGREGATION) -> dict:
-    """One process's ``chunked_update`` figures from every rank's ``(stats, n_objective, n_all)``.
+def combine_rank_stats(per_rank: list[tuple[dict, dict]], rules: dict = AGGREGATION) -> dict:
+    """One process's ``chunked_update`` figures from every rank's ``(stats, counts)`` (:func:`objective_counts`).
 
     ``loss/<term>`` and ``policy/<figure>`` combine by :data:`~agents.loss.AGGREGATION`: a mean
-    weighted by each rank's objective (or all) transitions (a rank without such transitions, whose
+    weighted by each rank's transitions of the rule's kind (a rank without such transitions, whose
     figure is NaN, has weight 0), or the maximum ignoring NaN; other figures (``optim/grad_norm``,
     equal on every rank after the gradient all-reduce) are rank 0's.
     """
@@ -165,7 +163,7 @@ def combine_rank_stats(per_rank: list[tuple[dict, float, float]], rules: dict = 
         rule = rules.get(key.split("/", 1)[1]) if key.startswith(("loss/", "policy/")) else None
         if rule is None:
             continue
-        values = [(s[key], {"objective": n_obj, "all": n_all}) for s, n_obj, n_all in per_rank]
+        values = [(s[key], counts) for s, counts in per_rank]
         if rule == "max":
             finite = [v for v, _ in values if not math.isnan(v)]
             out[key] = max(finite) if finite else math.nan

@@ -149,7 +149,7 @@ def gdpo_update(rl, traj, n_prompts: int, d: Dist, sync: bool = True):
     gdpo.global_advantages(loss, traj, d, n_prompts)
     stats = chunked_update(loss, traj, opt, chunk_steps=1, epochs=2, grad_clip=1.0, sync=d if sync and d.is_distributed else None)
     if d.is_distributed:
-        stats = gdpo.combine_rank_stats(d.all_gather_object((stats, *gdpo.objective_counts(loss, traj))))
+        stats = gdpo.combine_rank_stats(d.all_gather_object((stats, gdpo.objective_counts(loss, traj))))
     return [p.detach().clone() for p in model.parameters()], stats
 
 
@@ -193,13 +193,21 @@ def test_gdpo_update_two_processes_equals_one_process(tmp_path, rl):
 
 def test_combine_rank_stats_weights_by_transitions_and_ignores_nan():
     from gdpo_listener.pipeline import rl as gdpo  # the RL stage's components
-    a = {"loss/loss_objective": 1.0, "loss/loss_kl": 2.0, "policy/ratio_max": float("nan"), "optim/grad_norm": 3.0}
-    b = {"loss/loss_objective": 4.0, "loss/loss_kl": 6.0, "policy/ratio_max": 1.5, "optim/grad_norm": 3.0}
-    out = gdpo.combine_rank_stats([(a, 1.0, 10.0), (b, 3.0, 30.0)])
+    a = {"loss/loss_objective": 1.0, "loss/loss_kl": 2.0, "policy/ratio_max": float("nan"), "optim/grad_norm": 3.0,
+         "policy/kl_speaking": 5.0}
+    b = {"loss/loss_objective": 4.0, "loss/loss_kl": 6.0, "policy/ratio_max": 1.5, "optim/grad_norm": 3.0,
+         "policy/kl_speaking": 7.0}
+
+    def counts(n_obj, n_all, n_speak):
+        return {"objective": n_obj, "all": n_all, "listening": n_all - n_speak, "speaking": n_speak}
+
+    out = gdpo.combine_rank_stats([(a, counts(1.0, 10.0, 2.0)), (b, counts(3.0, 30.0, 6.0))])
     assert out["loss/loss_objective"] == pytest.approx((1 * 1 + 4 * 3) / 4)
     assert out["loss/loss_kl"] == pytest.approx((2 * 10 + 6 * 30) / 40)
+    assert out["policy/kl_speaking"] == pytest.approx((5 * 2 + 7 * 6) / 8)
     assert out["policy/ratio_max"] == 1.5 and out["optim/grad_norm"] == 3.0
-    nan_obj = gdpo.combine_rank_stats([({**a, "loss/loss_objective": float("nan")}, 0.0, 10.0), (b, 3.0, 30.0)])
+    nan_obj = gdpo.combine_rank_stats([({**a, "loss/loss_objective": float("nan")}, counts(0.0, 10.0, 2.0)),
+                                       (b, counts(3.0, 30.0, 6.0))])
     assert nan_obj["loss/loss_objective"] == 4.0  # a rank without objective transitions has weight 0
 
 

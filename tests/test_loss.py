@@ -158,6 +158,7 @@ def test_kl_covers_speaking_tokens(rl):
     expected = 0.5 * _closed_form_kl(0.1, model.cfg.d_latent)
     assert float(out["kl"]) == pytest.approx(expected, rel=1e-3)
     assert out["loss_kl"].item() == pytest.approx(0.5 * expected, rel=1e-3)
+    assert float(out["kl_speaking"]) == pytest.approx(2 * expected, rel=1e-3) and float(out["kl_listening"]) == 0.0
     # the KL's gradient reaches the model although no objective token moved
     out["loss_kl"].backward()
     assert max(p.grad.abs().max() for p in model.parameters() if p.grad is not None) > 0
@@ -239,7 +240,8 @@ def test_chunked_update_over_windows_equals_batch_objective_and_kl(rl):
     model.zero_grad()
     obj_sum = kl_sum = 0.0
     n_obj = n_all = 0
-    diag = {"kl": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0}
+    diag = {"kl": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0, "kl_listening": 0.0, "kl_speaking": 0.0}
+    n_kind = {"listening": 0, "speaking": 0}
     window_max = []
     for span in spans:
         win = select_window(traj, span)
@@ -249,6 +251,10 @@ def test_chunked_update_over_windows_equals_batch_objective_and_kl(rl):
         kl_sum = kl_sum + out["loss_kl"] * c_all
         n_obj, n_all = n_obj + c_obj, n_all + c_all
         diag["kl"] += float(out["kl"]) * c_all
+        c_lis = int(win["token_mask"].sum()) * k
+        for kind, c_kind in (("listening", c_lis), ("speaking", c_all - c_lis)):
+            diag[f"kl_{kind}"] += float(out[f"kl_{kind}"]) * c_kind
+            n_kind[kind] += c_kind
         diag["clip_fraction"] += float(out["clip_fraction"]) * c_obj
         diag["ratio_mean"] += float(out["ratio_mean"]) * c_obj
         window_max.append(float(out["ratio_max"]))
@@ -264,6 +270,8 @@ def test_chunked_update_over_windows_equals_batch_objective_and_kl(rl):
         assert stats["loss/loss_objective"] == pytest.approx((obj_sum / n_obj).item(), rel=1e-4)
         assert stats["loss/loss_kl"] == pytest.approx((kl_sum / n_all).item(), rel=1e-4)
         assert stats["policy/kl"] == pytest.approx(diag["kl"] / n_all, rel=1e-4)
+        for kind in ("listening", "speaking"):  # each over its own tokens' transitions
+            assert stats[f"policy/kl_{kind}"] == pytest.approx(diag[f"kl_{kind}"] / n_kind[kind], rel=1e-4)
         assert stats["policy/clip_fraction"] == pytest.approx(diag["clip_fraction"] / n_obj, abs=1e-6)
         assert stats["policy/ratio_mean"] == pytest.approx(diag["ratio_mean"] / n_obj, rel=1e-5)
         assert stats["policy/ratio_max"] == pytest.approx(true_max, rel=1e-6)

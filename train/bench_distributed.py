@@ -167,7 +167,7 @@ def bench_gdpo(cfg: DictConfig, dist: Dist) -> float:
         gdpo.global_advantages(loss, traj, dist, n_prompts)
         stats = chunked_update(loss, traj, opt, int(g.chunk_steps), 1, 1.0, sync=sync)
         if dist.is_distributed:
-            gdpo.combine_rank_stats(dist.all_gather_object((stats, *gdpo.objective_counts(loss, traj))))
+            gdpo.combine_rank_stats(dist.all_gather_object((stats, gdpo.objective_counts(loss, traj))))
 
     seconds = timed(iteration, int(g.warmup), int(g.iterations), dist)
     return int(g.iterations) / seconds

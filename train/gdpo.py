@@ -157,7 +157,7 @@ def train(cfg: DictConfig, dist: Dist) -> None:
         try:
             update = chunked_update(loss_module, traj, optimizer, cfg.algo.chunk_steps, cfg.algo.epochs, cfg.optim.grad_clip, sync=sync)
             if dist.is_distributed:  # the global batch's figures
-                update = combine_rank_stats(dist.all_gather_object((update, *objective_counts(loss_module, traj))))
+                update = combine_rank_stats(dist.all_gather_object((update, objective_counts(loss_module, traj))))
             stats.update(update)
         except DivergenceError as e:
             raise DivergenceError(f"{cfg.algo.name} iteration {it + 1}: {e} (settings: optim.lr={cfg.optim.lr}, "
