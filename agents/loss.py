@@ -22,9 +22,9 @@ transitions: ``objective_tokens="listening"`` (default) keeps the transitions of
 the trajectory's ``token_mask`` (the caller marks the tokens that overlap the actor's listening
 frames, :func:`listening_token_mask`), ``"all"`` keeps every transition. Diagnostics, under non-loss
 names: ``kl`` (mean over ``T``), ``kl_listening`` / ``kl_speaking`` (means over the transitions of
-tokens inside / outside ``token_mask``), ``clip_fraction``, ``ratio_mean``, ``log_ratio_abs_mean`` (means over ``O``) and ``ratio_max``
-(maximum over ``O``; NaN when ``O`` is empty); :data:`AGGREGATION` says how each output combines
-over chunks.
+tokens inside / outside ``token_mask``), ``clip_fraction``, ``ratio_mean``, ``log_ratio_abs_mean``
+(means over ``O``) and ``ratio_max`` (maximum over ``O``; NaN when ``O`` is empty);
+:data:`AGGREGATION` says how each output combines over chunks.
 
 Data layout (:func:`trajectory_batch`): one row per trajectory with the states of all ``K``
 denoising steps of all ``N`` tokens, so the update replays a chunk of ``S`` denoising steps for

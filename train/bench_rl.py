@@ -231,11 +231,10 @@ def throughput_report(cfg: DictConfig) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         print(f"{preset:8s} iteration: rollout {dt_cached:.2f} s | reward (VAE decode + terms) {t_reward:.3f} s "
               f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
-        for i, ref_precision in enumerate(cfg.ref_precisions):
-            if i == 0:  # warm-up (first-call allocations)
-                loss = GDPOLoss(transition_core(policy), model, reward.lambdas)
-                loss.compute_advantage(traj)
-                chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))
+        warm_up = GDPOLoss(transition_core(policy), model, reward.lambdas)  # one untimed update: first-call allocations
+        warm_up.compute_advantage(traj)
+        chunked_update(warm_up, traj, opt, chunk_steps=int(cfg.chunk_steps))
+        for ref_precision in cfg.ref_precisions:
             # the reference is a copy of the current weights: the update's KL (computed before its step) is the
             # precision's own error (0 in fp32)
             loss = GDPOLoss(transition_core(policy), model, reward.lambdas, reference=make_reference(model, ref_precision))
