@@ -32,31 +32,75 @@ def train_overrides(cfg: DictConfig, method: BenchMethod, seed: int, run_dir: Pa
             f"device={cfg.device}", f"threads={resolve_threads(cfg.threads)}", "logger.backend=csv", *extra]
 
 
+def _iterations(overrides: list[str]) -> int | None:
+    its = [o.split("=", 1)[1] for o in overrides if o.startswith("optim.iterations=")]
+    return int(its[-1]) if its else None
+
+
+def _identity(overrides: list[str]) -> list[str]:
+    """What makes two runs of one folder the same run: every override but ``out_dir`` (the folder is
+    ``<bench out_dir>/runs/<slug>_seed<S>`` either way, so a moved benchmark folder still matches) and
+    the iteration count."""
+    return [o for o in overrides if not o.startswith(("out_dir=", "optim.iterations="))]
+
+
+def previous_run(cfg: DictConfig, run_dir: Path, over: list[str]) -> tuple[str, dict] | None:
+    """How a finished run in ``run_dir`` serves ``over``: ("reuse", record) when it is the same run,
+    ("extend", record) when it is the same run with fewer iterations and its training state is there
+    (``extend=true``); None otherwise."""
+    stamp = run_stamp(run_dir)
+    if not (cfg.reuse and stamp.is_file() and (run_dir / "meta.json").is_file()):
+        return None
+    prev = json.loads(stamp.read_text())
+    prev_over = prev.get("overrides") or []
+    if prev.get("status", "done") != "done" or _identity(prev_over) != _identity(over):
+        return None
+    done, wanted = _iterations(prev_over), _iterations(over)
+    if done == wanted:
+        return "reuse", prev
+    if (cfg.get("extend", False) and done is not None and wanted is not None and done < wanted
+            and (run_dir / "last" / "state.pt").is_file()):
+        return "extend", prev
+    return None
+
+
 def run_training(cfg: DictConfig, method: str | BenchMethod, seed: int, out: Path, data_root: Path, vae: Path, sft: Path) -> dict:
-    """Train (or reuse) ``out/runs/<slug>_seed<S>`` of ``method`` (an ``algos`` entry); returns {path, wall_s, reused}."""
+    """Train (or reuse, or extend) ``out/runs/<slug>_seed<S>`` of ``method`` (an ``algos`` entry).
+
+    Returns {path, wall_s, reused}. A finished run with fewer iterations is continued with
+    ``resume=true`` when ``cfg.extend``: the learning rate is constant and the resumed state restores
+    the optimiser, the policy snapshot and every noise and window stream, so the result equals a
+    straight run of the new length (tests/test_pipeline.py checks resume against a straight run);
+    ``wall_s`` is then the sum of both parts.
+    """
     method = parse_method(method) if isinstance(method, str) else method
     name = f"{method.slug}_seed{seed}"
     run_dir = out / "runs" / name
     over = train_overrides(cfg, method, seed, run_dir, data_root, vae, sft)
     stamp = run_stamp(run_dir)
-    if cfg.reuse and stamp.is_file() and (run_dir / "meta.json").is_file():
-        prev = json.loads(stamp.read_text())
-        if prev.get("overrides") == over and prev.get("status", "done") == "done":
-            print(f"[bench] reusing {run_dir} ({method.label}, seed {seed})", flush=True)
-            return {"path": run_dir, "wall_s": prev.get("wall_s"), "reused": True}
-    if run_dir.exists():  # stale or different run: start clean (its CSV logs would otherwise be appended to)
+    found = previous_run(cfg, run_dir, over)
+    if found is not None and found[0] == "reuse":
+        print(f"[bench] reusing {run_dir} ({method.label}, seed {seed})", flush=True)
+        return {"path": run_dir, "wall_s": found[1].get("wall_s"), "reused": True}
+    extend_from = None
+    if found is not None:  # extend
+        extend_from = _iterations(found[1]["overrides"])
+    elif run_dir.exists():  # stale or different run: start clean (its CSV logs would otherwise be appended to)
         if not replaceable_run_dir(run_dir, out / "runs"):
             raise RuntimeError(f"refusing to delete {run_dir}: it holds files the benchmark did not write (no {stamp.name} "
                                f"beside it); move it away or choose another out_dir")
         shutil.rmtree(run_dir)
-    atomic_write_json(stamp, {"overrides": over, "status": "running"})  # the folder is the benchmark's from now on
+    prev_wall = float(found[1].get("wall_s") or 0.0) if found is not None else 0.0
+    # the folder is the benchmark's from now on; an interrupted extension restarts from scratch next time
+    atomic_write_json(stamp, {"overrides": over, "status": "running"})
     log = out / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(stages.TRAIN_DIR / "gdpo.py"), *over]
+    cmd = [sys.executable, str(stages.TRAIN_DIR / "gdpo.py"), *over, *(["resume=true"] if extend_from is not None else [])]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(resolve_threads(cfg.threads))}
-    print(f"[bench] training {method.label} seed {seed} -> {run_dir} (log {log})", flush=True)
+    what = "training" if extend_from is None else f"extending (from iteration {extend_from})"
+    print(f"[bench] {what} {method.label} seed {seed} -> {run_dir} (log {log})", flush=True)
     t0 = time.perf_counter()
-    with open(log, "w") as fh:
+    with open(log, "a" if extend_from is not None else "w") as fh:
         res = subprocess.run(cmd, cwd=os.getcwd(), stdout=fh, stderr=subprocess.STDOUT, env=env)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
@@ -64,9 +108,12 @@ def run_training(cfg: DictConfig, method: str | BenchMethod, seed: int, out: Pat
         raise RuntimeError(f"train/gdpo.py {method.key} seed {seed} failed (exit {res.returncode}); log {log}:\n{tail}")
     if not (run_dir / "meta.json").is_file():
         raise RuntimeError(f"train/gdpo.py {method.key} seed {seed} wrote no checkpoint into {run_dir}; see its log {log}")
-    atomic_write_json(stamp, {"overrides": over, "wall_s": wall, "status": "done"})
+    record = {"overrides": over, "wall_s": prev_wall + wall, "status": "done"}
+    if extend_from is not None:
+        record["extended_from"] = extend_from
+    atomic_write_json(stamp, record)
     print(f"[bench] {method.label} seed {seed} done in {wall:.0f} s", flush=True)
-    return {"path": run_dir, "wall_s": wall, "reused": False}
+    return {"path": run_dir, "wall_s": prev_wall + wall, "reused": False}
 
 
 def run_meta(runs: dict, algos: list[str], seeds: list[int]) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train"))
@@ -340,3 +341,39 @@ def test_evaluate_scores_a_run_with_its_own_reward_too(tiny, tmp_path):
                        verbose=False)
     assert doc["run_reward"]["scored_separately"] is False
     assert not any("run_reward" in d for d in doc["all"]["listening_groups"].values())
+
+
+@pytest.mark.slow
+def test_bench_extends_a_shorter_run_to_the_same_model_as_a_straight_run(tiny, tmp_path):
+    """``iterations=2`` after a finished 1-iteration run continues it (resume) instead of retraining it,
+    and ends with the model of a straight 2-iteration run; anything else about the run still retrains."""
+    import bench
+
+    from gdpo_listener.evaluation import bench_runs
+    from gdpo_listener.evaluation.benchmark import run_stamp
+
+    def cfg_for(out, iterations, *extra):
+        cfg = bench.apply_quick(compose("bench", [f"out_dir={out}", "quick=true", f"features.cache_dir={tiny / 'cache'}",
+                                                  "threads=1", *extra]))
+        cfg.iterations = iterations
+        return cfg
+
+    def train(out, iterations, *extra):
+        return bench_runs.run_training(cfg_for(out, iterations, *extra), "gdpo", 0, out, tiny / "data", tiny / "vae", tiny / "sft")
+
+    out, straight = tmp_path / "bench", tmp_path / "straight"
+    first = train(out, 1)
+    assert not first["reused"] and first["wall_s"] > 0
+    assert train(out, 1)["reused"]  # unchanged: reused
+    ext = train(out, 2)
+    run_dir = Path(ext["path"])
+    log = (out / "logs" / "gdpo_seed0.log").read_text()
+    assert "resumed at iteration 1" in log and not ext["reused"] and ext["wall_s"] > first["wall_s"]
+    rec = json.loads(run_stamp(run_dir).read_text())
+    assert rec["extended_from"] == 1 and "optim.iterations=2" in rec["overrides"] and rec["status"] == "done"
+    train(straight, 2)
+    a, b = (load_file(str(d / "runs" / "gdpo_seed0" / "model.safetensors")) for d in (out, straight))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # another setting (or extend=false) retrains from scratch
+    assert train(out, 3, "extend=false")["reused"] is False
+    assert "resumed" not in (out / "logs" / "gdpo_seed0.log").read_text()

@@ -43,7 +43,9 @@ the CSV logs ``runs/<slug>_seed<S>/logs/<algo>/scalars/reward/<group>/mean.csv``
 iteration, from ``.../scalars/adv/``), ``listening_motion.png`` (one test window: ground truth vs
 each method), ``eval/<slug>_seed<S>/`` (per-run metrics.json / metrics.md) and
 ``logs/<slug>_seed<S>.log`` (training output). Finished
-training runs are reused when their overrides are unchanged (``reuse=true``). A run folder is
+training runs are reused when their overrides are unchanged (``reuse=true``); a finished run with
+fewer iterations is continued from its last state (``extend=true``, e.g. ``iterations=600`` after a
+300-iteration benchmark: the same result as a straight 600-iteration run). A run folder is
 replaced only if the benchmark started that run (its record ``runs/<algo>_seed<S>.bench_run.json``)
 or it is empty; any other folder in the way stops the benchmark with an error naming it.
 """
