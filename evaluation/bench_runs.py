@@ -45,22 +45,29 @@ def _identity(overrides: list[str]) -> list[str]:
 
 
 def previous_run(cfg: DictConfig, run_dir: Path, over: list[str]) -> tuple[str, dict] | None:
-    """How a finished run in ``run_dir`` serves ``over``: ("reuse", record) when it is the same run,
-    ("extend", record) when it is the same run with fewer iterations and its training state is there
-    (``extend=true``); None otherwise."""
+    """How an earlier run in ``run_dir`` serves ``over``: ("reuse", record) when it is the same finished
+    run, ("extend", record) when it is the same run with fewer iterations and its training state is
+    there (``extend=true``; also an extension that was interrupted, if ``over`` asks for at least its
+    target); None otherwise (retrain). ``record`` holds the finished part's overrides and wall time."""
     stamp = run_stamp(run_dir)
     if not (cfg.reuse and stamp.is_file() and (run_dir / "meta.json").is_file()):
         return None
-    prev = json.loads(stamp.read_text())
-    prev_over = prev.get("overrides") or []
-    if prev.get("status", "done") != "done" or _identity(prev_over) != _identity(over):
+    rec = json.loads(stamp.read_text())
+    status, wanted = rec.get("status", "done"), _iterations(over)
+    if status == "extending":  # an interrupted or failed extension: the folder is past rec's iterations
+        target = _iterations(rec.get("target") or [])
+        ok = (cfg.get("extend", False) and _identity(rec.get("overrides") or []) == _identity(over)
+              and target is not None and wanted is not None and wanted >= target and (run_dir / "last" / "state.pt").is_file())
+        return ("extend", rec) if ok else None
+    prev_over = rec.get("overrides") or []
+    if status != "done" or _identity(prev_over) != _identity(over):
         return None
-    done, wanted = _iterations(prev_over), _iterations(over)
+    done = _iterations(prev_over)
     if done == wanted:
-        return "reuse", prev
+        return "reuse", rec
     if (cfg.get("extend", False) and done is not None and wanted is not None and done < wanted
             and (run_dir / "last" / "state.pt").is_file()):
-        return "extend", prev
+        return "extend", rec
     return None
 
 
@@ -91,8 +98,9 @@ def run_training(cfg: DictConfig, method: str | BenchMethod, seed: int, out: Pat
                                f"beside it); move it away or choose another out_dir")
         shutil.rmtree(run_dir)
     prev_wall = float(found[1].get("wall_s") or 0.0) if found is not None else 0.0
-    # the folder is the benchmark's from now on; an interrupted extension restarts from scratch next time
-    atomic_write_json(stamp, {"overrides": over, "status": "running"})
+    # the folder is the benchmark's from now on; an interrupted extension is continued next time
+    atomic_write_json(stamp, {"overrides": over, "status": "running"} if found is None else
+                      {**found[1], "status": "extending", "target": over})
     log = out / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(stages.TRAIN_DIR / "gdpo.py"), *over, *(["resume=true"] if extend_from is not None else [])]
@@ -105,7 +113,8 @@ def run_training(cfg: DictConfig, method: str | BenchMethod, seed: int, out: Pat
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         tail = log.read_text()[-3000:]
-        raise RuntimeError(f"train/gdpo.py {method.key} seed {seed} failed (exit {res.returncode}); log {log}:\n{tail}")
+        hint = "" if extend_from is None else " (extending a finished run: extend=false retrains it from scratch instead)"
+        raise RuntimeError(f"train/gdpo.py {method.key} seed {seed} failed (exit {res.returncode}){hint}; log {log}:\n{tail}")
     if not (run_dir / "meta.json").is_file():
         raise RuntimeError(f"train/gdpo.py {method.key} seed {seed} wrote no checkpoint into {run_dir}; see its log {log}")
     record = {"overrides": over, "wall_s": prev_wall + wall, "status": "done"}

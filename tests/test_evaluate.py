@@ -374,6 +374,14 @@ def test_bench_extends_a_shorter_run_to_the_same_model_as_a_straight_run(tiny, t
     train(straight, 2)
     a, b = (load_file(str(d / "runs" / "gdpo_seed0" / "model.safetensors")) for d in (out, straight))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # an extension that stopped half-way (stamp "extending") is continued only towards at least its target
+    stamp = run_stamp(run_dir)
+    over3 = [o if not o.startswith("optim.iterations=") else "optim.iterations=3" for o in rec["overrides"]]
+    stamp.write_text(json.dumps({**rec, "status": "extending", "target": over3}))
+    assert bench_runs.previous_run(cfg_for(out, 3), run_dir, over3)[0] == "extend"
+    assert bench_runs.previous_run(cfg_for(out, 2), run_dir, rec["overrides"]) is None  # past 2 already: retrain
+    assert bench_runs.previous_run(cfg_for(out, 3, "extend=false"), run_dir, over3) is None
+    stamp.write_text(json.dumps(rec))
     # another setting (or extend=false) retrains from scratch
     assert train(out, 3, "extend=false")["reused"] is False
     assert "resumed" not in (out / "logs" / "gdpo_seed0.log").read_text()
