@@ -137,6 +137,9 @@ def make_logger(log_cfg: DictConfig, out_dir: Path, exp_name: str, state_dict=No
     kwargs = {}
     if log_cfg.backend == "wandb":
         kwargs = {"project": log_cfg.get("project", "gdpo-listener")}
+    if state_dict is not None:  # a resumed run logs into ITS folder (torchrl would reuse the saved absolute path,
+        # i.e. the folder the run was first written to, if the run has been moved or copied since)
+        state_dict = {**state_dict, "log_dir": str(Path(out_dir) / "logs"), "exp_name": exp_name}
     return get_logger(log_cfg.backend, logger_name=str(out_dir / "logs"), experiment_name=exp_name, state_dict=state_dict, **kwargs)
 
 

@@ -5,6 +5,7 @@ Every test here starts entry-point subprocesses on conftest's ``tiny_pipeline`` 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,17 @@ def test_gdpo_main_job_with_prerequisites_then_resumes(tiny_pipeline, run_entry,
     assert res_straight.returncode == 0
     a, b = load_file(str(out / "model.safetensors")), load_file(str(d / "straight" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    def logged_steps(run):  # the steps of the expr reward's CSV log
+        rows = (run / "logs" / "gdpo" / "scalars" / "reward" / "expr" / "mean.csv").read_text().split()
+        return [int(r.split(",")[0]) for r in rows]
+
+    assert logged_steps(out) == [1, 2, 3]  # the resumed part logs after the first part, in the same files
+    # a run moved (or copied) elsewhere resumes there and logs there, not into the folder it was first written to
+    moved = d / "moved"
+    shutil.copytree(out, moved, ignore=shutil.ignore_patterns(".lock"))
+    res_moved = run_entry("gdpo.py", "reward=expr+rot", *args("optim.iterations=4", f"out_dir={moved}", "resume=true"), cwd=d)
+    assert res_moved.returncode == 0 and "resumed at iteration 3" in res_moved.stdout
+    assert logged_steps(moved) == [1, 2, 3, 4] and logged_steps(out) == [1, 2, 3]
     # resuming with another config is refused clearly
     res3 = run_entry("gdpo.py", "reward=expr", *args("optim.iterations=3", f"out_dir={out}", "resume=true"), cwd=d)
     assert res3.returncode != 0 and "another config" in (res3.stderr + res3.stdout)
