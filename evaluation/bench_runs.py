@@ -39,9 +39,10 @@ def _iterations(overrides: list[str]) -> int | None:
 
 def _identity(overrides: list[str]) -> list[str]:
     """What makes two runs of one folder the same run: every override but ``out_dir`` (the folder is
-    ``<bench out_dir>/runs/<slug>_seed<S>`` either way, so a moved benchmark folder still matches) and
+    ``<bench out_dir>/runs/<slug>_seed<S>`` either way, so a moved benchmark folder still matches),
+    ``threads`` and ``device`` (where it runs, as for run folders: ``pipeline.run_dir.IGNORED``) and
     the iteration count."""
-    return [o for o in overrides if not o.startswith(("out_dir=", "optim.iterations="))]
+    return [o for o in overrides if not o.startswith(("out_dir=", "threads=", "device=", "optim.iterations="))]
 
 
 def previous_run(cfg: DictConfig, run_dir: Path, over: list[str]) -> tuple[str, dict] | None:
