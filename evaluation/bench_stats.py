@@ -90,24 +90,31 @@ def smoothing_window(n: int) -> int:
 
 
 def last_third_trend(steps: np.ndarray, values: np.ndarray) -> dict:
-    """Least-squares slope (per iteration) of ``values`` over the last third of ``steps``, and the
-    share of the whole curve's gain made there: ``slope x span of the last third / (end - start)``,
-    with start / end the means of the first / last tenth (at least one point each).
+    """Least-squares slope (per iteration) of ``values`` over the last third of ``steps``, its standard
+    error, and the share of the whole curve's gain made there: ``slope x span of the last third /
+    (end - start)``, with start / end the means of the first / last tenth (at least one point each).
 
     A share near 0 means the curve has flattened; near 1/3 or above, it still rises as fast as on
-    average. ``share`` is None when the curve has no net change. Needs >= 3 points (else all None).
+    average. The share alone is ill-conditioned for a curve with almost no net gain (a flat, noisy
+    curve can show any share), hence ``slope_se`` (ordinary least squares, residuals of the last
+    third): :func:`.targets.still_rising` also asks the slope to stand out of the noise. ``share`` is
+    None when the curve has no net change; ``slope_se`` None with fewer than 3 points in the last
+    third. Needs >= 3 points (else all None).
     """
     x, y = np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
     n = len(x)
     if n < 3:
-        return {"slope": None, "share": None, "n": n}
+        return {"slope": None, "slope_se": None, "share": None, "n": n}
     k = max(2, -(-n // 3))
     xs, ys = x[-k:], y[-k:]
-    slope = float(np.polyfit(xs, ys, 1)[0])
+    slope, icpt = (float(c) for c in np.polyfit(xs, ys, 1))
+    sxx = float(((xs - xs.mean()) ** 2).sum())
+    resid = ys - (slope * xs + icpt)
+    slope_se = float(np.sqrt((resid ** 2).sum() / (k - 2) / sxx)) if k > 2 and sxx > 0 else None
     edge = max(1, n // 10)
     gain = float(y[-edge:].mean() - y[:edge].mean())
     share = None if gain == 0 else slope * float(xs[-1] - xs[0]) / gain
-    return {"slope": slope, "share": share, "n": n}
+    return {"slope": slope, "slope_se": slope_se, "share": share, "n": n}
 
 
 def curve_trends(curves: Mapping, groups: list[str]) -> dict:
@@ -117,7 +124,7 @@ def curve_trends(curves: Mapping, groups: list[str]) -> dict:
         out[m] = {}
         for g in groups:
             cc = common_curve([by_seed[s][g] for s in by_seed])
-            out[m][g] = last_third_trend(cc[0], cc[1].mean(0)) if cc else {"slope": None, "share": None, "n": 0}
+            out[m][g] = last_third_trend(cc[0], cc[1].mean(0)) if cc else {"slope": None, "slope_se": None, "share": None, "n": 0}
     return out
 
 

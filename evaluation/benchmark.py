@@ -540,10 +540,16 @@ def mechanism_markdown(mech: dict, groups: list[str], env: dict) -> list[str]:
     return L + ["", "![mechanism](mechanism.png)", ""]
 
 
+def _se_units(t: dict) -> str:
+    se = t.get("slope_se")
+    return "" if not se else f" = {t['slope'] / se:+.1f} se"
+
+
 def trend_markdown(trends: dict, groups: list[str]) -> list[str]:
     """Slope of the seed-mean training reward over the last third of iterations, per method and group."""
-    L = ["", f"Trend over the last third of iterations (least-squares slope per iteration of the mean over seeds; in brackets "
-         f"the share of the curve's whole gain made in that third -- below {T.STILL_RISING_SHARE:.0%}: flattened):", ""]
+    L = ["", f"Trend over the last third of iterations (least-squares slope per iteration of the mean over seeds, in units of "
+         f"its standard error; in brackets the share of the curve's whole gain made in that third). Still rising: slope > 0, "
+         f"share >= {T.STILL_RISING_SHARE:.0%} and slope >= {T.RISING_SLOPE_SE:g} standard errors; else flattened:", ""]
     head = ["method", *groups, "verdict"]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, by_g in trends.items():
@@ -551,6 +557,7 @@ def trend_markdown(trends: dict, groups: list[str]) -> list[str]:
         known = [g for g in groups if by_g[g]["slope"] is not None]
         verdict = "n/a (< 3 iterations)" if not known else (f"still rising: {', '.join(rising)}" if rising else "flattened")
         L.append(f"| {method_label(m)} | " + " | ".join(
-            "n/a" if by_g[g]["slope"] is None else f"{by_g[g]['slope']:+.2e} ({_fmt(by_g[g]['share'], '.0%')})" for g in groups)
+            "n/a" if by_g[g]["slope"] is None else f"{by_g[g]['slope']:+.2e}{_se_units(by_g[g])} ({_fmt(by_g[g]['share'], '.0%')})"
+            for g in groups)
             + f" | {verdict} |")
     return L

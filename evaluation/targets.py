@@ -30,6 +30,7 @@ MIN_TEXT_ACCURACY = 0.9
 CFG_RANGE = (1.0, 4.0)  # listening motion std rises strictly from w_listen = 1 to 4 (reading: in every FLAME group)
 ALPHA = 0.05
 STILL_RISING_SHARE = 0.2  # not a target: a training-reward curve making >= 20 % of its gain in its last third still rises
+RISING_SLOPE_SE = 2.0     # ... if that last-third slope is also at least 2 standard errors above 0 (not noise)
 
 PASS, FAIL, NA = "PASS", "FAIL", "N/A"
 
@@ -84,10 +85,22 @@ def supervised_collapse(quality: Mapping[str, Mapping]) -> list[Target]:
 
 
 def still_rising(trends: Mapping[str, Mapping] | None, groups: list[str]) -> list[str]:
-    """Rewarded groups whose training reward made >= :data:`STILL_RISING_SHARE` of its gain in the last third."""
+    """Rewarded groups whose training reward still rises: a positive last-third slope that made >=
+    :data:`STILL_RISING_SHARE` of the curve's gain and stands out of the curve's noise (slope at least
+    :data:`RISING_SLOPE_SE` standard errors; without a standard error the share decides alone). A
+    falling curve (slope <= 0) is never "rising", whatever the sign of its share."""
     if not trends:
         return []
-    return [g for g in groups if (trends.get(g) or {}).get("share") is not None and trends[g]["share"] >= STILL_RISING_SHARE]
+    out = []
+    for g in groups:
+        t = trends.get(g) or {}
+        slope, share, se = t.get("slope"), t.get("share"), t.get("slope_se")
+        if slope is None or share is None or slope <= 0 or share < STILL_RISING_SHARE:
+            continue
+        if se is not None and slope < RISING_SLOPE_SE * se:
+            continue
+        out.append(g)
+    return out
 
 
 def listening_gains(label: str, finding: Mapping, paired: Mapping | None, trends: Mapping | None = None,

@@ -95,6 +95,14 @@ def test_curves_align_smooth_and_flatten():
     assert abs(flat["slope"]) < 1e-3 and flat["share"] < 0.01
     assert last_third_trend(x[:2], x[:2])["slope"] is None
     assert T.still_rising({"expr": rising, "rot": flat}, ["expr", "rot"]) == ["expr"]
+    # a curve falling all along has a positive share too: it is not "rising"
+    falling = last_third_trend(x, -0.01 * x)
+    assert falling["share"] > T.STILL_RISING_SHARE and T.still_rising({"rot": falling}, ["rot"]) == []
+    # a noisy, nearly flat curve: positive slope and a large share of a tiny gain, but the slope is noise
+    noisy = last_third_trend(x, (-1.0) ** x + 1e-3 * x)
+    assert noisy["slope"] > 0 and noisy["share"] > T.STILL_RISING_SHARE
+    assert noisy["slope"] < T.RISING_SLOPE_SE * noisy["slope_se"] and T.still_rising({"eyelid": noisy}, ["eyelid"]) == []
+    assert rising["slope_se"] == pytest.approx(0.0, abs=1e-9)  # an exact line: no noise
 
 
 # ----------------------------------------------------------------------------------------------
