@@ -1,6 +1,6 @@
 """Benchmark: supervised-only vs GRPO vs GDPO post-training, several seeds, one report.
 
-    python train/bench.py                       # 3 seeds, reward=all, 600 iterations (about 45 min with jobs=2 on 2 CPU cores)
+    python train/bench.py                       # 3 seeds, reward=all, 900 iterations (about 60 min with jobs=2 on 2 CPU cores)
     python train/bench.py seeds=[0,1,2,3,4] iterations=80 reward=expr+rot
     python train/bench.py algos=[grpo,gdpo,gdpo@marginal]   # also GDPO trained with env.sde=marginal
     python train/bench.py --quick               # tiny sizes (tests): same as quick=true
