@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from ..agents.checkpoint import atomic_write_json
 from ..pipeline import factories, stages
+from ..pipeline.run_dir import IGNORED
 from ..pipeline.threads import resolve_threads
 from .benchmark import BenchMethod, parse_method, replaceable_run_dir, run_stamp
 
@@ -37,12 +38,15 @@ def _iterations(overrides: list[str]) -> int | None:
     return int(its[-1]) if its else None
 
 
+# overrides that do not make another run: the settings run folders ignore too (where and how the run
+# executes, its folder: the bench folder is ``<out_dir>/runs/<slug>_seed<S>`` either way, so a moved
+# benchmark folder still matches), and the iteration count (a shorter run is extended, not replaced)
+_NOT_IDENTITY = (*(f"{k}{sep}" for k in IGNORED for sep in "=."), "optim.iterations=")
+
+
 def _identity(overrides: list[str]) -> list[str]:
-    """What makes two runs of one folder the same run: every override but ``out_dir`` (the folder is
-    ``<bench out_dir>/runs/<slug>_seed<S>`` either way, so a moved benchmark folder still matches),
-    ``threads`` and ``device`` (where it runs, as for run folders: ``pipeline.run_dir.IGNORED``) and
-    the iteration count."""
-    return [o for o in overrides if not o.startswith(("out_dir=", "threads=", "device=", "optim.iterations="))]
+    """What makes two runs of one folder the same run: the overrides but :data:`_NOT_IDENTITY`."""
+    return [o for o in overrides if not o.startswith(_NOT_IDENTITY)]
 
 
 def previous_run(cfg: DictConfig, run_dir: Path, over: list[str]) -> tuple[str, dict] | None:
