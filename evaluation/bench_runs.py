@@ -59,18 +59,15 @@ def previous_run(cfg: DictConfig, run_dir: Path, over: list[str]) -> tuple[str, 
         return None
     rec = json.loads(stamp.read_text())
     status, wanted = rec.get("status", "done"), _iterations(over)
-    if status == "extending":  # an interrupted or failed extension: the folder is past rec's iterations
-        target = _iterations(rec.get("target") or [])
-        ok = (cfg.get("extend", False) and _identity(rec.get("overrides") or []) == _identity(over)
-              and target is not None and wanted is not None and wanted >= target and (run_dir / "last" / "state.pt").is_file())
-        return ("extend", rec) if ok else None
-    prev_over = rec.get("overrides") or []
-    if status != "done" or _identity(prev_over) != _identity(over):
+    if status not in ("done", "extending") or _identity(rec.get("overrides") or []) != _identity(over):
         return None
-    done = _iterations(prev_over)
-    if done == wanted:
+    done = _iterations(rec["overrides"])
+    if status == "done" and done == wanted:
         return "reuse", rec
-    if (cfg.get("extend", False) and done is not None and wanted is not None and done < wanted
+    # an extension asks for more iterations than the folder holds: more than the finished part, and at
+    # least an interrupted extension's target (that folder may already be past the finished part)
+    least = _iterations(rec.get("target") or []) if status == "extending" else (None if done is None else done + 1)
+    if (cfg.get("extend", False) and least is not None and wanted is not None and wanted >= least
             and (run_dir / "last" / "state.pt").is_file()):
         return "extend", rec
     return None
