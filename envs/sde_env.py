@@ -21,7 +21,8 @@ the update replays one window at a time, so update memory does not grow with the
 
 Reward: a vector ``(n_groups,)`` per rollout, zero on every step but the last; on the last step
 the generated latents are decoded by the frozen VAE to FLAME and scored against the ground
-truth on the actor's *listening* frames by the reward module (``rewards/``).
+truth on the actor's *listening* frames by the reward module (``rewards/``; a ``<group>@speaking``
+column scores the speaking frames instead).
 
 The environment owns data sampling (the window bank), the frozen VAE decoder, the reward
 module and the SDE (``sigma``, ``sde_steps``, ``sde``); the policy (``agents/policy.py``) owns the
@@ -195,10 +196,11 @@ class ListenerSDEEnv(EnvBase):
 
     @torch.no_grad()
     def episode_reward(self, history: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        """Per-group reward ``(B, n_groups)`` of finished rollouts on the actor's listening frames."""
+        """Per-column reward ``(B, n_groups)`` of finished rollouts on the actor's listening frames
+        (speaking frames for ``<group>@speaking`` columns)."""
         rows = self.bank[window]
         pred = self.decode(history)
-        return self.reward_fn(pred, rows["actor_motion"], rows["listening"], rows["actor_valid"])
+        return self.reward_fn(pred, rows["actor_motion"], rows["listening"], rows["actor_valid"], **self._speaking(rows))
 
     @torch.no_grad()
     def episode_reward_terms(self, history: torch.Tensor, window: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -206,7 +208,13 @@ class ListenerSDEEnv(EnvBase):
         decodes again, so call it once per batch, not per step)."""
         rows = self.bank[window]
         pred = self.decode(history)
-        return self.reward_fn.compute(pred, rows["actor_motion"], rows["listening"], rows["actor_valid"], with_terms=True)["terms"]
+        return self.reward_fn.compute(pred, rows["actor_motion"], rows["listening"], rows["actor_valid"], with_terms=True,
+                                      **self._speaking(rows))["terms"]
+
+    def _speaking(self, rows) -> dict:
+        """``{"speaking": mask}`` for a reward with speaking columns; nothing for a listening-only reward
+        (a user's reward module keeps the four-argument signature)."""
+        return {"speaking": rows["speaking"]} if getattr(self.reward_fn, "scores_speaking", False) else {}
 
     def rng_state(self) -> dict:
         """State of the window sampler and of the noise generator (exact resume)."""

@@ -86,23 +86,28 @@ def print_quality_report(rep: dict, title: str) -> None:
 
 @torch.no_grad()
 def listening_table(model, vae, normalizer, bank, reward, n_windows: int, steps: int, seed: int) -> tuple[dict, dict]:
-    """Per rewarded group: listening velocity-std deviation (|std(vel pred) - std(vel gt)|), ratio and reward.
+    """Per reward column: velocity-std deviation (|std(vel pred) - std(vel gt)|), ratio and reward on the
+    column's frames (listening; speaking for ``<group>@speaking`` columns).
 
     Returns the table and the per-window values ``{"{g}/vel_std_dev": (n,), "{g}/reward": (n,)}`` of the
-    windows with listening frames (for paired comparisons).
+    windows with more than 2 of those frames (for paired comparisons).
     """
+    from ..rewards.groups import column_group
+
     b = bank[: min(n_windows, bank.batch_size[0])]
     pred = generate_motion(model, vae, normalizer, b, steps=steps, seed=seed)  # (B, W, 67)
     gt, lis = b["actor_motion"], b["listening"]
-    rewards = reward(pred, gt, lis, b["actor_valid"])  # (B, n_groups)
-    rows = lis.sum(1) > 2
+    speaking = {"speaking": b["speaking"]} if getattr(reward, "scores_speaking", False) else {}
+    rewards = reward(pred, gt, lis, b["actor_valid"], **speaking)  # (B, n_groups)
     out, per_window = {}, {}
     for i, g in enumerate(reward.group_names):
-        sl = GROUPS[g]
-        dev = dynamic_deviation(pred[rows][..., sl], gt[rows][..., sl], lis[rows])  # (n,) one per window
+        group, frames = column_group(g)
+        m = b[frames]  # (B, W) the column's frames
+        rows, sl = m.sum(1) > 2, GROUPS[group]
+        dev = dynamic_deviation(pred[rows][..., sl], gt[rows][..., sl], m[rows])  # (n,) one per window
         per_window[f"{g}/vel_std_dev"], per_window[f"{g}/reward"] = dev, rewards[rows, i]
         out[f"{g}/vel_std_dev"] = float(dev.mean())
-        out[f"{g}/vel_std_ratio"] = _vel_std_ratio(pred[rows][..., sl], gt[rows][..., sl], lis[rows])
+        out[f"{g}/vel_std_ratio"] = _vel_std_ratio(pred[rows][..., sl], gt[rows][..., sl], m[rows])
         out[f"{g}/reward"] = float(rewards[rows, i].mean())
     return out, per_window
 

@@ -55,11 +55,14 @@ def _std_rows(x, mask, cv, min_frames):
 
 
 def reward_rows(reward, pred: torch.Tensor, gt: torch.Tensor, listening: torch.Tensor, valid: torch.Tensor,
-                min_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per window and rewarded group: the reward on listening frames ``(B, n_groups)`` and whether it
-    counts (valid group and >= ``min_frames`` listening frames) ``(B, n_groups)``."""
-    r = reward.compute(pred, gt, listening, valid)
-    return r["reward"], r["valid"] & (listening.sum(-1, keepdim=True) >= min_frames)
+                min_frames: int, speaking: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window and reward column: the reward on the column's frames (listening, or ``speaking`` for
+    ``<group>@speaking`` columns) ``(B, n_groups)`` and whether it counts (valid group and >= ``min_frames``
+    of those frames) ``(B, n_groups)``."""
+    spk = {"speaking": speaking} if getattr(reward, "scores_speaking", False) else {}
+    r = reward.compute(pred, gt, listening, valid, **spk)
+    enough = torch.stack([m.sum(-1) >= min_frames for m in reward.column_masks(listening, speaking)], -1)  # (B, n)
+    return r["reward"], r["valid"] & enough
 
 
 def row_stats(pred: torch.Tensor, data: EvalData, mcfg: DictConfig, progress: bool = False,
@@ -90,7 +93,7 @@ def row_stats(pred: torch.Tensor, data: EvalData, mcfg: DictConfig, progress: bo
     st["reward"] = reward_rows(build_run_reward(DEFAULT_EVAL_REWARD), pred, gt, lis, valid, mf)  # all six groups
     if run_reward is not None and terms_differ_from_default(run_reward):
         own = build_run_reward(run_reward)
-        st["run_reward"] = (own.group_names, *reward_rows(own, pred, gt, lis, valid, mf))
+        st["run_reward"] = (own.group_names, *reward_rows(own, pred, gt, lis, valid, mf, speaking=b["speaking"]))
     if data.flame is not None:
         st["vertex"] = vertex_row_stats(pred, data, mcfg, progress)
     return st

@@ -125,7 +125,14 @@ def make_reward(cfg: DictConfig):
     from ..rewards.groups import build_reward
 
     r = cfg.rewards
-    return build_reward(cfg.reward, weights=r.weights, lambdas=r.lambdas, group_reward=r.group_reward, extra_terms=r.extra_terms)
+    reward = build_reward(cfg.reward, weights=r.weights, lambdas=r.lambdas, group_reward=r.group_reward,
+                          extra_terms=r.extra_terms)
+    objective = cfg.get("algo", {}).get("objective_tokens", "listening")
+    if reward.scores_speaking and objective != "all":
+        cols = [n for n, f in zip(reward.group_names, reward.column_frames) if f == "speaking"]
+        raise ValueError(f"reward={cfg.reward}: columns {cols} score speaking frames, but algo.objective_tokens="
+                         f"{objective} trains only listening tokens on the advantage; set algo.objective_tokens=all")
+    return reward
 
 
 def make_logger(log_cfg: DictConfig, out_dir: Path, exp_name: str, state_dict=None):

@@ -29,6 +29,13 @@ weak grounding anchor). Note the terms are in the units of the FLAME channels an
 are per frame, so on slow motion ``vel`` is numerically smaller than ``var``; tune per dataset.
 
 Specs: ``reward="expr+rot"`` (FLAME group names joined by ``+``), ``"jaw"``, ``"all"``.
+
+Frames: a reward *column* scores one group on the actor's listening frames (``"jaw"``), or, named
+``<group>@speaking`` (``reward="expr+rot+jaw@speaking"``), on its speaking frames: an anchor that
+holds speaking motion (lip sync) the listening reward does not see. GDPO normalises it as its own
+column like any other. The listening mask is the ``mask`` argument everywhere; a reward with
+speaking columns also needs ``speaking=(B, T) bool`` (a clear error otherwise). Since the PPO
+objective's default tokens are the listening ones, such a reward needs ``algo.objective_tokens=all``.
 """
 from __future__ import annotations
 
@@ -42,6 +49,8 @@ from ..envs.flame import FLAME_DIM, GROUP_DIMS, GROUP_NAMES, GROUPS, N_GROUPS
 from .terms import MeanDriftTerm, MSETerm, VarianceTerm, VelocityVarianceTerm
 
 __all__ = [
+    "FRAMES",
+    "column_group",
     "DEFAULT_WEIGHTS",
     "BUILTIN_TERMS",
     "GroupReward",
@@ -57,6 +66,21 @@ BUILTIN_TERMS: dict[str, type[nn.Module]] = {
     "drift": MeanDriftTerm,
     "mse": MSETerm,
 }
+
+
+FRAMES: tuple[str, ...] = ("listening", "speaking")  # the frames a reward column scores
+
+
+def column_group(column: str) -> tuple[str, str]:
+    """Reward column name -> (FLAME group, frames): ``"jaw"`` -> ("jaw", "listening"),
+    ``"jaw@speaking"`` -> ("jaw", "speaking")."""
+    group, sep, frames = column.partition("@")
+    if not sep:
+        return _check_group(group), "listening"
+    if frames != "speaking":
+        raise ValueError(f"reward column {column!r}: '@' must be followed by 'speaking' (the frames it scores), "
+                         f"e.g. 'jaw@speaking'; without '@' a group scores the listening frames")
+    return _check_group(group), frames
 
 
 def _check_group(group: str) -> str:
@@ -148,11 +172,13 @@ class FlameReward(nn.Module):
 
     pred, target: ``(B, T, 67)`` FLAME frames (extra leading batch dims are allowed);
     mask: ``(B, T)`` bool, the frames that count (the actor's listening frames);
-    valid: ``(B, 6)`` bool per-group validity in :data:`GROUP_NAMES` order (None = all valid).
-    Invalid entries (invalid group or no listening frame) are 0, see the module docstring.
+    valid: ``(B, 6)`` bool per-group validity in :data:`GROUP_NAMES` order (None = all valid);
+    speaking: ``(B, T)`` bool, the actor's speaking frames, needed only by ``<group>@speaking`` columns.
+    Invalid entries (invalid group or no frame to score) are 0, see the module docstring.
 
-    group_rewards: a list of GroupReward-like modules (each with a ``.group`` name) or a dict
-    ``{group: module}``; the reward columns follow its order (``group_names``).
+    group_rewards: a list of GroupReward-like modules (each with a ``.group`` name; listening
+    columns) or a dict ``{column: module}`` with columns ``"<group>"`` or ``"<group>@speaking"``;
+    the reward columns follow its order (``group_names``, frames in ``column_frames``).
     lambdas: per-group weights of eq. 9 (sequence in column order, dict by name, or None = 1.0
     each); finite, >= 0, not all zero; stored as the buffer ``lambdas (n_groups,)``.
     """
@@ -163,8 +189,8 @@ class FlameReward(nn.Module):
         if isinstance(group_rewards, Mapping):
             names, modules = list(group_rewards.keys()), list(group_rewards.values())
             for n, m in zip(names, modules):
-                g = getattr(m, "group", n)
-                if g != n:
+                g = getattr(m, "group", column_group(n)[0])
+                if g != column_group(n)[0]:
                     raise ValueError(f"FlameReward: module under key {n!r} scores group {g!r}")
         else:
             modules = list(group_rewards)
@@ -175,22 +201,38 @@ class FlameReward(nn.Module):
                 names.append(m.group)
         if not names:
             raise ValueError("FlameReward needs at least one group reward")
-        for n in names:
-            _check_group(n)
+        columns = [column_group(n) for n in names]
         if len(set(names)) != len(names):
             raise ValueError(f"FlameReward: duplicate groups in {names}")
         for n, m in zip(names, modules):
             if not isinstance(m, nn.Module):
                 raise TypeError(f"FlameReward: reward of group {n!r} must be an nn.Module, got {type(m).__name__}")
-        self.group_names: tuple[str, ...] = tuple(names)
+        self.group_names: tuple[str, ...] = tuple(names)  # column names, e.g. ("expr", "rot", "jaw@speaking")
+        self.column_frames: tuple[str, ...] = tuple(f for _, f in columns)  # "listening" | "speaking" per column
         self.groups = nn.ModuleDict(dict(zip(names, modules)))
         self.register_buffer("lambdas", _lambda_vector(lambdas, self.group_names))
         # column i scores FLAME group flame_index[i] (position in GROUP_NAMES)
-        self.register_buffer("flame_index", torch.tensor([GROUP_NAMES.index(n) for n in names]), persistent=False)
+        self.register_buffer("flame_index", torch.tensor([GROUP_NAMES.index(g) for g, _ in columns]), persistent=False)
 
     @property
     def n_groups(self) -> int:
         return len(self.group_names)
+
+    @property
+    def scores_speaking(self) -> bool:
+        """True when a column scores speaking frames (callers must pass ``speaking``)."""
+        return "speaking" in self.column_frames
+
+    def column_masks(self, mask: torch.Tensor, speaking: torch.Tensor | None) -> list[torch.Tensor]:
+        """The ``(..., T)`` bool frame mask of every column (listening ``mask`` or ``speaking``)."""
+        if self.scores_speaking and speaking is None:
+            cols = [n for n, f in zip(self.group_names, self.column_frames) if f == "speaking"]
+            raise ValueError(f"FlameReward: columns {cols} score speaking frames: pass speaking=(B, T) bool "
+                             f"(the actor's speaking frames)")
+        if speaking is not None and speaking.shape != mask.shape:
+            raise ValueError(f"FlameReward: speaking mask {tuple(speaking.shape)} != listening mask {tuple(mask.shape)}")
+        as_bool = lambda m: m if m.dtype == torch.bool else m != 0  # noqa: E731
+        return [as_bool(speaking if f == "speaking" else mask) for f in self.column_frames]
 
     def _prepare(self, pred, target, mask, valid):
         """Check shapes, flatten leading batch dims: returns (pred, target, mask, valid, lead)."""
@@ -212,43 +254,48 @@ class FlameReward(nn.Module):
         return (pred.reshape(B, T, FLAME_DIM), target.reshape(B, T, FLAME_DIM), mask.reshape(B, T),
                 valid.reshape(B, N_GROUPS), lead)
 
-    def reward_valid(self, mask: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, n_groups)`` bool: group valid for the row AND the row has >= 1 listening frame."""
-        has_frames = (mask if mask.dtype == torch.bool else mask != 0).any(-1, keepdim=True)  # (B, 1)
+    def reward_valid(self, mask: torch.Tensor, valid: torch.Tensor | None = None,
+                     speaking: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, n_groups)`` bool: group valid for the row AND the row has >= 1 frame the column scores
+        (listening frames, or speaking frames for ``<group>@speaking`` columns)."""
+        has_frames = torch.stack([m.any(-1) for m in self.column_masks(mask, speaking)], -1)  # (B, n)
         if valid is None:
-            return has_frames.expand(*has_frames.shape[:-1], self.n_groups)
+            return has_frames
         valid = valid if valid.dtype == torch.bool else valid != 0
         return valid[..., self.flame_index.to(valid.device)] & has_frames
 
     def compute(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                valid: torch.Tensor | None = None, with_terms: bool = False) -> dict[str, Any]:
+                valid: torch.Tensor | None = None, with_terms: bool = False,
+                speaking: torch.Tensor | None = None) -> dict[str, Any]:
         """Rewards with their validity, optionally the per-term penalties.
 
         Returns ``{"reward": (B, n_groups), "valid": (B, n_groups) bool}`` and, with
-        ``with_terms``, ``"terms": {"reward/<group>/<term>": (B,)}`` (penalties, unweighted, 0 on
+        ``with_terms``, ``"terms": {"reward/<column>/<term>": (B,)}`` (penalties, unweighted, 0 on
         invalid entries; only for group modules that have a ``penalties`` method).
         """
-        pred, target, mask, valid, lead = self._prepare(pred, target, mask, valid)
-        ok = self.reward_valid(mask, valid)  # (B, n)
+        masks = self.column_masks(mask, speaking)
+        pred, target, _, valid, lead = self._prepare(pred, target, mask, valid)
+        masks = [m.reshape(pred.shape[:2]) for m in masks]  # (B, T) per column
+        ok = torch.stack([m.any(-1) for m in masks], -1) & valid[:, self.flame_index.to(valid.device)]  # (B, n)
         B = pred.shape[0]
         reward = pred.new_zeros(B, self.n_groups)
         terms: dict[str, torch.Tensor] = {}
         for i, (name, module) in enumerate(self.groups.items()):
-            rows = ok[:, i]
+            rows, m, sl = ok[:, i], masks[i], GROUPS[GROUP_NAMES[int(self.flame_index[i])]]
             n_rows = int(rows.sum())
             if n_rows == 0:
                 pass
             elif n_rows == B:  # common case: no gather/scatter
-                r = module(pred, target, mask)
-                _check_finite(r, B, module, name, "group reward", pred[..., GROUPS[name]])
+                r = module(pred, target, m)
+                _check_finite(r, B, module, name, "group reward", pred[..., sl])
                 reward[:, i] = r
             else:
                 p_r = pred[rows]
-                r = module(p_r, target[rows], mask[rows])
-                _check_finite(r, n_rows, module, name, "group reward", p_r[..., GROUPS[name]])
+                r = module(p_r, target[rows], m[rows])
+                _check_finite(r, n_rows, module, name, "group reward", p_r[..., sl])
                 reward[rows, i] = r.to(reward.dtype)
             if with_terms and hasattr(module, "penalties"):
-                for term, v in self._penalties(module, pred, target, mask, rows, n_rows).items():
+                for term, v in self._penalties(module, pred, target, m, rows, n_rows).items():
                     terms[f"reward/{name}/{term}"] = v.reshape(*lead, *v.shape[1:])
         out: dict[str, Any] = {"reward": reward.reshape(*lead, self.n_groups), "valid": ok.reshape(*lead, self.n_groups)}
         if with_terms:
@@ -271,12 +318,13 @@ class FlameReward(nn.Module):
         return out
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
-        return self.compute(pred, target, mask, valid)["reward"]  # (B, n_groups)
+                valid: torch.Tensor | None = None, speaking: torch.Tensor | None = None) -> torch.Tensor:
+        return self.compute(pred, target, mask, valid, speaking=speaking)["reward"]  # (B, n_groups)
 
     def term_values(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                    valid: torch.Tensor | None = None, reduce: str = "mean") -> dict[str, torch.Tensor]:
-        """Per-group per-term penalties for logging, keys ``reward/<group>/<term>`` (e.g. ``reward/expr/var``).
+                    valid: torch.Tensor | None = None, reduce: str = "mean",
+                    speaking: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-column per-term penalties for logging, keys ``reward/<column>/<term>`` (e.g. ``reward/expr/var``).
 
         reduce="mean": 0-d tensors, the mean over valid rows of that group (0 if none is valid);
         reduce="none": ``(B,)`` tensors with 0 on invalid entries (use ``compute(...)["valid"]``).
@@ -284,7 +332,7 @@ class FlameReward(nn.Module):
         """
         if reduce not in ("mean", "none"):
             raise ValueError(f"term_values: reduce must be 'mean' or 'none', got {reduce!r}")
-        out = self.compute(pred, target, mask, valid, with_terms=True)
+        out = self.compute(pred, target, mask, valid, with_terms=True, speaking=speaking)
         if reduce == "none":
             return out["terms"]
         ok = out["valid"].reshape(-1, self.n_groups)
@@ -318,13 +366,16 @@ def _lambda_vector(lambdas, names: Sequence[str]) -> torch.Tensor:
 
 
 def parse_reward_spec(spec: str | Sequence[str]) -> list[str]:
-    """``"expr+rot"`` -> ``["expr", "rot"]``; ``"all"`` -> every group.
+    """``"expr+rot"`` -> ``["expr", "rot"]``; ``"all"`` -> every group; ``"expr+jaw@speaking"`` ->
+    ``["expr", "jaw@speaking"]`` (the jaw scored on the speaking frames, see the module docstring).
 
-    Whitespace around names is ignored; the result is in FLAME order (:data:`GROUP_NAMES`), so
-    ``"rot+expr"`` and ``"expr+rot"`` are the same reward. A list/tuple of names is accepted too.
-    Unknown, empty or duplicate names raise ``ValueError`` (listing the valid names).
+    Whitespace around names is ignored; the result is in FLAME order (:data:`GROUP_NAMES`), listening
+    columns first, so ``"rot+expr"`` and ``"expr+rot"`` are the same reward. ``"all"`` (every group on
+    listening frames) and ``"all@speaking"`` expand; ``"all"`` combines with speaking columns only. A
+    list/tuple of names is accepted too. Unknown, empty or duplicate names raise ``ValueError``.
     """
-    valid = f"valid groups: {', '.join(GROUP_NAMES)} (joined by '+'), or 'all'"
+    valid = (f"valid groups: {', '.join(GROUP_NAMES)} (joined by '+'), or 'all'; "
+             f"'<group>@speaking' scores a group on the speaking frames")
     if isinstance(spec, str):
         parts = [p.strip() for p in spec.split("+")]
     elif isinstance(spec, Sequence) and all(isinstance(p, str) for p in spec):
@@ -335,17 +386,24 @@ def parse_reward_spec(spec: str | Sequence[str]) -> list[str]:
         raise ValueError(f"empty reward spec {spec!r}; {valid}")
     if any(not p for p in parts):
         raise ValueError(f"empty group name in reward spec {spec!r}; {valid}")
-    if "all" in parts:
-        if len(parts) > 1:
-            raise ValueError(f"'all' cannot be combined with other groups in reward spec {spec!r}")
-        return list(GROUP_NAMES)
-    unknown = [p for p in parts if p not in GROUPS]
+    expanded: list[str] = []
+    for p in parts:
+        group, sep, frames = p.partition("@")
+        if group == "all":
+            if not sep and any("@" not in q for q in parts if q != p):
+                raise ValueError(f"'all' cannot be combined with other listening groups in reward spec {spec!r}")
+            expanded += [g + sep + frames for g in GROUP_NAMES]
+        else:
+            expanded.append(p)
+    unknown = [p for p in expanded if p.partition("@")[0] not in GROUPS]
     if unknown:
         raise ValueError(f"unknown FLAME group(s) {unknown} in reward spec {spec!r}; {valid}")
-    dup = sorted({p for p in parts if parts.count(p) > 1})
+    for p in expanded:
+        column_group(p)  # '@' followed by anything but 'speaking' -> ValueError naming it
+    dup = sorted({p for p in expanded if expanded.count(p) > 1})
     if dup:
         raise ValueError(f"duplicate group(s) {dup} in reward spec {spec!r}")
-    return [g for g in GROUP_NAMES if g in parts]
+    return [g + suffix for suffix in ("", "@speaking") for g in GROUP_NAMES if g + suffix in expanded]
 
 
 def _plain(x):
@@ -447,7 +505,7 @@ def build_reward(spec: str | Sequence[str] = "expr+rot",
             if not isinstance(module, nn.Module):
                 raise TypeError(f"extra reward term {name!r}: {cls.__name__} is not an nn.Module")
             terms[name] = (module, ew)
-        module = gcls(group=g, terms=terms, **gkw)
+        module = gcls(group=column_group(g)[0], terms=terms, **gkw)
         if not isinstance(module, nn.Module):
             raise TypeError(f"group_reward {gcls.__name__} is not an nn.Module")
         modules.append(module)

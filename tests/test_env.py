@@ -122,6 +122,21 @@ def test_no_listening_frames_gives_zero_reward_not_nan(rl):
     assert torch.isfinite(r).all() and torch.all(r == 0)
 
 
+def test_speaking_column_reward_is_scored_on_the_speaking_frames(rl):
+    """The env hands the bank's speaking frames to a reward with a ``<group>@speaking`` column."""
+    env, policy, _, bank = make(rl, spec="expr+jaw@speaking")
+    check_env_specs(env)
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        ro = env.rollout(rl.N * 2, policy, break_when_any_done=False)
+    r = ro["next", "reward"][:, -1]  # (B, 2)
+    rows = bank[ro["window"][:, 0]]
+    pred = env.decode(ro["next", "history"][:, -1])
+    expect = build_reward("jaw")(pred, rows["actor_motion"], rows["speaking"], rows["actor_valid"])[:, 0]
+    assert rows["speaking"].any(-1).all() and torch.allclose(r[:, 1], expect, atol=1e-6)
+    terms = env.episode_reward_terms(ro["next", "history"][:, -1], ro["window"][:, 0])
+    assert "reward/jaw@speaking/var" in terms
+
+
 @pytest.mark.parametrize("kw,msg", [({"group_size": 0}, "group_size"), ({"sigma": float("nan")}, "sigma"), ({"sde_steps": 0}, "sde_steps")])
 def test_bad_env_config(kw, msg, rl):
     vae, norm = rl.tiny_vae()

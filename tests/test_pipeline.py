@@ -60,15 +60,20 @@ def test_gdpo_main_job_with_prerequisites_then_resumes(tiny_pipeline, run_entry,
 
 
 def test_grpo_runs_the_same(tiny_pipeline, run_entry, first_run):
+    """GRPO on all six groups plus the jaw scored on the speaking frames (objective on every token)."""
     d, args = tiny_pipeline.root, tiny_pipeline.gdpo_args
-    res = run_entry("gdpo.py", "algo=grpo", "reward=all", *args("optim.iterations=1", f"out_dir={d / 'grpo'}"), cwd=d)
+    res = run_entry("gdpo.py", "algo=grpo", "reward=all+jaw@speaking", "algo.objective_tokens=all",
+                    *args("optim.iterations=1", f"out_dir={d / 'grpo'}"), cwd=d)
     assert res.returncode == 0 and (d / "grpo" / "meta.json").is_file()
+    assert "jaw@speaking/vel_std_dev" in res.stdout and "eyepose/vel_std_dev" in res.stdout  # the before/after table
+    assert (d / "grpo" / "logs" / "grpo" / "scalars" / "reward" / "jaw@speaking" / "mean.csv").is_file()
 
 
 @pytest.mark.parametrize("override,msg", [
     ("reward=expr+nose", "unknown"),
     ("env.group_size=1", "group_size"),
     ("+rewards.lambdas.expr=-1", "lambda"),
+    ("reward=expr+jaw@speaking", "objective_tokens"),  # a speaking column needs the objective on every token
 ])
 def test_bad_config_fails_early(tiny_pipeline, run_entry, override, msg):
     d = tiny_pipeline.root

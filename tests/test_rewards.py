@@ -307,6 +307,53 @@ def test_parse_reward_spec():
             parse_reward_spec(bad)
 
 
+def test_parse_speaking_columns():
+    assert parse_reward_spec("expr+rot+jaw@speaking") == ["expr", "rot", "jaw@speaking"]
+    assert parse_reward_spec("jaw@speaking+rot") == ["rot", "jaw@speaking"]  # listening columns first
+    assert parse_reward_spec("all+jaw@speaking") == [*GROUP_NAMES, "jaw@speaking"]
+    assert parse_reward_spec("all@speaking") == [f"{g}@speaking" for g in GROUP_NAMES]
+    with pytest.raises(ValueError, match="'jaw@listen'"):
+        parse_reward_spec("expr+jaw@listen")
+    with pytest.raises(ValueError, match="head@speaking"):
+        parse_reward_spec("head@speaking")
+    with pytest.raises(ValueError, match="duplicate"):
+        parse_reward_spec("jaw@speaking+all@speaking")
+    with pytest.raises(ValueError, match="'all' cannot"):
+        parse_reward_spec("all+jaw")
+
+
+def test_speaking_column_scores_the_speaking_frames():
+    """A ``<group>@speaking`` column is the group's reward with the speaking mask in place of the
+    listening one; a listening column of the same reward is unchanged by the speaking mask."""
+    torch.manual_seed(0)
+    B, T = 5, 30
+    pred, target = torch.randn(B, T, FLAME_DIM), torch.randn(B, T, FLAME_DIM)
+    listening = torch.zeros(B, T, dtype=torch.bool)
+    listening[:, :12] = True
+    speaking = ~listening
+    speaking[0] = False  # row 0 never speaks: its speaking column is invalid (0), its listening ones are not
+    fr = build_reward("expr+jaw@speaking")
+    assert fr.group_names == ("expr", "jaw@speaking") and fr.column_frames == ("listening", "speaking")
+    assert fr.scores_speaking and not build_reward("expr+jaw").scores_speaking
+    out = fr.compute(pred, target, listening, speaking=speaking, with_terms=True)
+    assert torch.allclose(out["reward"][:, 0], build_reward("expr")(pred, target, listening)[:, 0])
+    assert torch.allclose(out["reward"][:, 1], build_reward("jaw")(pred, target, speaking)[:, 0])
+    assert out["reward"][0, 1] == 0 and out["valid"][:, 1].tolist() == [False, True, True, True, True]
+    assert out["valid"][:, 0].all() and "reward/jaw@speaking/mse" in out["terms"]
+    # the speaking frames, not the listening ones, move it
+    moved = pred.clone()
+    moved[:, :12, GROUPS["jaw"]] += 5.0  # listening frames only
+    assert torch.allclose(fr(moved, target, listening, speaking=speaking)[:, 1], out["reward"][:, 1])
+    # invalid jaw group -> 0 on its speaking column too
+    valid = torch.ones(B, len(GROUP_NAMES), dtype=torch.bool)
+    valid[2, GROUP_NAMES.index("jaw")] = False
+    assert fr(pred, target, listening, valid, speaking=speaking)[2, 1] == 0
+    with pytest.raises(ValueError, match="speaking="):
+        fr(pred, target, listening)
+    with pytest.raises(ValueError, match="speaking mask"):
+        fr(pred, target, listening, speaking=speaking[:, :-1])
+
+
 def test_build_reward_defaults_and_weights():
     fr = build_reward()
     assert fr.group_names == ("expr", "rot") and torch.equal(fr.lambdas, t([1.0, 1.0]))
