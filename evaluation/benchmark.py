@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..envs.flame import FPS, GROUP_NAMES, GROUPS
+from ..rewards.groups import column_group
 from . import metrics as M
 from . import targets as T
 from .bench_stats import common_curve, curve_trends, mechanism_summary, moving_average, paired_report, read_curve, smoothing_window
@@ -221,8 +222,9 @@ def plot_mechanism(mech: dict, groups: list[str], path: Path, group_size: int | 
         for g in groups:
             cc = common_curve([c["corr"][g] for c in by_seed.values()])
             if cc is not None:
-                ax.plot(cc[0], moving_average(cc[1].mean(0), smoothing_window(len(cc[0]))), color=colors[g], lw=1.5,
-                        marker="o" if len(cc[0]) < 20 else None, ms=3, label=g)
+                group, frames = column_group(g)  # a <group>@speaking column: the group's colour, dashed
+                ax.plot(cc[0], moving_average(cc[1].mean(0), smoothing_window(len(cc[0]))), color=colors[group], lw=1.5,
+                        ls="--" if frames == "speaking" else "-", marker="o" if len(cc[0]) < 20 else None, ms=3, label=g)
         if len(groups) > 0:
             ax.axhline(1 / np.sqrt(len(groups)), color="black", lw=0.8, ls=":", label="1/sqrt(n): even")
         ax.set_title(f"{method_label(m)}: corr(advantage, group z-score)")

@@ -17,6 +17,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
+from ..rewards.groups import column_group
+
 # issue 10, section "Targets"
 COLLAPSE_GROUPS = ("expr", "jaw", "rot")  # the groups real DualTalk tracks
 MAX_VEL_STD_RATIO = 0.8  # supervised listening velocity-std ratio pred / gt, at most
@@ -162,7 +164,8 @@ def speaking_cost(label: str, supervised: Mapping[str, Mapping], method: Mapping
 
 
 def reward_gains(label: str, supervised: Mapping[str, Mapping], method: Mapping[str, Mapping], groups: list[str]) -> Target:
-    """The evaluation reward (default reward, listening frames) of every rewarded group is higher than supervised-only's."""
+    """The evaluation reward (default reward, listening frames) of every rewarded group is higher than supervised-only's
+    (``groups``: the listening columns; a ``<group>@speaking`` column is judged by the speaking FD / MSE targets)."""
     diff = {}
     for g in groups:
         a = _mean(supervised.get(f"all/listening/group/{g}/reward") or {})
@@ -240,7 +243,8 @@ def check_targets(*, quality: Mapping, findings: Mapping, paired: Mapping, metri
     for m in gdpo:
         out += listening_gains(labels[m], findings.get(m) or {}, paired.get(m), trends.get(m), groups)
         out += speaking_cost(labels[m], metrics.get("supervised") or {}, metrics.get(m) or {})
-        out.append(reward_gains(labels[m], metrics.get("supervised") or {}, metrics.get(m) or {}, groups))
+        listening_columns = [g for g in groups if column_group(g)[1] == "listening"]  # <group>@speaking: speaking targets
+        out.append(reward_gains(labels[m], metrics.get("supervised") or {}, metrics.get(m) or {}, listening_columns))
     out.append(grpo_dominance(mechanism, grpo, gdpo) if grpo else
                Target("GRPO's advantage follows one group (dominance max/median corr)", NA, "no GRPO run",
                       f">= {MIN_DOMINANCE} and above GDPO's"))
