@@ -76,11 +76,11 @@ def previous_run(cfg: DictConfig, run_dir: Path, over: list[str]) -> tuple[str, 
 def run_training(cfg: DictConfig, method: str | BenchMethod, seed: int, out: Path, data_root: Path, vae: Path, sft: Path) -> dict:
     """Train (or reuse, or extend) ``out/runs/<slug>_seed<S>`` of ``method`` (an ``algos`` entry).
 
-    Returns {path, wall_s, reused}. A finished run with fewer iterations is continued with
-    ``resume=true`` when ``cfg.extend``: the learning rate is constant and the resumed state restores
-    the optimiser, the policy snapshot and every noise and window stream, so the result equals a
-    straight run of the new length (tests/test_pipeline.py checks resume against a straight run);
-    ``wall_s`` is then the sum of both parts.
+    Returns {path, wall_s, reused, extended_from} (the iteration count it was continued from, or None).
+    A finished run with fewer iterations is continued with ``resume=true`` when ``cfg.extend``: the
+    learning rate is constant and the resumed state restores the optimiser, the policy snapshot and
+    every noise and window stream, so the result equals a straight run of the new length
+    (tests/test_pipeline.py checks resume against a straight run); ``wall_s`` is then the sum of both parts.
     """
     method = parse_method(method) if isinstance(method, str) else method
     name = f"{method.slug}_seed{seed}"
@@ -90,7 +90,7 @@ def run_training(cfg: DictConfig, method: str | BenchMethod, seed: int, out: Pat
     found = previous_run(cfg, run_dir, over)
     if found is not None and found[0] == "reuse":
         print(f"[bench] reusing {run_dir} ({method.label}, seed {seed})", flush=True)
-        return {"path": run_dir, "wall_s": found[1].get("wall_s"), "reused": True}
+        return {"path": run_dir, "wall_s": found[1].get("wall_s"), "reused": True, "extended_from": found[1].get("extended_from")}
     extend_from = None
     if found is not None:  # extend
         extend_from = _iterations(found[1]["overrides"])
@@ -124,7 +124,7 @@ def run_training(cfg: DictConfig, method: str | BenchMethod, seed: int, out: Pat
         record["extended_from"] = extend_from
     atomic_write_json(stamp, record)
     print(f"[bench] {method.label} seed {seed} done in {wall:.0f} s", flush=True)
-    return {"path": run_dir, "wall_s": prev_wall + wall, "reused": False}
+    return {"path": run_dir, "wall_s": prev_wall + wall, "reused": False, "extended_from": extend_from}
 
 
 def run_meta(runs: dict, algos: list[str], seeds: list[int]) -> dict:

@@ -363,6 +363,14 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "inf" if np.isinf(x) else format(x, spec)
 
 
+def _extended_note(setup: dict, post: list[str]) -> str:
+    """" Runs continued from a shorter run (bench extend=true): ..." or ""."""
+    ext = setup.get("extended_from") or {}
+    parts = [f"{method_label(m)} seed {s} from {n}" for m in post for s, n in (ext.get(m) or {}).items()]
+    return (" Runs continued from a shorter run of the same settings (`extend=true`, equal to a straight run): "
+            + ", ".join(parts) + " iterations.") if parts else ""
+
+
 def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> str:
     s, agg = rep["setup"], rep["metrics"]
     git = s["git"]
@@ -379,7 +387,7 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
           + ", ".join(f"{method_label(m)}: env.sde={run_sde.get(m, '?')}" for m in post) + ". "
           f"Evaluation: Euler ODE {s['steps']} steps, CFG 1, sampling seed = run seed (supervised-only: the same "
           f"checkpoint sampled with each seed). Values are mean ± std over seeds (sample std). "
-          f"Code: commit {git.get('commit')}{local}.", ""]
+          f"Code: commit {git.get('commit')}{local}.{_extended_note(s, post)}", ""]
     L += ["## Targets (issue 10)", "", "Each target computed from the figures below; Welch p over seeds and the 95 % paired-bootstrap "
           "interval over windows both decide significance.", ""]
     L += [T.targets_markdown([T.Target(**t) for t in rep["targets"]]), ""]

@@ -291,3 +291,19 @@ def test_check_targets_covers_every_gdpo_method_and_reports_misses():
     assert "not measured in this run" in md and "Missed targets" not in md  # nothing measured failed
     md = T.targets_markdown(rows + [T.Target("x", T.FAIL, "1", "<= 0", "why")])
     assert "Missed targets" in md and "- **x**: measured 1, needed <= 0 -- why." in md
+
+
+def test_report_names_the_extended_runs_and_skips_speaking_columns_in_reward_gains():
+    from gdpo_listener.evaluation.benchmark import _extended_note
+
+    note = _extended_note({"extended_from": {"gdpo": {"0": 600, "2": 300}, "grpo": {}}}, ["grpo", "gdpo"])
+    assert "GDPO seed 0 from 600" in note and "GDPO seed 2 from 300" in note and "GRPO" not in note
+    assert _extended_note({"extended_from": {"gdpo": {}}}, ["gdpo"]) == "" and _extended_note({}, ["gdpo"]) == ""
+    # a <group>@speaking column has no listening evaluation reward: judged by the speaking targets, not as "n/a"
+    sup = {"all/listening/group/expr/reward": {"mean": -0.2}}
+    gd = {"all/listening/group/expr/reward": {"mean": -0.1}}
+    out = T.check_targets(quality={}, findings={}, paired={}, metrics={"supervised": sup, "gdpo": gd}, mechanism={},
+                          controls={}, trends={}, groups=["expr", "jaw@speaking"], algo_of={"supervised": "supervised", "gdpo": "gdpo"},
+                          labels={"supervised": "supervised-only", "gdpo": "GDPO"})
+    gain = next(t for t in out if t.name == "GDPO improves the evaluation reward of every rewarded group")
+    assert gain.status == "PASS" and "jaw@speaking" not in gain.measured

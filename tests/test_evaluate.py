@@ -372,6 +372,7 @@ def test_bench_extends_a_shorter_run_to_the_same_model_as_a_straight_run(tiny, t
     assert "resumed at iteration 1" in log and not ext["reused"] and ext["wall_s"] > first["wall_s"]
     rec = json.loads(run_stamp(run_dir).read_text())
     assert rec["extended_from"] == 1 and "optim.iterations=2" in rec["overrides"] and rec["status"] == "done"
+    assert ext["extended_from"] == 1 and train(out, 2)["extended_from"] == 1  # the report names the extended runs
     train(straight, 2)
     a, b = (load_file(str(d / "runs" / "gdpo_seed0" / "model.safetensors")) for d in (out, straight))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -210,6 +210,8 @@ def run(cfg: DictConfig) -> dict:
            "rollouts_per_run": budget["rollouts"], "episode_tokens": budget["episode_tokens"],
            "transitions_per_run": budget["transitions"],
            "wall_s": {a: round(float(np.mean(wall[a])), 1) if wall[a] else float("nan") for a in algos},
+           "extended_from": {a: {str(s): runs[a][s].get("extended_from") for s in seeds if runs[a][s].get("extended_from")}
+                             for a in algos},
            "steps": int(ecfg.steps), "sft": str(sft_path), "vae": str(vae_path), "quick": bool(cfg.quick), "git": git_state(),
            "eval_header": header(data, ecfg, str(sft_path), seeds[0])}
     train_info = {a: {str(s): {"path": str(runs[a][s]["path"]), "wall_s": runs[a][s]["wall_s"], "reused": runs[a][s]["reused"]}
