@@ -20,7 +20,15 @@ and ``beta_speaking`` (default ``beta``) on the others, so the speaking motion t
 objective does not ask to change can be held closer to the reference. ``O`` are the objective's
 transitions: ``objective_tokens="listening"`` (default) keeps the transitions of tokens marked in
 the trajectory's ``token_mask`` (the caller marks the tokens that overlap the actor's listening
-frames, :func:`listening_token_mask`), ``"all"`` keeps every transition. Diagnostics, under non-loss
+frames, :func:`listening_token_mask`), ``"all"`` keeps every transition. ``"matched"`` (a reward with
+``<group>@speaking`` columns) credits each token kind with the reward of its own frames: the listening
+tokens' transitions with the advantage of the listening columns (``loss_objective``, as ``"listening"``)
+and the speaking tokens' (``speaking_token_mask``) with the advantage of the speaking columns::
+
+    loss_objective_speaking = -mean_{t in O_s} min(rho_t A_s, clip(rho_t, 1 - eps, 1 + eps) A_s)
+
+each normalised over its own transitions, so the listening update is the ``"listening"`` one
+whatever the speaking turn adds. Diagnostics, under non-loss
 names: ``kl`` (mean over ``T``), ``kl_listening`` / ``kl_speaking`` (means over the transitions of
 tokens inside / outside ``token_mask``), ``clip_fraction``, ``ratio_mean``, ``log_ratio_abs_mean``
 (means over ``O``) and ``ratio_max`` (maximum over ``O``; NaN when ``O`` is empty);
@@ -119,6 +127,7 @@ def collect_trajectories(env, policy, log_prob_key: str = "action_log_prob") -> 
 
 
 STEP_KEYS = ("x", "t", "action", "action_log_prob")
+TOKEN_KEYS = ("token_mask", "speaking_token_mask")  # per-token (B, N) masks of a trajectory batch
 
 
 def select_steps(traj: TensorDictBase, k0: int, k1: int, step_keys=STEP_KEYS) -> TensorDict:
@@ -136,10 +145,12 @@ def select_window(traj: TensorDictBase, span: tuple[int, int, int], step_keys=ST
     ``new0 .. s0 + n - 1``; the span is stored as non-tensor ``"span"`` for the loss.
     """
     s0, n, new0 = span
-    out = traj.exclude(*step_keys, "token_mask")
+    masks = [k for k in TOKEN_KEYS if k in traj.keys()]
+    out = traj.exclude(*step_keys, *masks)
     for k in step_keys:
         out.set(k, traj[k][:, :, new0:s0 + n])
-    out.set("token_mask", traj["token_mask"][:, new0:s0 + n])
+    for k in masks:
+        out.set(k, traj[k][:, new0:s0 + n])
     out.set_non_tensor("span", tuple(span))
     return out
 
@@ -160,13 +171,14 @@ def listening_token_mask(listening: torch.Tensor, n_tokens: int) -> torch.Tensor
 #   "all":       mean weighted by the pass's share of all generated transitions,
 #   "listening" / "speaking": mean weighted by the pass's share of the transitions of tokens inside /
 #                outside ``token_mask``,
+#   "speaking_objective": mean weighted by the pass's share of the speaking objective's transitions,
 #   "max":       maximum (NaN passes, i.e. without objective transitions, are ignored).
 AGGREGATION = {
     "loss_objective": "objective", "clip_fraction": "objective", "ratio_mean": "objective",
     "log_ratio_abs_mean": "objective", "loss_kl": "all", "kl": "all", "ratio_max": "max",
-    "kl_listening": "listening", "kl_speaking": "speaking",
+    "kl_listening": "listening", "kl_speaking": "speaking", "loss_objective_speaking": "speaking_objective",
 }
-COUNT_KINDS = ("objective", "all", "listening", "speaking")  # the transition counts the mean rules weight by
+COUNT_KINDS = ("objective", "all", "listening", "speaking", "speaking_objective")  # the counts the mean rules weight by
 
 
 def transition_counts(loss_module: GroupRelativeLoss, traj: TensorDictBase) -> list[dict[str, float]]:
@@ -174,11 +186,13 @@ def transition_counts(loss_module: GroupRelativeLoss, traj: TensorDictBase) -> l
     (each token stands for ``K`` transitions in every kind alike); one device read."""
     obj = loss_module.objective_mask(traj)  # (B, N)
     lis = traj[loss_module.tensor_keys.token_mask].bool()  # (B, N)
+    spk_obj = loss_module.speaking_objective_mask(traj)  # (B, N)
     spans = loss_module.transition[0].schedule
-    per = torch.stack([torch.stack([obj[:, new0:s0 + n].sum(), lis[:, new0:s0 + n].sum()]) for s0, n, new0 in spans]).tolist()
+    per = torch.stack([torch.stack([m[:, new0:s0 + n].sum() for m in (obj, lis, spk_obj)]) for s0, n, new0 in spans]).tolist()
     B = obj.shape[0]
     return [{"objective": float(o), "all": float(B * (s0 + n - new0)), "listening": float(li),
-             "speaking": float(B * (s0 + n - new0) - li)} for (o, li), (s0, n, new0) in zip(per, spans)]
+             "speaking": float(B * (s0 + n - new0) - li), "speaking_objective": float(so)}
+            for (o, li, so), (s0, n, new0) in zip(per, spans)]
 
 
 def _aggregate(outputs: list[tuple[TensorDictBase, dict[str, float]]], rules: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -205,8 +219,9 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
     denoising steps at a time with gradient accumulation.
 
     Each pass's ``loss_objective`` is weighted by its share of the batch's objective transitions
-    and its ``loss_kl`` by its share of all generated transitions, so the accumulated gradient
-    equals the gradient of the whole batch's mean objective plus its mean KL. Each window's prefix
+    and its ``loss_kl`` by its share of all generated transitions (``loss_objective_speaking`` by its
+    share of the speaking objective's), so the accumulated gradient equals the gradient of the whole
+    batch's mean objective plus its mean KL. Each window's prefix
     and history run once per model, shared by its chunks (``SDETransition.shared_context``). Peak memory
     is that of one (window, chunk) pass plus one window's prefix activations, whatever the episode length.
 
@@ -249,12 +264,12 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
                     share = (k1 - k0) / K
                     w = {k: c[k] / total[k] * share if total[k] else 0.0 for k in COUNT_KINDS}
                     out = loss_module(select_steps(win, k0, k1))
-                    (out["loss_objective"] * w["objective"] + out["loss_kl"] * w["all"]).backward()
+                    sum(out[k] * w[loss_module.aggregation[k]] for k in out.keys() if k.startswith("loss_")).backward()
                     outputs.append((out.detach(), w))
         if sync is not None:
             sync.all_reduce_gradients(loss_module.actor_network.parameters())  # one all-reduce per optimiser step
         gnorm = torch.nn.utils.clip_grad_norm_(loss_module.actor_network.parameters(), grad_clip)
-        check_finite_step({k: out[k] for k in ("loss_objective", "loss_kl")}, gnorm, where="chunked_update",
+        check_finite_step({k: v for k, v in out.items() if k.startswith("loss_")}, gnorm, where="chunked_update",
                           hint="a learning rate or clip range too large for this model, or sigma too small")
         optimizer.step()
     stats = {f"loss/{k}" if k.startswith("loss_") else f"policy/{k}": v.item()
@@ -263,7 +278,7 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
     return stats
 
 
-OBJECTIVE_TOKENS = ("listening", "all")
+OBJECTIVE_TOKENS = ("listening", "all", "matched")
 
 
 class GroupRelativeLoss(LossModule):
@@ -280,7 +295,11 @@ class GroupRelativeLoss(LossModule):
             default) or ``"absolute"`` (reference code), see :mod:`agents.advantages`.
         whiten: batch-level whitening of the advantage after the group normalisation.
         objective_tokens: ``"listening"`` (default: transitions of the tokens marked in
-            ``token_mask``) or ``"all"`` (every transition) enter the PPO objective.
+            ``token_mask``) or ``"all"`` (every transition) enter the PPO objective; ``"matched"``:
+            listening tokens on the listening columns' advantage, speaking tokens (``speaking_token_mask``)
+            on the speaking columns' (module docstring).
+        speaking_columns: ``(n_groups,)`` bool, the reward columns that score speaking frames
+            (``FlameReward.column_frames == "speaking"``); ``"matched"`` needs both kinds.
     """
 
     @dataclass
@@ -293,13 +312,16 @@ class GroupRelativeLoss(LossModule):
         reward: str = "reward"
         group_id: str = "group_id"
         token_mask: str = "token_mask"
+        advantage_speaking: str = "advantage_speaking"
+        speaking_token_mask: str = "speaking_token_mask"
 
     default_keys = _AcceptedKeys
     aggregation = AGGREGATION  # how chunked_update combines each output over passes
 
     def __init__(self, transition, model: torch.nn.Module, lambdas, clip_epsilon: float = 0.2, beta: float = 0.01,
                  eps: float = 1e-4, eps0: float = 1e-4, whiten: bool = False, reference: torch.nn.Module | None = None,
-                 eps_mode: str = "relative", objective_tokens: str = "listening", beta_speaking: float | None = None):
+                 eps_mode: str = "relative", objective_tokens: str = "listening", beta_speaking: float | None = None,
+                 speaking_columns=None):
         super().__init__()
         beta_speaking = beta if beta_speaking is None else beta_speaking
         if clip_epsilon <= 0:
@@ -316,6 +338,14 @@ class GroupRelativeLoss(LossModule):
         ref = copy.deepcopy(model) if reference is None else reference
         self.ref_network = ref.eval().requires_grad_(False)
         self.register_buffer("lambdas", torch.as_tensor(lambdas, dtype=torch.float32))
+        sc = torch.zeros(self.lambdas.shape, dtype=torch.bool) if speaking_columns is None else \
+            torch.as_tensor(speaking_columns, dtype=torch.bool).reshape(-1)
+        if sc.shape != self.lambdas.shape:
+            raise ValueError(f"speaking_columns has {sc.numel()} entries for {self.lambdas.numel()} reward columns")
+        if objective_tokens == "matched" and (not sc.any() or sc.all()):
+            raise ValueError("objective_tokens='matched' needs listening reward columns and <group>@speaking columns "
+                             f"(speaking_columns={sc.tolist()})")
+        self.register_buffer("speaking_columns", sc)
         self.clip_epsilon, self.beta, self.beta_speaking = float(clip_epsilon), float(beta), float(beta_speaking)
         self.eps, self.eps0, self.whiten, self.eps_mode = float(eps), float(eps0), bool(whiten), eps_mode
         self.objective_tokens = objective_tokens
@@ -335,19 +365,28 @@ class GroupRelativeLoss(LossModule):
         pass
 
     # -- advantage -----------------------------------------------------------------------------
-    def advantage_fn(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-        """``(B, n_groups)`` rewards -> ``(B,)`` advantages; GDPO by default, GRPO overrides it."""
-        return gdpo_advantages(rewards, group_ids, self.lambdas, eps=self.eps, eps0=self.eps0, whiten=self.whiten,
+    def advantage_fn(self, rewards: torch.Tensor, group_ids: torch.Tensor, lambdas: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, n)`` rewards -> ``(B,)`` advantages (weights ``lambdas``, default the loss's); GDPO by default,
+        GRPO overrides it."""
+        lambdas = self.lambdas if lambdas is None else lambdas
+        return gdpo_advantages(rewards, group_ids, lambdas, eps=self.eps, eps0=self.eps0, whiten=self.whiten,
                                eps_mode=self.eps_mode)
 
     @torch.no_grad()
     def compute_advantage(self, td: TensorDictBase) -> TensorDictBase:
-        """Write the trajectory advantage ``(B,)`` from the reward vectors ``(B, n_groups)``."""
+        """Write the trajectory advantage ``(B,)`` from the reward vectors ``(B, n_groups)``; with
+        ``objective_tokens="matched"`` the listening columns' (``advantage``) and the speaking columns'
+        (``advantage_speaking``), each computed as if its columns were the whole reward."""
         keys = self.tensor_keys
         rewards = td[keys.reward]
         if not torch.isfinite(rewards).all():
             raise ValueError("non-finite rewards reached the loss; check the reward modules")
-        td.set(keys.advantage, self.advantage_fn(rewards, td[keys.group_id]))
+        if self.objective_tokens != "matched":
+            td.set(keys.advantage, self.advantage_fn(rewards, td[keys.group_id]))
+            return td
+        sc = self.speaking_columns
+        td.set(keys.advantage, self.advantage_fn(rewards[:, ~sc], td[keys.group_id], self.lambdas[~sc]))
+        td.set(keys.advantage_speaking, self.advantage_fn(rewards[:, sc], td[keys.group_id], self.lambdas[sc]))
         return td
 
     @torch.no_grad()
@@ -367,6 +406,15 @@ class GroupRelativeLoss(LossModule):
         """``(B, N)`` bool: the tokens whose transitions enter the PPO objective."""
         mask = td[self.tensor_keys.token_mask].bool()  # (B, N)
         return torch.ones_like(mask) if self.objective_tokens == "all" else mask
+
+    def speaking_objective_mask(self, td: TensorDictBase) -> torch.Tensor:
+        """``(B, N)`` bool: the tokens of ``loss_objective_speaking`` (none unless ``objective_tokens="matched"``)."""
+        if self.objective_tokens != "matched":
+            return torch.zeros_like(td[self.tensor_keys.token_mask], dtype=torch.bool)
+        if self.tensor_keys.speaking_token_mask not in td.keys():
+            raise KeyError(f"objective_tokens='matched' needs the trajectories' {self.tensor_keys.speaking_token_mask!r} "
+                           f"(tokens that overlap the actor's speaking frames, listening_token_mask(speaking, N))")
+        return td[self.tensor_keys.speaking_token_mask].bool()
 
     # -- objective -----------------------------------------------------------------------------
     def forward(self, td: TensorDictBase) -> TensorDict:
@@ -391,6 +439,12 @@ class GroupRelativeLoss(LossModule):
         kl = gaussian_kl_same_std(loc, loc_ref, tr.sigma, tr.dt)  # (B, S, N), every generated transition
         listening = td[keys.token_mask].bool()[:, None, :].expand_as(kl)  # (B, S, N)
         loss_objective = -(surr * m).sum() / n_obj
+        terms = {"loss_objective": loss_objective}
+        if self.objective_tokens == "matched":  # speaking tokens on the speaking columns' advantage
+            adv_s = td[keys.advantage_speaking][:, None, None].expand_as(ratio)
+            surr_s = torch.minimum(ratio * adv_s, ratio.clamp(1 - self.clip_epsilon, 1 + self.clip_epsilon) * adv_s)
+            m_s = self.speaking_objective_mask(td)[:, None, :].expand_as(ratio).to(ratio.dtype)  # (B, S, N)
+            terms["loss_objective_speaking"] = -(surr_s * m_s).sum() / m_s.sum().clamp(min=1.0)
         if self.beta_speaking == self.beta:
             loss_kl = self.beta * kl.mean()
         else:  # per-token weight: beta on listening tokens, beta_speaking on the others
@@ -408,7 +462,7 @@ class GroupRelativeLoss(LossModule):
                 "ratio_max": torch.where(in_obj.any(), r_max, torch.full_like(r_max, math.nan)),
                 "log_ratio_abs_mean": (log_ratio.abs() * m).sum() / n_obj,
             }
-        return TensorDict({"loss_objective": loss_objective, "loss_kl": loss_kl, **diag}, batch_size=[])
+        return TensorDict({**terms, "loss_kl": loss_kl, **diag}, batch_size=[])
 
 
 class GDPOLoss(GroupRelativeLoss):
@@ -418,8 +472,9 @@ class GDPOLoss(GroupRelativeLoss):
 class GRPOLoss(GroupRelativeLoss):
     """Summed-then-normalised advantages (the GRPO baseline), then the shared objective."""
 
-    def advantage_fn(self, rewards, group_ids):
-        return grpo_advantages(rewards, group_ids, self.lambdas, eps=self.eps, whiten=self.whiten, eps_mode=self.eps_mode)
+    def advantage_fn(self, rewards, group_ids, lambdas=None):
+        lambdas = self.lambdas if lambdas is None else lambdas
+        return grpo_advantages(rewards, group_ids, lambdas, eps=self.eps, whiten=self.whiten, eps_mode=self.eps_mode)
 
 
 LOSSES = {"gdpo": GDPOLoss, "grpo": GRPOLoss}

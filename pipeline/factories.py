@@ -128,10 +128,14 @@ def make_reward(cfg: DictConfig):
     reward = build_reward(cfg.reward, weights=r.weights, lambdas=r.lambdas, group_reward=r.group_reward,
                           extra_terms=r.extra_terms)
     objective = cfg.get("algo", {}).get("objective_tokens", "listening")
-    if reward.scores_speaking and objective != "all":
+    if reward.scores_speaking and objective == "listening":
         cols = [n for n, f in zip(reward.group_names, reward.column_frames) if f == "speaking"]
         raise ValueError(f"reward={cfg.reward}: columns {cols} score speaking frames, but algo.objective_tokens="
-                         f"{objective} trains only listening tokens on the advantage; set algo.objective_tokens=all")
+                         f"{objective} trains only listening tokens on the advantage; set algo.objective_tokens=matched "
+                         f"(speaking tokens on the speaking columns' advantage) or all")
+    if objective == "matched" and (not reward.scores_speaking or all(f == "speaking" for f in reward.column_frames)):
+        raise ValueError(f"algo.objective_tokens=matched needs listening groups and <group>@speaking columns in the "
+                         f"reward (e.g. reward=expr+rot+jaw@speaking), got reward={cfg.reward}")
     return reward
 
 

@@ -77,14 +77,17 @@ def make_loss(algo_cfg: DictConfig, policy, model, reward):
     return LOSSES[algo_cfg.name](transition_core(policy), model, reward.lambdas, clip_epsilon=algo_cfg.clip_epsilon,
                                  beta=algo_cfg.beta, eps=algo_cfg.eps, eps0=algo_cfg.eps0, whiten=algo_cfg.whiten,
                                  eps_mode=algo_cfg.eps_mode, objective_tokens=algo_cfg.objective_tokens,
-                                 beta_speaking=algo_cfg.get("beta_speaking"), reference=reference)
+                                 beta_speaking=algo_cfg.get("beta_speaking"), reference=reference,
+                                 speaking_columns=[f == "speaking" for f in reward.column_frames])
 
 
 @torch.no_grad()
 def collect(env, policy, algo_cfg) -> TensorDict:
     with set_exploration_type(ExplorationType.RANDOM):
         traj = collect_trajectories(env, policy)
-    traj["token_mask"] = listening_token_mask(env.bank["listening"][traj["window"]], env.n_tokens)  # the objective's tokens (listening)
+    rows = env.bank[traj["window"]]
+    traj["token_mask"] = listening_token_mask(rows["listening"], env.n_tokens)  # the objective's tokens (listening)
+    traj["speaking_token_mask"] = listening_token_mask(rows["speaking"], env.n_tokens)  # objective_tokens=matched's speaking tokens
     return traj
 
 
@@ -119,7 +122,9 @@ def global_advantages(loss_module, traj, dist: Dist, n_prompts: int) -> TensorDi
     glob = TensorDict({"reward": rewards, "group_id": dist.all_gather_rows(traj["group_id"] + dist.rank * n_prompts)},
                       batch_size=rewards.shape[:1])
     loss_module.compute_advantage(glob)
-    traj["advantage"] = glob["advantage"][dist.shard(rewards.shape[0])]  # (b,)
+    for key in ("advantage", "advantage_speaking"):  # advantage_speaking: objective_tokens=matched
+        if key in glob.keys():
+            traj[key] = glob[key][dist.shard(rewards.shape[0])]  # (b,)
     return glob
 
 

@@ -27,14 +27,14 @@ K = 4
 SIGMA = 0.5
 
 
-def loss_setup(rl, loss_cls=GDPOLoss, beta=0.01, seed=0, frames=None, sde_steps=K, **loss_kw):
+def loss_setup(rl, loss_cls=GDPOLoss, beta=0.01, seed=0, frames=None, sde_steps=K, spec="expr+rot", **loss_kw):
     """Rollouts of the tiny policy on rows of ``frames`` frames (default one window); ``token_mask`` marks the
-    listening tokens (the second half of every window)."""
+    listening tokens (the second half of every window), ``speaking_token_mask`` the speaking ones (first half)."""
     frames = rl.W if frames is None else frames
     bank = rl.tiny_bank(frames=frames)
     vae, norm = rl.tiny_vae()
     g = torch.Generator().manual_seed(seed)
-    reward = build_reward("expr+rot")
+    reward = build_reward(spec)
     env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=3, sde_steps=sde_steps, sigma=SIGMA,
                          generator=g, seed=seed)
     model = rl.tiny_arflow()
@@ -45,7 +45,9 @@ def loss_setup(rl, loss_cls=GDPOLoss, beta=0.01, seed=0, frames=None, sde_steps=
         ro = env.rollout(n_tokens * sde_steps, policy, break_when_any_done=False)
     traj = trajectory_batch(ro, n_tokens, sde_steps)
     traj["token_mask"] = listening_token_mask(bank["listening"][traj["window"]], n_tokens)
-    loss = loss_cls(transition_core(policy), model, reward.lambdas, beta=beta, **loss_kw)
+    traj["speaking_token_mask"] = listening_token_mask(bank["speaking"][traj["window"]], n_tokens)
+    loss = loss_cls(transition_core(policy), model, reward.lambdas, beta=beta,
+                    speaking_columns=[f == "speaking" for f in reward.column_frames], **loss_kw)
     return loss, traj, model, behaviour
 
 
@@ -218,6 +220,46 @@ def test_objective_tokens_listening_or_all(rl):
     assert abs(out_all["loss_objective"].item() + mean_adv) > 1e-2
     with pytest.raises(ValueError, match="objective_tokens"):
         loss_setup(rl, objective_tokens="speaking")
+
+
+@pytest.mark.parametrize("loss_cls", [GDPOLoss, GRPOLoss])
+def test_objective_tokens_matched_credits_each_token_kind_with_its_columns(rl, loss_cls):
+    """``matched``: listening tokens on the listening columns' advantage (the listening objective exactly as
+    with a listening-only reward), speaking tokens on the speaking columns' (``loss_objective_speaking``)."""
+    spec = "expr+rot+jaw@speaking"
+    loss, traj, model, _ = loss_setup(rl, loss_cls, beta=0.0, spec=spec, objective_tokens="matched")
+    loss.compute_advantage(traj)
+    r, gid = traj["reward"], traj["group_id"]
+    assert torch.allclose(traj["advantage"], loss.advantage_fn(r[:, :2], gid, loss.lambdas[:2]))
+    assert torch.allclose(traj["advantage_speaking"], loss.advantage_fn(r[:, 2:], gid, loss.lambdas[2:]))
+    assert not torch.allclose(traj["advantage"], traj["advantage_speaking"])
+    out = loss(select_steps(traj, 0, 2))  # at the behaviour parameters every ratio is 1
+    assert out["loss_objective"].item() == pytest.approx(-traj["advantage"].mean().item(), abs=1e-3)
+    assert out["loss_objective_speaking"].item() == pytest.approx(-traj["advantage_speaking"].mean().item(), abs=1e-3)
+    assert set(out.keys()) <= set(AGGREGATION)
+    # moving the speaking tokens changes the speaking objective only
+    shift_velocity_on_tokens(model, [0, 1], 2.0)
+    moved = loss(select_steps(traj, 0, 2))
+    assert moved["loss_objective"].item() == pytest.approx(out["loss_objective"].item(), abs=1e-4)
+    assert abs(moved["loss_objective_speaking"].item() - out["loss_objective_speaking"].item()) > 1e-3
+    # the update's gradient is that of loss_objective + loss_objective_speaking (+ KL) on the whole batch
+    loss, traj, model, _ = loss_setup(rl, loss_cls, beta=0.5, spec=spec, objective_tokens="matched")
+    loss.compute_advantage(traj)
+    with torch.no_grad():
+        model.head.bias.add_(0.05)
+    model.zero_grad()
+    full = loss(traj)
+    (full["loss_objective"] + full["loss_objective_speaking"] + full["loss_kl"]).backward()
+    expect = [p.grad.clone() for p in model.parameters()]
+    stats = chunked_update(loss, traj, torch.optim.SGD(model.parameters(), lr=0.0), chunk_steps=1, grad_clip=1e9)
+    assert all(torch.allclose(p.grad, e, atol=1e-6, rtol=1e-4) for p, e in zip(model.parameters(), expect))
+    assert stats["loss/loss_objective_speaking"] == pytest.approx(full["loss_objective_speaking"].item(), rel=1e-4)
+    # a speaking column needs both kinds of columns and the trajectories' speaking tokens
+    with pytest.raises(ValueError, match="matched"):
+        loss_setup(rl, objective_tokens="matched")  # expr+rot: no speaking column
+    del traj["speaking_token_mask"]
+    with pytest.raises(KeyError, match="speaking_token_mask"):
+        loss(traj)
 
 
 def test_chunked_update_over_windows_equals_batch_objective_and_kl(rl):

@@ -60,13 +60,14 @@ def test_gdpo_main_job_with_prerequisites_then_resumes(tiny_pipeline, run_entry,
 
 
 def test_grpo_runs_the_same(tiny_pipeline, run_entry, first_run):
-    """GRPO on all six groups plus the jaw scored on the speaking frames (objective on every token)."""
+    """GRPO on all six groups plus the jaw scored on the speaking frames (speaking tokens on its advantage)."""
     d, args = tiny_pipeline.root, tiny_pipeline.gdpo_args
-    res = run_entry("gdpo.py", "algo=grpo", "reward=all+jaw@speaking", "algo.objective_tokens=all",
+    res = run_entry("gdpo.py", "algo=grpo", "reward=all+jaw@speaking", "algo.objective_tokens=matched",
                     *args("optim.iterations=1", f"out_dir={d / 'grpo'}"), cwd=d)
     assert res.returncode == 0 and (d / "grpo" / "meta.json").is_file()
     assert "jaw@speaking/vel_std_dev" in res.stdout and "eyepose/vel_std_dev" in res.stdout  # the before/after table
-    assert (d / "grpo" / "logs" / "grpo" / "scalars" / "reward" / "jaw@speaking" / "mean.csv").is_file()
+    scalars = d / "grpo" / "logs" / "grpo" / "scalars"
+    assert (scalars / "reward" / "jaw@speaking" / "mean.csv").is_file() and (scalars / "loss" / "loss_objective_speaking.csv").is_file()
 
 
 @pytest.mark.parametrize("override,msg", [
