@@ -126,25 +126,28 @@ def test_sft_gradient_two_processes_equals_one_process(tmp_path, rl):
 G = 2
 
 
-def gdpo_setup(rl, n_prompts: int):
-    """Deterministic tiny env, policy and loss (whiten + relative eps: batch-level advantage statistics)."""
+def gdpo_setup(rl, n_prompts: int, matched: bool = False):
+    """Deterministic tiny env, policy and loss (whiten + relative eps: batch-level advantage statistics);
+    ``matched``: a speaking jaw column with ``objective_tokens="matched"`` (two advantages, two objectives)."""
     bank = rl.tiny_bank(n_windows=6)
     vae, norm = rl.tiny_vae()
-    reward = build_reward("expr+rot")
+    reward = build_reward("expr+rot+jaw@speaking" if matched else "expr+rot")
     gen = torch.Generator().manual_seed(0)
     env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=n_prompts, group_size=G, sde_steps=K, sigma=0.5, generator=gen, seed=0)
     model = rl.tiny_arflow()
     policy = make_policy(copy.deepcopy(model).requires_grad_(False), env, generator=gen)
-    loss = GDPOLoss(transition_core(policy), model, reward.lambdas, beta=0.1, whiten=True)
+    loss = GDPOLoss(transition_core(policy), model, reward.lambdas, beta=0.1, whiten=True,
+                    objective_tokens="matched" if matched else "listening",
+                    speaking_columns=[f == "speaking" for f in reward.column_frames])
     with torch.no_grad():
         model.head.bias.add_(0.05)  # away from the behaviour and reference policies: ratios and KL matter
     return env, policy, loss, model
 
 
-def gdpo_update(rl, traj, n_prompts: int, d: Dist, sync: bool = True):
+def gdpo_update(rl, traj, n_prompts: int, d: Dist, sync: bool = True, matched: bool = False):
     """The recipe's advantage + update on ``traj`` (this rank's rows); returns (weights after, stats)."""
     from gdpo_listener.pipeline import rl as gdpo  # the RL stage's components
-    _, _, loss, model = gdpo_setup(rl, n_prompts)
+    _, _, loss, model = gdpo_setup(rl, n_prompts, matched)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     gdpo.global_advantages(loss, traj, d, n_prompts)
     stats = chunked_update(loss, traj, opt, chunk_steps=1, epochs=2, grad_clip=1.0, sync=d if sync and d.is_distributed else None)
@@ -153,33 +156,38 @@ def gdpo_update(rl, traj, n_prompts: int, d: Dist, sync: bool = True):
     return [p.detach().clone() for p in model.parameters()], stats
 
 
-def collect_four_prompts(rl):
+def collect_four_prompts(rl, matched: bool = False):
     from gdpo_listener.pipeline import rl as gdpo  # the RL stage's components
-    env, policy, _, _ = gdpo_setup(rl, 4)
+    env, policy, _, _ = gdpo_setup(rl, 4, matched)
     traj = gdpo.collect(env, policy, None)
     traj["token_mask"][:3] = False  # uneven objective counts: rank 0 has fewer listening transitions
+    traj["speaking_token_mask"][5:] = False  # ... and rank 1 fewer speaking ones
     return traj
 
 
-def _gdpo_rank(d: Dist, rl, traj_path: str, out: str) -> None:
+def _gdpo_rank(d: Dist, rl, traj_path: str, out: str, matched: bool) -> None:
     traj = torch.load(traj_path, weights_only=False)
     local = traj[d.shard(traj.batch_size[0])].clone()
     local["group_id"] -= d.rank * 2  # the env numbers a rank's prompts 0 .. n_prompts-1
-    weights, stats = gdpo_update(rl, local, 2, d)
-    torch.save((weights, stats, local["advantage"]), Path(out) / f"gdpo{d.rank}.pt")
+    weights, stats = gdpo_update(rl, local, 2, d, matched=matched)
+    adv = torch.stack([local["advantage"], local.get("advantage_speaking", local["advantage"])])
+    torch.save((weights, stats, adv), Path(out) / f"gdpo{d.rank}.pt")
 
 
-def test_gdpo_update_two_processes_equals_one_process(tmp_path, rl):
-    traj = collect_four_prompts(rl)
+@pytest.mark.parametrize("matched", [False, True])
+def test_gdpo_update_two_processes_equals_one_process(tmp_path, rl, matched):
+    traj = collect_four_prompts(rl, matched)
     assert traj["group_id"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     torch.save(traj, tmp_path / "traj.pt")
-    spawn(_gdpo_rank, rl, str(tmp_path / "traj.pt"), str(tmp_path))
+    spawn(_gdpo_rank, rl, str(tmp_path / "traj.pt"), str(tmp_path), matched)
 
-    w_init = flat(gdpo_setup(rl, 4)[3].parameters()).detach()
+    w_init = flat(gdpo_setup(rl, 4, matched)[3].parameters()).detach()
     ref_traj = traj.clone()
-    w_one, stats_one = gdpo_update(rl, ref_traj, 4, Dist())
+    w_one, stats_one = gdpo_update(rl, ref_traj, 4, Dist(), matched=matched)
     (w0, stats0, adv0), (w1, _, adv1) = (torch.load(tmp_path / f"gdpo{r}.pt", weights_only=False) for r in range(2))
-    assert torch.allclose(torch.cat([adv0, adv1]), ref_traj["advantage"], atol=1e-6)  # advantages of the global batch
+    ref_adv = torch.stack([ref_traj["advantage"], ref_traj.get("advantage_speaking", ref_traj["advantage"])])
+    assert torch.allclose(torch.cat([adv0, adv1], 1), ref_adv, atol=1e-6)  # advantages of the global batch
+    assert ("loss/loss_objective_speaking" in stats_one) == matched
     assert torch.equal(flat(w0), flat(w1))  # the same weights on every rank
     step_one, step_two = flat(w_one) - w_init, flat(w0) - w_init
     assert step_one.abs().max() > 1e-4 and rel_err(step_two, step_one) < 1e-5
@@ -187,7 +195,7 @@ def test_gdpo_update_two_processes_equals_one_process(tmp_path, rl):
         assert stats0[k] == pytest.approx(v, rel=1e-4, abs=1e-7), k
     # control: rank 0's half alone (no gradient all-reduce, local shares) takes another step
     half = traj[:4].clone()
-    w_half, _ = gdpo_update(rl, half, 2, Dist())
+    w_half, _ = gdpo_update(rl, half, 2, Dist(), matched=matched)
     assert rel_err(flat(w_half) - w_init, step_one) > 1e-2
 
 
