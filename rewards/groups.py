@@ -35,7 +35,8 @@ Frames: a reward *column* scores one group on the actor's listening frames (``"j
 holds speaking motion (lip sync) the listening reward does not see. GDPO normalises it as its own
 column like any other. The listening mask is the ``mask`` argument everywhere; a reward with
 speaking columns also needs ``speaking=(B, T) bool`` (a clear error otherwise). Since the PPO
-objective's default tokens are the listening ones, such a reward needs ``algo.objective_tokens=all``.
+objective's default tokens are the listening ones, such a reward needs ``algo.objective_tokens=matched``
+(speaking tokens trained on the speaking columns' advantage, ``agents/loss.py``) or ``all``.
 """
 from __future__ import annotations
 
