@@ -152,10 +152,11 @@ def dominance(corr: Mapping[str, float | None]) -> float | None:
 def mechanism_summary(by_seed: Mapping[int, dict], groups: list[str]) -> dict:
     """One method's :func:`mechanism_curves` per seed -> mean over iterations per seed, then mean +- std
     over seeds: ``distinct``, ``corr[group]``; ``dominance`` and ``top_group`` from the seed means of
-    ``corr`` (:func:`dominance`)."""
+    ``corr`` (:func:`dominance`) over the listening columns, the ones one advantage combines
+    (``<group>@speaking`` columns train the speaking tokens through an advantage of their own)."""
     distinct = [float(c["distinct"][1].mean()) for c in by_seed.values() if len(c["distinct"][1])]
     corr = {g: mean_std([float(c["corr"][g][1].mean()) for c in by_seed.values() if len(c["corr"][g][1])]) for g in groups}
-    means = {g: d["mean"] for g, d in corr.items() if d["mean"] is not None}
+    means = {g: d["mean"] for g, d in corr.items() if d["mean"] is not None and "@" not in g}
     return {"distinct": mean_std(distinct), "corr": corr, "dominance": dominance(means),
             "top_group": max(means, key=means.get) if means else None}
 

@@ -538,10 +538,14 @@ def mechanism_markdown(mech: dict, groups: list[str], env: dict) -> list[str]:
     if not mech:
         return L + ["Not available (no advantage logs).", ""]
     G = env.get("group_size")
+    n_lis = max(1, sum("@" not in g for g in groups))
+    spk = "" if n_lis == len(groups) else (" Speaking columns (`<group>@speaking`) are correlated with the advantage of the speaking "
+                                           "tokens (objective_tokens=matched; runs logged before that figure existed show the listening "
+                                           "advantage's) and are left out of the dominance.")
     L += [f"Mean over iterations, then mean ± std over seeds: distinct advantage values per prompt group (of G = {G or '?'} rollouts), "
           "Pearson correlation of the final advantage with each rewarded group's within-group z-scored reward (an even "
-          f"advantage gives about 1/sqrt({len(groups)}) = {1 / np.sqrt(max(1, len(groups))):.2f} each), and the dominance "
-          "max / median over groups of those correlations (about 1: even; large: the advantage follows one group).", ""]
+          f"advantage gives about 1/sqrt({n_lis}) = {1 / np.sqrt(n_lis):.2f} each), and the dominance "
+          "max / median over groups of those correlations (about 1: even; large: the advantage follows one group)." + spk, ""]
     head = ["method", "distinct per group", *[f"corr {g}" for g in groups], "dominance", "top group"]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, d in mech.items():

@@ -92,11 +92,21 @@ def collect(env, policy, algo_cfg) -> TensorDict:
 
 
 def advantage_log_stats(traj, group_names, algo_cfg) -> dict:
-    """Advantage diagnostics (tensors), named ``adv/<figure>`` or ``adv/<figure>/<group>`` for per-group ones."""
+    """Advantage diagnostics (tensors), named ``adv/<figure>`` or ``adv/<figure>/<group>`` for per-group ones.
+
+    With ``objective_tokens=matched`` (an ``advantage_speaking`` in ``traj``) each column's correlations
+    are with the advantage that trains its own token kind (``<group>@speaking`` columns: the speaking
+    tokens'); the scalar figures are the listening advantage's."""
     from ..agents.advantages import advantage_diagnostics, reward_group_stats
 
-    figures = {**reward_group_stats(traj["reward"], traj["group_id"], eps=algo_cfg.eps, eps_mode=algo_cfg.eps_mode),
-               **advantage_diagnostics(traj["advantage"], traj["reward"], traj["group_id"])}
+    reward, gid = traj["reward"], traj["group_id"]
+    figures = {**reward_group_stats(reward, gid, eps=algo_cfg.eps, eps_mode=algo_cfg.eps_mode),
+               **advantage_diagnostics(traj["advantage"], reward, gid)}
+    if "advantage_speaking" in traj.keys():
+        spk = torch.tensor(["@" in g for g in group_names], device=reward.device)  # (n,) speaking columns
+        own = advantage_diagnostics(traj["advantage_speaking"], reward, gid)
+        for k in ("corr_zscore", "corr_reward"):
+            figures[k] = torch.where(spk, own[k], figures[k])
     for k in ("reward_mean", "reward_std"):  # logged once, as reward/<group>/mean and /std
         figures.pop(k)
     out = {}

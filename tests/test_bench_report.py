@@ -307,3 +307,29 @@ def test_report_names_the_extended_runs_and_skips_speaking_columns_in_reward_gai
                           labels={"supervised": "supervised-only", "gdpo": "GDPO"})
     gain = next(t for t in out if t.name == "GDPO improves the evaluation reward of every rewarded group")
     assert gain.status == "PASS" and "jaw@speaking" not in gain.measured
+
+
+def test_mechanism_figures_of_a_matched_run_use_each_column_s_own_advantage():
+    """objective_tokens=matched: a <group>@speaking column is correlated with the speaking tokens'
+    advantage (one column: its own z-score, correlation 1) and left out of the dominance."""
+    from omegaconf import OmegaConf
+    from tensordict import TensorDict
+
+    from gdpo_listener.agents.advantages import gdpo_advantages
+    from gdpo_listener.pipeline.rl import advantage_log_stats
+
+    g = torch.Generator().manual_seed(0)
+    reward = torch.randn(16, 3, generator=g)  # columns expr, rot, jaw@speaking
+    gid = torch.arange(4).repeat_interleave(4)
+    lam = torch.ones(2)
+    traj = TensorDict({"reward": reward, "group_id": gid, "advantage": gdpo_advantages(reward[:, :2], gid, lam),
+                       "advantage_speaking": gdpo_advantages(reward[:, 2:], gid, lam[:1])}, batch_size=[16])
+    algo = OmegaConf.create({"eps": 1e-4, "eps_mode": "relative"})
+    out = advantage_log_stats(traj, ("expr", "rot", "jaw@speaking"), algo)
+    assert out["adv/corr_zscore/jaw@speaking"].item() == pytest.approx(1.0, abs=1e-4)
+    plain = advantage_log_stats(traj.exclude("advantage_speaking"), ("expr", "rot", "jaw@speaking"), algo)
+    assert abs(plain["adv/corr_zscore/jaw@speaking"].item()) < 0.9  # the listening advantage does not contain it
+    assert out["adv/corr_zscore/expr"] == plain["adv/corr_zscore/expr"]
+    runs = {0: {"distinct": curve([4.0]), "corr": {"expr": curve([0.7]), "rot": curve([0.7]), "jaw@speaking": curve([1.0])}}}
+    s = mechanism_summary(runs, ["expr", "rot", "jaw@speaking"])
+    assert s["dominance"] == pytest.approx(1.0) and s["top_group"] in ("expr", "rot")
