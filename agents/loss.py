@@ -25,7 +25,7 @@ frames, :func:`listening_token_mask`), ``"all"`` keeps every transition. ``"matc
 tokens' transitions with the advantage of the listening columns (``loss_objective``, as ``"listening"``)
 and the speaking tokens' (``speaking_token_mask``) with the advantage of the speaking columns::
 
-    loss_objective_speaking = -mean_{t in O_s} min(rho_t A_s, clip(rho_t, 1 - eps, 1 + eps) A_s)
+    loss_objective_speaking = -w_s mean_{t in O_s} min(rho_t A_s, clip(rho_t, 1 - eps, 1 + eps) A_s)
 
 each normalised over its own transitions, so the listening update is the ``"listening"`` one
 whatever the speaking turn adds. Diagnostics, under non-loss
@@ -300,6 +300,7 @@ class GroupRelativeLoss(LossModule):
             on the speaking columns' (module docstring).
         speaking_columns: ``(n_groups,)`` bool, the reward columns that score speaking frames
             (``FlameReward.column_frames == "speaking"``); ``"matched"`` needs both kinds.
+        speaking_objective_weight: ``w_s``, the weight of ``loss_objective_speaking`` (``"matched"``).
     """
 
     @dataclass
@@ -321,7 +322,7 @@ class GroupRelativeLoss(LossModule):
     def __init__(self, transition, model: torch.nn.Module, lambdas, clip_epsilon: float = 0.2, beta: float = 0.01,
                  eps: float = 1e-4, eps0: float = 1e-4, whiten: bool = False, reference: torch.nn.Module | None = None,
                  eps_mode: str = "relative", objective_tokens: str = "listening", beta_speaking: float | None = None,
-                 speaking_columns=None):
+                 speaking_columns=None, speaking_objective_weight: float = 1.0):
         super().__init__()
         beta_speaking = beta if beta_speaking is None else beta_speaking
         if clip_epsilon <= 0:
@@ -346,6 +347,9 @@ class GroupRelativeLoss(LossModule):
             raise ValueError("objective_tokens='matched' needs listening reward columns and <group>@speaking columns "
                              f"(speaking_columns={sc.tolist()})")
         self.register_buffer("speaking_columns", sc)
+        if not math.isfinite(speaking_objective_weight) or speaking_objective_weight < 0:
+            raise ValueError(f"speaking_objective_weight must be finite and >= 0, got {speaking_objective_weight}")
+        self.speaking_objective_weight = float(speaking_objective_weight)
         self.clip_epsilon, self.beta, self.beta_speaking = float(clip_epsilon), float(beta), float(beta_speaking)
         self.eps, self.eps0, self.whiten, self.eps_mode = float(eps), float(eps0), bool(whiten), eps_mode
         self.objective_tokens = objective_tokens
@@ -444,7 +448,7 @@ class GroupRelativeLoss(LossModule):
             adv_s = td[keys.advantage_speaking][:, None, None].expand_as(ratio)
             surr_s = torch.minimum(ratio * adv_s, ratio.clamp(1 - self.clip_epsilon, 1 + self.clip_epsilon) * adv_s)
             m_s = self.speaking_objective_mask(td)[:, None, :].expand_as(ratio).to(ratio.dtype)  # (B, S, N)
-            terms["loss_objective_speaking"] = -(surr_s * m_s).sum() / m_s.sum().clamp(min=1.0)
+            terms["loss_objective_speaking"] = -self.speaking_objective_weight * (surr_s * m_s).sum() / m_s.sum().clamp(min=1.0)
         if self.beta_speaking == self.beta:
             loss_kl = self.beta * kl.mean()
         else:  # per-token weight: beta on listening tokens, beta_speaking on the others

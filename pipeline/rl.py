@@ -33,6 +33,8 @@ def check_settings(cfg: DictConfig) -> None:
     check_non_negative(cfg, ["algo.beta", "optim.weight_decay", "optim.grad_clip"])
     if cfg.algo.get("beta_speaking") is not None:
         check_non_negative(cfg, ["algo.beta_speaking"])
+    if cfg.algo.get("speaking_objective_weight") is not None:
+        check_non_negative(cfg, ["algo.speaking_objective_weight"])
     try:
         check_precision(cfg.algo.get("ref_precision", "fp32"))
     except ValueError as e:
@@ -78,7 +80,8 @@ def make_loss(algo_cfg: DictConfig, policy, model, reward):
                                  beta=algo_cfg.beta, eps=algo_cfg.eps, eps0=algo_cfg.eps0, whiten=algo_cfg.whiten,
                                  eps_mode=algo_cfg.eps_mode, objective_tokens=algo_cfg.objective_tokens,
                                  beta_speaking=algo_cfg.get("beta_speaking"), reference=reference,
-                                 speaking_columns=[f == "speaking" for f in reward.column_frames])
+                                 speaking_columns=[f == "speaking" for f in reward.column_frames],
+                                 speaking_objective_weight=algo_cfg.get("speaking_objective_weight", 1.0))
 
 
 @torch.no_grad()

@@ -254,6 +254,15 @@ def test_objective_tokens_matched_credits_each_token_kind_with_its_columns(rl, l
     stats = chunked_update(loss, traj, torch.optim.SGD(model.parameters(), lr=0.0), chunk_steps=1, grad_clip=1e9)
     assert all(torch.allclose(p.grad, e, atol=1e-6, rtol=1e-4) for p, e in zip(model.parameters(), expect))
     assert stats["loss/loss_objective_speaking"] == pytest.approx(full["loss_objective_speaking"].item(), rel=1e-4)
+    # w_s scales the speaking objective only
+    heavy = type(loss)(loss.transition[0], model, loss.lambdas, beta=0.5, objective_tokens="matched",
+                       speaking_columns=loss.speaking_columns, speaking_objective_weight=3.0, reference=loss.ref_network)
+    out3 = heavy(traj)
+    assert out3["loss_objective_speaking"].item() == pytest.approx(3 * full["loss_objective_speaking"].item(), rel=1e-5)
+    assert out3["loss_objective"].item() == pytest.approx(full["loss_objective"].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="speaking_objective_weight"):
+        type(loss)(loss.transition[0], model, loss.lambdas, objective_tokens="matched",
+                   speaking_columns=loss.speaking_columns, speaking_objective_weight=-1.0)
     # a speaking column needs both kinds of columns and the trajectories' speaking tokens
     with pytest.raises(ValueError, match="matched"):
         loss_setup(rl, objective_tokens="matched")  # expr+rot: no speaking column
