@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..rewards.groups import is_speaking_column
 from . import metrics as M
 from .seed_stats import mean_std
 
@@ -156,7 +157,7 @@ def mechanism_summary(by_seed: Mapping[int, dict], groups: list[str]) -> dict:
     (``<group>@speaking`` columns train the speaking tokens through an advantage of their own)."""
     distinct = [float(c["distinct"][1].mean()) for c in by_seed.values() if len(c["distinct"][1])]
     corr = {g: mean_std([float(c["corr"][g][1].mean()) for c in by_seed.values() if len(c["corr"][g][1])]) for g in groups}
-    means = {g: d["mean"] for g, d in corr.items() if d["mean"] is not None and "@" not in g}
+    means = {g: d["mean"] for g, d in corr.items() if d["mean"] is not None and not is_speaking_column(g)}
     return {"distinct": mean_std(distinct), "corr": corr, "dominance": dominance(means),
             "top_group": max(means, key=means.get) if means else None}
 

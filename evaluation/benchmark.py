@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..envs.flame import FPS, GROUP_NAMES, GROUPS
-from ..rewards.groups import column_group
+from ..rewards.groups import column_group, is_speaking_column
 from . import metrics as M
 from . import targets as T
 from .bench_stats import common_curve, curve_trends, mechanism_summary, moving_average, paired_report, read_curve, smoothing_window
@@ -538,7 +538,7 @@ def mechanism_markdown(mech: dict, groups: list[str], env: dict) -> list[str]:
     if not mech:
         return L + ["Not available (no advantage logs).", ""]
     G = env.get("group_size")
-    n_lis = max(1, sum("@" not in g for g in groups))
+    n_lis = max(1, sum(not is_speaking_column(g) for g in groups))
     spk = "" if n_lis == len(groups) else (" Speaking columns (`<group>@speaking`) are correlated with the advantage of the speaking "
                                            "tokens (objective_tokens=matched; runs logged before that figure existed show the listening "
                                            "advantage's) and are left out of the dominance.")

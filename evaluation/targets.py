@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from ..rewards.groups import column_group
+from ..rewards.groups import is_speaking_column
 
 # issue 10, section "Targets"
 COLLAPSE_GROUPS = ("expr", "jaw", "rot")  # the groups real DualTalk tracks
@@ -243,7 +243,7 @@ def check_targets(*, quality: Mapping, findings: Mapping, paired: Mapping, metri
     for m in gdpo:
         out += listening_gains(labels[m], findings.get(m) or {}, paired.get(m), trends.get(m), groups)
         out += speaking_cost(labels[m], metrics.get("supervised") or {}, metrics.get(m) or {})
-        listening_columns = [g for g in groups if column_group(g)[1] == "listening"]  # <group>@speaking: speaking targets
+        listening_columns = [g for g in groups if not is_speaking_column(g)]  # <group>@speaking: speaking targets
         out.append(reward_gains(labels[m], metrics.get("supervised") or {}, metrics.get(m) or {}, listening_columns))
     out.append(grpo_dominance(mechanism, grpo, gdpo) if grpo else
                Target("GRPO's advantage follows one group (dominance max/median corr)", NA, "no GRPO run",

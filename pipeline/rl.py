@@ -101,12 +101,13 @@ def advantage_log_stats(traj, group_names, algo_cfg) -> dict:
     are with the advantage that trains its own token kind (``<group>@speaking`` columns: the speaking
     tokens'); the scalar figures are the listening advantage's."""
     from ..agents.advantages import advantage_diagnostics, reward_group_stats
+    from ..rewards.groups import is_speaking_column
 
     reward, gid = traj["reward"], traj["group_id"]
     figures = {**reward_group_stats(reward, gid, eps=algo_cfg.eps, eps_mode=algo_cfg.eps_mode),
                **advantage_diagnostics(traj["advantage"], reward, gid)}
     if "advantage_speaking" in traj.keys():
-        spk = torch.tensor(["@" in g for g in group_names], device=reward.device)  # (n,) speaking columns
+        spk = torch.tensor([is_speaking_column(g) for g in group_names], device=reward.device)  # (n,) speaking columns
         own = advantage_diagnostics(traj["advantage_speaking"], reward, gid)
         for k in ("corr_zscore", "corr_reward"):
             figures[k] = torch.where(spk, own[k], figures[k])

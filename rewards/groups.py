@@ -50,8 +50,8 @@ from ..envs.flame import FLAME_DIM, GROUP_DIMS, GROUP_NAMES, GROUPS, N_GROUPS
 from .terms import MeanDriftTerm, MSETerm, VarianceTerm, VelocityVarianceTerm
 
 __all__ = [
-    "FRAMES",
     "column_group",
+    "is_speaking_column",
     "DEFAULT_WEIGHTS",
     "BUILTIN_TERMS",
     "GroupReward",
@@ -69,9 +69,6 @@ BUILTIN_TERMS: dict[str, type[nn.Module]] = {
 }
 
 
-FRAMES: tuple[str, ...] = ("listening", "speaking")  # the frames a reward column scores
-
-
 def column_group(column: str) -> tuple[str, str]:
     """Reward column name -> (FLAME group, frames): ``"jaw"`` -> ("jaw", "listening"),
     ``"jaw@speaking"`` -> ("jaw", "speaking")."""
@@ -82,6 +79,11 @@ def column_group(column: str) -> tuple[str, str]:
         raise ValueError(f"reward column {column!r}: '@' must be followed by 'speaking' (the frames it scores), "
                          f"e.g. 'jaw@speaking'; without '@' a group scores the listening frames")
     return _check_group(group), frames
+
+
+def is_speaking_column(column: str) -> bool:
+    """True for a ``<group>@speaking`` column (:func:`column_group`)."""
+    return column_group(column)[1] == "speaking"
 
 
 def _check_group(group: str) -> str:
