@@ -47,6 +47,7 @@ from torchrl.data import Bounded, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 from ..agents.flow import SDE_KINDS
+from ..rewards.groups import speaking_kwargs
 from .windows import decode_latents
 
 # episode ids: unique within a process (counter) and, with overwhelming probability, across
@@ -200,7 +201,8 @@ class ListenerSDEEnv(EnvBase):
         (speaking frames for ``<group>@speaking`` columns)."""
         rows = self.bank[window]
         pred = self.decode(history)
-        return self.reward_fn(pred, rows["actor_motion"], rows["listening"], rows["actor_valid"], **self._speaking(rows))
+        return self.reward_fn(pred, rows["actor_motion"], rows["listening"], rows["actor_valid"],
+                              **speaking_kwargs(self.reward_fn, rows["speaking"]))
 
     @torch.no_grad()
     def episode_reward_terms(self, history: torch.Tensor, window: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -209,12 +211,7 @@ class ListenerSDEEnv(EnvBase):
         rows = self.bank[window]
         pred = self.decode(history)
         return self.reward_fn.compute(pred, rows["actor_motion"], rows["listening"], rows["actor_valid"], with_terms=True,
-                                      **self._speaking(rows))["terms"]
-
-    def _speaking(self, rows) -> dict:
-        """``{"speaking": mask}`` for a reward with speaking columns; nothing for a listening-only reward
-        (a user's reward module keeps the four-argument signature)."""
-        return {"speaking": rows["speaking"]} if getattr(self.reward_fn, "scores_speaking", False) else {}
+                                      **speaking_kwargs(self.reward_fn, rows["speaking"]))["terms"]
 
     def rng_state(self) -> dict:
         """State of the window sampler and of the noise generator (exact resume)."""

@@ -92,13 +92,12 @@ def listening_table(model, vae, normalizer, bank, reward, n_windows: int, steps:
     Returns the table and the per-window values ``{"{g}/vel_std_dev": (n,), "{g}/reward": (n,)}`` of the
     windows with more than 2 of those frames (for paired comparisons).
     """
-    from ..rewards.groups import column_group
+    from ..rewards.groups import column_group, speaking_kwargs
 
     b = bank[: min(n_windows, bank.batch_size[0])]
     pred = generate_motion(model, vae, normalizer, b, steps=steps, seed=seed)  # (B, W, 67)
     gt, lis = b["actor_motion"], b["listening"]
-    speaking = {"speaking": b["speaking"]} if getattr(reward, "scores_speaking", False) else {}
-    rewards = reward(pred, gt, lis, b["actor_valid"], **speaking)  # (B, n_groups)
+    rewards = reward(pred, gt, lis, b["actor_valid"], **speaking_kwargs(reward, b["speaking"]))  # (B, n_groups)
     out, per_window = {}, {}
     for i, g in enumerate(reward.group_names):
         group, frames = column_group(g)

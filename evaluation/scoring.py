@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from ..envs.flame import GROUP_NAMES, GROUPS, channel_mask
+from ..rewards.groups import speaking_kwargs
 from ..rewards.stats import masked_std
 from . import metrics as M
 from .checkpoints import DEFAULT_EVAL_REWARD, build_run_reward, terms_differ_from_default
@@ -59,8 +60,7 @@ def reward_rows(reward, pred: torch.Tensor, gt: torch.Tensor, listening: torch.T
     """Per window and reward column: the reward on the column's frames (listening, or ``speaking`` for
     ``<group>@speaking`` columns) ``(B, n_groups)`` and whether it counts (valid group and >= ``min_frames``
     of those frames) ``(B, n_groups)``."""
-    spk = {"speaking": speaking} if getattr(reward, "scores_speaking", False) else {}
-    r = reward.compute(pred, gt, listening, valid, **spk)
+    r = reward.compute(pred, gt, listening, valid, **speaking_kwargs(reward, speaking))
     enough = torch.stack([m.sum(-1) >= min_frames for m in reward.column_masks(listening, speaking)], -1)  # (B, n)
     return r["reward"], r["valid"] & enough
 

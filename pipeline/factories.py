@@ -129,11 +129,10 @@ def make_reward(cfg: DictConfig):
                           extra_terms=r.extra_terms)
     objective = cfg.get("algo", {}).get("objective_tokens", "listening")
     if reward.scores_speaking and objective == "listening":
-        cols = [n for n, f in zip(reward.group_names, reward.column_frames) if f == "speaking"]
-        raise ValueError(f"reward={cfg.reward}: columns {cols} score speaking frames, but algo.objective_tokens="
+        raise ValueError(f"reward={cfg.reward}: columns {reward.speaking_columns} score speaking frames, but algo.objective_tokens="
                          f"{objective} trains only listening tokens on the advantage; set algo.objective_tokens=matched "
                          f"(speaking tokens on the speaking columns' advantage) or all")
-    if objective == "matched" and (not reward.scores_speaking or all(f == "speaking" for f in reward.column_frames)):
+    if objective == "matched" and len(reward.speaking_columns) in (0, reward.n_groups):
         raise ValueError(f"algo.objective_tokens=matched needs listening groups and <group>@speaking columns in the "
                          f"reward (e.g. reward=expr+rot+jaw@speaking), got reward={cfg.reward}")
     return reward

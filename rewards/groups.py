@@ -52,6 +52,7 @@ from .terms import MeanDriftTerm, MSETerm, VarianceTerm, VelocityVarianceTerm
 __all__ = [
     "column_group",
     "is_speaking_column",
+    "speaking_kwargs",
     "DEFAULT_WEIGHTS",
     "BUILTIN_TERMS",
     "GroupReward",
@@ -84,6 +85,13 @@ def column_group(column: str) -> tuple[str, str]:
 def is_speaking_column(column: str) -> bool:
     """True for a ``<group>@speaking`` column (:func:`column_group`)."""
     return column_group(column)[1] == "speaking"
+
+
+def speaking_kwargs(reward: nn.Module, speaking: torch.Tensor) -> dict:
+    """``{"speaking": speaking}`` for a reward with speaking columns, ``{}`` otherwise: callers pass the
+    speaking frames only to rewards that score them, so a user's listening-only reward module keeps
+    the four-argument signature ``(pred, target, mask, valid)``."""
+    return {"speaking": speaking} if getattr(reward, "scores_speaking", False) else {}
 
 
 def _check_group(group: str) -> str:
@@ -222,14 +230,19 @@ class FlameReward(nn.Module):
         return len(self.group_names)
 
     @property
+    def speaking_columns(self) -> list[str]:
+        """The columns that score speaking frames (``<group>@speaking``), in column order."""
+        return [n for n, f in zip(self.group_names, self.column_frames) if f == "speaking"]
+
+    @property
     def scores_speaking(self) -> bool:
         """True when a column scores speaking frames (callers must pass ``speaking``)."""
-        return "speaking" in self.column_frames
+        return bool(self.speaking_columns)
 
     def column_masks(self, mask: torch.Tensor, speaking: torch.Tensor | None) -> list[torch.Tensor]:
         """The ``(..., T)`` bool frame mask of every column (listening ``mask`` or ``speaking``)."""
         if self.scores_speaking and speaking is None:
-            cols = [n for n, f in zip(self.group_names, self.column_frames) if f == "speaking"]
+            cols = self.speaking_columns
             raise ValueError(f"FlameReward: columns {cols} score speaking frames: pass speaking=(B, T) bool "
                              f"(the actor's speaking frames)")
         if speaking is not None and speaking.shape != mask.shape:
@@ -261,7 +274,11 @@ class FlameReward(nn.Module):
                      speaking: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, n_groups)`` bool: group valid for the row AND the row has >= 1 frame the column scores
         (listening frames, or speaking frames for ``<group>@speaking`` columns)."""
-        has_frames = torch.stack([m.any(-1) for m in self.column_masks(mask, speaking)], -1)  # (B, n)
+        return self._column_valid(self.column_masks(mask, speaking), valid)
+
+    def _column_valid(self, masks: list[torch.Tensor], valid: torch.Tensor | None) -> torch.Tensor:
+        """``(..., n_groups)``: the column's group is valid and its frame mask (``masks[i]``) not empty."""
+        has_frames = torch.stack([m.any(-1) for m in masks], -1)  # (..., n)
         if valid is None:
             return has_frames
         valid = valid if valid.dtype == torch.bool else valid != 0
@@ -279,7 +296,7 @@ class FlameReward(nn.Module):
         masks = self.column_masks(mask, speaking)
         pred, target, _, valid, lead = self._prepare(pred, target, mask, valid)
         masks = [m.reshape(pred.shape[:2]) for m in masks]  # (B, T) per column
-        ok = torch.stack([m.any(-1) for m in masks], -1) & valid[:, self.flame_index.to(valid.device)]  # (B, n)
+        ok = self._column_valid(masks, valid)  # (B, n)
         B = pred.shape[0]
         reward = pred.new_zeros(B, self.n_groups)
         terms: dict[str, torch.Tensor] = {}
