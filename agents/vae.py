@@ -352,6 +352,7 @@ def per_group_report(
     windows_iterable: Iterable[Mapping[str, Any]],
     device: str | torch.device = "cpu",
     batch_size: int = 64,
+    min_frames: int = 10,
 ) -> dict[str, dict[str, float]]:
     """Reconstruction quality per FLAME group on held-out windows (posterior mean, raw FLAME units).
 
@@ -361,19 +362,31 @@ def per_group_report(
     - ``rmse``: root mean square error of decoded vs original frames;
     - ``vel_std_ratio``: mean over (window, channel) of the std over time of the decoded frame
       differences, divided by the same for the original (1 = dynamics kept, < 1 = over-smoothed);
-    - ``windows``: number of windows used.
+    - ``windows``: number of windows used;
+    - ``listening_vel_std_ratio`` / ``speaking_vel_std_ratio`` (when the items carry ``listening`` /
+      ``speaking (T,)`` masks, as ``DyadicWindows`` items do): the same ratio on the actor's listening /
+      speaking frames only, over windows with at least ``min_frames`` of them. The turn matters: the
+      listening motion is small and a VAE that keeps the whole window's dynamics can still smooth most
+      of it away, which then caps every model decoded by it (the benchmark's reconstruction row).
     Groups valid in no window are left out.
     """
     model.eval()
-    acc = {g: {"se": 0.0, "n": 0, "vs_dec": 0.0, "vs_ref": 0.0, "windows": 0} for g in GROUP_NAMES}
+    turns = ("listening", "speaking")
+    acc = {g: {"se": 0.0, "n": 0, "vs_dec": 0.0, "vs_ref": 0.0, "windows": 0,
+               **{f"{t}_{k}": 0.0 for t in turns for k in ("dec", "ref")}} for g in GROUP_NAMES}
 
-    def flush(motion: list, valid: list) -> None:
+    def flush(motion: list, valid: list, masks: dict[str, list]) -> None:
         x = torch.as_tensor(np.stack(motion), dtype=torch.float32, device=device)  # (B, T, 67)
         v = np.stack(valid).astype(bool)  # (B, 6)
         rec = normalizer.denormalize(model(normalizer.normalize(x), sample=False)["recon"])  # (B, T, 67)
         vs_dec = rec.diff(dim=1).std(dim=1, unbiased=False)  # (B, 67)
         vs_ref = x.diff(dim=1).std(dim=1, unbiased=False)  # (B, 67)
         se = (rec - x).pow(2).sum(dim=1)  # (B, 67)
+        per_turn = {}
+        for t, ms in masks.items():
+            m = torch.as_tensor(np.stack(ms), dtype=torch.bool, device=device)  # (B, T)
+            enough = m.sum(1) >= min_frames  # (B,)
+            per_turn[t] = (velocity_std(rec, m), velocity_std(x, m), enough)  # (B, 67) x 2, (B,)
         for gi, g in enumerate(GROUP_NAMES):
             rows = torch.as_tensor(v[:, gi], device=device)
             if not rows.any():
@@ -385,16 +398,23 @@ def per_group_report(
             a["vs_dec"] += float(vs_dec[rows][:, sl].sum())
             a["vs_ref"] += float(vs_ref[rows][:, sl].sum())
             a["windows"] += int(rows.sum())
+            for t, (dec, ref, enough) in per_turn.items():
+                r = rows & enough
+                a[f"{t}_dec"] += float(dec[r][:, sl].sum())
+                a[f"{t}_ref"] += float(ref[r][:, sl].sum())
 
-    motion, valid = [], []
+    motion, valid, masks = [], [], {}
     for item in windows_iterable:
         motion.append(np.asarray(item["actor_motion"], np.float32))
         valid.append(np.asarray(item["actor_valid"], bool))
+        for t in turns:
+            if t in item:
+                masks.setdefault(t, []).append(np.asarray(item[t], bool))
         if len(motion) == batch_size:
-            flush(motion, valid)
-            motion, valid = [], []
+            flush(motion, valid, {t: m for t, m in masks.items() if len(m) == len(motion)})
+            motion, valid, masks = [], [], {}
     if motion:
-        flush(motion, valid)
+        flush(motion, valid, {t: m for t, m in masks.items() if len(m) == len(motion)})
     report = {}
     for g, a in acc.items():
         if a["windows"]:
@@ -403,13 +423,17 @@ def per_group_report(
                 "vel_std_ratio": a["vs_dec"] / max(a["vs_ref"], 1e-12),
                 "windows": a["windows"],
             }
+            for t in turns:
+                if a[f"{t}_ref"] > 0:
+                    report[g][f"{t}_vel_std_ratio"] = a[f"{t}_dec"] / a[f"{t}_ref"]
     return report
 
 
 def format_report(report: Mapping[str, Mapping[str, float]]) -> str:
-    lines = [f"{'group':8s} {'rmse':>10s} {'vel_std_ratio':>14s} {'windows':>8s}"]
+    lines = [f"{'group':8s} {'rmse':>10s} {'vel_std_ratio':>14s} {'listening':>10s} {'speaking':>10s} {'windows':>8s}"]
     for g, r in report.items():
-        lines.append(f"{g:8s} {r['rmse']:10.5f} {r['vel_std_ratio']:14.3f} {r['windows']:8d}")
+        turn = "".join(f" {r[k]:10.3f}" if k in r else f" {'n/a':>10s}" for k in ("listening_vel_std_ratio", "speaking_vel_std_ratio"))
+        lines.append(f"{g:8s} {r['rmse']:10.5f} {r['vel_std_ratio']:14.3f}{turn} {r['windows']:8d}")
     return "\n".join(lines)
 
 

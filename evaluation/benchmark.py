@@ -283,7 +283,8 @@ def plot_listening_window(data: EvalData, row: int, preds: dict[str, np.ndarray]
 
 def build_report(cfg_weights: list[float], methods, flat, controls, curves, train_info, groups, hdr, clf_info, intents, *,
                  windows: dict | None = None, expressive: np.ndarray | None = None, mechanism: dict | None = None,
-                 sde_dynamics: dict | None = None, sde_variants: dict | None = None) -> tuple[dict, str]:
+                 sde_dynamics: dict | None = None, sde_variants: dict | None = None,
+                 reconstruction: dict | None = None) -> tuple[dict, str]:
     """The report dict and its Markdown.
 
     Inputs per method and seed: ``flat[method][seed]`` (:func:`.seed_stats.flat_metrics`),
@@ -292,6 +293,9 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
     ``expressive`` (B,) bool: the expressive subset of the same windows), ``mechanism[method][seed]``
     (:func:`.bench_stats.mechanism_curves`), ``sde_dynamics[variant][seed]`` (the supervised model's
     :func:`.generation.quality_report` under each of ``sde_variants``, :func:`.sde_choice.final_sample_dynamics`).
+    ``reconstruction``: the ground truth through the VAE, ``{"flat": flat metrics, "quality":
+    :func:`.generation.reconstruction_quality`}`` (a reference row in the tables, the VAE-ceiling
+    section and the collapse-beyond-the-VAE targets).
     ``hdr["sde"][method]``: the SDE each post-training method's runs recorded. Derived here: mean +-
     std over seeds, findings (Welch), paired per-window comparisons, training-curve trends, mechanism
     summaries, the SDE verdicts and the issue-10 targets.
@@ -321,10 +325,12 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
     paired = paired_report(windows, list(methods), expressive) if windows and "supervised" in windows else {}
     sde = sde_report(methods, hdr.get("sde") or {}, windows, expressive, sde_dynamics, sde_variants)
     algo_of = {m: "supervised" if m == "supervised" else parse_method(m).algo for m in methods}
+    recon = None if reconstruction is None else {"metrics": aggregate_seeds({0: reconstruction["flat"]}),
+                                                 "quality": dict(reconstruction["quality"])}
     targets = T.check_targets(quality=sde.get("ode_quality") or {}, findings=fnd, paired=paired, metrics=agg, mechanism=mech,
-                              controls=ctl,
-                              trends=trends, groups=list(groups), algo_of=algo_of, labels={m: method_label(m) for m in methods})
-    report = {"setup": hdr, "methods": list(methods), "metrics": agg, "per_seed": flat,
+                              controls=ctl, trends=trends, groups=list(groups), algo_of=algo_of,
+                              labels={m: method_label(m) for m in methods}, reconstruction=None if recon is None else recon["quality"])
+    report = {"setup": hdr, "methods": list(methods), "metrics": agg, "per_seed": flat, "reconstruction": recon,
               "training": {"reward": final, "trend_last_third": trends, "runs": train_info}, "controls": ctl,
               "controls_gt_listening_std": gt_sweep, "intent_classifier": clf_info, "intents": intents, "findings": fnd,
               "paired": paired, "mechanism": mech, "sde_choice": sde, "targets": [t.to_json() for t in targets]}
@@ -357,6 +363,12 @@ def sde_report(methods, run_sde: dict, windows, expressive, dynamics: dict | Non
     return out
 
 
+RECON_LABEL = "VAE reconstruction (reference)"
+RECON_NOTE = ("the ground truth encoded and decoded by the frozen VAE (posterior means, no generation): what a model that "
+              "predicted every latent exactly would score; a method below its dynamic deviations emits latents the VAE never "
+              "produces from real motion.")
+
+
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     if x is None:
         return "n/a"
@@ -376,6 +388,8 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
     git = s["git"]
     local = f" + local changes in {', '.join(x.split()[-1] for x in git['modified'])}" if git.get("modified") else ""
     post = [m for m in methods if m != "supervised"]
+    recon = rep.get("reconstruction")
+    table_rows = [(method_label(m), agg[m]) for m in methods] + ([(RECON_LABEL, recon["metrics"])] if recon else [])
     run_sde = s.get("sde") or {}
     wall = ", ".join(f"{method_label(m)} {s['wall_s'].get(m, 'n/a')} s" for m in post)
     L = []
@@ -393,9 +407,9 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
     L += [T.targets_markdown([T.Target(**t) for t in rep["targets"]]), ""]
     for subset, title in (("all", "all test windows"), ("expressive", "expressive subset (top quartile of ground-truth variance)")):
         L += [f"## Table 1 layout, {title}", ""]
-        rows = [(method_label(m), {sp: {n: agg[m].get(f"{subset}/{sp}/{n}") for n in TABLE1[sp]} for sp in TABLE1}) for m in methods]
+        rows = [(label, {sp: {n: a.get(f"{subset}/{sp}/{n}") for n in TABLE1[sp]} for sp in TABLE1}) for label, a in table_rows]
         L += [table1_markdown(rows, fmt=fmt_ms), ""]
-    L += ["Lower is better. " + units_note(s["eval_header"]), ""]
+    L += ["Lower is better. " + units_note(s["eval_header"]) + (f" {RECON_LABEL}: {RECON_NOTE}" if recon else ""), ""]
     L += ["## Findings (computed)", ""]
     pa = ", ".join(f"{k} {a:g} -> {b:g} ({(b - a) / a:+.0%})" for k, (a, b) in PAPER_ABLATION.items())
     L += [f"Paper ablation (Seamless, listening, without GDPO -> GDPO): {pa}.", ""]
@@ -412,25 +426,25 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
     L += ["### Per-group listening dynamics and evenness", ""]
     head = ["method", *[f"{g} dd" for g in GROUP_NAMES], "rewarded: mean rel. change", "std across groups", "improved", "worst"]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in methods:
-        cells = [fmt_ms(agg[m].get(f"all/listening/group/{g}/dd")) for g in GROUP_NAMES]
+    for m in methods + (["reconstruction"] if recon else []):
+        cells = [fmt_ms((recon["metrics"] if m == "reconstruction" else agg[m]).get(f"all/listening/group/{g}/dd")) for g in GROUP_NAMES]
         ev = rep["findings"].get(m, {}).get("evenness")
         if ev and ev["mean_rel_change"] is not None:
             cells += [f"{ev['mean_rel_change']:+.1%}", f"{ev['std_rel_change']:.1%}", f"{ev['n_improved']}/{len(ev['rewarded_groups'])}",
                       str(ev["worst_group"])]
         else:
             cells += ["–"] * 4
-        L.append(f"| {method_label(m)} | " + " | ".join(cells) + " |")
+        L.append(f"| {RECON_LABEL if m == 'reconstruction' else method_label(m)} | " + " | ".join(cells) + " |")
     L += ["", "dd = listening velocity-std deviation of one FLAME group (x1000, lower is better); relative changes vs supervised-only "
           "over the rewarded groups (negative = better; a small std across groups = even improvement).", ""]
+    L += vae_ceiling_markdown(recon, rep["sde_choice"].get("ode_quality") or {}, agg, methods)
     L += sde_markdown(rep["sde_choice"])
     L += mechanism_markdown(rep["mechanism"], groups, s.get("env") or {})
     L += ["## Rewards per FLAME group", "", "Evaluation reward on the test windows' listening frames (ODE samples; higher is better):", ""]
     head = ["method", *GROUP_NAMES]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in methods:
-        cells = [fmt_ms(agg[m].get(f"all/listening/group/{g}/reward"), 4) for g in GROUP_NAMES]
-        L.append(f"| {method_label(m)} | " + " | ".join(cells) + " |")
+    for label, a in table_rows:
+        L.append(f"| {label} | " + " | ".join(fmt_ms(a.get(f"all/listening/group/{g}/reward"), 4) for g in GROUP_NAMES) + " |")
     L += ["", "Training reward (batch mean over the SDE rollouts; first 5 -> last 5 iterations), see `reward_curves.png`:", ""]
     head = ["method", *groups]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -440,8 +454,8 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
     L += trend_markdown(rep["training"]["trend_last_third"], groups)
     L += ["", "![reward curves](reward_curves.png)", ""]
     L += ["## Supplementary (Table 6 layout), all test windows", ""]
-    rows = [(method_label(m), {sp: {mm: {g: agg[m].get(f"all/{sp}/{mm}/{g}") for g in M.DUALTALK_GROUPS} for mm in SUPP}
-                               for sp in SPLITS}) for m in methods]
+    rows = [(label, {sp: {mm: {g: a.get(f"all/{sp}/{mm}/{g}") for g in M.DUALTALK_GROUPS} for mm in SUPP} for sp in SPLITS})
+            for label, a in table_rows]
     L += [supp_markdown(rows, fmt=fmt_ms), ""]
     L += ["## Text control", ""]
     ci = rep["intent_classifier"]
@@ -474,6 +488,36 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
         L.append(f"| {k} | " + " | ".join(fmt_ms(agg[m].get(k), 4) for m in methods) + " |")
     L += [""]
     return "\n".join(L)
+
+
+def vae_ceiling_markdown(recon: dict | None, sup_quality: dict, agg: dict, methods: list[str]) -> list[str]:
+    """How much of the listening collapse is the VAE's: velocity-std ratios of the reconstruction and
+    of the supervised model, and every method's listening position std against the reconstruction's."""
+    if not recon:
+        return []
+    q = recon["quality"]
+    L = ["## The VAE's ceiling", "", f"{RECON_LABEL}: {RECON_NOTE} Listening velocity-std ratio pred / gt per group "
+         "(the collapse targets' figure) of the reconstruction and of the supervised model (ODE, mean over seeds), and the "
+         "supervised model's share of what the VAE reproduces:", ""]
+    head = ["", *GROUP_NAMES]
+    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rv = {g: q.get(f"listening/{g}/vel_std_ratio") for g in GROUP_NAMES}
+    sv = {g: (sup_quality.get(f"listening/{g}/vel_std_ratio") or {}).get("mean") for g in GROUP_NAMES}
+    L.append("| VAE reconstruction | " + " | ".join(_fmt(rv[g]) for g in GROUP_NAMES) + " |")
+    L.append("| supervised-only | " + " | ".join(_fmt(sv[g]) for g in GROUP_NAMES) + " |")
+    L.append("| supervised / reconstruction | " + " | ".join(_fmt(sv[g] / rv[g] if sv[g] and rv[g] else None, ".2f")
+                                                          for g in GROUP_NAMES) + " |")
+    L += ["", "Listening position std pred / gt per group (mean over windows of the std over listening frames; above the "
+          "reconstruction's = the method's decoded motion moves more than anything the VAE reproduces from real latents):", ""]
+    L += ["| " + " | ".join(["method", *GROUP_NAMES]) + " |", "|" + "---|" * (len(GROUP_NAMES) + 1)]
+
+    def pos_ratio(a: dict, g: str) -> str:
+        p, t = (a.get(f"all/listening/group/{g}/std_pred") or {}).get("mean"), (a.get(f"all/listening/group/{g}/std_gt") or {}).get("mean")
+        return _fmt(p / t if p is not None and t else None, ".2f")
+
+    for label, a in [(method_label(m), agg[m]) for m in methods] + [(RECON_LABEL, recon["metrics"])]:
+        L.append(f"| {label} | " + " | ".join(pos_ratio(a, g) for g in GROUP_NAMES) + " |")
+    return L + [""]
 
 
 def paired_markdown(paired: dict, fnd: dict) -> list[str]:

@@ -245,6 +245,17 @@ def test_collapse_cost_reward_dominance_control_targets():
     assert st == [T.PASS, T.PASS, T.FAIL, T.PASS]
     assert T.supervised_collapse({})[0].status == T.NA
 
+    # with the VAE reconstruction: the collapse beyond the VAE (supervised / reconstruction) is checked per group
+    recon = {"listening/expr/vel_std_ratio": 0.75, "listening/jaw/vel_std_ratio": 1.0, "listening/rot/vel_std_ratio": None}
+    rows = T.supervised_collapse(q, recon)
+    assert [r.status for r in rows[:4]] == [T.PASS, T.PASS, T.FAIL, T.PASS]  # the original targets are unchanged
+    assert "VAE reconstruction 0.750" in rows[0].note and "VAE" not in rows[2].note  # rot: no reconstruction figure
+    beyond = {r.name.rsplit(", ", 1)[1]: r for r in rows[4:]}
+    assert list(beyond) == ["expr", "jaw", "rot"]
+    assert beyond["expr"].status == T.FAIL and beyond["expr"].measured.startswith("0.933")  # 0.7 / 0.75: the VAE's collapse
+    assert "comes from the VAE" in beyond["expr"].note
+    assert beyond["jaw"].status == T.PASS and beyond["rot"].status == T.NA
+
     ms = lambda x: {"mean": x}  # noqa: E731
     sup = {f"all/speaking/{n}/{g}": ms(1.0) for n in ("FD", "MSE") for g in ("exp", "jaw", "pose")}
     meth = {**sup, "all/speaking/FD/exp": ms(1.05), "all/speaking/FD/pose": ms(0.9), "all/speaking/MSE/jaw": ms(1.15)}

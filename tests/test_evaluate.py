@@ -110,6 +110,28 @@ def test_evaluation_is_deterministic_given_the_seed_and_flame_free_vertex_metric
     assert r1["all"]["table1"]["listening"]["FDD"].extra["basis"] == "parameters: expr+eyelid"
 
 
+def test_reconstruction_reference_scores_the_decoded_ground_truth(tiny):
+    """The benchmark's reference row: the ground truth through the VAE, scored like a prediction; the
+    ground truth itself scores 0 on every dynamic deviation, the reconstruction of an untrained VAE does not."""
+    from gdpo_listener.envs.windows import decode_latents
+    from gdpo_listener.evaluation.data import prepare_eval_data
+    from gdpo_listener.evaluation.generation import quality_figures, reconstruction_quality
+    from gdpo_listener.evaluation.scoring import blas_threads, evaluate_reconstruction, score_prediction
+
+    cfg = compose("evaluate", eval_args(tiny, "max_windows=4"))
+    data, _ = prepare_eval_data(cfg, tiny / "sft", tiny / "data", torch.device("cpu"))
+    with blas_threads(1):
+        rec = evaluate_reconstruction(data, cfg.metrics)
+        assert torch.equal(rec["_pred"], decode_latents(data.vae, data.normalizer, data.bank["actor_latent"]))
+        gt = score_prediction(data.bank["actor_motion"].clone(), data, cfg.metrics)
+    for name in ("FDD", "PDD", "JDD"):
+        assert gt["all"]["table1"]["listening"][name].value == pytest.approx(0.0, abs=1e-9)
+        assert rec["all"]["table1"]["listening"][name].value > 0
+    q = reconstruction_quality(data.vae, data.normalizer, data.bank)
+    assert q == quality_figures(rec["_pred"], data.bank)
+    assert quality_figures(data.bank["actor_motion"], data.bank)["listening/expr/vel_std_ratio"] == pytest.approx(1.0)
+
+
 def _copy_dataset(tiny: Path, dst: Path) -> Path:
     shutil.copytree(tiny / "data", dst)
     return dst
@@ -217,13 +239,18 @@ def test_bench_quick(tiny):
     names = [t["name"] for t in rep["targets"]]
     assert all(t["status"] in ("PASS", "FAIL", "N/A") for t in rep["targets"])
     assert "supervised listening velocity-std ratio, expr" in names and "GDPO (marginal SDE) vs supervised, listening FDD" in names
+    assert "supervised listening collapse beyond the VAE, expr" in names
+    # the VAE reconstruction: a reference row scored like every checkpoint, its report written beside theirs
+    rec = rep["reconstruction"]
+    assert rec["metrics"]["all/listening/FDD"]["mean"] is not None and rec["quality"]["listening/expr/vel_std_ratio"] > 0
+    assert (out / "eval" / "vae_reconstruction" / "metrics.json").is_file()
     assert any(n.startswith("GRPO's advantage follows one group") for n in names)
     ev = json.loads((out / "eval" / "gdpo_seed0" / "metrics.json").read_text())
     assert "FLAME" in ev["all"]["table1"]["speaking"]["LVE"]["note"]
     md = (out / "report.md").read_text()
     for section in ("## Targets (issue 10)", "Table 1 layout", "## Paired per-window comparison", "## SDE choice",
                     "Better post-trained model", "## GDPO mechanism figures", "Trend over the last third", "Text control",
-                    "CFG intensity sweep", "GDPO (marginal SDE)"):
+                    "CFG intensity sweep", "GDPO (marginal SDE)", "## The VAE's ceiling", "VAE reconstruction (reference)"):
         assert section in md, section
     assert "training-reward slope over the last third" in res.stdout
 

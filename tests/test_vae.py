@@ -14,6 +14,7 @@ from gdpo_listener.agents.vae import (
     MotionVAE,
     VAEConfig,
     channel_weight,
+    format_report,
     kl_standard_normal,
     load_vae,
     make_vae,
@@ -263,7 +264,23 @@ def test_per_group_report_identity_and_smoothing(smooth_motion):
         assert r["rmse"] > 1e-3 and r["vel_std_ratio"] < 0.7
     # a group valid nowhere is left out
     rep = per_group_report(Identity(VAEConfig.tiny()), nz, items[-1:], "cpu")
-    assert list(rep) == ["expr"]
+    assert list(rep) == ["expr"] and "listening_vel_std_ratio" not in rep["expr"]  # no turn masks: whole windows only
+
+    # per turn: a decoder that freezes the listening frames keeps the speaking dynamics and loses the listening ones
+    listening = np.zeros(64, bool)
+    listening[32:] = True
+
+    class FreezeListening(MotionVAE):
+        def forward(self, x, sample=None):
+            r = x.clone()
+            r[:, 32:] = x[:, 32:33]
+            return {"recon": r}
+
+    turns = [{**it, "listening": listening, "speaking": ~listening} for it in items]
+    rep = per_group_report(FreezeListening(VAEConfig.tiny()), nz, turns, "cpu", batch_size=4)
+    for r in rep.values():
+        assert r["speaking_vel_std_ratio"] == pytest.approx(1.0, abs=1e-5) and r["listening_vel_std_ratio"] < 1e-3
+    assert "listening" in format_report(rep)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,10 @@ Protocol (every seed S):
      the listening frames) against the listening CFG weight ``w_listen`` in ``controls.cfg_weights``;
 
 4. the supervised model sampled with the evaluation ODE and each SDE of ``sde_dynamics`` (no
-   training): which SDE's final samples have the ODE's dynamics (``evaluation.sde_choice``).
+   training): which SDE's final samples have the ODE's dynamics (``evaluation.sde_choice``);
+5. the ground truth passed through the VAE (``evaluation.scoring.evaluate_reconstruction``): a
+   reference row in every table and the VAE's ceiling on the listening dynamics, so the report
+   separates the collapse the VAE causes from the AR-Flow's regression to the mean.
 
 The report (``evaluation.benchmark.build_report``) adds to the mean +- std over seeds: Welch's test
 over seeds, the paired per-window comparison of every method vs supervised-only (all windows and
@@ -41,7 +44,8 @@ over seeds of every metric, every group's reward, the controls, the training cos
 the CSV logs ``runs/<slug>_seed<S>/logs/<algo>/scalars/reward/<group>/mean.csv``), ``mechanism.png``
 (distinct advantage values per prompt group and advantage / group-reward correlations per
 iteration, from ``.../scalars/adv/``), ``listening_motion.png`` (one test window: ground truth vs
-each method), ``eval/<slug>_seed<S>/`` (per-run metrics.json / metrics.md) and
+each method), ``eval/<slug>_seed<S>/`` (per-run metrics.json / metrics.md; ``eval/vae_reconstruction/``
+for the reference row) and
 ``logs/<slug>_seed<S>.log`` (training output). Finished
 training runs are reused when their overrides are unchanged (``reuse=true``); a finished run with
 fewer iterations is continued from its last state (``extend=true``, e.g. ``iterations=600`` after a
@@ -69,6 +73,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gdpo_listener.agents.checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
+from gdpo_listener.envs.flame import GROUP_NAMES  # noqa: E402
 from gdpo_listener.evaluation import intent_control as IC  # noqa: E402
 from gdpo_listener.evaluation.bench_runs import git_state, run_meta, run_training  # noqa: E402
 from gdpo_listener.evaluation.bench_stats import mechanism_curves, table1_window_values  # noqa: E402
@@ -84,8 +89,9 @@ from gdpo_listener.evaluation.benchmark import (  # noqa: E402
 )
 from gdpo_listener.evaluation.checkpoints import run_reward_config  # noqa: E402
 from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # noqa: E402
+from gdpo_listener.evaluation.generation import reconstruction_quality  # noqa: E402
 from gdpo_listener.evaluation.report import header, to_json, write_report  # noqa: E402
-from gdpo_listener.evaluation.scoring import blas_threads, evaluate_model, row_stats  # noqa: E402
+from gdpo_listener.evaluation.scoring import blas_threads, evaluate_model, evaluate_reconstruction, row_stats  # noqa: E402
 from gdpo_listener.evaluation.sde_choice import final_sample_dynamics, sampler_variants  # noqa: E402
 from gdpo_listener.evaluation.seed_stats import flat_metrics  # noqa: E402
 from gdpo_listener.pipeline import factories, run_state, stages  # noqa: E402
@@ -186,6 +192,16 @@ def run(cfg: DictConfig) -> dict:
             print(f"[bench] {method_label(m)} seed {s}: listening FDD {r.get('all/listening/FDD')} PDD {r.get('all/listening/PDD')} "
                   f"JDD {r.get('all/listening/JDD')}; text control {controls[m][s].get('prompt_accuracy')}", flush=True)
 
+    # the reference row: the ground truth through the VAE (the ceiling of every model decoded by it)
+    recon = evaluate_reconstruction(data, ecfg.metrics)
+    write_report(out / "eval" / "vae_reconstruction", {**header(data, ecfg, f"VAE reconstruction: {vae_path}", seeds[0]),
+                                                     "steps": None, "seed": None}, recon)
+    reconstruction = {"flat": flat_metrics(recon), "quality": reconstruction_quality(data.vae, data.normalizer, data.bank)}
+    print("[bench] VAE reconstruction of the ground truth: listening velocity-std ratio "
+          + ", ".join(f"{g} {reconstruction['quality'].get(f'listening/{g}/vel_std_ratio', float('nan')):.3f}" for g in GROUP_NAMES)
+          + f"; listening FDD {reconstruction['flat'].get('all/listening/FDD')} PDD {reconstruction['flat'].get('all/listening/PDD')} "
+          f"JDD {reconstruction['flat'].get('all/listening/JDD')}", flush=True)
+
     # 4. final-sample dynamics of the supervised model under the ODE and each SDE (no training)
     sd = cfg.sde_dynamics
     variants = sampler_variants(int(ecfg.steps), int(sd.steps), float(sd.sigma), [str(x) for x in sd.sdes])
@@ -218,7 +234,7 @@ def run(cfg: DictConfig) -> dict:
                       for s in seeds} for a in algos}
     rep, md = build_report(list(cfg.controls.cfg_weights), methods, flat, controls, curves, train_info, groups, hdr, clf_info, intents,
                            windows=windows, expressive=data.expressive.cpu().numpy(), mechanism=mechanism,
-                           sde_dynamics=dynamics, sde_variants=variants)
+                           sde_dynamics=dynamics, sde_variants=variants, reconstruction=reconstruction)
     rep["total_s"] = time.perf_counter() - t_start
     atomic_write_json(out / "report.json", to_json(rep))
     atomic_write_bytes(out / "report.md", md.encode())

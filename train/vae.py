@@ -157,12 +157,14 @@ def main(cfg: DictConfig) -> None:
         "train_windows": n, "report": {"split": cfg.eval.split, "groups": report},
     })
     atomic_write_json(out_dir / "report.json", {"split": cfg.eval.split, "windows": len(eval_windows), "groups": report})
-    factories.log_scalars(logger, {f"eval/{g}/{k}": r[k] for g, r in report.items() for k in ("rmse", "vel_std_ratio")}, steps)
+    factories.log_scalars(logger, {f"eval/{g}/{k}": v for g, r in report.items() for k, v in r.items() if k != "windows"}, steps)
     print(f"[vae] trained {steps - start} steps in {elapsed:.1f} s; checkpoint: {out_dir}")
     print(f"[vae] latent std per dim (train, posterior mean): {[round(float(v), 3) for v in std.cpu()]}")
     if report:
         print(f"[vae] per-group reconstruction on the {cfg.eval.split!r} split ({len(eval_windows)} windows, raw FLAME units):")
         print(format_report(report))
+        print("[vae] (listening / speaking: the velocity-std ratio on the actor's listening / speaking frames only; every model "
+              "decoded by this VAE inherits its listening figure as a ceiling)")
     else:
         print(f"[vae] no windows in split {cfg.eval.split!r}: no per-group report")
 
