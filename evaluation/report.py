@@ -125,7 +125,9 @@ def markdown_report(h: dict, res: dict) -> str:
     lines = [f"# Evaluation of `{h['checkpoint']}`", "",
              f"Dataset `{h['dataset']}`, split `{h['split']}`: {h['n_windows']} windows (expressive subset: "
              f"{h['n_expressive']} windows, top {100 * (1 - h['expressive_quantile']):.0f}% of ground-truth variance). "
-             f"Euler ODE, {h['steps']} steps, CFG w_speak={h['w_speak']:g} w_listen={h['w_listen']:g}, seed {h['seed']}.", ""]
+             + (f"Euler ODE, {h['steps']} steps, CFG w_speak={h['w_speak']:g} w_listen={h['w_listen']:g}, seed {h['seed']}."
+              if h.get("steps") is not None else "No generation: the ground truth encoded and decoded by the VAE (posterior means)."),
+             ""]
     for n in h["notes"]:
         lines.append(f"> note: {n}")
     lines += ["", "## Table 1 layout", "",

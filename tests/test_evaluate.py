@@ -132,6 +132,17 @@ def test_reconstruction_reference_scores_the_decoded_ground_truth(tiny):
     assert quality_figures(data.bank["actor_motion"], data.bank)["listening/expr/vel_std_ratio"] == pytest.approx(1.0)
 
 
+def test_evaluate_reconstruction_flag_writes_the_reference_report(tiny, tmp_path):
+    import evaluate
+
+    cfg = compose("evaluate", eval_args(tiny, f"out={tmp_path / 'eval'}", "max_windows=2", "steps=2", "reconstruction=true"))
+    doc = evaluate.run(cfg, verbose=False)
+    rec = json.loads((tmp_path / "eval" / "vae_reconstruction" / "metrics.json").read_text())
+    assert rec["checkpoint"].startswith("VAE reconstruction: ") and rec["seed"] is None and rec["n_windows"] == doc["n_windows"] == 2
+    assert rec["all"]["table1"]["listening"]["FDD"]["value"] != doc["all"]["table1"]["listening"]["FDD"]["value"]
+    assert "No generation" in (tmp_path / "eval" / "vae_reconstruction" / "metrics.md").read_text()
+
+
 def _copy_dataset(tiny: Path, dst: Path) -> Path:
     shutil.copytree(tiny / "data", dst)
     return dst

@@ -16,7 +16,9 @@ ground-truth variance is in the top quartile; variance = mean over valid channel
 per-channel variance over the window of the ground truth normalised with the dataset's
 normaliser). Rewards: the default reward (all groups, default term weights) for every checkpoint
 and, for a post-trained run whose recorded reward has other per-group terms, its own reward too.
-Writes ``OUT/metrics.json`` and ``OUT/metrics.md`` (default ``OUT`` = ``<checkpoint>/eval_<split>``).
+Writes ``OUT/metrics.json`` and ``OUT/metrics.md`` (default ``OUT`` = ``<checkpoint>/eval_<split>``);
+``reconstruction=true`` also scores the ground truth passed through the VAE (``OUT/vae_reconstruction``),
+the ceiling of any model decoded by that VAE.
 
 On a fresh clone the default checkpoint (``runs/sft_small``) is produced first -- dataset, VAE and
 supervised AR-Flow by their own entry points, cached -- as ``train/gdpo.py`` does; any other
@@ -43,10 +45,10 @@ from omegaconf import DictConfig  # noqa: E402
 
 from gdpo_listener.agents.compress import check_precision, compress, linear_weight_bytes, resolve_precision  # noqa: E402
 from gdpo_listener.evaluation import metrics as M  # noqa: E402
-from gdpo_listener.evaluation.checkpoints import ensure_checkpoint, run_reward_config  # noqa: E402
+from gdpo_listener.evaluation.checkpoints import ensure_checkpoint, recorded_vae_dir, run_reward_config  # noqa: E402
 from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # noqa: E402
 from gdpo_listener.evaluation.report import header, markdown_report, write_report  # noqa: E402
-from gdpo_listener.evaluation.scoring import blas_threads, evaluate_model  # noqa: E402
+from gdpo_listener.evaluation.scoring import blas_threads, evaluate_model, evaluate_reconstruction  # noqa: E402
 from gdpo_listener.pipeline import factories, run_state, stages  # noqa: E402
 from gdpo_listener.pipeline.threads import configure_threads  # noqa: E402
 
@@ -63,7 +65,7 @@ def run(cfg: DictConfig, verbose: bool = True) -> dict:
     t0 = time.perf_counter()
     ensure_checkpoint(cfg, ckpt)
     data_root = stages.ensure_dataset(cfg.data)
-    data, _ = prepare_eval_data(cfg, ckpt, data_root, device)
+    data, ckpt_meta = prepare_eval_data(cfg, ckpt, data_root, device)
     model, meta = load_eval_model(ckpt, data)
     precision = resolve_precision(cfg.precision, device, linear_weight_bytes(model))
     model = compress(model, precision)  # fp32: the model itself
@@ -73,6 +75,15 @@ def run(cfg: DictConfig, verbose: bool = True) -> dict:
     h = {**header(data, cfg, str(ckpt), int(cfg.seed), own_reward), "precision": precision}
     out = factories.abspath(cfg.out) if cfg.get("out") else ckpt / f"eval_{cfg.split}"
     js, md = write_report(out, h, res)
+    if cfg.get("reconstruction"):
+        with blas_threads(threads):
+            rec = evaluate_reconstruction(data, cfg.metrics, progress=bool(cfg.progress))
+        vae_dir = recorded_vae_dir(ckpt, ckpt_meta, cfg.get("vae_dir"))
+        rh = {**h, "checkpoint": f"VAE reconstruction: {vae_dir}", "seed": None, "steps": None}
+        write_report(out / "vae_reconstruction", rh, rec)
+        if verbose:
+            print("VAE reconstruction of the ground truth (the ceiling of any model decoded by this VAE):")
+            print(markdown_report(rh, rec))
     if verbose:
         print(markdown_report(h, res))
         print(f"[evaluate] {h['n_windows']} windows in {time.perf_counter() - t0:.1f} s -> {js} and {md}")
