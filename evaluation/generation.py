@@ -113,10 +113,14 @@ def listening_table(model, vae, normalizer, bank, reward, n_windows: int, steps:
     Returns the table and the per-window values ``{"{g}/vel_std_dev": (n,), "{g}/reward": (n,)}`` of the
     windows with more than 2 of those frames (for paired comparisons).
     """
+    b = bank[: min(n_windows, bank.batch_size[0])]
+    return column_table(generate_motion(model, vae, normalizer, b, steps=steps, seed=seed), b, reward)
+
+
+def column_table(pred: torch.Tensor, b, reward) -> tuple[dict, dict]:
+    """:func:`listening_table` of a given prediction ``pred (B, W, 67)`` of the rows of ``b``."""
     from ..rewards.groups import column_group, speaking_kwargs
 
-    b = bank[: min(n_windows, bank.batch_size[0])]
-    pred = generate_motion(model, vae, normalizer, b, steps=steps, seed=seed)  # (B, W, 67)
     gt, lis = b["actor_motion"], b["listening"]
     rewards = reward(pred, gt, lis, b["actor_valid"], **speaking_kwargs(reward, b["speaking"]))  # (B, n_groups)
     out, per_window = {}, {}
@@ -142,8 +146,10 @@ def before_after(supervised, trained, vae, normalizer, bank, reward, n_windows: 
     kw = dict(n_windows=int(n_windows), steps=int(steps), seed=int(seed))
     before, pw_before = listening_table(supervised, vae, normalizer, bank, reward, **kw)
     after, pw_after = listening_table(trained, vae, normalizer, bank, reward, **kw)
-    print(f"\n== listening frames, held-out windows (n={min(kw['n_windows'], bank.batch_size[0])}), ODE {kw['steps']} steps ==")
-    print(f"  {'metric':32s} {'supervised':>12s} {label:>12s}   {'change [95% CI]':>28s} {'windows better':>15s}")
+    b = bank[: min(kw["n_windows"], bank.batch_size[0])]
+    recon, _ = column_table(reconstruct_motion(vae, normalizer, b), b, reward)  # the VAE's ceiling
+    print(f"\n== listening frames, held-out windows (n={b.batch_size[0]}), ODE {kw['steps']} steps ==")
+    print(f"  {'metric':32s} {'supervised':>12s} {label:>12s}   {'change [95% CI]':>28s} {'windows better':>15s} {'VAE recon.':>11s}")
     out = {}
     for k in before:
         line = f"  {k:32s} {before[k]:12.4f} {after[k]:12.4f}"
@@ -153,5 +159,9 @@ def before_after(supervised, trained, vae, normalizer, bank, reward, n_windows: 
             mean, lo, hi = paired_bootstrap_ci(diff, seed=int(seed))
             out.update({f"change/{k}": mean, f"change/{k}/ci_low": lo, f"change/{k}/ci_high": hi, f"change/{k}/frac_better": frac_better})
             line += f"   {mean:+10.5f} [{lo:+.5f}, {hi:+.5f}] {100 * frac_better:14.0f}%"
-        print(line)
-    return {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()}, **out}
+        else:
+            line += " " * 46
+        print(line + f" {recon[k]:11.4f}")
+    print("  (VAE recon.: the ground truth through the VAE, the ceiling of any policy decoded by it; README \"The VAE's ceiling\")")
+    return {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()},
+            **{f"vae_reconstruction/{k}": v for k, v in recon.items()}, **out}

@@ -132,6 +132,25 @@ def test_reconstruction_reference_scores_the_decoded_ground_truth(tiny):
     assert quality_figures(data.bank["actor_motion"], data.bank)["listening/expr/vel_std_ratio"] == pytest.approx(1.0)
 
 
+def test_before_after_table_carries_the_vae_ceiling(tiny, capsys):
+    """The table train/gdpo.py ends with: a model against itself changes nothing; the VAE reconstruction's
+    column is the reward table of the decoded ground truth."""
+    from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data
+    from gdpo_listener.evaluation.generation import before_after, column_table, reconstruct_motion
+    from gdpo_listener.rewards.groups import build_reward
+
+    cfg = compose("evaluate", eval_args(tiny, "max_windows=4"))
+    data, _ = prepare_eval_data(cfg, tiny / "sft", tiny / "data", torch.device("cpu"))
+    model, _ = load_eval_model(tiny / "sft", data)
+    reward = build_reward("expr+rot")
+    t = before_after(model, model, data.vae, data.normalizer, data.bank, reward, n_windows=3, steps=2, seed=0)
+    assert t["change/expr/reward"] == 0 and t["before/rot/vel_std_ratio"] == t["after/rot/vel_std_ratio"]
+    b = data.bank[:3]
+    recon, _ = column_table(reconstruct_motion(data.vae, data.normalizer, b), b, reward)
+    assert {k: t[f"vae_reconstruction/{k}"] for k in recon} == recon and recon["expr/vel_std_ratio"] != t["before/expr/vel_std_ratio"]
+    assert "VAE recon." in capsys.readouterr().out
+
+
 def test_evaluate_reconstruction_flag_writes_the_reference_report(tiny, tmp_path):
     import evaluate
 
