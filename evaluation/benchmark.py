@@ -515,8 +515,20 @@ def vae_ceiling_markdown(recon: dict | None, sup_quality: dict, agg: dict, metho
         p, t = (a.get(f"all/listening/group/{g}/std_pred") or {}).get("mean"), (a.get(f"all/listening/group/{g}/std_gt") or {}).get("mean")
         return _fmt(p / t if p is not None and t else None, ".2f")
 
-    for label, a in [(method_label(m), agg[m]) for m in methods] + [(RECON_LABEL, recon["metrics"])]:
+    rows = [(method_label(m), agg[m]) for m in methods] + [(RECON_LABEL, recon["metrics"])]
+    for label, a in rows:
         L.append(f"| {label} | " + " | ".join(pos_ratio(a, g) for g in GROUP_NAMES) + " |")
+    L += ["", f"Listening velocity std by band, pred / gt, as low / high: low = the motion Gaussian-smoothed over "
+          f"{M.BAND_SIGMA:g} frames (slow movement: reactions, nods), high = the rest (frame-to-frame movement: jitter, "
+          "tracker noise). Where a method's extra motion goes:", ""]
+    L += ["| " + " | ".join(["method", *GROUP_NAMES]) + " |", "|" + "---|" * (len(GROUP_NAMES) + 1)]
+
+    def band_ratio(a: dict, g: str, band: str) -> str:
+        p, t = ((a.get(f"all/listening/group/{g}/vel_{band}_{w}") or {}).get("mean") for w in ("pred", "gt"))
+        return _fmt(p / t if p is not None and t else None, ".2f")
+
+    for label, a in rows:
+        L.append(f"| {label} | " + " | ".join(f"{band_ratio(a, g, 'low')} / {band_ratio(a, g, 'high')}" for g in GROUP_NAMES) + " |")
     return L + [""]
 
 

@@ -68,6 +68,7 @@ Publication scaling (Table 6 / DualTalk): FD and P-FD ``jaw x 1000, pose x 100``
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -425,6 +426,31 @@ def motion_std(x: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None, 
     val = torch.where(cv, s, torch.zeros_like(s)).sum(-1) / n_c.clamp(min=1)
     ok = (mask.sum(-1) >= min_frames) & (n_c > 0)
     return row_mean(val, ok, 1.0, f"window with >= {min_frames} frames")
+
+
+BAND_SIGMA = 2.0  # frames (0.08 s at 25 fps): the low band is the motion Gaussian-smoothed with this std
+
+
+def band_split(x: torch.Tensor, sigma: float = BAND_SIGMA) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, T, C) -> (low, high)``: ``low`` = ``x`` Gaussian-filtered over time (std ``sigma`` frames,
+    ``scipy.ndimage.gaussian_filter1d``), ``high = x - low``. The window is extended at both ends by
+    point reflection (``2 x[0] - x[k]``), which keeps a linear trend in the low band up to the last
+    frame (a mirror extension would bend it and leak the trend into the high band).
+
+    A diagnostic, not a Table 1 metric: the velocity std of each band tells whether a policy's extra
+    motion is slow (reactions, nods) or frame-to-frame (the jitter the paper calls an artifact, and
+    the tracker noise a VAE with r = 8 cannot represent).
+    """
+    from scipy.ndimage import gaussian_filter1d
+
+    a = x.detach().cpu().double().numpy()  # (B, T, C)
+    T = a.shape[-2]
+    k = min(int(math.ceil(4 * float(sigma))), T - 1)  # the filter's reach (scipy truncates at 4 sigma)
+    head = 2 * a[..., :1, :] - a[..., k:0:-1, :]  # (B, k, C) point reflection about the first frame
+    tail = 2 * a[..., -1:, :] - a[..., -2:-k - 2:-1, :]  # (B, k, C) ... and about the last
+    smooth = gaussian_filter1d(np.concatenate([head, a, tail], axis=-2), float(sigma), axis=-2, mode="nearest")
+    low = torch.as_tensor(smooth[..., k:k + T, :], dtype=x.dtype, device=x.device)
+    return low, x - low
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..envs.flame import GROUP_NAMES, GROUPS, channel_mask
 from ..rewards.groups import speaking_kwargs
-from ..rewards.stats import masked_std
+from ..rewards.stats import frame_velocity, masked_std
 from . import metrics as M
 from .checkpoints import DEFAULT_EVAL_REWARD, build_run_reward, terms_differ_from_default
 from .data import EvalData
@@ -84,6 +84,7 @@ def row_stats(pred: torch.Tensor, data: EvalData, mcfg: DictConfig, progress: bo
             st["param"][(split, name)] = M.dynamic_deviation_rows(M.group_channels(pred, groups), M.group_channels(gt, groups),
                                                                   mask, cv, conv, mf)
     lis = b["listening"]
+    bands = {"pred": M.band_split(pred), "gt": M.band_split(gt)}  # (low, high) of (B, W, 67) each
     for g in GROUP_NAMES:
         cv = M.group_channel_valid(valid, (g,), gt.shape[0], gt.device)
         st["groups"][g] = {
@@ -91,6 +92,9 @@ def row_stats(pred: torch.Tensor, data: EvalData, mcfg: DictConfig, progress: bo
             "std_pred": _std_rows(pred[..., GROUPS[g]], lis, cv, mf),
             "std_gt": _std_rows(gt[..., GROUPS[g]], lis, cv, mf),
         }
+        for who, (low, high) in bands.items():  # velocity std of the slow and the frame-to-frame band
+            for band, x in (("low", low), ("high", high)):
+                st["groups"][g][f"vel_{band}_{who}"] = _std_rows(*frame_velocity(x[..., GROUPS[g]], lis), cv, mf)
     st["reward"] = reward_rows(build_run_reward(DEFAULT_EVAL_REWARD), pred, gt, lis, valid, mf)  # all six groups
     if run_reward is not None and terms_differ_from_default(run_reward):
         own = build_run_reward(run_reward)
@@ -171,7 +175,9 @@ def _listening_groups(st: dict, rows: torch.Tensor, mcfg: DictConfig) -> dict:
         groups[g] = {"dd": M.row_mean(gs["dd"][0][rows], gs["dd"][1][rows], scale, what.format(g)),
                      "std_pred": M.row_mean(gs["std_pred"][0][rows], gs["std_pred"][1][rows], 1.0, "window"),
                      "std_gt": M.row_mean(gs["std_gt"][0][rows], gs["std_gt"][1][rows], 1.0, "window"),
-                     "reward": M.row_mean(rew[rows, gi], rvalid[rows, gi], 1.0, what.format(g))}
+                     "reward": M.row_mean(rew[rows, gi], rvalid[rows, gi], 1.0, what.format(g)),
+                     **{k: M.row_mean(gs[k][0][rows], gs[k][1][rows], 1.0, "window")
+                        for k in (f"vel_{band}_{who}" for band in ("low", "high") for who in ("pred", "gt"))}}
         if g in own_names:
             j = own_names.index(g)
             groups[g]["run_reward"] = M.row_mean(own_rew[rows, j], own_valid[rows, j], 1.0, what.format(g))

@@ -127,6 +127,11 @@ def test_reconstruction_reference_scores_the_decoded_ground_truth(tiny):
     for name in ("FDD", "PDD", "JDD"):
         assert gt["all"]["table1"]["listening"][name].value == pytest.approx(0.0, abs=1e-9)
         assert rec["all"]["table1"]["listening"][name].value > 0
+    # band diagnostics: the ground truth's own bands are its reference (ratio 1), they split its velocity
+    g = gt["all"]["listening_groups"]["expr"]
+    for band in ("low", "high"):
+        assert g[f"vel_{band}_pred"].value == pytest.approx(g[f"vel_{band}_gt"].value)
+    assert 0 < g["vel_low_gt"].value < g["vel_high_gt"].value  # the tiny corpus' listening expression is mostly frame-to-frame
     q = reconstruction_quality(data.vae, data.normalizer, data.bank)
     assert q == quality_figures(rec["_pred"], data.bank)
     assert quality_figures(data.bank["actor_motion"], data.bank)["listening/expr/vel_std_ratio"] == pytest.approx(1.0)

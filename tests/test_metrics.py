@@ -405,3 +405,18 @@ def test_paired_bootstrap_ci():
     assert M.paired_bootstrap_ci(torch.ones(5)) == (1.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="finite"):
         M.paired_bootstrap_ci(np.array([1.0, np.nan]))
+
+
+def test_band_split_separates_slow_movement_from_frame_to_frame_noise():
+    t = torch.arange(200, dtype=torch.float64)
+    slow = torch.sin(2 * math.pi * t / 100)[None, :, None].repeat(1, 1, 3)  # (1, 200, 3) a 4 s period
+    noise = torch.as_tensor(np.random.default_rng(0).normal(0, 0.05, (1, 200, 3)))
+    low, high = M.band_split(slow + noise)
+    assert torch.allclose(low + high, slow + noise)
+    v = lambda x: float(x.diff(dim=1).std())  # noqa: E731
+    assert v(low) == pytest.approx(v(slow), rel=0.15)  # the slow movement stays in the low band ...
+    assert v(high) == pytest.approx(v(noise), rel=0.15)  # ... the noise's velocity in the high band
+    lo, hi = M.band_split(slow)
+    assert v(hi) < 0.01 * v(lo)
+    ramp = 0.01 * t[None, :, None]  # a linear trend stays in the low band up to the window's ends
+    assert M.band_split(ramp)[1].abs().max() < 1e-9
