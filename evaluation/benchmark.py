@@ -426,15 +426,15 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
     L += ["### Per-group listening dynamics and evenness", ""]
     head = ["method", *[f"{g} dd" for g in GROUP_NAMES], "rewarded: mean rel. change", "std across groups", "improved", "worst"]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in methods + (["reconstruction"] if recon else []):
-        cells = [fmt_ms((recon["metrics"] if m == "reconstruction" else agg[m]).get(f"all/listening/group/{g}/dd")) for g in GROUP_NAMES]
-        ev = rep["findings"].get(m, {}).get("evenness")
+    for (label, a), m in zip(table_rows, [*methods, None]):  # None: the reconstruction row (no findings)
+        cells = [fmt_ms(a.get(f"all/listening/group/{g}/dd")) for g in GROUP_NAMES]
+        ev = rep["findings"].get(m, {}).get("evenness") if m else None
         if ev and ev["mean_rel_change"] is not None:
             cells += [f"{ev['mean_rel_change']:+.1%}", f"{ev['std_rel_change']:.1%}", f"{ev['n_improved']}/{len(ev['rewarded_groups'])}",
                       str(ev["worst_group"])]
         else:
             cells += ["–"] * 4
-        L.append(f"| {RECON_LABEL if m == 'reconstruction' else method_label(m)} | " + " | ".join(cells) + " |")
+        L.append(f"| {label} | " + " | ".join(cells) + " |")
     L += ["", "dd = listening velocity-std deviation of one FLAME group (x1000, lower is better); relative changes vs supervised-only "
           "over the rewarded groups (negative = better; a small std across groups = even improvement).", ""]
     L += vae_ceiling_markdown(recon, rep["sde_choice"].get("ode_quality") or {}, agg, methods)
