@@ -294,7 +294,7 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
     (:func:`.bench_stats.mechanism_curves`), ``sde_dynamics[variant][seed]`` (the supervised model's
     :func:`.generation.quality_report` under each of ``sde_variants``, :func:`.sde_choice.final_sample_dynamics`).
     ``reconstruction``: the ground truth through the VAE, ``{"flat": flat metrics, "quality":
-    :func:`.generation.reconstruction_quality`}`` (a reference row in the tables, the VAE-ceiling
+    :func:`.generation.quality_figures` of it}`` (a reference row in the tables, the VAE-ceiling
     section and the collapse-beyond-the-VAE targets).
     ``hdr["sde"][method]``: the SDE each post-training method's runs recorded. Derived here: mean +-
     std over seeds, findings (Welch), paired per-window comparisons, training-curve trends, mechanism
@@ -490,9 +490,16 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
     return "\n".join(L)
 
 
+def _mean_ratio(a: dict, g: str, figure: str) -> str:
+    """``<figure>_pred / <figure>_gt`` of group ``g`` in the aggregated metrics ``a`` (listening, all windows)."""
+    p, t = ((a.get(f"all/listening/group/{g}/{figure}_{w}") or {}).get("mean") for w in ("pred", "gt"))
+    return _fmt(p / t if p is not None and t else None, ".2f")
+
+
 def vae_ceiling_markdown(recon: dict | None, sup_quality: dict, agg: dict, methods: list[str]) -> list[str]:
     """How much of the listening collapse is the VAE's: velocity-std ratios of the reconstruction and
-    of the supervised model, and every method's listening position std against the reconstruction's."""
+    of the supervised model, and every method's listening position std and band velocity stds against
+    the reconstruction's."""
     if not recon:
         return []
     q = recon["quality"]
@@ -507,28 +514,16 @@ def vae_ceiling_markdown(recon: dict | None, sup_quality: dict, agg: dict, metho
     L.append("| supervised-only | " + " | ".join(_fmt(sv[g]) for g in GROUP_NAMES) + " |")
     L.append("| supervised / reconstruction | " + " | ".join(_fmt(sv[g] / rv[g] if sv[g] and rv[g] else None, ".2f")
                                                           for g in GROUP_NAMES) + " |")
+    rows = [(method_label(m), agg[m]) for m in methods] + [(RECON_LABEL, recon["metrics"])]
+    table_head = ["| " + " | ".join(["method", *GROUP_NAMES]) + " |", "|" + "---|" * (len(GROUP_NAMES) + 1)]
     L += ["", "Listening position std pred / gt per group (mean over windows of the std over listening frames; above the "
           "reconstruction's = the method's decoded motion moves more than anything the VAE reproduces from real latents):", ""]
-    L += ["| " + " | ".join(["method", *GROUP_NAMES]) + " |", "|" + "---|" * (len(GROUP_NAMES) + 1)]
-
-    def pos_ratio(a: dict, g: str) -> str:
-        p, t = (a.get(f"all/listening/group/{g}/std_pred") or {}).get("mean"), (a.get(f"all/listening/group/{g}/std_gt") or {}).get("mean")
-        return _fmt(p / t if p is not None and t else None, ".2f")
-
-    rows = [(method_label(m), agg[m]) for m in methods] + [(RECON_LABEL, recon["metrics"])]
-    for label, a in rows:
-        L.append(f"| {label} | " + " | ".join(pos_ratio(a, g) for g in GROUP_NAMES) + " |")
+    L += table_head + [f"| {label} | " + " | ".join(_mean_ratio(a, g, "std") for g in GROUP_NAMES) + " |" for label, a in rows]
     L += ["", f"Listening velocity std by band, pred / gt, as low / high: low = the motion Gaussian-smoothed over "
           f"{M.BAND_SIGMA:g} frames (slow movement: reactions, nods), high = the rest (frame-to-frame movement: jitter, "
           "tracker noise). Where a method's extra motion goes:", ""]
-    L += ["| " + " | ".join(["method", *GROUP_NAMES]) + " |", "|" + "---|" * (len(GROUP_NAMES) + 1)]
-
-    def band_ratio(a: dict, g: str, band: str) -> str:
-        p, t = ((a.get(f"all/listening/group/{g}/vel_{band}_{w}") or {}).get("mean") for w in ("pred", "gt"))
-        return _fmt(p / t if p is not None and t else None, ".2f")
-
-    for label, a in rows:
-        L.append(f"| {label} | " + " | ".join(f"{band_ratio(a, g, 'low')} / {band_ratio(a, g, 'high')}" for g in GROUP_NAMES) + " |")
+    L += table_head + [f"| {label} | " + " | ".join(f"{_mean_ratio(a, g, 'vel_low')} / {_mean_ratio(a, g, 'vel_high')}"
+                                                    for g in GROUP_NAMES) + " |" for label, a in rows]
     return L + [""]
 
 

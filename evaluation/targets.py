@@ -74,7 +74,7 @@ def _pct(x: float | None) -> str:
 def supervised_collapse(quality: Mapping[str, Mapping], reconstruction: Mapping | None = None) -> list[Target]:
     """``quality``: mean over seeds of :func:`.generation.quality_report` of the supervised model with
     the evaluation sampler (keys ``listening/<g>/vel_std_ratio``, ``speaking/jaw_corr``);
-    ``reconstruction``: :func:`.generation.reconstruction_quality` (same keys) of the ground truth
+    ``reconstruction``: :func:`.generation.quality_figures` (same keys) of the ground truth
     through the VAE, or None. With it, each collapse row also says how much of the collapse is the
     VAE's, and a row per group checks the collapse beyond the VAE (:data:`MAX_BEYOND_VAE_RATIO`)."""
     out, beyond = [], []
@@ -254,7 +254,7 @@ def check_targets(*, quality: Mapping, findings: Mapping, paired: Mapping, metri
                   labels: Mapping[str, str], reconstruction: Mapping | None = None) -> list[Target]:
     """Every target of issue 10 on one benchmark's figures (``algo_of[method]`` = "grpo" / "gdpo" /
     "supervised"; ``labels[method]`` = its report label; ``reconstruction``: the VAE reconstruction's
-    :func:`.generation.reconstruction_quality`). The GDPO targets are checked for every GDPO method
+    :func:`.generation.quality_figures`). The GDPO targets are checked for every GDPO method
     (one per SDE); the controls for every method."""
     gdpo = [m for m, a in algo_of.items() if a == "gdpo"]
     grpo = next((m for m, a in algo_of.items() if a == "grpo"), None)

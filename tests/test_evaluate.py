@@ -115,7 +115,7 @@ def test_reconstruction_reference_scores_the_decoded_ground_truth(tiny):
     ground truth itself scores 0 on every dynamic deviation, the reconstruction of an untrained VAE does not."""
     from gdpo_listener.envs.windows import decode_latents
     from gdpo_listener.evaluation.data import prepare_eval_data
-    from gdpo_listener.evaluation.generation import quality_figures, reconstruction_quality
+    from gdpo_listener.evaluation.generation import quality_figures
     from gdpo_listener.evaluation.scoring import blas_threads, evaluate_reconstruction, score_prediction
 
     cfg = compose("evaluate", eval_args(tiny, "max_windows=4"))
@@ -132,8 +132,7 @@ def test_reconstruction_reference_scores_the_decoded_ground_truth(tiny):
     for band in ("low", "high"):
         assert g[f"vel_{band}_pred"].value == pytest.approx(g[f"vel_{band}_gt"].value)
     assert 0 < g["vel_low_gt"].value < g["vel_high_gt"].value  # the tiny corpus' listening expression is mostly frame-to-frame
-    q = reconstruction_quality(data.vae, data.normalizer, data.bank)
-    assert q == quality_figures(rec["_pred"], data.bank)
+    assert quality_figures(rec["_pred"], data.bank)["listening/expr/vel_std_ratio"] > 0
     assert quality_figures(data.bank["actor_motion"], data.bank)["listening/expr/vel_std_ratio"] == pytest.approx(1.0)
 
 

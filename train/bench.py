@@ -89,7 +89,7 @@ from gdpo_listener.evaluation.benchmark import (  # noqa: E402
 )
 from gdpo_listener.evaluation.checkpoints import run_reward_config  # noqa: E402
 from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # noqa: E402
-from gdpo_listener.evaluation.generation import reconstruction_quality  # noqa: E402
+from gdpo_listener.evaluation.generation import quality_figures  # noqa: E402
 from gdpo_listener.evaluation.report import header, to_json, write_report  # noqa: E402
 from gdpo_listener.evaluation.scoring import blas_threads, evaluate_model, evaluate_reconstruction, row_stats  # noqa: E402
 from gdpo_listener.evaluation.sde_choice import final_sample_dynamics, sampler_variants  # noqa: E402
@@ -196,7 +196,7 @@ def run(cfg: DictConfig) -> dict:
     recon = evaluate_reconstruction(data, ecfg.metrics)
     write_report(out / "eval" / "vae_reconstruction", {**header(data, ecfg, f"VAE reconstruction: {vae_path}", seeds[0]),
                                                      "steps": None, "seed": None}, recon)
-    reconstruction = {"flat": flat_metrics(recon), "quality": reconstruction_quality(data.vae, data.normalizer, data.bank)}
+    reconstruction = {"flat": flat_metrics(recon), "quality": quality_figures(recon["_pred"], data.bank)}
     print("[bench] VAE reconstruction of the ground truth: listening velocity-std ratio "
           + ", ".join(f"{g} {reconstruction['quality'].get(f'listening/{g}/vel_std_ratio', float('nan')):.3f}" for g in GROUP_NAMES)
           + f"; listening FDD {reconstruction['flat'].get('all/listening/FDD')} PDD {reconstruction['flat'].get('all/listening/PDD')} "
