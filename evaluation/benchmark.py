@@ -329,7 +329,8 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
                                                  "quality": dict(reconstruction["quality"])}
     targets = T.check_targets(quality=sde.get("ode_quality") or {}, findings=fnd, paired=paired, metrics=agg, mechanism=mech,
                               controls=ctl, trends=trends, groups=list(groups), algo_of=algo_of,
-                              labels={m: method_label(m) for m in methods}, reconstruction=None if recon is None else recon["quality"])
+                              labels={m: method_label(m) for m in methods}, reconstruction=None if recon is None else recon["quality"],
+                              reconstruction_text_accuracy=clf_info.get("vae_reconstruction_accuracy"))
     report = {"setup": hdr, "methods": list(methods), "metrics": agg, "per_seed": flat, "reconstruction": recon,
               "training": {"reward": final, "trend_last_third": trends, "runs": train_info}, "controls": ctl,
               "controls_gt_listening_std": gt_sweep, "intent_classifier": clf_info, "intents": intents, "findings": fnd,
@@ -463,8 +464,10 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
         L += [f"Not measured: {ci['note']}", ""]
     else:
         L += [f"Intent classifier (logistic regression on listening-motion statistics) trained on {ci['train_windows']} ground-truth "
-              f"train windows (train accuracy {ci['train_accuracy']:.0%}); on ground-truth test windows: {ci['gt_test_accuracy']:.0%}; "
-              f"chance {1 / len(intents):.0%}. Accuracy of the generated listening motion:", ""]
+              f"train windows (train accuracy {ci['train_accuracy']:.0%}); on ground-truth test windows: {ci['gt_test_accuracy']:.0%}"
+              + (f" (their VAE reconstruction: {ci['vae_reconstruction_accuracy']:.0%}, what survives the VAE)"
+                 if ci.get("vae_reconstruction_accuracy") is not None else "")
+              + f"; chance {1 / len(intents):.0%}. Accuracy of the generated listening motion:", ""]
         head = ["method", "window's own text", "prompted intent (mean)", *intents]
         L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in methods:

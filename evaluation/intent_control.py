@@ -117,17 +117,20 @@ def train_intent_classifier(root: Path, labels: dict, intents: list[str], min_li
     return clf, {"train_windows": int(len(y)), "train_accuracy": float((clf.predict(X) == y).mean())}
 
 
-def ground_truth_accuracy(clf: IntentClassifier, data: EvalData, labels: dict, intents: list[str], min_listen: int) -> dict:
+def ground_truth_accuracy(clf: IntentClassifier, data: EvalData, labels: dict, intents: list[str], min_listen: int,
+                          motion: torch.Tensor | None = None, key: str = "gt_test") -> dict:
     """Accuracy of ``clf`` on the ground-truth listening motion of the labelled bank rows with
-    >= ``min_listen`` listening frames (empty dict when there is none)."""
+    >= ``min_listen`` listening frames (empty dict when there is none), as ``{key}_accuracy`` and
+    ``{key}_windows``. ``motion (B, W, 67)``: score this version of the rows' ground truth instead
+    (e.g. its VAE reconstruction: how much of the intent survives the VAE)."""
     lis = data.bank["listening"]
     truth = row_intents(data, labels, list(range(len(data.indices))))
     keep = [r for r, t in enumerate(truth) if t in intents and int(lis[r].sum()) >= min_listen]
     if not keep:
         return {}
-    X = window_features(data.bank["actor_motion"][keep], lis[keep])
+    X = window_features((data.bank["actor_motion"] if motion is None else motion)[keep], lis[keep])
     acc = float((clf.predict(X) == np.array([intents.index(truth[r]) for r in keep])).mean())
-    return {"gt_test_accuracy": acc, "gt_test_windows": len(keep)}
+    return {f"{key}_accuracy": acc, f"{key}_windows": len(keep)}
 
 
 # ----------------------------------------------------------------------------------------------

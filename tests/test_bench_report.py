@@ -278,6 +278,8 @@ def test_collapse_cost_reward_dominance_control_targets():
 
     assert T.text_control("GDPO", ms(0.93)).status == T.PASS and T.text_control("GDPO", ms(0.5)).status == T.FAIL
     assert T.text_control("GDPO", ms(None)).status == T.NA
+    assert "VAE reconstruction of the ground truth itself 0.80" in T.text_control("GDPO", ms(0.86), 0.80).note
+    assert T.text_control("GDPO", ms(0.86), 0.95).note == ""  # the VAE keeps the intent: the miss is the policy's
 
     sweep = {w: {"expr": ms(0.1 * k), "rot": ms(0.01 * k)} for k, w in enumerate(["1", "2", "3", "4"], 1)}
     assert T.cfg_monotone("GDPO", sweep).status == T.PASS

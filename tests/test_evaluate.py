@@ -278,6 +278,8 @@ def test_bench_quick(tiny):
     rec = rep["reconstruction"]
     assert rec["metrics"]["all/listening/FDD"]["mean"] is not None and rec["quality"]["listening/expr/vel_std_ratio"] > 0
     assert (out / "eval" / "vae_reconstruction" / "metrics.json").is_file()
+    ci = rep["intent_classifier"]  # the intent classifier also scores the reconstructed ground truth, same windows
+    assert ci["vae_reconstruction_windows"] == ci["gt_test_windows"] and 0 <= ci["vae_reconstruction_accuracy"] <= 1
     assert any(n.startswith("GRPO's advantage follows one group") for n in names)
     ev = json.loads((out / "eval" / "gdpo_seed0" / "metrics.json").read_text())
     assert "FLAME" in ev["all"]["table1"]["speaking"]["LVE"]["note"]

@@ -197,6 +197,8 @@ def run(cfg: DictConfig) -> dict:
     write_report(out / "eval" / "vae_reconstruction", {**header(data, ecfg, f"VAE reconstruction: {vae_path}", seeds[0]),
                                                      "steps": None, "seed": None}, recon)
     reconstruction = {"flat": flat_metrics(recon), "quality": quality_figures(recon["_pred"], data.bank)}
+    if clf is not None:  # the intent classifier on the reconstructed ground truth: how much intent survives the VAE
+        clf_info.update(IC.ground_truth_accuracy(clf, data, labels, intents, mf, motion=recon["_pred"], key="vae_reconstruction"))
     print("[bench] VAE reconstruction of the ground truth: listening velocity-std ratio "
           + ", ".join(f"{g} {reconstruction['quality'].get(f'listening/{g}/vel_std_ratio', float('nan')):.3f}" for g in GROUP_NAMES)
           + f"; listening FDD {reconstruction['flat'].get('all/listening/FDD')} PDD {reconstruction['flat'].get('all/listening/PDD')} "
