@@ -217,13 +217,13 @@ def grpo_dominance(mechanism: Mapping[str, Mapping], grpo: str, gdpo: list[str])
 def text_control(label: str, accuracy: Mapping | None, reconstruction: float | None = None) -> Target:
     """Text-control accuracy (mean over intents, mean over seeds) at least :data:`MIN_TEXT_ACCURACY`.
     ``reconstruction``: the intent classifier's accuracy on the VAE reconstruction of the ground truth
-    (named in the note of a miss when it is itself below the threshold: then the VAE, not the policy,
-    loses what the classifier reads)."""
+    (named in the note of a miss when it is itself below the threshold: the VAE already loses part of
+    what the classifier reads from the real motion)."""
     a = None if accuracy is None else _mean(accuracy)
     note = "not measured (no intent labels)" if a is None else ""
     if a is not None and a < MIN_TEXT_ACCURACY and reconstruction is not None and reconstruction < MIN_TEXT_ACCURACY:
-        note = (f"the classifier scores the VAE reconstruction of the ground truth itself {reconstruction:.2f}: "
-                "the target is above what motion decoded by this VAE carries")
+        note = (f"the classifier scores the VAE reconstruction of the ground truth itself {reconstruction:.2f}: through "
+                "this VAE even the real motion falls short of the target")
     return Target(f"{label} text-control accuracy", _status(None if a is None else a >= MIN_TEXT_ACCURACY),
                   "n/a" if a is None else f"{a:.2f}", f">= {MIN_TEXT_ACCURACY}", note)
 
