@@ -54,6 +54,12 @@ def header(data: EvalData, cfg: DictConfig, ckpt: str, seed: int, run_reward: di
     }
 
 
+def reconstruction_header(h: dict, vae_dir) -> dict:
+    """The header of the VAE reconstruction's report: ``h`` (a checkpoint's :func:`header` on the same
+    data) with the VAE in place of the checkpoint and no sampler (no seed, no steps)."""
+    return {**h, "checkpoint": f"VAE reconstruction: {vae_dir}", "seed": None, "steps": None}
+
+
 def fmt_value(x, digits: int = 2) -> str:
     """A metric result (or its JSON dict, or a number) -> text; "n/a" when unavailable."""
     if isinstance(x, M.MetricResult):

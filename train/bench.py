@@ -90,7 +90,7 @@ from gdpo_listener.evaluation.benchmark import (  # noqa: E402
 from gdpo_listener.evaluation.checkpoints import run_reward_config  # noqa: E402
 from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # noqa: E402
 from gdpo_listener.evaluation.generation import quality_figures  # noqa: E402
-from gdpo_listener.evaluation.report import header, to_json, write_report  # noqa: E402
+from gdpo_listener.evaluation.report import header, reconstruction_header, to_json, write_report  # noqa: E402
 from gdpo_listener.evaluation.scoring import blas_threads, evaluate_model, evaluate_reconstruction, row_stats  # noqa: E402
 from gdpo_listener.evaluation.sde_choice import final_sample_dynamics, sampler_variants  # noqa: E402
 from gdpo_listener.evaluation.seed_stats import flat_metrics  # noqa: E402
@@ -194,8 +194,8 @@ def run(cfg: DictConfig) -> dict:
 
     # the reference row: the ground truth through the VAE (the ceiling of every model decoded by it)
     recon = evaluate_reconstruction(data, ecfg.metrics)
-    write_report(out / "eval" / "vae_reconstruction", {**header(data, ecfg, f"VAE reconstruction: {vae_path}", seeds[0]),
-                                                     "steps": None, "seed": None}, recon)
+    write_report(out / "eval" / "vae_reconstruction", reconstruction_header(header(data, ecfg, str(sft_path), seeds[0]), vae_path),
+                 recon)
     reconstruction = {"flat": flat_metrics(recon), "quality": quality_figures(recon["_pred"], data.bank)}
     if clf is not None:  # the intent classifier on the reconstructed ground truth: how much intent survives the VAE
         clf_info.update(IC.ground_truth_accuracy(clf, data, labels, intents, mf, motion=recon["_pred"], key="vae_reconstruction"))

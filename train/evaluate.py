@@ -47,7 +47,7 @@ from gdpo_listener.agents.compress import check_precision, compress, linear_weig
 from gdpo_listener.evaluation import metrics as M  # noqa: E402
 from gdpo_listener.evaluation.checkpoints import ensure_checkpoint, recorded_vae_dir, run_reward_config  # noqa: E402
 from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # noqa: E402
-from gdpo_listener.evaluation.report import header, markdown_report, write_report  # noqa: E402
+from gdpo_listener.evaluation.report import header, markdown_report, reconstruction_header, write_report  # noqa: E402
 from gdpo_listener.evaluation.scoring import blas_threads, evaluate_model, evaluate_reconstruction  # noqa: E402
 from gdpo_listener.pipeline import factories, run_state, stages  # noqa: E402
 from gdpo_listener.pipeline.threads import configure_threads  # noqa: E402
@@ -78,8 +78,7 @@ def run(cfg: DictConfig, verbose: bool = True) -> dict:
     if cfg.get("reconstruction"):
         with blas_threads(threads):
             rec = evaluate_reconstruction(data, cfg.metrics, progress=bool(cfg.progress))
-        vae_dir = recorded_vae_dir(ckpt, ckpt_meta, cfg.get("vae_dir"))
-        rh = {**h, "checkpoint": f"VAE reconstruction: {vae_dir}", "seed": None, "steps": None}
+        rh = reconstruction_header(h, recorded_vae_dir(ckpt, ckpt_meta, cfg.get("vae_dir")))
         write_report(out / "vae_reconstruction", rh, rec)
         if verbose:
             print("VAE reconstruction of the ground truth (the ceiling of any model decoded by this VAE):")
