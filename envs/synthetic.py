@@ -39,9 +39,16 @@ Two corpus versions (:data:`CORPUS_PARAMS`; the version is recorded in ``dataset
 
 The audio and the turn-taking timeline are the same in both versions.
 
+``idle_expr_rank=k`` (opt-in, any version; recorded in ``dataset.json``) draws the idle expression
+from ``k`` shared smooth factors mixed into the 50 channels by a fixed random unit-norm mixing
+instead of independently per channel: every channel keeps its std, the motion becomes
+``k``-dimensional. It exists to test whether the listening collapse comes from the VAE (a
+high-dimensional idle expression no r = 8 VAE can carry) or from the AR-Flow (README, "The VAE's
+ceiling").
+
 Public API::
 
-    INTENTS, CORPUS_VERSION, CORPUS_PARAMS, corpus_params(version)
+    INTENTS, CORPUS_VERSION, CORPUS_PARAMS, corpus_params(version, idle_expr_rank=None)
     listener_reaction(intent, n_frames, rng, partner_vad=None, identity=None, version=2) -> {group: (T, d)}
     describe(intent, rng, speaking=False) -> str
     caption(intent, rng, speaking, version=2) -> (text, kind)      kind in TEXT_KINDS
@@ -59,7 +66,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -174,6 +181,7 @@ class CorpusParams:
     speak_head_sigma: float  # ... and its smoothing (frames)
     text_missing: float  # share of windows with no text ("")
     text_vague: float  # share of windows with a vague text that does not name the intent
+    idle_expr_rank: int | None = None  # idle expression from this many shared factors (None: independent per channel)
 
 
 CORPUS_PARAMS: dict[int, CorpusParams] = {
@@ -192,10 +200,28 @@ CORPUS_PARAMS: dict[int, CorpusParams] = {
 CORPUS_VERSION = 2  # the default
 
 
-def corpus_params(version: int) -> CorpusParams:
+IDLE_MIX_SEED = 1234  # the fixed mixing of the low-rank idle expression (the same in every conversation)
+
+
+def corpus_params(version: int, idle_expr_rank: int | None = None) -> CorpusParams:
+    """The parameters of corpus ``version``, with the idle expression made ``idle_expr_rank``-dimensional when given."""
     if version not in CORPUS_PARAMS:
         raise ValueError(f"unknown synthetic corpus version {version!r}; valid: {sorted(CORPUS_PARAMS)}")
-    return CORPUS_PARAMS[version]
+    if idle_expr_rank is None:
+        return CORPUS_PARAMS[version]
+    if not 1 <= int(idle_expr_rank) <= 50:
+        raise ValueError(f"idle_expr_rank must be 1..50 (the expression channels) or null, got {idle_expr_rank!r}")
+    return replace(CORPUS_PARAMS[version], idle_expr_rank=int(idle_expr_rank))
+
+
+def _idle_expression(rng: np.random.Generator, n: int, P: CorpusParams) -> np.ndarray:
+    """``(n, 50)`` idle expression of unit std per channel: independent smooth noise per channel, or
+    ``P.idle_expr_rank`` smooth factors through a fixed unit-norm mixing (rows of the mixing: factors)."""
+    if P.idle_expr_rank is None:
+        return _smooth_noise(rng, n, 50, P.idle_expr_sigma)
+    mix = np.random.default_rng(IDLE_MIX_SEED).standard_normal((P.idle_expr_rank, 50))
+    mix /= np.linalg.norm(mix, axis=0, keepdims=True)  # every channel: a unit-norm combination of the factors
+    return _smooth_noise(rng, n, P.idle_expr_rank, P.idle_expr_sigma) @ mix
 
 
 @cache
@@ -640,7 +666,7 @@ def _finish(comp: np.ndarray, rng: np.random.Generator, speaker: Speaker, P: Cor
     m = comp.copy()
     m[:, :50] += speaker.rest_expr
     profile = 1.0 if P.idle_expr_decay is None else 0.4 + 0.6 * np.exp(-np.arange(50) / P.idle_expr_decay)
-    m[:, :50] += P.idle_expr * _smooth_noise(rng, n, 50, P.idle_expr_sigma) * profile
+    m[:, :50] += P.idle_expr * _idle_expression(rng, n, P) * profile
     m[:, JAW_OPEN:JAW_OPEN + 3] += 0.002 * _smooth_noise(rng, n, 3, 6)
     m[:, ROT:ROT + 3] += speaker.rest_rot + P.idle_rot * speaker.head_scale * _smooth_noise(rng, n, 3, P.idle_rot_sigma)
     # neck carries part of the head motion (trackers split it) plus its own small sway
@@ -852,14 +878,15 @@ def _window_weights(n_frames: int, n_win: int, margin: int) -> np.ndarray:
 
 def synthesize_conversation(cid: str, seconds: float = 64.0, seed: int = 0, index: int = 0,
                             speakers: list[Speaker] | None = None,
-                            version: int = CORPUS_VERSION) -> tuple[Conversation, dict]:
-    """One conversation of corpus ``version``; deterministic in ``(seed, index)`` (and the speakers).
+                            version: int = CORPUS_VERSION, idle_expr_rank: int | None = None) -> tuple[Conversation, dict]:
+    """One conversation of corpus ``version`` (idle expression of ``idle_expr_rank`` factors when given);
+    deterministic in ``(seed, index)`` (and the speakers).
 
     Returns the :class:`Conversation` and an info dict with the per-window ``intents`` and
     ``text_kinds`` (see :func:`caption`) per side, the speaker ids, per-side ``turns`` (seconds)
     and the per-frame ``role`` (1 = speaking turn).
     """
-    P = corpus_params(version)
+    P = corpus_params(version, idle_expr_rank)
     n_frames = int(round(seconds * FPS))
     if n_frames < 8:
         raise ValueError(f"seconds={seconds} is too short (need at least 8 frames)")
@@ -932,8 +959,9 @@ def split_ids(n: int, test_fraction: float, seed: int) -> list[str]:
 
 
 def _make_conversation(args) -> tuple[Conversation, dict]:
-    i, seconds, seed, pool, version = args
-    conv, info = synthesize_conversation(f"syn{i:04d}", seconds, seed=seed, index=i, speakers=pool, version=version)
+    i, seconds, seed, pool, version, idle_expr_rank = args
+    conv, info = synthesize_conversation(f"syn{i:04d}", seconds, seed=seed, index=i, speakers=pool, version=version,
+                                         idle_expr_rank=idle_expr_rank)
     info.pop("role")
     return conv, info
 
@@ -952,8 +980,9 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def generate_corpus(out_dir, n_conversations: int = 60, seconds: float = 64.0, seed: int = 0,
                     test_fraction: float = 0.1, progress: bool = True, workers: int = 1,
-                    version: int = CORPUS_VERSION) -> dict:
-    """Write the synthetic corpus ``version`` to ``out_dir`` in the canonical format (atomic).
+                    version: int = CORPUS_VERSION, idle_expr_rank: int | None = None) -> dict:
+    """Write the synthetic corpus ``version`` to ``out_dir`` in the canonical format (atomic);
+    ``idle_expr_rank``: see the module docstring (None: the version's own idle expression).
 
     Conversations are synthesised in ``workers`` processes (the result does not depend on it)
     and written in order by this process. ``dataset.json`` records the generator settings under
@@ -969,15 +998,17 @@ def generate_corpus(out_dir, n_conversations: int = 60, seconds: float = 64.0, s
         raise ValueError(f"seconds={seconds} gives fewer than {WINDOW} frames (one window); use >= {WINDOW / FPS:g}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    corpus_params(version)  # a clear error for an unknown version, before any work
+    corpus_params(version, idle_expr_rank)  # a clear error for an unknown version or a bad rank, before any work
     check_output_folder(out_dir)  # refuse a folder that is not this project's dataset before synthesising anything
     t0 = time.perf_counter()
     splits = split_ids(n_conversations, test_fraction, seed)
     pool = speaker_pool(seed)
     labels, counts, kind_counts = {}, {k: 0 for k in INTENTS}, {k: 0 for k in TEXT_KINDS}
-    jobs = [(i, seconds, seed, pool, version) for i in range(n_conversations)]
+    jobs = [(i, seconds, seed, pool, version, idle_expr_rank) for i in range(n_conversations)]
     meta = {"synthetic": {"corpus_version": version, "seed": seed, "n_conversations": n_conversations,
                           "seconds": seconds, "test_fraction": test_fraction, "intents": list(INTENTS)}}
+    if idle_expr_rank is not None:  # recorded only when set: the default corpus' dataset.json is unchanged
+        meta["synthetic"]["idle_expr_rank"] = int(idle_expr_rank)
     executor = (ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),))
                 if workers > 1 and n_conversations > 1 else None)
     try:

@@ -533,3 +533,31 @@ def test_bad_arguments():
         generate_corpus("/nonexistent/never", n_conversations=1, seconds=8.0, version=3)
     with pytest.raises(ValueError, match="motion"):
         rs.side_statistics(np.zeros((10, 60)), np.zeros(10, bool), np.zeros(10, bool))
+
+
+def test_low_rank_idle_expression_is_opt_in_recorded_and_of_that_rank(tmp_path):
+    from dataclasses import replace
+
+    from gdpo_listener.envs.dataset import load_dataset_meta
+    from gdpo_listener.envs.synthetic import _finish, default_speaker
+
+    # the idle expression alone (no reaction, no jitter): k factors -> rank k over the 50 channels, each keeping its std
+    spk, n = default_speaker(), 2000
+    for rank, P in ((3, replace(corpus_params(2, idle_expr_rank=3), jitter={})), (50, replace(corpus_params(2), jitter={}))):
+        idle = _finish(np.zeros((n, 67)), np.random.default_rng(0), spk, P)[:, :50] - spk.rest_expr  # (n, 50)
+        assert np.linalg.matrix_rank(idle, tol=1e-6) == rank
+        assert np.allclose(idle.std(0), P.idle_expr, rtol=0.35)
+    # opt-in: the default corpus is unchanged (and its dataset.json has no such key), the option changes the motion only
+    a, _ = synthesize_conversation("x", 8.0, seed=0, index=0)
+    b, _ = synthesize_conversation("x", 8.0, seed=0, index=0, idle_expr_rank=None)
+    c, _ = synthesize_conversation("x", 8.0, seed=0, index=0, idle_expr_rank=4)
+    np.testing.assert_array_equal(a.motion, b.motion)
+    np.testing.assert_array_equal(a.vad, c.vad)
+    np.testing.assert_array_equal(a.audio[0], c.audio[0])
+    assert not np.allclose(a.motion, c.motion)
+    generate_corpus(tmp_path / "r4", n_conversations=1, seconds=8.0, seed=0, progress=False, idle_expr_rank=4)
+    generate_corpus(tmp_path / "r0", n_conversations=1, seconds=8.0, seed=0, progress=False)
+    assert load_dataset_meta(tmp_path / "r4")["synthetic"]["idle_expr_rank"] == 4
+    assert "idle_expr_rank" not in load_dataset_meta(tmp_path / "r0")["synthetic"]
+    with pytest.raises(ValueError, match="idle_expr_rank"):
+        generate_corpus(tmp_path / "bad", n_conversations=1, seconds=8.0, idle_expr_rank=0)

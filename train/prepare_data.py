@@ -69,7 +69,7 @@ def build(cfg: DictConfig, source: str, out: Path, inp: Path | None) -> dict:
         s = cfg.synthetic
         return generate_corpus(out, n_conversations=int(s.n_conversations), seconds=float(s.seconds), seed=int(cfg.seed),
                                test_fraction=float(cfg.test_fraction), progress=True, workers=int(s.get("workers", 1)),
-                               version=int(s.get("version", 2)))
+                               version=int(s.get("version", 2)), idle_expr_rank=s.get("idle_expr_rank"))
     opts = converter_options(cfg, source)
     if source == "dualtalk":
         from gdpo_listener.envs.converters.dualtalk import convert_dualtalk
