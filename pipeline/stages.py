@@ -49,12 +49,18 @@ def ensure_dataset(data_cfg: DictConfig) -> Path:
 
 
 def _check_synthetic_version(root: Path, meta: dict, data_cfg: DictConfig) -> None:
-    """An auto-prepared synthetic corpus written by another corpus version is not reused silently."""
+    """An auto-prepared synthetic corpus written by another corpus version, or with a generator option
+    auto-preparation does not set (``synthetic.idle_expr_rank``), is not reused silently."""
     from ..envs.synthetic import CORPUS_VERSION
 
     if meta.get("source") != "synthetic" or not data_cfg.get("auto_prepare", False):
         return
     version = (meta.get("synthetic") or {}).get("corpus_version", 1)
+    rank = (meta.get("synthetic") or {}).get("idle_expr_rank")
+    if rank is not None:
+        raise RuntimeError(f"{root} holds a synthetic corpus written with synthetic.idle_expr_rank={rank}, which "
+                           f"data.auto_prepare would not produce: set data.auto_prepare=false to use it on purpose, or point "
+                           f"data.root at the default corpus")
     if version != CORPUS_VERSION:
         raise RuntimeError(f"{root} holds synthetic corpus version {version}, but this code's default corpus is version "
                            f"{CORPUS_VERSION}: move {root} away (and the VAE/AR-Flow checkpoints trained on it, e.g. runs/vae, "

@@ -190,6 +190,12 @@ def test_an_old_synthetic_corpus_is_not_reused_silently(tmp_path, monkeypatch):
         stages.ensure_dataset(cfg)
     monkeypatch.setattr(stages, "load_dataset_meta", lambda root: {"source": "synthetic", "synthetic": {"corpus_version": 2}})
     assert stages.ensure_dataset(cfg) == tmp_path / "data"
+    # a corpus written with a generator option is used only on purpose (data.auto_prepare=false)
+    monkeypatch.setattr(stages, "load_dataset_meta",
+                        lambda root: {"source": "synthetic", "synthetic": {"corpus_version": 2, "idle_expr_rank": 4}})
+    with pytest.raises(RuntimeError, match="idle_expr_rank=4.*auto_prepare=false"):
+        stages.ensure_dataset(cfg)
+    assert stages.ensure_dataset(OmegaConf.merge(cfg, {"auto_prepare": False})) == tmp_path / "data"
 
 
 def test_busy_cores_counts_other_runnable_processes(monkeypatch):
