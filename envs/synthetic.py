@@ -209,9 +209,9 @@ def corpus_params(version: int, idle_expr_rank: int | None = None) -> CorpusPara
         raise ValueError(f"unknown synthetic corpus version {version!r}; valid: {sorted(CORPUS_PARAMS)}")
     if idle_expr_rank is None:
         return CORPUS_PARAMS[version]
-    if not 1 <= int(idle_expr_rank) <= 50:
-        raise ValueError(f"idle_expr_rank must be 1..50 (the expression channels) or null, got {idle_expr_rank!r}")
-    return replace(CORPUS_PARAMS[version], idle_expr_rank=int(idle_expr_rank))
+    if isinstance(idle_expr_rank, bool) or not isinstance(idle_expr_rank, int) or not 1 <= idle_expr_rank <= 50:
+        raise ValueError(f"idle_expr_rank must be an integer 1..50 (the expression channels) or null, got {idle_expr_rank!r}")
+    return replace(CORPUS_PARAMS[version], idle_expr_rank=idle_expr_rank)
 
 
 def _idle_expression(rng: np.random.Generator, n: int, P: CorpusParams) -> np.ndarray:
@@ -1008,7 +1008,7 @@ def generate_corpus(out_dir, n_conversations: int = 60, seconds: float = 64.0, s
     meta = {"synthetic": {"corpus_version": version, "seed": seed, "n_conversations": n_conversations,
                           "seconds": seconds, "test_fraction": test_fraction, "intents": list(INTENTS)}}
     if idle_expr_rank is not None:  # recorded only when set: the default corpus' dataset.json is unchanged
-        meta["synthetic"]["idle_expr_rank"] = int(idle_expr_rank)
+        meta["synthetic"]["idle_expr_rank"] = idle_expr_rank
     executor = (ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),))
                 if workers > 1 and n_conversations > 1 else None)
     try:

@@ -559,5 +559,6 @@ def test_low_rank_idle_expression_is_opt_in_recorded_and_of_that_rank(tmp_path):
     generate_corpus(tmp_path / "r0", n_conversations=1, seconds=8.0, seed=0, progress=False)
     assert load_dataset_meta(tmp_path / "r4")["synthetic"]["idle_expr_rank"] == 4
     assert "idle_expr_rank" not in load_dataset_meta(tmp_path / "r0")["synthetic"]
-    with pytest.raises(ValueError, match="idle_expr_rank"):
-        generate_corpus(tmp_path / "bad", n_conversations=1, seconds=8.0, idle_expr_rank=0)
+    for bad in (0, 51, "four", 2.5, True):
+        with pytest.raises(ValueError, match="idle_expr_rank"):
+            generate_corpus(tmp_path / "bad", n_conversations=1, seconds=8.0, idle_expr_rank=bad)
