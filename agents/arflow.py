@@ -54,7 +54,7 @@ space, after the projector): text (1 token), audio (both streams together, every
 motion (every token). A row uses the null when it is dropped (training-time condition dropout, or
 ``drop`` masks) or when the condition is missing (``text_mask`` False, ``partner_has_motion``
 False), so "missing" and "dropped" look the same to the network. The unconditional CFG branch drops
-all three.
+all three (the paper's), or the subset ``cfg_drop`` of ``sample``.
 
 Cached generation (``start`` / ``extend`` / ``velocity`` / ``append``) is an inference path (no
 autograd; the cache is preallocated and written in place). Gradients go through ``forward`` (all
@@ -751,22 +751,23 @@ class ARFlow(nn.Module):
     def sample(self, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps: int = 10, w_speak: float = 1.0,
                w_listen: float = 1.0, speaking_tokens: Tensor | None = None, sigma: float = 0.0,
                generator: torch.Generator | None = None, prefix: Tensor | None = None, use_cache: bool = True,
-               sde: str = "paper") -> Tensor:
+               sde: str = "paper", cfg_drop=DROP_KEYS) -> Tensor:
         """Generate ``n_tokens`` latents (B, n_tokens, Dv) of one window: :func:`.sampling.sample`."""
         from .sampling import sample  # imported here: sampling.py imports this module
 
         return sample(self, cond, n_tokens, steps=steps, w_speak=w_speak, w_listen=w_listen, speaking_tokens=speaking_tokens,
-                      sigma=sigma, generator=generator, prefix=prefix, use_cache=use_cache, sde=sde)
+                      sigma=sigma, generator=generator, prefix=prefix, use_cache=use_cache, sde=sde, cfg_drop=cfg_drop)
 
     def generate_long(self, cond: Mapping[str, Tensor] | Callable[[int, int], Mapping[str, Tensor]], total_frames: int,
                       window: int | None = None, k: int = 1, steps: int = 10, w_speak: float = 1.0, w_listen: float = 1.0,
                       speaking_tokens: Tensor | None = None, sigma: float = 0.0, generator: torch.Generator | None = None,
-                      use_cache: bool = True, sde: str = "paper") -> Tensor:
+                      use_cache: bool = True, sde: str = "paper", cfg_drop=DROP_KEYS) -> Tensor:
         """Sliding-window generation of ``total_frames`` frames -> (B, total_frames / r, Dv): :func:`.sampling.generate_long`."""
         from .sampling import generate_long  # imported here: sampling.py imports this module
 
         return generate_long(self, cond, total_frames, window=window, k=k, steps=steps, w_speak=w_speak, w_listen=w_listen,
-                             speaking_tokens=speaking_tokens, sigma=sigma, generator=generator, use_cache=use_cache, sde=sde)
+                             speaking_tokens=speaking_tokens, sigma=sigma, generator=generator, use_cache=use_cache, sde=sde,
+                             cfg_drop=cfg_drop)
 
 
 # --------------------------------------------------------------------------------------------

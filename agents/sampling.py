@@ -12,9 +12,11 @@ t_s = s / steps, dt = 1 / steps, with the guided velocity v of token l given the
                              b = v (``sde="paper"``) or the score-corrected drift (``sde="marginal"``,
                              ``flow.sde_drift``)
 
-Classifier-free guidance (eq. 6): v = v_uncond + w_l (v_cond - v_uncond), where the unconditional
-branch nulls every condition (text, audio, partner motion) and w_l is ``w_speak`` on tokens where
-the actor speaks and ``w_listen`` elsewhere. The two branches run as one stacked batch of 2B rows
+Classifier-free guidance (eq. 6): v = v_uncond + w_l (v_cond - v_uncond), where w_l is ``w_speak``
+on tokens where the actor speaks and ``w_listen`` elsewhere, and the unconditional branch nulls the
+conditions of ``cfg_drop`` (default, the paper's: all of them, text, audio and partner motion; a
+subset guides on those conditions only, e.g. ``("motion",)`` scales the reaction to the partner's
+motion while both branches hear the audio). The two branches run as one stacked batch of 2B rows
 ``[cond; uncond]``. With w_speak = w_listen = 1 only the conditional branch runs.
 
 Random draws come from ``generator`` in a fixed order (per token: x0, then per SDE step the noise),
@@ -41,8 +43,8 @@ from ..envs.windows import COND_KEYS, sliding_windows
 from .arflow import DROP_KEYS, KVCache
 from .flow import SDE_KINDS, cfg_combine, euler_step, sde_drift, sde_step
 
-__all__ = ["sample", "window_step", "generate_long", "token_cfg_weights", "check_cfg_weight", "WindowSampler",
-           "window_schedule", "eval_mode"]
+__all__ = ["sample", "window_step", "generate_long", "token_cfg_weights", "check_cfg_weight", "check_cfg_drop",
+           "WindowSampler", "window_schedule", "eval_mode"]
 
 
 def check_cfg_weight(name: str, w) -> float:
@@ -54,6 +56,24 @@ def check_cfg_weight(name: str, w) -> float:
     if not math.isfinite(w):
         raise ValueError(f"arflow: CFG weight {name}={w} is not finite")
     return w
+
+
+def check_cfg_drop(drop) -> tuple[str, ...]:
+    """The conditions the unconditional CFG branch nulls, as a tuple in ``DROP_KEYS`` order: a non-empty
+    subset of ``DROP_KEYS`` (a string names one condition; None = all, the paper's), else ``ValueError``
+    naming the value."""
+    if drop is None:
+        return DROP_KEYS
+    names = (drop,) if isinstance(drop, str) else drop
+    try:
+        names = [str(n) for n in names]
+    except TypeError:
+        raise ValueError(f"arflow: cfg_drop={drop!r} must be a list of conditions from {list(DROP_KEYS)}") from None
+    bad = sorted(set(names) - set(DROP_KEYS))
+    if bad or not names:
+        why = f"unknown {bad}" if bad else "empty (the unconditional branch would equal the conditional one)"
+        raise ValueError(f"arflow: cfg_drop={list(names)}: {why}; choose a non-empty subset of {list(DROP_KEYS)}")
+    return tuple(k for k in DROP_KEYS if k in names)
 
 
 def token_cfg_weights(B: int, N: int, w_speak: float, w_listen: float, speaking_tokens: Tensor | None, device) -> Tensor:
@@ -98,23 +118,26 @@ class _GuidedVelocity:
     starts empty and :meth:`extend` adds each token's prefix group; without a cache the conditioning
     of the last :meth:`extend` is used."""
 
-    def __init__(self, model, cond: Mapping[str, Tensor], B: int, N: int, use_cfg: bool, use_cache: bool):
+    def __init__(self, model, cond: Mapping[str, Tensor], B: int, N: int, use_cfg: bool, use_cache: bool,
+                 cfg_drop: tuple[str, ...] = DROP_KEYS):
         self.model, self.B, self.use_cfg, self.use_cache = model, B, use_cfg, use_cache
         self.causal = bool(getattr(model.cfg, "causal_prefix", False))  # duck-typed models may lack it
-        keep, null = {key: False for key in DROP_KEYS}, {key: True for key in DROP_KEYS}
+        keep, null = {key: False for key in DROP_KEYS}, {key: key in cfg_drop for key in DROP_KEYS}
         if self.use_cfg:
             dev = cond["text_emb"].device
             off, on = torch.zeros(B, dtype=torch.bool, device=dev), torch.ones(B, dtype=torch.bool, device=dev)
-            self.drop = {key: torch.cat([off, on]) for key in DROP_KEYS}
+            self.drop = {key: torch.cat([off, on if null[key] else off]) for key in DROP_KEYS}
         else:
             self.drop = keep
         self.cond = self.rows_cond(cond)
         if use_cache and self.causal:
             self.cache = model.start(self.cond, self.drop, n_tokens=N, groups=0)  # prefix groups come with extend
-        elif use_cache and self.use_cfg:
+        elif use_cache and self.use_cfg and all(null.values()):
             # the unconditional prefix (all nulls) is the same for every row: run it once, copy it B times
             uncond = model.start(_cond_rows(cond, slice(0, 1)), null, n_tokens=N)  # 1 row
             self.cache = KVCache.cat([model.start(cond, keep, n_tokens=N), uncond.repeat_interleave(B)])
+        elif use_cache and self.use_cfg:  # a partial unconditional branch keeps some conditions: one prefix per row
+            self.cache = KVCache.cat([model.start(cond, keep, n_tokens=N), model.start(cond, null, n_tokens=N)])
         elif use_cache:
             self.cache = model.start(self.cond, self.drop, n_tokens=N)
         else:
@@ -175,11 +198,12 @@ class WindowSampler:
     """
 
     def __init__(self, model, cond: Mapping[str, Tensor], n_tokens: int, *, steps: int, guided: bool, sigma: float = 0.0,
-                 sde: str = "paper", generator: torch.Generator | None = None, use_cache: bool = True):
+                 sde: str = "paper", generator: torch.Generator | None = None, use_cache: bool = True,
+                 cfg_drop=DROP_KEYS):
         self.model, self.N, self.steps = model, int(n_tokens), int(steps)
         self.sigma, self.sde, self.generator = _check_settings(steps, sigma, sde), sde, generator
         self.B = cond["text_emb"].shape[0]
-        self.guided = _GuidedVelocity(model, cond, self.B, self.N, bool(guided), use_cache)
+        self.guided = _GuidedVelocity(model, cond, self.B, self.N, bool(guided), use_cache, check_cfg_drop(cfg_drop))
         self.out = cond["text_emb"].new_empty(self.B, self.N, model.cfg.d_latent)
         self.dev = cond["text_emb"].device
         dt = 1.0 / self.steps
@@ -221,18 +245,20 @@ class WindowSampler:
 def sample(model, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps: int = 10, w_speak: float = 1.0,
            w_listen: float = 1.0, speaking_tokens: Tensor | None = None, sigma: float = 0.0,
            generator: torch.Generator | None = None, prefix: Tensor | None = None, use_cache: bool = True,
-           sde: str = "paper") -> Tensor:
+           sde: str = "paper", cfg_drop=DROP_KEYS) -> Tensor:
     """Generate ``n_tokens`` latents (B, n_tokens, Dv) of one window auto-regressively (module docstring).
 
     ``n_tokens`` defaults to the partner tokens of ``cond``. CFG runs when w_speak or w_listen != 1;
     ``speaking_tokens`` (B, n_tokens) bool is required when the two weights differ. ``sigma`` > 0
-    selects the SDE with drift ``sde`` ("paper" or "marginal"). ``prefix`` (B, k, Dv): the first k
+    selects the SDE with drift ``sde`` ("paper" or "marginal"). ``cfg_drop``: the conditions the
+    unconditional branch nulls (:func:`check_cfg_drop`; default all). ``prefix`` (B, k, Dv): the first k
     tokens are given (copied to the output), generation starts at token k. ``use_cache`` False
     recomputes the whole sequence every step (reference path, same result up to float rounding).
     Runs the model in eval mode (dropout off; the previous mode is restored).
     """
     w_speak, w_listen = check_cfg_weight("w_speak", w_speak), check_cfg_weight("w_listen", w_listen)
     _check_settings(steps, sigma, sde)
+    cfg_drop = check_cfg_drop(cfg_drop)
     B, L, Np = model.check_cond(cond)
     d_latent, r = model.cfg.d_latent, model.cfg.r
     N = Np if n_tokens is None else int(n_tokens)
@@ -248,7 +274,7 @@ def sample(model, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps
 
     with eval_mode(model):
         sampler = WindowSampler(model, cond, N, steps=steps, guided=use_cfg, sigma=sigma, sde=sde, generator=generator,
-                                use_cache=use_cache)
+                                use_cache=use_cache, cfg_drop=cfg_drop)
         for l in range(N):
             sampler.advance(cond, prefix[:, l] if l < k else None, None if w_tok is None else w_tok[:, l])
         return sampler.out
@@ -256,7 +282,7 @@ def sample(model, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps
 
 def window_step(model, cond: Mapping[str, Tensor], n: int, prefix: Tensor | None, speaking_tokens: Tensor | None, *,
                 steps: int, w_speak: float, w_listen: float, sigma: float, generator: torch.Generator | None,
-                use_cache: bool, sde: str) -> Tensor:
+                use_cache: bool, sde: str, cfg_drop=DROP_KEYS) -> Tensor:
     """One window of sliding-window generation -> its new latents (B, n - k_w, Dv).
 
     ``cond``: the window's conditioning (n * r audio frames, n partner tokens); ``prefix`` (B, k_w, Dv):
@@ -266,7 +292,7 @@ def window_step(model, cond: Mapping[str, Tensor], n: int, prefix: Tensor | None
     same noise in the same order from ``generator`` and agree bit for bit.
     """
     x = sample(model, cond, n, steps=steps, w_speak=w_speak, w_listen=w_listen, speaking_tokens=speaking_tokens,
-               sigma=sigma, generator=generator, prefix=prefix, use_cache=use_cache, sde=sde)  # (B, n, Dv)
+               sigma=sigma, generator=generator, prefix=prefix, use_cache=use_cache, sde=sde, cfg_drop=cfg_drop)  # (B, n, Dv)
     return x[:, 0 if prefix is None else prefix.shape[1]:]
 
 
@@ -307,7 +333,7 @@ def _window_slicer(cond: Mapping[str, Tensor], r: int) -> Callable[[int, int], d
 def generate_long(model, cond: Mapping[str, Tensor] | Callable[[int, int], Mapping[str, Tensor]], total_frames: int,
                   window: int | None = None, k: int = 1, steps: int = 10, w_speak: float = 1.0, w_listen: float = 1.0,
                   speaking_tokens: Tensor | None = None, sigma: float = 0.0, generator: torch.Generator | None = None,
-                  use_cache: bool = True, sde: str = "paper") -> Tensor:
+                  use_cache: bool = True, sde: str = "paper", cfg_drop=DROP_KEYS) -> Tensor:
     """Sliding-window generation of ``total_frames`` frames -> latents (B, total_frames / r, Dv).
 
     Windows of W = window / r tokens (default the model's config window); the schedule is
@@ -316,7 +342,7 @@ def generate_long(model, cond: Mapping[str, Tensor] | Callable[[int, int], Mappi
     end exactly at the last token (it then gets more than k prefix tokens), or, with a causal prefix,
     cut short there (:func:`window_schedule`). TMRoPE positions restart
     at 0 in every window, as in training. Each window is one :func:`sample` call with the same
-    ``steps``, CFG weights, ``sigma``, ``sde``, ``generator`` and ``use_cache``.
+    ``steps``, CFG weights and ``cfg_drop``, ``sigma``, ``sde``, ``generator`` and ``use_cache``.
 
     ``cond``: either full-length features (text_emb (B, d_text) and the masks are shared by all
     windows; actor_audio / partner_audio (B, >= total_frames, Da); partner_latent
@@ -333,6 +359,7 @@ def generate_long(model, cond: Mapping[str, Tensor] | Callable[[int, int], Mappi
     if not 1 <= k < W:
         raise ValueError(f"arflow.generate_long: k={k} prefix tokens must be in [1, {W - 1}] for a {W}-token window")
     check_cfg_weight("w_speak", w_speak), check_cfg_weight("w_listen", w_listen)
+    cfg_drop = check_cfg_drop(cfg_drop)
     n_total = int(total_frames) // r
     if callable(cond):
         cond_fn = cond
@@ -353,7 +380,7 @@ def generate_long(model, cond: Mapping[str, Tensor] | Callable[[int, int], Mappi
         x = window_step(model, cond_fn(s0 * r, n * r), n, None if new0 == s0 else out[:, s0:new0],
                         None if speaking_tokens is None else speaking_tokens[:, s0:s0 + n], steps=steps,
                         w_speak=w_speak, w_listen=w_listen, sigma=sigma, generator=generator, use_cache=use_cache,
-                        sde=sde)  # (B, n - (new0 - s0), Dv)
+                        sde=sde, cfg_drop=cfg_drop)  # (B, n - (new0 - s0), Dv)
         if out is None:
             out = x.new_empty(x.shape[0], n_total, x.shape[2])
         out[:, new0:s0 + n] = x

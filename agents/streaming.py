@@ -72,8 +72,9 @@ from torch import Tensor
 from ..envs.converters.vad import energy_vad_frames
 from ..envs.flame import FLAME_DIM, SAMPLE_RATE
 from ..envs.windows import sliding_windows, token_majority
+from .arflow import DROP_KEYS
 from .encoders import HOP, AudioEncoder
-from .sampling import WindowSampler, check_cfg_weight, eval_mode, window_step
+from .sampling import WindowSampler, check_cfg_drop, check_cfg_weight, eval_mode, window_step
 
 __all__ = ["StreamingLogMel", "StreamingEnergyVAD", "StreamingGenerator", "StreamOutput", "decode_latents_causal",
            "DECODE_MODES"]
@@ -253,7 +254,7 @@ class StreamingGenerator:
 
     ``model`` (ARFlow), ``vae`` / ``normalizer`` (frozen stage 0), ``audio_encoder`` (log-mel, its
     ``n_mels`` = the model's ``d_audio``). Settings as ``generate_long``: ``k`` prefix tokens, ``steps``,
-    ``w_speak`` / ``w_listen``, ``sigma`` / ``sde``, ``generator``, ``use_cache``; ``window`` (frames)
+    ``w_speak`` / ``w_listen``, ``cfg_drop``, ``sigma`` / ``sde``, ``generator``, ``use_cache``; ``window`` (frames)
     defaults to the model's. ``text_emb`` (Dt,) or None (no text). ``decode``: "chunked" or "causal".
     ``vad_seconds``: actor audio the speaking decision looks back on. ``speaking(j0, j1) -> (j1 - j0,)
     bool`` replaces that VAD by given decisions for tokens [j0, j1) (e.g. an offline VAD of the file).
@@ -263,7 +264,7 @@ class StreamingGenerator:
                  w_speak: float = 1.0, w_listen: float = 1.0, sigma: float = 0.0, sde: str = "paper",
                  generator: torch.Generator | None = None, text_emb=None, window: int | None = None,
                  decode: str = "chunked", vad_seconds: float = 30.0, use_cache: bool = True,
-                 speaking: Callable[[int, int], np.ndarray] | None = None):
+                 speaking: Callable[[int, int], np.ndarray] | None = None, cfg_drop=DROP_KEYS):
         c = model.cfg
         self.model, self.vae, self.normalizer = model, vae, normalizer
         self.r = c.r
@@ -287,6 +288,7 @@ class StreamingGenerator:
         if vad_frames < window:
             raise ValueError(f"StreamingGenerator: vad_seconds={vad_seconds} must cover the window ({window} frames)")
         self.k, self.steps, self.sigma, self.sde = int(k), int(steps), float(sigma), sde
+        self.cfg_drop = check_cfg_drop(cfg_drop)
         self.generator, self.use_cache, self.decode = generator, bool(use_cache), decode
         self._speaking_fn = speaking
         self.nv = vae.cfg.window // vae.cfg.r  # tokens per VAE decoding window
@@ -403,7 +405,7 @@ class StreamingGenerator:
             self._win_s0, self._win_text = s0, (self._text, self._text_mask)
             self._win = WindowSampler(self.model, self._window_cond(s0, j - s0, self._win_text), self.W, steps=self.steps,
                                       guided=(self.w_speak, self.w_listen) != (1.0, 1.0), sigma=self.sigma, sde=self.sde,
-                                      generator=self.generator, use_cache=self.use_cache)
+                                      generator=self.generator, use_cache=self.use_cache, cfg_drop=self.cfg_drop)
             for p in range(s0, j):
                 self._win.advance(self._window_cond(s0, p + 1 - s0, self._win_text), given=self._latents.take(p, p + 1))
         speaking = self._speaking(j, j + 1)  # (1,)
@@ -426,7 +428,7 @@ class StreamingGenerator:
         prefix = self._latents.take(s0, new0)[None] if new0 > s0 else None  # (1, k_w, Dv)
         x = window_step(self.model, cond, n, prefix, torch.from_numpy(speaking)[None].to(dev), steps=self.steps,
                         w_speak=self.w_speak, w_listen=self.w_listen, sigma=self.sigma, generator=self.generator,
-                        use_cache=self.use_cache, sde=self.sde)  # (1, n - k_w, Dv)
+                        use_cache=self.use_cache, sde=self.sde, cfg_drop=self.cfg_drop)  # (1, n - k_w, Dv)
         self._latents.append(x[0])
         self._speaking_new.append(speaking[new0 - s0:])
         self._end = s0 + n

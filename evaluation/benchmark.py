@@ -315,8 +315,10 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
         ctl[m] = {"prompt_accuracy": mean_std([r.get("prompt_accuracy") for r in runs.values()]),
                   "own_text_accuracy": mean_std([r.get("own_text_accuracy") for r in runs.values()]),
                   "per_intent": {i: mean_std([r.get("per_intent", {}).get(i) for r in runs.values()]) for i in intents},
-                  "cfg_sweep": {w: {g: mean_std([r.get("cfg_sweep", {}).get(w, {}).get(g) for r in runs.values()])
-                                    for g in GROUP_NAMES} for w in [f"{float(x):g}" for x in cfg_weights]}}
+                  "cfg_sweep": _sweep_over_seeds([r.get("cfg_sweep", {}) for r in runs.values()], cfg_weights)}
+        variants = next(iter(runs.values()), {}).get("cfg_sweeps") or {}
+        ctl[m]["cfg_sweeps"] = {name: _sweep_over_seeds([r.get("cfg_sweeps", {}).get(name, {}) for r in runs.values()], cfg_weights)
+                                for name in variants}
     any_run = next(iter(next(iter(controls.values())).values()), {})
     gt_sweep = any_run.get("cfg_sweep_gt", {})
     fnd = findings(agg, flat, methods, groups)
@@ -476,14 +478,20 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
                      + " | ".join(fmt_ms(c["per_intent"][i]) for i in intents) + " |")
         L += [""]
     L += ["## CFG intensity sweep", "", "Listening motion std (mean over channels of the std over listening frames) against w_listen "
-          "(w_speak = 1):", ""]
+          "(w_speak = 1), for each unconditional branch (the conditions it nulls; the paper's nulls text, audio and partner "
+          "motion):", ""]
     show = [g for g in ("expr", "jaw", "rot", "eyelid") if g in GROUP_NAMES]
-    head = ["w_listen", *[f"{method_label(m)} {g}" for m in methods for g in show]]
-    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for w in [f"{float(x):g}" for x in cfg_weights]:
-        L.append(f"| {w} | " + " | ".join(fmt_ms(rep["controls"][m]["cfg_sweep"][w][g], 4) for m in methods for g in show) + " |")
+    variants = rep["controls"][methods[0]].get("cfg_sweeps") or {"text+audio+motion": rep["controls"][methods[0]]["cfg_sweep"]}
     gt = rep["controls_gt_listening_std"]
-    L.append("| ground truth | " + " | ".join(("n/a" if gt.get(g) is None else f"{gt[g]:.4f}") for m in methods for g in show) + " |")
+    for name in variants:
+        L += [f"Unconditional branch nulls {name}:", ""]
+        head = ["w_listen", *[f"{method_label(m)} {g}" for m in methods for g in show]]
+        L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        sweep = {m: (rep["controls"][m].get("cfg_sweeps") or {}).get(name, rep["controls"][m]["cfg_sweep"]) for m in methods}
+        for w in [f"{float(x):g}" for x in cfg_weights]:
+            L.append(f"| {w} | " + " | ".join(fmt_ms(sweep[m][w][g], 4) for m in methods for g in show) + " |")
+        L.append("| ground truth | " + " | ".join(("n/a" if gt.get(g) is None else f"{gt[g]:.4f}") for m in methods for g in show) + " |")
+        L += [""]
     L += ["", "## Listening motion, one test window", "", "![listening motion](listening_motion.png)", ""]
     L += ["## All metrics (mean ± std over seeds)", "", "| metric | " + " | ".join(method_label(m) for m in methods) + " |",
           "|" + "---|" * (len(methods) + 1)]
@@ -491,6 +499,12 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
         L.append(f"| {k} | " + " | ".join(fmt_ms(agg[m].get(k), 4) for m in methods) + " |")
     L += [""]
     return "\n".join(L)
+
+
+def _sweep_over_seeds(sweeps: list[dict], cfg_weights) -> dict:
+    """``{w: {group: mean_std}}`` of one CFG sweep ``{w: {group: value}}`` per seed."""
+    return {w: {g: mean_std([sw.get(w, {}).get(g) for sw in sweeps]) for g in GROUP_NAMES}
+            for w in [f"{float(x):g}" for x in cfg_weights]}
 
 
 def _mean_ratio(a: dict, g: str, figure: str) -> str:

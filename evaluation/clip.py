@@ -40,6 +40,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from ..agents.arflow import DROP_KEYS
 from ..agents.checkpoint import atomic_write_bytes
 from ..agents.sampling import check_cfg_weight
 from ..envs.converters.vad import energy_gate
@@ -275,11 +276,12 @@ def pad_samples(wav: np.ndarray, n: int) -> np.ndarray:
 @torch.no_grad()
 def generate_clip(model, vae, normalizer, text_enc, audio_enc, actor: np.ndarray, partner: np.ndarray, n_frames: int,
                   vad: np.ndarray, text: str = "", partner_motion: torch.Tensor | None = None, steps: int = 10,
-                  w_speak: float = 1.0, w_listen: float = 1.0, seed: int = 0) -> np.ndarray:
+                  w_speak: float = 1.0, w_listen: float = 1.0, seed: int = 0, cfg_drop=DROP_KEYS) -> np.ndarray:
     """The actor's raw FLAME motion ``(n_frames, 67)`` for 16 kHz ``actor`` / ``partner`` audio.
 
     ``vad (n_frames,)`` bool: the actor speaks (CFG weight ``w_speak`` on those tokens, ``w_listen``
-    elsewhere); ``partner_motion (n_frames, 67)`` or None (audio only); ``text`` "" = no text.
+    elsewhere; ``cfg_drop`` the conditions the unconditional branch nulls); ``partner_motion (n_frames, 67)``
+    or None (audio only); ``text`` "" = no text.
     Sliding windows of the model (paper 4.3, k = 1); see the module docstring for lengths.
     """
     r = vae.cfg.r
@@ -299,7 +301,8 @@ def generate_clip(model, vae, normalizer, text_enc, audio_enc, actor: np.ndarray
             "partner_latent": partner_latent, "partner_has_motion": torch.tensor([partner_motion is not None], device=dev)}
     g = torch.Generator(device=dev).manual_seed(int(seed))
     z = model.generate_long(cond, n_gen, steps=int(steps), w_speak=float(w_speak), w_listen=float(w_listen),
-                            speaking_tokens=token_majority(speaking, r).to(dev), generator=g)  # (1, n_gen / r, Dv)
+                            speaking_tokens=token_majority(speaking, r).to(dev), generator=g,
+                            cfg_drop=cfg_drop)  # (1, n_gen / r, Dv)
     return decode_latents(vae, normalizer, z)[0, :n_frames].cpu().numpy()  # (n_frames, 67)
 
 
@@ -321,7 +324,7 @@ def why_not_streamed(audio_encoder: str, vad: str, partner_motion: bool) -> str 
 @torch.no_grad()
 def stream_motion(model, vae, normalizer, text_enc, audio_enc, actor: AudioFile, partner: AudioFile | None, n_frames: int,
                   vad: np.ndarray, text: str = "", steps: int = 10, w_speak: float = 1.0, w_listen: float = 1.0, seed: int = 0,
-                  progress: bool | None = None, block: int = BLOCK_SAMPLES) -> Iterator[np.ndarray]:
+                  progress: bool | None = None, block: int = BLOCK_SAMPLES, cfg_drop=DROP_KEYS) -> Iterator[np.ndarray]:
     """:func:`generate_clip` (without partner motion) with memory bounded in the clip's length: yields
     the actor's raw FLAME motion as consecutive blocks ``(m, 67)``, ``n_frames`` frames in all.
 
@@ -345,7 +348,7 @@ def stream_motion(model, vae, normalizer, text_enc, audio_enc, actor: AudioFile,
     g = torch.Generator(device=dev).manual_seed(int(seed))
     gen = StreamingGenerator(model, vae, normalizer, audio_enc, steps=int(steps), w_speak=float(w_speak),
                              w_listen=float(w_listen), generator=g, text_emb=text_emb, decode="chunked",
-                             speaking=lambda j0, j1: tokens[j0:j1])
+                             speaking=lambda j0, j1: tokens[j0:j1], cfg_drop=cfg_drop)
     n_samples = n_gen * SAMPLES_PER_FRAME
     partner_blocks = partner.blocks(n_samples, block) if partner is not None else itertools.repeat(None)
 

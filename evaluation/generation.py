@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from ..agents.arflow import DROP_KEYS
 from ..envs.flame import GROUP_NAMES, GROUPS
 from ..envs.windows import cond_from_bank, decode_latents
 from ..rewards.stats import dynamic_deviation, velocity_std
@@ -20,8 +21,11 @@ from .metrics import paired_bootstrap_ci
 @torch.no_grad()
 def generate_motion(model, vae, normalizer, bank, steps: int = 10, w_speak: float = 1.0, w_listen: float = 1.0,
                     seed: int = 0, batch_size: int = 32, text_emb: torch.Tensor | None = None, progress: bool = False,
-                    desc: str = "generate") -> torch.Tensor:
+                    desc: str = "generate", cfg_drop=DROP_KEYS) -> torch.Tensor:
     """ODE-sample every row of ``bank`` and decode to raw FLAME ``(B, W, 67)``.
+
+    CFG weights ``w_speak`` / ``w_listen`` against an unconditional branch that nulls ``cfg_drop``
+    (``agents.sampling.check_cfg_drop``; default all conditions, the paper's).
 
     Deterministic given ``seed`` and ``batch_size``: one generator, seeded once, draws the noise of
     every batch in row order. ``text_emb (B, Dt)`` replaces the rows' text condition (text control:
@@ -40,7 +44,7 @@ def generate_motion(model, vae, normalizer, bank, steps: int = 10, w_speak: floa
             te = text_emb[i : i + batch_size].to(bank.device)  # (b, Dt)
             cond = {**cond, "text_emb": te, "text_mask": torch.ones(te.shape[0], dtype=torch.bool, device=bank.device)}
         z = model.sample(cond, n_tokens, steps=int(steps), w_speak=float(w_speak), w_listen=float(w_listen),
-                         speaking_tokens=b["speaking_tokens"], generator=g)  # (b, N, Dv)
+                         speaking_tokens=b["speaking_tokens"], generator=g, cfg_drop=cfg_drop)  # (b, N, Dv)
         outs.append(decode_latents(vae, normalizer, z))  # (b, W, 67)
     return torch.cat(outs)
 

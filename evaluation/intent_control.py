@@ -8,7 +8,8 @@
   intent (``envs.synthetic.describe``); the classifier's accuracy on the generated listening motion
   (chance = 1 / number of intents); also on the windows' own text.
 - **CFG intensity sweep**: listening motion std (per group: mean over channels of the std over the
-  listening frames) against the listening CFG weight ``w_listen``.
+  listening frames) against the listening CFG weight ``w_listen``, for each unconditional branch of
+  ``cfg_drops`` (the conditions it nulls; the paper's nulls all three).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from ..agents.sampling import check_cfg_drop
 from ..envs.dataset import DyadicWindows
 from ..envs.flame import GROUP_NAMES, GROUPS
 from ..rewards.stats import masked_mean, masked_std, velocity_std
@@ -160,7 +162,8 @@ def run_controls(model, data: EvalData, rows: list[int], ccfg: DictConfig, ecfg:
                  prompts, labels, pred_all: torch.Tensor, progress: bool) -> dict:
     """Text-control accuracy (own text and each intent's prompt) and the CFG sweep on bank ``rows``.
 
-    ``ccfg``: ``min_listen``, ``cfg_weights``; ``ecfg``: ``steps``, ``batch_size``; ``pred_all``: the
+    ``ccfg``: ``min_listen``, ``cfg_weights``, ``cfg_drops`` (optional; None = the paper's branch only);
+    ``ecfg``: ``steps``, ``batch_size``; ``pred_all``: the
     evaluation's prediction of every bank row (the windows' own text).
     """
     out: dict = {}
@@ -187,12 +190,20 @@ def run_controls(model, data: EvalData, rows: list[int], ccfg: DictConfig, ecfg:
         out["prompt_accuracy"] = float(np.mean(list(per.values())))
         out["per_intent"] = per
         out["confusion"] = conf.tolist()
-    sweep = {}
-    for w in ccfg.cfg_weights:
-        pred = generate_motion(model, data.vae, data.normalizer, sub, w_speak=1.0, w_listen=float(w),
-                               desc=f"cfg w_listen={float(w):g}", **kw)
-        sweep[f"{float(w):g}"] = {g: M.motion_std(pred, lis, sub["actor_valid"], (g,), mf).value for g in GROUP_NAMES}
-    out["cfg_sweep"] = sweep
+    sweeps, no_cfg = {}, None  # w_listen = 1 runs no unconditional branch: one generation serves every variant
+    for drop in [check_cfg_drop(d) for d in (ccfg.get("cfg_drops") or [None])]:
+        sweep = {}
+        for w in ccfg.cfg_weights:
+            if float(w) == 1.0 and no_cfg is not None:
+                pred = no_cfg
+            else:
+                pred = generate_motion(model, data.vae, data.normalizer, sub, w_speak=1.0, w_listen=float(w), cfg_drop=drop,
+                                       desc=f"cfg w_listen={float(w):g} (null {'+'.join(drop)})", **kw)
+                no_cfg = pred if float(w) == 1.0 else no_cfg
+            sweep[f"{float(w):g}"] = {g: M.motion_std(pred, lis, sub["actor_valid"], (g,), mf).value for g in GROUP_NAMES}
+        sweeps["+".join(drop)] = sweep
+    out["cfg_sweep"] = next(iter(sweeps.values()))  # the first variant's (the paper's by default)
+    out["cfg_sweeps"] = sweeps
     out["cfg_sweep_gt"] = {g: M.motion_std(sub["actor_motion"], lis, sub["actor_valid"], (g,), mf).value for g in GROUP_NAMES}
     out["n_windows"] = len(rows)
     return out

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ..agents.arflow import DROP_KEYS
 from ..agents.checkpoint import atomic_write_bytes, atomic_write_json
+from ..agents.sampling import check_cfg_drop
 from ..envs.flame import GROUP_NAMES
 from . import metrics as M
 from .checkpoints import terms_differ_from_default
@@ -44,6 +46,7 @@ def header(data: EvalData, cfg: DictConfig, ckpt: str, seed: int, run_reward: di
         "checkpoint": str(ckpt), "dataset": str(data.root), "split": data.split, "n_windows": len(data.indices),
         "n_expressive": int(data.expressive.sum()), "expressive_quantile": float(mc.get("expressive_quantile", 0.75)),
         "seed": seed, "steps": int(cfg.steps), "w_speak": float(cfg.w_speak), "w_listen": float(cfg.w_listen),
+        "cfg_drop": list(check_cfg_drop(cfg.get("cfg_drop"))),
         "precision": str(cfg.get("precision", "fp32")),  # train/evaluate.py replaces "auto" with the one used
         "convention": conv, "dynamic_scale": M.DYNAMIC_SCALE[conv],
         "min_frames": int(mc.get("min_frames", 10)), "publication_scale": bool(mc.get("publication_scale", True)),
@@ -131,7 +134,9 @@ def markdown_report(h: dict, res: dict) -> str:
     lines = [f"# Evaluation of `{h['checkpoint']}`", "",
              f"Dataset `{h['dataset']}`, split `{h['split']}`: {h['n_windows']} windows (expressive subset: "
              f"{h['n_expressive']} windows, top {100 * (1 - h['expressive_quantile']):.0f}% of ground-truth variance). "
-             + (f"Euler ODE, {h['steps']} steps, CFG w_speak={h['w_speak']:g} w_listen={h['w_listen']:g}, seed {h['seed']}."
+             + (f"Euler ODE, {h['steps']} steps, CFG w_speak={h['w_speak']:g} w_listen={h['w_listen']:g}"
+                + (f" (unconditional branch nulls {'+'.join(h['cfg_drop'])})" if h.get("cfg_drop", list(DROP_KEYS)) != list(DROP_KEYS)
+                   and (h["w_speak"], h["w_listen"]) != (1.0, 1.0) else "") + f", seed {h['seed']}."
               if h.get("steps") is not None else "No generation: the ground truth encoded and decoded by the VAE (posterior means)."),
              ""]
     for n in h["notes"]:

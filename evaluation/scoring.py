@@ -205,13 +205,14 @@ def evaluate_model(model, data: EvalData, cfg: DictConfig, seed: int | None = No
                    run_reward: dict | None = None) -> dict:
     """Generate the split and compute every metric on all windows and on the expressive subset.
 
-    ``cfg``: ``steps``, ``w_speak``, ``w_listen``, ``batch_size``, ``seed`` (default of ``seed``) and
-    the ``metrics`` group. The prediction ``(B, W, 67)`` is returned under ``_pred``.
+    ``cfg``: ``steps``, ``w_speak``, ``w_listen``, ``cfg_drop`` (optional, default all conditions),
+    ``batch_size``, ``seed`` (default of ``seed``) and the ``metrics`` group. The prediction ``(B, W, 67)`` is returned under ``_pred``.
     """
     seed = int(cfg.seed if seed is None else seed)
     t0 = time.perf_counter()
     pred = generate_motion(model, data.vae, data.normalizer, data.bank, steps=int(cfg.steps), w_speak=float(cfg.w_speak),
-                           w_listen=float(cfg.w_listen), seed=seed, batch_size=int(cfg.batch_size), progress=progress)
+                           w_listen=float(cfg.w_listen), seed=seed, batch_size=int(cfg.batch_size), progress=progress,
+                           cfg_drop=cfg.get("cfg_drop"))
     return score_prediction(pred, data, cfg.metrics, progress, run_reward, generate_s=time.perf_counter() - t0)
 
 

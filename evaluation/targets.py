@@ -228,9 +228,11 @@ def text_control(label: str, accuracy: Mapping | None, reconstruction: float | N
                   "n/a" if a is None else f"{a:.2f}", f">= {MIN_TEXT_ACCURACY}", note)
 
 
-def cfg_monotone(label: str, sweep: Mapping[str, Mapping[str, Mapping]]) -> Target:
+def cfg_monotone(label: str, sweep: Mapping[str, Mapping[str, Mapping]], nulls: str | None = None) -> Target:
     """Listening motion std strictly rising with ``w_listen`` over :data:`CFG_RANGE`, in every group.
-    ``sweep[w][group]``: mean over seeds (``w`` as a string, e.g. "2")."""
+    ``sweep[w][group]``: mean over seeds (``w`` as a string, e.g. "2"); ``nulls``: the conditions the
+    unconditional branch of this sweep nulls, named in the target (None: the paper's branch)."""
+    label = label if nulls is None else f"{label} (unconditional branch nulls {nulls})"
     lo, hi = CFG_RANGE
     ws = sorted((float(w), w) for w in sweep if lo <= float(w) <= hi)
     if len(ws) < 2 or ws[0][0] != lo or ws[-1][0] != hi:
@@ -279,6 +281,8 @@ def check_targets(*, quality: Mapping, findings: Mapping, paired: Mapping, metri
         out.append(text_control(labels[m], c.get("prompt_accuracy"), reconstruction_text_accuracy))
     for m, c in controls.items():
         out.append(cfg_monotone(labels[m], c.get("cfg_sweep") or {}))
+    for m, c in controls.items():  # sweeps with other unconditional branches (controls.cfg_drops), each its own target
+        out += [cfg_monotone(labels[m], sw, name) for name, sw in list((c.get("cfg_sweeps") or {}).items())[1:]]
     return out
 
 

@@ -281,13 +281,15 @@ def test_causal_generate_long_cuts_the_last_window_short():
 # sampling
 
 
-@pytest.mark.parametrize("sigma,audio_stride,causal", [(0.0, 1, False), (0.5, 1, False), (0.5, 4, False), (0.5, 4, True)])
-def test_cached_and_uncached_sampling_agree_with_cfg(sigma, audio_stride, causal):
+@pytest.mark.parametrize("sigma,audio_stride,causal,cfg_drop", [(0.0, 1, False, None), (0.5, 1, False, None), (0.5, 4, False, None),
+                                                                 (0.5, 4, True, None), (0.5, 1, False, ["motion"]),
+                                                                 (0.5, 4, True, ["text", "motion"])])
+def test_cached_and_uncached_sampling_agree_with_cfg(sigma, audio_stride, causal, cfg_drop):
     m = make_model(audio_stride=audio_stride, causal_prefix=causal)
     cfg = m.cfg
     cond = make_cond(cfg)
     speaking = torch.tensor([[True, False, False, True], [False, False, True, True]])
-    kw = dict(steps=3, w_speak=1.5, w_listen=2.5, speaking_tokens=speaking, sigma=sigma)
+    kw = dict(steps=3, w_speak=1.5, w_listen=2.5, speaking_tokens=speaking, sigma=sigma, cfg_drop=cfg_drop)
     a = m.sample(cond, cfg.n_tokens, generator=torch.Generator().manual_seed(7), use_cache=True, **kw)
     b = m.sample(cond, cfg.n_tokens, generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
     assert a.shape == (B, cfg.n_tokens, cfg.d_latent) and torch.isfinite(a).all()
@@ -296,19 +298,20 @@ def test_cached_and_uncached_sampling_agree_with_cfg(sigma, audio_stride, causal
     assert not torch.allclose(a, c, atol=1e-3)  # the generator drives the noise
 
 
-@pytest.mark.parametrize("sigma", [0.0, 0.5])
-def test_sample_matches_reference_loop(sigma):
+@pytest.mark.parametrize("sigma,cfg_drop", [(0.0, None), (0.5, None), (0.0, ("motion",)), (0.5, ("text", "audio"))])
+def test_sample_matches_reference_loop(sigma, cfg_drop):
     """sample() = per token: x0 ~ N(0, I); per step v = CFG(v_cond, v_uncond, w_l) with w_l from speaking_tokens[:, l];
-    x <- x + dt v (+ sigma sqrt(dt) eps); the finished token joins the history. Written out with velocity_uncached."""
+    x <- x + dt v (+ sigma sqrt(dt) eps); the finished token joins the history. Written out with velocity_uncached.
+    The unconditional branch nulls ``cfg_drop`` (None: every condition, the paper's)."""
     m = make_model()
     cfg = m.cfg
     cond = make_cond(cfg)
     steps, ws, wl = 3, 0.5, 2.0
     speaking = torch.tensor([[True, False, True, False], [False, True, True, False]])
     out = m.sample(cond, steps=steps, w_speak=ws, w_listen=wl, speaking_tokens=speaking, sigma=sigma,
-                   generator=torch.Generator().manual_seed(5))
+                   generator=torch.Generator().manual_seed(5), cfg_drop=cfg_drop)
     g = torch.Generator().manual_seed(5)
-    everything = {"text": True, "audio": True, "motion": True}
+    everything = {k: cfg_drop is None or k in cfg_drop for k in ("text", "audio", "motion")}
     hist = torch.zeros(B, 0, cfg.d_latent)
     for l in range(cfg.n_tokens):
         x = torch.randn((B, cfg.d_latent), generator=g)
@@ -340,6 +343,14 @@ def test_cfg_weight_one_equals_cond_only():
     x = m.sample(other, steps=3, generator=torch.Generator().manual_seed(0), w_speak=0.0, w_listen=0.0)
     torch.testing.assert_close(uncond, x, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(uncond, plain, atol=1e-3)
+    # a partial unconditional branch still reads the conditions it keeps: w = 0 with cfg_drop=[motion] changes
+    # with the audio, not with the partner's motion
+    only_motion = dict(steps=3, w_speak=0.0, w_listen=0.0, cfg_drop=["motion"])
+    a = m.sample(cond, generator=torch.Generator().manual_seed(0), **only_motion)
+    moved = {**cond, "partner_latent": other["partner_latent"]}
+    torch.testing.assert_close(m.sample(moved, generator=torch.Generator().manual_seed(0), **only_motion), a, atol=1e-5, rtol=1e-5)
+    heard = {**cond, "actor_audio": other["actor_audio"]}
+    assert not torch.allclose(m.sample(heard, generator=torch.Generator().manual_seed(0), **only_motion), a, atol=1e-3)
 
 
 def test_condition_dropout_acts_only_through_nulls():

@@ -287,11 +287,13 @@ def test_collapse_cost_reward_dominance_control_targets():
     c = T.cfg_monotone("GDPO", flat)
     assert c.status == T.FAIL and c.note == "not monotone: rot"
     assert T.cfg_monotone("GDPO", {"1": sweep["1"], "2": sweep["2"]}).status == T.NA  # w = 4 not swept
+    assert T.cfg_monotone("GDPO", sweep, "motion").name == "GDPO (unconditional branch nulls motion) listening std rises with w_listen"
 
 
 def test_check_targets_covers_every_gdpo_method_and_reports_misses():
     ms = lambda x: {"mean": x}  # noqa: E731
-    ctl = {m: {"prompt_accuracy": ms(0.95), "cfg_sweep": {"1": {"expr": ms(0.1)}, "4": {"expr": ms(0.2)}}}
+    sw = {"1": {"expr": ms(0.1)}, "4": {"expr": ms(0.2)}}
+    ctl = {m: {"prompt_accuracy": ms(0.95), "cfg_sweep": sw, "cfg_sweeps": {"text+audio+motion": sw, "motion": sw}}
            for m in ("supervised", "grpo", "gdpo", "gdpo@marginal")}
     rows = T.check_targets(quality={}, findings={}, paired={}, metrics={}, mechanism={}, controls=ctl, trends={},
                            groups=["expr"], algo_of={"supervised": "supervised", "grpo": "grpo", "gdpo": "gdpo", "gdpo@marginal": "gdpo"},
@@ -299,7 +301,8 @@ def test_check_targets_covers_every_gdpo_method_and_reports_misses():
     names = [r.name for r in rows]
     assert sum(n.startswith("GDPO vs supervised, listening") for n in names) == 3
     assert sum(n.startswith("GDPO (marginal SDE) vs supervised, listening") for n in names) == 3
-    assert sum("text-control" in n for n in names) == 4 and sum("w_listen" in n for n in names) == 4
+    assert sum("text-control" in n for n in names) == 4 and sum("w_listen" in n for n in names) == 8  # two sweeps
+    assert sum("(unconditional branch nulls motion)" in n for n in names) == 4
     md = T.targets_markdown(rows)
     assert "not measured in this run" in md and "Missed targets" not in md  # nothing measured failed
     md = T.targets_markdown(rows + [T.Target("x", T.FAIL, "1", "<= 0", "why")])

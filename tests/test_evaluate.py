@@ -245,6 +245,9 @@ def test_bench_quick(tiny):
         per_intent = [ctl["per_intent"][i]["mean"] for i in rep["intents"]]
         assert len(per_intent) >= 2 and ctl["prompt_accuracy"]["mean"] == pytest.approx(float(np.mean(per_intent)))
         assert set(rep["controls"][m]["cfg_sweep"]) == {"1", "4"}
+        sweeps = rep["controls"][m]["cfg_sweeps"]  # the paper's unconditional branch and partner-motion guidance
+        assert list(sweeps) == ["text+audio+motion", "motion"] and sweeps["text+audio+motion"] == rep["controls"][m]["cfg_sweep"]
+        assert sweeps["motion"]["1"] == sweeps["text+audio+motion"]["1"]  # w = 1 runs no unconditional branch
     for m, slug, algo in (("grpo", "grpo", "grpo"), ("gdpo", "gdpo", "gdpo"), ("gdpo@marginal", "gdpo-marginal", "gdpo")):
         # training reward curves and mechanism figures read from the CSV logs, every rewarded group
         assert all(v["final"]["mean"] is not None for v in rep["training"]["reward"][m].values())
@@ -286,7 +289,8 @@ def test_bench_quick(tiny):
     md = (out / "report.md").read_text()
     for section in ("## Targets (issue 10)", "Table 1 layout", "## Paired per-window comparison", "## SDE choice",
                     "Better post-trained model", "## GDPO mechanism figures", "Trend over the last third", "Text control",
-                    "CFG intensity sweep", "GDPO (marginal SDE)", "## The VAE's ceiling", "VAE reconstruction (reference)"):
+                    "CFG intensity sweep", "Unconditional branch nulls motion:", "GDPO (marginal SDE)", "## The VAE's ceiling",
+                    "VAE reconstruction (reference)"):
         assert section in md, section
     assert "training-reward slope over the last third" in res.stdout
 

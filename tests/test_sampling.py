@@ -159,6 +159,21 @@ def test_bad_sde_kind_raises():
         m.generate_long(cond, 32, sigma=0.5, sde="ito")
 
 
+def test_check_cfg_drop():
+    assert sampling.check_cfg_drop(None) == ("text", "audio", "motion")  # the paper's unconditional branch
+    assert sampling.check_cfg_drop(["motion", "text"]) == ("text", "motion")  # DROP_KEYS order
+    assert sampling.check_cfg_drop("audio") == ("audio",)
+    with pytest.raises(ValueError, match=r"cfg_drop=\['motion', 'gaze'\]: unknown \['gaze'\]"):
+        sampling.check_cfg_drop(["motion", "gaze"])
+    with pytest.raises(ValueError, match="cfg_drop=\\[\\]: empty"):
+        sampling.check_cfg_drop([])
+    with pytest.raises(ValueError, match="cfg_drop=3 must be a list"):
+        sampling.check_cfg_drop(3)
+    m = make_model()
+    with pytest.raises(ValueError, match="unknown \\['video'\\]"):  # refused before any sampling
+        m.sample(make_cond(m.cfg), steps=1, w_listen=2.0, cfg_drop=["video"])
+
+
 def test_token_cfg_weights_and_speaking_tokens():
     sp = torch.tensor([[True, False, True]])
     assert sampling.token_cfg_weights(1, 3, 2.0, 0.5, sp, "cpu").tolist() == [[2.0, 0.5, 2.0]]

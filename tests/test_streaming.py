@@ -73,18 +73,19 @@ def offline_cond(enc, actor, partner, n_frames, text=None):
 SETTINGS = dict(steps=3, w_speak=1.5, w_listen=2.0)
 
 
-@pytest.mark.parametrize("chunk", [320, 777, SAMPLE_RATE])
-def test_stream_equals_generate_long_and_decode(parts, chunk):
+@pytest.mark.parametrize("chunk,cfg_drop", [(320, None), (777, ["text"]), (SAMPLE_RATE, None)])
+def test_stream_equals_generate_long_and_decode(parts, chunk, cfg_drop):
     model, vae, norm, enc = parts
     actor, partner = speech_like(6.3, 1), speech_like(6.3, 2)  # 19 whole tokens and a partial one
     text = torch.randn(DT, generator=torch.Generator().manual_seed(5))
-    gen = StreamingGenerator(model, vae, norm, enc, k=1, text_emb=text, generator=torch.Generator().manual_seed(3), **SETTINGS)
+    gen = StreamingGenerator(model, vae, norm, enc, k=1, text_emb=text, generator=torch.Generator().manual_seed(3),
+                             cfg_drop=cfg_drop, **SETTINGS)
     z, motion, speaking = run_stream(gen, actor, partner, chunk)
     n_frames = (len(actor) // TOKEN) * R
     assert z.shape == (n_frames // R, DV) and speaking.any() and not speaking.all()
     ref = generate_long(model, offline_cond(enc, actor, partner, n_frames, text), n_frames, k=1,
                         speaking_tokens=torch.from_numpy(speaking)[None], generator=torch.Generator().manual_seed(3),
-                        **SETTINGS)[0]  # (N, Dv)
+                        cfg_drop=cfg_drop, **SETTINGS)[0]  # (N, Dv)
     assert torch.equal(z, ref)
     assert np.array_equal(motion, decode_latents(vae, norm, ref[None])[0].numpy())
     offline_vad = token_majority(torch.from_numpy(energy_vad_frames(actor, n_frames)), R).numpy()  # as generate.py
@@ -314,13 +315,13 @@ def causal_parts(parts):
     return causal.eval(), vae, norm, enc
 
 
-@pytest.mark.parametrize("chunk,k,sigma", [(320, 1, 0.0), (777, 2, 0.3), (SAMPLE_RATE, 1, 0.0)])
-def test_causal_stream_emits_each_token_with_its_audio_and_equals_generate_long(causal_parts, chunk, k, sigma):
+@pytest.mark.parametrize("chunk,k,sigma,cfg_drop", [(320, 1, 0.0, None), (777, 2, 0.3, ["text"]), (SAMPLE_RATE, 1, 0.0, None)])
+def test_causal_stream_emits_each_token_with_its_audio_and_equals_generate_long(causal_parts, chunk, k, sigma, cfg_drop):
     model, vae, norm, enc = causal_parts
     actor, partner = speech_like(6.3, 1), speech_like(6.3, 2)  # 19 whole tokens: the last window is cut short
     text = torch.randn(DT, generator=torch.Generator().manual_seed(5))
     gen = StreamingGenerator(model, vae, norm, enc, k=k, sigma=sigma, text_emb=text, decode="causal",
-                             generator=torch.Generator().manual_seed(3), **SETTINGS)
+                             generator=torch.Generator().manual_seed(3), cfg_drop=cfg_drop, **SETTINGS)
     emitted, late = {"tokens": 0, "frames": 0}, []
 
     def count(i, out):  # after every push: every token whose audio is in is out, latents and frames
@@ -335,9 +336,14 @@ def test_causal_stream_emits_each_token_with_its_audio_and_equals_generate_long(
     assert z.shape == (n_frames // R, DV) and speaking.any() and not speaking.all()
     ref = generate_long(model, offline_cond(enc, actor, partner, n_frames, text), n_frames, k=k, sigma=sigma,
                         speaking_tokens=torch.from_numpy(speaking)[None], generator=torch.Generator().manual_seed(3),
-                        **SETTINGS)[0]  # (N, Dv)
+                        cfg_drop=cfg_drop, **SETTINGS)[0]  # (N, Dv)
     assert torch.equal(z, ref)
     assert np.array_equal(motion, decode_latents_causal(vae, norm, ref[None])[0].numpy())
+    if cfg_drop is not None:  # guidance on the text alone is not the paper's guidance
+        paper = generate_long(model, offline_cond(enc, actor, partner, n_frames, text), n_frames, k=k, sigma=sigma,
+                              speaking_tokens=torch.from_numpy(speaking)[None], generator=torch.Generator().manual_seed(3),
+                              **SETTINGS)[0]
+        assert not torch.allclose(paper, ref, atol=1e-4)
     # the causal model differs from the bidirectional one (same weights): the mask matters
     model_b = parts_model_bidirectional(model)
     ref_b = generate_long(model_b, offline_cond(enc, actor, partner, n_frames, text), n_frames, k=k, sigma=sigma,

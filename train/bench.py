@@ -73,6 +73,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gdpo_listener.agents.checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
+from gdpo_listener.agents.sampling import check_cfg_drop  # noqa: E402
 from gdpo_listener.envs.flame import GROUP_NAMES  # noqa: E402
 from gdpo_listener.evaluation import intent_control as IC  # noqa: E402
 from gdpo_listener.evaluation.bench_runs import git_state, run_meta, run_training  # noqa: E402
@@ -135,6 +136,8 @@ def run(cfg: DictConfig) -> dict:
     out = factories.abspath(cfg.out_dir)
     seeds, algos = [int(s) for s in cfg.seeds], parse_algos(cfg.algos)
     groups = parse_reward_spec(cfg.reward)
+    for drop in cfg.controls.get("cfg_drops") or []:
+        check_cfg_drop(drop)  # a bad unconditional branch fails before any training
     if not seeds:
         raise ValueError("seeds must list at least one seed")
     if len(seeds) < 3 and not cfg.quick:

@@ -44,6 +44,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from gdpo_listener.agents.compress import check_precision, compress, linear_weight_bytes, resolve_precision  # noqa: E402
+from gdpo_listener.agents.sampling import check_cfg_drop  # noqa: E402
 from gdpo_listener.evaluation import metrics as M  # noqa: E402
 from gdpo_listener.evaluation.checkpoints import ensure_checkpoint, recorded_vae_dir, run_reward_config  # noqa: E402
 from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # noqa: E402
@@ -61,6 +62,7 @@ def run(cfg: DictConfig, verbose: bool = True) -> dict:
     if cfg.metrics.convention not in M.DYNAMIC_SCALE:
         raise ValueError(f"metrics.convention must be one of {list(M.DYNAMIC_SCALE)}, got {cfg.metrics.convention!r}")
     check_precision(cfg.precision)
+    check_cfg_drop(cfg.get("cfg_drop"))
     ckpt = factories.abspath(cfg.checkpoint)
     t0 = time.perf_counter()
     ensure_checkpoint(cfg, ckpt)

@@ -40,6 +40,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from gdpo_listener.agents.arflow import load_arflow  # noqa: E402
 from gdpo_listener.agents.compress import check_precision, compress, linear_weight_bytes, resolve_precision  # noqa: E402
+from gdpo_listener.agents.sampling import check_cfg_drop  # noqa: E402
 from gdpo_listener.envs.converters.vad import VAD_METHODS, vad_frames  # noqa: E402
 from gdpo_listener.envs.flame import FPS  # noqa: E402
 from gdpo_listener.evaluation import clip  # noqa: E402
@@ -53,6 +54,7 @@ def main(cfg: DictConfig) -> None:
     configure_threads(cfg.threads)
     device = factories.make_device(cfg.device)
     w_speak, w_listen = clip.check_bounded_cfg_weight("w_speak", cfg.w_speak), clip.check_bounded_cfg_weight("w_listen", cfg.w_listen)
+    cfg_drop = check_cfg_drop(cfg.cfg_drop)
     if int(cfg.steps) != cfg.steps or cfg.steps < 1:
         raise ValueError(f"steps={cfg.steps} must be a positive integer")
     check_precision(cfg.precision)
@@ -94,7 +96,7 @@ def main(cfg: DictConfig) -> None:
     print(f"[generate] AR-Flow weights in {precision} (precision={cfg.precision})")
 
     text = str(cfg.text or "")
-    settings = dict(text=text, steps=int(cfg.steps), w_speak=w_speak, w_listen=w_listen, seed=int(cfg.seed))
+    settings = dict(text=text, steps=int(cfg.steps), w_speak=w_speak, w_listen=w_listen, seed=int(cfg.seed), cfg_drop=cfg_drop)
     if why_not is None:
         blocks = clip.stream_motion(model, vae, normalizer, text_enc, audio_enc, actor_file, partner_file, n_frames, vad,
                                     progress=cfg.progress, **settings)  # (m, 67) blocks

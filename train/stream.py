@@ -127,7 +127,7 @@ def main(cfg: DictConfig) -> None:
     gen = StreamingGenerator(model, vae, normalizer, audio_enc, k=int(cfg.k), steps=int(cfg.steps), w_speak=cfg.w_speak,
                              w_listen=cfg.w_listen, generator=torch.Generator(device=device).manual_seed(int(cfg.seed)),
                              text_emb=torch.as_tensor(text_enc.encode([text]))[0] if text else None, decode=decode,
-                             vad_seconds=float(cfg.vad_seconds))
+                             vad_seconds=float(cfg.vad_seconds), cfg_drop=cfg.cfg_drop)
 
     outs, latency, compute, lag, busy = replay(gen, actor, partner, chunk, bool(cfg.realtime))
     motion = np.concatenate([o.motion for o in outs])  # (T, 67)
