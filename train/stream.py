@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gdpo_listener.agents.arflow import load_arflow
 from gdpo_listener.agents.compress import check_precision, compress, linear_weight_bytes, resolve_precision
+from gdpo_listener.agents.sampling import check_cfg_drop
 from gdpo_listener.agents.streaming import DECODE_MODES, StreamingGenerator
 from gdpo_listener.envs.flame import FPS, GROUP_NAMES, SAMPLE_RATE
 from gdpo_listener.evaluation.clip import read_audio
@@ -105,6 +106,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.decode not in (*DECODE_MODES, "auto"):
         raise ValueError(f"decode={cfg.decode!r}; valid: auto, {', '.join(DECODE_MODES)}")
     check_precision(cfg.precision)
+    cfg_drop = check_cfg_drop(cfg.cfg_drop)
     actor = read_audio(factories.abspath(cfg.actor_wav))
     partner = read_audio(factories.abspath(cfg.partner_wav)) if cfg.partner_wav else np.zeros_like(actor)
     n = len(actor) if cfg.seconds is None else int(round(float(cfg.seconds) * SAMPLE_RATE))
@@ -127,7 +129,7 @@ def main(cfg: DictConfig) -> None:
     gen = StreamingGenerator(model, vae, normalizer, audio_enc, k=int(cfg.k), steps=int(cfg.steps), w_speak=cfg.w_speak,
                              w_listen=cfg.w_listen, generator=torch.Generator(device=device).manual_seed(int(cfg.seed)),
                              text_emb=torch.as_tensor(text_enc.encode([text]))[0] if text else None, decode=decode,
-                             vad_seconds=float(cfg.vad_seconds), cfg_drop=cfg.cfg_drop)
+                             vad_seconds=float(cfg.vad_seconds), cfg_drop=cfg_drop)
 
     outs, latency, compute, lag, busy = replay(gen, actor, partner, chunk, bool(cfg.realtime))
     motion = np.concatenate([o.motion for o in outs])  # (T, 67)
