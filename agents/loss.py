@@ -196,7 +196,11 @@ def transition_counts(loss_module: GroupRelativeLoss, traj: TensorDictBase) -> l
 
 
 def _aggregate(outputs: list[tuple[TensorDictBase, dict[str, float]]], rules: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Combine the loss outputs of every pass by :data:`AGGREGATION`; ``outputs`` = [(out, {rule: weight})]."""
+    """Combine the loss outputs of every pass by :data:`AGGREGATION`; ``outputs`` = [(out, {rule: weight})].
+
+    A term whose transitions the batch lacks (zero total weight, e.g. ``loss_objective`` of a batch
+    without a listening token) contributed exactly 0 to the gradient: a ``loss_*`` term reports 0, a
+    diagnostic NaN ("not measured"), never a NaN loss that reads as divergence."""
     sums: dict[str, torch.Tensor] = {}
     weights: dict[str, float] = {}
     for out, w in outputs:
@@ -209,8 +213,10 @@ def _aggregate(outputs: list[tuple[TensorDictBase, dict[str, float]]], rules: di
             else:
                 sums[key] = sums.get(key, 0.0) + v * w[rule]
                 weights[key] = weights.get(key, 0.0) + w[rule]
-    return {k: v if rules[k] == "max" else (v / weights[k] if weights[k] > 0 else torch.full_like(v, float("nan")))
-            for k, v in sums.items()}
+    def empty(k: str, v: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(v) if k.startswith("loss_") else torch.full_like(v, float("nan"))
+
+    return {k: v if rules[k] == "max" else (v / weights[k] if weights[k] > 0 else empty(k, v)) for k, v in sums.items()}
 
 
 def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimizer: torch.optim.Optimizer,

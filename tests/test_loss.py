@@ -271,6 +271,19 @@ def test_objective_tokens_matched_credits_each_token_kind_with_its_columns(rl, l
         loss(traj)
 
 
+def test_a_batch_without_listening_tokens_is_a_zero_objective_not_a_divergence(rl):
+    """n_prompts=2 with windows where the actor only speaks: no objective transition in the whole batch.
+    The update still applies the KL; loss_objective reports 0 (its exact contribution), not NaN."""
+    loss, traj, model, _ = loss_setup(rl, GDPOLoss, beta=0.5)
+    traj["token_mask"] = torch.zeros_like(traj["token_mask"])  # every token speaking
+    loss.compute_advantage(traj)
+    with torch.no_grad():
+        model.head.bias.add_(0.05)
+    stats = chunked_update(loss, traj, torch.optim.SGD(model.parameters(), lr=0.0), chunk_steps=1, grad_clip=1e9)
+    assert stats["loss/loss_objective"] == 0.0 and stats["loss/loss_kl"] > 0  # the KL still regularises every token
+    assert math.isnan(stats["policy/clip_fraction"])  # a diagnostic of no transition: not measured
+
+
 def test_chunked_update_over_windows_equals_batch_objective_and_kl(rl):
     """Several sliding windows, objective on listening tokens only, KL on every token.
 
