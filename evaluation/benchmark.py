@@ -441,6 +441,7 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
     L += ["", "dd = listening velocity-std deviation of one FLAME group (x1000, lower is better); relative changes vs supervised-only "
           "over the rewarded groups (negative = better; a small std across groups = even improvement).", ""]
     L += vae_ceiling_markdown(recon, rep["sde_choice"].get("ode_quality") or {}, agg, methods)
+    L += parts_section_markdown(agg, methods, recon)
     L += sde_markdown(rep["sde_choice"])
     L += mechanism_markdown(rep["mechanism"], groups, s.get("env") or {})
     L += ["## Rewards per FLAME group", "", "Evaluation reward on the test windows' listening frames (ODE samples; higher is better):", ""]
@@ -541,6 +542,40 @@ def vae_ceiling_markdown(recon: dict | None, sup_quality: dict, agg: dict, metho
           "tracker noise). Where a method's extra motion goes:", ""]
     L += table_head + [f"| {label} | " + " | ".join(f"{_mean_ratio(a, g, 'vel_low')} / {_mean_ratio(a, g, 'vel_high')}"
                                                     for g in GROUP_NAMES) + " |" for label, a in rows]
+    return L + [""]
+
+
+def parts_section_markdown(agg: dict, methods: list[str], recon: dict | None) -> list[str]:
+    """Listening FDD / PDD / JDD per method as deviation, at the best single amplitude (factor) and
+    the window-blind floor (:mod:`.deviation_parts`), means over seeds; changes vs supervised."""
+    names = [n for n in M.DYNAMIC_METRICS if any(f"all/listening/parts/{n}/deviation" in agg[m] for m in methods)]
+    if not names or "supervised" not in methods:
+        return []
+
+    def get(a: dict, n: str, k: str) -> float | None:
+        return (a.get(f"all/listening/parts/{n}/{k}") or {}).get("mean")
+
+    ref = {n: get(agg["supervised"], n, "deviation") for n in names}
+
+    def rel(x: float | None, n: str) -> str:
+        return "" if x is None or not ref[n] else f" ({x / ref[n] - 1:+.0%})"
+
+    def cell(a: dict, n: str) -> str:
+        d, b, amp = get(a, n, "deviation"), get(a, n, "at_best_amplitude"), get(a, n, "amplitude")
+        return f"{_fmt(d, '.3f')}{rel(d, n)} / {_fmt(b, '.3f')}{rel(b, n)} x{_fmt(amp, '.2f')}"
+
+    rows = [(method_label(m), agg[m]) for m in methods] + ([(RECON_LABEL, recon["metrics"])] if recon else [])
+    L = ["## Listening deviations: amplitude or timing", "",
+         "Each listening dynamic deviation (parameter channels, x1000, mean over seeds) as measured / at the best amplitude "
+         "(each channel's per-window stds times the factor that minimises its deviation: the method's own timing, the right "
+         "amplitude per channel; x = the median factor, > 1 = too little motion), change vs supervised-only in brackets. A "
+         "target the 'at best amplitude' figure meets is missed by amplitude alone; one it misses needs motion in other "
+         "windows (timing). Window-blind floor: the best constant per channel in every window (ground truth only; "
+         "evaluation/deviation_parts.py).", ""]
+    L += ["| method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    L += [f"| {label} | " + " | ".join(cell(a, n) for n in names) + " |" for label, a in rows]
+    blind = {n: get(agg["supervised"], n, "window_blind") for n in names}
+    L.append("| window-blind floor | " + " | ".join(f"{_fmt(blind[n], '.3f')}{rel(blind[n], n)}" for n in names) + " |")
     return L + [""]
 
 

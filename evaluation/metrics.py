@@ -158,6 +158,24 @@ def group_channels(x: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
 # dynamic deviation (FDD / PDD / JDD)
 
 
+def dynamic_std_rows(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, convention: str = "velocity",
+                     min_frames: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-window, per-channel stds a dynamic deviation compares: ``sp``, ``sg`` ``(B, C)`` of
+    ``pred`` and ``target`` ``(B, T, C)`` over the frames of ``mask`` ``(B, T)`` (velocities for
+    ``velocity``, positions for ``position``), and which windows have enough frames ``(B,)`` bool."""
+    mask = _bool(mask)
+    if convention == "velocity":
+        sp, sg = velocity_std(pred, mask), velocity_std(target, mask)  # (B, C)
+        n_vel = (mask[..., 1:] & mask[..., :-1]).sum(-1)
+        enough = (mask.sum(-1) >= min_frames) & (n_vel >= 2)
+    elif convention == "position":
+        sp, sg = masked_std(pred, mask), masked_std(target, mask)  # (B, C)
+        enough = mask.sum(-1) >= max(min_frames, 2)
+    else:
+        raise ValueError(f"dynamic deviation: convention must be 'velocity' (paper) or 'position' (ARTalk/UniLS), got {convention!r}")
+    return sp, sg, enough
+
+
 def dynamic_deviation_rows(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                            channel_valid: torch.Tensor | None = None, convention: str = "velocity",
                            min_frames: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,16 +187,7 @@ def dynamic_deviation_rows(pred: torch.Tensor, target: torch.Tensor, mask: torch
     :func:`.stats.masked_std` of the positions. A window counts when it has ``>= min_frames``
     frames in ``mask`` (and >= 2 velocities), and at least one valid channel.
     """
-    mask = _bool(mask)
-    if convention == "velocity":
-        sp, sg = velocity_std(pred, mask), velocity_std(target, mask)
-        n_vel = (mask[..., 1:] & mask[..., :-1]).sum(-1)
-        enough = (mask.sum(-1) >= min_frames) & (n_vel >= 2)
-    elif convention == "position":
-        sp, sg = masked_std(pred, mask), masked_std(target, mask)
-        enough = mask.sum(-1) >= max(min_frames, 2)
-    else:
-        raise ValueError(f"dynamic deviation: convention must be 'velocity' (paper) or 'position' (ARTalk/UniLS), got {convention!r}")
+    sp, sg, enough = dynamic_std_rows(pred, target, mask, convention, min_frames)
     dev = (sp - sg).abs()  # (B, C)
     cv = torch.ones_like(dev, dtype=torch.bool) if channel_valid is None else _bool(channel_valid).to(dev.device)
     n_c = cv.sum(-1)

@@ -102,6 +102,23 @@ def groups_markdown(rows: list[tuple[str, dict]], fmt=fmt_value) -> str:
                           *[fmt(gr[g].get("run_reward"), 4) for g in own]] for label, gr in rows])
 
 
+PARTS_NOTE = ("'at best amplitude' = the deviation after scaling each channel of the prediction by the factor that "
+              "minimises it (the prediction's own timing, the right amplitude per channel); amplitude = the median of those "
+              "factors (> 1: too little motion); window-blind = the best constant per channel in every window (the right "
+              "typical amplitude, no idea which window calls for motion; ground truth only). Parameter channels, Table 1 "
+              "units (evaluation/deviation_parts.py).")
+
+
+def parts_markdown(rows: list[tuple[str, dict]], fmt=fmt_value) -> str:
+    """``rows``: (label, listening_parts dict) -> per listening dynamic metric the deviation, the same
+    at the best amplitude (and the factor) and the window-blind floor (:mod:`.deviation_parts`)."""
+    names = [n for n in M.DYNAMIC_METRICS if any(n in p for _, p in rows)]
+    head = ["", *[f"{n} {k}" for n in names for k in ("deviation", "at best amplitude", "amplitude", "window-blind")]]
+    return _table(head, [[label, *[fmt(p[n][k], 3 if k == "amplitude" else 2) for n in names
+                                   for k in ("deviation", "at_best_amplitude", "amplitude", "window_blind")]]
+                         for label, p in rows])
+
+
 def _run_reward_note(h: dict) -> str:
     own = h.get("run_reward")
     if not own:
@@ -148,7 +165,10 @@ def markdown_report(h: dict, res: dict) -> str:
               supp_markdown([("all", res["all"]["supplementary"]), ("expressive", res["expressive"]["supplementary"])]),
               "", "## Listening, per FLAME group", "",
               groups_markdown([("all", res["all"]["listening_groups"]), ("expressive", res["expressive"]["listening_groups"])]),
-              "", units_note(h), ""]
+              "", "## Listening dynamic deviations: amplitude or timing", "",
+              parts_markdown([("all", res["all"].get("listening_parts", {})),
+                              ("expressive", res["expressive"].get("listening_parts", {}))]),
+              "", PARTS_NOTE, "", units_note(h), ""]
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ from ..rewards.stats import frame_velocity, masked_std
 from . import metrics as M
 from .checkpoints import DEFAULT_EVAL_REWARD, build_run_reward, terms_differ_from_default
 from .data import EvalData
+from .deviation_parts import deviation_parts
 from .generation import generate_motion, reconstruct_motion
 
 SPLITS = ("speaking", "listening")
@@ -76,13 +77,16 @@ def row_stats(pred: torch.Tensor, data: EvalData, mcfg: DictConfig, progress: bo
     b = data.bank
     gt, valid = b["actor_motion"], b["actor_valid"]
     conv, mf = _convention(mcfg)
-    st: dict = {"param": {}, "groups": {}, "vertex": {}}
+    st: dict = {"param": {}, "param_std": {}, "groups": {}, "vertex": {}}
     for split in SPLITS:
         mask = b[split]
         for name, groups in M.DYNAMIC_METRICS.items():
             cv = M.group_channel_valid(valid, groups, gt.shape[0], gt.device)
             st["param"][(split, name)] = M.dynamic_deviation_rows(M.group_channels(pred, groups), M.group_channels(gt, groups),
                                                                   mask, cv, conv, mf)
+            if split == "listening":  # what the deviation is made of (amplitude vs timing, .deviation_parts)
+                sp, sg, enough = M.dynamic_std_rows(M.group_channels(pred, groups), M.group_channels(gt, groups), mask, conv, mf)
+                st["param_std"][name] = (sp, sg, cv, enough & cv.any(-1))
     lis = b["listening"]
     bands = {"pred": M.band_split(pred), "gt": M.band_split(gt)}  # (low, high) of (B, W, 67) each
     for g in GROUP_NAMES:
@@ -184,6 +188,23 @@ def _listening_groups(st: dict, rows: torch.Tensor, mcfg: DictConfig) -> dict:
     return groups
 
 
+def _listening_parts(st: dict, rows: torch.Tensor, mcfg: DictConfig) -> dict:
+    """Per listening dynamic metric (parameter channels): the deviation, the same at the best single
+    amplitude and its factor, and the window-blind floor (:mod:`.deviation_parts`), in Table 1 units."""
+    conv, _ = _convention(mcfg)
+    scale = M.DYNAMIC_SCALE[conv]
+    out = {}
+    for name, (sp, sg, cv, ok) in st["param_std"].items():
+        sel = ok & rows
+        n = int(sel.sum())
+        if n == 0:
+            out[name] = {k: M.unavailable("no window counts") for k in ("deviation", "amplitude", "at_best_amplitude", "window_blind")}
+            continue
+        parts = deviation_parts(sp[sel].double().cpu().numpy(), sg[sel].double().cpu().numpy(), cv[sel].cpu().numpy())
+        out[name] = {k: M.MetricResult(v if k == "amplitude" else v * scale, n) for k, v in parts.items()}
+    return out
+
+
 def aggregate(pred: torch.Tensor, data: EvalData, st: dict, rows: torch.Tensor, mcfg: DictConfig) -> dict:
     """JSON-able results of the windows ``rows`` ((B,) bool) from the per-window ``st``."""
     b = data.bank
@@ -198,7 +219,8 @@ def aggregate(pred: torch.Tensor, data: EvalData, st: dict, rows: torch.Tensor, 
                                       seed=int(mcfg.get("sid_seed", 0)), split=split)
             for split in SPLITS}
     return {"n_windows": int(rows.sum()), "frames": n_frames, "table1": _table1(data, st, rows, n_frames, mcfg),
-            "supplementary": supp, "listening_groups": _listening_groups(st, rows, mcfg)}
+            "supplementary": supp, "listening_groups": _listening_groups(st, rows, mcfg),
+            "listening_parts": _listening_parts(st, rows, mcfg)}
 
 
 def evaluate_model(model, data: EvalData, cfg: DictConfig, seed: int | None = None, progress: bool = True,

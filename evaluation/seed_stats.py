@@ -18,7 +18,8 @@ from .scoring import TABLE1
 
 def flat_metrics(res: dict) -> dict[str, float | None]:
     """One evaluation (``scoring.evaluate_model`` output) -> ``{key: value}`` of every reported number,
-    keys ``<subset>/<split>/<metric>[/<group>]`` and ``<subset>/listening/group/<group>/<figure>``."""
+    keys ``<subset>/<split>/<metric>[/<group>]``, ``<subset>/listening/group/<group>/<figure>`` and
+    ``<subset>/listening/parts/<metric>/<part>`` (:mod:`.deviation_parts`)."""
     out: dict[str, float | None] = {}
     for subset in ("all", "expressive"):
         r = res[subset]
@@ -32,6 +33,9 @@ def flat_metrics(res: dict) -> dict[str, float | None]:
         for g, d in r["listening_groups"].items():
             for k, v in d.items():
                 out[f"{subset}/listening/group/{g}/{k}"] = v.value
+        for m, d in r.get("listening_parts", {}).items():
+            for k, v in d.items():
+                out[f"{subset}/listening/parts/{m}/{k}"] = v.value
     return out
 
 

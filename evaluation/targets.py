@@ -123,12 +123,29 @@ def still_rising(trends: Mapping[str, Mapping] | None, groups: list[str]) -> lis
     return out
 
 
+def amplitude_note(name: str, goal: float, supervised: Mapping, method: Mapping) -> str:
+    """For a missed listening target: whether the method's timing allows it (:mod:`.deviation_parts`).
+    ``supervised`` / ``method``: mean over seeds per flat metric key; empty string without the parts."""
+    key = f"all/listening/parts/{name}/"
+    ref = _mean(supervised.get(key + "deviation") or {})
+    amp, best = _mean(method.get(key + "amplitude") or {}), _mean(method.get(key + "at_best_amplitude") or {})
+    blind = _mean(supervised.get(key + "window_blind") or {})
+    if not ref or amp is None or best is None:
+        return ""
+    rel_best, rel_blind = best / ref - 1, (None if blind is None else blind / ref - 1)
+    verdict = ("the amplitude is what is missing" if rel_best <= goal else
+               "its timing (which windows move) misses the target even at the right amplitude")
+    return (f"at its best amplitude per channel (median x{amp:.2f}) it would reach {_pct(rel_best)}: {verdict}; "
+            f"a window-blind model with the right amplitude per channel {_pct(rel_blind)} (parameter channels)")
+
+
 def listening_gains(label: str, finding: Mapping, paired: Mapping | None, trends: Mapping | None = None,
-                    groups: list[str] = ()) -> list[Target]:
+                    groups: list[str] = (), supervised: Mapping | None = None, method: Mapping | None = None) -> list[Target]:
     """One row per listening metric of :data:`LISTENING_GAINS`: relative change at most the target and
     significant (module docstring). ``finding``: the method's :func:`.seed_stats.findings` entry;
     ``paired``: its :func:`.bench_stats.paired_report` entry; ``trends``: its training-reward
-    :func:`.bench_stats.last_third_trend` per group (for the likely cause)."""
+    :func:`.bench_stats.last_third_trend` per group; ``supervised`` / ``method``: mean over seeds per
+    flat metric key, for the amplitude-or-timing reading of a miss (:func:`amplitude_note`)."""
     out = []
     rising = still_rising(trends, list(groups))
     for name, goal in LISTENING_GAINS.items():
@@ -157,6 +174,9 @@ def listening_gains(label: str, finding: Mapping, paired: Mapping | None, trends
             notes.append("significance not measurable with this run (needs >= 2 seeds)")
         if ok is False and rising:
             notes.append(f"training reward still rising at the end for {', '.join(rising)}: RL budget likely too short")
+        if rel is not None and rel > goal and supervised and method:
+            notes.append(amplitude_note(name, goal, supervised, method))
+        notes = [n for n in notes if n]
         out.append(Target(f"{label} vs supervised, listening {name}", _status(ok), f"{_pct(rel)} ({welch}; {pair})",
                           f"<= {goal:+.0%}, significant", "; ".join(notes)))
     return out
@@ -270,7 +290,8 @@ def check_targets(*, quality: Mapping, findings: Mapping, paired: Mapping, metri
     grpo = next((m for m, a in algo_of.items() if a == "grpo"), None)
     out = supervised_collapse(quality, reconstruction)
     for m in gdpo:
-        out += listening_gains(labels[m], findings.get(m) or {}, paired.get(m), trends.get(m), groups)
+        out += listening_gains(labels[m], findings.get(m) or {}, paired.get(m), trends.get(m), groups,
+                               metrics.get("supervised") or {}, metrics.get(m) or {})
         out += speaking_cost(labels[m], metrics.get("supervised") or {}, metrics.get(m) or {})
         listening_columns = [g for g in groups if not is_speaking_column(g)]  # <group>@speaking: speaking targets
         out.append(reward_gains(labels[m], metrics.get("supervised") or {}, metrics.get(m) or {}, listening_columns))

@@ -238,6 +238,24 @@ def test_listening_gain_targets():
     assert T.listening_gains("GDPO", {}, None)[0].status == T.NA
 
 
+def test_a_missed_listening_target_says_whether_amplitude_or_timing_misses_it():
+    def parts(dev, best, amp, blind):
+        return {f"all/listening/parts/JDD/{k}": {"mean": v} for k, v in
+                (("deviation", dev), ("at_best_amplitude", best), ("amplitude", amp), ("window_blind", blind))}
+    f = {"all/listening/JDD": finding(-0.05, -3.0, 0.01)}
+    pr = {"all": {"listening/JDD": paired_ci(-3, -1)}}
+    sup = parts(1.0, 0.8, 1.3, 0.6)
+    amp = T.listening_gains("GDPO", f, pr, supervised=sup, method=parts(0.95, 0.70, 1.2, 0.6))[2]
+    assert amp.status == T.FAIL and "(median x1.20) it would reach -30.0%: the amplitude is what is missing" in amp.note
+    assert "window-blind model with the right amplitude per channel -40.0%" in amp.note
+    timing = T.listening_gains("GDPO", f, pr, supervised=sup, method=parts(0.95, 0.90, 1.0, 0.6))[2]
+    assert "-10.0%: its timing (which windows move) misses the target" in timing.note
+    # no parts (an older report): no such note; a met target: no note at all
+    assert "amplitude" not in T.listening_gains("GDPO", f, pr, supervised=sup, method={})[2].note
+    met = {"all/listening/JDD": finding(-0.30, -3.0, 0.01)}
+    assert T.listening_gains("GDPO", met, pr, supervised=sup, method=parts(0.7, 0.6, 1.1, 0.6))[2].note == ""
+
+
 def test_collapse_cost_reward_dominance_control_targets():
     q = {"listening/expr/vel_std_ratio": {"mean": 0.7}, "listening/jaw/vel_std_ratio": {"mean": 0.8},
          "listening/rot/vel_std_ratio": {"mean": 1.14}, "speaking/jaw_corr": {"mean": 0.85}}

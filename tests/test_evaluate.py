@@ -74,6 +74,8 @@ def test_evaluate_writes_table1_and_supplementary_with_flame(tiny, tmp_path, fla
     doc = evaluate.run(cfg, verbose=False)
     md = (tmp_path / "eval" / "metrics.md").read_text()
     assert "| all (n=4) |" in md and "Speaking LVE" in md and "Listening FDD" in md and "P-FD exp" in md
+    assert "amplitude or timing" in md and "JDD window-blind" in md  # the parts stay on parameter channels
+    assert doc["all"]["listening_parts"]["JDD"]["deviation"]["value"] == pytest.approx(doc["all"]["table1"]["listening"]["JDD"]["value"])
     a = doc["all"]
     assert doc["n_windows"] == 4 and 1 <= doc["n_expressive"] < 4
     assert a["table1"]["speaking"]["LVE"]["value"] > 0 and a["table1"]["speaking"]["LVE"]["unit"] == "mm"
@@ -290,8 +292,12 @@ def test_bench_quick(tiny):
     for section in ("## Targets (issue 10)", "Table 1 layout", "## Paired per-window comparison", "## SDE choice",
                     "Better post-trained model", "## GDPO mechanism figures", "Trend over the last third", "Text control",
                     "CFG intensity sweep", "Unconditional branch nulls motion:", "GDPO (marginal SDE)", "## The VAE's ceiling",
-                    "VAE reconstruction (reference)"):
+                    "VAE reconstruction (reference)", "## Listening deviations: amplitude or timing", "| window-blind floor |"):
         assert section in md, section
+    for m in rep["methods"]:  # amplitude or timing: scaling each channel optimally never raises the deviation
+        a = rep["metrics"][m]
+        assert a["all/listening/parts/JDD/at_best_amplitude"]["mean"] <= a["all/listening/parts/JDD/deviation"]["mean"] + 1e-9
+        assert a["all/listening/parts/PDD/deviation"]["mean"] == pytest.approx(a["all/listening/PDD"]["mean"], rel=1e-6)
     assert "training-reward slope over the last third" in res.stdout
 
 

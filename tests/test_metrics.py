@@ -11,6 +11,7 @@ import torch
 
 from gdpo_listener.envs.flame import FLAME_DIM, GROUP_NAMES, GROUPS
 from gdpo_listener.evaluation import metrics as M
+from gdpo_listener.evaluation.deviation_parts import deviation_parts, weighted_median
 from gdpo_listener.evaluation.flame_layer import FlameLayer, FlameModelError, load_flame_masks, load_flame_model, rodrigues
 from gdpo_listener.rewards.stats import dynamic_deviation
 
@@ -420,3 +421,62 @@ def test_band_split_separates_slow_movement_from_frame_to_frame_noise():
     assert v(hi) < 0.01 * v(lo)
     ramp = 0.01 * t[None, :, None]  # a linear trend stays in the low band up to the window's ends
     assert M.band_split(ramp)[1].abs().max() < 1e-9
+
+
+# ----------------------------------------------------------------------------------------------
+# amplitude or timing (deviation_parts)
+
+
+def test_weighted_median_minimises_the_weighted_absolute_deviation():
+    rng = np.random.default_rng(0)
+    v, w = rng.normal(size=41), rng.uniform(0.1, 2.0, size=41)
+    m = weighted_median(v, w)
+    grid = np.linspace(v.min(), v.max(), 4001)
+    best = min(float((w * np.abs(x - v)).sum()) for x in grid)
+    assert float((w * np.abs(m - v)).sum()) <= best + 1e-12
+    with pytest.raises(ValueError, match="weights"):
+        weighted_median(v, -w)
+
+
+def test_deviation_parts_separate_amplitude_from_timing():
+    rng = np.random.default_rng(1)
+    sg = rng.uniform(0.5, 2.0, size=(30, 3))  # (N, C) ground-truth per-window stds
+    # right timing, half the amplitude in every channel: all of the deviation is amplitude
+    p = deviation_parts(sg / 2, sg)
+    assert p["deviation"] == pytest.approx(np.abs(sg / 2 - sg).mean())
+    assert p["at_best_amplitude"] == pytest.approx(0.0, abs=1e-12) and p["amplitude"] == pytest.approx(2.0)
+    # the window-blind floor is the ground truth's spread around its per-channel median, whatever the prediction
+    floor = np.abs(sg - np.median(sg, 0)).mean()
+    assert p["window_blind"] == pytest.approx(floor, rel=0.05)
+    assert deviation_parts(rng.permutation(sg), sg)["window_blind"] == pytest.approx(p["window_blind"])
+    # wrong timing (windows shuffled), right amplitude: scaling cannot remove it
+    q = deviation_parts(sg[::-1].copy(), sg)
+    assert q["at_best_amplitude"] > 0.5 * q["deviation"] and q["amplitude"] == pytest.approx(1.0, abs=0.3)
+    # the per-channel factor is the exact minimiser: no factor on a grid does better
+    sp = sg * rng.uniform(0.3, 1.5, size=sg.shape)
+    r = deviation_parts(sp, sg)
+    for c in range(3):
+        best = min(np.abs(a * sp[:, c] - sg[:, c]).mean() for a in np.linspace(0.1, 5, 2000))
+        assert np.abs(sp[:, c] - sg[:, c]).mean() >= best - 1e-12
+    assert r["at_best_amplitude"] <= sum(min(np.abs(a * sp[:, c] - sg[:, c]).mean() for a in np.linspace(0.1, 5, 2000))
+                                         for c in range(3)) / 3 + 1e-12
+
+
+def test_deviation_parts_weigh_windows_like_the_metric():
+    sg = np.array([[1.0, 1.0], [2.0, 4.0]])
+    sp = np.array([[0.0, 3.0], [2.0, 0.0]])
+    valid = np.array([[True, False], [True, True]])
+    # the metric: window 0 has one valid channel (|0 - 1|), window 1 two ((0 + 4) / 2); mean over windows
+    assert deviation_parts(sp, sg, valid)["deviation"] == pytest.approx((1.0 + 2.0) / 2)
+    # on motion: the parts' deviation is the metric's own value (same stds, same weights)
+    g = torch.Generator().manual_seed(0)
+    pred, gt = torch.randn(6, 40, 3, generator=g), torch.randn(6, 40, 3, generator=g) * 2
+    mask = torch.ones(6, 40, dtype=torch.bool)
+    mask[0, 25:] = False
+    val, ok = M.dynamic_deviation_rows(pred, gt, mask)
+    s_p, s_g, enough = M.dynamic_std_rows(pred, gt, mask)
+    assert deviation_parts(s_p[enough].numpy(), s_g[enough].numpy())["deviation"] == pytest.approx(float(val[ok].mean()))
+    with pytest.raises(ValueError, match="alike"):
+        deviation_parts(sp, sg[:1])
+    with pytest.raises(ValueError, match="valid channel"):
+        deviation_parts(sp, sg, np.array([[False, False], [True, True]]))

@@ -1,0 +1,72 @@
+"""What a dynamic deviation (FDD / PDD / JDD) is made of: amplitude or timing.
+
+A dynamic deviation averages, over windows and channels, ``|s_pred - s_gt|`` of the per-window stds
+(:func:`.metrics.dynamic_std_rows`). A model can miss in two ways: its motion is too small or too
+large overall (amplitude), or it moves in the wrong windows (timing: where the ground truth reacts
+and where it rests). Two reference figures separate them, both exact minimisers of the same
+weighted absolute deviation (the metric's own weights: windows equal, channels equal within a window):
+
+- **at the best amplitude**: ``mean_c min_a_c mean_n |a_c s_pred[n, c] - s_gt[n, c]|``, the model's
+  own per-window pattern scaled by one factor per channel (``a_c`` is the weighted median of
+  ``s_gt / s_pred`` with weights ``w s_pred``). What is left is timing; what it removes is amplitude
+  (too little or too much motion in a channel, whichever window);
+- **window-blind floor**: ``mean_c min_k mean_n |k - s_gt[n, c]|``, the best constant per channel in
+  every window (the weighted median of ``s_gt`` per channel): what a model reaches that gets each
+  channel's typical amplitude right and knows nothing about which window calls for more motion. It
+  depends on the ground truth only.
+
+Pure functions of ``(N, C)`` arrays; the scoring (:mod:`.scoring`) feeds them the windows a
+metric counts.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["weighted_median", "deviation_parts"]
+
+
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """A minimiser of ``sum_i w_i |x - v_i|`` (``w >= 0``, ``sum w > 0``): the smallest value at which
+    the cumulative weight of the sorted values reaches half the total."""
+    v, w = np.asarray(values, dtype=np.float64).ravel(), np.asarray(weights, dtype=np.float64).ravel()
+    if v.shape != w.shape or v.size == 0:
+        raise ValueError(f"weighted_median: values {v.shape} and weights {w.shape} must be non-empty and alike")
+    if np.any(w < 0) or not w.sum() > 0:
+        raise ValueError("weighted_median: weights must be >= 0 with a positive sum")
+    order = np.argsort(v, kind="stable")
+    cum = np.cumsum(w[order])
+    return float(v[order][np.searchsorted(cum, 0.5 * cum[-1])])
+
+
+def deviation_parts(sp: np.ndarray, sg: np.ndarray, valid: np.ndarray | None = None) -> dict:
+    """Deviation, best-amplitude deviation and factor, and the window-blind floor.
+
+    ``sp``, ``sg`` ``(N, C)``: per-window, per-channel stds of prediction and ground truth of the
+    ``N`` windows the metric counts; ``valid`` ``(N, C)`` bool (None = all), each window with at
+    least one valid channel. Returns unscaled values: ``deviation`` (the metric),
+    ``at_best_amplitude``, ``amplitude`` (the median over channels of the factors ``a_c``) and
+    ``window_blind``.
+    """
+    sp, sg = np.asarray(sp, dtype=np.float64), np.asarray(sg, dtype=np.float64)
+    if sp.ndim != 2 or sp.shape != sg.shape:
+        raise ValueError(f"deviation_parts: sp {sp.shape} and sg {sg.shape} must be alike (N, C)")
+    valid = np.ones(sp.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    n_c = valid.sum(1)  # (N,)
+    if sp.shape[0] == 0 or np.any(n_c == 0):
+        raise ValueError("deviation_parts: needs at least one window, each with a valid channel")
+    w = np.where(valid, 1.0 / (sp.shape[0] * n_c[:, None]), 0.0)  # (N, C) the metric's weights, sum 1
+
+    scaled, factors, floor = 0.0, [], 0.0
+    for c in range(sp.shape[1]):
+        rows = valid[:, c]
+        if not rows.any():
+            continue
+        p, g, wc = sp[rows, c], sg[rows, c], w[rows, c]
+        pos = p > 0
+        a = weighted_median(g[pos] / p[pos], wc[pos] * p[pos]) if pos.any() else 1.0  # a motionless channel stays so
+        factors.append(a)
+        scaled += float((wc * np.abs(a * p - g)).sum())
+        k = weighted_median(g, wc)
+        floor += float((wc * np.abs(k - g)).sum())
+    return {"deviation": float((w * np.abs(sp - sg)).sum()), "at_best_amplitude": scaled,
+            "amplitude": float(np.median(factors)), "window_blind": floor}
