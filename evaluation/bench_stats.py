@@ -246,3 +246,33 @@ def paired_report(windows: Mapping[str, Mapping[int, dict]], methods: list[str],
                     res[k] = r
             out[m][subset] = res
     return out
+
+
+def per_label_means(windows: Mapping[str, Mapping[int, dict]], labels: list, keys: tuple[str, ...]) -> dict:
+    """Mean per window label (e.g. the listener's intent) of per-window metric values:
+    ``windows[method][seed][key] = (values (B,), counts (B,) bool)`` (:func:`table1_window_values`),
+    ``labels`` one per bank row (None = unlabelled, left out). Returns ``{method: {key: {label:
+    {"mean", "n", "share"}}}}``: mean over the label's counted windows of the seed-mean value, its
+    window count, and its share of the method's summed value over all counted windows (how much of
+    the metric the label carries)."""
+    out: dict = {}
+    lab = np.asarray([None if x is None else str(x) for x in labels], dtype=object)
+    for m, by_seed in windows.items():
+        out[m] = {}
+        for k in keys:
+            runs = [w[k] for w in by_seed.values() if k in w]
+            if not runs:
+                continue
+            vals = np.stack([np.asarray(v, dtype=np.float64) for v, _ in runs])  # (S, B)
+            ok = np.all(np.stack([np.asarray(c, dtype=bool) for _, c in runs]), 0)  # (B,) counted in every seed
+            if len(lab) != vals.shape[1]:
+                raise ValueError(f"per_label_means: {len(lab)} labels for {vals.shape[1]} windows")
+            v = vals.mean(0)
+            total = float(v[ok].sum())
+            res = {}
+            for g in sorted({x for x in lab[ok] if x is not None}):
+                sel = ok & (lab == g)
+                res[g] = {"mean": float(v[sel].mean()), "n": int(sel.sum()),
+                          "share": float(v[sel].sum() / total) if total else None}
+            out[m][k] = res
+    return out

@@ -25,7 +25,16 @@ from ..envs.flame import FPS, GROUP_NAMES, GROUPS
 from ..rewards.groups import column_group, is_speaking_column
 from . import metrics as M
 from . import targets as T
-from .bench_stats import common_curve, curve_trends, mechanism_summary, moving_average, paired_report, read_curve, smoothing_window
+from .bench_stats import (
+    common_curve,
+    curve_trends,
+    mechanism_summary,
+    moving_average,
+    paired_report,
+    per_label_means,
+    read_curve,
+    smoothing_window,
+)
 from .data import EvalData
 from .report import supp_markdown, table1_markdown, units_note
 from .scoring import SPLITS, SUPP, TABLE1
@@ -284,7 +293,7 @@ def plot_listening_window(data: EvalData, row: int, preds: dict[str, np.ndarray]
 def build_report(cfg_weights: list[float], methods, flat, controls, curves, train_info, groups, hdr, clf_info, intents, *,
                  windows: dict | None = None, expressive: np.ndarray | None = None, mechanism: dict | None = None,
                  sde_dynamics: dict | None = None, sde_variants: dict | None = None,
-                 reconstruction: dict | None = None) -> tuple[dict, str]:
+                 reconstruction: dict | None = None, window_labels: list | None = None) -> tuple[dict, str]:
     """The report dict and its Markdown.
 
     Inputs per method and seed: ``flat[method][seed]`` (:func:`.seed_stats.flat_metrics`),
@@ -295,7 +304,8 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
     :func:`.generation.quality_report` under each of ``sde_variants``, :func:`.sde_choice.final_sample_dynamics`).
     ``reconstruction``: the ground truth through the VAE, ``{"flat": flat metrics, "quality":
     :func:`.generation.quality_figures` of it}`` (a reference row in the tables, the VAE-ceiling
-    section and the collapse-beyond-the-VAE targets).
+    section and the collapse-beyond-the-VAE targets). ``window_labels``: the listener's intent per
+    evaluated window (None = unlabelled corpus), for the listening deviations per intent.
     ``hdr["sde"][method]``: the SDE each post-training method's runs recorded. Derived here: mean +-
     std over seeds, findings (Welch), paired per-window comparisons, training-curve trends, mechanism
     summaries, the SDE verdicts and the issue-10 targets.
@@ -325,6 +335,8 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
     trends = curve_trends(curves, groups)
     mech = {m: mechanism_summary(by_seed, groups) for m, by_seed in (mechanism or {}).items()}
     paired = paired_report(windows, list(methods), expressive) if windows and "supervised" in windows else {}
+    per_intent = (per_label_means({m: windows[m] for m in methods if m in windows}, window_labels, LISTENING_DD)
+                  if windows and window_labels is not None else {})
     sde = sde_report(methods, hdr.get("sde") or {}, windows, expressive, sde_dynamics, sde_variants)
     algo_of = {m: "supervised" if m == "supervised" else parse_method(m).algo for m in methods}
     recon = None if reconstruction is None else {"metrics": aggregate_seeds({0: reconstruction["flat"]}),
@@ -336,7 +348,8 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
     report = {"setup": hdr, "methods": list(methods), "metrics": agg, "per_seed": flat, "reconstruction": recon,
               "training": {"reward": final, "trend_last_third": trends, "runs": train_info}, "controls": ctl,
               "controls_gt_listening_std": gt_sweep, "intent_classifier": clf_info, "intents": intents, "findings": fnd,
-              "paired": paired, "mechanism": mech, "sde_choice": sde, "targets": [t.to_json() for t in targets]}
+              "paired": paired, "per_intent": per_intent, "mechanism": mech, "sde_choice": sde,
+              "targets": [t.to_json() for t in targets]}
     return report, report_markdown(cfg_weights, report, methods, groups, intents)
 
 
@@ -442,6 +455,7 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
           "over the rewarded groups (negative = better; a small std across groups = even improvement).", ""]
     L += vae_ceiling_markdown(recon, rep["sde_choice"].get("ode_quality") or {}, agg, methods)
     L += parts_section_markdown(agg, methods, recon)
+    L += per_intent_markdown(rep.get("per_intent") or {}, methods)
     L += sde_markdown(rep["sde_choice"])
     L += mechanism_markdown(rep["mechanism"], groups, s.get("env") or {})
     L += ["## Rewards per FLAME group", "", "Evaluation reward on the test windows' listening frames (ODE samples; higher is better):", ""]
@@ -577,6 +591,35 @@ def parts_section_markdown(agg: dict, methods: list[str], recon: dict | None) ->
     blind = {n: get(agg["supervised"], n, "window_blind") for n in names}
     L.append("| window-blind floor | " + " | ".join(f"{_fmt(blind[n], '.3f')}{rel(blind[n], n)}" for n in names) + " |")
     return L + [""]
+
+
+LISTENING_DD = ("listening/FDD", "listening/PDD", "listening/JDD")
+
+
+def per_intent_markdown(per_intent: dict, methods: list[str]) -> list[str]:
+    """Listening FDD / PDD / JDD per listener intent: per method the mean over the intent's windows and
+    (in brackets) the share of the method's summed deviation those windows carry."""
+    if not per_intent:
+        return []
+    L = ["## Listening deviations per intent", "",
+         "Mean over the windows of each labelled listener intent (the window's text; seed-mean per window, Table 1 units) "
+         "and, in brackets, the share of the method's total over all windows that they carry: where a deviation comes from.", ""]
+    for k in LISTENING_DD:
+        ms = [m for m in methods if k in per_intent.get(m, {})]
+        if not ms:
+            continue
+        intents = sorted({g for m in ms for g in per_intent[m][k]})
+        L += [f"{k.split('/')[-1]}:", "", "| intent | windows | " + " | ".join(method_label(m) for m in ms) + " |",
+              "|" + "---|" * (len(ms) + 2)]
+        for g in intents:
+            cells = []
+            for m in ms:
+                c = per_intent[m][k].get(g)
+                cells.append("n/a" if c is None else f"{_fmt(c['mean'])} ({_fmt(c['share'], '.0%')})")
+            n = next(per_intent[m][k][g]["n"] for m in ms if g in per_intent[m][k])
+            L.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
+        L += [""]
+    return L
 
 
 def paired_markdown(paired: dict, fnd: dict) -> list[str]:

@@ -18,6 +18,7 @@ from gdpo_listener.evaluation.bench_stats import (
     moving_average,
     paired_report,
     paired_windows,
+    per_label_means,
     read_curve,
     table1_window_values,
 )
@@ -133,6 +134,19 @@ def test_paired_windows_averages_seeds_per_window_and_keeps_the_pairing():
     r = paired_windows(sup, {0: meth2[0]}, subset=np.array([1, 1, 0, 0, 0, 0], bool))
     assert r["n_seeds"] == 1 and r["n_windows"] == 2 and r["mean_diff"] == pytest.approx(-0.5)
     assert paired_windows(sup, meth, subset=np.zeros(6, bool)) is None and paired_windows(sup, {5: meth[0]}) is None
+
+
+def test_per_label_means_average_seeds_then_windows_and_give_each_label_its_share():
+    ok = np.array([True, True, True, False])
+    w = {"supervised": {0: {"listening/JDD": (np.array([1.0, 2.0, 6.0, 99.0]), ok)},
+                        1: {"listening/JDD": (np.array([3.0, 2.0, 2.0, 99.0]), ok)}}}
+    r = per_label_means(w, ["amused", "sad", "amused", "sad"], ("listening/JDD",))["supervised"]["listening/JDD"]
+    # seed means per window 2, 2, 4 (the uncounted 4th window is left out); amused = windows 0 and 2
+    assert r["amused"] == {"mean": 3.0, "n": 2, "share": pytest.approx(6 / 8)}
+    assert r["sad"] == {"mean": 2.0, "n": 1, "share": pytest.approx(2 / 8)}
+    assert per_label_means(w, [None, None, None, None], ("listening/JDD",))["supervised"]["listening/JDD"] == {}
+    with pytest.raises(ValueError, match="3 labels for 4 windows"):
+        per_label_means(w, ["a", "b", "c"], ("listening/JDD",))
 
 
 def test_paired_report_every_method_both_subsets():

@@ -292,8 +292,12 @@ def test_bench_quick(tiny):
     for section in ("## Targets (issue 10)", "Table 1 layout", "## Paired per-window comparison", "## SDE choice",
                     "Better post-trained model", "## GDPO mechanism figures", "Trend over the last third", "Text control",
                     "CFG intensity sweep", "Unconditional branch nulls motion:", "GDPO (marginal SDE)", "## The VAE's ceiling",
-                    "VAE reconstruction (reference)", "## Listening deviations: amplitude or timing", "| window-blind floor |"):
+                    "VAE reconstruction (reference)", "## Listening deviations: amplitude or timing", "| window-blind floor |",
+                    "## Listening deviations per intent"):
         assert section in md, section
+    for m in rep["methods"]:  # per intent: the shares of the windows' deviation add up to 1
+        shares = [c["share"] for c in rep["per_intent"][m]["listening/JDD"].values()]
+        assert shares and sum(shares) == pytest.approx(1.0)
     for m in rep["methods"]:  # amplitude or timing: scaling each channel optimally never raises the deviation
         a = rep["metrics"][m]
         assert a["all/listening/parts/JDD/at_best_amplitude"]["mean"] <= a["all/listening/parts/JDD/deviation"]["mean"] + 1e-9

@@ -239,7 +239,9 @@ def run(cfg: DictConfig) -> dict:
                       for s in seeds} for a in algos}
     rep, md = build_report(list(cfg.controls.cfg_weights), methods, flat, controls, curves, train_info, groups, hdr, clf_info, intents,
                            windows=windows, expressive=data.expressive.cpu().numpy(), mechanism=mechanism,
-                           sde_dynamics=dynamics, sde_variants=variants, reconstruction=reconstruction)
+                           sde_dynamics=dynamics, sde_variants=variants, reconstruction=reconstruction,
+                           window_labels=(IC.row_intents(data, labels, list(range(int(data.bank.batch_size[0]))))
+                                          if labels is not None and intents else None))
     rep["total_s"] = time.perf_counter() - t_start
     atomic_write_json(out / "report.json", to_json(rep))
     atomic_write_bytes(out / "report.md", md.encode())
