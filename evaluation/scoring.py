@@ -189,8 +189,9 @@ def _listening_groups(st: dict, rows: torch.Tensor, mcfg: DictConfig) -> dict:
 
 
 def _listening_parts(st: dict, rows: torch.Tensor, mcfg: DictConfig) -> dict:
-    """Per listening dynamic metric (parameter channels): the deviation, the same at the best single
-    amplitude and its factor, and the window-blind floor (:mod:`.deviation_parts`), in Table 1 units."""
+    """Per listening dynamic metric (parameter channels): the deviation, the same at the best amplitude
+    per channel and the median factor, and the window-blind floor (:mod:`.deviation_parts`), in Table 1
+    units (the factor unscaled)."""
     conv, _ = _convention(mcfg)
     scale = M.DYNAMIC_SCALE[conv]
     out = {}
