@@ -85,7 +85,7 @@ __all__ = [
     "UPPER_FACE_GROUPS", "HEAD_POSE_GROUPS", "JAW_GROUPS", "DYNAMIC_METRICS",
     "DUALTALK_GROUPS", "SID_CLUSTERS", "PUBLICATION_SCALE", "DYNAMIC_SCALE",
     "group_channel_valid", "group_channels", "dynamic_std_rows",
-    "dynamic_deviation_rows", "dynamic_metric", "vertex_dynamic_deviation_rows",
+    "deviation_from_stds", "dynamic_deviation_rows", "dynamic_metric", "vertex_dynamic_deviation_rows",
     "lve_rows", "mhd_rows", "frame_mean", "row_mean",
     "frechet_distance", "paired_frechet_distance", "mse", "sid", "rpcc", "kmeans",
     "collect_sequences", "dualtalk_metrics", "motion_std", "unavailable",
@@ -188,7 +188,13 @@ def dynamic_deviation_rows(pred: torch.Tensor, target: torch.Tensor, mask: torch
     :func:`.stats.masked_std` of the positions. A window counts when it has ``>= min_frames``
     frames in ``mask`` (and >= 2 velocities), and at least one valid channel.
     """
-    sp, sg, enough = dynamic_std_rows(pred, target, mask, convention, min_frames)
+    return deviation_from_stds(*dynamic_std_rows(pred, target, mask, convention, min_frames), channel_valid)
+
+
+def deviation_from_stds(sp: torch.Tensor, sg: torch.Tensor, enough: torch.Tensor,
+                        channel_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dynamic_deviation_rows` from the stds of :func:`dynamic_std_rows`: per window the mean
+    over valid channels of ``|sp - sg|`` ``(B,)`` and which windows count ``(B,)`` bool."""
     dev = (sp - sg).abs()  # (B, C)
     cv = torch.ones_like(dev, dtype=torch.bool) if channel_valid is None else _bool(channel_valid).to(dev.device)
     n_c = cv.sum(-1)

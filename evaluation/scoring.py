@@ -82,10 +82,9 @@ def row_stats(pred: torch.Tensor, data: EvalData, mcfg: DictConfig, progress: bo
         mask = b[split]
         for name, groups in M.DYNAMIC_METRICS.items():
             cv = M.group_channel_valid(valid, groups, gt.shape[0], gt.device)
-            st["param"][(split, name)] = M.dynamic_deviation_rows(M.group_channels(pred, groups), M.group_channels(gt, groups),
-                                                                  mask, cv, conv, mf)
+            sp, sg, enough = M.dynamic_std_rows(M.group_channels(pred, groups), M.group_channels(gt, groups), mask, conv, mf)
+            st["param"][(split, name)] = M.deviation_from_stds(sp, sg, enough, cv)
             if split == "listening":  # what the deviation is made of (amplitude vs timing, .deviation_parts)
-                sp, sg, enough = M.dynamic_std_rows(M.group_channels(pred, groups), M.group_channels(gt, groups), mask, conv, mf)
                 st["param_std"][name] = (sp, sg, cv, enough & cv.any(-1))
     lis = b["listening"]
     bands = {"pred": M.band_split(pred), "gt": M.band_split(gt)}  # (low, high) of (B, W, 67) each
