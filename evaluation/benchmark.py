@@ -560,8 +560,8 @@ def vae_ceiling_markdown(recon: dict | None, sup_quality: dict, agg: dict, metho
 
 
 def parts_section_markdown(agg: dict, methods: list[str], recon: dict | None) -> list[str]:
-    """Listening FDD / PDD / JDD per method as deviation, at the best single amplitude (factor) and
-    the window-blind floor (:mod:`.deviation_parts`), means over seeds; changes vs supervised."""
+    """Listening FDD / PDD / JDD per method as deviation, at the best amplitude per channel (median
+    factor) and the window-blind floor (:mod:`.deviation_parts`), means over seeds; changes vs supervised."""
     names = [n for n in M.DYNAMIC_METRICS if any(f"all/listening/parts/{n}/deviation" in agg[m] for m in methods)]
     if not names or "supervised" not in methods:
         return []
@@ -593,7 +593,7 @@ def parts_section_markdown(agg: dict, methods: list[str], recon: dict | None) ->
     return L + [""]
 
 
-LISTENING_DD = ("listening/FDD", "listening/PDD", "listening/JDD")
+LISTENING_DD = tuple(f"listening/{n}" for n in TABLE1["listening"])  # the per-window keys of table1_window_values
 
 
 def per_intent_markdown(per_intent: dict, methods: list[str]) -> list[str]:
