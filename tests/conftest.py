@@ -19,6 +19,7 @@ import os
 import pickle
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,6 +37,14 @@ from gdpo_listener.envs.flame import FLAME_DIM, FPS, GROUP_NAMES, GROUPS, N_GROU
 from gdpo_listener.envs.windows import token_majority
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with the most entry-point (``slow``) tests run first, so on xdist workers (one file per
+    worker, files handed out in this order) the long files start early and the short ones fill the
+    tail. The sort is stable: the order of files with equal counts and of tests within a file is kept."""
+    n_slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -n_slow[item.path])
 
 
 @pytest.fixture(autouse=True, scope="session")
