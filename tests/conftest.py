@@ -11,7 +11,7 @@
 Fixtures that hand out builders return the functions themselves (or a namespace of them), so a test
 calls ``make_tiny_dataset(path, ...)`` or ``rl.tiny_bank(...)`` exactly as it would a helper.
 Tests that start entry-point subprocesses are marked ``slow`` (``pytest -m "not slow"`` skips them
-for a quick inner loop; the README's test command runs everything).
+for a quick inner loop; the README's test command runs everything), and their files run first.
 """
 from __future__ import annotations
 
