@@ -37,7 +37,7 @@ from .bench_stats import (
 )
 from .data import EvalData
 from .report import supp_markdown, table1_markdown, units_note
-from .scoring import SPLITS, SUPP, TABLE1
+from .scoring import LISTENING_DD, SPLITS, SUPP, TABLE1
 from .sde_choice import closest_to_ode, model_verdict
 from .seed_stats import aggregate_seeds, findings, fmt_ms, mean_std
 
@@ -591,9 +591,6 @@ def parts_section_markdown(agg: dict, methods: list[str], recon: dict | None) ->
     blind = {n: get(agg["supervised"], n, "window_blind") for n in names}
     L.append("| window-blind floor | " + " | ".join(f"{_fmt(blind[n], '.3f')}{rel(blind[n], n)}" for n in names) + " |")
     return L + [""]
-
-
-LISTENING_DD = tuple(f"listening/{n}" for n in TABLE1["listening"])  # the per-window keys of table1_window_values
 
 
 def per_intent_markdown(per_intent: dict, methods: list[str]) -> list[str]:

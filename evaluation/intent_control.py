@@ -98,6 +98,22 @@ def row_intents(data: EvalData, labels: dict, rows: list[int]) -> list[str | Non
     return [window_intent(labels, *data.seq_ids[r], data.windows.index[data.indices[r]].window) for r in rows]
 
 
+def listening_per_intent(data: EvalData, labels: dict, row_stats: dict, mcfg: DictConfig) -> dict:
+    """Listening FDD / PDD / JDD of one prediction per labelled listener intent.
+
+    ``row_stats``: the prediction's per-window quantities (``score_prediction(...)["_row_stats"]``);
+    ``mcfg``: the ``metrics`` group. Returns ``{"FDD": {intent: {"mean", "n", "share"}}, ...}``: the
+    mean over the intent's counted windows (Table 1 units), their count, and the share of the summed
+    deviation over all counted windows they carry (the benchmark's "per intent" section, one model).
+    """
+    from .bench_stats import per_label_means, table1_window_values
+    from .scoring import LISTENING_DD
+
+    rows = list(range(int(data.bank.batch_size[0])))
+    per = per_label_means({"model": {0: table1_window_values(row_stats, mcfg)}}, row_intents(data, labels, rows), LISTENING_DD)
+    return {k.split("/")[-1]: v for k, v in per["model"].items()}
+
+
 def train_intent_classifier(root: Path, labels: dict, intents: list[str], min_listen: int) -> tuple[IntentClassifier, dict]:
     """Classifier on ground-truth listening motion of the train split windows."""
     w = DyadicWindows(root, "train", load_audio=False)

@@ -168,8 +168,31 @@ def markdown_report(h: dict, res: dict) -> str:
               "", "## Listening dynamic deviations: amplitude or timing", "",
               parts_markdown([("all", res["all"].get("listening_parts", {})),
                               ("expressive", res["expressive"].get("listening_parts", {}))]),
-              "", PARTS_NOTE, "", units_note(h), ""]
+              "", PARTS_NOTE, ""]
+    if res.get("per_intent"):
+        lines += ["## Listening deviations per intent", "", per_intent_markdown(res["per_intent"]), "", PER_INTENT_NOTE, ""]
+    lines += [units_note(h), ""]
     return "\n".join(lines)
+
+
+PER_INTENT_NOTE = ("Per labelled listener intent (the synthetic corpus' labels): the mean over its windows and, in brackets, "
+                   "the share of the split's summed deviation those windows carry: where a deviation comes from.")
+
+
+def per_intent_markdown(per_intent: dict) -> str:
+    """``{metric: {intent: {"mean", "n", "share"}}}`` (``intent_control.listening_per_intent``) as one table."""
+    metrics = list(per_intent)
+    intents = sorted({g for m in metrics for g in per_intent[m]})
+    rows = []
+    for g in intents:
+        n = next(per_intent[m][g]["n"] for m in metrics if g in per_intent[m])
+        cells = []
+        for m in metrics:
+            c = per_intent[m].get(g)
+            share = "n/a" if c is None or c["share"] is None else format(c["share"], ".0%")
+            cells.append("n/a" if c is None else f"{fmt_value(c['mean'], 3)} ({share})")
+        rows.append([g, str(n), *cells])
+    return _table(["intent", "windows", *metrics], rows)
 
 
 def write_report(out: Path, h: dict, res: dict) -> tuple[Path, Path]:

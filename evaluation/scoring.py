@@ -31,6 +31,7 @@ from .generation import generate_motion, reconstruct_motion
 SPLITS = ("speaking", "listening")
 TABLE1 = {"speaking": ("LVE", "MHD", "FDD", "PDD", "JDD"), "listening": ("FDD", "PDD", "JDD")}
 SUPP = ("FD", "P-FD", "MSE", "SID", "rPCC")
+LISTENING_DD = tuple(f"listening/{n}" for n in TABLE1["listening"])  # listening keys of bench_stats.table1_window_values
 
 
 @contextlib.contextmanager
@@ -250,11 +251,12 @@ def evaluate_reconstruction(data: EvalData, mcfg: DictConfig, progress: bool = F
 def score_prediction(pred: torch.Tensor, data: EvalData, mcfg: DictConfig, progress: bool = False,
                      run_reward: dict | None = None, generate_s: float = 0.0) -> dict:
     """Every metric of ``pred (B, W, 67)`` (raw FLAME of ``data``'s rows) on all windows and on the
-    expressive subset; the prediction is returned under ``_pred``."""
+    expressive subset; the prediction is returned under ``_pred`` and its per-window quantities
+    (:func:`row_stats`) under ``_row_stats``."""
     t1 = time.perf_counter()
     st = row_stats(pred, data, mcfg, progress, run_reward)
     res = {"all": aggregate(pred, data, st, torch.ones(pred.shape[0], dtype=torch.bool), mcfg),
            "expressive": aggregate(pred, data, st, data.expressive.cpu(), mcfg)}
     res["timing"] = {"generate_s": generate_s, "metrics_s": time.perf_counter() - t1}
-    res["_pred"] = pred
+    res["_pred"], res["_row_stats"] = pred, st
     return res

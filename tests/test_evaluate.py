@@ -88,6 +88,14 @@ def test_evaluate_writes_table1_and_supplementary_with_flame(tiny, tmp_path, fla
         assert a["supplementary"][split]["MSE"]["exp"]["value"] > 0
     assert set(a["listening_groups"]) == {"expr", "jaw", "neck", "eyelid", "eyepose", "rot"}
     assert doc["expressive"]["n_windows"] == doc["n_expressive"]
+    # per listener intent: the windows' counts and shares add up, and the count-weighted means give Table 1 back
+    assert "Listening deviations per intent" in md
+    assert set(doc["per_intent"]) == {"FDD", "PDD", "JDD"}
+    for name, by_intent in doc["per_intent"].items():
+        n = sum(c["n"] for c in by_intent.values())
+        assert 0 < n <= doc["n_windows"] and sum(c["share"] for c in by_intent.values()) == pytest.approx(1.0)
+        weighted = sum(c["mean"] * c["n"] for c in by_intent.values()) / n
+        assert weighted == pytest.approx(a["table1"]["listening"][name]["value"], rel=1e-6)
 
 
 def test_evaluation_is_deterministic_given_the_seed_and_flame_free_vertex_metrics_are_unavailable(tiny):
@@ -166,6 +174,7 @@ def test_evaluate_reconstruction_flag_writes_the_reference_report(tiny, tmp_path
     assert rec["checkpoint"].startswith("VAE reconstruction: ") and rec["seed"] is None and rec["n_windows"] == doc["n_windows"] == 2
     assert rec["all"]["table1"]["listening"]["FDD"]["value"] != doc["all"]["table1"]["listening"]["FDD"]["value"]
     assert "No generation" in (tmp_path / "eval" / "vae_reconstruction" / "metrics.md").read_text()
+    assert set(rec["per_intent"]) == {"FDD", "PDD", "JDD"} and rec["per_intent"] != doc["per_intent"]
 
 
 def _copy_dataset(tiny: Path, dst: Path) -> Path:

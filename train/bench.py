@@ -92,7 +92,7 @@ from gdpo_listener.evaluation.checkpoints import run_reward_config  # noqa: E402
 from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # noqa: E402
 from gdpo_listener.evaluation.generation import quality_figures  # noqa: E402
 from gdpo_listener.evaluation.report import header, reconstruction_header, to_json, write_report  # noqa: E402
-from gdpo_listener.evaluation.scoring import blas_threads, evaluate_model, evaluate_reconstruction, row_stats  # noqa: E402
+from gdpo_listener.evaluation.scoring import blas_threads, evaluate_model, evaluate_reconstruction  # noqa: E402
 from gdpo_listener.evaluation.sde_choice import final_sample_dynamics, sampler_variants  # noqa: E402
 from gdpo_listener.evaluation.seed_stats import flat_metrics  # noqa: E402
 from gdpo_listener.pipeline import factories, run_state, stages  # noqa: E402
@@ -186,7 +186,7 @@ def run(cfg: DictConfig) -> dict:
             write_report(out / "eval" / f"{slug}_seed{s}", header(data, ecfg, str(paths[m][s]), s, own_reward), res)
             flat[m][s] = flat_metrics(res)
             # per-window Table 1 values of the same prediction, for the paired comparison
-            windows[m][s] = table1_window_values(row_stats(res["_pred"], data, ecfg.metrics), ecfg.metrics)
+            windows[m][s] = table1_window_values(res["_row_stats"], ecfg.metrics)
             controls[m][s] = IC.run_controls(model, data, crow, cfg.controls, ecfg, s, clf, intents, prompts, labels,
                                              res["_pred"], bool(cfg.progress))
             if s == seeds[0]:

@@ -18,7 +18,9 @@ normaliser). Rewards: the default reward (all groups, default term weights) for 
 and, for a post-trained run whose recorded reward has other per-group terms, its own reward too.
 Writes ``OUT/metrics.json`` and ``OUT/metrics.md`` (default ``OUT`` = ``<checkpoint>/eval_<split>``);
 ``reconstruction=true`` also scores the ground truth passed through the VAE (``OUT/vae_reconstruction``),
-the ceiling of any model decoded by that VAE.
+the ceiling of any model decoded by that VAE. On a corpus with listener-intent labels (the synthetic
+one) both reports add the listening FDD / PDD / JDD per intent (``per_intent``): which windows carry a
+deviation, on any split (``split=train`` for probes that must not look at the test windows).
 
 On a fresh clone the default checkpoint (``runs/sft_small``) is produced first -- dataset, VAE and
 supervised AR-Flow by their own entry points, cached -- as ``train/gdpo.py`` does; any other
@@ -45,6 +47,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from gdpo_listener.agents.compress import check_precision, compress, linear_weight_bytes, resolve_precision  # noqa: E402
 from gdpo_listener.agents.sampling import check_cfg_drop  # noqa: E402
+from gdpo_listener.evaluation import intent_control as IC  # noqa: E402
 from gdpo_listener.evaluation import metrics as M  # noqa: E402
 from gdpo_listener.evaluation.checkpoints import ensure_checkpoint, recorded_vae_dir, run_reward_config  # noqa: E402
 from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # noqa: E402
@@ -72,14 +75,21 @@ def run(cfg: DictConfig, verbose: bool = True) -> dict:
     precision = resolve_precision(cfg.precision, device, linear_weight_bytes(model))
     model = compress(model, precision)  # fp32: the model itself
     own_reward = run_reward_config(meta)
+    labels = IC.load_labels(data.root)  # the synthetic corpus' listener intents: deviations per intent
+
+    def per_intent(res: dict) -> dict:
+        if labels is not None:
+            res["per_intent"] = IC.listening_per_intent(data, labels, res["_row_stats"], cfg.metrics)
+        return res
+
     with blas_threads(threads):
-        res = evaluate_model(model, data, cfg, progress=bool(cfg.progress), run_reward=own_reward)
+        res = per_intent(evaluate_model(model, data, cfg, progress=bool(cfg.progress), run_reward=own_reward))
     h = {**header(data, cfg, str(ckpt), int(cfg.seed), own_reward), "precision": precision}
     out = factories.abspath(cfg.out) if cfg.get("out") else ckpt / f"eval_{cfg.split}"
     js, md = write_report(out, h, res)
     if cfg.get("reconstruction"):
         with blas_threads(threads):
-            rec = evaluate_reconstruction(data, cfg.metrics, progress=bool(cfg.progress))
+            rec = per_intent(evaluate_reconstruction(data, cfg.metrics, progress=bool(cfg.progress)))
         rh = reconstruction_header(h, recorded_vae_dir(ckpt, ckpt_meta, cfg.get("vae_dir")))
         write_report(out / "vae_reconstruction", rh, rec)
         if verbose:
