@@ -325,7 +325,8 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
         ctl[m] = {"prompt_accuracy": mean_std([r.get("prompt_accuracy") for r in runs.values()]),
                   "own_text_accuracy": mean_std([r.get("own_text_accuracy") for r in runs.values()]),
                   "per_intent": {i: mean_std([r.get("per_intent", {}).get(i) for r in runs.values()]) for i in intents},
-                  "cfg_sweep": _sweep_over_seeds([r.get("cfg_sweep", {}) for r in runs.values()], cfg_weights)}
+                  "cfg_sweep": _sweep_over_seeds([r.get("cfg_sweep", {}) for r in runs.values()], cfg_weights),
+                  "confusion": _summed([r.get("confusion") for r in runs.values()])}
         variants = next(iter(runs.values()), {}).get("cfg_sweeps") or {}
         ctl[m]["cfg_sweeps"] = {name: _sweep_over_seeds([r.get("cfg_sweeps", {}).get(name, {}) for r in runs.values()], cfg_weights)
                                 for name in variants}
@@ -492,6 +493,13 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
             L.append(f"| {method_label(m)} | {fmt_ms(c['own_text_accuracy'])} | {fmt_ms(c['prompt_accuracy'])} | "
                      + " | ".join(fmt_ms(c["per_intent"][i]) for i in intents) + " |")
         L += [""]
+        for m in methods:
+            conf = rep["controls"][m].get("confusion")
+            if conf is not None:
+                L += [f"{method_label(m)}, what each prompted intent's motion is classified as (windows, summed over seeds; "
+                      "rows: the prompt, columns: the classifier's answer):", "",
+                      "| prompt | " + " | ".join(intents) + " |", "|" + "---|" * (len(intents) + 1)]
+                L += [f"| {i} | " + " | ".join(str(v) for v in row) + " |" for i, row in zip(intents, conf)] + [""]
     L += ["## CFG intensity sweep", "", "Listening motion std (mean over channels of the std over listening frames) against w_listen "
           "(w_speak = 1), for each unconditional branch (the conditions it nulls; the paper's nulls text, audio and partner "
           "motion):", ""]
@@ -591,6 +599,12 @@ def parts_section_markdown(agg: dict, methods: list[str], recon: dict | None) ->
     blind = {n: get(agg["supervised"], n, "window_blind") for n in names}
     L.append("| window-blind floor | " + " | ".join(f"{_fmt(blind[n], '.3f')}{rel(blind[n], n)}" for n in names) + " |")
     return L + [""]
+
+
+def _summed(mats: list) -> list | None:
+    """Element-wise sum of the seeds' count matrices (None when no seed has one)."""
+    mats = [np.asarray(x) for x in mats if x is not None]
+    return np.sum(mats, 0).astype(int).tolist() if mats else None
 
 
 def per_intent_markdown(per_intent: dict, methods: list[str]) -> list[str]:

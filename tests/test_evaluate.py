@@ -255,6 +255,9 @@ def test_bench_quick(tiny):
         ctl = rep["controls"][m]  # prompted accuracy = mean over intents of each intent's accuracy
         per_intent = [ctl["per_intent"][i]["mean"] for i in rep["intents"]]
         assert len(per_intent) >= 2 and ctl["prompt_accuracy"]["mean"] == pytest.approx(float(np.mean(per_intent)))
+        conf = np.asarray(ctl["confusion"])  # prompted intent x classified intent, one seed: its diagonal gives the accuracies
+        assert conf.shape == (len(per_intent),) * 2 and len(set(conf.sum(1))) == 1
+        assert np.diag(conf) / conf.sum(1) == pytest.approx(per_intent)
         assert set(rep["controls"][m]["cfg_sweep"]) == {"1", "4"}
         sweeps = rep["controls"][m]["cfg_sweeps"]  # the paper's unconditional branch and partner-motion guidance
         assert list(sweeps) == ["text+audio+motion", "motion"] and sweeps["text+audio+motion"] == rep["controls"][m]["cfg_sweep"]
