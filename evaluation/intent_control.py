@@ -25,8 +25,10 @@ from ..envs.dataset import DyadicWindows
 from ..envs.flame import GROUP_NAMES, GROUPS
 from ..rewards.stats import masked_mean, masked_std, velocity_std
 from . import metrics as M
+from .bench_stats import per_label_means, table1_window_values
 from .data import EvalData, select_indices
 from .generation import generate_motion
+from .scoring import LISTENING_DD
 
 CLS_CHANNELS = np.r_[0:10, GROUPS["jaw"], GROUPS["neck"], GROUPS["eyelid"], GROUPS["eyepose"], GROUPS["rot"]]
 
@@ -106,9 +108,6 @@ def listening_per_intent(data: EvalData, labels: dict, row_stats: dict, mcfg: Di
     mean over the intent's counted windows (Table 1 units), their count, and the share of the summed
     deviation over all counted windows they carry (the benchmark's "per intent" section, one model).
     """
-    from .bench_stats import per_label_means, table1_window_values
-    from .scoring import LISTENING_DD
-
     rows = list(range(int(data.bank.batch_size[0])))
     per = per_label_means({"model": {0: table1_window_values(row_stats, mcfg)}}, row_intents(data, labels, rows), LISTENING_DD)
     return {k.split("/")[-1]: v for k, v in per["model"].items()}
