@@ -76,7 +76,15 @@ class IntentClassifier:
 def load_labels(root: Path) -> dict | None:
     """``synthetic_labels.json`` of a synthetic corpus, or None."""
     p = root / "synthetic_labels.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        labels = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: cannot read the intent labels ({e}); delete the file to evaluate without them") from e
+    if not isinstance(labels, dict):
+        raise ValueError(f"{p}: expected a JSON object of conversations, got {type(labels).__name__}")
+    return labels
 
 
 def corpus_intents(root: Path) -> list[str] | None:

@@ -476,3 +476,15 @@ def test_bench_extends_a_shorter_run_to_the_same_model_as_a_straight_run(tiny, t
     # another setting (or extend=false) retrains from scratch
     assert train(out, 3, "extend=false")["reused"] is False
     assert "resumed" not in (out / "logs" / "gdpo_seed0.log").read_text()
+
+
+def test_malformed_intent_labels_name_the_file(tmp_path):
+    from gdpo_listener.evaluation.intent_control import load_labels
+
+    assert load_labels(tmp_path) is None  # no labels: a corpus without intents
+    (tmp_path / "synthetic_labels.json").write_text("{not json")
+    with pytest.raises(ValueError, match="synthetic_labels.json"):
+        load_labels(tmp_path)
+    (tmp_path / "synthetic_labels.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        load_labels(tmp_path)
