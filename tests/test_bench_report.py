@@ -312,6 +312,9 @@ def test_collapse_cost_reward_dominance_control_targets():
     assert T.text_control("GDPO", ms(None)).status == T.NA
     assert "VAE reconstruction of the ground truth itself 0.80" in T.text_control("GDPO", ms(0.86), 0.80).note
     assert T.text_control("GDPO", ms(0.86), 0.95).note == ""  # the VAE keeps the intent: the miss is the policy's
+    t = T.text_control("GDPO", ms(0.72), 0.77, ms(0.95))  # the VAE-space figure is named in a miss, never decides it
+    assert t.status == T.FAIL and t.measured == "0.72" and "reconstructions scores the same motion 0.95" in t.note
+    assert T.text_control("GDPO", ms(0.93), 0.77, ms(0.5)).note == ""  # a pass needs no explanation
 
     sweep = {w: {"expr": ms(0.1 * k), "rot": ms(0.01 * k)} for k, w in enumerate(["1", "2", "3", "4"], 1)}
     assert T.cfg_monotone("GDPO", sweep).status == T.PASS

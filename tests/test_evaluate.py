@@ -258,6 +258,10 @@ def test_bench_quick(tiny):
         conf = np.asarray(ctl["confusion"])  # prompted intent x classified intent, one seed: its diagonal gives the accuracies
         assert conf.shape == (len(per_intent),) * 2 and len(set(conf.sum(1))) == 1
         assert np.diag(conf) / conf.sum(1) == pytest.approx(per_intent)
+        vs = ctl["vae_space"]  # the same motion scored by the classifier trained on VAE reconstructions
+        vs_per = [vs["per_intent"][i]["mean"] for i in rep["intents"]]
+        assert vs["prompt_accuracy"]["mean"] == pytest.approx(float(np.mean(vs_per)))
+        assert np.asarray(vs["confusion"]).sum() == conf.sum() and np.diag(vs["confusion"]) / conf.sum(1) == pytest.approx(vs_per)
         assert set(rep["controls"][m]["cfg_sweep"]) == {"1", "4"}
         sweeps = rep["controls"][m]["cfg_sweeps"]  # the paper's unconditional branch and partner-motion guidance
         assert list(sweeps) == ["text+audio+motion", "motion"] and sweeps["text+audio+motion"] == rep["controls"][m]["cfg_sweep"]
@@ -297,6 +301,8 @@ def test_bench_quick(tiny):
     assert (out / "eval" / "vae_reconstruction" / "metrics.json").is_file()
     ci = rep["intent_classifier"]  # the intent classifier also scores the reconstructed ground truth, same windows
     assert ci["vae_reconstruction_windows"] == ci["gt_test_windows"] and 0 <= ci["vae_reconstruction_accuracy"] <= 1
+    vs = ci["vae_space"]
+    assert vs["train_windows"] == ci["train_windows"] and vs["vae_reconstruction_windows"] == ci["gt_test_windows"]
     assert any(n.startswith("GRPO's advantage follows one group") for n in names)
     ev = json.loads((out / "eval" / "gdpo_seed0" / "metrics.json").read_text())
     assert "FLAME" in ev["all"]["table1"]["speaking"]["LVE"]["note"]
@@ -305,7 +311,7 @@ def test_bench_quick(tiny):
                     "Better post-trained model", "## GDPO mechanism figures", "Trend over the last third", "Text control",
                     "CFG intensity sweep", "Unconditional branch nulls motion:", "GDPO (marginal SDE)", "## The VAE's ceiling",
                     "VAE reconstruction (reference)", "## Listening deviations: amplitude or timing", "| window-blind floor |",
-                    "## Listening deviations per intent"):
+                    "## Listening deviations per intent", "VAE-space classifier"):
         assert section in md, section
     for m in rep["methods"]:  # per intent: the shares of the windows' deviation add up to 1
         shares = [c["share"] for c in rep["per_intent"][m]["listening/JDD"].values()]
@@ -488,3 +494,28 @@ def test_malformed_intent_labels_name_the_file(tmp_path):
     (tmp_path / "synthetic_labels.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
         load_labels(tmp_path)
+
+
+def test_vae_space_classifier_sees_the_recoded_motion(tiny_pipeline, rl):
+    """The supplementary text-control classifier is fitted on the recoded train motion (one call, every window),
+    and ``vae_recode`` is the VAE's encode -> decode of raw motion, in any batch size."""
+    from gdpo_listener.envs.windows import decode_latents, encode_latents
+    from gdpo_listener.evaluation import intent_control as IC
+
+    root = tiny_pipeline.data
+    labels, intents = IC.load_labels(root), IC.corpus_intents(root)
+    seen = []
+
+    def double(m):
+        seen.append(tuple(m.shape))
+        return 2 * m
+
+    clf, info = IC.train_intent_classifier(root, labels, intents, 1)
+    clf2, info2 = IC.train_intent_classifier(root, labels, intents, 1, recode=double)
+    assert len(seen) == 1 and seen[0][0] == info["train_windows"] == info2["train_windows"]
+    # features (mean, std, velocity std per channel) all scale with the motion: fitted on the recoded windows
+    assert np.allclose(clf2.mu, 2 * clf.mu, rtol=1e-9, atol=1e-12) and np.allclose(clf2.sd, 2 * clf.sd, rtol=1e-6)
+    vae, norm = rl.tiny_vae(0)
+    m = torch.randn(5, rl.W, 67)
+    want = decode_latents(vae, norm, encode_latents(vae, norm, m))
+    assert torch.allclose(IC.vae_recode(vae, norm, batch_size=2)(m), want, atol=1e-6) and want.shape == m.shape

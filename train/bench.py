@@ -165,13 +165,17 @@ def run(cfg: DictConfig) -> dict:
     paths = {"supervised": {s: sft_path for s in seeds}, **{a: {s: runs[a][s]["path"] for s in seeds} for a in algos}}
 
     labels, intents = IC.load_labels(data.root), IC.corpus_intents(data.root) or []
-    clf, clf_info = None, {}
+    clf, clf_vae, clf_info = None, None, {}
     mf = int(cfg.controls.min_listen)
     if labels is None or not intents:
         clf_info = {"note": f"{data.root} has no synthetic_labels.json / intent list (text control needs the synthetic corpus)"}
     else:
         clf, clf_info = IC.train_intent_classifier(data.root, labels, intents, mf)
         clf_info.update(IC.ground_truth_accuracy(clf, data, labels, intents, mf))
+        # supplementary: the same classifier trained on the VAE reconstructions (what a prompt controls within the VAE)
+        clf_vae, clf_info["vae_space"] = IC.train_intent_classifier(data.root, labels, intents, mf,
+                                                                    recode=IC.vae_recode(data.vae, data.normalizer))
+        clf_info["vae_space"].update(IC.ground_truth_accuracy(clf_vae, data, labels, intents, mf))
     crow = IC.control_windows(data, int(cfg.controls.n_windows), mf)
     prompts = IC.prompt_embeddings(data, intents, len(crow), 1234) if clf is not None and crow else {}
 
@@ -188,7 +192,7 @@ def run(cfg: DictConfig) -> dict:
             # per-window Table 1 values of the same prediction, for the paired comparison
             windows[m][s] = table1_window_values(res["_row_stats"], ecfg.metrics)
             controls[m][s] = IC.run_controls(model, data, crow, cfg.controls, ecfg, s, clf, intents, prompts, labels,
-                                             res["_pred"], bool(cfg.progress))
+                                             res["_pred"], bool(cfg.progress), clf_vae=clf_vae)
             if s == seeds[0]:
                 first_preds[m] = res["_pred"][view_row].cpu().numpy()
             r = flat[m][s]
@@ -202,6 +206,8 @@ def run(cfg: DictConfig) -> dict:
     reconstruction = {"flat": flat_metrics(recon), "quality": quality_figures(recon["_pred"], data.bank)}
     if clf is not None:  # the intent classifier on the reconstructed ground truth: how much intent survives the VAE
         clf_info.update(IC.ground_truth_accuracy(clf, data, labels, intents, mf, motion=recon["_pred"], key="vae_reconstruction"))
+        clf_info["vae_space"].update(IC.ground_truth_accuracy(clf_vae, data, labels, intents, mf, motion=recon["_pred"],
+                                                              key="vae_reconstruction"))
     print("[bench] VAE reconstruction of the ground truth: listening velocity-std ratio "
           + ", ".join(f"{g} {reconstruction['quality'].get(f'listening/{g}/vel_std_ratio', float('nan')):.3f}" for g in GROUP_NAMES)
           + f"; listening FDD {reconstruction['flat'].get('all/listening/FDD')} PDD {reconstruction['flat'].get('all/listening/PDD')} "
