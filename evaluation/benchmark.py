@@ -38,7 +38,7 @@ from .bench_stats import (
 from .data import EvalData
 from .report import supp_markdown, table1_markdown, units_note
 from .scoring import LISTENING_DD, SPLITS, SUPP, TABLE1
-from .sde_choice import closest_to_ode, model_verdict
+from .sde_choice import closest_to_ode, evaluation_ode, model_verdict
 from .seed_stats import aggregate_seeds, findings, fmt_ms, mean_std
 
 __all__ = ["ALGOS", "SDES", "BenchMethod", "parse_method", "method_label", "read_curve", "reward_curves", "training_budget",
@@ -348,7 +348,8 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
     algo_of = {m: "supervised" if m == "supervised" else parse_method(m).algo for m in methods}
     recon = None if reconstruction is None else {"metrics": aggregate_seeds({0: reconstruction["flat"]}),
                                                  "quality": dict(reconstruction["quality"])}
-    targets = T.check_targets(quality=sde.get("ode_quality") or {}, findings=fnd, paired=paired, metrics=agg, mechanism=mech,
+    targets = T.check_targets(quality=sde.get("ode_quality") or {}, teacher_forced=sde.get("teacher_forced_quality") or None,
+                              findings=fnd, paired=paired, metrics=agg, mechanism=mech,
                               controls=ctl, trends=trends, groups=list(groups), algo_of=algo_of,
                               labels={m: method_label(m) for m in methods}, reconstruction=None if recon is None else recon["quality"],
                               reconstruction_text_accuracy=clf_info.get("vae_reconstruction_accuracy"))
@@ -368,9 +369,10 @@ def sde_report(methods, run_sde: dict, windows, expressive, dynamics: dict | Non
     out: dict = {"run_sde": dict(run_sde)}
     if dynamics and variants:
         table = {v: aggregate_seeds(dynamics[v]) for v in variants}
-        ode = next((v for v, x in variants.items() if x["sigma"] == 0), None)
+        ode = evaluation_ode(variants)
+        tf = next((v for v, x in variants.items() if x.get("history")), None)
         out.update({"variants": dict(variants), "dynamics": table, "closest_to_ode": closest_to_ode(table, variants),
-                    "ode_quality": table.get(ode) or {}})
+                    "ode_quality": table.get(ode) or {}, "teacher_forced_quality": table.get(tf) or {}})
     models = {}
     for algo in ALGOS:
         same = [m for m in methods if m != "supervised" and parse_method(m).algo == algo]
@@ -695,8 +697,10 @@ def sde_markdown(sde: dict) -> list[str]:
         for v, row in sde["dynamics"].items():
             cells = [fmt_ms(row.get(f"listening/{g}/vel_std_ratio"), 3) for g in GROUP_NAMES]
             d = close["distance"].get(v)
-            L.append(f"| {v} | " + " | ".join(cells) + f" | {fmt_ms(row.get('speaking/jaw_corr'), 3)} | "
-                     f"{'(reference)' if d is None and v not in close['distance'] else _fmt(d)} |")
+            hist = (sde.get("variants") or {}).get(v, {}).get("history")
+            last = (f"(each token given the {hist} history; not ranked)" if hist else
+                    "(reference)" if d is None and v not in close["distance"] else _fmt(d))
+            L.append(f"| {v} | " + " | ".join(cells) + f" | {fmt_ms(row.get('speaking/jaw_corr'), 3)} | {last} |")
         best = close.get("best")
         L += ["", f"Better final-sample dynamics (closest to the evaluation ODE's, mean over groups of |log ratio_SDE / ratio_ODE|): "
               f"**{best or 'n/a'}**.", ""]

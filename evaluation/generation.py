@@ -1,6 +1,8 @@
 """Held-out generation and the reports the training stages print.
 
 - :func:`generate_motion`: ODE-sample every row of a window bank and decode to raw FLAME;
+- :func:`teacher_forced_motion`: the same ODE for every token at once, each given the ground-truth
+  history (the model's one-step conditionals, without its own rollout: where the collapse arises);
 - :func:`quality_report`: speaking jaw correlation and listening dynamics of a supervised model
   (:func:`quality_figures` of any prediction, e.g. :func:`reconstruct_motion`'s: the ground truth
   through the VAE, the ceiling of any model decoded by it);
@@ -12,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from ..agents.arflow import DROP_KEYS
+from ..agents.flow import euler_step, time_grid
 from ..envs.flame import GROUP_NAMES, GROUPS
 from ..envs.windows import cond_from_bank, decode_latents
 from ..rewards.stats import dynamic_deviation, velocity_std
@@ -46,6 +49,30 @@ def generate_motion(model, vae, normalizer, bank, steps: int = 10, w_speak: floa
         z = model.sample(cond, n_tokens, steps=int(steps), w_speak=float(w_speak), w_listen=float(w_listen),
                          speaking_tokens=b["speaking_tokens"], generator=g, cfg_drop=cfg_drop)  # (b, N, Dv)
         outs.append(decode_latents(vae, normalizer, z))  # (b, W, 67)
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def teacher_forced_motion(model, vae, normalizer, bank, steps: int = 10, seed: int = 0, batch_size: int = 32) -> torch.Tensor:
+    """Euler-ODE sample of every token of every row of ``bank`` at once, token l given the rows' ground-truth
+    latents ``< l`` as history (the teacher-forced pass of training; CFG 1), decoded to raw FLAME ``(B, W, 67)``.
+
+    A free-running sample (:func:`generate_motion`) conditions each token on the model's own earlier
+    tokens; this one on the ground truth's. Where the free-running motion has less dynamics than this,
+    the collapse comes from the rollout, not from the one-token conditionals. Deterministic given ``seed``
+    and ``batch_size``.
+    """
+    g = torch.Generator(device=bank.device).manual_seed(int(seed))
+    grid = time_grid(int(steps), device=bank.device)
+    outs = []
+    for i in range(0, bank.batch_size[0], batch_size):
+        b = bank[i : i + batch_size]
+        cond, gt = cond_from_bank(b), b["actor_latent"]  # gt (b, N, Dv)
+        x = torch.randn(gt.shape, generator=g, device=gt.device, dtype=gt.dtype)  # t = 0: noise
+        for k in range(int(steps)):
+            t = grid[k].expand(gt.shape[:2])  # (b, N)
+            x = euler_step(x, model(cond, gt, x, t, drop={}), grid[k + 1] - grid[k])  # no condition nulled
+        outs.append(decode_latents(vae, normalizer, x))  # (b, W, 67)
     return torch.cat(outs)
 
 

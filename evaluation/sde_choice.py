@@ -8,6 +8,9 @@ better post-trained model.
   jaw correlation). RL optimises the rewards of SDE samples and is evaluated on ODE samples, so the
   SDE whose samples have the ODE's dynamics is the better one: :func:`closest_to_ode` ranks the
   SDEs by the mean over groups of ``|log(ratio_sde / ratio_ode)|`` (0 = same dynamics);
+- a reference row, the evaluation ODE **teacher-forced** (each token given the ground-truth
+  history, :func:`.generation.teacher_forced_motion`): the model's one-token conditionals without
+  its own rollout; it never takes part in the ranking;
 - **post-trained model** (:func:`model_verdict`): the same algorithm trained with either SDE,
   compared per window (:func:`.bench_stats.paired_windows`) on the listening dynamic deviations.
 """
@@ -19,7 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..envs.flame import GROUP_NAMES
-from .generation import quality_report
+from .generation import quality_figures, quality_report, teacher_forced_motion
 
 
 class SDESampling:
@@ -35,12 +38,21 @@ class SDESampling:
         return self.model.sample(*args, sigma=self.sigma, sde=self.sde, **kwargs)
 
 
-def sampler_variants(ode_steps: int, sde_steps: int, sigma: float, sdes: list[str]) -> dict[str, dict]:
-    """``{name: {"steps", "sigma", "sde"}}``: the ODE (sigma 0) then one SDE per entry of ``sdes``."""
+def sampler_variants(ode_steps: int, sde_steps: int, sigma: float, sdes: list[str], teacher_forced: bool = False) -> dict[str, dict]:
+    """``{name: {"steps", "sigma", "sde"}}``: the ODE (sigma 0) then one SDE per entry of ``sdes``; with
+    ``teacher_forced`` also the ODE given the ground-truth history (``"history": "ground truth"``)."""
     out = {f"ODE {int(ode_steps)} steps": {"steps": int(ode_steps), "sigma": 0.0, "sde": None}}
     for s in sdes:
         out[f"SDE {s} {int(sde_steps)} steps sigma {float(sigma):g}"] = {"steps": int(sde_steps), "sigma": float(sigma), "sde": str(s)}
+    if teacher_forced:
+        out[f"ODE {int(ode_steps)} steps, teacher-forced"] = {"steps": int(ode_steps), "sigma": 0.0, "sde": None,
+                                                              "history": "ground truth"}
     return out
+
+
+def evaluation_ode(variants: Mapping[str, dict]) -> str | None:
+    """The name of the free-running ODE among ``variants`` (the evaluation sampler), or None."""
+    return next((n for n, v in variants.items() if v["sigma"] == 0 and not v.get("history")), None)
 
 
 def final_sample_dynamics(model, data, variants: Mapping[str, dict], seeds: list[int]) -> dict[str, dict[int, dict]]:
@@ -48,6 +60,10 @@ def final_sample_dynamics(model, data, variants: Mapping[str, dict], seeds: list
     out: dict = {}
     n = int(data.bank.batch_size[0])
     for name, v in variants.items():
+        if v.get("history"):
+            out[name] = {s: quality_figures(teacher_forced_motion(model, data.vae, data.normalizer, data.bank, steps=v["steps"],
+                                                                  seed=int(s)), data.bank) for s in seeds}
+            continue
         m = model if v["sigma"] == 0 else SDESampling(model, v["sigma"], v["sde"])
         out[name] = {s: quality_report(m, data.vae, data.normalizer, data.bank, n_windows=n, steps=v["steps"], seed=int(s))
                      for s in seeds}
@@ -59,10 +75,10 @@ def closest_to_ode(table: Mapping[str, Mapping[str, Mapping]], variants: Mapping
     """Per SDE variant, the mean over ``groups`` of ``|log(ratio_sde / ratio_ode)|`` of the listening
     velocity-std ratios (``table[variant][key]`` = mean over seeds), and the variant with the smallest.
     ``{"distance": {variant: d}, "best": variant | None}``."""
-    ode = next((n for n, v in variants.items() if v["sigma"] == 0), None)
+    ode = evaluation_ode(variants)
     dist = {}
     for name, v in variants.items():
-        if name == ode or ode is None:
+        if name == ode or ode is None or v.get("history"):
             continue
         d = []
         for g in groups:

@@ -205,12 +205,14 @@ def test_sde_sampling_passes_sigma_and_sde():
 
 
 def test_closest_to_ode_and_model_verdict():
-    v = sampler_variants(10, 4, 0.5, ["paper", "marginal"])
-    assert list(v) == ["ODE 10 steps", "SDE paper 4 steps sigma 0.5", "SDE marginal 4 steps sigma 0.5"]
+    v = sampler_variants(10, 4, 0.5, ["paper", "marginal"], teacher_forced=True)
+    assert list(v) == ["ODE 10 steps", "SDE paper 4 steps sigma 0.5", "SDE marginal 4 steps sigma 0.5", "ODE 10 steps, teacher-forced"]
+    assert list(sampler_variants(10, 4, 0.5, ["paper"])) == ["ODE 10 steps", "SDE paper 4 steps sigma 0.5"]
     r = lambda e, j: {"listening/expr/vel_std_ratio": {"mean": e}, "listening/jaw/vel_std_ratio": {"mean": j}}  # noqa: E731
-    table = {"ODE 10 steps": r(0.6, 0.5), "SDE paper 4 steps sigma 0.5": r(0.9, 0.75), "SDE marginal 4 steps sigma 0.5": r(0.55, 0.5)}
+    table = {"ODE 10 steps": r(0.6, 0.5), "SDE paper 4 steps sigma 0.5": r(0.9, 0.75), "SDE marginal 4 steps sigma 0.5": r(0.55, 0.5),
+             "ODE 10 steps, teacher-forced": r(0.6, 0.5)}  # identical to the ODE: it would win if it were ranked
     c = closest_to_ode(table, v, groups=("expr", "jaw"))
-    assert c["best"] == "SDE marginal 4 steps sigma 0.5"
+    assert c["best"] == "SDE marginal 4 steps sigma 0.5" and "ODE 10 steps, teacher-forced" not in c["distance"]
     assert c["distance"]["SDE paper 4 steps sigma 0.5"] == pytest.approx(math.log(1.5))
 
     p = lambda lo, hi: {"ci_low": lo, "ci_high": hi}  # noqa: E731
@@ -287,6 +289,14 @@ def test_collapse_cost_reward_dominance_control_targets():
     assert beyond["expr"].status == T.FAIL and beyond["expr"].measured.startswith("0.933")  # 0.7 / 0.75: the VAE's collapse
     assert "comes from the VAE" in beyond["expr"].note
     assert beyond["jaw"].status == T.PASS and beyond["rot"].status == T.NA
+    # the teacher-forced figures (each token given the ground-truth history) are named, and decide nothing
+    tf = {"listening/expr/vel_std_ratio": {"mean": 1.4}, "listening/jaw/vel_std_ratio": {"mean": 0.7}}
+    rows_tf = T.supervised_collapse(q, recon, tf)
+    assert [r.status for r in rows_tf] == [r.status for r in rows]
+    assert "ground-truth history 1.400" in rows_tf[0].note and "history" not in rows_tf[2].note  # rot: no teacher-forced figure
+    expr_tf = rows_tf[4]
+    assert "the rollout keeps 50%" in expr_tf.note and "comes from the VAE" not in expr_tf.note  # 0.7 / 1.4
+    assert "comes from the VAE" in T.supervised_collapse(q, recon, {"listening/expr/vel_std_ratio": {"mean": 0.72}})[4].note
 
     ms = lambda x: {"mean": x}  # noqa: E731
     sup = {f"all/speaking/{n}/{g}": ms(1.0) for n in ("FD", "MSE") for g in ("exp", "jaw", "pose")}

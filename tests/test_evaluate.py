@@ -287,7 +287,9 @@ def test_bench_quick(tiny):
     assert p["method"] == pytest.approx(rep["metrics"]["gdpo"]["all/listening/PDD"]["mean"], rel=1e-6)
     assert p["mean_diff"] == pytest.approx(p["method"] - p["reference"], abs=1e-9)
     sde = rep["sde_choice"]
-    assert list(sde["dynamics"]) == ["ODE 2 steps", "SDE paper 2 steps sigma 0.5", "SDE marginal 2 steps sigma 0.5"]
+    assert list(sde["dynamics"]) == ["ODE 2 steps", "SDE paper 2 steps sigma 0.5", "SDE marginal 2 steps sigma 0.5",
+                                     "ODE 2 steps, teacher-forced"]
+    assert sde["teacher_forced_quality"]["listening/expr/vel_std_ratio"]["mean"] > 0  # each token given the ground-truth history
     assert sde["dynamics"]["ODE 2 steps"]["listening/expr/vel_std_ratio"]["mean"] > 0
     assert sde["closest_to_ode"]["best"] in ("SDE paper 2 steps sigma 0.5", "SDE marginal 2 steps sigma 0.5")
     assert list(sde["models"]) == ["gdpo@marginal vs gdpo"] and sde["models"]["gdpo@marginal vs gdpo"]["method_sde"] == "marginal"
@@ -519,3 +521,31 @@ def test_vae_space_classifier_sees_the_recoded_motion(tiny_pipeline, rl):
     m = torch.randn(5, rl.W, 67)
     want = decode_latents(vae, norm, encode_latents(vae, norm, m))
     assert torch.allclose(IC.vae_recode(vae, norm, batch_size=2)(m), want, atol=1e-6) and want.shape == m.shape
+
+
+def test_teacher_forced_motion_integrates_each_token_given_the_ground_truth_history(rl):
+    """Euler ODE from seeded noise over the flow-time grid, the model called with the rows' ground-truth latents
+    as history and no condition nulled, then decoded; a constant velocity field gives noise + velocity exactly."""
+    from gdpo_listener.envs.windows import decode_latents
+    from gdpo_listener.evaluation.generation import teacher_forced_motion
+
+    class Const(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def forward(self, cond, x_clean, x_noisy, t, drop=None):
+            self.calls.append((x_clean, t.clone(), drop))
+            return torch.arange(1.0, x_noisy.shape[1] + 1)[None, :, None].expand_as(x_noisy)  # token l moves by l + 1
+
+    vae, norm = rl.tiny_vae(0)
+    bank = rl.tiny_bank(3)
+    model = Const()
+    out = teacher_forced_motion(model, vae, norm, bank, steps=4, seed=5)
+    gt = bank["actor_latent"]
+    x0 = torch.randn(gt.shape, generator=torch.Generator().manual_seed(5))
+    want = decode_latents(vae, norm, x0 + torch.arange(1.0, gt.shape[1] + 1)[None, :, None])
+    assert out.shape == bank["actor_motion"].shape and torch.allclose(out, want, atol=1e-5)
+    assert len(model.calls) == 4 and all(torch.equal(c[0], gt) and c[2] == {} for c in model.calls)
+    assert [float(c[1][0, 0]) for c in model.calls] == [0.0, 0.25, 0.5, 0.75]  # t = 0 noise ... (flow convention)
+    assert torch.equal(teacher_forced_motion(model, vae, norm, bank, steps=4, seed=5), out)

@@ -213,9 +213,9 @@ def run(cfg: DictConfig) -> dict:
           + f"; listening FDD {reconstruction['flat'].get('all/listening/FDD')} PDD {reconstruction['flat'].get('all/listening/PDD')} "
           f"JDD {reconstruction['flat'].get('all/listening/JDD')}", flush=True)
 
-    # 4. final-sample dynamics of the supervised model under the ODE and each SDE (no training)
+    # 4. final-sample dynamics of the supervised model under the ODE and each SDE, and teacher-forced (no training)
     sd = cfg.sde_dynamics
-    variants = sampler_variants(int(ecfg.steps), int(sd.steps), float(sd.sigma), [str(x) for x in sd.sdes])
+    variants = sampler_variants(int(ecfg.steps), int(sd.steps), float(sd.sigma), [str(x) for x in sd.sdes], teacher_forced=True)
     sup_model, _ = load_eval_model(Path(sft_path), data)
     dynamics = final_sample_dynamics(sup_model, data, variants, seeds)
 
