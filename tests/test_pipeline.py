@@ -157,6 +157,10 @@ def test_sft_resume_continues_exactly_and_refuses_another_config(tiny_pipeline, 
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     res = run_entry("sft.py", *tiny, "optim.steps=6", f"out_dir={d / 'sft_b'}", "resume=true", "seed=1", cwd=d)
     assert res.returncode != 0 and "another config" in res.stderr and "seed" in res.stderr
+    no_vae = [a for a in tiny if not a.startswith("vae_dir=")] + [f"vae_dir={d / 'no_vae'}"]
+    res = run_entry("sft.py", *no_vae, "optim.steps=2", f"out_dir={d / 'sft_c'}", cwd=d)  # the VAE stage was skipped
+    assert res.returncode != 0 and "no VAE checkpoint" in res.stderr and "python train/vae.py" in res.stderr
+    assert not (d / "sft_c").exists()  # refused before a run folder is claimed
 
 
 def test_bench_precision_compares_every_metric_with_fp32(tiny_pipeline, run_entry, first_run):

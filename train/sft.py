@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from gdpo_listener.agents.arflow import count_parameters
+from gdpo_listener.agents.checkpoint import is_checkpoint
 from gdpo_listener.agents.flow import interpolate, velocity_target
 from gdpo_listener.agents.guards import check_finite_step, check_finite_weights
 from gdpo_listener.envs.windows import cond_from_bank
@@ -160,13 +161,17 @@ def train(cfg: DictConfig, dist: Dist) -> None:
     check_count(cfg, ["optim.warmup"], minimum=0)
     batch_size = int(cfg.optim.batch_size)
     rows = dist.shard(batch_size, "optim.batch_size")  # this rank's block of the global batch
+    vae_dir = factories.abspath(cfg.vae_dir)
+    if not is_checkpoint(vae_dir):  # before anything is claimed or generated
+        raise FileNotFoundError(f"vae_dir={cfg.vae_dir}: no VAE checkpoint at {vae_dir} (no meta.json); train it first with "
+                                f"`python train/vae.py out_dir={cfg.vae_dir}` (train/gdpo.py does both on a fresh clone)")
     out_dir = None
     if dist.is_main:
         out_dir, _lock = claim_run_dir(factories.abspath(cfg.out_dir), run_config(cfg, dist), stage="sft", resume=cfg.resume)
     out_dir = dist.broadcast_object(out_dir)
     data_root = main_first(dist, stages.ensure_dataset, cfg.data)
 
-    vae, normalizer, _ = factories.load_frozen_vae(factories.abspath(cfg.vae_dir), device)
+    vae, normalizer, _ = factories.load_frozen_vae(vae_dir, device)
     features, text_enc, audio_enc = factories.make_features(cfg.features, data_root, device, dist=dist)
     banks = factories.make_banks(data_root, features, vae, normalizer, device)
     train_bank, test_bank = banks["train"], banks["test"]
