@@ -220,7 +220,7 @@ def _aggregate(outputs: list[tuple[TensorDictBase, dict[str, float]]], rules: di
 
 
 def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimizer: torch.optim.Optimizer,
-                   chunk_steps: int = 2, epochs: int = 1, grad_clip: float = 1.0, sync=None) -> dict[str, float]:
+                   chunk_steps: int = 2, epochs: int = 1, grad_clip: float = 1.0, sync=None, anchor=None) -> dict[str, float]:
     """One optimiser step per epoch over the whole batch, replayed window by window and ``chunk_steps``
     denoising steps at a time with gradient accumulation.
 
@@ -243,6 +243,10 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
     and the accumulated gradients are summed over processes once per optimiser step, before
     clipping: every process takes the step one process would take on the union of the batches.
     The returned loss and policy figures stay those of this process's rows.
+
+    ``anchor`` (e.g. :class:`~agents.anchor.SupervisedAnchor`): called with the trained model once per
+    epoch, its ``loss_*`` terms are added to that epoch's gradient before the all-reduce and clipping,
+    and logged as ``loss/<term>`` (mean over epochs).
     """
     S, epochs = int(chunk_steps), int(epochs)
     if S < 1:
@@ -257,7 +261,7 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
         reduced = sync.all_reduce(torch.tensor([total[k] for k in COUNT_KINDS], dtype=torch.float64,
                                                device=traj["x"].device), "sum").tolist()
         total = dict(zip(COUNT_KINDS, reduced))
-    outputs = []
+    outputs, anchored = [], {}
     for _ in range(epochs):
         optimizer.zero_grad(set_to_none=True)
         for span, c in zip(spans, counts):
@@ -272,6 +276,11 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
                     out = loss_module(select_steps(win, k0, k1))
                     sum(out[k] * w[loss_module.aggregation[k]] for k in out.keys() if k.startswith("loss_")).backward()
                     outputs.append((out.detach(), w))
+        if anchor is not None:
+            terms = anchor(loss_module.actor_network)
+            sum(terms.values()).backward()
+            for k, v in terms.items():
+                anchored[k] = anchored.get(k, 0.0) + v.detach() / epochs
         if sync is not None:
             sync.all_reduce_gradients(loss_module.actor_network.parameters())  # one all-reduce per optimiser step
         gnorm = torch.nn.utils.clip_grad_norm_(loss_module.actor_network.parameters(), grad_clip)
@@ -280,6 +289,7 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
         optimizer.step()
     stats = {f"loss/{k}" if k.startswith("loss_") else f"policy/{k}": v.item()
              for k, v in _aggregate(outputs, loss_module.aggregation).items()}
+    stats.update({f"loss/{k}": v.item() for k, v in anchored.items()})
     stats["optim/grad_norm"] = gnorm.item()
     return stats
 

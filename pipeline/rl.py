@@ -42,6 +42,9 @@ def check_settings(cfg: DictConfig) -> None:
     check_count(cfg, ["optim.iterations", "env.n_prompts", "env.sde_steps", "algo.chunk_steps", "algo.sync_every",
                       "algo.epochs", "ckpt_every", "log_every", "eval.n_windows", "eval.steps"])
     check_count(cfg, ["env.group_size"], minimum=2)
+    if cfg.algo.get("sft_coef") is not None:
+        check_non_negative(cfg, ["algo.sft_coef"])
+        check_count(cfg, ["algo.sft_batch_size"])
     check_count(cfg, ["env.prefix_tokens"], minimum=0)
 
 
@@ -82,6 +85,19 @@ def make_loss(algo_cfg: DictConfig, policy, model, reward):
                                  beta_speaking=algo_cfg.get("beta_speaking"), reference=reference,
                                  speaking_columns=[f == "speaking" for f in reward.column_frames],
                                  speaking_objective_weight=algo_cfg.get("speaking_objective_weight", 1.0))
+
+
+def make_anchor(algo_cfg: DictConfig, data_root, features, vae, normalizer, device, generator, dist: Dist | None = None):
+    """The supervised anchor of ``algo.sft_coef`` on the train split's windows, or None when it is 0 (the paper)."""
+    coef = float(algo_cfg.get("sft_coef") or 0.0)
+    if coef == 0:
+        return None
+    from ..agents.anchor import SupervisedAnchor
+
+    bank = factories.make_banks(data_root, features, vae, normalizer, device, splits=("train",))["train"]
+    B = int(algo_cfg.sft_batch_size)
+    rows = slice(None) if dist is None or not dist.is_distributed else dist.shard(B, "algo.sft_batch_size")
+    return SupervisedAnchor(bank, coef, B, generator, rows=rows)
 
 
 @torch.no_grad()

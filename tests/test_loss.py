@@ -8,6 +8,7 @@ import pytest
 import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
+from gdpo_listener.agents.anchor import SupervisedAnchor, flow_matching_loss
 from gdpo_listener.agents.flow import gaussian_log_prob
 from gdpo_listener.agents.loss import (
     AGGREGATION,
@@ -378,3 +379,42 @@ def test_listening_token_mask():
     assert listening_token_mask(lis, 2).tolist() == [[False, True], [False, False]]
     with pytest.raises(ValueError, match="tokens"):
         listening_token_mask(lis, 3)
+
+
+def test_supervised_anchor_adds_exactly_its_flow_loss_gradient(rl):
+    """algo.sft_coef: the update's gradient is the RL batch's plus coef x the gradient of the supervised flow
+    loss on the drawn train windows (the same draws as an independent computation); coef 0 changes nothing."""
+    loss, traj, model, _ = loss_setup(rl, beta=0.5)
+    loss.compute_advantage(traj)
+    with torch.no_grad():
+        model.head.bias.add_(0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: read the gradient
+    chunked_update(loss, traj, opt, chunk_steps=1, grad_clip=1e9)
+    rl_grad = [p.grad.clone() for p in model.parameters()]
+    bank, coef, B = rl.tiny_bank(seed=3), 0.7, 5
+    # the anchor's loss, computed independently from the same generator state
+    g = torch.Generator().manual_seed(11)
+    idx = torch.randint(bank.batch_size[0], (B,), generator=g)
+    rows = bank[idx]
+    x0 = torch.randn(rows["actor_latent"].shape, generator=g)
+    t = torch.rand(rows["actor_latent"].shape[:2], generator=g)
+    model.zero_grad()
+    flow = flow_matching_loss(model, rows, x0, t).mean()
+    flow.backward()
+    flow_grad = [p.grad.clone() for p in model.parameters()]
+    assert sum(float(f.abs().sum()) for f in flow_grad) > 0
+    anchor = SupervisedAnchor(bank, coef, B, torch.Generator().manual_seed(11))
+    stats = chunked_update(loss, traj, opt, chunk_steps=1, grad_clip=1e9, anchor=anchor)
+    assert stats["loss/loss_sft"] == pytest.approx(coef * flow.item(), rel=1e-5)
+    for p, r, f in zip(model.parameters(), rl_grad, flow_grad):
+        assert torch.allclose(p.grad, r + coef * f, atol=1e-6, rtol=1e-4)
+    zero = SupervisedAnchor(bank, 0.0, B, torch.Generator().manual_seed(11))
+    chunked_update(loss, traj, opt, chunk_steps=1, grad_clip=1e9, anchor=zero)
+    assert all(torch.allclose(p.grad, r, atol=1e-7) for p, r in zip(model.parameters(), rl_grad))
+    # two processes, each its half of the global batch: the shares sum to one process's loss
+    halves = [SupervisedAnchor(bank, coef, 4, torch.Generator().manual_seed(5), rows=s)(model)["loss_sft"]
+              for s in (slice(0, 2), slice(2, 4))]
+    whole = SupervisedAnchor(bank, coef, 4, torch.Generator().manual_seed(5))(model)["loss_sft"]
+    assert (halves[0] + halves[1]).item() == pytest.approx(whole.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="coef"):
+        SupervisedAnchor(bank, -1.0, B, g)

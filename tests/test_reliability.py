@@ -126,7 +126,7 @@ def test_counts_must_be_positive_integers(value):
     ("env.sigma=0", "env.sigma"), ("optim.lr=inf", "optim.lr"), ("optim.lr=abc", "optim.lr"), ("ckpt_every=0", "ckpt_every"),
     ("algo.sync_every=0", "algo.sync_every"), ("algo.chunk_steps=0", "algo.chunk_steps"), ("optim.iterations=0", "optim.iterations"),
     ("optim.iterations=-3", "optim.iterations"), ("algo.beta_speaking=-1", "algo.beta_speaking"),
-    ("algo.ref_precision=fp8", "algo.ref_precision")])
+    ("algo.ref_precision=fp8", "algo.ref_precision"), ("algo.sft_coef=-1", "algo.sft_coef")])
 def test_gdpo_refuses_bad_settings_before_any_work(run_entry, tmp_path, override, named):
     res = run_entry("gdpo.py", f"data.root={tmp_path / 'none'}", f"out_dir={tmp_path / 'out'}", override, cwd=tmp_path, timeout=120)
     assert res.returncode != 0 and named in res.stderr and "[pipeline] running" not in res.stdout

@@ -54,6 +54,7 @@ from gdpo_listener.pipeline.rl import (
     collect,
     combine_rank_stats,
     global_advantages,
+    make_anchor,
     make_env,
     make_loss,
     make_train_bank,
@@ -118,6 +119,7 @@ def train(cfg: DictConfig, dist: Dist) -> None:
     env = make_env(cfg, train_bank, vae, normalizer, reward, generator, n_prompts=n_prompts, seed=seed)
     policy = make_policy(behaviour, env, generator=generator, prefix_tokens=cfg.env.prefix_tokens)  # sigma, steps, sde: the env's
     loss_module = make_loss(cfg.algo, policy, model, reward)
+    anchor = make_anchor(cfg.algo, data_root, features, vae, normalizer, device, generator, dist)  # None: the paper
     model.eval()  # no dropout: replayed log-probs must match the behaviour policy's (gradients still flow)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
@@ -155,7 +157,8 @@ def train(cfg: DictConfig, dist: Dist) -> None:
         stats.update({k: v.item() for k, v in advantage_log_stats(batch, reward.group_names, cfg.algo).items()})
         t2 = time.perf_counter()
         try:
-            update = chunked_update(loss_module, traj, optimizer, cfg.algo.chunk_steps, cfg.algo.epochs, cfg.optim.grad_clip, sync=sync)
+            update = chunked_update(loss_module, traj, optimizer, cfg.algo.chunk_steps, cfg.algo.epochs, cfg.optim.grad_clip, sync=sync,
+                                    anchor=anchor)
             if dist.is_distributed:  # the global batch's figures
                 update = combine_rank_stats(dist.all_gather_object((update, objective_counts(loss_module, traj))))
             stats.update(update)

@@ -34,11 +34,10 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from gdpo_listener.agents.anchor import flow_matching_loss
 from gdpo_listener.agents.arflow import count_parameters
 from gdpo_listener.agents.checkpoint import is_checkpoint
-from gdpo_listener.agents.flow import interpolate, velocity_target
 from gdpo_listener.agents.guards import check_finite_step, check_finite_weights
-from gdpo_listener.envs.windows import cond_from_bank
 from gdpo_listener.evaluation.generation import numeric_items, print_quality_report, quality_report
 from gdpo_listener.pipeline import factories, stages
 from gdpo_listener.pipeline.checks import check_count, check_non_negative, check_positive
@@ -106,9 +105,7 @@ def flow_step(model, batch, generator, rows: slice = slice(None), batch_size: in
     B = x1.shape[0] if batch_size is None else int(batch_size)
     x0 = torch.randn((B, *x1.shape[1:]), generator=generator, device="cpu")[rows].to(x1.device)  # (b, N, Dv)
     t = torch.rand((B, x1.shape[1]), generator=generator, device="cpu")[rows].to(x1.device)  # (b, N)
-    xt = interpolate(x0, x1, t.unsqueeze(-1))
-    v = model(cond_from_bank(batch), x1, xt, t)  # (b, N, Dv)
-    per_token = (v - velocity_target(x0, x1)).pow(2).mean(-1)  # (b, N)
+    per_token = flow_matching_loss(model, batch, x0, t)  # (b, N)
     return per_token.mean(), per_token.detach(), t
 
 
