@@ -65,9 +65,13 @@ def save_run_state(path: str | Path, cfg: DictConfig, keys: Iterable[str], step:
 
 
 def load_run_state(path: str | Path, cfg: DictConfig, keys: Iterable[str], device, generator: torch.Generator | None = None,
-                   states: Mapping[str, Any] | None = None) -> dict:
+                   states: Mapping[str, Any] | None = None, added: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
     """Read the training state at ``path``, check it was written with the same config sections ``keys``,
-    load it into ``states`` (name -> object with ``load_state_dict``) and restore every RNG."""
+    load it into ``states`` (name -> object with ``load_state_dict``) and restore every RNG.
+
+    ``added`` (``{section: {setting: value}}``): settings introduced after a state may have been written,
+    each with the value that reproduces the code before it; a saved section without one compares as
+    if it had that value (a run saved before ``algo.sft_coef`` existed resumes with ``sft_coef: 0``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"resume=true but no training state at {path}")
@@ -77,7 +81,10 @@ def load_run_state(path: str | Path, cfg: DictConfig, keys: Iterable[str], devic
         raise ValueError(f"resume=true but the training state {path} cannot be read ({type(e).__name__}: {e}); "
                          f"delete it to start over") from None
     keys = tuple(keys)
-    now, then = resume_config(cfg, keys), state.get("config") or {}
+    now, then = resume_config(cfg, keys), dict(state.get("config") or {})
+    for section, defaults in (added or {}).items():
+        if isinstance(then.get(section), Mapping):
+            then[section] = {**defaults, **then[section]}
     diff = [k for k in keys if then.get(k) != now[k]]
     if diff:
         raise ValueError(f"resume folder {path.parent.parent} was written with another config (differs in: {', '.join(diff)})")

@@ -83,6 +83,20 @@ def test_a_truncated_training_state_is_named(tmp_path):
         load_run_state(path, cfg, ["optim"], "cpu", states={"model": model})
 
 
+def test_a_state_saved_before_a_setting_existed_resumes_with_its_no_op_value(tmp_path):
+    """``added``: a saved section without a later setting compares as if it had the no-op value; any other
+    value of that setting is another config."""
+    path = tmp_path / "last" / "state.pt"
+    old = OmegaConf.create({"algo": {"beta": 0.01}})
+    save_run_state(path, old, ["algo"], 3, torch.Generator())
+    added = {"algo": {"sft_coef": 0.0}}
+    assert load_run_state(path, OmegaConf.create({"algo": {"beta": 0.01, "sft_coef": 0.0}}), ["algo"], "cpu", added=added)["step"] == 3
+    with pytest.raises(ValueError, match="another config"):
+        load_run_state(path, OmegaConf.create({"algo": {"beta": 0.01, "sft_coef": 0.5}}), ["algo"], "cpu", added=added)
+    with pytest.raises(ValueError, match="another config"):  # without ``added`` the new setting is a difference
+        load_run_state(path, OmegaConf.create({"algo": {"beta": 0.01, "sft_coef": 0.0}}), ["algo"], "cpu")
+
+
 # ----------------------------------------------------------------------------------------------
 # divergence and settings
 

@@ -68,6 +68,8 @@ from gdpo_listener.pipeline.threads import configure_threads
 
 # config sections that must match for resume=true to continue a run
 RESUME_KEYS = ("reward", "rewards", "env", "algo", "model", "pretrained", "features", "data", "seed")
+# settings added since runs were first saved, with their no-op value: states saved without them still resume
+ADDED_SETTINGS = {"algo": {"sft_coef": 0.0, "sft_batch_size": 16}}
 
 
 def save_state(path, cfg, step, generator, logger, run_states, env, dist: Dist) -> None:
@@ -128,7 +130,7 @@ def train(cfg: DictConfig, dist: Dist) -> None:
     start, logger_state = 0, None
     if cfg.resume:
         # rollout noise and window draws continue the killed run's
-        state = load_run_state(state_path, cfg, RESUME_KEYS, device, generator, states=run_states)
+        state = load_run_state(state_path, cfg, RESUME_KEYS, device, generator, states=run_states, added=ADDED_SETTINGS)
         check_world_size(state.get("world_size"), dist, state_path)
         env.set_rng_state(on_cpu(state["env_rng"]))
         if dist.is_distributed:  # this rank's own streams
