@@ -36,6 +36,8 @@ class SupervisedAnchor:
     With several processes each holds ``rows`` of one global batch of ``batch_size``: the draws are
     the global batch's, sliced, and the loss is scaled by the rows' share, so the gradients summed over
     processes are one process's on the whole batch. Returns ``{"loss_sft": ...}`` with gradient.
+    The model runs as the RL update runs it (eval mode: no condition dropout), so the anchor holds the
+    conditional branch, not CFG's unconditional one.
     """
 
     def __init__(self, bank, coef: float, batch_size: int, generator: torch.Generator, rows: slice = slice(None)):
