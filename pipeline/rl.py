@@ -87,14 +87,17 @@ def make_loss(algo_cfg: DictConfig, policy, model, reward):
                                  speaking_objective_weight=algo_cfg.get("speaking_objective_weight", 1.0))
 
 
-def make_anchor(algo_cfg: DictConfig, data_root, features, vae, normalizer, device, generator, dist: Dist | None = None):
-    """The supervised anchor of ``algo.sft_coef`` on the train split's windows, or None when it is 0 (the paper)."""
+def make_anchor(cfg: DictConfig, train_bank, data_root, features, vae, normalizer, device, generator, dist: Dist | None = None):
+    """The supervised anchor of ``algo.sft_coef`` on the train split's windows, or None when it is 0 (the paper).
+    ``train_bank`` (:func:`make_train_bank`'s) is reused when its rows are the model's windows."""
+    algo_cfg = cfg.algo
     coef = float(algo_cfg.get("sft_coef") or 0.0)
     if coef == 0:
         return None
     from ..agents.anchor import SupervisedAnchor
 
-    bank = factories.make_banks(data_root, features, vae, normalizer, device, splits=("train",))["train"]
+    bank = train_bank if cfg.env.episode_tokens is None else \
+        factories.make_banks(data_root, features, vae, normalizer, device, splits=("train",))["train"]
     B = int(algo_cfg.sft_batch_size)
     rows = slice(None) if dist is None or not dist.is_distributed else dist.shard(B, "algo.sft_batch_size")
     return SupervisedAnchor(bank, coef, B, generator, rows=rows)
