@@ -18,7 +18,7 @@ from .groups import GroupReward
 from .stats import frame_velocity, masked_std
 from .terms import RewardTerm
 
-__all__ = ["JerkTerm", "LogPenaltyGroupReward"]
+__all__ = ["JerkTerm", "PeakVelocityTerm", "LogPenaltyGroupReward"]
 
 
 class JerkTerm(RewardTerm):
@@ -34,6 +34,36 @@ class JerkTerm(RewardTerm):
             return masked_std(a, amask)  # (B, C)
 
         return (accel_std(pred) - accel_std(target)).abs().mean(-1)  # (B,)
+
+
+class PeakVelocityTerm(RewardTerm):
+    """Burst penalty ``mean_c |max_s std_s(dP[:, c]) - max_s std_s(dG[:, c])|``: the strongest burst.
+
+    ``s`` runs over sub-windows of ``frames`` velocities every ``hop`` frames; a sub-window counts when
+    at least ``min_valid`` of its velocities are valid (else its std is 0). Where the velocity-variance
+    term averages a burst (a laugh, a nod series) over the whole window, this one scores the
+    strongest burst whatever its timing, so a rollout that starts one when the ground truth has one
+    stands out within its group. Windows shorter than ``frames`` are one sub-window.
+    """
+
+    def __init__(self, frames: int = 25, hop: int = 5, min_valid: float = 0.5):
+        super().__init__()
+        if int(frames) < 2 or int(hop) < 1 or not 0 < float(min_valid) <= 1:
+            raise ValueError(f"PeakVelocityTerm: need frames >= 2, hop >= 1, 0 < min_valid <= 1; got "
+                             f"frames={frames}, hop={hop}, min_valid={min_valid}")
+        self.frames, self.hop, self.min_valid = int(frames), int(hop), float(min_valid)
+
+    def peak(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, C)
+        v, vmask = frame_velocity(x, mask)  # (B, T-1, C), (B, T-1)
+        n = min(self.frames, v.shape[-2])
+        vs = v.unfold(-2, n, self.hop).transpose(-1, -2)  # (B, S, n, C)
+        ms = vmask.unfold(-1, n, self.hop)  # (B, S, n)
+        std = masked_std(vs, ms)  # (B, S, C)
+        ok = ms.sum(-1) >= self.min_valid * n  # (B, S)
+        return torch.where(ok.unsqueeze(-1), std, torch.zeros_like(std)).amax(-2)  # (B, C)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (self.peak(pred, mask) - self.peak(target, mask)).abs().mean(-1)  # (B,)
 
 
 class LogPenaltyGroupReward(GroupReward):

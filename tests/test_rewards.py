@@ -23,7 +23,7 @@ from gdpo_listener.rewards import (
     parse_reward_spec,
     velocity_std,
 )
-from gdpo_listener.rewards.examples import JerkTerm, LogPenaltyGroupReward
+from gdpo_listener.rewards.examples import JerkTerm, LogPenaltyGroupReward, PeakVelocityTerm
 
 
 def seq(*cols, mask=None):
@@ -155,6 +155,41 @@ def test_jerk_term_example():
     assert torch.allclose(JerkTerm()(pred, target, m), t([math.sqrt(32) / 3]))
     m2 = torch.tensor([[True, True, True, False, True]])  # only one full triple -> std 0
     assert float(JerkTerm()(pred, target, m2)) == 0.0
+
+
+def test_peak_velocity_term_scores_the_strongest_burst_whatever_its_timing():
+    T = 60
+    burst = torch.tensor([1.0, -1.0] * 5)  # 10 frames of alternating motion: velocities +-2
+    def at(start, amp=1.0):
+        x = torch.zeros(1, T, 1)
+        x[0, start:start + 10, 0] = amp * burst
+        return x
+    m = torch.ones(1, T, dtype=torch.bool)
+    term = PeakVelocityTerm(frames=10, hop=1)
+    target = at(40)
+    assert float(term(at(5), target, m)) == pytest.approx(0.0, abs=1e-6)  # same burst, another time: no penalty
+    assert float(VelocityVarianceTerm()(at(5), target, m)) == pytest.approx(0.0, abs=1e-6)  # (the window term agrees)
+    peak = float(term(torch.zeros(1, T, 1), target, m))  # no burst: the target's peak std
+    v = torch.diff(torch.cat([torch.zeros(1), burst, torch.zeros(1)]))[:10]  # the strongest 10-velocity sub-window
+    assert peak == pytest.approx(float(v.std(unbiased=False)), rel=1e-5)
+    assert float(term(at(5, 0.5), target, m)) == pytest.approx(peak / 2, rel=1e-5)  # half the amplitude: half the penalty
+    # the peak is not diluted by the window's length: a burst in a 4x longer window costs the same
+    long_m = torch.ones(1, 4 * T, dtype=torch.bool)
+    long_t = torch.cat([target, torch.zeros(1, 3 * T, 1)], 1)
+    assert float(term(torch.zeros(1, 4 * T, 1), long_t, long_m)) == pytest.approx(peak, rel=1e-5)
+    assert float(VelocityVarianceTerm()(torch.zeros(1, 4 * T, 1), long_t, long_m)) < 0.6 * float(
+        VelocityVarianceTerm()(torch.zeros(1, T, 1), target, m))
+    # masked frames are never read; sub-windows with too few valid velocities do not count
+    masked = m.clone()
+    masked[0, 35:] = False
+    assert float(term(torch.zeros(1, T, 1), target, masked)) == 0.0
+    bad = target.clone()
+    bad[0, 35:] = float("nan")
+    assert float(term(torch.zeros(1, T, 1), bad, masked)) == 0.0
+    assert float(term(at(5), target, torch.zeros(1, T, dtype=torch.bool))) == 0.0
+    assert float(PeakVelocityTerm(frames=100)(at(5), target, m)) == pytest.approx(0.0, abs=1e-6)  # short window: one sub-window
+    with pytest.raises(ValueError, match="frames"):
+        PeakVelocityTerm(frames=1)
 
 
 # ---------------------------------------------------------------- groups
