@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +71,35 @@ def test_grpo_runs_the_same(tiny_pipeline, run_entry, first_run):
     assert (scalars / "reward" / "jaw@speaking" / "mean.csv").is_file() and (scalars / "loss" / "loss_objective_speaking.csv").is_file()
 
 
-@pytest.mark.parametrize("override,msg", [
+BAD_CONFIGS = [
     ("reward=expr+nose", "unknown"),
     ("env.group_size=1", "group_size"),
     ("+rewards.lambdas.expr=-1", "lambda"),
     ("reward=expr+jaw@speaking", "objective_tokens"),  # a speaking column needs the objective on every token
-])
-def test_bad_config_fails_early(tiny_pipeline, run_entry, override, msg):
+]
+
+
+@pytest.mark.parametrize("override,msg", BAD_CONFIGS)
+def test_bad_config_is_named_by_the_early_checks(override, msg):
+    """What train/gdpo.py checks before any long work (settings, then the reward), on its composed config."""
+    from hydra import compose, initialize_config_dir
+
+    from gdpo_listener.pipeline.factories import make_reward
+    from gdpo_listener.pipeline.rl import check_settings
+
+    with initialize_config_dir(config_dir=str(ROOT / "train" / "conf"), version_base="1.3"):
+        cfg = compose(config_name="gdpo", overrides=[override])
+    with pytest.raises(ValueError) as err:
+        check_settings(cfg)
+        make_reward(cfg)
+    assert msg in str(err.value).lower()
+
+
+def test_bad_config_fails_early(tiny_pipeline, run_entry):
+    """The real entry point stops on a bad config before the pipeline runs (every case: the test above)."""
     d = tiny_pipeline.root
-    res = run_entry("gdpo.py", override, *[a for a in tiny_pipeline.gdpo_args() if not a.startswith("env.group_size")],
-                    f"out_dir={d / 'bad'}", cwd=d)
+    override, msg = BAD_CONFIGS[0]
+    res = run_entry("gdpo.py", override, *tiny_pipeline.gdpo_args(), f"out_dir={d / 'bad'}", cwd=d)
     assert res.returncode != 0 and msg in (res.stderr + res.stdout).lower()
     assert "[pipeline] running" not in res.stdout
 
@@ -124,10 +144,10 @@ def test_generate_cli_long_clip_and_bad_inputs(tiny_pipeline, run_entry, first_r
     assert motion.shape == (450, 67) and np.isfinite(motion).all() and vad.shape == (450,)  # 18 s -> exactly 450 frames
     assert (d / "gen" / "clip.png").is_file()
     np.savez(d / "short_motion.npz", motion=np.zeros((300, 67), np.float32))  # 12 s of partner motion for 18 s of audio
-    for extra, msg in [(("seconds=30",), "shorter than the requested"), (("w_listen=nan",), "finite"),
-                       (("w_listen=1e6",), "|w| <= 20"), ((f"partner_motion={d / 'short_motion.npz'}",), "short_motion.npz")]:
-        res = run_entry("generate.py", *base, *extra, f"out={d / 'gen' / 'bad'}", cwd=d)
-        assert res.returncode != 0 and msg in (res.stderr + res.stdout), (extra, res.stderr[-500:])
+    # bad inputs through the CLI (weights out of range and too long a clip: tests/test_generate.py, in-process)
+    res = run_entry("generate.py", *base, f"partner_motion={d / 'short_motion.npz'}", f"out={d / 'gen' / 'bad'}", cwd=d)
+    assert res.returncode != 0 and "short_motion.npz" in (res.stderr + res.stdout), res.stderr[-500:]
+    assert not list((d / "gen").glob("bad*"))
     res = run_entry("generate.py", f"checkpoint={d / 'sft'}", f"actor_wav={d / 'missing.wav'}", cwd=d)
     assert res.returncode != 0 and "missing.wav" in res.stderr
 

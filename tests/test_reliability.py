@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from gdpo_listener.agents.guards import DivergenceError, check_finite_step, chec
 from gdpo_listener.pipeline.checks import check_count, check_positive
 from gdpo_listener.pipeline.run_dir import RunDirError, RunLock, claim_run_dir, truncate_logs
 from gdpo_listener.pipeline.run_state import load_run_state, save_run_state
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cfg_of(**kw):
@@ -135,13 +139,32 @@ def test_counts_must_be_positive_integers(value):
 # the real entry points
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("override,named", [
+BAD_GDPO_SETTINGS = [
     ("env.sigma=0", "env.sigma"), ("optim.lr=inf", "optim.lr"), ("optim.lr=abc", "optim.lr"), ("ckpt_every=0", "ckpt_every"),
     ("algo.sync_every=0", "algo.sync_every"), ("algo.chunk_steps=0", "algo.chunk_steps"), ("optim.iterations=0", "optim.iterations"),
     ("optim.iterations=-3", "optim.iterations"), ("algo.beta_speaking=-1", "algo.beta_speaking"),
-    ("algo.ref_precision=fp8", "algo.ref_precision"), ("algo.sft_coef=-1", "algo.sft_coef")])
+    ("algo.ref_precision=fp8", "algo.ref_precision"), ("algo.sft_coef=-1", "algo.sft_coef")]
+
+
+@pytest.mark.parametrize("override,named", BAD_GDPO_SETTINGS)
+def test_gdpo_settings_check_names_every_bad_setting(override, named):
+    """The check train/gdpo.py runs first (before seeding a run folder or data), on its composed config."""
+    from hydra import compose, initialize_config_dir
+
+    from gdpo_listener.pipeline.rl import check_settings
+
+    with initialize_config_dir(config_dir=str(ROOT / "train" / "conf"), version_base="1.3"):
+        cfg = compose(config_name="gdpo", overrides=[override])
+    with pytest.raises(ValueError, match=re.escape(named)):
+        check_settings(cfg)
+    with initialize_config_dir(config_dir=str(ROOT / "train" / "conf"), version_base="1.3"):
+        check_settings(compose(config_name="gdpo"))  # the defaults pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,named", [BAD_GDPO_SETTINGS[0], BAD_GDPO_SETTINGS[2]])
 def test_gdpo_refuses_bad_settings_before_any_work(run_entry, tmp_path, override, named):
+    """The real entry point: refused before any folder or data is made (every setting: the test above)."""
     res = run_entry("gdpo.py", f"data.root={tmp_path / 'none'}", f"out_dir={tmp_path / 'out'}", override, cwd=tmp_path, timeout=120)
     assert res.returncode != 0 and named in res.stderr and "[pipeline] running" not in res.stdout
     assert not (tmp_path / "out").exists() and not (tmp_path / "none").exists()
