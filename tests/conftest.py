@@ -82,6 +82,20 @@ def _run(script: str, *overrides: str, cwd: Path, timeout: int = 600, env: dict[
     return res
 
 
+def _compose(name: str, overrides=()):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "train" / "conf"), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def compose_config():
+    """``compose_config(name, overrides)``: the config ``train/<name>.py`` would run with, composed in-process
+    (for the checks an entry point makes first, without a subprocess' imports)."""
+    return _compose
+
+
 @pytest.fixture(scope="session")
 def run_entry():
     """``run_entry(script, *overrides, cwd=DIR, timeout=600, env=None)``: run ``train/<script>`` in a subprocess,

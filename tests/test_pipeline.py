@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +79,12 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize("override,msg", BAD_CONFIGS)
-def test_bad_config_is_named_by_the_early_checks(override, msg):
+def test_bad_config_is_named_by_the_early_checks(compose_config, override, msg):
     """What train/gdpo.py checks before any long work (settings, then the reward), on its composed config."""
-    from hydra import compose, initialize_config_dir
-
     from gdpo_listener.pipeline.factories import make_reward
     from gdpo_listener.pipeline.rl import check_settings
 
-    with initialize_config_dir(config_dir=str(ROOT / "train" / "conf"), version_base="1.3"):
-        cfg = compose(config_name="gdpo", overrides=[override])
+    cfg = compose_config("gdpo", [override])
     with pytest.raises(ValueError) as err:
         check_settings(cfg)
         make_reward(cfg)

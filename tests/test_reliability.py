@@ -5,7 +5,6 @@ import math
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +14,6 @@ from gdpo_listener.agents.guards import DivergenceError, check_finite_step, chec
 from gdpo_listener.pipeline.checks import check_count, check_positive
 from gdpo_listener.pipeline.run_dir import RunDirError, RunLock, claim_run_dir, truncate_logs
 from gdpo_listener.pipeline.run_state import load_run_state, save_run_state
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def cfg_of(**kw):
@@ -147,18 +144,18 @@ BAD_GDPO_SETTINGS = [
 
 
 @pytest.mark.parametrize("override,named", BAD_GDPO_SETTINGS)
-def test_gdpo_settings_check_names_every_bad_setting(override, named):
+def test_gdpo_settings_check_names_every_bad_setting(compose_config, override, named):
     """The check train/gdpo.py runs first (before seeding a run folder or data), on its composed config."""
-    from hydra import compose, initialize_config_dir
-
     from gdpo_listener.pipeline.rl import check_settings
 
-    with initialize_config_dir(config_dir=str(ROOT / "train" / "conf"), version_base="1.3"):
-        cfg = compose(config_name="gdpo", overrides=[override])
     with pytest.raises(ValueError, match=re.escape(named)):
-        check_settings(cfg)
-    with initialize_config_dir(config_dir=str(ROOT / "train" / "conf"), version_base="1.3"):
-        check_settings(compose(config_name="gdpo"))  # the defaults pass
+        check_settings(compose_config("gdpo", [override]))
+
+
+def test_gdpo_default_settings_pass_the_check(compose_config):
+    from gdpo_listener.pipeline.rl import check_settings
+
+    check_settings(compose_config("gdpo"))
 
 
 @pytest.mark.slow
