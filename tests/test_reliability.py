@@ -158,6 +158,27 @@ def test_gdpo_default_settings_pass_the_check(compose_config):
     check_settings(compose_config("gdpo"))
 
 
+BAD_CONFIGS = [
+    ("reward=expr+nose", "unknown"),
+    ("env.group_size=1", "group_size"),
+    ("+rewards.lambdas.expr=-1", "lambda"),
+    ("reward=expr+jaw@speaking", "objective_tokens"),  # a speaking column needs the objective on every token
+]
+
+
+@pytest.mark.parametrize("override,msg", BAD_CONFIGS)
+def test_bad_config_is_named_by_the_early_checks(compose_config, override, msg):
+    """What train/gdpo.py checks before any long work (settings, then the reward), on its composed config."""
+    from gdpo_listener.pipeline.factories import make_reward
+    from gdpo_listener.pipeline.rl import check_settings
+
+    cfg = compose_config("gdpo", [override])
+    with pytest.raises(ValueError) as err:
+        check_settings(cfg)
+        make_reward(cfg)
+    assert msg in str(err.value).lower()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("override,named", [BAD_GDPO_SETTINGS[0], BAD_GDPO_SETTINGS[2]])
 def test_gdpo_refuses_bad_settings_before_any_work(run_entry, tmp_path, override, named):
