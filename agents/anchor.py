@@ -7,8 +7,8 @@
 
 Why an anchor: the RL objective and its KL see only the policy's own rollouts, so the conditionals the
 policy would use given real motion are unconstrained. On the default corpus GDPO lowers them where it
-raises the rollouts' dynamics (README, "The AR-Flow's own collapse is its rollout's"); the anchor
-keeps them at the supervised fit while the objective moves the rollouts.
+raises the rollouts' dynamics (docs/benchmarks.md, "The VAE's ceiling", "The AR-Flow's own collapse
+is its rollout's"); the anchor keeps them at the supervised fit while the objective moves the rollouts.
 
 Flow time as in :mod:`.flow`: t = 0 noise, t = 1 data.
 """

@@ -43,8 +43,8 @@ The audio and the turn-taking timeline are the same in both versions.
 from ``k`` shared smooth factors mixed into the 50 channels by a fixed random unit-norm mixing
 instead of independently per channel: every channel keeps its std, the motion becomes
 ``k``-dimensional. It exists to test whether the listening collapse comes from the VAE (a
-high-dimensional idle expression no r = 8 VAE can carry) or from the AR-Flow (README, "The VAE's
-ceiling").
+high-dimensional idle expression no r = 8 VAE can carry) or from the AR-Flow (docs/benchmarks.md, "The
+VAE's ceiling").
 
 Public API::
 

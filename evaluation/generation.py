@@ -186,6 +186,7 @@ def before_after(supervised, trained, vae, normalizer, bank, reward, n_windows: 
         else:
             line += " " * 46
         print(line + f" {recon[k]:11.4f}")
-    print("  (VAE recon.: the ground truth through the VAE, the ceiling of any policy decoded by it; README \"The VAE's ceiling\")")
+    print("  (VAE recon.: the ground truth through the VAE, the ceiling of any policy decoded by it; "
+          "docs/benchmarks.md, \"The VAE's ceiling\")")
     return {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()},
             **{f"vae_reconstruction/{k}": v for k, v in recon.items()}, **out}
