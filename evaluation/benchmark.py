@@ -293,7 +293,8 @@ def plot_listening_window(data: EvalData, row: int, preds: dict[str, np.ndarray]
 def build_report(cfg_weights: list[float], methods, flat, controls, curves, train_info, groups, hdr, clf_info, intents, *,
                  windows: dict | None = None, expressive: np.ndarray | None = None, mechanism: dict | None = None,
                  sde_dynamics: dict | None = None, sde_variants: dict | None = None,
-                 reconstruction: dict | None = None, window_labels: list | None = None) -> tuple[dict, str]:
+                 reconstruction: dict | None = None, window_labels: list | None = None,
+                 intent_floor: dict | None = None) -> tuple[dict, str]:
     """The report dict and its Markdown.
 
     Inputs per method and seed: ``flat[method][seed]`` (:func:`.seed_stats.flat_metrics`),
@@ -305,7 +306,8 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
     ``reconstruction``: the ground truth through the VAE, ``{"flat": flat metrics, "quality":
     :func:`.generation.quality_figures` of it}`` (a reference row in the tables, the VAE-ceiling
     section and the collapse-beyond-the-VAE targets). ``window_labels``: the listener's intent per
-    evaluated window (None = unlabelled corpus), for the listening deviations per intent.
+    evaluated window (None = unlabelled corpus), for the listening deviations per intent;
+    ``intent_floor``: their floor for a model that knows the intent (:func:`.intent_control.intent_floor`).
     ``hdr["sde"][method]``: the SDE each post-training method's runs recorded. Derived here: mean +-
     std over seeds, findings (Welch), paired per-window comparisons, training-curve trends, mechanism
     summaries, the SDE verdicts and the issue-10 targets.
@@ -356,7 +358,7 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
     report = {"setup": hdr, "methods": list(methods), "metrics": agg, "per_seed": flat, "reconstruction": recon,
               "training": {"reward": final, "trend_last_third": trends, "runs": train_info}, "controls": ctl,
               "controls_gt_listening_std": gt_sweep, "intent_classifier": clf_info, "intents": intents, "findings": fnd,
-              "paired": paired, "per_intent": per_intent, "mechanism": mech, "sde_choice": sde,
+              "paired": paired, "per_intent": per_intent, "intent_floor": intent_floor, "mechanism": mech, "sde_choice": sde,
               "targets": [t.to_json() for t in targets]}
     return report, report_markdown(cfg_weights, report, methods, groups, intents)
 
@@ -464,7 +466,7 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
           "over the rewarded groups (negative = better; a small std across groups = even improvement).", ""]
     L += vae_ceiling_markdown(recon, rep["sde_choice"].get("ode_quality") or {}, agg, methods)
     L += parts_section_markdown(agg, methods, recon)
-    L += per_intent_markdown(rep.get("per_intent") or {}, methods)
+    L += per_intent_markdown(rep.get("per_intent") or {}, methods, rep.get("intent_floor"))
     L += sde_markdown(rep["sde_choice"])
     L += mechanism_markdown(rep["mechanism"], groups, s.get("env") or {})
     L += ["## Rewards per FLAME group", "", "Evaluation reward on the test windows' listening frames (ODE samples; higher is better):", ""]
@@ -637,28 +639,40 @@ def _summed(mats: list) -> list | None:
     return np.sum(mats, 0).astype(int).tolist() if mats else None
 
 
-def per_intent_markdown(per_intent: dict, methods: list[str]) -> list[str]:
+def per_intent_markdown(per_intent: dict, methods: list[str], floor: dict | None = None) -> list[str]:
     """Listening FDD / PDD / JDD per listener intent: per method the mean over the intent's windows and
-    (in brackets) the share of the method's summed deviation those windows carry."""
+    (in brackets) the share of the method's summed deviation those windows carry; ``floor``
+    (:func:`.intent_control.intent_floor`): a last column, the floor for a model that knows the intent."""
     if not per_intent:
         return []
     L = ["## Listening deviations per intent", "",
          "Mean over the windows of each labelled listener intent (the window's text; seed-mean per window, Table 1 units) "
          "and, in brackets, the share of the method's total over all windows that they carry: where a deviation comes from.", ""]
+    if floor:
+        L += ["Last column, the floor for a model that knows the intent: per intent, the best constant per channel over its "
+              "windows (its typical amplitude; ground truth only, evaluation/deviation_parts.py). A method goes below it only "
+              "by reading cues beyond the intent that predict how much a window moves; the row 'all windows' gives the "
+              "mean over every counted window, beside the window-blind floor (one constant for all).", ""]
     for k in LISTENING_DD:
         ms = [m for m in methods if k in per_intent.get(m, {})]
         if not ms:
             continue
+        fk = (floor or {}).get(k.split("/")[-1])
         intents = sorted({g for m in ms for g in per_intent[m][k]})
-        L += [f"{k.split('/')[-1]}:", "", "| intent | windows | " + " | ".join(method_label(m) for m in ms) + " |",
-              "|" + "---|" * (len(ms) + 2)]
+        L += [f"{k.split('/')[-1]}:", "", "| intent | windows | " + " | ".join(method_label(m) for m in ms)
+              + (" | floor, knows the intent |" if fk else " |"), "|" + "---|" * (len(ms) + 2 + bool(fk))]
         for g in intents:
             cells = []
             for m in ms:
                 c = per_intent[m][k].get(g)
                 cells.append("n/a" if c is None else f"{_fmt(c['mean'])} ({_fmt(c['share'], '.0%')})")
+            if fk:
+                cells.append(_fmt((fk["per_intent"].get(g) or {}).get("mean")))
             n = next(per_intent[m][k][g]["n"] for m in ms if g in per_intent[m][k])
             L.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
+        if fk:
+            L.append(f"| all windows | {fk['n']} | " + " | ".join("" for _ in ms)
+                     + f" | {_fmt(fk['intent_aware'])} (window-blind {_fmt(fk['window_blind'])}) |")
         L += [""]
     return L
 

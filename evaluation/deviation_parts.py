@@ -15,6 +15,12 @@ weighted absolute deviation (the metric's own weights: windows equal, channels e
   channel's typical amplitude right and knows nothing about which window calls for more motion. It
   depends on the ground truth only.
 
+- **label-aware floor** (:func:`label_floor_rows`): the best constant per channel *and window label*
+  (e.g. the listener intent the window's text names): what a model reaches that knows each window's
+  label and that label's typical amplitude per channel, and nothing else about the window. With one
+  label for every window it is the window-blind floor. A model goes below it only by reading cues
+  beyond the label (audio, the partner's motion) that predict how much a window moves. Ground truth only.
+
 Pure functions of ``(N, C)`` arrays; the scoring (:mod:`.scoring`) feeds them the windows a
 metric counts.
 """
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["weighted_median", "deviation_parts"]
+__all__ = ["weighted_median", "deviation_parts", "label_floor_rows"]
 
 
 def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
@@ -70,3 +76,34 @@ def deviation_parts(sp: np.ndarray, sg: np.ndarray, valid: np.ndarray | None = N
         floor += float((wc * np.abs(k - g)).sum())
     return {"deviation": float((w * np.abs(sp - sg)).sum()), "at_best_amplitude": scaled,
             "amplitude": float(np.median(factors)), "window_blind": floor}
+
+
+def label_floor_rows(sg: np.ndarray, valid: np.ndarray | None, labels) -> np.ndarray:
+    """Per window, the deviation of the best constant per channel and label: ``(N,)``, unscaled.
+
+    ``sg`` ``(N, C)`` ground-truth stds, ``valid`` ``(N, C)`` bool (None = all; each window with a valid
+    channel), ``labels`` ``N`` hashables (None is a label of its own). For label ``L`` and channel
+    ``c`` the constant ``k`` is the median of ``sg[n, c]`` over ``L``'s valid windows weighted as the
+    metric weighs them (``1 / valid channels of n``); window ``n``'s value is the mean over its valid
+    channels of ``|k - sg[n, c]|``. The mean over windows is the metric's floor for a model that
+    knows the labels; with a single label it equals :func:`deviation_parts`' ``window_blind``.
+    """
+    sg = np.asarray(sg, dtype=np.float64)
+    if sg.ndim != 2:
+        raise ValueError(f"label_floor_rows: sg {sg.shape} must be (N, C)")
+    valid = np.ones(sg.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    lab = np.asarray([None if x is None else str(x) for x in labels], dtype=object)
+    if valid.shape != sg.shape or lab.shape != (sg.shape[0],):
+        raise ValueError(f"label_floor_rows: sg {sg.shape}, valid {valid.shape} and {lab.shape[0]} labels must agree")
+    n_c = valid.sum(1)  # (N,)
+    if np.any(n_c == 0):
+        raise ValueError("label_floor_rows: every window needs a valid channel")
+    dev = np.zeros(sg.shape)  # (N, C) |k - sg| on valid entries
+    for g in dict.fromkeys(lab.tolist()):
+        in_g = lab == g  # (N,)
+        for c in range(sg.shape[1]):
+            rows = in_g & valid[:, c]
+            if rows.any():
+                k = weighted_median(sg[rows, c], 1.0 / n_c[rows])
+                dev[rows, c] = np.abs(k - sg[rows, c])
+    return (dev * valid).sum(1) / n_c

@@ -33,6 +33,7 @@ from ..rewards.stats import masked_mean, masked_std, velocity_std
 from . import metrics as M
 from .bench_stats import per_label_means, table1_window_values
 from .data import EvalData, select_indices
+from .deviation_parts import label_floor_rows
 from .generation import generate_motion
 from .scoring import LISTENING_DD
 
@@ -125,6 +126,32 @@ def listening_per_intent(data: EvalData, labels: dict, row_stats: dict, mcfg: Di
     rows = list(range(int(data.bank.batch_size[0])))
     per = per_label_means({"model": {0: table1_window_values(row_stats, mcfg)}}, row_intents(data, labels, rows), LISTENING_DD)
     return {k.split("/")[-1]: v for k, v in per["model"].items()}
+
+
+def intent_floor(data: EvalData, labels: dict, row_stats: dict, mcfg: DictConfig) -> dict:
+    """Listening FDD / PDD / JDD floors of a model that knows each window's labelled listener intent.
+
+    The best constant per channel and intent (:func:`.deviation_parts.label_floor_rows`; unlabelled
+    windows form a group of their own) over the windows each metric counts, from the ground truth of
+    ``row_stats`` (any prediction's :func:`.scoring.row_stats`; parameter channels, Table 1 units).
+    Returns ``{metric: {"intent_aware", "window_blind", "n", "per_intent": {intent: {"mean", "n"}}}}``:
+    the mean over all counted windows, the same with one group (the window-blind floor), and the
+    mean over each labelled intent's windows.
+    """
+    scale = M.DYNAMIC_SCALE[str(mcfg.get("convention", "velocity"))]
+    lab = row_intents(data, labels, list(range(int(data.bank.batch_size[0]))))
+    out = {}
+    for name, (_, sg, cv, ok) in row_stats["param_std"].items():
+        sel = ok.cpu().numpy().astype(bool)
+        if not sel.any():
+            continue
+        g, v = sg[ok].double().cpu().numpy(), cv[ok].cpu().numpy()
+        la = np.asarray([lab[i] for i in np.flatnonzero(sel)], dtype=object)
+        floor = label_floor_rows(g, v, la) * scale  # (n,)
+        blind = label_floor_rows(g, v, [None] * len(la)) * scale
+        per = {i: {"mean": float(floor[la == i].mean()), "n": int((la == i).sum())} for i in sorted({x for x in la if x is not None})}
+        out[name] = {"intent_aware": float(floor.mean()), "window_blind": float(blind.mean()), "n": int(sel.sum()), "per_intent": per}
+    return out
 
 
 def vae_recode(vae, normalizer, batch_size: int = 64):

@@ -171,12 +171,35 @@ def markdown_report(h: dict, res: dict) -> str:
               "", PARTS_NOTE, ""]
     if res.get("per_intent"):
         lines += ["## Listening deviations per intent", "", per_intent_markdown(res["per_intent"]), "", PER_INTENT_NOTE, ""]
+    if res.get("intent_floor"):
+        lines += ["## Floor for a model that knows the intent", "", intent_floor_markdown(res["intent_floor"]), "",
+                  INTENT_FLOOR_NOTE, ""]
     lines += [units_note(h), ""]
     return "\n".join(lines)
 
 
 PER_INTENT_NOTE = ("Per labelled listener intent (the synthetic corpus' labels): the mean over its windows and, in brackets, "
                    "the share of the split's summed deviation those windows carry: where a deviation comes from.")
+
+
+INTENT_FLOOR_NOTE = ("Ground truth only: per intent, the best constant per channel over its windows (a model that knows "
+                     "each window's listener intent and that intent's typical amplitude, nothing else); the last rows: the "
+                     "mean over all counted windows, and the same with one constant for every window (window-blind). A model "
+                     "goes below it only by reading cues beyond the intent that predict how much a window moves "
+                     "(evaluation/deviation_parts.py).")
+
+
+def intent_floor_markdown(floor: dict) -> str:
+    """``{metric: {"intent_aware", "window_blind", "n", "per_intent"}}`` (``intent_control.intent_floor``) as one table."""
+    metrics = list(floor)
+    intents = sorted({g for m in metrics for g in floor[m]["per_intent"]})
+    rows = [[g, str(next(floor[m]["per_intent"][g]["n"] for m in metrics if g in floor[m]["per_intent"])),
+             *[fmt_value(floor[m]["per_intent"][g]["mean"], 3) if g in floor[m]["per_intent"] else "n/a" for m in metrics]]
+            for g in intents]
+    rows.append(["all counted windows, knows the intent", "/".join(str(floor[m]["n"]) for m in metrics),
+                 *[fmt_value(floor[m]["intent_aware"], 3) for m in metrics]])
+    rows.append(["all counted windows, window-blind", "", *[fmt_value(floor[m]["window_blind"], 3) for m in metrics]])
+    return _table(["intent", "windows", *metrics], rows)
 
 
 def per_intent_markdown(per_intent: dict) -> str:

@@ -96,6 +96,13 @@ def test_evaluate_writes_table1_and_supplementary_with_flame(tiny, tmp_path, fla
         assert 0 < n <= doc["n_windows"] and sum(c["share"] for c in by_intent.values()) == pytest.approx(1.0)
         weighted = sum(c["mean"] * c["n"] for c in by_intent.values()) / n
         assert weighted == pytest.approx(a["table1"]["listening"][name]["value"], rel=1e-6)
+    # the floor for a model that knows the intent: ground truth only, never above the window-blind floor,
+    # which is the parts table's own; its intents cover the same windows as the per-intent table
+    assert "Floor for a model that knows the intent" in md
+    for name, fl in doc["intent_floor"].items():
+        assert fl["intent_aware"] <= fl["window_blind"] + 1e-9
+        assert fl["window_blind"] == pytest.approx(a["listening_parts"][name]["window_blind"]["value"], rel=1e-6)
+        assert {i: c["n"] for i, c in fl["per_intent"].items()} == {i: c["n"] for i, c in doc["per_intent"][name].items()}
 
 
 def test_evaluation_is_deterministic_given_the_seed_and_flame_free_vertex_metrics_are_unavailable(tiny):
@@ -175,6 +182,7 @@ def test_evaluate_reconstruction_flag_writes_the_reference_report(tiny, tmp_path
     assert rec["all"]["table1"]["listening"]["FDD"]["value"] != doc["all"]["table1"]["listening"]["FDD"]["value"]
     assert "No generation" in (tmp_path / "eval" / "vae_reconstruction" / "metrics.md").read_text()
     assert set(rec["per_intent"]) == {"FDD", "PDD", "JDD"} and rec["per_intent"] != doc["per_intent"]
+    assert rec["intent_floor"] == doc["intent_floor"]  # the ground truth's alone, whatever is scored
 
 
 def _copy_dataset(tiny: Path, dst: Path) -> Path:
@@ -318,6 +326,9 @@ def test_bench_quick(tiny):
     for m in rep["methods"]:  # per intent: the shares of the windows' deviation add up to 1
         shares = [c["share"] for c in rep["per_intent"][m]["listening/JDD"].values()]
         assert shares and sum(shares) == pytest.approx(1.0)
+    fl = rep["intent_floor"]["JDD"]  # beside them, the floor for a model that knows the intent (ground truth only)
+    assert "floor, knows the intent" in md and fl["intent_aware"] <= fl["window_blind"] + 1e-9
+    assert set(fl["per_intent"]) == set(rep["per_intent"]["supervised"]["listening/JDD"])
     for m in rep["methods"]:  # amplitude or timing: scaling each channel optimally never raises the deviation
         a = rep["metrics"][m]
         assert a["all/listening/parts/JDD/at_best_amplitude"]["mean"] <= a["all/listening/parts/JDD/deviation"]["mean"] + 1e-9

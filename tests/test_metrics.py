@@ -11,7 +11,7 @@ import torch
 
 from gdpo_listener.envs.flame import FLAME_DIM, GROUP_NAMES, GROUPS
 from gdpo_listener.evaluation import metrics as M
-from gdpo_listener.evaluation.deviation_parts import deviation_parts, weighted_median
+from gdpo_listener.evaluation.deviation_parts import deviation_parts, label_floor_rows, weighted_median
 from gdpo_listener.evaluation.flame_layer import FlameLayer, FlameModelError, load_flame_masks, load_flame_model, rodrigues
 from gdpo_listener.rewards.stats import dynamic_deviation
 
@@ -460,6 +460,35 @@ def test_deviation_parts_separate_amplitude_from_timing():
         assert np.abs(sp[:, c] - sg[:, c]).mean() >= best - 1e-12
     assert r["at_best_amplitude"] <= sum(min(np.abs(a * sp[:, c] - sg[:, c]).mean() for a in np.linspace(0.1, 5, 2000))
                                          for c in range(3)) / 3 + 1e-12
+
+
+def test_label_floor_knows_the_labels_and_nothing_else():
+    rng = np.random.default_rng(2)
+    sg = rng.uniform(0.5, 2.0, size=(40, 3))  # (N, C)
+    valid = rng.uniform(size=sg.shape) > 0.2
+    valid[:, 0] = True  # every window keeps a channel
+    # one label for every window: the window-blind floor, with the metric's weights
+    one = label_floor_rows(sg, valid, ["x"] * 40)
+    assert one.shape == (40,) and one.mean() == pytest.approx(deviation_parts(sg, sg, valid)["window_blind"])
+    # two labels whose windows move at different levels: knowing the label removes the level difference
+    lab = ["calm"] * 20 + ["laughing"] * 20
+    sg2 = sg.copy()
+    sg2[20:] += 5.0
+    assert label_floor_rows(sg2, valid, lab).mean() == pytest.approx(label_floor_rows(sg, valid, lab).mean())
+    assert label_floor_rows(sg2, valid, lab).mean() < 0.2 * label_floor_rows(sg2, valid, ["x"] * 40).mean()
+    # per label, the constant is the exact minimiser: no constant on a grid does better for that label's windows
+    f = label_floor_rows(sg, None, lab)
+    for rows in (slice(0, 20), slice(20, 40)):
+        for c in range(3):
+            best = min(np.abs(k - sg[rows, c]).mean() for k in np.linspace(0.4, 2.1, 3401))
+            assert np.abs(np.median(sg[rows, c]) - sg[rows, c]).mean() <= best + 1e-9
+        assert f[rows].mean() <= np.mean([min(np.abs(k - sg[rows, c]).mean() for k in np.linspace(0.4, 2.1, 3401))
+                                           for c in range(3)]) + 1e-9
+    # a window alone in its label costs nothing; None is a label of its own
+    assert label_floor_rows(sg, valid, [str(i) for i in range(40)]) == pytest.approx(np.zeros(40))
+    assert label_floor_rows(sg, valid, [None] * 40).mean() == pytest.approx(one.mean())
+    with pytest.raises(ValueError, match="labels"):
+        label_floor_rows(sg, valid, lab[:-1])
 
 
 def test_deviation_parts_weigh_windows_like_the_metric():

@@ -180,6 +180,7 @@ def run(cfg: DictConfig) -> dict:
     prompts = IC.prompt_embeddings(data, intents, len(crow), 1234) if clf is not None and crow else {}
 
     flat, controls, windows, first_preds = {m: {} for m in methods}, {m: {} for m in methods}, {m: {} for m in methods}, {}
+    floor = None  # the listening deviations' floor for a model that knows each window's intent (ground truth only)
     view_row = int(torch.argmax(data.bank["listening"].sum(-1)))
     for m in methods:
         slug = m if m == "supervised" else parse_method(m).slug
@@ -191,6 +192,8 @@ def run(cfg: DictConfig) -> dict:
             flat[m][s] = flat_metrics(res)
             # per-window Table 1 values of the same prediction, for the paired comparison
             windows[m][s] = table1_window_values(res["_row_stats"], ecfg.metrics)
+            if floor is None and labels is not None and intents:
+                floor = IC.intent_floor(data, labels, res["_row_stats"], ecfg.metrics)
             controls[m][s] = IC.run_controls(model, data, crow, cfg.controls, ecfg, s, clf, intents, prompts, labels,
                                              res["_pred"], bool(cfg.progress), clf_vae=clf_vae)
             if s == seeds[0]:
@@ -247,7 +250,7 @@ def run(cfg: DictConfig) -> dict:
                            windows=windows, expressive=data.expressive.cpu().numpy(), mechanism=mechanism,
                            sde_dynamics=dynamics, sde_variants=variants, reconstruction=reconstruction,
                            window_labels=(IC.row_intents(data, labels, list(range(int(data.bank.batch_size[0]))))
-                                          if labels is not None and intents else None))
+                                          if labels is not None and intents else None), intent_floor=floor)
     rep["total_s"] = time.perf_counter() - t_start
     atomic_write_json(out / "report.json", to_json(rep))
     atomic_write_bytes(out / "report.md", md.encode())

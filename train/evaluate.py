@@ -80,6 +80,7 @@ def run(cfg: DictConfig, verbose: bool = True) -> dict:
     def per_intent(res: dict) -> dict:
         if labels is not None:
             res["per_intent"] = IC.listening_per_intent(data, labels, res["_row_stats"], cfg.metrics)
+            res["intent_floor"] = IC.intent_floor(data, labels, res["_row_stats"], cfg.metrics)
         return res
 
     with blas_threads(threads):
