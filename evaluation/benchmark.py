@@ -354,7 +354,7 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
                               findings=fnd, paired=paired, metrics=agg, mechanism=mech,
                               controls=ctl, trends=trends, groups=list(groups), algo_of=algo_of,
                               labels={m: method_label(m) for m in methods}, reconstruction=None if recon is None else recon["quality"],
-                              reconstruction_text_accuracy=clf_info.get("vae_reconstruction_accuracy"))
+                              reconstruction_text_accuracy=clf_info.get("vae_reconstruction_accuracy"), intent_floor=intent_floor)
     report = {"setup": hdr, "methods": list(methods), "metrics": agg, "per_seed": flat, "reconstruction": recon,
               "training": {"reward": final, "trend_last_third": trends, "runs": train_info}, "controls": ctl,
               "controls_gt_listening_std": gt_sweep, "intent_classifier": clf_info, "intents": intents, "findings": fnd,

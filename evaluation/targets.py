@@ -135,9 +135,11 @@ def still_rising(trends: Mapping[str, Mapping] | None, groups: list[str]) -> lis
     return out
 
 
-def amplitude_note(name: str, goal: float, supervised: Mapping, method: Mapping) -> str:
+def amplitude_note(name: str, goal: float, supervised: Mapping, method: Mapping, intent_floor: float | None = None) -> str:
     """For a missed listening target: whether the method's timing allows it (:mod:`.deviation_parts`).
-    ``supervised`` / ``method``: mean over seeds per flat metric key; empty string without the parts."""
+    ``supervised`` / ``method``: mean over seeds per flat metric key; empty string without the parts.
+    ``intent_floor``: the metric's floor for a model that knows each window's intent (Table 1 units,
+    :func:`.intent_control.intent_floor`), whether the corpus allows the target at all."""
     key = f"all/listening/parts/{name}/"
     ref = _mean(supervised.get(key + "deviation") or {})
     amp, best = _mean(method.get(key + "amplitude") or {}), _mean(method.get(key + "at_best_amplitude") or {})
@@ -147,17 +149,21 @@ def amplitude_note(name: str, goal: float, supervised: Mapping, method: Mapping)
     rel_best, rel_blind = best / ref - 1, (None if blind is None else blind / ref - 1)
     verdict = ("the amplitude is what is missing" if rel_best <= goal else
                "its timing (which windows move) misses the target even at the right amplitude")
+    knows = "" if intent_floor is None else (f"; one that knows each window's intent, at that intent's typical amplitude, "
+                                             f"{_pct(intent_floor / ref - 1)}")
     return (f"at its best amplitude per channel (median x{amp:.2f}) it would reach {_pct(rel_best)}: {verdict}; "
-            f"a window-blind model with the right amplitude per channel {_pct(rel_blind)} (parameter channels)")
+            f"a window-blind model with the right amplitude per channel {_pct(rel_blind)}{knows} (parameter channels)")
 
 
 def listening_gains(label: str, finding: Mapping, paired: Mapping | None, trends: Mapping | None = None,
-                    groups: list[str] = (), supervised: Mapping | None = None, method: Mapping | None = None) -> list[Target]:
+                    groups: list[str] = (), supervised: Mapping | None = None, method: Mapping | None = None,
+                    intent_floor: Mapping | None = None) -> list[Target]:
     """One row per listening metric of :data:`LISTENING_GAINS`: relative change at most the target and
     significant (module docstring). ``finding``: the method's :func:`.seed_stats.findings` entry;
     ``paired``: its :func:`.bench_stats.paired_report` entry; ``trends``: its training-reward
     :func:`.bench_stats.last_third_trend` per group; ``supervised`` / ``method``: mean over seeds per
-    flat metric key, for the amplitude-or-timing reading of a miss (:func:`amplitude_note`)."""
+    flat metric key, for the amplitude-or-timing reading of a miss (:func:`amplitude_note`);
+    ``intent_floor``: :func:`.intent_control.intent_floor`'s result, for the same reading."""
     out = []
     rising = still_rising(trends, list(groups))
     for name, goal in LISTENING_GAINS.items():
@@ -187,7 +193,7 @@ def listening_gains(label: str, finding: Mapping, paired: Mapping | None, trends
         if ok is False and rising:
             notes.append(f"training reward still rising at the end for {', '.join(rising)}: RL budget likely too short")
         if rel is not None and rel > goal and supervised and method:
-            notes.append(amplitude_note(name, goal, supervised, method))
+            notes.append(amplitude_note(name, goal, supervised, method, ((intent_floor or {}).get(name) or {}).get("intent_aware")))
         notes = [n for n in notes if n]
         out.append(Target(f"{label} vs supervised, listening {name}", _status(ok), f"{_pct(rel)} ({welch}; {pair})",
                           f"<= {goal:+.0%}, significant", "; ".join(notes)))
@@ -298,19 +304,21 @@ def cfg_monotone(label: str, sweep: Mapping[str, Mapping[str, Mapping]], nulls: 
 def check_targets(*, quality: Mapping, findings: Mapping, paired: Mapping, metrics: Mapping, mechanism: Mapping,
                   controls: Mapping, trends: Mapping, groups: list[str], algo_of: Mapping[str, str],
                   labels: Mapping[str, str], reconstruction: Mapping | None = None,
-                  reconstruction_text_accuracy: float | None = None, teacher_forced: Mapping | None = None) -> list[Target]:
+                  reconstruction_text_accuracy: float | None = None, teacher_forced: Mapping | None = None,
+                  intent_floor: Mapping | None = None) -> list[Target]:
     """Every target of issue 10 on one benchmark's figures (``algo_of[method]`` = "grpo" / "gdpo" /
     "supervised"; ``labels[method]`` = its report label; ``reconstruction``: the VAE reconstruction's
     :func:`.generation.quality_figures`; ``reconstruction_text_accuracy``: the intent classifier's
     accuracy on it; ``teacher_forced``: the supervised model's figures given the ground-truth history,
-    see :func:`supervised_collapse`). The GDPO targets are checked for every GDPO method
+    see :func:`supervised_collapse`; ``intent_floor``: :func:`.intent_control.intent_floor`, read in a
+    missed listening target's note). The GDPO targets are checked for every GDPO method
     (one per SDE); the controls for every method."""
     gdpo = [m for m, a in algo_of.items() if a == "gdpo"]
     grpo = next((m for m, a in algo_of.items() if a == "grpo"), None)
     out = supervised_collapse(quality, reconstruction, teacher_forced)
     for m in gdpo:
         out += listening_gains(labels[m], findings.get(m) or {}, paired.get(m), trends.get(m), groups,
-                               metrics.get("supervised") or {}, metrics.get(m) or {})
+                               metrics.get("supervised") or {}, metrics.get(m) or {}, intent_floor)
         out += speaking_cost(labels[m], metrics.get("supervised") or {}, metrics.get(m) or {})
         listening_columns = [g for g in groups if not is_speaking_column(g)]  # <group>@speaking: speaking targets
         out.append(reward_gains(labels[m], metrics.get("supervised") or {}, metrics.get(m) or {}, listening_columns))

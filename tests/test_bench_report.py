@@ -266,6 +266,10 @@ def test_a_missed_listening_target_says_whether_amplitude_or_timing_misses_it():
     assert "window-blind model with the right amplitude per channel -40.0%" in amp.note
     timing = T.listening_gains("GDPO", f, pr, supervised=sup, method=parts(0.95, 0.90, 1.0, 0.6))[2]
     assert "-10.0%: its timing (which windows move) misses the target" in timing.note
+    assert "knows each window's intent" not in timing.note  # no floor given
+    floor = {"JDD": {"intent_aware": 0.48, "window_blind": 0.6, "n": 10, "per_intent": {}}}
+    knows = T.listening_gains("GDPO", f, pr, supervised=sup, method=parts(0.95, 0.90, 1.0, 0.6), intent_floor=floor)[2]
+    assert "one that knows each window's intent, at that intent's typical amplitude, -52.0%" in knows.note
     # no parts (an older report): no such note; a met target: no note at all
     assert "amplitude" not in T.listening_gains("GDPO", f, pr, supervised=sup, method={})[2].note
     met = {"all/listening/JDD": finding(-0.30, -3.0, 0.01)}
