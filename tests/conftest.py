@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from entry_runner import run_script  # tests/ is on sys.path (the rootdir conftest)
 from scipy.signal import lfilter
 from tensordict import TensorDict
 
@@ -72,11 +72,12 @@ TINY_SFT = hydra_list("optim.steps=4", "optim.batch_size=8", "+model.arch.d_mode
 
 
 def _run(script: str, *overrides: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``train/<script>`` with Hydra ``overrides`` in ``cwd``; prints the output's tail if it fails."""
-    cmd = [sys.executable, str(ROOT / "train" / script), *overrides]
+    """Run ``train/<script>`` with Hydra ``overrides`` in ``cwd`` as ``python train/<script>`` would, in a new
+    process forked from a server that has the libraries imported (``tests/entry_runner.py``); prints the
+    output's tail if it fails."""
     if env is None:  # one thread per entry point: deterministic and fast beside the test process on 2 cores
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    res = run_script(ROOT / "train" / script, list(overrides), cwd, env, timeout)
     if res.returncode != 0:
         print(res.stdout[-4000:], res.stderr[-4000:])
     return res
@@ -98,7 +99,7 @@ def compose_config():
 
 @pytest.fixture(scope="session")
 def run_entry():
-    """``run_entry(script, *overrides, cwd=DIR, timeout=600, env=None)``: run ``train/<script>`` in a subprocess,
+    """``run_entry(script, *overrides, cwd=DIR, timeout=600, env=None)``: run ``train/<script>`` in a new process,
     output captured; ``env`` is the child's whole environment (None: this process's)."""
     return _run
 
