@@ -106,6 +106,18 @@ def model_fingerprint(d: Path, full_hash_limit: int = 512 << 20) -> str:
     return h.hexdigest()
 
 
+def load_frozen(what: str, path: Path, model_class, device: torch.device) -> torch.nn.Module:
+    """``model_class.from_pretrained(path)`` (offline) in eval mode, frozen, on ``device``; weights that
+    cannot be read raise an error naming ``what`` and the folder."""
+    try:
+        model = model_class.from_pretrained(path, local_files_only=True)
+    except OSError as e:
+        raise FileNotFoundError(f"{what}: cannot load the model weights from {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt weights file (safetensors, torch) names the folder
+        raise RuntimeError(f"{what}: cannot load the model weights from {path}: {type(e).__name__}: {e}") from e
+    return model.eval().requires_grad_(False).to(device)
+
+
 # ----------------------------------------------------------------------------------------------
 # text
 
@@ -153,22 +165,15 @@ class TextEncoder:
         if self._model is None:
             from transformers import AutoModel
 
-            try:
-                if self.config.model_type in T5_MODEL_TYPES:
-                    from transformers import T5EncoderModel
+            if self.config.model_type in T5_MODEL_TYPES:
+                from transformers import T5EncoderModel
 
-                    model = T5EncoderModel.from_pretrained(self.path, local_files_only=True)
-                else:
-                    model = AutoModel.from_pretrained(self.path, local_files_only=True)
-                    if getattr(self.config, "is_encoder_decoder", False):
-                        model = model.get_encoder()
-            except OSError as e:
-                raise FileNotFoundError(f"text encoder {self.name!r}: cannot load the model weights from {self.path}: {e}") from None
-            except Exception as e:  # noqa: BLE001 - a corrupt weights file (safetensors, torch) names the folder
-                raise RuntimeError(f"text encoder {self.name!r}: cannot load the model weights from {self.path}: "
-                                   f"{type(e).__name__}: {e}") from e
-            self._model = model.eval().requires_grad_(False).to(self.device)
-            self._accepts = set(inspect.signature(self._model.forward).parameters)
+                model = load_frozen(f"text encoder {self.name!r}", self.path, T5EncoderModel, self.device)
+            else:
+                model = load_frozen(f"text encoder {self.name!r}", self.path, AutoModel, self.device)
+                if getattr(self.config, "is_encoder_decoder", False):
+                    model = model.get_encoder()
+            self.model = model
         return self._model
 
     @torch.inference_mode()
@@ -263,14 +268,7 @@ class AudioEncoder:
             return None if self.kind == "logmel" else self._model
         from transformers import AutoModel
 
-        try:
-            model = AutoModel.from_pretrained(self.path, local_files_only=True)
-        except OSError as e:
-            raise FileNotFoundError(f"audio encoder {self.kind!r}: cannot load the model weights from {self.path}: {e}") from None
-        except Exception as e:  # noqa: BLE001 - a corrupt weights file (safetensors, torch) names the folder
-            raise RuntimeError(f"audio encoder {self.kind!r}: cannot load the model weights from {self.path}: "
-                               f"{type(e).__name__}: {e}") from e
-        self._model = model.eval().requires_grad_(False).to(self.device)
+        self._model = load_frozen(f"audio encoder {self.kind!r}", self.path, AutoModel, self.device)
         return self._model
 
     def _wants_normalize(self, config) -> bool:
