@@ -410,17 +410,21 @@ def _extended_note(setup: dict, post: list[str]) -> str:
             + ", ".join(parts) + " iterations.") if parts else ""
 
 
-def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> str:
-    s, agg = rep["setup"], rep["metrics"]
+def _table_rows(rep, methods) -> list[tuple[str, dict]]:
+    """(label, aggregated metrics) of every method, then the VAE reconstruction's reference row when present."""
+    recon = rep.get("reconstruction")
+    return [(method_label(m), rep["metrics"][m]) for m in methods] + ([(RECON_LABEL, recon["metrics"])] if recon else [])
+
+
+def _header_markdown(rep, methods, groups) -> list[str]:
+    """Title, the setup paragraph (data, seeds, budget, samplers, commit) and the targets."""
+    s = rep["setup"]
     git = s["git"]
     local = f" + local changes in {', '.join(x.split()[-1] for x in git['modified'])}" if git.get("modified") else ""
     post = [m for m in methods if m != "supervised"]
-    recon = rep.get("reconstruction")
-    table_rows = [(method_label(m), agg[m]) for m in methods] + ([(RECON_LABEL, recon["metrics"])] if recon else [])
     run_sde = s.get("sde") or {}
     wall = ", ".join(f"{method_label(m)} {s['wall_s'].get(m, 'n/a')} s" for m in post)
-    L = []
-    L += ["# Benchmark: supervised-only vs GRPO vs GDPO", ""]
+    L = ["# Benchmark: supervised-only vs GRPO vs GDPO", ""]
     L += [f"Dataset `{s['dataset']}` ({s['split']} split: {s['n_windows']} windows, expressive subset {s['n_expressive']}); "
           f"seeds {s['seeds']}; reward `{s['reward']}` ({', '.join(groups)}); {s['iterations']} RL iterations per run, "
           f"{s['rollouts_per_run']} SDE rollouts ({s['transitions_per_run']} transitions) per run, identical for every method "
@@ -432,12 +436,25 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
     L += ["## Targets (issue 10)", "", "Each target computed from the figures below; Welch p over seeds and the 95 % paired-bootstrap "
           "interval over windows both decide significance.", ""]
     L += [T.targets_markdown([T.Target(**t) for t in rep["targets"]]), ""]
+    return L
+
+
+def _table1_markdown(rep, methods) -> list[str]:
+    """Table 1 layout on all test windows and on the expressive subset."""
+    recon = rep.get("reconstruction")
+    L = []
     for subset, title in (("all", "all test windows"), ("expressive", "expressive subset (top quartile of ground-truth variance)")):
         L += [f"## Table 1 layout, {title}", ""]
-        rows = [(label, {sp: {n: a.get(f"{subset}/{sp}/{n}") for n in TABLE1[sp]} for sp in TABLE1}) for label, a in table_rows]
+        rows = [(label, {sp: {n: a.get(f"{subset}/{sp}/{n}") for n in TABLE1[sp]} for sp in TABLE1})
+                for label, a in _table_rows(rep, methods)]
         L += [table1_markdown(rows, fmt=fmt_ms), ""]
-    L += ["Lower is better. " + units_note(s["eval_header"]) + (f" {RECON_LABEL}: {RECON_NOTE}" if recon else ""), ""]
-    L += ["## Findings (computed)", ""]
+    L += ["Lower is better. " + units_note(rep["setup"]["eval_header"]) + (f" {RECON_LABEL}: {RECON_NOTE}" if recon else ""), ""]
+    return L
+
+
+def _findings_markdown(rep) -> list[str]:
+    """Each method against supervised-only: relative change and Welch's test over seeds, then the paired comparison."""
+    L = ["## Findings (computed)", ""]
     pa = ", ".join(f"{k} {a:g} -> {b:g} ({(b - a) / a:+.0%})" for k, (a, b) in PAPER_ABLATION.items())
     L += [f"Paper ablation (Seamless, listening, without GDPO -> GDPO): {pa}.", ""]
     L += ["| method | metric | supervised-only | method | relative change | Welch t | p |", "|---|---|---|---|---|---|---|"]
@@ -449,11 +466,15 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
                      f"{_fmt(d.get('welch_t'), '+.2f')} | {_fmt(d.get('welch_p'))} |")
     L += ["", "Negative change = closer to the ground-truth dynamics (better). Welch's two-sided test over seeds "
           "(|t| > ~2.8 is significant at 5 % with 3 + 3 seeds).", ""]
-    L += paired_markdown(rep["paired"], rep["findings"])
-    L += ["### Per-group listening dynamics and evenness", ""]
+    return L + paired_markdown(rep["paired"], rep["findings"])
+
+
+def _evenness_markdown(rep, methods) -> list[str]:
+    """Per-group listening velocity-std deviation and how evenly the rewarded groups improved."""
+    L = ["### Per-group listening dynamics and evenness", ""]
     head = ["method", *[f"{g} dd" for g in GROUP_NAMES], "rewarded: mean rel. change", "std across groups", "improved", "worst"]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (label, a), m in zip(table_rows, [*methods, None]):  # None: the reconstruction row (no findings)
+    for (label, a), m in zip(_table_rows(rep, methods), [*methods, None]):  # None: the reconstruction row (no findings)
         cells = [fmt_ms(a.get(f"all/listening/group/{g}/dd")) for g in GROUP_NAMES]
         ev = rep["findings"].get(m, {}).get("evenness") if m else None
         if ev and ev["mean_rel_change"] is not None:
@@ -464,15 +485,15 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
         L.append(f"| {label} | " + " | ".join(cells) + " |")
     L += ["", "dd = listening velocity-std deviation of one FLAME group (x1000, lower is better); relative changes vs supervised-only "
           "over the rewarded groups (negative = better; a small std across groups = even improvement).", ""]
-    L += vae_ceiling_markdown(recon, rep["sde_choice"].get("ode_quality") or {}, agg, methods)
-    L += parts_section_markdown(agg, methods, recon)
-    L += per_intent_markdown(rep.get("per_intent") or {}, methods, rep.get("intent_floor"))
-    L += sde_markdown(rep["sde_choice"])
-    L += mechanism_markdown(rep["mechanism"], groups, s.get("env") or {})
-    L += ["## Rewards per FLAME group", "", "Evaluation reward on the test windows' listening frames (ODE samples; higher is better):", ""]
+    return L
+
+
+def _rewards_markdown(rep, methods, groups) -> list[str]:
+    """Evaluation reward per FLAME group, and the training reward's first and last iterations with its trend."""
+    L = ["## Rewards per FLAME group", "", "Evaluation reward on the test windows' listening frames (ODE samples; higher is better):", ""]
     head = ["method", *GROUP_NAMES]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, a in table_rows:
+    for label, a in _table_rows(rep, methods):
         L.append(f"| {label} | " + " | ".join(fmt_ms(a.get(f"all/listening/group/{g}/reward"), 4) for g in GROUP_NAMES) + " |")
     L += ["", "Training reward (batch mean over the SDE rollouts; first 5 -> last 5 iterations), see `reward_curves.png`:", ""]
     head = ["method", *groups]
@@ -481,36 +502,47 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
         cells = [f"{fmt_ms(by_g[g]['first'], 4)} -> {fmt_ms(by_g[g]['final'], 4)}" for g in groups]
         L.append(f"| {method_label(algo)} | " + " | ".join(cells) + " |")
     L += trend_markdown(rep["training"]["trend_last_third"], groups)
-    L += ["", "![reward curves](reward_curves.png)", ""]
-    L += ["## Supplementary (Table 6 layout), all test windows", ""]
+    return L + ["", "![reward curves](reward_curves.png)", ""]
+
+
+def _supplementary_markdown(rep, methods) -> list[str]:
+    """Table 6 layout (per DualTalk group, both turns) on all test windows."""
     rows = [(label, {sp: {mm: {g: a.get(f"all/{sp}/{mm}/{g}") for g in M.DUALTALK_GROUPS} for mm in SUPP} for sp in SPLITS})
-            for label, a in table_rows]
-    L += [supp_markdown(rows, fmt=fmt_ms), ""]
-    L += ["## Text control", ""]
+            for label, a in _table_rows(rep, methods)]
+    return ["## Supplementary (Table 6 layout), all test windows", "", supp_markdown(rows, fmt=fmt_ms), ""]
+
+
+def _text_control_markdown(rep, methods, intents) -> list[str]:
+    """The intent classifier, the accuracy of prompted generations and their confusion, in both classifiers' eyes."""
+    L = ["## Text control", ""]
     ci = rep["intent_classifier"]
     if ci.get("note"):
-        L += [f"Not measured: {ci['note']}", ""]
-    else:
-        L += [f"Intent classifier (logistic regression on listening-motion statistics) trained on {ci['train_windows']} ground-truth "
-              f"train windows (train accuracy {ci['train_accuracy']:.0%}); on ground-truth test windows: {ci['gt_test_accuracy']:.0%}"
-              + (f" (their VAE reconstruction: {ci['vae_reconstruction_accuracy']:.0%}, what survives the VAE)"
-                 if ci.get("vae_reconstruction_accuracy") is not None else "")
-              + f"; chance {1 / len(intents):.0%}. Accuracy of the generated listening motion:", ""]
-        L += _accuracy_table(rep["controls"], methods, intents)
-        L += _confusion_tables(rep["controls"], methods, intents)
-        vs = ci.get("vae_space")
-        if vs and any("vae_space" in rep["controls"][m] for m in methods):
-            L += ["Supplementary (not the target's figure): the same generated motion scored by the same classifier trained on the "
-                  f"VAE reconstructions of the same {vs['train_windows']} train windows (train accuracy {vs['train_accuracy']:.0%}; "
-                  f"on the reconstructed test windows {vs.get('vae_reconstruction_accuracy', float('nan')):.0%}, on the ground "
-                  f"truth {vs.get('gt_test_accuracy', float('nan')):.0%}). The ground-truth classifier reads intent partly from "
-                  "motion the VAE cannot carry; this one asks whether the prompt is followed within what the VAE represents.", ""]
-            sub = {m: rep["controls"][m]["vae_space"] for m in methods if "vae_space" in rep["controls"][m]}
-            L += _accuracy_table(sub, list(sub), intents)
-            L += _confusion_tables(sub, list(sub), intents, "VAE-space classifier")
-    L += ["## CFG intensity sweep", "", "Listening motion std (mean over channels of the std over listening frames) against w_listen "
-          "(w_speak = 1), for each unconditional branch (the conditions it nulls; the paper's nulls text, audio and partner "
-          "motion):", ""]
+        return L + [f"Not measured: {ci['note']}", ""]
+    L += [f"Intent classifier (logistic regression on listening-motion statistics) trained on {ci['train_windows']} ground-truth "
+          f"train windows (train accuracy {ci['train_accuracy']:.0%}); on ground-truth test windows: {ci['gt_test_accuracy']:.0%}"
+          + (f" (their VAE reconstruction: {ci['vae_reconstruction_accuracy']:.0%}, what survives the VAE)"
+             if ci.get("vae_reconstruction_accuracy") is not None else "")
+          + f"; chance {1 / len(intents):.0%}. Accuracy of the generated listening motion:", ""]
+    L += _accuracy_table(rep["controls"], methods, intents)
+    L += _confusion_tables(rep["controls"], methods, intents)
+    vs = ci.get("vae_space")
+    if vs and any("vae_space" in rep["controls"][m] for m in methods):
+        L += ["Supplementary (not the target's figure): the same generated motion scored by the same classifier trained on the "
+              f"VAE reconstructions of the same {vs['train_windows']} train windows (train accuracy {vs['train_accuracy']:.0%}; "
+              f"on the reconstructed test windows {vs.get('vae_reconstruction_accuracy', float('nan')):.0%}, on the ground "
+              f"truth {vs.get('gt_test_accuracy', float('nan')):.0%}). The ground-truth classifier reads intent partly from "
+              "motion the VAE cannot carry; this one asks whether the prompt is followed within what the VAE represents.", ""]
+        sub = {m: rep["controls"][m]["vae_space"] for m in methods if "vae_space" in rep["controls"][m]}
+        L += _accuracy_table(sub, list(sub), intents)
+        L += _confusion_tables(sub, list(sub), intents, "VAE-space classifier")
+    return L
+
+
+def _cfg_sweep_markdown(cfg_weights: list[float], rep, methods) -> list[str]:
+    """Listening motion std against w_listen for each unconditional branch, beside the ground truth's."""
+    L = ["## CFG intensity sweep", "", "Listening motion std (mean over channels of the std over listening frames) against w_listen "
+         "(w_speak = 1), for each unconditional branch (the conditions it nulls; the paper's nulls text, audio and partner "
+         "motion):", ""]
     show = [g for g in ("expr", "jaw", "rot", "eyelid") if g in GROUP_NAMES]
     variants = rep["controls"][methods[0]].get("cfg_sweeps") or {"text+audio+motion": rep["controls"][methods[0]]["cfg_sweep"]}
     gt = rep["controls_gt_listening_std"]
@@ -523,12 +555,37 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
             L.append(f"| {w} | " + " | ".join(fmt_ms(sweep[m][w][g], 4) for m in methods for g in show) + " |")
         L.append("| ground truth | " + " | ".join(("n/a" if gt.get(g) is None else f"{gt[g]:.4f}") for m in methods for g in show) + " |")
         L += [""]
-    L += ["", "## Listening motion, one test window", "", "![listening motion](listening_motion.png)", ""]
-    L += ["## All metrics (mean ± std over seeds)", "", "| metric | " + " | ".join(method_label(m) for m in methods) + " |",
-          "|" + "---|" * (len(methods) + 1)]
+    return L
+
+
+def _all_metrics_markdown(rep, methods) -> list[str]:
+    """Every aggregated metric of every method (mean ± std over seeds)."""
+    agg = rep["metrics"]
+    L = ["## All metrics (mean ± std over seeds)", "", "| metric | " + " | ".join(method_label(m) for m in methods) + " |",
+         "|" + "---|" * (len(methods) + 1)]
     for k in sorted({k for m in methods for k in agg[m]}):
         L.append(f"| {k} | " + " | ".join(fmt_ms(agg[m].get(k), 4) for m in methods) + " |")
-    L += [""]
+    return L + [""]
+
+
+def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> str:
+    """The benchmark's report.md from its report dict, section by section."""
+    agg, recon = rep["metrics"], rep.get("reconstruction")
+    L = _header_markdown(rep, methods, groups)
+    L += _table1_markdown(rep, methods)
+    L += _findings_markdown(rep)
+    L += _evenness_markdown(rep, methods)
+    L += vae_ceiling_markdown(recon, rep["sde_choice"].get("ode_quality") or {}, agg, methods)
+    L += parts_section_markdown(agg, methods, recon)
+    L += per_intent_markdown(rep.get("per_intent") or {}, methods, rep.get("intent_floor"))
+    L += sde_markdown(rep["sde_choice"])
+    L += mechanism_markdown(rep["mechanism"], groups, rep["setup"].get("env") or {})
+    L += _rewards_markdown(rep, methods, groups)
+    L += _supplementary_markdown(rep, methods)
+    L += _text_control_markdown(rep, methods, intents)
+    L += _cfg_sweep_markdown(cfg_weights, rep, methods)
+    L += ["", "## Listening motion, one test window", "", "![listening motion](listening_motion.png)", ""]
+    L += _all_metrics_markdown(rep, methods)
     return "\n".join(L)
 
 

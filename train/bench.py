@@ -65,6 +65,7 @@ os.environ.update(omp_wait_defaults())  # before torch loads: OpenMP threads spi
 import sys  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
@@ -126,6 +127,155 @@ def parse_algos(algos) -> list[str]:
     return keys
 
 
+def check_settings(cfg: DictConfig) -> tuple[list[int], list[str], list[str]]:
+    """``(seeds, algos, rewarded groups)`` of ``cfg``; a bad setting fails here, before any training."""
+    seeds, algos = [int(s) for s in cfg.seeds], parse_algos(cfg.algos)
+    groups = parse_reward_spec(cfg.reward)
+    for drop in cfg.controls.get("cfg_drops") or []:
+        check_cfg_drop(drop)
+    if not seeds:
+        raise ValueError("seeds must list at least one seed")
+    if len(seeds) < 3 and not cfg.quick:
+        print(f"[bench] warning: {len(seeds)} seed(s); the benchmark protocol asks for at least 3", flush=True)
+    return seeds, algos, groups
+
+
+def train_runs(cfg: DictConfig, algos: list[str], seeds: list[int], out: Path, data_root: Path, vae: Path, sft: Path) -> dict:
+    """Every method's run for every seed, ``cfg.jobs`` at a time, with the same budget: ``{algo: {seed: record}}``."""
+    jobs = [(a, s) for s in seeds for a in algos]
+    with ThreadPoolExecutor(max_workers=max(1, int(cfg.jobs))) as pool:
+        done = list(pool.map(lambda j: run_training(cfg, j[0], j[1], out, data_root, vae, sft), jobs))
+    runs = {a: {} for a in algos}
+    for (a, s), r in zip(jobs, done):
+        runs[a][s] = r
+    return runs
+
+
+@dataclass
+class TextControl:
+    """What the text-control measurement needs: the corpus' intent labels, the classifiers trained on the
+    ground truth (``clf``) and on its VAE reconstructions (``clf_vae``), the prompted windows and their
+    prompts. ``clf`` is None (and ``info`` holds a note) for a corpus without intent labels."""
+
+    labels: dict | None
+    intents: list[str]
+    clf: IC.IntentClassifier | None
+    clf_vae: IC.IntentClassifier | None
+    info: dict
+    windows: list[int]  # bank rows generated under each intent's prompt
+    prompts: dict[str, torch.Tensor]
+    min_listen: int
+
+
+def make_text_control(cfg: DictConfig, data) -> TextControl:
+    """Train the intent classifiers (ground truth, VAE reconstructions) and choose the prompted windows."""
+    labels, intents = IC.load_labels(data.root), IC.corpus_intents(data.root) or []
+    clf, clf_vae, info = None, None, {}
+    mf = int(cfg.controls.min_listen)
+    if labels is None or not intents:
+        info = {"note": f"{data.root} has no synthetic_labels.json / intent list (text control needs the synthetic corpus)"}
+    else:
+        clf, info = IC.train_intent_classifier(data.root, labels, intents, mf)
+        info.update(IC.ground_truth_accuracy(clf, data, labels, intents, mf))
+        # supplementary: the same classifier trained on the VAE reconstructions (what a prompt controls within the VAE)
+        clf_vae, info["vae_space"] = IC.train_intent_classifier(data.root, labels, intents, mf,
+                                                                recode=IC.vae_recode(data.vae, data.normalizer))
+        info["vae_space"].update(IC.ground_truth_accuracy(clf_vae, data, labels, intents, mf))
+    crow = IC.control_windows(data, int(cfg.controls.n_windows), mf)
+    prompts = IC.prompt_embeddings(data, intents, len(crow), 1234) if clf is not None and crow else {}
+    return TextControl(labels, intents, clf, clf_vae, info, crow, prompts, mf)
+
+
+@dataclass
+class Evaluated:
+    """Every checkpoint's evaluation: ``{method: {seed: ...}}`` flat metrics, controls and per-window Table 1
+    values, the first seed's prediction of the shown window (row ``view_row``), and the listening
+    deviations' floor for a model that knows each window's intent (ground truth only; None without labels)."""
+
+    flat: dict
+    controls: dict
+    windows: dict
+    first_preds: dict
+    view_row: int
+    floor: dict | None
+
+
+def evaluate_methods(cfg: DictConfig, ecfg: DictConfig, data, paths: dict, seeds: list[int], tc: TextControl, out: Path) -> Evaluated:
+    """Evaluate each method's checkpoint of every seed in-process (as ``train/evaluate.py``) with its controls."""
+    methods = list(paths)
+    ev = Evaluated({m: {} for m in methods}, {m: {} for m in methods}, {m: {} for m in methods}, {},
+                   int(torch.argmax(data.bank["listening"].sum(-1))), None)
+    for m in methods:
+        slug = m if m == "supervised" else parse_method(m).slug
+        for s in seeds:
+            model, meta = load_eval_model(Path(paths[m][s]), data)
+            own_reward = run_reward_config(meta)
+            res = evaluate_model(model, data, ecfg, seed=s, progress=bool(cfg.progress), run_reward=own_reward)
+            write_report(out / "eval" / f"{slug}_seed{s}", header(data, ecfg, str(paths[m][s]), s, own_reward), res)
+            ev.flat[m][s] = flat_metrics(res)
+            # per-window Table 1 values of the same prediction, for the paired comparison
+            ev.windows[m][s] = table1_window_values(res["_row_stats"], ecfg.metrics)
+            if ev.floor is None and tc.labels is not None and tc.intents:
+                ev.floor = IC.intent_floor(data, tc.labels, res["_row_stats"], ecfg.metrics)
+            ev.controls[m][s] = IC.run_controls(model, data, tc.windows, cfg.controls, ecfg, s, tc.clf, tc.intents, tc.prompts,
+                                                tc.labels, res["_pred"], bool(cfg.progress), clf_vae=tc.clf_vae)
+            if s == seeds[0]:
+                ev.first_preds[m] = res["_pred"][ev.view_row].cpu().numpy()
+            r = ev.flat[m][s]
+            print(f"[bench] {method_label(m)} seed {s}: listening FDD {r.get('all/listening/FDD')} PDD {r.get('all/listening/PDD')} "
+                  f"JDD {r.get('all/listening/JDD')}; text control {ev.controls[m][s].get('prompt_accuracy')}", flush=True)
+    return ev
+
+
+def reconstruction_reference(data, ecfg: DictConfig, out: Path, sft: Path, vae: Path, seed: int, tc: TextControl) -> dict:
+    """The reference row: the ground truth through the VAE (the ceiling of every model decoded by it), and how
+    much of the intent the classifiers still read in it (added to ``tc.info``)."""
+    recon = evaluate_reconstruction(data, ecfg.metrics)
+    write_report(out / "eval" / "vae_reconstruction", reconstruction_header(header(data, ecfg, str(sft), seed), vae), recon)
+    reconstruction = {"flat": flat_metrics(recon), "quality": quality_figures(recon["_pred"], data.bank)}
+    if tc.clf is not None:
+        tc.info.update(IC.ground_truth_accuracy(tc.clf, data, tc.labels, tc.intents, tc.min_listen, motion=recon["_pred"],
+                                                key="vae_reconstruction"))
+        tc.info["vae_space"].update(IC.ground_truth_accuracy(tc.clf_vae, data, tc.labels, tc.intents, tc.min_listen,
+                                                             motion=recon["_pred"], key="vae_reconstruction"))
+    print("[bench] VAE reconstruction of the ground truth: listening velocity-std ratio "
+          + ", ".join(f"{g} {reconstruction['quality'].get(f'listening/{g}/vel_std_ratio', float('nan')):.3f}" for g in GROUP_NAMES)
+          + f"; listening FDD {reconstruction['flat'].get('all/listening/FDD')} PDD {reconstruction['flat'].get('all/listening/PDD')} "
+          f"JDD {reconstruction['flat'].get('all/listening/JDD')}", flush=True)
+    return reconstruction
+
+
+def report_setup(cfg: DictConfig, runs: dict, algos: list[str], seeds: list[int], data, ecfg: DictConfig, sft: Path, vae: Path) -> dict:
+    """The report's setup section: data, seeds, the runs' shared budget and settings, wall times, code version."""
+    meta = run_meta(runs, algos, seeds)
+    run_cfg = dict(meta.get("config") or {})
+    budget = training_budget(run_cfg, meta.get("arch"))
+    wall = {a: [runs[a][s]["wall_s"] for s in seeds if runs[a][s]["wall_s"] is not None] for a in algos}
+    return {"dataset": str(data.root), "split": data.split, "n_windows": len(data.indices), "n_expressive": int(data.expressive.sum()),
+            "seeds": seeds, "algos": algos, "reward": str(cfg.reward), "iterations": budget["iterations"],
+            "env": dict(run_cfg.get("env") or {}), "lr": (run_cfg.get("optim") or {}).get("lr"),
+            "algo_config": {a: (run_meta(runs, [a], seeds).get("config") or {}).get("algo") for a in algos},
+            "sde": {a: ((run_meta(runs, [a], seeds).get("config") or {}).get("env") or {}).get("sde") for a in algos},
+            "rollouts_per_run": budget["rollouts"], "episode_tokens": budget["episode_tokens"],
+            "transitions_per_run": budget["transitions"],
+            "wall_s": {a: round(float(np.mean(wall[a])), 1) if wall[a] else float("nan") for a in algos},
+            "extended_from": {a: {str(s): runs[a][s].get("extended_from") for s in seeds if runs[a][s].get("extended_from")}
+                              for a in algos},
+            "steps": int(ecfg.steps), "sft": str(sft), "vae": str(vae), "quick": bool(cfg.quick), "git": git_state(),
+            "eval_header": header(data, ecfg, str(sft), seeds[0])}
+
+
+def print_summary(rep: dict, md: str, out: Path) -> None:
+    """The report, each method's late training-reward trend, and where the outputs are."""
+    print(md)
+    for a, by_g in rep["training"]["trend_last_third"].items():
+        print(f"[bench] {method_label(a)}: training-reward slope over the last third of iterations (share of the whole gain): "
+              + ", ".join(f"{g} {'n/a' if t['slope'] is None else format(t['slope'], '+.2e')}"
+                          f" ({'n/a' if t['share'] is None else format(t['share'], '.0%')})" for g, t in by_g.items()), flush=True)
+    print(f"[bench] done in {rep['total_s']:.0f} s -> {out / 'report.md'}, {out / 'report.json'}, {out / 'reward_curves.png'}, "
+          f"{out / 'mechanism.png'}, {out / 'listening_motion.png'}")
+
+
 def run(cfg: DictConfig) -> dict:
     """The whole benchmark of ``cfg`` (see ``conf/bench.yaml``); returns the report dict."""
     if cfg.quick:
@@ -134,14 +284,7 @@ def run(cfg: DictConfig) -> dict:
     device = factories.make_device(cfg.device)
     run_state.seed_everything(0)
     out = factories.abspath(cfg.out_dir)
-    seeds, algos = [int(s) for s in cfg.seeds], parse_algos(cfg.algos)
-    groups = parse_reward_spec(cfg.reward)
-    for drop in cfg.controls.get("cfg_drops") or []:
-        check_cfg_drop(drop)  # a bad unconditional branch fails before any training
-    if not seeds:
-        raise ValueError("seeds must list at least one seed")
-    if len(seeds) < 3 and not cfg.quick:
-        print(f"[bench] warning: {len(seeds)} seed(s); the benchmark protocol asks for at least 3", flush=True)
+    seeds, algos, groups = check_settings(cfg)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -151,70 +294,16 @@ def run(cfg: DictConfig) -> dict:
     sft_path = stages.ensure_sft(cfg, data_root, vae_path)
 
     # 2. RL runs: same budget for every method
-    jobs = [(a, s) for s in seeds for a in algos]
-    with ThreadPoolExecutor(max_workers=max(1, int(cfg.jobs))) as pool:
-        done = list(pool.map(lambda j: run_training(cfg, j[0], j[1], out, data_root, vae_path, sft_path), jobs))
-    runs = {a: {} for a in algos}
-    for (a, s), r in zip(jobs, done):
-        runs[a][s] = r
+    runs = train_runs(cfg, algos, seeds, out, data_root, vae_path, sft_path)
 
-    # 3. evaluation of every checkpoint, in-process, on one window bank
+    # 3. evaluation of every checkpoint, in-process, on one window bank, with the controls; the VAE's reference row
     ecfg = eval_config(cfg, vae_path, seeds[0])
     data, _ = prepare_eval_data(ecfg, sft_path, data_root, device)
     methods = ["supervised", *algos]
     paths = {"supervised": {s: sft_path for s in seeds}, **{a: {s: runs[a][s]["path"] for s in seeds} for a in algos}}
-
-    labels, intents = IC.load_labels(data.root), IC.corpus_intents(data.root) or []
-    clf, clf_vae, clf_info = None, None, {}
-    mf = int(cfg.controls.min_listen)
-    if labels is None or not intents:
-        clf_info = {"note": f"{data.root} has no synthetic_labels.json / intent list (text control needs the synthetic corpus)"}
-    else:
-        clf, clf_info = IC.train_intent_classifier(data.root, labels, intents, mf)
-        clf_info.update(IC.ground_truth_accuracy(clf, data, labels, intents, mf))
-        # supplementary: the same classifier trained on the VAE reconstructions (what a prompt controls within the VAE)
-        clf_vae, clf_info["vae_space"] = IC.train_intent_classifier(data.root, labels, intents, mf,
-                                                                    recode=IC.vae_recode(data.vae, data.normalizer))
-        clf_info["vae_space"].update(IC.ground_truth_accuracy(clf_vae, data, labels, intents, mf))
-    crow = IC.control_windows(data, int(cfg.controls.n_windows), mf)
-    prompts = IC.prompt_embeddings(data, intents, len(crow), 1234) if clf is not None and crow else {}
-
-    flat, controls, windows, first_preds = {m: {} for m in methods}, {m: {} for m in methods}, {m: {} for m in methods}, {}
-    floor = None  # the listening deviations' floor for a model that knows each window's intent (ground truth only)
-    view_row = int(torch.argmax(data.bank["listening"].sum(-1)))
-    for m in methods:
-        slug = m if m == "supervised" else parse_method(m).slug
-        for s in seeds:
-            model, meta = load_eval_model(Path(paths[m][s]), data)
-            own_reward = run_reward_config(meta)
-            res = evaluate_model(model, data, ecfg, seed=s, progress=bool(cfg.progress), run_reward=own_reward)
-            write_report(out / "eval" / f"{slug}_seed{s}", header(data, ecfg, str(paths[m][s]), s, own_reward), res)
-            flat[m][s] = flat_metrics(res)
-            # per-window Table 1 values of the same prediction, for the paired comparison
-            windows[m][s] = table1_window_values(res["_row_stats"], ecfg.metrics)
-            if floor is None and labels is not None and intents:
-                floor = IC.intent_floor(data, labels, res["_row_stats"], ecfg.metrics)
-            controls[m][s] = IC.run_controls(model, data, crow, cfg.controls, ecfg, s, clf, intents, prompts, labels,
-                                             res["_pred"], bool(cfg.progress), clf_vae=clf_vae)
-            if s == seeds[0]:
-                first_preds[m] = res["_pred"][view_row].cpu().numpy()
-            r = flat[m][s]
-            print(f"[bench] {method_label(m)} seed {s}: listening FDD {r.get('all/listening/FDD')} PDD {r.get('all/listening/PDD')} "
-                  f"JDD {r.get('all/listening/JDD')}; text control {controls[m][s].get('prompt_accuracy')}", flush=True)
-
-    # the reference row: the ground truth through the VAE (the ceiling of every model decoded by it)
-    recon = evaluate_reconstruction(data, ecfg.metrics)
-    write_report(out / "eval" / "vae_reconstruction", reconstruction_header(header(data, ecfg, str(sft_path), seeds[0]), vae_path),
-                 recon)
-    reconstruction = {"flat": flat_metrics(recon), "quality": quality_figures(recon["_pred"], data.bank)}
-    if clf is not None:  # the intent classifier on the reconstructed ground truth: how much intent survives the VAE
-        clf_info.update(IC.ground_truth_accuracy(clf, data, labels, intents, mf, motion=recon["_pred"], key="vae_reconstruction"))
-        clf_info["vae_space"].update(IC.ground_truth_accuracy(clf_vae, data, labels, intents, mf, motion=recon["_pred"],
-                                                              key="vae_reconstruction"))
-    print("[bench] VAE reconstruction of the ground truth: listening velocity-std ratio "
-          + ", ".join(f"{g} {reconstruction['quality'].get(f'listening/{g}/vel_std_ratio', float('nan')):.3f}" for g in GROUP_NAMES)
-          + f"; listening FDD {reconstruction['flat'].get('all/listening/FDD')} PDD {reconstruction['flat'].get('all/listening/PDD')} "
-          f"JDD {reconstruction['flat'].get('all/listening/JDD')}", flush=True)
+    tc = make_text_control(cfg, data)
+    ev = evaluate_methods(cfg, ecfg, data, paths, seeds, tc, out)
+    reconstruction = reconstruction_reference(data, ecfg, out, sft_path, vae_path, seeds[0], tc)
 
     # 4. final-sample dynamics of the supervised model under the ODE and each SDE, and teacher-forced (no training)
     sd = cfg.sde_dynamics
@@ -222,45 +311,25 @@ def run(cfg: DictConfig) -> dict:
     sup_model, _ = load_eval_model(Path(sft_path), data)
     dynamics = final_sample_dynamics(sup_model, data, variants, seeds)
 
-    # 5. report
+    # 5. report: training curves and mechanism from the runs' logs, figures, tables
     curves = {a: {s: reward_curves(runs[a][s]["path"], parse_method(a).algo, groups) for s in seeds} for a in algos}
     mechanism = {a: {s: mechanism_curves(runs[a][s]["path"], parse_method(a).algo, groups) for s in seeds} for a in algos}
-    meta = run_meta(runs, algos, seeds)
-    run_cfg = dict(meta.get("config") or {})
-    budget = training_budget(run_cfg, meta.get("arch"))
+    hdr = report_setup(cfg, runs, algos, seeds, data, ecfg, sft_path, vae_path)
     plot_reward_curves(curves, groups, out / "reward_curves.png")
-    plot_mechanism(mechanism, groups, out / "mechanism.png", (run_cfg.get("env") or {}).get("group_size"))
-    plot_listening_window(data, view_row, first_preds, out / "listening_motion.png", seeds[0])
-    wall = {a: [runs[a][s]["wall_s"] for s in seeds if runs[a][s]["wall_s"] is not None] for a in algos}
-    hdr = {"dataset": str(data.root), "split": data.split, "n_windows": len(data.indices), "n_expressive": int(data.expressive.sum()),
-           "seeds": seeds, "algos": algos, "reward": str(cfg.reward), "iterations": budget["iterations"],
-           "env": dict(run_cfg.get("env") or {}), "lr": (run_cfg.get("optim") or {}).get("lr"),
-           "algo_config": {a: (run_meta(runs, [a], seeds).get("config") or {}).get("algo") for a in algos},
-           "sde": {a: ((run_meta(runs, [a], seeds).get("config") or {}).get("env") or {}).get("sde") for a in algos},
-           "rollouts_per_run": budget["rollouts"], "episode_tokens": budget["episode_tokens"],
-           "transitions_per_run": budget["transitions"],
-           "wall_s": {a: round(float(np.mean(wall[a])), 1) if wall[a] else float("nan") for a in algos},
-           "extended_from": {a: {str(s): runs[a][s].get("extended_from") for s in seeds if runs[a][s].get("extended_from")}
-                             for a in algos},
-           "steps": int(ecfg.steps), "sft": str(sft_path), "vae": str(vae_path), "quick": bool(cfg.quick), "git": git_state(),
-           "eval_header": header(data, ecfg, str(sft_path), seeds[0])}
+    plot_mechanism(mechanism, groups, out / "mechanism.png", hdr["env"].get("group_size"))
+    plot_listening_window(data, ev.view_row, ev.first_preds, out / "listening_motion.png", seeds[0])
     train_info = {a: {str(s): {"path": str(runs[a][s]["path"]), "wall_s": runs[a][s]["wall_s"], "reused": runs[a][s]["reused"]}
                       for s in seeds} for a in algos}
-    rep, md = build_report(list(cfg.controls.cfg_weights), methods, flat, controls, curves, train_info, groups, hdr, clf_info, intents,
-                           windows=windows, expressive=data.expressive.cpu().numpy(), mechanism=mechanism,
+    window_labels = (IC.row_intents(data, tc.labels, list(range(int(data.bank.batch_size[0]))))
+                     if tc.labels is not None and tc.intents else None)
+    rep, md = build_report(list(cfg.controls.cfg_weights), methods, ev.flat, ev.controls, curves, train_info, groups, hdr, tc.info,
+                           tc.intents, windows=ev.windows, expressive=data.expressive.cpu().numpy(), mechanism=mechanism,
                            sde_dynamics=dynamics, sde_variants=variants, reconstruction=reconstruction,
-                           window_labels=(IC.row_intents(data, labels, list(range(int(data.bank.batch_size[0]))))
-                                          if labels is not None and intents else None), intent_floor=floor)
+                           window_labels=window_labels, intent_floor=ev.floor)
     rep["total_s"] = time.perf_counter() - t_start
     atomic_write_json(out / "report.json", to_json(rep))
     atomic_write_bytes(out / "report.md", md.encode())
-    print(md)
-    for a, by_g in rep["training"]["trend_last_third"].items():
-        print(f"[bench] {method_label(a)}: training-reward slope over the last third of iterations (share of the whole gain): "
-              + ", ".join(f"{g} {'n/a' if t['slope'] is None else format(t['slope'], '+.2e')}"
-                          f" ({'n/a' if t['share'] is None else format(t['share'], '.0%')})" for g, t in by_g.items()), flush=True)
-    print(f"[bench] done in {rep['total_s']:.0f} s -> {out / 'report.md'}, {out / 'report.json'}, {out / 'reward_curves.png'}, "
-          f"{out / 'mechanism.png'}, {out / 'listening_motion.png'}")
+    print_summary(rep, md, out)
     return rep
 
 
