@@ -89,6 +89,48 @@ def main(cfg: DictConfig) -> None:
         train(cfg, dist)
 
 
+def resume_run(cfg: DictConfig, state_path, log_dir, run_states: dict, env, generator: torch.Generator,
+               dist: Dist) -> tuple[int, dict | None]:
+    """Load the killed run's state (``state_path``) into ``run_states``, the env and the RNGs: ``(iteration, logger state)``.
+    Rollout noise and window draws continue the killed run's (each rank its own streams)."""
+    state = load_run_state(state_path, cfg, RESUME_KEYS, dist.device, generator, states=run_states, added=ADDED_SETTINGS)
+    check_world_size(state.get("world_size"), dist, state_path)
+    env.set_rng_state(on_cpu(state["env_rng"]))
+    if dist.is_distributed:  # this rank's own streams
+        set_rng_state(state["ranks"][dist.rank]["rng"], generator)
+        env.set_rng_state(on_cpu(state["ranks"][dist.rank]["env_rng"]))
+    start = state["step"]
+    if dist.is_main:
+        truncate_logs(log_dir, start)  # steps logged after the saved state are logged again
+        print(f"[gdpo] resumed at iteration {start}")
+    return start, state["logger"]
+
+
+def iteration(cfg: DictConfig, it: int, env, policy, loss_module, optimizer, anchor, dist: Dist, n_prompts: int) -> dict[str, float]:
+    """One GDPO / GRPO iteration (0-based ``it``): collect, advantages over every rank's rollouts, update.
+    Returns the logged figures (rewards, advantages, losses, phase times)."""
+    t0 = time.perf_counter()
+    traj = collect(env, policy, cfg.algo)
+    t1 = time.perf_counter()
+    batch = global_advantages(loss_module, traj, dist, n_prompts)  # (B,) reward, group_id, advantage of all ranks
+    stats = reward_stats(batch["reward"], env.group_names, reward_term_means(env, traj, dist))
+    stats.update({k: v.item() for k, v in advantage_log_stats(batch, env.group_names, cfg.algo).items()})
+    t2 = time.perf_counter()
+    try:
+        update = chunked_update(loss_module, traj, optimizer, cfg.algo.chunk_steps, cfg.algo.epochs, cfg.optim.grad_clip,
+                                sync=dist if dist.is_distributed else None, anchor=anchor)
+        if dist.is_distributed:  # the global batch's figures
+            update = combine_rank_stats(dist.all_gather_object((update, objective_counts(loss_module, traj))))
+        stats.update(update)
+    except DivergenceError as e:
+        raise DivergenceError(f"{cfg.algo.name} iteration {it + 1}: {e} (settings: optim.lr={cfg.optim.lr}, "
+                              f"algo.clip_epsilon={cfg.algo.clip_epsilon}, env.sigma={cfg.env.sigma})") from None
+    check_finite_stats(stats, [k for k in stats if k.startswith(("reward/", "loss/"))], where=f"{cfg.algo.name} iteration {it + 1}",
+                       hint=f"optim.lr={cfg.optim.lr} or env.sigma={cfg.env.sigma} out of range")
+    stats.update({"time/rollout": t1 - t0, "time/advantage": t2 - t1, "time/update": time.perf_counter() - t2})
+    return stats
+
+
 @record  # under torchrun the job's failure summary names this rank's error
 def train(cfg: DictConfig, dist: Dist) -> None:
     device = dist.device
@@ -127,19 +169,7 @@ def train(cfg: DictConfig, dist: Dist) -> None:
 
     state_path = out_dir / "last" / "state.pt"
     run_states = {"model": model, "behaviour": behaviour, "optim": optimizer}
-    start, logger_state = 0, None
-    if cfg.resume:
-        # rollout noise and window draws continue the killed run's
-        state = load_run_state(state_path, cfg, RESUME_KEYS, device, generator, states=run_states, added=ADDED_SETTINGS)
-        check_world_size(state.get("world_size"), dist, state_path)
-        env.set_rng_state(on_cpu(state["env_rng"]))
-        if dist.is_distributed:  # this rank's own streams
-            set_rng_state(state["ranks"][dist.rank]["rng"], generator)
-            env.set_rng_state(on_cpu(state["ranks"][dist.rank]["env_rng"]))
-        start, logger_state = state["step"], state["logger"]
-        if dist.is_main:
-            truncate_logs(out_dir / "logs", start)  # steps logged after the saved state are logged again
-            print(f"[gdpo] resumed at iteration {start}")
+    start, logger_state = resume_run(cfg, state_path, out_dir / "logs", run_states, env, generator, dist) if cfg.resume else (0, None)
     logger = factories.make_logger(cfg.logger, out_dir, f"{cfg.algo.name}", state_dict=logger_state) if dist.is_main else None
     if dist.is_main:
         ranks = f" ({dist.world_size} processes x {env.batch_size[0]})" if dist.is_distributed else ""
@@ -148,29 +178,9 @@ def train(cfg: DictConfig, dist: Dist) -> None:
               f"setup {time.perf_counter() - t_start:.1f} s")
 
     iterations = int(cfg.optim.iterations)
-    sync = dist if dist.is_distributed else None
     bar = tqdm(range(start, iterations), desc=cfg.algo.name, initial=start, total=iterations, disable=not dist.is_main)
     for it in bar:
-        t0 = time.perf_counter()
-        traj = collect(env, policy, cfg.algo)
-        t1 = time.perf_counter()
-        batch = global_advantages(loss_module, traj, dist, n_prompts)  # (B,) reward, group_id, advantage of all ranks
-        stats = reward_stats(batch["reward"], env.group_names, reward_term_means(env, traj, dist))
-        stats.update({k: v.item() for k, v in advantage_log_stats(batch, reward.group_names, cfg.algo).items()})
-        t2 = time.perf_counter()
-        try:
-            update = chunked_update(loss_module, traj, optimizer, cfg.algo.chunk_steps, cfg.algo.epochs, cfg.optim.grad_clip, sync=sync,
-                                    anchor=anchor)
-            if dist.is_distributed:  # the global batch's figures
-                update = combine_rank_stats(dist.all_gather_object((update, objective_counts(loss_module, traj))))
-            stats.update(update)
-        except DivergenceError as e:
-            raise DivergenceError(f"{cfg.algo.name} iteration {it + 1}: {e} (settings: optim.lr={cfg.optim.lr}, "
-                                  f"algo.clip_epsilon={cfg.algo.clip_epsilon}, env.sigma={cfg.env.sigma})") from None
-        check_finite_stats(stats, [k for k in stats if k.startswith(("reward/", "loss/"))], where=f"{cfg.algo.name} iteration {it + 1}",
-                           hint=f"optim.lr={cfg.optim.lr} or env.sigma={cfg.env.sigma} out of range")
-        t3 = time.perf_counter()
-        stats.update({"time/rollout": t1 - t0, "time/advantage": t2 - t1, "time/update": t3 - t2})
+        stats = iteration(cfg, it, env, policy, loss_module, optimizer, anchor, dist, n_prompts)
         if (it + 1) % int(cfg.algo.sync_every) == 0:
             dist.broadcast_module_(model)  # bitwise the same weights on every rank before the behaviour copy
             behaviour.load_state_dict(model.state_dict())
