@@ -26,6 +26,7 @@ os.environ.update(omp_wait_defaults())  # before torch loads: OpenMP threads spi
 
 import math
 import time
+from pathlib import Path
 
 import hydra
 import torch
@@ -146,22 +147,58 @@ def main(cfg: DictConfig) -> None:
         train(cfg, dist)
 
 
-@record  # under torchrun the job's failure summary names this rank's error
-def train(cfg: DictConfig, dist: Dist) -> None:
-    device = dist.device
-    seed_everything(rank_seed(cfg.seed, dist.rank))  # this rank's global streams (condition dropout)
-    generator = torch.Generator().manual_seed(int(cfg.seed))  # batches and flow noise: the same on every rank
+def check_settings(cfg: DictConfig) -> Path:
+    """Refuse a bad optimiser / logging setting or a missing VAE before anything is claimed or generated;
+    returns the VAE's folder."""
     check_positive(cfg, ["optim.lr", "optim.grad_clip"])
     check_non_negative(cfg, ["optim.weight_decay"])
     check_count(cfg, ["optim.steps", "optim.batch_size", "log_every", "ckpt_every", "eval.n_windows", "eval.steps", "eval.loss_every"])
     check_non_negative(cfg, ["optim.min_lr_ratio"])
     check_count(cfg, ["optim.warmup"], minimum=0)
-    batch_size = int(cfg.optim.batch_size)
-    rows = dist.shard(batch_size, "optim.batch_size")  # this rank's block of the global batch
     vae_dir = factories.abspath(cfg.vae_dir)
-    if not is_checkpoint(vae_dir):  # before anything is claimed or generated
+    if not is_checkpoint(vae_dir):
         raise FileNotFoundError(f"vae_dir={cfg.vae_dir}: no VAE checkpoint at {vae_dir} (no meta.json); train it first with "
                                 f"`python train/vae.py out_dir={cfg.vae_dir}` (train/gdpo.py does both on a fresh clone)")
+    return vae_dir
+
+
+def resume_run(cfg: DictConfig, state_path: Path, log_dir: Path, run_states: dict, generator: torch.Generator,
+               dist: Dist) -> tuple[int, dict | None]:
+    """Load the killed run's state (``state_path``) into ``run_states`` and the RNGs: ``(step, logger state)``.
+    Batches and flow noise continue the killed run's streams."""
+    state = load_run_state(state_path, cfg, RESUME_KEYS, dist.device, generator, states=run_states)
+    check_world_size(state.get("world_size"), dist, state_path)
+    if dist.is_distributed:
+        set_rng_state(state["ranks"][dist.rank]["rng"])  # this rank's own global streams
+    start = state["step"]
+    if dist.is_main:
+        truncate_logs(log_dir, start)  # steps logged after the saved state are logged again
+        print(f"[sft] resumed from step {start}")
+    return start, state.get("logger")
+
+
+def optimizer_step(cfg: DictConfig, step: int, trained, model, opt, sched, batch, generator: torch.Generator, rows: slice,
+                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One flow-matching update on ``batch`` (0-based ``step``): ``(per-token loss, flow times, gradient norm)``
+    of this rank's rows. ``trained`` is ``model`` or its DistributedDataParallel wrapper."""
+    loss, per_token, t = flow_step(trained, batch, generator, rows, batch_size)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # DistributedDataParallel: gradients averaged over ranks = the global batch's mean
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    check_finite_step({"loss_flow": loss}, gnorm, where=f"sft step {step + 1}", hint=f"optim.lr={cfg.optim.lr} too large")
+    opt.step()
+    sched.step()
+    return per_token, t, gnorm
+
+
+@record  # under torchrun the job's failure summary names this rank's error
+def train(cfg: DictConfig, dist: Dist) -> None:
+    device = dist.device
+    seed_everything(rank_seed(cfg.seed, dist.rank))  # this rank's global streams (condition dropout)
+    generator = torch.Generator().manual_seed(int(cfg.seed))  # batches and flow noise: the same on every rank
+    vae_dir = check_settings(cfg)
+    batch_size = int(cfg.optim.batch_size)
+    rows = dist.shard(batch_size, "optim.batch_size")  # this rank's block of the global batch
     out_dir = None
     if dist.is_main:
         out_dir, _lock = claim_run_dir(factories.abspath(cfg.out_dir), run_config(cfg, dist), stage="sft", resume=cfg.resume)
@@ -184,16 +221,7 @@ def train(cfg: DictConfig, dist: Dist) -> None:
 
     state_path = out_dir / "last" / "state.pt"
     run_states = {"model": model, "optim": opt, "sched": sched}
-    start, logger_state = 0, None
-    if cfg.resume:  # batches and flow noise continue the killed run's streams
-        state = load_run_state(state_path, cfg, RESUME_KEYS, device, generator, states=run_states)
-        check_world_size(state.get("world_size"), dist, state_path)
-        if dist.is_distributed:
-            set_rng_state(state["ranks"][dist.rank]["rng"])  # this rank's own global streams
-        start, logger_state = state["step"], state.get("logger")
-        if dist.is_main:
-            truncate_logs(out_dir / "logs", start)  # steps logged after the saved state are logged again
-            print(f"[sft] resumed from step {start}")
+    start, logger_state = resume_run(cfg, state_path, out_dir / "logs", run_states, generator, dist) if cfg.resume else (0, None)
     logger = factories.make_logger(cfg.logger, out_dir, "sft", state_dict=logger_state) if dist.is_main else None
 
     model.train()
@@ -203,13 +231,7 @@ def train(cfg: DictConfig, dist: Dist) -> None:
     bar = tqdm(range(start, steps), desc="sft", initial=start, total=steps, disable=not dist.is_main)
     for step in bar:
         batch = draw_batch(train_bank, batch_size, generator, rows)
-        loss, per_token, t = flow_step(trained, batch, generator, rows, batch_size)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # DistributedDataParallel: gradients averaged over ranks = the global batch's mean
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        check_finite_step({"loss_flow": loss}, gnorm, where=f"sft step {step + 1}", hint=f"optim.lr={cfg.optim.lr} too large")
-        opt.step()
-        sched.step()
+        per_token, t, gnorm = optimizer_step(cfg, step, trained, model, opt, sched, batch, generator, rows, batch_size)
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             terms = flow_terms(dist.all_gather_rows(per_token), dist.all_gather_rows(t))  # over the global batch
             scalars = {f"loss/{k}": v.item() for k, v in terms.items()}

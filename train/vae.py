@@ -22,6 +22,7 @@ os.environ.update(omp_wait_defaults())  # before torch loads: OpenMP threads spi
 
 import math
 import time
+from pathlib import Path
 
 import hydra
 import numpy as np
@@ -75,15 +76,60 @@ def lr_at(step: int, optim_cfg) -> float:
 RESUME_KEYS = ("model", "data", "seed")
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """Refuse a bad optimiser, logging or evaluation setting before anything is claimed or generated."""
+    check_positive(cfg, ["optim.lr", "optim.grad_clip"])
+    check_non_negative(cfg, ["optim.weight_decay", "optim.min_lr_ratio"])
+    check_count(cfg, ["optim.steps", "optim.batch_size", "log_every", "ckpt_every", "eval.batch_size"])
+    check_count(cfg, ["optim.warmup"], minimum=0)
+
+
+def resume_run(cfg: DictConfig, state_path: Path, log_dir: Path, run_states: dict, device,
+               generator: torch.Generator) -> tuple[int, dict | None]:
+    """Load the killed run's state (``state_path``) into ``run_states`` and the RNGs: ``(step, logger state)``."""
+    state = load_run_state(state_path, cfg, RESUME_KEYS, device, generator, states=run_states)
+    start = int(state["step"])
+    truncate_logs(log_dir, start)  # steps logged after the saved state are logged again
+    print(f"[vae] resumed from step {start}")
+    return start, state.get("logger")
+
+
+def optimizer_step(cfg: DictConfig, step: int, model, opt, x: torch.Tensor, w: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """One update on normalised windows ``x (B, W, 67)`` with channel weights ``w (B, 67)`` (0-based ``step``):
+    ``(loss terms, gradient norm)``."""
+    terms = model.loss(x, model(x), w)
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.optim.grad_clip))
+    check_finite_step({k: v for k, v in terms.items() if k.startswith("loss")}, gnorm, where=f"vae step {step + 1}",
+                      hint=f"optim.lr={cfg.optim.lr} too large")
+    opt.step()
+    return terms, gnorm
+
+
+def print_progress(scalars: dict, done: int, steps: int) -> None:
+    print(f"[vae] step {done}/{steps}  loss {scalars['loss/loss']:.4f}  recon {scalars['loss/loss_recon']:.4f}  "
+          f"vel {scalars['loss/loss_vel']:.5f}  dyn {scalars['loss/loss_dyn']:.5f}  kl {scalars['loss/loss_kl']:.2f}  "
+          f"({scalars['perf/windows_per_s']:.0f} windows/s)", flush=True)
+
+
+def print_report(report: dict, split: str, n_windows: int) -> None:
+    """The per-group reconstruction report of the evaluation split (or why there is none)."""
+    if not report:
+        print(f"[vae] no windows in split {split!r}: no per-group report")
+        return
+    print(f"[vae] per-group reconstruction on the {split!r} split ({n_windows} windows, raw FLAME units):")
+    print(format_report(report))
+    print("[vae] (listening / speaking: the velocity-std ratio on the actor's listening / speaking frames only; every model "
+          "decoded by this VAE inherits its listening figure as a ceiling)")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="vae")
 def main(cfg: DictConfig) -> None:
     configure_threads(cfg.threads)
     device = factories.make_device(cfg.device)
     generator = seed_everything(int(cfg.seed))
-    check_positive(cfg, ["optim.lr", "optim.grad_clip"])
-    check_non_negative(cfg, ["optim.weight_decay", "optim.min_lr_ratio"])
-    check_count(cfg, ["optim.steps", "optim.batch_size", "log_every", "ckpt_every", "eval.batch_size"])
-    check_count(cfg, ["optim.warmup"], minimum=0)
+    check_settings(cfg)
     out_dir, _lock = claim_run_dir(factories.abspath(cfg.out_dir), cfg, stage="vae", resume=cfg.resume)
     root = stages.ensure_dataset(cfg.data)
 
@@ -101,12 +147,7 @@ def main(cfg: DictConfig) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.optim.lr), weight_decay=float(cfg.optim.weight_decay))
     state_path = out_dir / "last" / "state.pt"
     run_states = {"model": model, "optim": opt}
-    start, logger_state = 0, None
-    if cfg.resume:
-        state = load_run_state(state_path, cfg, RESUME_KEYS, device, generator, states=run_states)
-        start, logger_state = int(state["step"]), state.get("logger")
-        truncate_logs(out_dir / "logs", start)  # steps logged after the saved state are logged again
-        print(f"[vae] resumed from step {start}")
+    start, logger_state = resume_run(cfg, state_path, out_dir / "logs", run_states, device, generator) if cfg.resume else (0, None)
     logger = factories.make_logger(cfg.logger, out_dir, "vae", state_dict=logger_state)
 
     steps, bs = int(cfg.optim.steps), int(cfg.optim.batch_size)
@@ -117,14 +158,7 @@ def main(cfg: DictConfig) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.optim)
         idx = torch.randint(n, (bs,), generator=generator).to(device)
-        x, w = x_all[idx], w_all[idx]  # (B, W, 67), (B, 67)
-        terms = model.loss(x, model(x), w)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.optim.grad_clip))
-        check_finite_step({k: v for k, v in terms.items() if k.startswith("loss")}, gnorm, where=f"vae step {step + 1}",
-                          hint=f"optim.lr={cfg.optim.lr} too large")
-        opt.step()
+        terms, gnorm = optimizer_step(cfg, step, model, opt, x_all[idx], w_all[idx])
         for k, v in terms.items():
             running[k] = running.get(k, 0.0) + v.item()
         running["grad_norm"] = running.get("grad_norm", 0.0) + gnorm.item()
@@ -135,9 +169,7 @@ def main(cfg: DictConfig) -> None:
             scalars["optim/lr"] = opt.param_groups[0]["lr"]
             scalars["perf/windows_per_s"] = (done - start) * bs / (time.perf_counter() - t0)
             factories.log_scalars(logger, scalars, done)
-            print(f"[vae] step {done}/{steps}  loss {scalars['loss/loss']:.4f}  recon {scalars['loss/loss_recon']:.4f}  "
-                  f"vel {scalars['loss/loss_vel']:.5f}  dyn {scalars['loss/loss_dyn']:.5f}  kl {scalars['loss/loss_kl']:.2f}  "
-                  f"({scalars['perf/windows_per_s']:.0f} windows/s)", flush=True)
+            print_progress(scalars, done, steps)
             running = {}
         if done % int(cfg.ckpt_every) == 0 and done < steps:
             check_finite_weights(model, where=f"vae step {done}", hint=f"optim.lr={cfg.optim.lr} too large")
@@ -160,13 +192,7 @@ def main(cfg: DictConfig) -> None:
     factories.log_scalars(logger, {f"eval/{g}/{k}": v for g, r in report.items() for k, v in r.items() if k != "windows"}, steps)
     print(f"[vae] trained {steps - start} steps in {elapsed:.1f} s; checkpoint: {out_dir}")
     print(f"[vae] latent std per dim (train, posterior mean): {[round(float(v), 3) for v in std.cpu()]}")
-    if report:
-        print(f"[vae] per-group reconstruction on the {cfg.eval.split!r} split ({len(eval_windows)} windows, raw FLAME units):")
-        print(format_report(report))
-        print("[vae] (listening / speaking: the velocity-std ratio on the actor's listening / speaking frames only; every model "
-              "decoded by this VAE inherits its listening figure as a ceiling)")
-    else:
-        print(f"[vae] no windows in split {cfg.eval.split!r}: no per-group report")
+    print_report(report, cfg.eval.split, len(eval_windows))
 
 
 if __name__ == "__main__":
