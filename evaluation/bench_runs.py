@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -125,6 +126,17 @@ def run_training(cfg: DictConfig, method: str | BenchMethod, seed: int, out: Pat
     atomic_write_json(stamp, record)
     print(f"[bench] {method.label} seed {seed} done in {wall:.0f} s", flush=True)
     return {"path": run_dir, "wall_s": prev_wall + wall, "reused": False, "extended_from": extend_from}
+
+
+def train_runs(cfg: DictConfig, algos: list[str], seeds: list[int], out: Path, data_root: Path, vae: Path, sft: Path) -> dict:
+    """Every method's run for every seed, ``cfg.jobs`` at a time, with the same budget: ``{algo: {seed: record}}``."""
+    jobs = [(a, s) for s in seeds for a in algos]
+    with ThreadPoolExecutor(max_workers=max(1, int(cfg.jobs))) as pool:
+        done = list(pool.map(lambda j: run_training(cfg, j[0], j[1], out, data_root, vae, sft), jobs))
+    runs = {a: {} for a in algos}
+    for (a, s), r in zip(jobs, done):
+        runs[a][s] = r
+    return runs
 
 
 def run_meta(runs: dict, algos: list[str], seeds: list[int]) -> dict:

@@ -64,21 +64,17 @@ os.environ.update(omp_wait_defaults())  # before torch loads: OpenMP threads spi
 
 import sys  # noqa: E402
 import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gdpo_listener.agents.checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
 from gdpo_listener.agents.sampling import check_cfg_drop  # noqa: E402
-from gdpo_listener.envs.flame import GROUP_NAMES  # noqa: E402
 from gdpo_listener.evaluation import intent_control as IC  # noqa: E402
-from gdpo_listener.evaluation.bench_runs import git_state, run_meta, run_training  # noqa: E402
-from gdpo_listener.evaluation.bench_stats import mechanism_curves, table1_window_values  # noqa: E402
+from gdpo_listener.evaluation.bench_eval import evaluate_methods, make_text_control, reconstruction_reference, report_setup  # noqa: E402
+from gdpo_listener.evaluation.bench_runs import train_runs  # noqa: E402
+from gdpo_listener.evaluation.bench_stats import mechanism_curves  # noqa: E402
 from gdpo_listener.evaluation.benchmark import (  # noqa: E402
     build_report,
     method_label,
@@ -87,15 +83,11 @@ from gdpo_listener.evaluation.benchmark import (  # noqa: E402
     plot_mechanism,
     plot_reward_curves,
     reward_curves,
-    training_budget,
 )
-from gdpo_listener.evaluation.checkpoints import run_reward_config  # noqa: E402
 from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # noqa: E402
-from gdpo_listener.evaluation.generation import quality_figures  # noqa: E402
-from gdpo_listener.evaluation.report import header, reconstruction_header, to_json, write_report  # noqa: E402
-from gdpo_listener.evaluation.scoring import blas_threads, evaluate_model, evaluate_reconstruction  # noqa: E402
+from gdpo_listener.evaluation.report import to_json  # noqa: E402
+from gdpo_listener.evaluation.scoring import blas_threads  # noqa: E402
 from gdpo_listener.evaluation.sde_choice import final_sample_dynamics, sampler_variants  # noqa: E402
-from gdpo_listener.evaluation.seed_stats import flat_metrics  # noqa: E402
 from gdpo_listener.pipeline import factories, run_state, stages  # noqa: E402
 from gdpo_listener.pipeline.threads import configure_threads, resolve_threads  # noqa: E402
 from gdpo_listener.rewards.groups import parse_reward_spec  # noqa: E402
@@ -138,131 +130,6 @@ def check_settings(cfg: DictConfig) -> tuple[list[int], list[str], list[str]]:
     if len(seeds) < 3 and not cfg.quick:
         print(f"[bench] warning: {len(seeds)} seed(s); the benchmark protocol asks for at least 3", flush=True)
     return seeds, algos, groups
-
-
-def train_runs(cfg: DictConfig, algos: list[str], seeds: list[int], out: Path, data_root: Path, vae: Path, sft: Path) -> dict:
-    """Every method's run for every seed, ``cfg.jobs`` at a time, with the same budget: ``{algo: {seed: record}}``."""
-    jobs = [(a, s) for s in seeds for a in algos]
-    with ThreadPoolExecutor(max_workers=max(1, int(cfg.jobs))) as pool:
-        done = list(pool.map(lambda j: run_training(cfg, j[0], j[1], out, data_root, vae, sft), jobs))
-    runs = {a: {} for a in algos}
-    for (a, s), r in zip(jobs, done):
-        runs[a][s] = r
-    return runs
-
-
-@dataclass
-class TextControl:
-    """What the text-control measurement needs: the corpus' intent labels, the classifiers trained on the
-    ground truth (``clf``) and on its VAE reconstructions (``clf_vae``), the prompted windows and their
-    prompts. ``clf`` is None (and ``info`` holds a note) for a corpus without intent labels."""
-
-    labels: dict | None
-    intents: list[str]
-    clf: IC.IntentClassifier | None
-    clf_vae: IC.IntentClassifier | None
-    info: dict
-    windows: list[int]  # bank rows generated under each intent's prompt
-    prompts: dict[str, torch.Tensor]
-    min_listen: int
-
-
-def make_text_control(cfg: DictConfig, data) -> TextControl:
-    """Train the intent classifiers (ground truth, VAE reconstructions) and choose the prompted windows."""
-    labels, intents = IC.load_labels(data.root), IC.corpus_intents(data.root) or []
-    clf, clf_vae, info = None, None, {}
-    mf = int(cfg.controls.min_listen)
-    if labels is None or not intents:
-        info = {"note": f"{data.root} has no synthetic_labels.json / intent list (text control needs the synthetic corpus)"}
-    else:
-        clf, info = IC.train_intent_classifier(data.root, labels, intents, mf)
-        info.update(IC.ground_truth_accuracy(clf, data, labels, intents, mf))
-        # supplementary: the same classifier trained on the VAE reconstructions (what a prompt controls within the VAE)
-        clf_vae, info["vae_space"] = IC.train_intent_classifier(data.root, labels, intents, mf,
-                                                                recode=IC.vae_recode(data.vae, data.normalizer))
-        info["vae_space"].update(IC.ground_truth_accuracy(clf_vae, data, labels, intents, mf))
-    crow = IC.control_windows(data, int(cfg.controls.n_windows), mf)
-    prompts = IC.prompt_embeddings(data, intents, len(crow), 1234) if clf is not None and crow else {}
-    return TextControl(labels, intents, clf, clf_vae, info, crow, prompts, mf)
-
-
-@dataclass
-class Evaluated:
-    """Every checkpoint's evaluation: ``{method: {seed: ...}}`` flat metrics, controls and per-window Table 1
-    values, the first seed's prediction of the shown window (row ``view_row``), and the listening
-    deviations' floor for a model that knows each window's intent (ground truth only; None without labels)."""
-
-    flat: dict
-    controls: dict
-    windows: dict
-    first_preds: dict
-    view_row: int
-    floor: dict | None
-
-
-def evaluate_methods(cfg: DictConfig, ecfg: DictConfig, data, paths: dict, seeds: list[int], tc: TextControl, out: Path) -> Evaluated:
-    """Evaluate each method's checkpoint of every seed in-process (as ``train/evaluate.py``) with its controls."""
-    methods = list(paths)
-    ev = Evaluated({m: {} for m in methods}, {m: {} for m in methods}, {m: {} for m in methods}, {},
-                   int(torch.argmax(data.bank["listening"].sum(-1))), None)
-    for m in methods:
-        slug = m if m == "supervised" else parse_method(m).slug
-        for s in seeds:
-            model, meta = load_eval_model(Path(paths[m][s]), data)
-            own_reward = run_reward_config(meta)
-            res = evaluate_model(model, data, ecfg, seed=s, progress=bool(cfg.progress), run_reward=own_reward)
-            write_report(out / "eval" / f"{slug}_seed{s}", header(data, ecfg, str(paths[m][s]), s, own_reward), res)
-            ev.flat[m][s] = flat_metrics(res)
-            # per-window Table 1 values of the same prediction, for the paired comparison
-            ev.windows[m][s] = table1_window_values(res["_row_stats"], ecfg.metrics)
-            if ev.floor is None and tc.labels is not None and tc.intents:
-                ev.floor = IC.intent_floor(data, tc.labels, res["_row_stats"], ecfg.metrics)
-            ev.controls[m][s] = IC.run_controls(model, data, tc.windows, cfg.controls, ecfg, s, tc.clf, tc.intents, tc.prompts,
-                                                tc.labels, res["_pred"], bool(cfg.progress), clf_vae=tc.clf_vae)
-            if s == seeds[0]:
-                ev.first_preds[m] = res["_pred"][ev.view_row].cpu().numpy()
-            r = ev.flat[m][s]
-            print(f"[bench] {method_label(m)} seed {s}: listening FDD {r.get('all/listening/FDD')} PDD {r.get('all/listening/PDD')} "
-                  f"JDD {r.get('all/listening/JDD')}; text control {ev.controls[m][s].get('prompt_accuracy')}", flush=True)
-    return ev
-
-
-def reconstruction_reference(data, ecfg: DictConfig, out: Path, sft: Path, vae: Path, seed: int, tc: TextControl) -> dict:
-    """The reference row: the ground truth through the VAE (the ceiling of every model decoded by it), and how
-    much of the intent the classifiers still read in it (added to ``tc.info``)."""
-    recon = evaluate_reconstruction(data, ecfg.metrics)
-    write_report(out / "eval" / "vae_reconstruction", reconstruction_header(header(data, ecfg, str(sft), seed), vae), recon)
-    reconstruction = {"flat": flat_metrics(recon), "quality": quality_figures(recon["_pred"], data.bank)}
-    if tc.clf is not None:
-        tc.info.update(IC.ground_truth_accuracy(tc.clf, data, tc.labels, tc.intents, tc.min_listen, motion=recon["_pred"],
-                                                key="vae_reconstruction"))
-        tc.info["vae_space"].update(IC.ground_truth_accuracy(tc.clf_vae, data, tc.labels, tc.intents, tc.min_listen,
-                                                             motion=recon["_pred"], key="vae_reconstruction"))
-    print("[bench] VAE reconstruction of the ground truth: listening velocity-std ratio "
-          + ", ".join(f"{g} {reconstruction['quality'].get(f'listening/{g}/vel_std_ratio', float('nan')):.3f}" for g in GROUP_NAMES)
-          + f"; listening FDD {reconstruction['flat'].get('all/listening/FDD')} PDD {reconstruction['flat'].get('all/listening/PDD')} "
-          f"JDD {reconstruction['flat'].get('all/listening/JDD')}", flush=True)
-    return reconstruction
-
-
-def report_setup(cfg: DictConfig, runs: dict, algos: list[str], seeds: list[int], data, ecfg: DictConfig, sft: Path, vae: Path) -> dict:
-    """The report's setup section: data, seeds, the runs' shared budget and settings, wall times, code version."""
-    meta = run_meta(runs, algos, seeds)
-    run_cfg = dict(meta.get("config") or {})
-    budget = training_budget(run_cfg, meta.get("arch"))
-    wall = {a: [runs[a][s]["wall_s"] for s in seeds if runs[a][s]["wall_s"] is not None] for a in algos}
-    return {"dataset": str(data.root), "split": data.split, "n_windows": len(data.indices), "n_expressive": int(data.expressive.sum()),
-            "seeds": seeds, "algos": algos, "reward": str(cfg.reward), "iterations": budget["iterations"],
-            "env": dict(run_cfg.get("env") or {}), "lr": (run_cfg.get("optim") or {}).get("lr"),
-            "algo_config": {a: (run_meta(runs, [a], seeds).get("config") or {}).get("algo") for a in algos},
-            "sde": {a: ((run_meta(runs, [a], seeds).get("config") or {}).get("env") or {}).get("sde") for a in algos},
-            "rollouts_per_run": budget["rollouts"], "episode_tokens": budget["episode_tokens"],
-            "transitions_per_run": budget["transitions"],
-            "wall_s": {a: round(float(np.mean(wall[a])), 1) if wall[a] else float("nan") for a in algos},
-            "extended_from": {a: {str(s): runs[a][s].get("extended_from") for s in seeds if runs[a][s].get("extended_from")}
-                              for a in algos},
-            "steps": int(ecfg.steps), "sft": str(sft), "vae": str(vae), "quick": bool(cfg.quick), "git": git_state(),
-            "eval_header": header(data, ecfg, str(sft), seeds[0])}
 
 
 def print_summary(rep: dict, md: str, out: Path) -> None:
