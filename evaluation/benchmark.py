@@ -1,5 +1,5 @@
 """The GRPO vs GDPO vs supervised-only benchmark (``train/bench.py``): its methods, training budget,
-run folders, training curves, figures and report.
+run folders, training curves and report.
 
 - :class:`BenchMethod` / :func:`parse_method`: a method of ``algos`` -- ``grpo``, ``gdpo``, or one of
   them trained with a given SDE, ``gdpo@marginal`` (``env.sde=marginal``; run folder
@@ -9,10 +9,9 @@ run folders, training curves, figures and report.
 - :func:`replaceable_run_dir`: whether a run folder may be deleted before a fresh run (only a
   run this benchmark started, identified by its :func:`run_stamp`, or an empty folder);
 - :func:`reward_curves`: per-group training reward from the runs' CSV logs (:func:`.bench_stats.read_curve`);
-- :func:`plot_reward_curves` / :func:`plot_mechanism` / :func:`plot_listening_window`: the figures;
-- :func:`build_report` / :func:`report_markdown`: ``report.json`` and ``report.md`` (statistics over
-  seeds from :mod:`.seed_stats`, paired windows and mechanism figures from :mod:`.bench_stats`, the
-  SDE choice from :mod:`.sde_choice`, the issue-10 targets from :mod:`.targets`, tables from :mod:`.report`).
+- :func:`build_report`: ``report.json`` (statistics over seeds from :mod:`.seed_stats`, paired windows and
+  mechanism figures from :mod:`.bench_stats`, the SDE choice from :mod:`.sde_choice`, the issue-10 targets
+  from :mod:`.targets`); :mod:`.bench_markdown` renders it as ``report.md``, :mod:`.bench_plots` draws the figures.
 """
 from __future__ import annotations
 
@@ -21,45 +20,38 @@ from pathlib import Path
 
 import numpy as np
 
-from ..envs.flame import FPS, GROUP_NAMES, GROUPS
-from ..rewards.groups import column_group, is_speaking_column
-from . import metrics as M
+from ..envs.flame import GROUP_NAMES
 from . import targets as T
 from .bench_stats import (
-    common_curve,
     curve_trends,
     mechanism_summary,
-    moving_average,
     paired_report,
     per_label_means,
     read_curve,
-    smoothing_window,
 )
-from .data import EvalData
-from .report import supp_markdown, table1_markdown, units_note
-from .scoring import LISTENING_DD, SPLITS, SUPP, TABLE1
+from .scoring import LISTENING_DD
 from .sde_choice import closest_to_ode, evaluation_ode, model_verdict
-from .seed_stats import aggregate_seeds, findings, fmt_ms, mean_std
+from .seed_stats import aggregate_seeds, findings, mean_std
 
 __all__ = ["ALGOS", "SDES", "BenchMethod", "parse_method", "method_label", "read_curve", "reward_curves", "training_budget",
-           "run_stamp", "replaceable_run_dir", "plot_reward_curves", "plot_mechanism", "plot_listening_window", "build_report",
-           "report_markdown"]
+           "run_stamp", "replaceable_run_dir", "build_report"]
 
 ALGOS = ("grpo", "gdpo")
+
+
 SDES = ("paper", "marginal")  # train/gdpo.py env.sde
+
+
 METHOD_LABEL = {"supervised": "supervised-only", "grpo": "GRPO", "gdpo": "GDPO"}
-METHOD_COLOR = {"supervised": "tab:gray", "grpo": "tab:orange", "gdpo": "tab:blue"}
-SDE_LINESTYLE = {None: "-", "paper": "-.", "marginal": "--"}
-PAPER_ABLATION = {"FDD": (28.03, 18.85), "PDD": (2.15, 1.90), "JDD": (1.09, 0.87)}  # Table 4: without GDPO -> GDPO
+
+
 # The benchmark's record of a training run it started: ``runs/<slug>_seed<S>.bench_run.json`` beside the
 # run folder (train/gdpo.py accepts only an empty folder or one of its own runs as out_dir), written
 # before training starts and completed when it finishes. Older versions kept it inside the folder.
 RUN_STAMP_SUFFIX = ".bench_run.json"
+
+
 LEGACY_RUN_STAMP = "bench_run.json"
-
-
-# ----------------------------------------------------------------------------------------------
-# methods
 
 
 @dataclass(frozen=True)
@@ -103,18 +95,6 @@ def method_label(key: str) -> str:
     return METHOD_LABEL["supervised"] if key == "supervised" else parse_method(key).label
 
 
-def method_style(key: str) -> dict:
-    """Matplotlib colour and line style of a method (colour by algorithm, line style by SDE)."""
-    if key == "supervised":
-        return {"color": METHOD_COLOR["supervised"], "ls": "-"}
-    m = parse_method(key)
-    return {"color": METHOD_COLOR[m.algo], "ls": SDE_LINESTYLE[m.sde]}
-
-
-# ----------------------------------------------------------------------------------------------
-# training runs
-
-
 def training_budget(run_config: dict, arch: dict | None) -> dict:
     """Iterations, SDE rollouts and transitions of one RL run from its resolved config.
 
@@ -149,153 +129,18 @@ def replaceable_run_dir(run_dir: Path, runs_root: Path) -> bool:
                                  or (run_dir / LEGACY_RUN_STAMP).is_file())
 
 
-# ----------------------------------------------------------------------------------------------
-# training curves and figures
-
-
 def reward_curves(run_dir: Path, algo: str, groups: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per group, the logged batch-mean training reward ``logs/<algo>/scalars/reward/<group>/mean.csv``
     (``algo``: the run's algorithm, the name its logger writes under)."""
     return {g: read_curve(Path(run_dir) / "logs" / algo / "scalars" / "reward" / g / "mean.csv") for g in groups}
 
 
-def _figure(n_panels: int, cols: int, w: float = 4.5, h: float = 3.2):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cols = max(1, min(cols, n_panels))
-    rows = -(-n_panels // cols)
-    fig = Figure(figsize=(w * cols, h * rows), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
-    for ax in axes[n_panels:]:
-        ax.set_visible(False)
-    return fig, axes
-
-
-def _save(fig, path: Path, title: str) -> Path:
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
-def plot_reward_curves(curves: dict, groups: list[str], path: Path) -> Path:
-    """``curves[method][seed][group] = (steps, values)`` -> one panel per group: every run (thin) and
-    the seed mean smoothed by a trailing moving average (:func:`.bench_stats.smoothing_window`, thick)."""
-    fig, axes = _figure(len(groups), 3)
-    for ax, g in zip(axes, groups):
-        for m, by_seed in curves.items():
-            st = method_style(m)
-            for s in by_seed:
-                steps, vals = by_seed[s][g]
-                if len(steps):
-                    ax.plot(steps, vals, color=st["color"], ls=st["ls"], lw=0.6, alpha=0.35)
-            cc = common_curve([by_seed[s][g] for s in by_seed])
-            if cc is None:
-                continue
-            steps, vals = cc
-            k = smoothing_window(len(steps))
-            ax.plot(steps, moving_average(vals.mean(0), k), color=st["color"], ls=st["ls"], lw=2.0,
-                    marker="o" if len(steps) < 20 else None, ms=3, label=f"{method_label(m)} (n={len(vals)}, smoothed {k})")
-        ax.set_title(f"reward/{g}")
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(fig, path, "training reward per FLAME group (batch mean of the SDE rollouts): every run (thin) and the "
-                 "smoothed mean over seeds (thick)")
-
-
-def plot_mechanism(mech: dict, groups: list[str], path: Path, group_size: int | None = None) -> Path:
-    """GDPO paper mechanism figures per iteration (mean over seeds, smoothed like the reward curves):
-    distinct advantage values per prompt group for every method (first panel), then per method the
-    correlation of the final advantage with each group's within-group z-scored reward.
-    ``mech[method][seed]``: :func:`.bench_stats.mechanism_curves`."""
-    fig, axes = _figure(1 + len(mech), 3)
-    ax = axes[0]
-    for m, by_seed in mech.items():
-        cc = common_curve([c["distinct"] for c in by_seed.values()])
-        if cc is not None:
-            st = method_style(m)
-            ax.plot(cc[0], moving_average(cc[1].mean(0), smoothing_window(len(cc[0]))), color=st["color"], ls=st["ls"], lw=1.8,
-                    marker="o" if len(cc[0]) < 20 else None, ms=3, label=method_label(m))
-    if group_size:
-        ax.axhline(group_size, color="black", lw=0.8, ls=":", label=f"G = {group_size} (all distinct)")
-    ax.set_title("distinct advantage values per prompt group")
-    ax.set_xlabel("iteration")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    colors = {g: f"C{i}" for i, g in enumerate(GROUP_NAMES)}
-    for ax, (m, by_seed) in zip(axes[1:], mech.items()):
-        for g in groups:
-            cc = common_curve([c["corr"][g] for c in by_seed.values()])
-            if cc is not None:
-                group, frames = column_group(g)  # a <group>@speaking column: the group's colour, dashed
-                ax.plot(cc[0], moving_average(cc[1].mean(0), smoothing_window(len(cc[0]))), color=colors[group], lw=1.5,
-                        ls="--" if frames == "speaking" else "-", marker="o" if len(cc[0]) < 20 else None, ms=3, label=g)
-        if len(groups) > 0:
-            ax.axhline(1 / np.sqrt(len(groups)), color="black", lw=0.8, ls=":", label="1/sqrt(n): even")
-        ax.set_title(f"{method_label(m)}: corr(advantage, group z-score)")
-        ax.set_xlabel("iteration")
-        ax.set_ylim(-0.2, 1.05)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path, "GDPO paper mechanism figures per iteration (mean over seeds, smoothed)")
-
-
-def plot_listening_window(data: EvalData, row: int, preds: dict[str, np.ndarray], path: Path, seed: int = 0) -> Path:
-    """One test window: ground truth vs each method on a few channels; listening frames shaded."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from ..envs.plots import _spans
-
-    b = data.bank[row]
-    gt = b["actor_motion"].cpu().numpy()
-    lis = b["listening"].cpu().numpy().astype(bool)
-    spk = b["speaking"].cpu().numpy().astype(bool)
-    sel = lis if lis.any() else np.ones_like(lis)
-    top_expr = int(np.argmax(gt[sel, :50].std(0)))
-    chans = [(top_expr, f"expr[{top_expr}] (most active)"), (GROUPS["jaw"].start, "jaw[0] (open)"),
-             (GROUPS["eyelid"].start, "eyelid[0]"), (GROUPS["rot"].start, "rot[0] (pitch, nod)"),
-             (GROUPS["rot"].start + 1, "rot[1] (yaw, shake)")]
-    t = np.arange(gt.shape[0]) / FPS
-    fig = Figure(figsize=(12, 2.2 * len(chans)), dpi=90)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(chans), 1, sharex=True)
-    for ax, (c, name) in zip(axes, chans):
-        for a, e in _spans(lis):
-            ax.axvspan(a / FPS, e / FPS, color="tab:blue", alpha=0.10, lw=0)
-        for a, e in _spans(spk):
-            ax.axvspan(a / FPS, e / FPS, color="tab:green", alpha=0.10, lw=0)
-        ax.plot(t, gt[:, c], color="black", lw=2.0, label="ground truth")
-        for m, p in preds.items():
-            st = method_style(m)
-            ax.plot(t, p[:, c], color=st["color"], ls=st["ls"], lw=1.2, label=method_label(m))
-        ax.set_ylabel(name, fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].legend(loc="upper right", fontsize=7, ncol=4)
-    axes[-1].set_xlabel("time (s)   blue: listening frames   green: speaking frames")
-    cid, actor = data.seq_ids[row]
-    fig.suptitle(f"listening motion, test window {cid} actor {actor} window {data.windows.index[data.indices[row]].window} "
-                 f"({lis.mean():.0%} listening): ground truth vs each method (sampling seed {seed})")
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------
-# report
-
-
 def build_report(cfg_weights: list[float], methods, flat, controls, curves, train_info, groups, hdr, clf_info, intents, *,
                  windows: dict | None = None, expressive: np.ndarray | None = None, mechanism: dict | None = None,
                  sde_dynamics: dict | None = None, sde_variants: dict | None = None,
                  reconstruction: dict | None = None, window_labels: list | None = None,
-                 intent_floor: dict | None = None) -> tuple[dict, str]:
-    """The report dict and its Markdown.
+                 intent_floor: dict | None = None) -> dict:
+    """The report dict (``report.json``; :func:`.bench_markdown.report_markdown` renders it as ``report.md``).
 
     Inputs per method and seed: ``flat[method][seed]`` (:func:`.seed_stats.flat_metrics`),
     ``controls[method][seed]`` (:func:`.intent_control.run_controls`), ``curves[method][seed][group]``
@@ -360,7 +205,19 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
               "controls_gt_listening_std": gt_sweep, "intent_classifier": clf_info, "intents": intents, "findings": fnd,
               "paired": paired, "per_intent": per_intent, "intent_floor": intent_floor, "mechanism": mech, "sde_choice": sde,
               "targets": [t.to_json() for t in targets]}
-    return report, report_markdown(cfg_weights, report, methods, groups, intents)
+    return report
+
+
+def _sweep_over_seeds(sweeps: list[dict], cfg_weights) -> dict:
+    """``{w: {group: mean_std}}`` of one CFG sweep ``{w: {group: value}}`` per seed."""
+    return {w: {g: mean_std([sw.get(w, {}).get(g) for sw in sweeps]) for g in GROUP_NAMES}
+            for w in [f"{float(x):g}" for x in cfg_weights]}
+
+
+def _summed(mats: list) -> list | None:
+    """Element-wise sum of the seeds' count matrices (None when no seed has one)."""
+    mats = [np.asarray(x) for x in mats if x is not None]
+    return np.sum(mats, 0).astype(int).tolist() if mats else None
 
 
 def sde_report(methods, run_sde: dict, windows, expressive, dynamics: dict | None, variants: dict | None) -> dict:
@@ -388,450 +245,3 @@ def sde_report(methods, run_sde: dict, windows, expressive, dynamics: dict | Non
                                            "paired": pr, "verdict": model_verdict(pr["all"], a, b)}
     out["models"] = models
     return out
-
-
-RECON_LABEL = "VAE reconstruction (reference)"
-RECON_NOTE = ("the ground truth encoded and decoded by the frozen VAE (posterior means, no generation): what a model that "
-              "predicted every latent exactly would score; a method below its dynamic deviations emits latents the VAE never "
-              "produces from real motion.")
-
-
-def _fmt(x: float | None, spec: str = ".3f") -> str:
-    if x is None:
-        return "n/a"
-    return "inf" if np.isinf(x) else format(x, spec)
-
-
-def _extended_note(setup: dict, post: list[str]) -> str:
-    """" Runs continued from a shorter run (bench extend=true): ..." or ""."""
-    ext = setup.get("extended_from") or {}
-    parts = [f"{method_label(m)} seed {s} from {n}" for m in post for s, n in (ext.get(m) or {}).items()]
-    return (" Runs continued from a shorter run of the same settings (`extend=true`, equal to a straight run): "
-            + ", ".join(parts) + " iterations.") if parts else ""
-
-
-def _table_rows(rep, methods) -> list[tuple[str, dict]]:
-    """(label, aggregated metrics) of every method, then the VAE reconstruction's reference row when present."""
-    recon = rep.get("reconstruction")
-    return [(method_label(m), rep["metrics"][m]) for m in methods] + ([(RECON_LABEL, recon["metrics"])] if recon else [])
-
-
-def _header_markdown(rep, methods, groups) -> list[str]:
-    """Title, the setup paragraph (data, seeds, budget, samplers, commit) and the targets."""
-    s = rep["setup"]
-    git = s["git"]
-    local = f" + local changes in {', '.join(x.split()[-1] for x in git['modified'])}" if git.get("modified") else ""
-    post = [m for m in methods if m != "supervised"]
-    run_sde = s.get("sde") or {}
-    wall = ", ".join(f"{method_label(m)} {s['wall_s'].get(m, 'n/a')} s" for m in post)
-    L = ["# Benchmark: supervised-only vs GRPO vs GDPO", ""]
-    L += [f"Dataset `{s['dataset']}` ({s['split']} split: {s['n_windows']} windows, expressive subset {s['n_expressive']}); "
-          f"seeds {s['seeds']}; reward `{s['reward']}` ({', '.join(groups)}); {s['iterations']} RL iterations per run, "
-          f"{s['rollouts_per_run']} SDE rollouts ({s['transitions_per_run']} transitions) per run, identical for every method "
-          f"(mean wall time per run: {wall}). Post-training methods and the SDE their runs trained with: "
-          + ", ".join(f"{method_label(m)}: env.sde={run_sde.get(m, '?')}" for m in post) + ". "
-          f"Evaluation: Euler ODE {s['steps']} steps, CFG 1, sampling seed = run seed (supervised-only: the same "
-          f"checkpoint sampled with each seed). Values are mean ± std over seeds (sample std). "
-          f"Code: commit {git.get('commit')}{local}.{_extended_note(s, post)}", ""]
-    L += ["## Targets (issue 10)", "", "Each target computed from the figures below; Welch p over seeds and the 95 % paired-bootstrap "
-          "interval over windows both decide significance.", ""]
-    L += [T.targets_markdown([T.Target(**t) for t in rep["targets"]]), ""]
-    return L
-
-
-def _table1_markdown(rep, methods) -> list[str]:
-    """Table 1 layout on all test windows and on the expressive subset."""
-    recon = rep.get("reconstruction")
-    L = []
-    for subset, title in (("all", "all test windows"), ("expressive", "expressive subset (top quartile of ground-truth variance)")):
-        L += [f"## Table 1 layout, {title}", ""]
-        rows = [(label, {sp: {n: a.get(f"{subset}/{sp}/{n}") for n in TABLE1[sp]} for sp in TABLE1})
-                for label, a in _table_rows(rep, methods)]
-        L += [table1_markdown(rows, fmt=fmt_ms), ""]
-    L += ["Lower is better. " + units_note(rep["setup"]["eval_header"]) + (f" {RECON_LABEL}: {RECON_NOTE}" if recon else ""), ""]
-    return L
-
-
-def _findings_markdown(rep) -> list[str]:
-    """Each method against supervised-only: relative change and Welch's test over seeds, then the paired comparison."""
-    L = ["## Findings (computed)", ""]
-    pa = ", ".join(f"{k} {a:g} -> {b:g} ({(b - a) / a:+.0%})" for k, (a, b) in PAPER_ABLATION.items())
-    L += [f"Paper ablation (Seamless, listening, without GDPO -> GDPO): {pa}.", ""]
-    L += ["| method | metric | supervised-only | method | relative change | Welch t | p |", "|---|---|---|---|---|---|---|"]
-    for m, fm in rep["findings"].items():
-        for k, d in fm.items():
-            if "/" not in k or d.get("rel_change") is None:
-                continue
-            L.append(f"| {method_label(m)} | {k} | {d['supervised']:.3f} | {d[m]:.3f} | {d['rel_change']:+.1%} | "
-                     f"{_fmt(d.get('welch_t'), '+.2f')} | {_fmt(d.get('welch_p'))} |")
-    L += ["", "Negative change = closer to the ground-truth dynamics (better). Welch's two-sided test over seeds "
-          "(|t| > ~2.8 is significant at 5 % with 3 + 3 seeds).", ""]
-    return L + paired_markdown(rep["paired"], rep["findings"])
-
-
-def _evenness_markdown(rep, methods) -> list[str]:
-    """Per-group listening velocity-std deviation and how evenly the rewarded groups improved."""
-    L = ["### Per-group listening dynamics and evenness", ""]
-    head = ["method", *[f"{g} dd" for g in GROUP_NAMES], "rewarded: mean rel. change", "std across groups", "improved", "worst"]
-    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (label, a), m in zip(_table_rows(rep, methods), [*methods, None]):  # None: the reconstruction row (no findings)
-        cells = [fmt_ms(a.get(f"all/listening/group/{g}/dd")) for g in GROUP_NAMES]
-        ev = rep["findings"].get(m, {}).get("evenness") if m else None
-        if ev and ev["mean_rel_change"] is not None:
-            cells += [f"{ev['mean_rel_change']:+.1%}", f"{ev['std_rel_change']:.1%}", f"{ev['n_improved']}/{len(ev['rewarded_groups'])}",
-                      str(ev["worst_group"])]
-        else:
-            cells += ["–"] * 4
-        L.append(f"| {label} | " + " | ".join(cells) + " |")
-    L += ["", "dd = listening velocity-std deviation of one FLAME group (x1000, lower is better); relative changes vs supervised-only "
-          "over the rewarded groups (negative = better; a small std across groups = even improvement).", ""]
-    return L
-
-
-def _rewards_markdown(rep, methods, groups) -> list[str]:
-    """Evaluation reward per FLAME group, and the training reward's first and last iterations with its trend."""
-    L = ["## Rewards per FLAME group", "", "Evaluation reward on the test windows' listening frames (ODE samples; higher is better):", ""]
-    head = ["method", *GROUP_NAMES]
-    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, a in _table_rows(rep, methods):
-        L.append(f"| {label} | " + " | ".join(fmt_ms(a.get(f"all/listening/group/{g}/reward"), 4) for g in GROUP_NAMES) + " |")
-    L += ["", "Training reward (batch mean over the SDE rollouts; first 5 -> last 5 iterations), see `reward_curves.png`:", ""]
-    head = ["method", *groups]
-    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for algo, by_g in rep["training"]["reward"].items():
-        cells = [f"{fmt_ms(by_g[g]['first'], 4)} -> {fmt_ms(by_g[g]['final'], 4)}" for g in groups]
-        L.append(f"| {method_label(algo)} | " + " | ".join(cells) + " |")
-    L += trend_markdown(rep["training"]["trend_last_third"], groups)
-    return L + ["", "![reward curves](reward_curves.png)", ""]
-
-
-def _supplementary_markdown(rep, methods) -> list[str]:
-    """Table 6 layout (per DualTalk group, both turns) on all test windows."""
-    rows = [(label, {sp: {mm: {g: a.get(f"all/{sp}/{mm}/{g}") for g in M.DUALTALK_GROUPS} for mm in SUPP} for sp in SPLITS})
-            for label, a in _table_rows(rep, methods)]
-    return ["## Supplementary (Table 6 layout), all test windows", "", supp_markdown(rows, fmt=fmt_ms), ""]
-
-
-def _text_control_markdown(rep, methods, intents) -> list[str]:
-    """The intent classifier, the accuracy of prompted generations and their confusion, in both classifiers' eyes."""
-    L = ["## Text control", ""]
-    ci = rep["intent_classifier"]
-    if ci.get("note"):
-        return L + [f"Not measured: {ci['note']}", ""]
-    L += [f"Intent classifier (logistic regression on listening-motion statistics) trained on {ci['train_windows']} ground-truth "
-          f"train windows (train accuracy {ci['train_accuracy']:.0%}); on ground-truth test windows: {ci['gt_test_accuracy']:.0%}"
-          + (f" (their VAE reconstruction: {ci['vae_reconstruction_accuracy']:.0%}, what survives the VAE)"
-             if ci.get("vae_reconstruction_accuracy") is not None else "")
-          + f"; chance {1 / len(intents):.0%}. Accuracy of the generated listening motion:", ""]
-    L += _accuracy_table(rep["controls"], methods, intents)
-    L += _confusion_tables(rep["controls"], methods, intents)
-    vs = ci.get("vae_space")
-    if vs and any("vae_space" in rep["controls"][m] for m in methods):
-        L += ["Supplementary (not the target's figure): the same generated motion scored by the same classifier trained on the "
-              f"VAE reconstructions of the same {vs['train_windows']} train windows (train accuracy {vs['train_accuracy']:.0%}; "
-              f"on the reconstructed test windows {vs.get('vae_reconstruction_accuracy', float('nan')):.0%}, on the ground "
-              f"truth {vs.get('gt_test_accuracy', float('nan')):.0%}). The ground-truth classifier reads intent partly from "
-              "motion the VAE cannot carry; this one asks whether the prompt is followed within what the VAE represents.", ""]
-        sub = {m: rep["controls"][m]["vae_space"] for m in methods if "vae_space" in rep["controls"][m]}
-        L += _accuracy_table(sub, list(sub), intents)
-        L += _confusion_tables(sub, list(sub), intents, "VAE-space classifier")
-    return L
-
-
-def _cfg_sweep_markdown(cfg_weights: list[float], rep, methods) -> list[str]:
-    """Listening motion std against w_listen for each unconditional branch, beside the ground truth's."""
-    L = ["## CFG intensity sweep", "", "Listening motion std (mean over channels of the std over listening frames) against w_listen "
-         "(w_speak = 1), for each unconditional branch (the conditions it nulls; the paper's nulls text, audio and partner "
-         "motion):", ""]
-    show = [g for g in ("expr", "jaw", "rot", "eyelid") if g in GROUP_NAMES]
-    variants = rep["controls"][methods[0]].get("cfg_sweeps") or {"text+audio+motion": rep["controls"][methods[0]]["cfg_sweep"]}
-    gt = rep["controls_gt_listening_std"]
-    for name in variants:
-        L += [f"Unconditional branch nulls {name}:", ""]
-        head = ["w_listen", *[f"{method_label(m)} {g}" for m in methods for g in show]]
-        L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        sweep = {m: (rep["controls"][m].get("cfg_sweeps") or {}).get(name, rep["controls"][m]["cfg_sweep"]) for m in methods}
-        for w in [f"{float(x):g}" for x in cfg_weights]:
-            L.append(f"| {w} | " + " | ".join(fmt_ms(sweep[m][w][g], 4) for m in methods for g in show) + " |")
-        L.append("| ground truth | " + " | ".join(("n/a" if gt.get(g) is None else f"{gt[g]:.4f}") for m in methods for g in show) + " |")
-        L += [""]
-    return L
-
-
-def _all_metrics_markdown(rep, methods) -> list[str]:
-    """Every aggregated metric of every method (mean ± std over seeds)."""
-    agg = rep["metrics"]
-    L = ["## All metrics (mean ± std over seeds)", "", "| metric | " + " | ".join(method_label(m) for m in methods) + " |",
-         "|" + "---|" * (len(methods) + 1)]
-    for k in sorted({k for m in methods for k in agg[m]}):
-        L.append(f"| {k} | " + " | ".join(fmt_ms(agg[m].get(k), 4) for m in methods) + " |")
-    return L + [""]
-
-
-def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> str:
-    """The benchmark's report.md from its report dict, section by section."""
-    agg, recon = rep["metrics"], rep.get("reconstruction")
-    L = _header_markdown(rep, methods, groups)
-    L += _table1_markdown(rep, methods)
-    L += _findings_markdown(rep)
-    L += _evenness_markdown(rep, methods)
-    L += vae_ceiling_markdown(recon, rep["sde_choice"].get("ode_quality") or {}, agg, methods)
-    L += parts_section_markdown(agg, methods, recon)
-    L += per_intent_markdown(rep.get("per_intent") or {}, methods, rep.get("intent_floor"))
-    L += sde_markdown(rep["sde_choice"])
-    L += mechanism_markdown(rep["mechanism"], groups, rep["setup"].get("env") or {})
-    L += _rewards_markdown(rep, methods, groups)
-    L += _supplementary_markdown(rep, methods)
-    L += _text_control_markdown(rep, methods, intents)
-    L += _cfg_sweep_markdown(cfg_weights, rep, methods)
-    L += ["", "## Listening motion, one test window", "", "![listening motion](listening_motion.png)", ""]
-    L += _all_metrics_markdown(rep, methods)
-    return "\n".join(L)
-
-
-def _accuracy_table(controls: dict, methods, intents) -> list[str]:
-    """Markdown rows: own-text, mean prompted and per-intent accuracy of each method (mean ± std over seeds)."""
-    head = ["method", "window's own text", "prompted intent (mean)", *intents]
-    L = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in methods:
-        c = controls[m]
-        L.append(f"| {method_label(m)} | {fmt_ms(c['own_text_accuracy'])} | {fmt_ms(c['prompt_accuracy'])} | "
-                 + " | ".join(fmt_ms(c["per_intent"][i]) for i in intents) + " |")
-    return L + [""]
-
-
-def _confusion_tables(controls: dict, methods, intents, scorer: str = "") -> list[str]:
-    """Markdown: per method, prompted intent x classified intent (windows summed over seeds)."""
-    L = []
-    for m in methods:
-        conf = controls[m].get("confusion")
-        if conf is not None:
-            L += [f"{method_label(m)}, what each prompted intent's motion is classified as{f' ({scorer})' if scorer else ''} "
-                  "(windows, summed over seeds; rows: the prompt, columns: the classifier's answer):", "",
-                  "| prompt | " + " | ".join(intents) + " |", "|" + "---|" * (len(intents) + 1)]
-            L += [f"| {i} | " + " | ".join(str(v) for v in row) + " |" for i, row in zip(intents, conf)] + [""]
-    return L
-
-
-def _sweep_over_seeds(sweeps: list[dict], cfg_weights) -> dict:
-    """``{w: {group: mean_std}}`` of one CFG sweep ``{w: {group: value}}`` per seed."""
-    return {w: {g: mean_std([sw.get(w, {}).get(g) for sw in sweeps]) for g in GROUP_NAMES}
-            for w in [f"{float(x):g}" for x in cfg_weights]}
-
-
-def _mean_ratio(a: dict, g: str, figure: str) -> str:
-    """``<figure>_pred / <figure>_gt`` of group ``g`` in the aggregated metrics ``a`` (listening, all windows)."""
-    p, t = ((a.get(f"all/listening/group/{g}/{figure}_{w}") or {}).get("mean") for w in ("pred", "gt"))
-    return _fmt(p / t if p is not None and t else None, ".2f")
-
-
-def vae_ceiling_markdown(recon: dict | None, sup_quality: dict, agg: dict, methods: list[str]) -> list[str]:
-    """How much of the listening collapse is the VAE's: velocity-std ratios of the reconstruction and
-    of the supervised model, and every method's listening position std and band velocity stds against
-    the reconstruction's."""
-    if not recon:
-        return []
-    q = recon["quality"]
-    L = ["## The VAE's ceiling", "", f"{RECON_LABEL}: {RECON_NOTE} Listening velocity-std ratio pred / gt per group "
-         "(the collapse targets' figure) of the reconstruction and of the supervised model (ODE, mean over seeds), and the "
-         "supervised model's share of what the VAE reproduces:", ""]
-    head = ["", *GROUP_NAMES]
-    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rv = {g: q.get(f"listening/{g}/vel_std_ratio") for g in GROUP_NAMES}
-    sv = {g: (sup_quality.get(f"listening/{g}/vel_std_ratio") or {}).get("mean") for g in GROUP_NAMES}
-    L.append("| VAE reconstruction | " + " | ".join(_fmt(rv[g]) for g in GROUP_NAMES) + " |")
-    L.append("| supervised-only | " + " | ".join(_fmt(sv[g]) for g in GROUP_NAMES) + " |")
-    L.append("| supervised / reconstruction | " + " | ".join(_fmt(sv[g] / rv[g] if sv[g] and rv[g] else None, ".2f")
-                                                          for g in GROUP_NAMES) + " |")
-    rows = [(method_label(m), agg[m]) for m in methods] + [(RECON_LABEL, recon["metrics"])]
-    table_head = ["| " + " | ".join(["method", *GROUP_NAMES]) + " |", "|" + "---|" * (len(GROUP_NAMES) + 1)]
-    L += ["", "Listening position std pred / gt per group (mean over windows of the std over listening frames; above the "
-          "reconstruction's = the method's decoded motion moves more than anything the VAE reproduces from real latents):", ""]
-    L += table_head + [f"| {label} | " + " | ".join(_mean_ratio(a, g, "std") for g in GROUP_NAMES) + " |" for label, a in rows]
-    L += ["", f"Listening velocity std by band, pred / gt, as low / high: low = the motion Gaussian-smoothed over "
-          f"{M.BAND_SIGMA:g} frames (slow movement: reactions, nods), high = the rest (frame-to-frame movement: jitter, "
-          "tracker noise). Where a method's extra motion goes:", ""]
-    L += table_head + [f"| {label} | " + " | ".join(f"{_mean_ratio(a, g, 'vel_low')} / {_mean_ratio(a, g, 'vel_high')}"
-                                                    for g in GROUP_NAMES) + " |" for label, a in rows]
-    return L + [""]
-
-
-def parts_section_markdown(agg: dict, methods: list[str], recon: dict | None) -> list[str]:
-    """Listening FDD / PDD / JDD per method as deviation, at the best amplitude per channel (median
-    factor) and the window-blind floor (:mod:`.deviation_parts`), means over seeds; changes vs supervised."""
-    names = [n for n in M.DYNAMIC_METRICS if any(f"all/listening/parts/{n}/deviation" in agg[m] for m in methods)]
-    if not names or "supervised" not in methods:
-        return []
-
-    def get(a: dict, n: str, k: str) -> float | None:
-        return (a.get(f"all/listening/parts/{n}/{k}") or {}).get("mean")
-
-    ref = {n: get(agg["supervised"], n, "deviation") for n in names}
-
-    def rel(x: float | None, n: str) -> str:
-        return "" if x is None or not ref[n] else f" ({x / ref[n] - 1:+.0%})"
-
-    def cell(a: dict, n: str) -> str:
-        d, b, amp = get(a, n, "deviation"), get(a, n, "at_best_amplitude"), get(a, n, "amplitude")
-        return f"{_fmt(d, '.3f')}{rel(d, n)} / {_fmt(b, '.3f')}{rel(b, n)} x{_fmt(amp, '.2f')}"
-
-    rows = [(method_label(m), agg[m]) for m in methods] + ([(RECON_LABEL, recon["metrics"])] if recon else [])
-    L = ["## Listening deviations: amplitude or timing", "",
-         "Each listening dynamic deviation (parameter channels, x1000, mean over seeds) as measured / at the best amplitude "
-         "(each channel's per-window stds times the factor that minimises its deviation: the method's own timing, the right "
-         "amplitude per channel; x = the median factor, > 1 = too little motion), change vs supervised-only in brackets. A "
-         "target the 'at best amplitude' figure meets is missed by amplitude alone; one it misses needs motion in other "
-         "windows (timing). Window-blind floor: the best constant per channel in every window (ground truth only; "
-         "evaluation/deviation_parts.py).", ""]
-    L += ["| method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
-    L += [f"| {label} | " + " | ".join(cell(a, n) for n in names) + " |" for label, a in rows]
-    blind = {n: get(agg["supervised"], n, "window_blind") for n in names}
-    L.append("| window-blind floor | " + " | ".join(f"{_fmt(blind[n], '.3f')}{rel(blind[n], n)}" for n in names) + " |")
-    return L + [""]
-
-
-def _summed(mats: list) -> list | None:
-    """Element-wise sum of the seeds' count matrices (None when no seed has one)."""
-    mats = [np.asarray(x) for x in mats if x is not None]
-    return np.sum(mats, 0).astype(int).tolist() if mats else None
-
-
-def per_intent_markdown(per_intent: dict, methods: list[str], floor: dict | None = None) -> list[str]:
-    """Listening FDD / PDD / JDD per listener intent: per method the mean over the intent's windows and
-    (in brackets) the share of the method's summed deviation those windows carry; ``floor``
-    (:func:`.intent_control.intent_floor`): a last column, the floor for a model that knows the intent."""
-    if not per_intent:
-        return []
-    L = ["## Listening deviations per intent", "",
-         "Mean over the windows of each labelled listener intent (the window's text; seed-mean per window, Table 1 units) "
-         "and, in brackets, the share of the method's total over all windows that they carry: where a deviation comes from.", ""]
-    if floor:
-        L += ["Last column, the floor for a model that knows the intent: per intent, the best constant per channel over its "
-              "windows (its typical amplitude; ground truth only, evaluation/deviation_parts.py). A method goes below it only "
-              "by reading cues beyond the intent that predict how much a window moves; the row 'all windows' gives the "
-              "mean over every counted window, beside the window-blind floor (one constant for all).", ""]
-    for k in LISTENING_DD:
-        ms = [m for m in methods if k in per_intent.get(m, {})]
-        if not ms:
-            continue
-        fk = (floor or {}).get(k.split("/")[-1])
-        intents = sorted({g for m in ms for g in per_intent[m][k]})
-        L += [f"{k.split('/')[-1]}:", "", "| intent | windows | " + " | ".join(method_label(m) for m in ms)
-              + (" | floor, knows the intent |" if fk else " |"), "|" + "---|" * (len(ms) + 2 + bool(fk))]
-        for g in intents:
-            cells = []
-            for m in ms:
-                c = per_intent[m][k].get(g)
-                cells.append("n/a" if c is None else f"{_fmt(c['mean'])} ({_fmt(c['share'], '.0%')})")
-            if fk:
-                cells.append(_fmt((fk["per_intent"].get(g) or {}).get("mean")))
-            n = next(per_intent[m][k][g]["n"] for m in ms if g in per_intent[m][k])
-            L.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
-        if fk:
-            L.append(f"| all windows | {fk['n']} | " + " | ".join("" for _ in ms)
-                     + f" | {_fmt(fk['intent_aware'])} (window-blind {_fmt(fk['window_blind'])}) |")
-        L += [""]
-    return L
-
-
-def paired_markdown(paired: dict, fnd: dict) -> list[str]:
-    """The paired per-window comparison of every method vs supervised-only (with Welch over seeds beside it)."""
-    L = ["## Paired per-window comparison vs supervised-only", ""]
-    if not paired:
-        return L + ["Not computed (no supervised-only evaluation).", ""]
-    L += ["Per window, the metric difference method - supervised-only with the same sampling seed (paired), averaged over seeds; "
-          "95 % percentile-bootstrap interval over windows; share of windows improved (difference < 0).", ""]
-    L += ["| method | subset | metric | supervised-only | method | mean diff [95 % CI] | rel. change | windows improved | Welch t (p) |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    for m, by_subset in paired.items():
-        for subset, res in by_subset.items():
-            for k in sorted(res, key=lambda k: (not k.startswith("listening"), k)):
-                p = res[k]
-                f = (fnd.get(m) or {}).get(f"{subset}/{k}") or {}
-                welch = "n/a" if f.get("welch_t") is None else f"{f['welch_t']:+.2f} ({f['welch_p']:.3f})"
-                L.append(f"| {method_label(m)} | {subset} | {k} | {p['reference']:.3f} | {p['method']:.3f} | {p['mean_diff']:+.3f} "
-                         f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] | {_fmt(p['rel_change'], '+.1%')} | "
-                         f"{p['frac_improved']:.0%} of {p['n_windows']} | {welch} |")
-    return L + [""]
-
-
-def sde_markdown(sde: dict) -> list[str]:
-    """The SDE choice: final-sample dynamics of the supervised model and, when two SDEs were trained, the verdict."""
-    L = ["## SDE choice", ""]
-    if sde.get("dynamics"):
-        L += ["### Final-sample dynamics (supervised model, no training)", "",
-              "Listening velocity-std ratio pred / gt per group (1 = ground-truth dynamics) and speaking jaw correlation, "
-              "mean ± std over seeds. RL optimises the rewards of SDE samples and is evaluated on ODE samples.", ""]
-        head = ["sampler", *[f"{g} ratio" for g in GROUP_NAMES], "speaking jaw corr", "|log ratio / ODE's|"]
-        L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        close = sde["closest_to_ode"]
-        for v, row in sde["dynamics"].items():
-            cells = [fmt_ms(row.get(f"listening/{g}/vel_std_ratio"), 3) for g in GROUP_NAMES]
-            d = close["distance"].get(v)
-            hist = (sde.get("variants") or {}).get(v, {}).get("history")
-            last = (f"(each token given the {hist} history; not ranked)" if hist else
-                    "(reference)" if d is None and v not in close["distance"] else _fmt(d))
-            L.append(f"| {v} | " + " | ".join(cells) + f" | {fmt_ms(row.get('speaking/jaw_corr'), 3)} | {last} |")
-        best = close.get("best")
-        L += ["", f"Better final-sample dynamics (closest to the evaluation ODE's, mean over groups of |log ratio_SDE / ratio_ODE|): "
-              f"**{best or 'n/a'}**.", ""]
-    models = sde.get("models") or {}
-    L += ["### Post-trained model", ""]
-    if not models:
-        L += ["One SDE per algorithm in this run: add a variant such as `gdpo@marginal` to `algos` to compare the SDEs after training.", ""]
-    for name, d in models.items():
-        v = d["verdict"]
-        per = ", ".join(f"{k}: {w or 'no significant difference'}" for k, w in v["per_metric"].items())
-        L += [f"- {method_label(d['method'])} (env.sde={d['method_sde']}) vs {method_label(d['reference'])} "
-              f"(env.sde={d['reference_sde']}), listening dynamic deviations paired per window: {per or 'n/a'}. Better post-trained model: "
-              f"**{v['better'] or 'neither (no clear difference)'}**."]
-        for k, p in sorted(d["paired"]["all"].items()):
-            if k.startswith("listening/"):
-                L.append(f"  - {k}: {p['reference']:.3f} -> {p['method']:.3f} ({_fmt(p['rel_change'], '+.1%')}), {p['mean_diff']:+.3f} "
-                         f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}], {p['frac_improved']:.0%} of {p['n_windows']} windows lower")
-    return L + [""]
-
-
-def mechanism_markdown(mech: dict, groups: list[str], env: dict) -> list[str]:
-    """Mean over iterations of the GDPO paper mechanism figures, per method."""
-    L = ["## GDPO mechanism figures", ""]
-    if not mech:
-        return L + ["Not available (no advantage logs).", ""]
-    G = env.get("group_size")
-    n_lis = max(1, sum(not is_speaking_column(g) for g in groups))
-    spk = "" if n_lis == len(groups) else (" Speaking columns (`<group>@speaking`) are correlated with the advantage of the speaking "
-                                           "tokens (objective_tokens=matched; runs logged before that figure existed show the listening "
-                                           "advantage's) and are left out of the dominance.")
-    L += [f"Mean over iterations, then mean ± std over seeds: distinct advantage values per prompt group (of G = {G or '?'} rollouts), "
-          "Pearson correlation of the final advantage with each rewarded group's within-group z-scored reward (an even "
-          f"advantage gives about 1/sqrt({n_lis}) = {1 / np.sqrt(n_lis):.2f} each), and the dominance "
-          "max / median over groups of those correlations (about 1: even; large: the advantage follows one group)." + spk, ""]
-    head = ["method", "distinct per group", *[f"corr {g}" for g in groups], "dominance", "top group"]
-    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m, d in mech.items():
-        L.append(f"| {method_label(m)} | {fmt_ms(d['distinct'])} | " + " | ".join(fmt_ms(d["corr"][g]) for g in groups)
-                 + f" | {_fmt(d['dominance'], '.2f')} | {d['top_group'] or 'n/a'} |")
-    return L + ["", "![mechanism](mechanism.png)", ""]
-
-
-def _se_units(t: dict) -> str:
-    se = t.get("slope_se")
-    return "" if not se else f" = {t['slope'] / se:+.1f} se"
-
-
-def trend_markdown(trends: dict, groups: list[str]) -> list[str]:
-    """Slope of the seed-mean training reward over the last third of iterations, per method and group."""
-    L = ["", f"Trend over the last third of iterations (least-squares slope per iteration of the mean over seeds, in units of "
-         f"its standard error; in brackets the share of the curve's whole gain made in that third). Still rising: slope > 0, "
-         f"share >= {T.STILL_RISING_SHARE:.0%} and slope >= {T.RISING_SLOPE_SE:g} standard errors; else flattened:", ""]
-    head = ["method", *groups, "verdict"]
-    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m, by_g in trends.items():
-        rising = T.still_rising(by_g, groups)
-        known = [g for g in groups if by_g[g]["slope"] is not None]
-        verdict = "n/a (< 3 iterations)" if not known else (f"still rising: {', '.join(rising)}" if rising else "flattened")
-        L.append(f"| {method_label(m)} | " + " | ".join(
-            "n/a" if by_g[g]["slope"] is None else f"{by_g[g]['slope']:+.2e}{_se_units(by_g[g])} ({_fmt(by_g[g]['share'], '.0%')})"
-            for g in groups)
-            + f" | {verdict} |")
-    return L

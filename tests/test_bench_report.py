@@ -359,7 +359,7 @@ def test_check_targets_covers_every_gdpo_method_and_reports_misses():
 
 
 def test_report_names_the_extended_runs_and_skips_speaking_columns_in_reward_gains():
-    from gdpo_listener.evaluation.benchmark import _extended_note
+    from gdpo_listener.evaluation.bench_markdown import _extended_note
 
     note = _extended_note({"extended_from": {"gdpo": {"0": 600, "2": 300}, "grpo": {}}}, ["grpo", "gdpo"])
     assert "GDPO seed 0 from 600" in note and "GDPO seed 2 from 300" in note and "GRPO" not in note

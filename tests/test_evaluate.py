@@ -283,6 +283,13 @@ def test_bench_quick(tiny):
         assert 1 <= mech["distinct"]["mean"] <= 2  # G = 2 rollouts per prompt group
         assert set(mech["corr"]) == set(rep["training"]["reward"][m]) and all(abs(d["mean"]) <= 1 + 1e-5 for d in mech["corr"].values())
         assert (out / "eval" / f"{slug}_seed0" / "metrics.json").is_file()
+    # report.md is report.json rendered: the saved report alone gives it again
+    from gdpo_listener.evaluation.bench_markdown import report_markdown
+    from gdpo_listener.rewards.groups import parse_reward_spec
+
+    weights = [float(w) for w in rep["controls"]["supervised"]["cfg_sweep"]]
+    md = report_markdown(weights, rep, rep["methods"], parse_reward_spec(rep["setup"]["reward"]), rep["intents"])
+    assert md == (out / "report.md").read_text()
     # paired per-window comparison: every method vs supervised, both subsets, the listening metrics
     for m in post:
         for subset in ("all", "expressive"):

@@ -73,17 +73,11 @@ from gdpo_listener.agents.checkpoint import atomic_write_bytes, atomic_write_jso
 from gdpo_listener.agents.sampling import check_cfg_drop  # noqa: E402
 from gdpo_listener.evaluation import intent_control as IC  # noqa: E402
 from gdpo_listener.evaluation.bench_eval import evaluate_methods, make_text_control, reconstruction_reference, report_setup  # noqa: E402
+from gdpo_listener.evaluation.bench_markdown import report_markdown  # noqa: E402
+from gdpo_listener.evaluation.bench_plots import plot_listening_window, plot_mechanism, plot_reward_curves  # noqa: E402
 from gdpo_listener.evaluation.bench_runs import train_runs  # noqa: E402
 from gdpo_listener.evaluation.bench_stats import mechanism_curves  # noqa: E402
-from gdpo_listener.evaluation.benchmark import (  # noqa: E402
-    build_report,
-    method_label,
-    parse_method,
-    plot_listening_window,
-    plot_mechanism,
-    plot_reward_curves,
-    reward_curves,
-)
+from gdpo_listener.evaluation.benchmark import build_report, method_label, parse_method, reward_curves  # noqa: E402
 from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # noqa: E402
 from gdpo_listener.evaluation.report import to_json  # noqa: E402
 from gdpo_listener.evaluation.scoring import blas_threads  # noqa: E402
@@ -189,10 +183,11 @@ def run(cfg: DictConfig) -> dict:
                       for s in seeds} for a in algos}
     window_labels = (IC.row_intents(data, tc.labels, list(range(int(data.bank.batch_size[0]))))
                      if tc.labels is not None and tc.intents else None)
-    rep, md = build_report(list(cfg.controls.cfg_weights), methods, ev.flat, ev.controls, curves, train_info, groups, hdr, tc.info,
-                           tc.intents, windows=ev.windows, expressive=data.expressive.cpu().numpy(), mechanism=mechanism,
-                           sde_dynamics=dynamics, sde_variants=variants, reconstruction=reconstruction,
-                           window_labels=window_labels, intent_floor=ev.floor)
+    cfg_weights = list(cfg.controls.cfg_weights)
+    rep = build_report(cfg_weights, methods, ev.flat, ev.controls, curves, train_info, groups, hdr, tc.info, tc.intents,
+                       windows=ev.windows, expressive=data.expressive.cpu().numpy(), mechanism=mechanism, sde_dynamics=dynamics,
+                       sde_variants=variants, reconstruction=reconstruction, window_labels=window_labels, intent_floor=ev.floor)
+    md = report_markdown(cfg_weights, rep, methods, groups, tc.intents)
     rep["total_s"] = time.perf_counter() - t_start
     atomic_write_json(out / "report.json", to_json(rep))
     atomic_write_bytes(out / "report.md", md.encode())
