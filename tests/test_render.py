@@ -44,7 +44,8 @@ def decode(path: Path) -> tuple[np.ndarray, float | None]:
     decoded samples must agree with it up to the last AAC frame's padding (1024 samples).
     """
     with av.open(str(path)) as c:
-        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        # copies: PyAV's to_ndarray may return a view into the decoded frame's memory, not an array of its own
+        frames = [f.to_ndarray(format="rgb24").copy() for f in c.decode(video=0)]
     with av.open(str(path)) as c:
         if not c.streams.audio:
             return np.stack(frames), None
