@@ -17,11 +17,7 @@ from .seed_stats import fmt_ms
 __all__ = ["report_markdown"]
 
 PAPER_ABLATION = {"FDD": (28.03, 18.85), "PDD": (2.15, 1.90), "JDD": (1.09, 0.87)}  # Table 4: without GDPO -> GDPO
-
-
 RECON_LABEL = "VAE reconstruction (reference)"
-
-
 RECON_NOTE = ("the ground truth encoded and decoded by the frozen VAE (posterior means, no generation): what a model that "
               "predicted every latent exactly would score; a method below its dynamic deviations emits latents the VAE never "
               "produces from real motion.")

@@ -9,19 +9,13 @@ import numpy as np
 
 from ..envs.flame import FPS, GROUP_NAMES, GROUPS
 from ..rewards.groups import column_group
-from .bench_stats import (
-    common_curve,
-    moving_average,
-    smoothing_window,
-)
+from .bench_stats import common_curve, moving_average, smoothing_window
 from .benchmark import method_label, parse_method
 from .data import EvalData
 
 __all__ = ["plot_reward_curves", "plot_mechanism", "plot_listening_window"]
 
 METHOD_COLOR = {"supervised": "tab:gray", "grpo": "tab:orange", "gdpo": "tab:blue"}
-
-
 SDE_LINESTYLE = {None: "-", "paper": "-.", "marginal": "--"}
 
 

@@ -37,20 +37,13 @@ __all__ = ["ALGOS", "SDES", "BenchMethod", "parse_method", "method_label", "read
            "run_stamp", "replaceable_run_dir", "build_report"]
 
 ALGOS = ("grpo", "gdpo")
-
-
 SDES = ("paper", "marginal")  # train/gdpo.py env.sde
-
-
 METHOD_LABEL = {"supervised": "supervised-only", "grpo": "GRPO", "gdpo": "GDPO"}
-
 
 # The benchmark's record of a training run it started: ``runs/<slug>_seed<S>.bench_run.json`` beside the
 # run folder (train/gdpo.py accepts only an empty folder or one of its own runs as out_dir), written
 # before training starts and completed when it finishes. Older versions kept it inside the folder.
 RUN_STAMP_SUFFIX = ".bench_run.json"
-
-
 LEGACY_RUN_STAMP = "bench_run.json"
 
 
