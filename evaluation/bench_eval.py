@@ -125,11 +125,12 @@ def report_setup(cfg: DictConfig, runs: dict, algos: list[str], seeds: list[int]
     run_cfg = dict(meta.get("config") or {})
     budget = training_budget(run_cfg, meta.get("arch"))
     wall = {a: [runs[a][s]["wall_s"] for s in seeds if runs[a][s]["wall_s"] is not None] for a in algos}
+    algo_cfg = {a: run_meta(runs, [a], seeds).get("config") or {} for a in algos}  # each method's own settings
     return {"dataset": str(data.root), "split": data.split, "n_windows": len(data.indices), "n_expressive": int(data.expressive.sum()),
             "seeds": seeds, "algos": algos, "reward": str(cfg.reward), "iterations": budget["iterations"],
             "env": dict(run_cfg.get("env") or {}), "lr": (run_cfg.get("optim") or {}).get("lr"),
-            "algo_config": {a: (run_meta(runs, [a], seeds).get("config") or {}).get("algo") for a in algos},
-            "sde": {a: ((run_meta(runs, [a], seeds).get("config") or {}).get("env") or {}).get("sde") for a in algos},
+            "algo_config": {a: algo_cfg[a].get("algo") for a in algos},
+            "sde": {a: (algo_cfg[a].get("env") or {}).get("sde") for a in algos},
             "rollouts_per_run": budget["rollouts"], "episode_tokens": budget["episode_tokens"],
             "transitions_per_run": budget["transitions"],
             "wall_s": {a: round(float(np.mean(wall[a])), 1) if wall[a] else float("nan") for a in algos},
