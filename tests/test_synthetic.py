@@ -1,4 +1,4 @@
-"""Properties of the synthetic dyadic corpus (envs/synthetic.py), version 2 (the default) and,
+"""Properties of the synthetic dyadic corpus (envs/synthetic/), version 2 (the default) and,
 where the property is new in version 2, version 1 as the corpus that lacks it.
 
 Every property is checked with a threshold that a corpus lacking it would fail, and the measured
@@ -539,12 +539,13 @@ def test_low_rank_idle_expression_is_opt_in_recorded_and_of_that_rank(tmp_path):
     from dataclasses import replace
 
     from gdpo_listener.envs.dataset import load_dataset_meta
-    from gdpo_listener.envs.synthetic import _finish, default_speaker
+    from gdpo_listener.envs.synthetic import default_speaker
+    from gdpo_listener.envs.synthetic.motion import finish
 
     # the idle expression alone (no reaction, no jitter): k factors -> rank k over the 50 channels, each keeping its std
     spk, n = default_speaker(), 2000
     for rank, P in ((3, replace(corpus_params(2, idle_expr_rank=3), jitter={})), (50, replace(corpus_params(2), jitter={}))):
-        idle = _finish(np.zeros((n, 67)), np.random.default_rng(0), spk, P)[:, :50] - spk.rest_expr  # (n, 50)
+        idle = finish(np.zeros((n, 67)), np.random.default_rng(0), spk, P)[:, :50] - spk.rest_expr  # (n, 50)
         assert np.linalg.matrix_rank(idle, tol=1e-6) == rank
         assert np.allclose(idle.std(0), P.idle_expr, rtol=0.35)
     # opt-in: the default corpus is unchanged (and its dataset.json has no such key), the option changes the motion only
