@@ -195,7 +195,8 @@ def scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int
 def iter_video_frames(info: VideoInfo, frames: np.ndarray, n_frames: int, where: str,
                       max_side: int | None = None) -> Iterator[np.ndarray]:
     """Yield the RGB frame ``(H, W, 3)`` uint8 showing each dataset frame of ``frames`` (non-decreasing),
-    decoding the video once, front to back. ``n_frames``: the motion's length (for the length check)."""
+    decoding the video once, front to back. ``n_frames``: the motion's length (for the length check).
+    Each yielded array owns its memory (``to_ndarray`` may return a view into the decoder's frame)."""
     import av
 
     wanted = video_frame_index(frames, info.fps)  # (N,) non-decreasing
@@ -210,14 +211,14 @@ def iter_video_frames(info: VideoInfo, frames: np.ndarray, n_frames: int, where:
             i, decoded, last = decoded, decoded + 1, frame
             if wanted[pos] != i:
                 continue
-            image = frame.to_ndarray(width=width, height=height, format="rgb24")  # (H, W, 3)
+            image = frame.to_ndarray(width=width, height=height, format="rgb24").copy()  # (H, W, 3), owned: PyAV may return a view
             while pos < len(wanted) and wanted[pos] == i:
                 yield image
                 pos += 1
         if pos < len(wanted):  # the stream ended early: a tail within tolerance repeats the last frame
             if last is None or video_shortfall(decoded, info.fps, n_frames) > DURATION_TOLERANCE_FRAMES:
                 raise _too_short(info, decoded, n_frames, where)
-            image = last.to_ndarray(width=width, height=height, format="rgb24")
+            image = last.to_ndarray(width=width, height=height, format="rgb24").copy()
             for _ in range(len(wanted) - pos):
                 yield image
 
