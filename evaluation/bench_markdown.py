@@ -344,7 +344,8 @@ def per_intent_markdown(per_intent: dict, methods: list[str], floor: dict | None
             L.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
         if fk:
             L.append(f"| all windows | {fk['n']} | " + " | ".join("" for _ in ms)
-                     + f" | {_fmt(fk['intent_aware'])} (window-blind {_fmt(fk['window_blind'])}) |")
+                     + f" | {_fmt(fk['intent_aware'])} (knows what the text says {_fmt(fk.get('text_aware'))}; "
+                     f"window-blind {_fmt(fk['window_blind'])}) |")
         L += [""]
     return L
 

@@ -115,6 +115,22 @@ def row_intents(data: EvalData, labels: dict, rows: list[int]) -> list[str | Non
     return [window_intent(labels, *data.seq_ids[r], data.windows.index[data.indices[r]].window) for r in rows]
 
 
+def window_text_intent(labels: dict, cid: str, actor: int, window: int) -> str | None:
+    """The intent a window's text names: its labelled intent when the text is a full description, None
+    when it is vague or missing (``text_kinds`` of the labels; labels without them: every text is full)."""
+    intent = window_intent(labels, cid, actor, window)
+    try:
+        kind = labels[cid]["text_kinds"][actor][window]
+    except (KeyError, IndexError, TypeError):
+        kind = "full"
+    return intent if kind == "full" else None
+
+
+def row_text_intents(data: EvalData, labels: dict, rows: list[int]) -> list[str | None]:
+    """The intent named by the text of bank rows ``rows`` of ``data`` (:func:`window_text_intent`)."""
+    return [window_text_intent(labels, *data.seq_ids[r], data.windows.index[data.indices[r]].window) for r in rows]
+
+
 def listening_per_intent(data: EvalData, labels: dict, row_stats: dict, mcfg: DictConfig) -> dict:
     """Listening FDD / PDD / JDD of one prediction per labelled listener intent.
 
@@ -134,12 +150,15 @@ def intent_floor(data: EvalData, labels: dict, row_stats: dict, mcfg: DictConfig
     The best constant per channel and intent (:func:`.deviation_parts.label_floor_rows`; unlabelled
     windows form a group of their own) over the windows each metric counts, from the ground truth of
     ``row_stats`` (any prediction's :func:`.scoring.row_stats`; parameter channels, Table 1 units).
-    Returns ``{metric: {"intent_aware", "window_blind", "n", "per_intent": {intent: {"mean", "n"}}}}``:
-    the mean over all counted windows, the same with one group (the window-blind floor), and the
-    mean over each labelled intent's windows.
+    Returns ``{metric: {"intent_aware", "text_aware", "window_blind", "n", "per_intent": {intent: {"mean", "n"}}}}``:
+    the mean over all counted windows, the same with the groups a model reading only the text can form
+    (the intent its text names; the windows whose text is vague or missing together: ``text_aware``), and
+    with one group (the window-blind floor), and the mean over each labelled intent's windows. ``text_aware``
+    is never above ``window_blind``; it is not ordered against ``intent_aware`` (neither grouping refines the other).
     """
     scale = M.DYNAMIC_SCALE[str(mcfg.get("convention", "velocity"))]
-    lab = row_intents(data, labels, list(range(int(data.bank.batch_size[0]))))
+    rows = list(range(int(data.bank.batch_size[0])))
+    lab, text_lab = row_intents(data, labels, rows), row_text_intents(data, labels, rows)
     out = {}
     for name, (_, sg, cv, ok) in row_stats["param_std"].items():
         sel = ok.cpu().numpy().astype(bool)
@@ -148,9 +167,11 @@ def intent_floor(data: EvalData, labels: dict, row_stats: dict, mcfg: DictConfig
         g, v = sg[ok].double().cpu().numpy(), cv[ok].cpu().numpy()
         la = np.asarray([lab[i] for i in np.flatnonzero(sel)], dtype=object)
         floor = label_floor_rows(g, v, la) * scale  # (n,)
+        text = label_floor_rows(g, v, [text_lab[i] for i in np.flatnonzero(sel)]) * scale  # (n,)
         blind = label_floor_rows(g, v, [None] * len(la)) * scale
         per = {i: {"mean": float(floor[la == i].mean()), "n": int((la == i).sum())} for i in sorted({x for x in la if x is not None})}
-        out[name] = {"intent_aware": float(floor.mean()), "window_blind": float(blind.mean()), "n": int(sel.sum()), "per_intent": per}
+        out[name] = {"intent_aware": float(floor.mean()), "text_aware": float(text.mean()), "window_blind": float(blind.mean()),
+                     "n": int(sel.sum()), "per_intent": per}
     return out
 
 

@@ -198,6 +198,8 @@ def intent_floor_markdown(floor: dict) -> str:
             for g in intents]
     rows.append(["all counted windows, knows the intent", "/".join(str(floor[m]["n"]) for m in metrics),
                  *[fmt_value(floor[m]["intent_aware"], 3) for m in metrics]])
+    if all("text_aware" in floor[m] for m in metrics):  # reports written before the text-aware floor lack it
+        rows.append(["all counted windows, knows what the text says", "", *[fmt_value(floor[m]["text_aware"], 3) for m in metrics]])
     rows.append(["all counted windows, window-blind", "", *[fmt_value(floor[m]["window_blind"], 3) for m in metrics]])
     return _table(["intent", "windows", *metrics], rows)
 

@@ -270,6 +270,10 @@ def test_a_missed_listening_target_says_whether_amplitude_or_timing_misses_it():
     floor = {"JDD": {"intent_aware": 0.48, "window_blind": 0.6, "n": 10, "per_intent": {}}}
     knows = T.listening_gains("GDPO", f, pr, supervised=sup, method=parts(0.95, 0.90, 1.0, 0.6), intent_floor=floor)[2]
     assert "one that knows each window's intent, at that intent's typical amplitude, -52.0%" in knows.note
+    assert "knows only the intent its text names" not in knows.note  # an older floor without the text-aware figure
+    floor["JDD"]["text_aware"] = 0.55
+    text = T.listening_gains("GDPO", f, pr, supervised=sup, method=parts(0.95, 0.90, 1.0, 0.6), intent_floor=floor)[2]
+    assert "-52.0%; one that knows only the intent its text names -45.0% (parameter channels)" in text.note
     # no parts (an older report): no such note; a met target: no note at all
     assert "amplitude" not in T.listening_gains("GDPO", f, pr, supervised=sup, method={})[2].note
     met = {"all/listening/JDD": finding(-0.30, -3.0, 0.01)}

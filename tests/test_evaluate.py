@@ -98,9 +98,9 @@ def test_evaluate_writes_table1_and_supplementary_with_flame(tiny, tmp_path, fla
         assert weighted == pytest.approx(a["table1"]["listening"][name]["value"], rel=1e-6)
     # the floor for a model that knows the intent: ground truth only, never above the window-blind floor,
     # which is the parts table's own; its intents cover the same windows as the per-intent table
-    assert "Floor for a model that knows the intent" in md
+    assert "Floor for a model that knows the intent" in md and "knows what the text says" in md
     for name, fl in doc["intent_floor"].items():
-        assert fl["intent_aware"] <= fl["window_blind"] + 1e-9
+        assert fl["intent_aware"] <= fl["window_blind"] + 1e-9 and fl["text_aware"] <= fl["window_blind"] + 1e-9
         assert fl["window_blind"] == pytest.approx(a["listening_parts"][name]["window_blind"]["value"], rel=1e-6)
         assert {i: c["n"] for i, c in fl["per_intent"].items()} == {i: c["n"] for i, c in doc["per_intent"][name].items()}
 
@@ -514,6 +514,18 @@ def test_malformed_intent_labels_name_the_file(tmp_path):
     (tmp_path / "synthetic_labels.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
         load_labels(tmp_path)
+
+
+def test_the_text_aware_floor_groups_windows_by_the_intent_their_text_names():
+    """A vague or missing text names no intent: such windows join the unlabelled group; labels without text kinds
+    (corpus version 1, every text full) name every window's intent."""
+    from gdpo_listener.evaluation.intent_control import window_text_intent
+
+    labels = {"c0": {"intents": [["amused", "sad", "bored"], ["joyful"]], "text_kinds": [["full", "vague", "missing"], ["full"]]},
+              "c1": {"intents": [["sad"]]}}
+    assert [window_text_intent(labels, "c0", 0, w) for w in range(3)] == ["amused", None, None]
+    assert window_text_intent(labels, "c0", 1, 0) == "joyful" and window_text_intent(labels, "c1", 0, 0) == "sad"
+    assert window_text_intent(labels, "c9", 0, 0) is None and window_text_intent(labels, "c0", 0, 7) is None
 
 
 def test_vae_space_classifier_sees_the_recoded_motion(tiny_pipeline, rl):
