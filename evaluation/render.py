@@ -263,7 +263,8 @@ class MeshRenderer:
             raise RuntimeError(f"cannot create a headless OpenGL 3.3 context through EGL ({type(e).__name__}: {e}); "
                                f"on Debian/Ubuntu install libegl1 libegl-mesa0 libgl1-mesa-dri (Mesa llvmpipe renders on the CPU)") from e
         ctx = self.ctx
-        ctx.gc_mode = "auto"  # GL objects are freed with their Python objects
+        ctx.gc_mode = None  # GL objects are freed by release() (or when this renderer is collected), see there
+        self._released = False
         self.program = ctx.program(vertex_shader=_VERTEX_SHADER, fragment_shader=_FRAGMENT_SHADER)
         self.program["model_view"].write(np.ascontiguousarray(view.T, dtype=np.float32).tobytes())
         self.program["projection"].write(np.ascontiguousarray(projection.T, dtype=np.float32).tobytes())
@@ -277,17 +278,24 @@ class MeshRenderer:
 
     def render(self, vertices: np.ndarray, color: Sequence[float] = (0.78, 0.76, 0.74)) -> np.ndarray:
         """``vertices (N, V, 3)`` (float) -> ``(N, size, size, 3)`` uint8, row 0 at the top."""
-        import moderngl
-
+        if self._released:
+            raise RenderError("this renderer was released")
         v = np.asarray(vertices, dtype=np.float32)
         if v.ndim != 3 or v.shape[1:] != (self.n_vertices, 3):
             raise RenderError(f"vertices must be (N, {self.n_vertices}, 3), got {v.shape}")
         normals = vertex_normals(v, self.faces, self._incidence)  # (N, V, 3)
         interleaved = np.ascontiguousarray(np.concatenate([v, normals], -1), dtype=np.float32)  # (N, V, 6)
-        ctx = self.ctx
-        self.program["albedo"].value = tuple(float(c) for c in color)
         out = np.empty((len(v), self.size, self.size, 3), np.uint8)
-        for i in range(len(v)):
+        with self.ctx:  # this renderer's context is current while it draws (others may live in the process)
+            self.program["albedo"].value = tuple(float(c) for c in color)
+            self._draw(interleaved, out)
+        return out
+
+    def _draw(self, interleaved: np.ndarray, out: np.ndarray) -> None:
+        import moderngl
+
+        ctx = self.ctx
+        for i in range(len(interleaved)):
             self.fbo.use()
             ctx.viewport = (0, 0, self.size, self.size)
             self.fbo.clear(*self.background, 1.0, depth=1.0)
@@ -299,10 +307,33 @@ class MeshRenderer:
                 ctx.copy_framebuffer(self.resolved, self.fbo)
             img = np.frombuffer(self.resolved.read(components=3, alignment=1), np.uint8).reshape(self.size, self.size, 3)  # (S, S, 3)
             out[i] = img[::-1]
-        return out
 
     def release(self) -> None:
+        """Free the GL objects, then the context (idempotent).
+
+        Each object is deleted while its own context is current: an object left to the garbage
+        collector after its context is gone would be deleted in whichever context is current
+        then, and GL object names repeat across contexts, so it would delete another renderer's
+        framebuffer or buffer (that renderer then draws black frames).
+        """
+        if self._released:
+            return
+        self._released = True
+        with self.ctx:
+            for obj in self._gl_objects():
+                obj.release()
         self.ctx.release()
+
+    def _gl_objects(self) -> list:
+        """Every GL object this renderer created (those that exist: ``__init__`` may have failed half-way)."""
+        objs = [getattr(self, name, None) for name in ("vao", "ibo", "vbo", "program")]
+        fbos = [f for f in {id(f): f for f in (getattr(self, "fbo", None), getattr(self, "resolved", None)) if f is not None}.values()]
+        attachments = [a for f in fbos for a in (*f.color_attachments, f.depth_attachment)]
+        return [o for o in objs + fbos + attachments if o is not None]
+
+    def __del__(self) -> None:
+        if getattr(self, "_released", True) is False:
+            self.release()
 
 
 class HeadRenderer:

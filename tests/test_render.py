@@ -144,6 +144,33 @@ def test_side_by_side_layout_and_short_audio_is_padded(flame_model, tmp_path):
     assert np.abs(right[0] - right[6]).mean() < 1.0 < np.abs(left[0] - left[6]).mean()  # only the actor moves
 
 
+def test_renderers_do_not_delete_each_others_gl_objects():
+    """GL object names repeat across contexts: an old renderer's objects freed while another
+    renderer's context is current must not take that renderer's framebuffer (black frames, as
+    once seen in CI when a collected video's renderer hit the next video's)."""
+    import gc
+
+    m = R.synthetic_flame_model(n_lon=24, n_rings=16)
+    rest = m["v_template"].astype(np.float32)
+    view, proj = R.head_camera(rest, aspect=1.0)
+    faces, n = m["f"], len(rest)
+    for samples in (0, 4):
+        old = R.MeshRenderer(faces, n, SIZE, view, proj, samples=samples)
+        old.render(rest[None])
+        old.release()
+        live = R.MeshRenderer(faces, n, SIZE, view, proj, samples=samples)
+        first = live.render(rest[None])
+        dropped = R.MeshRenderer(faces, n, SIZE, view, proj, samples=samples)  # never released by hand
+        dropped.render(rest[None])
+        del old, dropped
+        gc.collect()
+        assert np.array_equal(live.render(rest[None]), first)
+        live.release()
+        live.release()  # idempotent
+        with pytest.raises(R.RenderError, match="released"):
+            live.render(rest[None])
+
+
 # ----------------------------------------------------------------------------------------------
 # errors: clear, before anything is written, nothing left behind
 
