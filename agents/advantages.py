@@ -29,6 +29,14 @@ Conventions (written once, used by every function below):
   * ``"absolute"`` (the reference GDPO code): ``eps_i = eps``. A reward whose within-group std is
     near ``eps`` (FLAME-unit rewards are often ~1e-4) is damped, one far below it is ignored.
 
+- ``scale`` (optional, ``(n,)``) replaces the per-prompt std of eq. 8 by one spread per reward column
+  shared by every prompt: ``A_i^j = (R_i^j - mean_k R_i^k) / (scale_i + eps_i)``. Each column stays
+  scale-free (its advantages are unchanged when the reward is multiplied by c > 0 and ``scale`` with
+  it), but a prompt whose rollouts differ more in a reward gets larger advantages for it, where eq. 8
+  gives every prompt unit spread however little its rollouts differ (the per-prompt std bias of
+  Dr. GRPO, Liu et al. 2025; REINFORCE++ normalises by the batch instead). :func:`pooled_group_var`
+  is the batch's pooled within-prompt variance; the loss (``std_scope``) passes its square root
+  (``"batch"``) or a running average of it over iterations (``"running"``);
 - ``whiten=True`` then standardises the final advantages over the whole batch,
   ``(A - mean_batch) / (std_batch + eps_w)`` (unbiased std; ``eps_w`` by the same ``eps_mode``), as
   the reference GDPO code and TRL's ``normalize_then_sum`` do. Whitening removes the
@@ -47,16 +55,19 @@ __all__ = [
     "advantage_diagnostics",
     "compute_advantages",
     "distinct_per_group",
+    "STD_SCOPES",
     "effective_eps",
     "gdpo_advantages",
     "group_normalize",
     "grpo_advantages",
     "reward_group_stats",
     "whiten_advantages",
+    "pooled_group_var",
     "within_group_zscores",
 ]
 
 EPS_MODES = ("relative", "absolute")
+STD_SCOPES = ("group", "batch", "running")  # the spread eq. 8 divides by: the prompt's, the batch's, a running one
 
 
 def _check_eps(name: str, eps: float) -> float:
@@ -131,18 +142,42 @@ def effective_eps(rewards: torch.Tensor, group_std: torch.Tensor, eps: float, ep
 
 
 def group_normalize(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-4,
-                    eps_mode: str = "relative") -> torch.Tensor:
+                    eps_mode: str = "relative", scale: torch.Tensor | None = None) -> torch.Tensor:
     """``(R - mean_group) / (std_group + eps_i)`` per column; exactly 0 where a group's column is constant.
 
+    ``scale (n,)``: divide by ``scale + eps_i`` instead of each group's own std (module docstring).
     ``(B,)`` or ``(B, n)`` -> same shape.
     """
     squeeze = torch.as_tensor(rewards).dim() == 1
     rewards, group_ids = _check_rewards(rewards, group_ids)
     inv, _, mean, std, const = _group_stats(rewards, group_ids)
-    eps_i = effective_eps(rewards, std, eps, eps_mode)  # (n,)
-    a = (rewards - mean[inv]) / (std[inv] + eps_i)  # (B, n)
-    a = torch.where(const[inv], torch.zeros_like(a), a)
+    if scale is None:
+        eps_i = effective_eps(rewards, std, eps, eps_mode)  # (n,)
+        den = std[inv] + eps_i  # (B, n)
+    else:
+        scale = _check_scale(scale, rewards)  # (n,)
+        eps_i = effective_eps(rewards, scale.unsqueeze(0), eps, eps_mode)  # (n,)
+        den = (scale + eps_i).expand_as(rewards)  # (B, n)
+    a = (rewards - mean[inv]) / den  # (B, n)
+    a = torch.where(const[inv] | (den == 0), torch.zeros_like(a), a)
     return a.squeeze(-1) if squeeze else a
+
+
+def _check_scale(scale, rewards: torch.Tensor) -> torch.Tensor:
+    scale = torch.as_tensor(scale, dtype=rewards.dtype, device=rewards.device).reshape(-1)
+    if scale.shape != rewards.shape[1:]:
+        raise ValueError(f"scale must have one entry per reward column ({rewards.shape[1]}), got shape {tuple(scale.shape)}")
+    if not torch.isfinite(scale).all() or (scale < 0).any():
+        raise ValueError(f"scale must be finite and >= 0, got {scale.tolist()}")
+    return scale
+
+
+def pooled_group_var(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """The batch's pooled within-prompt variance per column, ``(n,)``: the mean over prompt groups of the
+    unbiased within-group variance (constant groups count as 0). ``(B,)`` or ``(B, n)`` rewards."""
+    rewards, group_ids = _check_rewards(rewards, group_ids)
+    _, _, _, std, _ = _group_stats(rewards, group_ids)
+    return std.square().mean(0)  # (n,)
 
 
 def _check_lambdas(lambdas, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -175,13 +210,14 @@ def whiten_advantages(advantages: torch.Tensor, eps: float = 1e-4, eps_mode: str
 
 
 def gdpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, lambdas, eps: float = 1e-4,
-                    eps0: float = 1e-4, whiten: bool = False, eps_mode: str = "relative") -> torch.Tensor:
+                    eps0: float = 1e-4, whiten: bool = False, eps_mode: str = "relative",
+                    scale: torch.Tensor | None = None) -> torch.Tensor:
     """GDPO advantage (eq. 8-9): normalise each reward within its prompt group, then weighted sum.
 
-    rewards (B, n), group_ids (B,) int, lambdas (n,) -> (B,).
+    rewards (B, n), group_ids (B,) int, lambdas (n,), scale (n,) or None (eq. 8's per-prompt std) -> (B,).
     """
     eps0 = _check_eps("eps0", eps0)
-    a_i = group_normalize(rewards, group_ids, eps, eps_mode)  # (B, n), validates
+    a_i = group_normalize(rewards, group_ids, eps, eps_mode, scale)  # (B, n), validates
     if a_i.dim() == 1:
         a_i = a_i.unsqueeze(-1)
     lam = _check_lambdas(lambdas, a_i.shape[1], a_i)
@@ -192,21 +228,25 @@ def gdpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, lambdas, eps
 
 
 def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, lambdas, eps: float = 1e-4,
-                    whiten: bool = False, eps_mode: str = "relative") -> torch.Tensor:
-    """GRPO baseline: ``R = sum_i lambda_i R_i`` then normalise within the prompt group. -> (B,)."""
+                    whiten: bool = False, eps_mode: str = "relative", scale: torch.Tensor | None = None) -> torch.Tensor:
+    """GRPO baseline: ``R = sum_i lambda_i R_i`` then normalise within the prompt group. -> (B,).
+
+    ``scale (1,)``: the summed reward's shared spread instead of each prompt's std (module docstring)."""
     rewards, group_ids = _check_rewards(rewards, group_ids)
     lam = _check_lambdas(lambdas, rewards.shape[1], rewards)
-    a = group_normalize((rewards * lam).sum(-1), group_ids, eps, eps_mode)  # (B,)
+    a = group_normalize((rewards * lam).sum(-1, keepdim=True), group_ids, eps, eps_mode, scale).squeeze(-1)  # (B,)
     return whiten_advantages(a, eps, eps_mode) if whiten else a
 
 
 def compute_advantages(algo: str, rewards: torch.Tensor, group_ids: torch.Tensor, lambdas, eps: float = 1e-4,
-                       eps0: float = 1e-4, whiten: bool = False, eps_mode: str = "relative") -> torch.Tensor:
+                       eps0: float = 1e-4, whiten: bool = False, eps_mode: str = "relative",
+                       scale: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatch on ``algo`` in {"gdpo", "grpo"} (``eps0`` is used by GDPO only)."""
     if algo == "gdpo":
-        return gdpo_advantages(rewards, group_ids, lambdas, eps=eps, eps0=eps0, whiten=whiten, eps_mode=eps_mode)
+        return gdpo_advantages(rewards, group_ids, lambdas, eps=eps, eps0=eps0, whiten=whiten, eps_mode=eps_mode,
+                               scale=scale)
     if algo == "grpo":
-        return grpo_advantages(rewards, group_ids, lambdas, eps=eps, whiten=whiten, eps_mode=eps_mode)
+        return grpo_advantages(rewards, group_ids, lambdas, eps=eps, whiten=whiten, eps_mode=eps_mode, scale=scale)
     raise ValueError(f"unknown advantage algorithm {algo!r}; choose 'gdpo' or 'grpo'")
 
 

@@ -54,9 +54,11 @@ from torchrl.objectives import LossModule
 
 from .advantages import (
     EPS_MODES,
+    STD_SCOPES,
     advantage_diagnostics,
     gdpo_advantages,
     grpo_advantages,
+    pooled_group_var,
     reward_group_stats,
 )
 from .flow import gaussian_kl_same_std, gaussian_log_prob, transition_std
@@ -297,6 +299,32 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
 OBJECTIVE_TOKENS = ("listening", "all", "matched")
 
 
+class RunningVariance(torch.nn.Module):
+    """Exponential moving average of a per-column variance ``(n,)`` over iterations, bias-corrected as
+    Adam's moments are (``value = ema / (1 - momentum ** count)``), so the first update returns the
+    first batch's variance. Its buffers go into the run's saved state: a resumed run continues it."""
+
+    def __init__(self, n: int, momentum: float):
+        super().__init__()
+        if not 0 <= momentum < 1:
+            raise ValueError(f"algo.std_momentum must be in [0, 1), got {momentum}")
+        self.momentum = float(momentum)
+        self.register_buffer("ema", torch.zeros(n))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, var: torch.Tensor) -> torch.Tensor:
+        """Fold this iteration's ``var (n,)`` in; return the bias-corrected running variance ``(n,)``."""
+        if var.shape != self.ema.shape:
+            raise ValueError(f"running variance has {self.ema.numel()} columns, got {tuple(var.shape)}")
+        self.ema.mul_(self.momentum).add_(var.to(self.ema.dtype), alpha=1 - self.momentum)
+        self.count.add_(1)
+        return self.value()
+
+    def value(self) -> torch.Tensor:
+        return self.ema / (1 - self.momentum ** self.count.clamp(min=1).to(self.ema.dtype))
+
+
 class GroupRelativeLoss(LossModule):
     """Shared PPO-clip + KL objective of :class:`GDPOLoss` and :class:`GRPOLoss`.
 
@@ -310,6 +338,10 @@ class GroupRelativeLoss(LossModule):
         eps, eps0, eps_mode: advantage constants (eq. 8-9); ``eps_mode="relative"`` (scale-free,
             default) or ``"absolute"`` (reference code), see :mod:`agents.advantages`.
         whiten: batch-level whitening of the advantage after the group normalisation.
+        std_scope: the spread eq. 8 divides each reward by: ``"group"`` (the paper: each prompt's own
+            std), ``"batch"`` (the batch's pooled within-prompt std, shared by its prompts) or
+            ``"running"`` (a moving average of that over iterations, momentum ``std_momentum``), see
+            :mod:`agents.advantages`. Not with ``objective_tokens="matched"`` unless ``"group"``.
         objective_tokens: ``"listening"`` (default: transitions of the tokens marked in
             ``token_mask``) or ``"all"`` (every transition) enter the PPO objective; ``"matched"``:
             listening tokens on the listening columns' advantage, speaking tokens (``speaking_token_mask``)
@@ -338,7 +370,8 @@ class GroupRelativeLoss(LossModule):
     def __init__(self, transition, model: torch.nn.Module, lambdas, clip_epsilon: float = 0.2, beta: float = 0.01,
                  eps: float = 1e-4, eps0: float = 1e-4, whiten: bool = False, reference: torch.nn.Module | None = None,
                  eps_mode: str = "relative", objective_tokens: str = "listening", beta_speaking: float | None = None,
-                 speaking_columns=None, speaking_objective_weight: float = 1.0):
+                 speaking_columns=None, speaking_objective_weight: float = 1.0, std_scope: str = "group",
+                 std_momentum: float = 0.98):
         super().__init__()
         beta_speaking = beta if beta_speaking is None else beta_speaking
         if clip_epsilon <= 0:
@@ -349,6 +382,11 @@ class GroupRelativeLoss(LossModule):
             raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
         if objective_tokens not in OBJECTIVE_TOKENS:
             raise ValueError(f"objective_tokens must be one of {OBJECTIVE_TOKENS}, got {objective_tokens!r}")
+        if std_scope not in STD_SCOPES:
+            raise ValueError(f"std_scope must be one of {STD_SCOPES}, got {std_scope!r}")
+        if std_scope != "group" and objective_tokens == "matched":
+            raise ValueError(f"std_scope={std_scope!r} is not supported with objective_tokens='matched' "
+                             "(its two advantages would share one spread); use std_scope='group'")
         self._tensor_keys = self._AcceptedKeys()
         self.transition = [transition]  # plain list: not a sub-module (its AR-Flow is the behaviour copy)
         self.actor_network = model
@@ -369,6 +407,11 @@ class GroupRelativeLoss(LossModule):
         self.clip_epsilon, self.beta, self.beta_speaking = float(clip_epsilon), float(beta), float(beta_speaking)
         self.eps, self.eps0, self.whiten, self.eps_mode = float(eps), float(eps0), bool(whiten), eps_mode
         self.objective_tokens = objective_tokens
+        self.std_scope = std_scope
+        n_scale = self.lambdas.numel() if self.decoupled else 1  # GRPO normalises one column: the weighted sum
+        self.reward_scale = RunningVariance(n_scale, std_momentum) if std_scope == "running" else None
+
+    decoupled = True  # GDPO: one spread per reward column; GRPO (False): one for the weighted sum
 
     @property
     def tensor_keys(self) -> _AcceptedKeys:
@@ -390,7 +433,17 @@ class GroupRelativeLoss(LossModule):
         GRPO overrides it."""
         lambdas = self.lambdas if lambdas is None else lambdas
         return gdpo_advantages(rewards, group_ids, lambdas, eps=self.eps, eps0=self.eps0, whiten=self.whiten,
-                               eps_mode=self.eps_mode)
+                               eps_mode=self.eps_mode, scale=self.shared_scale(rewards, group_ids))
+
+    def shared_scale(self, values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor | None:
+        """The spread every prompt's ``values (B, m)`` are divided by, ``(m,)``; None: each prompt's own
+        std (``std_scope="group"``). ``"running"`` folds this batch into the running variance."""
+        if self.std_scope == "group":
+            return None
+        var = pooled_group_var(values, group_ids)  # (m,)
+        if self.std_scope == "running":
+            var = self.reward_scale.update(var)
+        return var.sqrt()
 
     @torch.no_grad()
     def compute_advantage(self, td: TensorDictBase) -> TensorDictBase:
@@ -492,9 +545,13 @@ class GDPOLoss(GroupRelativeLoss):
 class GRPOLoss(GroupRelativeLoss):
     """Summed-then-normalised advantages (the GRPO baseline), then the shared objective."""
 
+    decoupled = False
+
     def advantage_fn(self, rewards, group_ids, lambdas=None):
         lambdas = self.lambdas if lambdas is None else lambdas
-        return grpo_advantages(rewards, group_ids, lambdas, eps=self.eps, whiten=self.whiten, eps_mode=self.eps_mode)
+        scale = self.shared_scale((rewards * lambdas).sum(-1, keepdim=True), group_ids)  # (1,) or None
+        return grpo_advantages(rewards, group_ids, lambdas, eps=self.eps, whiten=self.whiten, eps_mode=self.eps_mode,
+                               scale=scale)
 
 
 LOSSES = {"gdpo": GDPOLoss, "grpo": GRPOLoss}

@@ -23,6 +23,7 @@ from ..agents.loss import AGGREGATION, COUNT_KINDS, LOSSES, collect_trajectories
 from ..agents.policy import transition_core
 from ..envs.sde_env import ListenerSDEEnv
 from . import factories
+from ..agents.advantages import STD_SCOPES
 from .checks import check_count, check_non_negative, check_positive
 from .distributed import Dist
 
@@ -42,6 +43,13 @@ def check_settings(cfg: DictConfig) -> None:
     check_count(cfg, ["optim.iterations", "env.n_prompts", "env.sde_steps", "algo.chunk_steps", "algo.sync_every",
                       "algo.epochs", "ckpt_every", "log_every", "eval.n_windows", "eval.steps"])
     check_count(cfg, ["env.group_size"], minimum=2)
+    scope, momentum = cfg.algo.get("std_scope", "group"), cfg.algo.get("std_momentum", 0.98)
+    if scope not in STD_SCOPES:
+        raise ValueError(f"algo.std_scope={scope!r} must be one of {list(STD_SCOPES)}")
+    if scope != "group" and cfg.algo.objective_tokens == "matched":
+        raise ValueError(f"algo.std_scope={scope} is not supported with algo.objective_tokens=matched; use std_scope=group")
+    if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ValueError(f"algo.std_momentum={momentum!r} must be a number in [0, 1)")
     if cfg.algo.get("sft_coef") is not None:
         check_non_negative(cfg, ["algo.sft_coef"])
         check_count(cfg, ["algo.sft_batch_size"])
@@ -84,7 +92,8 @@ def make_loss(algo_cfg: DictConfig, policy, model, reward):
                                  eps_mode=algo_cfg.eps_mode, objective_tokens=algo_cfg.objective_tokens,
                                  beta_speaking=algo_cfg.get("beta_speaking"), reference=reference,
                                  speaking_columns=[f == "speaking" for f in reward.column_frames],
-                                 speaking_objective_weight=algo_cfg.get("speaking_objective_weight", 1.0))
+                                 speaking_objective_weight=algo_cfg.get("speaking_objective_weight", 1.0),
+                                 std_scope=algo_cfg.get("std_scope", "group"), std_momentum=algo_cfg.get("std_momentum", 0.98))
 
 
 def make_anchor(cfg: DictConfig, train_bank, data_root, features, vae, normalizer, device, generator, dist: Dist | None = None):

@@ -12,6 +12,7 @@ from gdpo_listener.agents.advantages import (
     gdpo_advantages,
     group_normalize,
     grpo_advantages,
+    pooled_group_var,
     reward_group_stats,
     whiten_advantages,
     within_group_zscores,
@@ -304,3 +305,35 @@ def test_advantage_diagnostics_correlations():
     assert torch.equal(z[:, 1] == 0, torch.zeros(len(ids), dtype=torch.bool))
     with pytest.raises(ValueError, match="advantages"):
         advantage_diagnostics(only_first[:-1], r, ids)
+
+
+def test_shared_scale_keeps_each_prompts_spread_and_stays_scale_free():
+    # prompt 0's rollouts differ 10x more than prompt 1's; eq. 8 gives both unit spread, a shared scale does not
+    r = torch.tensor([[0.0], [10.0], [0.0], [1.0]])
+    ids = torch.tensor([0, 0, 1, 1])
+    var = pooled_group_var(r, ids)
+    assert torch.allclose(var, torch.tensor([(50.0 + 0.5) / 2]))  # unbiased within-group variances 50 and 0.5
+    a_group = group_normalize(r, ids, eps=0.0, eps_mode="absolute").squeeze(-1)
+    a_batch = group_normalize(r, ids, eps=0.0, eps_mode="absolute", scale=var.sqrt()).squeeze(-1)
+    assert torch.allclose(a_group.abs(), torch.full((4,), 2 ** -0.5))
+    s = var.sqrt().item()
+    assert torch.allclose(a_batch, torch.tensor([-5.0, 5.0, -0.5, 0.5]) / s)  # deviations from the prompt mean / s
+    assert torch.allclose(a_batch[:2].abs() / a_batch[2:].abs(), torch.tensor([10.0, 10.0]))
+    # per column scale-free: multiplying a reward and its scale by c leaves its advantages (relative eps)
+    r2, ids2 = _two_scale_batch(1e-5, seed=3)
+    sc = pooled_group_var(r2, ids2).sqrt()
+    base = gdpo_advantages(r2, ids2, [1.0, 1.0], scale=sc)
+    k = torch.tensor([1e3, 1e-3])
+    assert torch.allclose(gdpo_advantages(r2 * k, ids2, [1.0, 1.0], scale=sc * k), base, atol=1e-5)
+    # and two columns whose spreads differ by 1e5 keep equal influence, as with eq. 8
+    c = advantage_diagnostics(base, r2, ids2)["corr_zscore"]
+    assert abs(float(c[0] - c[1])) < 0.1, c
+    # GRPO's shared scale is the summed reward's; a constant prompt stays exactly 0
+    rc = torch.tensor([[1.0, 2.0], [3.0, 1.0], [5.0, 5.0], [5.0, 5.0]])
+    g = grpo_advantages(rc, ids, [1.0, 1.0], scale=pooled_group_var(rc.sum(-1), ids).sqrt())
+    assert g[2:].eq(0).all() and g[0] < 0 < g[1]
+    assert compute_advantages("grpo", rc, ids, [1.0, 1.0], scale=torch.tensor([2.0])).shape == (4,)
+    with pytest.raises(ValueError, match="scale"):
+        gdpo_advantages(r2, ids2, [1.0, 1.0], scale=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="scale"):
+        gdpo_advantages(r2, ids2, [1.0, 1.0], scale=torch.tensor([1.0, float("nan")]))

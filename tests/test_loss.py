@@ -374,6 +374,34 @@ def test_eps_mode_reaches_the_advantage_and_diagnostics(rl):
     assert float(d["distinct_per_group"]) == 3.0  # 3 rollouts per prompt, continuous rewards
 
 
+def test_std_scope_reaches_the_advantage_and_the_running_spread_is_bias_corrected(rl):
+    loss, traj, model, _ = loss_setup(rl)
+    r = torch.tensor([[0.0, 0.0], [2.0, 1.0], [0.0, 0.0], [0.2, 0.1]])  # prompt 0 spreads 10x more
+    gid = torch.tensor([0, 0, 1, 1])
+    group = loss.advantage_fn(r, gid)
+    batch = GDPOLoss(loss.transition[0], model, loss.lambdas, std_scope="batch").advantage_fn(r, gid)
+    assert torch.allclose(group[:2].abs(), group[2:].abs(), atol=1e-3)  # eq. 8: both prompts unit spread (up to eps)
+    assert torch.allclose(batch[1] / batch[3], torch.tensor(10.0))  # shared scale: prompt 0's larger spread counts for more
+    run = GDPOLoss(loss.transition[0], model, loss.lambdas, std_scope="running", std_momentum=0.5)
+    a1 = run.advantage_fn(r, gid)
+    assert torch.allclose(a1, batch, atol=1e-6)  # first update: the batch's own spread (bias-corrected)
+    a2 = run.advantage_fn(r * 3, gid)  # running var = (0.5 * 0.5 * v + 0.5 * 9 v) / 0.75 = 19 v / 3
+    assert torch.allclose(a2, batch * 3 / (19 / 3) ** 0.5, atol=1e-5)
+    assert int(run.reward_scale.count) == 2
+    state = {k: v.clone() for k, v in run.reward_scale.state_dict().items()}
+    fresh = GDPOLoss(loss.transition[0], model, loss.lambdas, std_scope="running", std_momentum=0.5)
+    fresh.reward_scale.load_state_dict(state)  # a resumed run continues the same average
+    assert torch.allclose(fresh.reward_scale.value(), run.reward_scale.value())
+    grpo = GRPOLoss(loss.transition[0], model, loss.lambdas, std_scope="running")
+    assert grpo.reward_scale.ema.shape == (1,)  # GRPO: one spread, the weighted sum's
+    grpo.compute_advantage(traj)
+    assert torch.isfinite(traj["advantage"]).all()
+    with pytest.raises(ValueError, match="std_scope"):
+        GDPOLoss(loss.transition[0], model, loss.lambdas, std_scope="prompt")
+    with pytest.raises(ValueError, match="std_momentum"):
+        GDPOLoss(loss.transition[0], model, loss.lambdas, std_scope="running", std_momentum=1.0)
+
+
 def test_listening_token_mask():
     lis = torch.tensor([[False] * 8 + [True] + [False] * 7, [False] * 16])
     assert listening_token_mask(lis, 2).tolist() == [[False, True], [False, False]]

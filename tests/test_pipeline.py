@@ -70,6 +70,22 @@ def test_grpo_runs_the_same(tiny_pipeline, run_entry, first_run):
     assert (scalars / "reward" / "jaw@speaking" / "mean.csv").is_file() and (scalars / "loss" / "loss_objective_speaking.csv").is_file()
 
 
+def test_running_std_scope_resumes_exactly(tiny_pipeline, run_entry, first_run):
+    """algo.std_scope=running: the running reward spread is saved with the run, so 1 iteration + resume to 2
+    equals 2 straight (without it the resumed iteration would divide by its own batch's spread)."""
+    d, args = tiny_pipeline.root, tiny_pipeline.gdpo_args
+    run = ("reward=expr+rot", "algo.std_scope=running", "algo.std_momentum=0.5")
+    out, straight = d / "running", d / "running_straight"
+    assert run_entry("gdpo.py", *run, *args("optim.iterations=1", f"out_dir={out}"), cwd=d).returncode == 0
+    res = run_entry("gdpo.py", *run, *args("optim.iterations=2", f"out_dir={out}", "resume=true"), cwd=d)
+    assert res.returncode == 0 and "resumed at iteration 1" in res.stdout
+    assert run_entry("gdpo.py", *run, *args("optim.iterations=2", f"out_dir={straight}"), cwd=d).returncode == 0
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(straight / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    logged = [(r / "logs" / "gdpo" / "scalars" / "adv" / "running_std" / "expr.csv").read_text().split() for r in (out, straight)]
+    assert logged[0] == logged[1] and len(logged[0]) == 2
+
+
 def test_bad_config_fails_early(tiny_pipeline, run_entry):
     """The real entry point stops on a bad config before the pipeline runs (every case: tests/test_reliability.py)."""
     d = tiny_pipeline.root

@@ -140,7 +140,9 @@ BAD_GDPO_SETTINGS = [
     ("env.sigma=0", "env.sigma"), ("optim.lr=inf", "optim.lr"), ("optim.lr=abc", "optim.lr"), ("ckpt_every=0", "ckpt_every"),
     ("algo.sync_every=0", "algo.sync_every"), ("algo.chunk_steps=0", "algo.chunk_steps"), ("optim.iterations=0", "optim.iterations"),
     ("optim.iterations=-3", "optim.iterations"), ("algo.beta_speaking=-1", "algo.beta_speaking"),
-    ("algo.ref_precision=fp8", "algo.ref_precision"), ("algo.sft_coef=-1", "algo.sft_coef")]
+    ("algo.ref_precision=fp8", "algo.ref_precision"), ("algo.sft_coef=-1", "algo.sft_coef"),
+    ("algo.std_scope=prompt", "algo.std_scope"), ("algo.std_momentum=1", "algo.std_momentum"),
+    ("algo.std_momentum=abc", "algo.std_momentum")]
 
 
 @pytest.mark.parametrize("override,named", BAD_GDPO_SETTINGS)

@@ -69,7 +69,7 @@ from gdpo_listener.pipeline.threads import configure_threads
 # config sections that must match for resume=true to continue a run
 RESUME_KEYS = ("reward", "rewards", "env", "algo", "model", "pretrained", "features", "data", "seed")
 # settings added since runs were first saved, with their no-op value: states saved without them still resume
-ADDED_SETTINGS = {"algo": {"sft_coef": 0.0, "sft_batch_size": 16}}
+ADDED_SETTINGS = {"algo": {"sft_coef": 0.0, "sft_batch_size": 16, "std_scope": "group", "std_momentum": 0.98}}
 
 
 def save_state(path, cfg, step, generator, logger, run_states, env, dist: Dist) -> None:
@@ -115,6 +115,9 @@ def iteration(cfg: DictConfig, it: int, env, policy, loss_module, optimizer, anc
     batch = global_advantages(loss_module, traj, dist, n_prompts)  # (B,) reward, group_id, advantage of all ranks
     stats = reward_stats(batch["reward"], env.group_names, reward_term_means(env, traj, dist))
     stats.update({k: v.item() for k, v in advantage_log_stats(batch, env.group_names, cfg.algo).items()})
+    if loss_module.reward_scale is not None:  # algo.std_scope=running: the spread the advantages were divided by
+        names = env.group_names if loss_module.decoupled else ["sum"]
+        stats.update({f"adv/running_std/{g}": v.item() for g, v in zip(names, loss_module.reward_scale.value().sqrt())})
     t2 = time.perf_counter()
     try:
         update = chunked_update(loss_module, traj, optimizer, cfg.algo.chunk_steps, cfg.algo.epochs, cfg.optim.grad_clip,
@@ -169,6 +172,8 @@ def train(cfg: DictConfig, dist: Dist) -> None:
 
     state_path = out_dir / "last" / "state.pt"
     run_states = {"model": model, "behaviour": behaviour, "optim": optimizer}
+    if loss_module.reward_scale is not None:  # algo.std_scope=running: the running reward spread resumes too
+        run_states["reward_scale"] = loss_module.reward_scale
     start, logger_state = resume_run(cfg, state_path, out_dir / "logs", run_states, env, generator, dist) if cfg.resume else (0, None)
     logger = factories.make_logger(cfg.logger, out_dir, f"{cfg.algo.name}", state_dict=logger_state) if dist.is_main else None
     if dist.is_main:
