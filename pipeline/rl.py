@@ -18,12 +18,12 @@ from omegaconf import DictConfig
 from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
+from ..agents.advantages import STD_SCOPES
 from ..agents.compress import check_precision, compress
 from ..agents.loss import AGGREGATION, COUNT_KINDS, LOSSES, collect_trajectories, listening_token_mask, transition_counts
 from ..agents.policy import transition_core
 from ..envs.sde_env import ListenerSDEEnv
 from . import factories
-from ..agents.advantages import STD_SCOPES
 from .checks import check_count, check_non_negative, check_positive
 from .distributed import Dist
 

@@ -92,3 +92,25 @@ def load_run_state(path: str | Path, cfg: DictConfig, keys: Iterable[str], devic
         obj.load_state_dict(state[name])
     set_rng_state(state["rng"], generator)
     return state
+
+
+def resume_training(stage: str, state_path: str | Path, log_dir: str | Path, cfg: DictConfig, keys: Iterable[str],
+                    run_states: Mapping[str, Any], generator: torch.Generator | None, device, dist=None,
+                    added: Mapping[str, Mapping[str, Any]] | None = None, where: str = "from step") -> dict:
+    """Continue a killed run of ``stage`` (vae, sft, gdpo): :func:`load_run_state` into ``run_states`` and the
+    RNGs; with ``dist`` (a :class:`~pipeline.distributed.Dist`) also check the process count and restore this
+    rank's own streams; then (rank 0) drop the log rows after the saved step and say where it resumes.
+    Returns the saved state (``step``, ``logger`` and the stage's own entries)."""
+    from .run_dir import truncate_logs
+
+    state = load_run_state(state_path, cfg, keys, device, generator, states=run_states, added=added)
+    if dist is not None:
+        from .distributed import check_world_size
+
+        check_world_size(state.get("world_size"), dist, state_path)
+        if dist.is_distributed:
+            set_rng_state(state["ranks"][dist.rank]["rng"], generator)
+    if dist is None or dist.is_main:
+        truncate_logs(log_dir, int(state["step"]))  # steps logged after the saved state are logged again
+        print(f"[{stage}] resumed {where} {int(state['step'])}")
+    return state

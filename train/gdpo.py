@@ -47,7 +47,7 @@ from gdpo_listener.agents.loss import chunked_update
 from gdpo_listener.agents.policy import make_policy
 from gdpo_listener.evaluation.generation import before_after
 from gdpo_listener.pipeline import factories, stages
-from gdpo_listener.pipeline.distributed import Dist, check_world_size, distributed, main_first, on_cpu, rank_seed, run_config
+from gdpo_listener.pipeline.distributed import Dist, distributed, main_first, on_cpu, rank_seed, run_config
 from gdpo_listener.pipeline.rl import (
     advantage_log_stats,
     check_settings,
@@ -62,8 +62,8 @@ from gdpo_listener.pipeline.rl import (
     reward_stats,
     reward_term_means,
 )
-from gdpo_listener.pipeline.run_dir import claim_run_dir, truncate_logs
-from gdpo_listener.pipeline.run_state import load_run_state, rng_state, save_run_state, seed_everything, set_rng_state
+from gdpo_listener.pipeline.run_dir import claim_run_dir
+from gdpo_listener.pipeline.run_state import resume_training, rng_state, save_run_state, seed_everything
 from gdpo_listener.pipeline.threads import configure_threads
 
 # config sections that must match for resume=true to continue a run
@@ -91,19 +91,12 @@ def main(cfg: DictConfig) -> None:
 
 def resume_run(cfg: DictConfig, state_path, log_dir, run_states: dict, env, generator: torch.Generator,
                dist: Dist) -> tuple[int, dict | None]:
-    """Load the killed run's state (``state_path``) into ``run_states``, the env and the RNGs: ``(iteration, logger state)``.
+    """Load the killed run's state into ``run_states``, the env and the RNGs: ``(iteration, logger state)``.
     Rollout noise and window draws continue the killed run's (each rank its own streams)."""
-    state = load_run_state(state_path, cfg, RESUME_KEYS, dist.device, generator, states=run_states, added=ADDED_SETTINGS)
-    check_world_size(state.get("world_size"), dist, state_path)
-    env.set_rng_state(on_cpu(state["env_rng"]))
-    if dist.is_distributed:  # this rank's own streams
-        set_rng_state(state["ranks"][dist.rank]["rng"], generator)
-        env.set_rng_state(on_cpu(state["ranks"][dist.rank]["env_rng"]))
-    start = state["step"]
-    if dist.is_main:
-        truncate_logs(log_dir, start)  # steps logged after the saved state are logged again
-        print(f"[gdpo] resumed at iteration {start}")
-    return start, state["logger"]
+    state = resume_training("gdpo", state_path, log_dir, cfg, RESUME_KEYS, run_states, generator, dist.device, dist,
+                            added=ADDED_SETTINGS, where="at iteration")
+    env.set_rng_state(on_cpu(state["ranks"][dist.rank]["env_rng"] if dist.is_distributed else state["env_rng"]))
+    return int(state["step"]), state["logger"]
 
 
 def iteration(cfg: DictConfig, it: int, env, policy, loss_module, optimizer, anchor, dist: Dist, n_prompts: int) -> dict[str, float]:

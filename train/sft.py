@@ -42,9 +42,9 @@ from gdpo_listener.agents.guards import check_finite_step, check_finite_weights
 from gdpo_listener.evaluation.generation import numeric_items, print_quality_report, quality_report
 from gdpo_listener.pipeline import factories, stages
 from gdpo_listener.pipeline.checks import check_count, check_non_negative, check_positive
-from gdpo_listener.pipeline.distributed import Dist, check_world_size, distributed, main_first, rank_seed, run_config
-from gdpo_listener.pipeline.run_dir import claim_run_dir, truncate_logs
-from gdpo_listener.pipeline.run_state import load_run_state, rng_state, save_run_state, seed_everything, set_rng_state
+from gdpo_listener.pipeline.distributed import Dist, distributed, main_first, rank_seed, run_config
+from gdpo_listener.pipeline.run_dir import claim_run_dir
+from gdpo_listener.pipeline.run_state import resume_training, rng_state, save_run_state, seed_everything
 from gdpo_listener.pipeline.threads import configure_threads
 
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -162,21 +162,6 @@ def check_settings(cfg: DictConfig) -> Path:
     return vae_dir
 
 
-def resume_run(cfg: DictConfig, state_path: Path, log_dir: Path, run_states: dict, generator: torch.Generator,
-               dist: Dist) -> tuple[int, dict | None]:
-    """Load the killed run's state (``state_path``) into ``run_states`` and the RNGs: ``(step, logger state)``.
-    Batches and flow noise continue the killed run's streams."""
-    state = load_run_state(state_path, cfg, RESUME_KEYS, dist.device, generator, states=run_states)
-    check_world_size(state.get("world_size"), dist, state_path)
-    if dist.is_distributed:
-        set_rng_state(state["ranks"][dist.rank]["rng"])  # this rank's own global streams
-    start = state["step"]
-    if dist.is_main:
-        truncate_logs(log_dir, start)  # steps logged after the saved state are logged again
-        print(f"[sft] resumed from step {start}")
-    return start, state.get("logger")
-
-
 def optimizer_step(cfg: DictConfig, step: int, trained, model, opt, sched, batch, generator: torch.Generator, rows: slice,
                    batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One flow-matching update on ``batch`` (0-based ``step``): ``(per-token loss, flow times, gradient norm)``
@@ -221,7 +206,9 @@ def train(cfg: DictConfig, dist: Dist) -> None:
 
     state_path = out_dir / "last" / "state.pt"
     run_states = {"model": model, "optim": opt, "sched": sched}
-    start, logger_state = resume_run(cfg, state_path, out_dir / "logs", run_states, generator, dist) if cfg.resume else (0, None)
+    state = resume_training("sft", state_path, out_dir / "logs", cfg, RESUME_KEYS, run_states, generator, dist.device, dist) \
+        if cfg.resume else {"step": 0}  # batches and flow noise continue the killed run's streams
+    start, logger_state = int(state["step"]), state.get("logger")
     logger = factories.make_logger(cfg.logger, out_dir, "sft", state_dict=logger_state) if dist.is_main else None
 
     model.train()

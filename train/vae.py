@@ -22,7 +22,6 @@ os.environ.update(omp_wait_defaults())  # before torch loads: OpenMP threads spi
 
 import math
 import time
-from pathlib import Path
 
 import hydra
 import numpy as np
@@ -43,8 +42,8 @@ from gdpo_listener.agents.vae import (
 from gdpo_listener.envs.dataset import DyadicWindows
 from gdpo_listener.pipeline import factories, stages
 from gdpo_listener.pipeline.checks import check_count, check_non_negative, check_positive
-from gdpo_listener.pipeline.run_dir import claim_run_dir, truncate_logs
-from gdpo_listener.pipeline.run_state import load_run_state, resolved_config, save_run_state, seed_everything
+from gdpo_listener.pipeline.run_dir import claim_run_dir
+from gdpo_listener.pipeline.run_state import resolved_config, resume_training, save_run_state, seed_everything
 from gdpo_listener.pipeline.threads import configure_threads
 
 
@@ -82,16 +81,6 @@ def check_settings(cfg: DictConfig) -> None:
     check_non_negative(cfg, ["optim.weight_decay", "optim.min_lr_ratio"])
     check_count(cfg, ["optim.steps", "optim.batch_size", "log_every", "ckpt_every", "eval.batch_size"])
     check_count(cfg, ["optim.warmup"], minimum=0)
-
-
-def resume_run(cfg: DictConfig, state_path: Path, log_dir: Path, run_states: dict, device,
-               generator: torch.Generator) -> tuple[int, dict | None]:
-    """Load the killed run's state (``state_path``) into ``run_states`` and the RNGs: ``(step, logger state)``."""
-    state = load_run_state(state_path, cfg, RESUME_KEYS, device, generator, states=run_states)
-    start = int(state["step"])
-    truncate_logs(log_dir, start)  # steps logged after the saved state are logged again
-    print(f"[vae] resumed from step {start}")
-    return start, state.get("logger")
 
 
 def optimizer_step(cfg: DictConfig, step: int, model, opt, x: torch.Tensor, w: torch.Tensor) -> tuple[dict, torch.Tensor]:
@@ -147,7 +136,9 @@ def main(cfg: DictConfig) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.optim.lr), weight_decay=float(cfg.optim.weight_decay))
     state_path = out_dir / "last" / "state.pt"
     run_states = {"model": model, "optim": opt}
-    start, logger_state = resume_run(cfg, state_path, out_dir / "logs", run_states, device, generator) if cfg.resume else (0, None)
+    state = resume_training("vae", state_path, out_dir / "logs", cfg, RESUME_KEYS, run_states, generator, device) \
+        if cfg.resume else {"step": 0}
+    start, logger_state = int(state["step"]), state.get("logger")
     logger = factories.make_logger(cfg.logger, out_dir, "vae", state_dict=logger_state)
 
     steps, bs = int(cfg.optim.steps), int(cfg.optim.batch_size)
