@@ -13,8 +13,9 @@ Safe by default:
 
 * the policy samples (``InteractionType.RANDOM``) unless the caller asks for the mean with
   ``set_exploration_type(ExplorationType.DETERMINISTIC)``;
-* collection and replay run the AR-Flow without dropout and without condition dropout, whatever
-  its train/eval mode, so replayed log-probs equal the collected ones;
+* collection and replay run the AR-Flow without dropout, whatever its train/eval mode, and null
+  only the conditions the env's bank marks for a row (``cond_drop``, the env's ``cond_drop`` option;
+  none by default), the same at collection and replay, so replayed log-probs equal the collected ones;
 * the key/value cache is kept per episode (``episode``: an id the env writes at reset), so one
   policy can step several environments in turn.
 
@@ -58,7 +59,7 @@ from .flow import SDE_KINDS, sde_drift, transition_mean, transition_std
 from .sampling import window_schedule
 
 POLICY_IN_KEYS = ["x", "t", "token", "sde_step", "history", "window", "episode"]
-NO_DROP = {k: False for k in DROP_KEYS}  # collection and replay never drop conditions
+NO_DROP = {k: False for k in DROP_KEYS}  # no condition nulled (a bank without ``cond_drop``)
 
 
 class SDEGaussian(IndependentNormal):
@@ -161,13 +162,20 @@ class SDETransition(nn.Module):
     def _cond(self, window: torch.Tensor, s0: int, n: int) -> dict:
         return window_cond(self.bank[window], s0, n, self.arflow.cfg.r)
 
+    def _drop(self, window: torch.Tensor) -> dict:
+        """The conditions nulled for each row: none, unless the env's bank marks the row (``cond_drop``)."""
+        if "cond_drop" not in self.bank.keys():
+            return NO_DROP
+        mask = self.bank["cond_drop"][window]  # (B, len(DROP_KEYS))
+        return {k: mask[:, i] for i, k in enumerate(DROP_KEYS)}
+
     def _mean(self, x: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
         """Transition mean x + dt * b(x, t) of the env's SDE kind."""
         return transition_mean(x, sde_drift(x, v, t, self.sigma, self.sde), self.dt)
 
     def _rebuild(self, window: torch.Tensor, history: torch.Tensor, l: int, s0: int, n: int) -> _EpisodeCache:
         """Cache of the window starting at token ``s0`` holding its tokens ``s0 .. l - 1`` from ``history``."""
-        cache = self.arflow.start(self._cond(window, s0, n), NO_DROP)
+        cache = self.arflow.start(self._cond(window, s0, n), self._drop(window))
         for j in range(s0, l):
             self.arflow.append(cache, history[:, j], j - s0)
         return _EpisodeCache(cache, (l, 0), l)
@@ -206,7 +214,7 @@ class SDETransition(nn.Module):
                 v = self._velocity_cached(x, t, l, k, history, window, ep)  # (B, Dv)
             else:
                 s0, n, _ = self.schedule[self._window_of[l]]
-                v = self.arflow.velocity_uncached(self._cond(window, s0, n), history[:, s0:l], x, t, NO_DROP)
+                v = self.arflow.velocity_uncached(self._cond(window, s0, n), history[:, s0:l], x, t, self._drop(window))
         loc = self._mean(x, v, t)  # (B, Dv)
         return loc, torch.full_like(loc, self.std)
 
@@ -232,7 +240,8 @@ class SDETransition(nn.Module):
         with dropout_off(model):
             ctx = self._shared_for(model, window, history, (s0, n, new0))
             if ctx is None:
-                v = model._full_pass(self._cond(window, s0, n), history[:, s0:s0 + n], xs, ts, idx, NO_DROP)  # (B, S*M, Dv)
+                v = model._full_pass(self._cond(window, s0, n), history[:, s0:s0 + n], xs, ts, idx,
+                                     self._drop(window))  # (B, S*M, Dv)
             else:
                 v = model.velocity_in_context(ctx, xs, ts, idx)  # (B, S*M, Dv)
         return self._mean(xs, v, ts).reshape(B, S, M, D)
@@ -259,7 +268,7 @@ class SDETransition(nn.Module):
         for m in models:
             grad = torch.is_grad_enabled() and any(p.requires_grad for p in m.parameters())
             with torch.set_grad_enabled(grad), dropout_off(m):
-                full = m.encode_context(cond, history[:, s0:s0 + n], NO_DROP)
+                full = m.encode_context(cond, history[:, s0:s0 + n], self._drop(window))
             entries[id(m)] = (full, full.detached() if grad else full, grad)
         self._shared = _SharedWindow(window, history, (s0, n, new0), entries)
         try:

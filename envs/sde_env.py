@@ -46,6 +46,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Composite, Unbounded
 from torchrl.envs import EnvBase
 
+from ..agents.arflow import DROP_KEYS
 from ..agents.flow import SDE_KINDS
 from ..rewards.groups import speaking_kwargs
 from .windows import decode_latents
@@ -58,6 +59,17 @@ _EPISODE_COUNTER = itertools.count()
 
 def new_episode_id() -> int:
     return (_EPISODE_PREFIX << 32) | (next(_EPISODE_COUNTER) & 0xFFFFFFFF)
+
+
+def with_dropped_copy(bank: TensorDictBase, drop_keys=DROP_KEYS) -> TensorDictBase:
+    """``bank`` (N rows) followed by a copy of it whose ``cond_drop`` mask ``(2N, len(DROP_KEYS))`` nulls
+    ``drop_keys`` (the originals' mask is all False); the caller's bank is not modified."""
+    n = bank.batch_size[0]
+    mask = torch.tensor([k in drop_keys for k in DROP_KEYS], device=bank.device)  # (3,)
+    out = torch.cat([bank.clone(False), bank.clone(False)])  # (2N,) rows
+    out["cond_drop"] = torch.cat([torch.zeros(n, len(DROP_KEYS), dtype=torch.bool, device=bank.device),
+                                  mask.expand(n, -1)])  # (2N, 3)
+    return out
 
 
 class ListenerSDEEnv(EnvBase):
@@ -73,13 +85,21 @@ class ListenerSDEEnv(EnvBase):
         generator: torch generator for the initial noise of every token; default: the env's own,
             seeded with ``seed``.
         seed: seed of window sampling (and of the env's own noise generator).
+        cond_drop: probability that a prompt's G rollouts are generated with the conditions of
+            ``drop_keys`` nulled (default: every condition, the paper's unconditional CFG branch), so RL
+            trains the branch classifier-free guidance subtracts as well as the conditional one
+            (condition dropout, as in supervised training). 0 (default, the paper): never. The bank
+            then holds each window twice, its second copy ``n_windows`` rows on with the ``cond_drop``
+            mask ``(len(DROP_KEYS),)`` set; prompts are drawn among the first ``n_windows`` and a
+            dropped one points to the copy (same ground truth, same reward).
     """
 
     batch_locked = True
 
     def __init__(self, bank: TensorDictBase, decoder, normalizer, reward, n_prompts: int = 4, group_size: int = 4,
                  sde_steps: int = 4, sigma: float = 0.5, device: str | torch.device = "cpu",
-                 generator: torch.Generator | None = None, seed: int = 0, sde: str = "paper"):
+                 generator: torch.Generator | None = None, seed: int = 0, sde: str = "paper",
+                 cond_drop: float = 0.0, drop_keys=DROP_KEYS):
         if group_size < 1:
             raise ValueError(f"group_size (G) must be >= 1, got {group_size} (group-relative training needs G >= 2)")
         if n_prompts < 1:
@@ -90,8 +110,17 @@ class ListenerSDEEnv(EnvBase):
             raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
         if sde not in SDE_KINDS:
             raise ValueError(f"sde must be one of {SDE_KINDS}, got {sde!r}")
+        if not (np.isfinite(cond_drop) and 0 <= cond_drop < 1):
+            raise ValueError(f"cond_drop must be in [0, 1), got {cond_drop}")
+        bad = set(drop_keys) - set(DROP_KEYS)
+        if bad or not drop_keys:
+            raise ValueError(f"drop_keys must be a non-empty subset of {DROP_KEYS}, got {list(drop_keys)}")
         B = n_prompts * group_size
         super().__init__(device=device, batch_size=torch.Size([B]))
+        self.n_windows = bank.batch_size[0]  # the windows prompts are drawn from
+        self.cond_drop = float(cond_drop)
+        if self.cond_drop > 0:
+            bank = with_dropped_copy(bank, drop_keys)
         self.bank = bank
         self.decoder = decoder
         self.normalizer = normalizer
@@ -99,7 +128,6 @@ class ListenerSDEEnv(EnvBase):
         self.n_prompts, self.group_size = n_prompts, group_size
         self.sde_steps, self.sigma, self.sde = int(sde_steps), float(sigma), sde
         self.n_tokens, self.d_latent = bank["actor_latent"].shape[1:]
-        self.n_windows = bank.batch_size[0]
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
         self.generator = generator
@@ -117,7 +145,7 @@ class ListenerSDEEnv(EnvBase):
             token=Bounded(0, N, (B,), dtype=torch.int64, device=dev),  # l (N once the episode is over)
             sde_step=Bounded(0, self.sde_steps - 1, (B,), dtype=torch.int64, device=dev),
             history=Unbounded((B, N, D), device=dev),  # finished tokens (zeros beyond l)
-            window=Bounded(0, self.n_windows - 1, (B,), dtype=torch.int64, device=dev),
+            window=Bounded(0, self.bank.batch_size[0] - 1, (B,), dtype=torch.int64, device=dev),  # bank row
             group_id=Bounded(0, self.n_prompts - 1, (B,), dtype=torch.int64, device=dev),
             episode=Unbounded((B,), dtype=torch.int64, device=dev),  # id written at reset (policy cache key)
             shape=(B,), device=dev,
@@ -147,6 +175,8 @@ class ListenerSDEEnv(EnvBase):
             prompts, self._pending_windows = self._pending_windows, None
         else:
             prompts = torch.as_tensor(self._np_rng.choice(self.n_windows, self.n_prompts, replace=self.n_windows < self.n_prompts))
+            if self.cond_drop > 0:  # a dropped prompt is the window's copy with the conditions nulled
+                prompts = prompts + self.n_windows * torch.as_tensor(self._np_rng.random(self.n_prompts) < self.cond_drop)
         B, N, D = self.batch_size[0], self.n_tokens, self.d_latent
         self._elapsed = 0
         window = prompts.to(self.device).repeat_interleave(self.group_size)  # (B,)

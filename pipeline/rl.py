@@ -19,6 +19,7 @@ from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from ..agents.advantages import STD_SCOPES
+from ..agents.arflow import DROP_KEYS
 from ..agents.compress import check_precision, compress
 from ..agents.loss import AGGREGATION, COUNT_KINDS, LOSSES, collect_trajectories, listening_token_mask, transition_counts
 from ..agents.policy import transition_core
@@ -43,6 +44,11 @@ def check_settings(cfg: DictConfig) -> None:
     check_count(cfg, ["optim.iterations", "env.n_prompts", "env.sde_steps", "algo.chunk_steps", "algo.sync_every",
                       "algo.epochs", "ckpt_every", "log_every", "eval.n_windows", "eval.steps"])
     check_count(cfg, ["env.group_size"], minimum=2)
+    drop, keys = cfg.env.get("cond_drop", 0.0), list(cfg.env.get("drop_keys", DROP_KEYS))
+    if not isinstance(drop, (int, float)) or not 0 <= drop < 1:
+        raise ValueError(f"env.cond_drop={drop!r} must be a number in [0, 1)")
+    if not keys or set(keys) - set(DROP_KEYS):
+        raise ValueError(f"env.drop_keys={keys} must be a non-empty subset of {list(DROP_KEYS)}")
     scope, momentum = cfg.algo.get("std_scope", "group"), cfg.algo.get("std_momentum", 0.98)
     if scope not in STD_SCOPES:
         raise ValueError(f"algo.std_scope={scope!r} must be one of {list(STD_SCOPES)}")
@@ -61,7 +67,8 @@ def make_env(cfg: DictConfig, bank, vae, normalizer, reward, generator, n_prompt
     """The RL env of ``cfg.env``; ``n_prompts`` and ``seed`` (a rank's share and stream) default to ``cfg``'s."""
     return ListenerSDEEnv(bank, vae, normalizer, reward, n_prompts=cfg.env.n_prompts if n_prompts is None else n_prompts,
                           group_size=cfg.env.group_size, sde_steps=cfg.env.sde_steps, sigma=cfg.env.sigma, sde=cfg.env.sde,
-                          device=bank.device, generator=generator, seed=cfg.seed if seed is None else seed)
+                          device=bank.device, generator=generator, seed=cfg.seed if seed is None else seed,
+                          cond_drop=float(cfg.env.get("cond_drop", 0.0)), drop_keys=tuple(cfg.env.get("drop_keys", DROP_KEYS)))
 
 
 def make_train_bank(cfg: DictConfig, data_root, features, vae, normalizer, device, window_tokens: int):

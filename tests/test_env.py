@@ -13,12 +13,12 @@ from gdpo_listener.envs.windows import cond_from_bank
 from gdpo_listener.rewards.groups import build_reward
 
 
-def make(rl, n_prompts=2, G=2, steps=2, sigma=0.5, spec="expr+rot", seed=0, bank=None):
+def make(rl, n_prompts=2, G=2, steps=2, sigma=0.5, spec="expr+rot", seed=0, bank=None, **env_kw):
     bank = rl.tiny_bank() if bank is None else bank
     vae, norm = rl.tiny_vae()
     g = torch.Generator().manual_seed(seed)
     env = ListenerSDEEnv(bank, vae, norm, build_reward(spec), n_prompts=n_prompts, group_size=G, sde_steps=steps,
-                         sigma=sigma, generator=g, seed=seed)
+                         sigma=sigma, generator=g, seed=seed, **env_kw)
     model = rl.tiny_arflow()
     policy = make_policy(model, env, generator=g)
     return env, policy, model, bank
@@ -81,6 +81,37 @@ def test_deterministic_rollout_reproduces_ode_sampler(rl):
     assert torch.allclose(z_env, z_ode, atol=1e-4), (z_env - z_ode).abs().max()
 
 
+def test_cond_drop_rollouts_are_the_unconditional_branch(rl):
+    """env cond_drop: a dropped prompt points to the window's copy whose conditions are nulled; its deterministic
+    rollout is exactly the sampler's unconditional CFG branch (w = 0), the other prompts' the conditional one."""
+    bank = rl.tiny_bank()
+    n = bank.batch_size[0]
+    env, policy, model, _ = make(rl, n_prompts=3, steps=4, bank=bank, cond_drop=0.5, seed=1)
+    assert "cond_drop" not in bank.keys() and env.bank.batch_size[0] == 2 * n and env.n_windows == n
+    assert not env.bank["cond_drop"][:n].any() and env.bank["cond_drop"][n:].all()
+    check_env_specs(env)
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        g = env.generator.manual_seed(7)
+        z_env, ro = rollout_latents(rl, env, policy, 4)
+    window = ro["window"][:, 0]  # (B,) bank rows
+    dropped = window >= n
+    assert dropped.any() and (~dropped).any(), window  # this seed draws both kinds
+    rows = bank[window % n]
+    g.manual_seed(7)
+    z_cond = model.sample(cond_from_bank(rows), rl.N, steps=4, generator=g)
+    g.manual_seed(7)
+    z_null = model.sample(cond_from_bank(rows), rl.N, steps=4, generator=g, w_speak=0.0, w_listen=0.0)
+    assert torch.allclose(z_env[~dropped], z_cond[~dropped], atol=1e-4)
+    assert torch.allclose(z_env[dropped], z_null[dropped], atol=1e-4)
+    assert not torch.allclose(z_cond[dropped], z_null[dropped], atol=1e-3)  # the drop matters
+    # the reward of a copy is its window's: same ground truth
+    r = env.episode_reward(z_env, window)
+    assert torch.allclose(r, env.episode_reward(z_env, window % n))
+    # about cond_drop of the prompts are dropped
+    draws = torch.cat([env.reset()["window"] for _ in range(200)])
+    assert 0.4 < (draws >= n).float().mean() < 0.6
+
+
 def test_sde_rollout_reproduces_sde_sampler(rl):
     env, policy, model, bank = make(rl, steps=4, sigma=0.5)
     env.set_windows(torch.tensor([0, 3]))
@@ -137,7 +168,8 @@ def test_speaking_column_reward_is_scored_on_the_speaking_frames(rl):
     assert "reward/jaw@speaking/var" in terms
 
 
-@pytest.mark.parametrize("kw,msg", [({"group_size": 0}, "group_size"), ({"sigma": float("nan")}, "sigma"), ({"sde_steps": 0}, "sde_steps")])
+@pytest.mark.parametrize("kw,msg", [({"group_size": 0}, "group_size"), ({"sigma": float("nan")}, "sigma"), ({"sde_steps": 0}, "sde_steps"),
+                                    ({"cond_drop": 1.0}, "cond_drop"), ({"cond_drop": 0.1, "drop_keys": ("face",)}, "drop_keys")])
 def test_bad_env_config(kw, msg, rl):
     vae, norm = rl.tiny_vae()
     args = dict(n_prompts=2, group_size=2, sde_steps=2, sigma=0.5) | kw

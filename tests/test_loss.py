@@ -28,7 +28,7 @@ K = 4
 SIGMA = 0.5
 
 
-def loss_setup(rl, loss_cls=GDPOLoss, beta=0.01, seed=0, frames=None, sde_steps=K, spec="expr+rot", **loss_kw):
+def loss_setup(rl, loss_cls=GDPOLoss, beta=0.01, seed=0, frames=None, sde_steps=K, spec="expr+rot", cond_drop=0.0, **loss_kw):
     """Rollouts of the tiny policy on rows of ``frames`` frames (default one window); ``token_mask`` marks the
     listening tokens (the second half of every window), ``speaking_token_mask`` the speaking ones (first half)."""
     frames = rl.W if frames is None else frames
@@ -37,7 +37,7 @@ def loss_setup(rl, loss_cls=GDPOLoss, beta=0.01, seed=0, frames=None, sde_steps=
     g = torch.Generator().manual_seed(seed)
     reward = build_reward(spec)
     env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=3, sde_steps=sde_steps, sigma=SIGMA,
-                         generator=g, seed=seed)
+                         generator=g, seed=seed, cond_drop=cond_drop)
     model = rl.tiny_arflow()
     behaviour = copy.deepcopy(model).requires_grad_(False)
     policy = make_policy(behaviour, env, generator=g)
@@ -45,8 +45,8 @@ def loss_setup(rl, loss_cls=GDPOLoss, beta=0.01, seed=0, frames=None, sde_steps=
     with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
         ro = env.rollout(n_tokens * sde_steps, policy, break_when_any_done=False)
     traj = trajectory_batch(ro, n_tokens, sde_steps)
-    traj["token_mask"] = listening_token_mask(bank["listening"][traj["window"]], n_tokens)
-    traj["speaking_token_mask"] = listening_token_mask(bank["speaking"][traj["window"]], n_tokens)
+    traj["token_mask"] = listening_token_mask(env.bank["listening"][traj["window"]], n_tokens)
+    traj["speaking_token_mask"] = listening_token_mask(env.bank["speaking"][traj["window"]], n_tokens)
     loss = loss_cls(transition_core(policy), model, reward.lambdas, beta=beta,
                     speaking_columns=[f == "speaking" for f in reward.column_frames], **loss_kw)
     return loss, traj, model, behaviour
@@ -64,8 +64,13 @@ def shift_velocity_on_tokens(model, tokens, delta: float) -> None:
     model._full_pass = patched
 
 
-def test_replayed_log_probs_equal_collected(rl):
-    loss, traj, _, _ = loss_setup(rl)
+@pytest.mark.parametrize("cond_drop,seed", [(0.0, 0), (0.5, 2)])
+def test_replayed_log_probs_equal_collected(rl, cond_drop, seed):
+    """Also with condition dropout (env cond_drop): replay nulls the same conditions as the collection."""
+    loss, traj, _, _ = loss_setup(rl, cond_drop=cond_drop, seed=seed)
+    if cond_drop:
+        n = rl.tiny_bank().batch_size[0]
+        assert (traj["window"] >= n).any() and (traj["window"] < n).any(), traj["window"]  # both kinds in the batch
     out_lp = []
     for k0 in range(0, K, 2):
         chunk = select_steps(traj, k0, k0 + 2)

@@ -86,6 +86,14 @@ def test_running_std_scope_resumes_exactly(tiny_pipeline, run_entry, first_run):
     assert logged[0] == logged[1] and len(logged[0]) == 2
 
 
+def test_condition_dropout_in_rl_runs(tiny_pipeline, run_entry, first_run):
+    """env.cond_drop: the real entry point trains with some prompts' conditions nulled (the CFG branch)."""
+    d, args = tiny_pipeline.root, tiny_pipeline.gdpo_args
+    res = run_entry("gdpo.py", "reward=expr+rot", "env.cond_drop=0.5", "env.drop_keys=[text,motion]",
+                    *args("optim.iterations=2", f"out_dir={d / 'cond_drop'}"), cwd=d)
+    assert res.returncode == 0 and (d / "cond_drop" / "model.safetensors").is_file()
+
+
 def test_bad_config_fails_early(tiny_pipeline, run_entry):
     """The real entry point stops on a bad config before the pipeline runs (every case: tests/test_reliability.py)."""
     d = tiny_pipeline.root

@@ -142,7 +142,8 @@ BAD_GDPO_SETTINGS = [
     ("optim.iterations=-3", "optim.iterations"), ("algo.beta_speaking=-1", "algo.beta_speaking"),
     ("algo.ref_precision=fp8", "algo.ref_precision"), ("algo.sft_coef=-1", "algo.sft_coef"),
     ("algo.std_scope=prompt", "algo.std_scope"), ("algo.std_momentum=1", "algo.std_momentum"),
-    ("algo.std_momentum=abc", "algo.std_momentum")]
+    ("algo.std_momentum=abc", "algo.std_momentum"), ("env.cond_drop=1", "env.cond_drop"),
+    ("env.drop_keys=[face]", "env.drop_keys")]
 
 
 @pytest.mark.parametrize("override,named", BAD_GDPO_SETTINGS)

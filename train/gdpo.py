@@ -69,7 +69,8 @@ from gdpo_listener.pipeline.threads import configure_threads
 # config sections that must match for resume=true to continue a run
 RESUME_KEYS = ("reward", "rewards", "env", "algo", "model", "pretrained", "features", "data", "seed")
 # settings added since runs were first saved, with their no-op value: states saved without them still resume
-ADDED_SETTINGS = {"algo": {"sft_coef": 0.0, "sft_batch_size": 16, "std_scope": "group", "std_momentum": 0.98}}
+ADDED_SETTINGS = {"algo": {"sft_coef": 0.0, "sft_batch_size": 16, "std_scope": "group", "std_momentum": 0.98},
+                  "env": {"cond_drop": 0.0, "drop_keys": ["text", "audio", "motion"]}}
 
 
 def save_state(path, cfg, step, generator, logger, run_states, env, dist: Dist) -> None:
