@@ -52,17 +52,17 @@ import torch
 
 __all__ = [
     "EPS_MODES",
+    "STD_SCOPES",
     "advantage_diagnostics",
     "compute_advantages",
     "distinct_per_group",
-    "STD_SCOPES",
     "effective_eps",
     "gdpo_advantages",
     "group_normalize",
     "grpo_advantages",
+    "pooled_group_var",
     "reward_group_stats",
     "whiten_advantages",
-    "pooled_group_var",
     "within_group_zscores",
 ]
 
