@@ -17,6 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..agents.checkpoint import atomic_save_torch
+from .distributed import check_world_size
+from .run_dir import truncate_logs
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -101,12 +103,8 @@ def resume_training(stage: str, state_path: str | Path, log_dir: str | Path, cfg
     RNGs; with ``dist`` (a :class:`~pipeline.distributed.Dist`) also check the process count and restore this
     rank's own streams; then (rank 0) drop the log rows after the saved step and say where it resumes.
     Returns the saved state (``step``, ``logger`` and the stage's own entries)."""
-    from .run_dir import truncate_logs
-
     state = load_run_state(state_path, cfg, keys, device, generator, states=run_states, added=added)
     if dist is not None:
-        from .distributed import check_world_size
-
         check_world_size(state.get("world_size"), dist, state_path)
         if dist.is_distributed:
             set_rng_state(state["ranks"][dist.rank]["rng"], generator)
