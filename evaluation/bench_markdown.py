@@ -324,7 +324,9 @@ def per_intent_markdown(per_intent: dict, methods: list[str], floor: dict | None
         L += ["Last column, the floor for a model that knows the intent: per intent, the best constant per channel over its "
               "windows (its typical amplitude; ground truth only, evaluation/deviation_parts.py). A method goes below it only "
               "by reading cues beyond the intent that predict how much a window moves; the row 'all windows' gives the "
-              "mean over every counted window, beside the window-blind floor (one constant for all).", ""]
+              "mean over every counted window, beside the window-blind floor (one constant for all). The row 'faithful "
+              "sampler': a model that plays, in each window, the amplitude of a random window of the same group instead of "
+              "the typical one, what a generative model reaches that samples exactly the spread its conditions leave open.", ""]
     for k in LISTENING_DD:
         ms = [m for m in methods if k in per_intent.get(m, {})]
         if not ms:
@@ -346,6 +348,11 @@ def per_intent_markdown(per_intent: dict, methods: list[str], floor: dict | None
             L.append(f"| all windows | {fk['n']} | " + " | ".join("" for _ in ms)
                      + f" | {_fmt(fk['intent_aware'])} (knows what the text says {_fmt(fk.get('text_aware'))}; "
                      f"window-blind {_fmt(fk['window_blind'])}) |")
+            fs = fk.get("sampler")
+            if fs:  # what a model reaches that samples the spread its conditions leave open, not the typical amplitude
+                L.append(f"| all windows, faithful sampler | {fk['n']} | " + " | ".join("" for _ in ms)
+                         + f" | {_fmt(fs['intent_aware'])} (knows what the text says {_fmt(fs['text_aware'])}; "
+                         f"window-blind {_fmt(fs['window_blind'])}) |")
         L += [""]
     return L
 

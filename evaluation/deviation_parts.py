@@ -20,6 +20,15 @@ weighted absolute deviation (the metric's own weights: windows equal, channels e
   label and that label's typical amplitude per channel, and nothing else about the window. With one
   label for every window it is the window-blind floor. A model goes below it only by reading cues
   beyond the label (audio, the partner's motion) that predict how much a window moves. Ground truth only.
+- **label-aware sampler** (:func:`label_sampler_rows`): the expected deviation of a *faithful sampler*
+  that knows the labels: in each window it plays the stds of another window of the same label drawn
+  at random, independently of the window (leave-one-out: the unbiased estimate of ``E|X - Y|`` for
+  independent draws of the label's distribution). A generative model that samples exactly what its
+  conditions leave open sits here, not at the floor: ``E|X - Y| >= E|X - median|``, and
+  ``<= 2 E|X - median|`` (triangle inequality), so the sampler lies at or above the floor and, for
+  a label of ``n`` windows with the same valid channels, at most ``2 n / (n - 1)`` times it. A model
+  goes below it by being more deterministic than the data (a typical amplitude instead of the
+  spread) or by reading cues beyond the label. Ground truth only.
 
 Pure functions of ``(N, C)`` arrays; the scoring (:mod:`.scoring`) feeds them the windows a
 metric counts.
@@ -28,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["weighted_median", "deviation_parts", "label_floor_rows"]
+__all__ = ["weighted_median", "deviation_parts", "label_floor_rows", "label_sampler_rows"]
 
 
 def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
@@ -78,6 +87,21 @@ def deviation_parts(sp: np.ndarray, sg: np.ndarray, valid: np.ndarray | None = N
             "amplitude": float(np.median(factors)), "window_blind": floor}
 
 
+def _label_inputs(sg, valid, labels, name: str):
+    """``sg`` ``(N, C)`` float64, ``valid`` ``(N, C)`` bool, labels ``(N,)`` object, valid channels per window ``(N,)``."""
+    sg = np.asarray(sg, dtype=np.float64)
+    if sg.ndim != 2:
+        raise ValueError(f"{name}: sg {sg.shape} must be (N, C)")
+    valid = np.ones(sg.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    lab = np.asarray([None if x is None else str(x) for x in labels], dtype=object)
+    if valid.shape != sg.shape or lab.shape != (sg.shape[0],):
+        raise ValueError(f"{name}: sg {sg.shape}, valid {valid.shape} and {lab.shape[0]} labels must agree")
+    n_c = valid.sum(1)  # (N,)
+    if np.any(n_c == 0):
+        raise ValueError(f"{name}: every window needs a valid channel")
+    return sg, valid, lab, n_c
+
+
 def label_floor_rows(sg: np.ndarray, valid: np.ndarray | None, labels) -> np.ndarray:
     """Per window, the deviation of the best constant per channel and label: ``(N,)``, unscaled.
 
@@ -88,16 +112,7 @@ def label_floor_rows(sg: np.ndarray, valid: np.ndarray | None, labels) -> np.nda
     channels of ``|k - sg[n, c]|``. The mean over windows is the metric's floor for a model that
     knows the labels; with a single label it equals :func:`deviation_parts`' ``window_blind``.
     """
-    sg = np.asarray(sg, dtype=np.float64)
-    if sg.ndim != 2:
-        raise ValueError(f"label_floor_rows: sg {sg.shape} must be (N, C)")
-    valid = np.ones(sg.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
-    lab = np.asarray([None if x is None else str(x) for x in labels], dtype=object)
-    if valid.shape != sg.shape or lab.shape != (sg.shape[0],):
-        raise ValueError(f"label_floor_rows: sg {sg.shape}, valid {valid.shape} and {lab.shape[0]} labels must agree")
-    n_c = valid.sum(1)  # (N,)
-    if np.any(n_c == 0):
-        raise ValueError("label_floor_rows: every window needs a valid channel")
+    sg, valid, lab, n_c = _label_inputs(sg, valid, labels, "label_floor_rows")
     dev = np.zeros(sg.shape)  # (N, C) |k - sg| on valid entries
     for g in dict.fromkeys(lab.tolist()):
         in_g = lab == g  # (N,)
@@ -106,4 +121,26 @@ def label_floor_rows(sg: np.ndarray, valid: np.ndarray | None, labels) -> np.nda
             if rows.any():
                 k = weighted_median(sg[rows, c], 1.0 / n_c[rows])
                 dev[rows, c] = np.abs(k - sg[rows, c])
+    return (dev * valid).sum(1) / n_c
+
+
+def label_sampler_rows(sg: np.ndarray, valid: np.ndarray | None, labels) -> np.ndarray:
+    """Per window, the expected deviation of a faithful sampler that knows the labels: ``(N,)``, unscaled.
+
+    Same inputs as :func:`label_floor_rows`. For label ``L`` and channel ``c``, the sampler plays
+    ``sg[m, c]`` of a window ``m != n`` drawn uniformly from ``L``'s other windows valid in ``c``,
+    whatever window ``n`` it is in; window ``n``'s value is the mean over its valid channels of
+    ``mean_{m != n} |sg[m, c] - sg[n, c]|``. Each window's value is at or above its value under
+    :func:`label_floor_rows`' constant on average over a label; a window with no other window of its
+    label in a channel costs nothing there (no estimate; as a lone window costs nothing there).
+    """
+    sg, valid, lab, n_c = _label_inputs(sg, valid, labels, "label_sampler_rows")
+    dev = np.zeros(sg.shape)  # (N, C) E_m |sg[m, c] - sg[n, c]| on valid entries
+    for g in dict.fromkeys(lab.tolist()):
+        in_g = lab == g  # (N,)
+        for c in range(sg.shape[1]):
+            rows = np.flatnonzero(in_g & valid[:, c])
+            if rows.size > 1:
+                x = sg[rows, c]  # (n_g,)
+                dev[rows, c] = np.abs(x[:, None] - x[None, :]).sum(1) / (rows.size - 1)  # (n_g,) the diagonal is 0
     return (dev * valid).sum(1) / n_c

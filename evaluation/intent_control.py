@@ -33,7 +33,7 @@ from ..rewards.stats import masked_mean, masked_std, velocity_std
 from . import metrics as M
 from .bench_stats import per_label_means, table1_window_values
 from .data import EvalData, select_indices
-from .deviation_parts import label_floor_rows
+from .deviation_parts import label_floor_rows, label_sampler_rows
 from .generation import generate_motion
 from .scoring import LISTENING_DD
 
@@ -150,11 +150,16 @@ def intent_floor(data: EvalData, labels: dict, row_stats: dict, mcfg: DictConfig
     The best constant per channel and intent (:func:`.deviation_parts.label_floor_rows`; unlabelled
     windows form a group of their own) over the windows each metric counts, from the ground truth of
     ``row_stats`` (any prediction's :func:`.scoring.row_stats`; parameter channels, Table 1 units).
-    Returns ``{metric: {"intent_aware", "text_aware", "window_blind", "n", "per_intent": {intent: {"mean", "n"}}}}``:
+    Returns ``{metric: {"intent_aware", "text_aware", "window_blind", "n", "per_intent": {intent: {"mean", "n"}},
+    "sampler": {"intent_aware", "text_aware", "window_blind", "per_intent": {intent: mean}}}}``:
     the mean over all counted windows, the same with the groups a model reading only the text can form
     (the intent its text names; the windows whose text is vague or missing together: ``text_aware``), and
     with one group (the window-blind floor), and the mean over each labelled intent's windows. ``text_aware``
     is never above ``window_blind``; it is not ordered against ``intent_aware`` (neither grouping refines the other).
+    ``sampler``: the same groupings for a faithful sampler instead of the best constant
+    (:func:`.deviation_parts.label_sampler_rows`: each window plays the stds of a random window of its
+    group), what a generative model reaches that samples exactly the spread its conditions leave open;
+    each is at or above the matching floor.
     """
     scale = M.DYNAMIC_SCALE[str(mcfg.get("convention", "velocity"))]
     rows = list(range(int(data.bank.batch_size[0])))
@@ -166,12 +171,18 @@ def intent_floor(data: EvalData, labels: dict, row_stats: dict, mcfg: DictConfig
             continue
         g, v = sg[ok].double().cpu().numpy(), cv[ok].cpu().numpy()
         la = np.asarray([lab[i] for i in np.flatnonzero(sel)], dtype=object)
+        tl = [text_lab[i] for i in np.flatnonzero(sel)]
         floor = label_floor_rows(g, v, la) * scale  # (n,)
-        text = label_floor_rows(g, v, [text_lab[i] for i in np.flatnonzero(sel)]) * scale  # (n,)
+        text = label_floor_rows(g, v, tl) * scale  # (n,)
         blind = label_floor_rows(g, v, [None] * len(la)) * scale
-        per = {i: {"mean": float(floor[la == i].mean()), "n": int((la == i).sum())} for i in sorted({x for x in la if x is not None})}
+        samp = {k: label_sampler_rows(g, v, groups) * scale for k, groups in
+                (("intent_aware", la), ("text_aware", tl), ("window_blind", [None] * len(la)))}  # (n,) each
+        known = sorted({x for x in la if x is not None})
+        per = {i: {"mean": float(floor[la == i].mean()), "n": int((la == i).sum())} for i in known}
         out[name] = {"intent_aware": float(floor.mean()), "text_aware": float(text.mean()), "window_blind": float(blind.mean()),
-                     "n": int(sel.sum()), "per_intent": per}
+                     "n": int(sel.sum()), "per_intent": per,
+                     "sampler": {**{k: float(r.mean()) for k, r in samp.items()},
+                                 "per_intent": {i: float(samp["intent_aware"][la == i].mean()) for i in known}}}
     return out
 
 

@@ -186,11 +186,14 @@ INTENT_FLOOR_NOTE = ("Ground truth only: per intent, the best constant per chann
                      "each window's listener intent and that intent's typical amplitude, nothing else); the last rows: the "
                      "mean over all counted windows, and the same with one constant for every window (window-blind). A model "
                      "goes below it only by reading cues beyond the intent that predict how much a window moves "
-                     "(evaluation/deviation_parts.py).")
+                     "(evaluation/deviation_parts.py). The 'faithful sampler' rows: a model that plays, in each window, the "
+                     "amplitude of a random window of the same group instead of the typical one (what a generative model "
+                     "reaches that samples exactly the spread its conditions leave open; at or above the matching floor).")
 
 
 def intent_floor_markdown(floor: dict) -> str:
-    """``{metric: {"intent_aware", "window_blind", "n", "per_intent"}}`` (``intent_control.intent_floor``) as one table."""
+    """``{metric: {"intent_aware", "text_aware", "window_blind", "n", "per_intent", "sampler"}}``
+    (``intent_control.intent_floor``) as one table."""
     metrics = list(floor)
     intents = sorted({g for m in metrics for g in floor[m]["per_intent"]})
     rows = [[g, str(next(floor[m]["per_intent"][g]["n"] for m in metrics if g in floor[m]["per_intent"])),
@@ -201,6 +204,10 @@ def intent_floor_markdown(floor: dict) -> str:
     if all("text_aware" in floor[m] for m in metrics):  # reports written before the text-aware floor lack it
         rows.append(["all counted windows, knows what the text says", "", *[fmt_value(floor[m]["text_aware"], 3) for m in metrics]])
     rows.append(["all counted windows, window-blind", "", *[fmt_value(floor[m]["window_blind"], 3) for m in metrics]])
+    if all("sampler" in floor[m] for m in metrics):  # reports written before the sampler rows lack them
+        for key, what in (("intent_aware", "knows the intent"), ("text_aware", "knows what the text says"),
+                          ("window_blind", "window-blind")):
+            rows.append([f"faithful sampler, {what}", "", *[fmt_value(floor[m]["sampler"][key], 3) for m in metrics]])
     return _table(["intent", "windows", *metrics], rows)
 
 

@@ -136,12 +136,14 @@ def still_rising(trends: Mapping[str, Mapping] | None, groups: list[str]) -> lis
 
 
 def amplitude_note(name: str, goal: float, supervised: Mapping, method: Mapping, intent_floor: float | None = None,
-                   text_floor: float | None = None) -> str:
+                   text_floor: float | None = None, text_sampler: float | None = None) -> str:
     """For a missed listening target: whether the method's timing allows it (:mod:`.deviation_parts`).
     ``supervised`` / ``method``: mean over seeds per flat metric key; empty string without the parts.
     ``intent_floor``: the metric's floor for a model that knows each window's intent (Table 1 units,
     :func:`.intent_control.intent_floor`), whether the corpus allows the target at all; ``text_floor``:
-    the same for a model that knows only the intent each window's text names (vague and missing texts name none)."""
+    the same for a model that knows only the intent each window's text names (vague and missing texts name none);
+    ``text_sampler``: a faithful sampler that knows only that (plays a random window's amplitude of the intent the
+    text names), what a generative model that samples the data's spread reaches."""
     key = f"all/listening/parts/{name}/"
     ref = _mean(supervised.get(key + "deviation") or {})
     amp, best = _mean(method.get(key + "amplitude") or {}), _mean(method.get(key + "at_best_amplitude") or {})
@@ -155,6 +157,9 @@ def amplitude_note(name: str, goal: float, supervised: Mapping, method: Mapping,
                                              f"{_pct(intent_floor / ref - 1)}")
     if text_floor is not None:
         knows += f"; one that knows only the intent its text names {_pct(text_floor / ref - 1)}"
+    if text_sampler is not None:
+        knows += (f"; a faithful sampler of that intent's amplitudes (a random window's, not the typical one) "
+                  f"{_pct(text_sampler / ref - 1)}")
     return (f"at its best amplitude per channel (median x{amp:.2f}) it would reach {_pct(rel_best)}: {verdict}; "
             f"a window-blind model with the right amplitude per channel {_pct(rel_blind)}{knows} (parameter channels)")
 
@@ -198,7 +203,8 @@ def listening_gains(label: str, finding: Mapping, paired: Mapping | None, trends
             notes.append(f"training reward still rising at the end for {', '.join(rising)}: RL budget likely too short")
         if rel is not None and rel > goal and supervised and method:
             fl = (intent_floor or {}).get(name) or {}
-            notes.append(amplitude_note(name, goal, supervised, method, fl.get("intent_aware"), fl.get("text_aware")))
+            notes.append(amplitude_note(name, goal, supervised, method, fl.get("intent_aware"), fl.get("text_aware"),
+                                        (fl.get("sampler") or {}).get("text_aware")))
         notes = [n for n in notes if n]
         out.append(Target(f"{label} vs supervised, listening {name}", _status(ok), f"{_pct(rel)} ({welch}; {pair})",
                           f"<= {goal:+.0%}, significant", "; ".join(notes)))

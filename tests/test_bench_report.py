@@ -274,6 +274,10 @@ def test_a_missed_listening_target_says_whether_amplitude_or_timing_misses_it():
     floor["JDD"]["text_aware"] = 0.55
     text = T.listening_gains("GDPO", f, pr, supervised=sup, method=parts(0.95, 0.90, 1.0, 0.6), intent_floor=floor)[2]
     assert "-52.0%; one that knows only the intent its text names -45.0% (parameter channels)" in text.note
+    floor["JDD"]["sampler"] = {"intent_aware": 0.7, "text_aware": 0.85, "window_blind": 1.2, "per_intent": {}}
+    samp = T.listening_gains("GDPO", f, pr, supervised=sup, method=parts(0.95, 0.90, 1.0, 0.6), intent_floor=floor)[2]
+    assert ("-45.0%; a faithful sampler of that intent's amplitudes (a random window's, not the typical one) -15.0% "
+            "(parameter channels)") in samp.note
     # no parts (an older report): no such note; a met target: no note at all
     assert "amplitude" not in T.listening_gains("GDPO", f, pr, supervised=sup, method={})[2].note
     met = {"all/listening/JDD": finding(-0.30, -3.0, 0.01)}

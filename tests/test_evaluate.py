@@ -103,6 +103,11 @@ def test_evaluate_writes_table1_and_supplementary_with_flame(tiny, tmp_path, fla
         assert fl["intent_aware"] <= fl["window_blind"] + 1e-9 and fl["text_aware"] <= fl["window_blind"] + 1e-9
         assert fl["window_blind"] == pytest.approx(a["listening_parts"][name]["window_blind"]["value"], rel=1e-6)
         assert {i: c["n"] for i, c in fl["per_intent"].items()} == {i: c["n"] for i, c in doc["per_intent"][name].items()}
+        # a faithful sampler of each grouping (a random window's amplitude, not the typical one) never beats its floor
+        for key in ("intent_aware", "text_aware", "window_blind"):
+            assert fl["sampler"][key] >= fl[key] - 1e-9
+        assert set(fl["sampler"]["per_intent"]) == set(fl["per_intent"])
+    assert "faithful sampler, knows what the text says" in md
 
 
 def test_evaluation_is_deterministic_given_the_seed_and_flame_free_vertex_metrics_are_unavailable(tiny):
@@ -335,6 +340,7 @@ def test_bench_quick(tiny):
         assert shares and sum(shares) == pytest.approx(1.0)
     fl = rep["intent_floor"]["JDD"]  # beside them, the floor for a model that knows the intent (ground truth only)
     assert "floor, knows the intent" in md and fl["intent_aware"] <= fl["window_blind"] + 1e-9
+    assert "| all windows, faithful sampler |" in md and fl["sampler"]["intent_aware"] >= fl["intent_aware"] - 1e-9
     assert set(fl["per_intent"]) == set(rep["per_intent"]["supervised"]["listening/JDD"])
     for m in rep["methods"]:  # amplitude or timing: scaling each channel optimally never raises the deviation
         a = rep["metrics"][m]

@@ -11,7 +11,7 @@ import torch
 
 from gdpo_listener.envs.flame import FLAME_DIM, GROUP_NAMES, GROUPS
 from gdpo_listener.evaluation import metrics as M
-from gdpo_listener.evaluation.deviation_parts import deviation_parts, label_floor_rows, weighted_median
+from gdpo_listener.evaluation.deviation_parts import deviation_parts, label_floor_rows, label_sampler_rows, weighted_median
 from gdpo_listener.evaluation.flame_layer import FlameLayer, FlameModelError, load_flame_masks, load_flame_model, rodrigues
 from gdpo_listener.rewards.stats import dynamic_deviation
 
@@ -489,6 +489,39 @@ def test_label_floor_knows_the_labels_and_nothing_else():
     assert label_floor_rows(sg, valid, [None] * 40).mean() == pytest.approx(one.mean())
     with pytest.raises(ValueError, match="labels"):
         label_floor_rows(sg, valid, lab[:-1])
+
+
+def test_label_sampler_is_a_random_window_of_the_label_and_sits_between_the_floor_and_twice_it():
+    # exact on a hand example: one label, stds 1, 2, 4 -> mean over the other windows |x_m - x_n| = 2, 1.5, 2.5
+    assert label_sampler_rows(np.array([[1.0], [2.0], [4.0]]), None, ["a"] * 3) == pytest.approx([2.0, 1.5, 2.5])
+    rng = np.random.default_rng(3)
+    sg = rng.lognormal(0.0, 0.8, size=(60, 3))  # (N, C) a skewed spread within each label, as laughter's
+    lab = ["calm"] * 30 + ["laughing"] * 30
+    sg[30:] *= 4.0
+    samp, floor = label_sampler_rows(sg, None, lab), label_floor_rows(sg, None, lab)
+    for rows in (slice(0, 30), slice(30, 60)):  # per label: E|X - Y| >= E|X - median| and <= 2 E|X - median|
+        assert floor[rows].mean() <= samp[rows].mean() <= 2 * 30 / 29 * floor[rows].mean()
+    assert samp.mean() > 1.2 * floor.mean()  # a spread this wide: sampling it costs well above the typical amplitude
+    # what it means: a model that plays a random same-label window's stds scores this in expectation
+    n = np.arange(60)
+    draws = np.stack([sg[n // 30 * 30 + (n % 30 + rng.integers(1, 30, 60)) % 30]
+                      for _ in range(4000)])  # (4000, N, C): each window gets another random window of its label
+    assert np.abs(draws - sg).mean((0, 2)) == pytest.approx(samp, rel=0.05)
+    # knowing the label helps the sampler as it helps the constant; a window alone in its label costs nothing
+    assert samp.mean() < label_sampler_rows(sg, None, ["x"] * 60).mean()
+    assert label_sampler_rows(sg, None, [str(i) for i in range(60)]) == pytest.approx(np.zeros(60))
+    # invalid channels do not count, as in the metric; bad inputs are named
+    valid = np.ones(sg.shape, dtype=bool)
+    valid[:10, 2] = False
+    v = label_sampler_rows(sg, valid, lab)
+    assert v[:10] == pytest.approx(label_sampler_rows(sg[:, :2], None, lab)[:10])  # their channel 2 is left out
+    x = sg[10:30, 2]  # and the other calm windows draw channel 2 only from the windows where it is valid
+    c2 = np.abs(x[:, None] - x[None, :]).sum(1) / 19
+    assert v[10:30] == pytest.approx((label_sampler_rows(sg[:, :2], None, lab)[10:30] * 2 + c2) / 3)
+    with pytest.raises(ValueError, match="label_sampler_rows"):
+        label_sampler_rows(sg, None, lab[:-1])
+    with pytest.raises(ValueError, match="valid channel"):
+        label_sampler_rows(sg, np.zeros(sg.shape, dtype=bool), lab)
 
 
 def test_deviation_parts_weigh_windows_like_the_metric():
