@@ -106,7 +106,8 @@ def reconstruction_reference(data, ecfg: DictConfig, out: Path, sft: Path, vae: 
     much of the intent the classifiers still read in it (added to ``tc.info``)."""
     recon = evaluate_reconstruction(data, ecfg.metrics)
     write_report(out / "eval" / "vae_reconstruction", reconstruction_header(header(data, ecfg, str(sft), seed), vae), recon)
-    reconstruction = {"flat": flat_metrics(recon), "quality": quality_figures(recon["_pred"], data.bank)}
+    reconstruction = {"flat": flat_metrics(recon), "quality": quality_figures(recon["_pred"], data.bank),
+                      "windows": table1_window_values(recon["_row_stats"], ecfg.metrics)}  # per window: its deviations per intent
     if tc.clf is not None:
         tc.info.update(IC.ground_truth_accuracy(tc.clf, data, tc.labels, tc.intents, tc.min_listen, motion=recon["_pred"],
                                                 key="vae_reconstruction"))

@@ -204,7 +204,8 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
     L += _evenness_markdown(rep, methods)
     L += vae_ceiling_markdown(recon, rep["sde_choice"].get("ode_quality") or {}, agg, methods)
     L += parts_section_markdown(agg, methods, recon)
-    L += per_intent_markdown(rep.get("per_intent") or {}, methods, rep.get("intent_floor"))
+    L += per_intent_markdown(rep.get("per_intent") or {}, methods, rep.get("intent_floor"),
+                             (rep.get("reconstruction") or {}).get("per_intent"))
     L += sde_markdown(rep["sde_choice"])
     L += mechanism_markdown(rep["mechanism"], groups, rep["setup"].get("env") or {})
     L += _rewards_markdown(rep, methods, groups)
@@ -311,10 +312,13 @@ def parts_section_markdown(agg: dict, methods: list[str], recon: dict | None) ->
     return L + [""]
 
 
-def per_intent_markdown(per_intent: dict, methods: list[str], floor: dict | None = None) -> list[str]:
+def per_intent_markdown(per_intent: dict, methods: list[str], floor: dict | None = None,
+                        reconstruction: dict | None = None) -> list[str]:
     """Listening FDD / PDD / JDD per listener intent: per method the mean over the intent's windows and
-    (in brackets) the share of the method's summed deviation those windows carry; ``floor``
-    (:func:`.intent_control.intent_floor`): a last column, the floor for a model that knows the intent."""
+    (in brackets) the share of the method's summed deviation those windows carry; ``reconstruction``
+    (the VAE reconstruction's own ``{metric: {intent: ...}}``): a column after the methods, what perfect
+    latents reach; ``floor`` (:func:`.intent_control.intent_floor`): a last column, the floor for a model
+    that knows the intent."""
     if not per_intent:
         return []
     L = ["## Listening deviations per intent", "",
@@ -326,31 +330,42 @@ def per_intent_markdown(per_intent: dict, methods: list[str], floor: dict | None
               "by reading cues beyond the intent that predict how much a window moves; the row 'all windows' gives the "
               "mean over every counted window, beside the window-blind floor (one constant for all). The row 'faithful "
               "sampler': a model that plays, in each window, the amplitude of a random window of the same group instead of "
-              "the typical one, what a generative model reaches that samples exactly the spread its conditions leave open.", ""]
+              "the typical one, what a generative model reaches that samples exactly the spread its conditions leave open "
+              "(per intent in brackets).", ""]
+    if reconstruction:
+        L += ["Column 'VAE reconstruction': the test windows' ground truth encoded and decoded by the frozen VAE, what a model "
+              "that predicted every latent exactly reaches per intent (a method goes below it only with latents the VAE never "
+              "produces from real motion).", ""]
     for k in LISTENING_DD:
         ms = [m for m in methods if k in per_intent.get(m, {})]
         if not ms:
             continue
         fk = (floor or {}).get(k.split("/")[-1])
+        rk = (reconstruction or {}).get(k)
         intents = sorted({g for m in ms for g in per_intent[m][k]})
         L += [f"{k.split('/')[-1]}:", "", "| intent | windows | " + " | ".join(method_label(m) for m in ms)
-              + (" | floor, knows the intent |" if fk else " |"), "|" + "---|" * (len(ms) + 2 + bool(fk))]
+              + (" | VAE reconstruction" if rk else "") + (" | floor, knows the intent |" if fk else " |"),
+              "|" + "---|" * (len(ms) + 2 + bool(rk) + bool(fk))]
         for g in intents:
             cells = []
             for m in ms:
                 c = per_intent[m][k].get(g)
                 cells.append("n/a" if c is None else f"{_fmt(c['mean'])} ({_fmt(c['share'], '.0%')})")
+            if rk:
+                c = rk.get(g)
+                cells.append("n/a" if c is None else f"{_fmt(c['mean'])} ({_fmt(c['share'], '.0%')})")
             if fk:
-                cells.append(_fmt((fk["per_intent"].get(g) or {}).get("mean")))
+                fs_g = ((fk.get("sampler") or {}).get("per_intent") or {}).get(g)
+                cells.append(_fmt((fk["per_intent"].get(g) or {}).get("mean")) + ("" if fs_g is None else f" (sampler {_fmt(fs_g)})"))
             n = next(per_intent[m][k][g]["n"] for m in ms if g in per_intent[m][k])
             L.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
         if fk:
-            L.append(f"| all windows | {fk['n']} | " + " | ".join("" for _ in ms)
+            L.append(f"| all windows | {fk['n']} | " + " | ".join("" for _ in ms) + (" | " if rk else "")
                      + f" | {_fmt(fk['intent_aware'])} (knows what the text says {_fmt(fk.get('text_aware'))}; "
                      f"window-blind {_fmt(fk['window_blind'])}) |")
             fs = fk.get("sampler")
             if fs:  # what a model reaches that samples the spread its conditions leave open, not the typical amplitude
-                L.append(f"| all windows, faithful sampler | {fk['n']} | " + " | ".join("" for _ in ms)
+                L.append(f"| all windows, faithful sampler | {fk['n']} | " + " | ".join("" for _ in ms) + (" | " if rk else "")
                          + f" | {_fmt(fs['intent_aware'])} (knows what the text says {_fmt(fs['text_aware'])}; "
                          f"window-blind {_fmt(fs['window_blind'])}) |")
         L += [""]

@@ -142,9 +142,11 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
     (:func:`.bench_stats.mechanism_curves`), ``sde_dynamics[variant][seed]`` (the supervised model's
     :func:`.generation.quality_report` under each of ``sde_variants``, :func:`.sde_choice.final_sample_dynamics`).
     ``reconstruction``: the ground truth through the VAE, ``{"flat": flat metrics, "quality":
-    :func:`.generation.quality_figures` of it}`` (a reference row in the tables, the VAE-ceiling
-    section and the collapse-beyond-the-VAE targets). ``window_labels``: the listener's intent per
-    evaluated window (None = unlabelled corpus), for the listening deviations per intent;
+    :func:`.generation.quality_figures` of it}`` and optionally ``"windows"`` (its
+    :func:`.bench_stats.table1_window_values`, for its deviations per intent) (a reference row in the
+    tables, the VAE-ceiling section, the per-intent tables and the collapse-beyond-the-VAE targets).
+    ``window_labels``: the listener's intent per evaluated window (None = unlabelled corpus), for the
+    listening deviations per intent;
     ``intent_floor``: their floor for a model that knows the intent (:func:`.intent_control.intent_floor`).
     ``hdr["sde"][method]``: the SDE each post-training method's runs recorded. Derived here: mean +-
     std over seeds, findings (Welch), paired per-window comparisons, training-curve trends, mechanism
@@ -188,6 +190,8 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
     algo_of = {m: "supervised" if m == "supervised" else parse_method(m).algo for m in methods}
     recon = None if reconstruction is None else {"metrics": aggregate_seeds({0: reconstruction["flat"]}),
                                                  "quality": dict(reconstruction["quality"])}
+    if recon is not None and reconstruction.get("windows") and window_labels is not None:
+        recon["per_intent"] = per_label_means({"r": {0: reconstruction["windows"]}}, window_labels, LISTENING_DD)["r"]
     targets = T.check_targets(quality=sde.get("ode_quality") or {}, teacher_forced=sde.get("teacher_forced_quality") or None,
                               findings=fnd, paired=paired, metrics=agg, mechanism=mech,
                               controls=ctl, trends=trends, groups=list(groups), algo_of=algo_of,

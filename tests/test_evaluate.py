@@ -341,6 +341,10 @@ def test_bench_quick(tiny):
     fl = rep["intent_floor"]["JDD"]  # beside them, the floor for a model that knows the intent (ground truth only)
     assert "floor, knows the intent" in md and fl["intent_aware"] <= fl["window_blind"] + 1e-9
     assert "| all windows, faithful sampler |" in md and fl["sampler"]["intent_aware"] >= fl["intent_aware"] - 1e-9
+    rec = rep["reconstruction"]["per_intent"]["listening/JDD"]  # and what perfect latents reach, per intent
+    assert "| VAE reconstruction |" in md and sum(c["share"] for c in rec.values()) == pytest.approx(1.0)
+    assert (sum(c["mean"] * c["n"] for c in rec.values()) / sum(c["n"] for c in rec.values())
+            == pytest.approx(rep["reconstruction"]["metrics"]["all/listening/JDD"]["mean"], rel=1e-6))
     assert set(fl["per_intent"]) == set(rep["per_intent"]["supervised"]["listening/JDD"])
     for m in rep["methods"]:  # amplitude or timing: scaling each channel optimally never raises the deviation
         a = rep["metrics"][m]
