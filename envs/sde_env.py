@@ -31,9 +31,10 @@ conditioning of ``window`` from the same bank. Every reset writes a fresh ``epis
 for the batch's rows) that the policy keys its cache on, so one policy can step several envs.
 
 Randomness: the env owns a ``torch.Generator`` for the initial noise of every token (the caller's,
-or its own seeded with ``seed``) and a numpy generator for window sampling; ``set_seed`` reseeds
-both, so ``reset`` after ``set_seed(s)`` is reproducible. To build an env from a dataset folder and
-a VAE checkpoint alone, see ``envs/factory.py``.
+or its own seeded with ``seed``), a numpy generator for window sampling and another for the
+condition-dropout draws (``cond_drop``; a stream of its own, so every ``cond_drop`` draws the same
+windows for one seed); ``set_seed`` reseeds all three, so ``reset`` after ``set_seed(s)`` is
+reproducible. To build an env from a dataset folder and a VAE checkpoint alone, see ``envs/factory.py``.
 """
 from __future__ import annotations
 
@@ -59,6 +60,11 @@ _EPISODE_COUNTER = itertools.count()
 
 def new_episode_id() -> int:
     return (_EPISODE_PREFIX << 32) | (next(_EPISODE_COUNTER) & 0xFFFFFFFF)
+
+
+def _drop_stream(seed: int | None) -> np.random.Generator:
+    """The condition-dropout draws' generator: a stream of its own, derived from the env's seed (None: fresh entropy)."""
+    return np.random.default_rng(None if seed is None else [int(seed), 1])
 
 
 def with_dropped_copy(bank: TensorDictBase, drop_keys=DROP_KEYS) -> TensorDictBase:
@@ -132,6 +138,7 @@ class ListenerSDEEnv(EnvBase):
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
         self.generator = generator
         self._np_rng = np.random.default_rng(seed)
+        self._drop_rng = _drop_stream(seed)
         self._pending_windows: torch.Tensor | None = None
         self._elapsed = 0  # transitions since reset; rows step in lock-step, so no device read is needed
         self._make_specs(B, len(reward.group_names))
@@ -176,7 +183,7 @@ class ListenerSDEEnv(EnvBase):
         else:
             prompts = torch.as_tensor(self._np_rng.choice(self.n_windows, self.n_prompts, replace=self.n_windows < self.n_prompts))
             if self.cond_drop > 0:  # a dropped prompt is the window's copy with the conditions nulled
-                prompts = prompts + self.n_windows * torch.as_tensor(self._np_rng.random(self.n_prompts) < self.cond_drop)
+                prompts = prompts + self.n_windows * torch.as_tensor(self._drop_rng.random(self.n_prompts) < self.cond_drop)
         B, N, D = self.batch_size[0], self.n_tokens, self.d_latent
         self._elapsed = 0
         window = prompts.to(self.device).repeat_interleave(self.group_size)  # (B,)
@@ -244,15 +251,19 @@ class ListenerSDEEnv(EnvBase):
                                       **speaking_kwargs(self.reward_fn, rows["speaking"]))["terms"]
 
     def rng_state(self) -> dict:
-        """State of the window sampler and of the noise generator (exact resume)."""
-        return {"windows": self._np_rng.bit_generator.state, "noise": self.generator.get_state()}
+        """State of the window sampler, the condition-dropout draws and the noise generator (exact resume)."""
+        return {"windows": self._np_rng.bit_generator.state, "drop": self._drop_rng.bit_generator.state,
+                "noise": self.generator.get_state()}
 
     def set_rng_state(self, state: dict) -> None:
         self._np_rng.bit_generator.state = state["windows"]
+        if "drop" in state:  # states saved before the drop draws had a stream of their own lack it
+            self._drop_rng.bit_generator.state = state["drop"]
         if "noise" in state:  # states saved before the env owned its generator hold only "windows"
             self.generator.set_state(state["noise"])
 
     def _set_seed(self, seed: int | None) -> None:
         self._np_rng = np.random.default_rng(seed)
+        self._drop_rng = _drop_stream(seed)
         if seed is not None:
             self.generator.manual_seed(int(seed))

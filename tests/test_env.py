@@ -112,6 +112,25 @@ def test_cond_drop_rollouts_are_the_unconditional_branch(rl):
     assert 0.4 < (draws >= n).float().mean() < 0.6
 
 
+def test_cond_drop_draws_the_same_windows_as_no_drop_and_resumes_its_draws(rl):
+    """The drop draws have a stream of their own: for one seed every cond_drop trains on the same window
+    sequence (so a probe of p compares dropout, not window draws), and rng_state resumes both streams."""
+    bank = rl.tiny_bank()
+    n = bank.batch_size[0]
+    plain, *_ = make(rl, n_prompts=3, bank=bank, seed=4)
+    drop, *_ = make(rl, n_prompts=3, bank=bank, seed=4, cond_drop=0.5)
+    w0 = torch.stack([plain.reset()["window"] for _ in range(30)])  # (30, B)
+    w1 = torch.stack([drop.reset()["window"] for _ in range(30)])
+    assert torch.equal(w0, w1 % n) and (w1 >= n).any()
+    state = drop.rng_state()
+    after = torch.stack([drop.reset()["window"] for _ in range(10)])
+    drop.reset()
+    drop.set_rng_state(state)
+    assert torch.equal(torch.stack([drop.reset()["window"] for _ in range(10)]), after)
+    drop.set_seed(4)  # reseeding restarts both streams
+    assert torch.equal(torch.stack([drop.reset()["window"] for _ in range(30)]), w1)
+
+
 def test_sde_rollout_reproduces_sde_sampler(rl):
     env, policy, model, bank = make(rl, steps=4, sigma=0.5)
     env.set_windows(torch.tensor([0, 3]))
