@@ -57,7 +57,9 @@ def _header_markdown(rep, methods, groups) -> list[str]:
           f"{s['rollouts_per_run']} SDE rollouts ({s['transitions_per_run']} transitions) per run, identical for every method "
           f"(mean wall time per run: {wall}). Post-training methods and the SDE their runs trained with: "
           + ", ".join(f"{method_label(m)}: env.sde={run_sde.get(m, '?')}" for m in post) + ". "
-          f"Evaluation: Euler ODE {s['steps']} steps, CFG 1, sampling seed = run seed (supervised-only: the same "
+          + "".join(f"Variant {method_label(m)}: {' '.join(o)} (applied last; a budget it changes is its own). "
+                    for m, o in (s.get("variants") or {}).items())
+          + f"Evaluation: Euler ODE {s['steps']} steps, CFG 1, sampling seed = run seed (supervised-only: the same "
           f"checkpoint sampled with each seed). Values are mean ± std over seeds (sample std). "
           f"Code: commit {git.get('commit')}{local}.{_extended_note(s, post)}", ""]
     L += ["## Targets (issue 10)", "", "Each target computed from the figures below; Welch p over seeds and the 95 % paired-bootstrap "
@@ -207,6 +209,7 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
     L += per_intent_markdown(rep.get("per_intent") or {}, methods, rep.get("intent_floor"),
                              (rep.get("reconstruction") or {}).get("per_intent"))
     L += sde_markdown(rep["sde_choice"])
+    L += variants_markdown(rep.get("variants") or {})
     L += mechanism_markdown(rep["mechanism"], groups, rep["setup"].get("env") or {})
     L += _rewards_markdown(rep, methods, groups)
     L += _supplementary_markdown(rep, methods)
@@ -428,6 +431,29 @@ def sde_markdown(sde: dict) -> list[str]:
                 L.append(f"  - {k}: {p['reference']:.3f} -> {p['method']:.3f} ({_fmt(p['rel_change'], '+.1%')}), {p['mean_diff']:+.3f} "
                          f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}], {p['frac_improved']:.0%} of {p['n_windows']} windows lower")
     return L + [""]
+
+
+def variants_markdown(variants: dict) -> list[str]:
+    """Each variant (``gdpo+nokl``) against its base (``gdpo``): Welch over seeds and the paired per-window
+    comparison (:func:`.benchmark.variant_report`); nothing without variants."""
+    if not variants:
+        return []
+    L = ["## Variants vs their base", "",
+         "Each variant (`algos` entry `<method>+<name>`, the overrides of `variants.<name>` applied last) against the same "
+         "method without them, trained with the same seeds, windows and budget: mean +- std over seeds, relative change, Welch "
+         "t (p) over seeds, and per window the paired difference variant - base with its 95 % bootstrap interval (lower is "
+         "better for every metric here; listening on all windows).", ""]
+    for m, d in variants.items():
+        L += [f"{method_label(m)} vs {method_label(d['base'])}:", "",
+              "| metric | base | variant | change | Welch t (p) | paired diff [95 % CI] |", "|---|---|---|---|---|---|"]
+        for k, w in d["welch"].items():
+            p = ((d.get("paired") or {}).get("all") or {}).get(k.split("/", 1)[1])
+            t = "n/a" if w["t"] is None else f"{w['t']:+.2f} ({w['p']:.3f})"
+            pair = "n/a" if p is None else f"{p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
+            L.append(f"| {k.split('/', 1)[1]} | {fmt_ms(w['base'], 3)} | {fmt_ms(w['variant'], 3)} | "
+                     f"{_fmt(w['rel_change'], '+.1%')} | {t} | {pair} |")
+        L.append("")
+    return L
 
 
 def mechanism_markdown(mech: dict, groups: list[str], env: dict) -> list[str]:

@@ -20,11 +20,11 @@ SDE_LINESTYLE = {None: "-", "paper": "-.", "marginal": "--"}
 
 
 def method_style(key: str) -> dict:
-    """Matplotlib colour and line style of a method (colour by algorithm, line style by SDE)."""
+    """Matplotlib colour and line style of a method (colour by algorithm, line style by SDE; dotted: a variant)."""
     if key == "supervised":
         return {"color": METHOD_COLOR["supervised"], "ls": "-"}
     m = parse_method(key)
-    return {"color": METHOD_COLOR[m.algo], "ls": SDE_LINESTYLE[m.sde]}
+    return {"color": METHOD_COLOR[m.algo], "ls": SDE_LINESTYLE[m.sde] if m.variant is None else ":"}
 
 
 def _figure(n_panels: int, cols: int, w: float = 4.5, h: float = 3.2):

@@ -21,7 +21,8 @@ from .benchmark import BenchMethod, parse_method, replaceable_run_dir, run_stamp
 
 
 def train_overrides(cfg: DictConfig, method: BenchMethod, seed: int, run_dir: Path, data_root: Path, vae: Path, sft: Path) -> list[str]:
-    """Overrides of one ``train/gdpo.py`` run; identical for every method apart from ``algo=`` / ``env.sde=``."""
+    """Overrides of one ``train/gdpo.py`` run; identical for every method apart from ``algo=`` / ``env.sde=``
+    and a variant's overrides (``cfg.variants[method.variant]``, last, so they win over ``train_overrides``)."""
     f = cfg.features
     extra = [str(o) for o in cfg.train_overrides]
     if method.sde is not None and any(o.lstrip("+~").startswith("env.sde=") for o in extra):
@@ -31,7 +32,8 @@ def train_overrides(cfg: DictConfig, method: BenchMethod, seed: int, run_dir: Pa
             "pretrained.auto_train=false", f"features.text_encoder={f.text_encoder}", f"features.audio_encoder={f.audio_encoder}",
             f"features.cache_dir={factories.abspath(f.cache_dir)}",
             *([] if cfg.iterations is None else [f"optim.iterations={int(cfg.iterations)}"]),
-            f"device={cfg.device}", f"threads={resolve_threads(cfg.threads)}", "logger.backend=csv", *extra]
+            f"device={cfg.device}", f"threads={resolve_threads(cfg.threads)}", "logger.backend=csv", *extra,
+            *method.variant_overrides(cfg.get("variants"))]
 
 
 def _iterations(overrides: list[str]) -> int | None:

@@ -3,7 +3,9 @@ run folders, training curves and report.
 
 - :class:`BenchMethod` / :func:`parse_method`: a method of ``algos`` -- ``grpo``, ``gdpo``, or one of
   them trained with a given SDE, ``gdpo@marginal`` (``env.sde=marginal``; run folder
-  ``runs/gdpo-marginal_seed<S>``);
+  ``runs/gdpo-marginal_seed<S>``), or with a named set of extra overrides from the config's
+  ``variants``, ``gdpo+nokl`` (run folder ``runs/gdpo_nokl_seed<S>``), reported against its base
+  (:func:`variant_report`);
 - :func:`training_budget`: RL iterations, SDE rollouts and denoising transitions of one run, from
   the resolved config the run recorded (episode length ``env.episode_tokens`` or the model window);
 - :func:`replaceable_run_dir`: whether a run folder may be deleted before a fresh run (only a
@@ -15,6 +17,7 @@ run folders, training curves and report.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +34,10 @@ from .bench_stats import (
 )
 from .scoring import LISTENING_DD
 from .sde_choice import closest_to_ode, evaluation_ode, model_verdict
-from .seed_stats import aggregate_seeds, findings, mean_std
+from .seed_stats import aggregate_seeds, findings, mean_std, relative_change, welch_test
 
 __all__ = ["ALGOS", "SDES", "BenchMethod", "parse_method", "method_label", "read_curve", "reward_curves", "training_budget",
-           "run_stamp", "replaceable_run_dir", "build_report"]
+           "run_stamp", "replaceable_run_dir", "variant_report", "build_report"]
 
 ALGOS = ("grpo", "gdpo")
 SDES = ("paper", "marginal")  # train/gdpo.py env.sde
@@ -50,37 +53,75 @@ LEGACY_RUN_STAMP = "bench_run.json"
 @dataclass(frozen=True)
 class BenchMethod:
     """One post-training method of the benchmark: ``algo`` trained with the SDE ``sde`` (None = the
-    training config's ``env.sde``). ``key`` is how ``algos`` writes it (``gdpo``, ``gdpo@marginal``)."""
+    training config's ``env.sde``) and the extra overrides of the config's ``variants[variant]`` (None =
+    none). ``key`` is how ``algos`` writes it (``gdpo``, ``gdpo@marginal``, ``gdpo+nokl``)."""
 
     algo: str
     sde: str | None = None
+    variant: str | None = None
 
     @property
     def key(self) -> str:
+        return self.base + ("" if self.variant is None else f"+{self.variant}")
+
+    @property
+    def base(self) -> str:
+        """The key of the same method without its variant (what a variant is compared with)."""
         return self.algo if self.sde is None else f"{self.algo}@{self.sde}"
 
     @property
     def slug(self) -> str:
         """File-name form of ``key``: run folder ``runs/<slug>_seed<S>``, ``eval/<slug>_seed<S>``."""
-        return self.key.replace("@", "-")
+        return self.key.replace("@", "-").replace("+", "_")
 
     @property
     def label(self) -> str:
         base = METHOD_LABEL[self.algo]
-        return base if self.sde is None else f"{base} ({self.sde} SDE)"
+        base = base if self.sde is None else f"{base} ({self.sde} SDE)"
+        return base if self.variant is None else f"{base} + {self.variant}"
 
     def overrides(self) -> list[str]:
-        """The ``train/gdpo.py`` overrides that select this method."""
+        """The ``train/gdpo.py`` overrides that select the algorithm and the SDE."""
         return [f"algo={self.algo}", *([] if self.sde is None else [f"env.sde={self.sde}"])]
+
+    def variant_overrides(self, variants=None) -> list[str]:
+        """The variant's extra ``train/gdpo.py`` overrides from ``variants`` (the config's mapping of names
+        to override lists; the run applies them last). A variant may not set what the benchmark holds
+        equal across methods or sets per run (:data:`VARIANT_FORBIDDEN`, :data:`VARIANT_FORBIDDEN_GROUPS`):
+        a ValueError names the override."""
+        if self.variant is None:
+            return []
+        if not variants or self.variant not in variants:
+            raise ValueError(f"method {self.key}: no variant {self.variant!r} in variants={dict(variants or {})}; "
+                             f"define it as variants.{self.variant}=[<train/gdpo.py override>, ...]")
+        over = [str(o) for o in variants[self.variant]]
+        for o in over:
+            key = o.lstrip("+~").split("=", 1)[0]
+            if ("=" not in o or key == "" or key in VARIANT_FORBIDDEN
+                    or any(key == g or key.startswith(g + ".") for g in VARIANT_FORBIDDEN_GROUPS)):
+                raise ValueError(f"variants.{self.variant}: {o!r} is not an override a variant may set: key=value, none of "
+                                 f"{', '.join(VARIANT_FORBIDDEN)} nor under {', '.join(VARIANT_FORBIDDEN_GROUPS)} (what the "
+                                 f"benchmark sets per run or holds equal; the SDE: write {self.algo}@<sde>+{self.variant})")
+        return over
+
+
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# what train/bench.py sets per run or holds equal across methods (the budget, the data, the models it starts from)
+VARIANT_FORBIDDEN = ("algo", "env.sde", "seed", "out_dir", "reward", "device", "threads", "resume", "optim.iterations")
+VARIANT_FORBIDDEN_GROUPS = ("model", "data", "pretrained", "features", "logger")  # and every key under them
 
 
 def parse_method(spec: str) -> BenchMethod:
-    """``"gdpo"`` / ``"grpo@marginal"`` -> :class:`BenchMethod`; anything else is a ValueError naming it."""
-    algo, _, sde = str(spec).strip().partition("@")
-    if algo not in ALGOS or (sde and sde not in SDES) or (not sde and "@" in str(spec)):
+    """``"gdpo"`` / ``"grpo@marginal"`` / ``"gdpo+nokl"`` -> :class:`BenchMethod`; anything else is a
+    ValueError naming it (whether the variant is defined is checked where the config is: :meth:`BenchMethod.overrides`)."""
+    head, plus, variant = str(spec).strip().partition("+")
+    algo, _, sde = head.partition("@")
+    if (algo not in ALGOS or (sde and sde not in SDES) or (not sde and "@" in head)
+            or (plus and not VARIANT_NAME.fullmatch(variant))):
         raise ValueError(f"unknown benchmark method {spec!r}: write an algorithm ({', '.join(ALGOS)}), optionally "
-                         f"followed by @ and an SDE ({', '.join(SDES)}), e.g. gdpo@marginal")
-    return BenchMethod(algo, sde or None)
+                         f"followed by @ and an SDE ({', '.join(SDES)}) and by + and the name of one of the config's "
+                         f"variants (letters, digits, _ and -), e.g. gdpo@marginal or gdpo+nokl")
+    return BenchMethod(algo, sde or None, variant or None)
 
 
 def method_label(key: str) -> str:
@@ -126,6 +167,33 @@ def reward_curves(run_dir: Path, algo: str, groups: list[str]) -> dict[str, tupl
     """Per group, the logged batch-mean training reward ``logs/<algo>/scalars/reward/<group>/mean.csv``
     (``algo``: the run's algorithm, the name its logger writes under)."""
     return {g: read_curve(Path(run_dir) / "logs" / algo / "scalars" / "reward" / g / "mean.csv") for g in groups}
+
+
+VARIANT_METRICS = ("all/listening/FDD", "all/listening/PDD", "all/listening/JDD",
+                   *(f"all/speaking/FD/{g}" for g in ("exp", "jaw", "pose")))
+
+
+def variant_report(methods, flat: dict, windows: dict | None, expressive: np.ndarray | None) -> dict:
+    """Every method with a variant (``gdpo+nokl``) against its base (``gdpo``: same algorithm and SDE, no
+    variant), when both ran: per metric of :data:`VARIANT_METRICS` the mean +- std over seeds of each, the
+    relative change and Welch's test over seeds (``flat[method][seed]``), and the paired per-window
+    comparison (:func:`.bench_stats.paired_report` with the base as reference; same sampling seeds, so the
+    windows are paired). ``{variant key: {"base", "welch": {metric: ...}, "paired": {subset: {metric: ...}}}}``."""
+    out = {}
+    for m in methods:
+        pm = None if m == "supervised" else parse_method(m)
+        if pm is None or pm.variant is None or pm.base not in methods:
+            continue
+        welch = {}
+        for k in VARIANT_METRICS:
+            a = [flat[pm.base][s].get(k) for s in flat[pm.base]]
+            b = [flat[m][s].get(k) for s in flat[m]]
+            ma, mb = mean_std(a), mean_std(b)
+            welch[k] = {"base": ma, "variant": mb, "rel_change": relative_change(ma["mean"], mb["mean"]), **welch_test(a, b)}
+        paired = (paired_report(windows, [m], expressive, reference=pm.base)[m]
+                  if windows and m in windows and pm.base in windows else {})
+        out[m] = {"base": pm.base, "welch": welch, "paired": paired}
+    return out
 
 
 def build_report(cfg_weights: list[float], methods, flat, controls, curves, train_info, groups, hdr, clf_info, intents, *,
@@ -187,6 +255,7 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
     per_intent = (per_label_means({m: windows[m] for m in methods if m in windows}, window_labels, LISTENING_DD)
                   if windows and window_labels is not None else {})
     sde = sde_report(methods, hdr.get("sde") or {}, windows, expressive, sde_dynamics, sde_variants)
+    variants = variant_report(methods, flat, windows, expressive)
     algo_of = {m: "supervised" if m == "supervised" else parse_method(m).algo for m in methods}
     recon = None if reconstruction is None else {"metrics": aggregate_seeds({0: reconstruction["flat"]}),
                                                  "quality": dict(reconstruction["quality"])}
@@ -201,6 +270,7 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
               "training": {"reward": final, "trend_last_third": trends, "runs": train_info}, "controls": ctl,
               "controls_gt_listening_std": gt_sweep, "intent_classifier": clf_info, "intents": intents, "findings": fnd,
               "paired": paired, "per_intent": per_intent, "intent_floor": intent_floor, "mechanism": mech, "sde_choice": sde,
+              "variants": variants,
               "targets": [t.to_json() for t in targets]}
     return report
 
@@ -231,7 +301,7 @@ def sde_report(methods, run_sde: dict, windows, expressive, dynamics: dict | Non
                     "ode_quality": table.get(ode) or {}, "teacher_forced_quality": table.get(tf) or {}})
     models = {}
     for algo in ALGOS:
-        same = [m for m in methods if m != "supervised" and parse_method(m).algo == algo]
+        same = [m for m in methods if m != "supervised" and parse_method(m).algo == algo and parse_method(m).variant is None]
         if len(same) < 2 or not windows:
             continue
         ref = same[0]

@@ -43,9 +43,48 @@ def test_methods_parse_with_their_sde():
     g = parse_method("grpo")
     assert g.sde is None and g.slug == "grpo" and g.overrides() == ["algo=grpo"] and g.label == "GRPO"
     assert method_label("supervised") == "supervised-only" and method_label("grpo@paper") == "GRPO (paper SDE)"
-    for bad in ("ppo", "gdpo@", "gdpo@ode", "@marginal"):
+    for bad in ("ppo", "gdpo@", "gdpo@ode", "@marginal", "gdpo+", "gdpo+a b", "gdpo++x", "gdpo@ode+x"):
         with pytest.raises(ValueError, match="unknown benchmark method"):
             parse_method(bad)
+
+
+def test_a_variant_is_its_base_with_named_overrides():
+    v = parse_method("gdpo@marginal+nokl")
+    assert (v.algo, v.sde, v.variant, v.key, v.base, v.slug) == ("gdpo", "marginal", "nokl", "gdpo@marginal+nokl", "gdpo@marginal",
+                                                                  "gdpo-marginal_nokl")
+    assert v.label == "GDPO (marginal SDE) + nokl" and v.overrides() == ["algo=gdpo", "env.sde=marginal"]
+    assert v.variant_overrides({"nokl": ["algo.beta=0", "+rewards.weights.vel=4"]}) == ["algo.beta=0", "+rewards.weights.vel=4"]
+    assert parse_method("gdpo").variant_overrides(None) == [] and parse_method("grpo+x").base == "grpo"
+    with pytest.raises(ValueError, match="no variant 'nokl'"):
+        v.variant_overrides({"other": []})
+    for bad in ("algo=grpo", "env.sde=paper", "seed=1", "out_dir=x", "reward=all", "optim.iterations=5", "model.d_model=8",
+                "data.root=x", "pretrained.sft=x", "features.cache_dir=x", "threads=2", "no_equals"):
+        with pytest.raises(ValueError, match="not an override a variant may set"):
+            v.variant_overrides({"nokl": [bad]})
+
+
+def test_variant_report_compares_each_variant_with_its_base_over_seeds_and_windows():
+    from gdpo_listener.evaluation.bench_markdown import variants_markdown
+    from gdpo_listener.evaluation.benchmark import variant_report
+
+    rng = np.random.default_rng(0)
+    base_w = rng.uniform(1.0, 2.0, size=40)
+    ok = np.ones(40, dtype=bool)
+    windows = {"gdpo": {s: {"listening/JDD": (base_w + 0.01 * s, ok)} for s in range(3)},
+               "gdpo+nokl": {s: {"listening/JDD": (0.8 * base_w + 0.01 * s, ok)} for s in range(3)}}
+    flat = {m: {s: {"all/listening/JDD": float(w[s]["listening/JDD"][0].mean())} for s in range(3)}
+            for m, w in windows.items()}
+    rep = variant_report(["supervised", "gdpo", "gdpo+nokl", "grpo+x"], flat, windows, None)
+    assert set(rep) == {"gdpo+nokl"}  # grpo+x has no base in the run: not compared
+    d = rep["gdpo+nokl"]
+    w = d["welch"]["all/listening/JDD"]
+    assert d["base"] == "gdpo" and w["rel_change"] == pytest.approx(-0.2, abs=0.01) and w["t"] < 0 and w["p"] < 0.05
+    p = d["paired"]["all"]["listening/JDD"]
+    assert p["ci_high"] < 0 and p["frac_improved"] == 1.0 and p["n_windows"] == 40
+    assert w["base"]["n"] == 3 and d["welch"]["all/listening/FDD"]["t"] is None  # a metric the runs lack: n/a, not 0
+    md = "\n".join(variants_markdown(rep))
+    assert "## Variants vs their base" in md and "GDPO + nokl vs GDPO" in md and "| listening/JDD |" in md
+    assert variants_markdown({}) == []
 
 
 # ----------------------------------------------------------------------------------------------

@@ -246,7 +246,8 @@ def test_bench_quick(tiny):
     """``python train/bench.py --quick`` end to end with GRPO, GDPO and GDPO trained with the marginal SDE:
     real gdpo.py runs, evaluation of every checkpoint, controls, the SDE choice, report with every section."""
     out = tiny / "bench"
-    cmd = [sys.executable, str(ROOT / "train" / "bench.py"), "--quick", "jobs=2", "progress=false", "algos=[grpo,gdpo,gdpo@marginal]",
+    cmd = [sys.executable, str(ROOT / "train" / "bench.py"), "--quick", "jobs=2", "progress=false",
+           "algos=[grpo,gdpo,gdpo@marginal,gdpo+nokl]", "variants={nokl:['algo.beta=0']}",
            f"data.root={tiny / 'data'}", "data.auto_prepare=false", f"pretrained.vae={tiny / 'vae'}", f"pretrained.sft={tiny / 'sft'}",
            "pretrained.auto_train=false", f"features.cache_dir={tiny / 'cache'}", f"out_dir={out}"]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
@@ -257,9 +258,9 @@ def test_bench_quick(tiny):
     for f in ("report.md", "report.json", "reward_curves.png", "mechanism.png", "listening_motion.png"):
         assert (out / f).is_file(), f
     rep = json.loads((out / "report.json").read_text())
-    post = ["grpo", "gdpo", "gdpo@marginal"]
+    post = ["grpo", "gdpo", "gdpo@marginal", "gdpo+nokl"]
     assert rep["methods"] == ["supervised", *post] and rep["setup"]["seeds"] == [0]
-    assert rep["setup"]["sde"] == {"grpo": "paper", "gdpo": "paper", "gdpo@marginal": "marginal"}  # as the runs recorded
+    assert rep["setup"]["sde"] == {"grpo": "paper", "gdpo": "paper", "gdpo@marginal": "marginal", "gdpo+nokl": "paper"}  # as recorded
     # quick budget: 1 iteration x 1 prompt x G = 2 rollouts of 25 tokens x 2 SDE steps
     assert rep["setup"]["rollouts_per_run"] == 2 and rep["setup"]["transitions_per_run"] == 2 * 25 * 2
     for m in rep["methods"]:
@@ -279,7 +280,8 @@ def test_bench_quick(tiny):
         sweeps = rep["controls"][m]["cfg_sweeps"]  # the paper's unconditional branch and partner-motion guidance
         assert list(sweeps) == ["text+audio+motion", "motion"] and sweeps["text+audio+motion"] == rep["controls"][m]["cfg_sweep"]
         assert sweeps["motion"]["1"] == sweeps["text+audio+motion"]["1"]  # w = 1 runs no unconditional branch
-    for m, slug, algo in (("grpo", "grpo", "grpo"), ("gdpo", "gdpo", "gdpo"), ("gdpo@marginal", "gdpo-marginal", "gdpo")):
+    for m, slug, algo in (("grpo", "grpo", "grpo"), ("gdpo", "gdpo", "gdpo"), ("gdpo@marginal", "gdpo-marginal", "gdpo"),
+                          ("gdpo+nokl", "gdpo_nokl", "gdpo")):
         # training reward curves and mechanism figures read from the CSV logs, every rewarded group
         assert all(v["final"]["mean"] is not None for v in rep["training"]["reward"][m].values())
         logs = out / "runs" / f"{slug}_seed0" / "logs" / algo / "scalars"
@@ -313,6 +315,16 @@ def test_bench_quick(tiny):
     assert sde["dynamics"]["ODE 2 steps"]["listening/expr/vel_std_ratio"]["mean"] > 0
     assert sde["closest_to_ode"]["best"] in ("SDE paper 2 steps sigma 0.5", "SDE marginal 2 steps sigma 0.5")
     assert list(sde["models"]) == ["gdpo@marginal vs gdpo"] and sde["models"]["gdpo@marginal vs gdpo"]["method_sde"] == "marginal"
+    # a variant: trained with its overrides (the run's recorded config), compared with its base, not in the SDE choice
+    beta = {slug: json.loads((out / "runs" / f"{slug}_seed0" / "meta.json").read_text())["config"]["algo"]["beta"]
+            for slug in ("gdpo", "gdpo_nokl")}
+    assert beta["gdpo_nokl"] == 0 and beta["gdpo"] > 0
+    var = rep["variants"]["gdpo+nokl"]
+    assert list(rep["variants"]) == ["gdpo+nokl"] and var["base"] == "gdpo"
+    pj = var["paired"]["all"]["listening/JDD"]
+    assert pj["reference"] == pytest.approx(rep["metrics"]["gdpo"]["all/listening/JDD"]["mean"], rel=1e-6)
+    assert pj["method"] == pytest.approx(rep["metrics"]["gdpo+nokl"]["all/listening/JDD"]["mean"], rel=1e-6)
+    assert var["welch"]["all/listening/JDD"]["t"] is None  # one seed: no Welch, never a made-up p
     names = [t["name"] for t in rep["targets"]]
     assert all(t["status"] in ("PASS", "FAIL", "N/A") for t in rep["targets"])
     assert "supervised listening velocity-std ratio, expr" in names and "GDPO (marginal SDE) vs supervised, listening FDD" in names
@@ -333,7 +345,8 @@ def test_bench_quick(tiny):
                     "Better post-trained model", "## GDPO mechanism figures", "Trend over the last third", "Text control",
                     "CFG intensity sweep", "Unconditional branch nulls motion:", "GDPO (marginal SDE)", "## The VAE's ceiling",
                     "VAE reconstruction (reference)", "## Listening deviations: amplitude or timing", "| window-blind floor |",
-                    "## Listening deviations per intent", "VAE-space classifier"):
+                    "## Listening deviations per intent", "VAE-space classifier", "## Variants vs their base",
+                    "GDPO + nokl vs GDPO"):
         assert section in md, section
     for m in rep["methods"]:  # per intent: the shares of the windows' deviation add up to 1
         shares = [c["share"] for c in rep["per_intent"][m]["listening/JDD"].values()]
@@ -355,6 +368,7 @@ def test_bench_quick(tiny):
 
 def test_bench_helpers():
     import bench
+    from omegaconf import OmegaConf
 
     from gdpo_listener.evaluation.seed_stats import fmt_ms, mean_std, relative_change, welch_t
 
@@ -371,6 +385,19 @@ def test_bench_helpers():
     with pytest.raises(ValueError, match="sets env.sde itself"):
         bench_runs.train_overrides(compose("bench", ["train_overrides=['env.sde=paper']"]), parse_method("gdpo@marginal"), *args)
     assert bench.parse_algos(["grpo", "gdpo@marginal"]) == ["grpo", "gdpo@marginal"]
+    # a variant's overrides come last, over train_overrides (Hydra: the last value of a key wins)
+    vcfg = compose("bench", ["train_overrides=['eval.n_windows=4','env.group_size=8']",
+                             "variants={nokl:['algo.beta=0','env.group_size=16']}"])
+    base, var = (bench_runs.train_overrides(vcfg, parse_method(m), *args) for m in ("gdpo", "gdpo+nokl"))
+    assert var[:len(base)] == base and var[len(base):] == ["algo.beta=0", "env.group_size=16"]
+    run_var, run_base = compose("gdpo", var), compose("gdpo", base)
+    assert run_var.env.group_size == 16 and run_var.algo.beta == 0 and run_base.env.group_size == 8 and run_base.algo.beta > 0
+    assert bench.check_settings(OmegaConf.merge(vcfg, {"algos": ["gdpo", "gdpo+nokl"], "quick": True}))[1] == ["gdpo", "gdpo+nokl"]
+    for algos, extra, match in ((["gdpo+other"], {}, "no variant 'other'"),
+                                (["gdpo+nokl"], {"variants": {"nokl": ["seed=3"]}}, "not an override a variant may set"),
+                                (["gdpo+nokl"], {"variants": {"nokl": ["pretrained.sft=x"]}}, "not an override a variant may set")):
+        with pytest.raises(ValueError, match=match):  # early, before any training
+            bench.check_settings(OmegaConf.merge(vcfg, {"algos": algos, "quick": True}, extra))
     for bad in (["gdpo", "gdpo"], [], ["ppo"]):
         with pytest.raises(ValueError):
             bench.parse_algos(bad)

@@ -109,13 +109,15 @@ def parse_algos(algos) -> list[str]:
     """The ``algos`` entries as method keys (each checked by ``parse_method``), without duplicates."""
     keys = [parse_method(str(a)).key for a in algos]
     if not keys or len(set(keys)) != len(keys):
-        raise ValueError(f"algos={list(algos)} must list at least one method, each once (grpo, gdpo, gdpo@marginal, ...)")
+        raise ValueError(f"algos={list(algos)} must list at least one method, each once (grpo, gdpo, gdpo@marginal, gdpo+<variant>, ...)")
     return keys
 
 
 def check_settings(cfg: DictConfig) -> tuple[list[int], list[str], list[str]]:
     """``(seeds, algos, rewarded groups)`` of ``cfg``; a bad setting fails here, before any training."""
     seeds, algos = [int(s) for s in cfg.seeds], parse_algos(cfg.algos)
+    for a in algos:  # every variant named in algos is defined, with overrides a variant may set
+        parse_method(a).variant_overrides(cfg.get("variants"))
     groups = parse_reward_spec(cfg.reward)
     for drop in cfg.controls.get("cfg_drops") or []:
         check_cfg_drop(drop)
