@@ -50,6 +50,12 @@ RUN_STAMP_SUFFIX = ".bench_run.json"
 LEGACY_RUN_STAMP = "bench_run.json"
 
 
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# what train/bench.py sets per run or holds equal across methods (the budget, the data, the models it starts from)
+VARIANT_FORBIDDEN = ("algo", "env.sde", "seed", "out_dir", "reward", "device", "threads", "resume", "optim.iterations")
+VARIANT_FORBIDDEN_GROUPS = ("model", "data", "pretrained", "features", "logger")  # and every key under them
+
+
 @dataclass(frozen=True)
 class BenchMethod:
     """One post-training method of the benchmark: ``algo`` trained with the SDE ``sde`` (None = the
@@ -105,15 +111,9 @@ class BenchMethod:
         return over
 
 
-VARIANT_NAME = re.compile(r"[A-Za-z0-9_-]+")
-# what train/bench.py sets per run or holds equal across methods (the budget, the data, the models it starts from)
-VARIANT_FORBIDDEN = ("algo", "env.sde", "seed", "out_dir", "reward", "device", "threads", "resume", "optim.iterations")
-VARIANT_FORBIDDEN_GROUPS = ("model", "data", "pretrained", "features", "logger")  # and every key under them
-
-
 def parse_method(spec: str) -> BenchMethod:
     """``"gdpo"`` / ``"grpo@marginal"`` / ``"gdpo+nokl"`` -> :class:`BenchMethod`; anything else is a
-    ValueError naming it (whether the variant is defined is checked where the config is: :meth:`BenchMethod.overrides`)."""
+    ValueError naming it (whether the variant is defined is checked where the config is: :meth:`BenchMethod.variant_overrides`)."""
     head, plus, variant = str(spec).strip().partition("+")
     algo, _, sde = head.partition("@")
     if (algo not in ALGOS or (sde and sde not in SDES) or (not sde and "@" in head)
