@@ -366,6 +366,24 @@ def test_bench_quick(tiny):
     assert "training-reward slope over the last third" in res.stdout
 
 
+def test_bench_on_train_windows_is_a_seeded_probe(tiny):
+    """``train/bench.py eval.split=train``: an ablation (a variant against its base) scored on train windows,
+    the way a probe is chosen without looking at the test split."""
+    out = tiny / "bench_train"
+    cmd = [sys.executable, str(ROOT / "train" / "bench.py"), "--quick", "progress=false", "algos=[gdpo,gdpo+nokl]",
+           "variants={nokl:['algo.beta=0']}", "quick_settings.eval.split=train", "quick_settings.eval.max_windows=6",
+           f"data.root={tiny / 'data'}", "data.auto_prepare=false", f"pretrained.vae={tiny / 'vae'}", f"pretrained.sft={tiny / 'sft'}",
+           "pretrained.auto_train=false", f"features.cache_dir={tiny / 'cache'}", f"out_dir={out}"]
+    res = subprocess.run(cmd, cwd=tiny, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    if res.returncode != 0:
+        print(res.stdout[-4000:], res.stderr[-4000:])
+    assert res.returncode == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["setup"]["split"] == "train" and rep["setup"]["n_windows"] == 6 and list(rep["variants"]) == ["gdpo+nokl"]
+    ev = json.loads((out / "eval" / "gdpo_nokl_seed0" / "metrics.json").read_text())
+    assert ev["split"] == "train"
+
+
 def test_bench_helpers():
     import bench
     from omegaconf import OmegaConf
