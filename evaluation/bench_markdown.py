@@ -349,28 +349,23 @@ def per_intent_markdown(per_intent: dict, methods: list[str], floor: dict | None
         L += [f"{k.split('/')[-1]}:", "", "| intent | windows | " + " | ".join(method_label(m) for m in ms)
               + (" | VAE reconstruction" if rk else "") + (" | floor, knows the intent |" if fk else " |"),
               "|" + "---|" * (len(ms) + 2 + bool(rk) + bool(fk))]
+        def share_cell(c: dict | None) -> str:
+            return "n/a" if c is None else f"{_fmt(c['mean'])} ({_fmt(c['share'], '.0%')})"
+
         for g in intents:
-            cells = []
-            for m in ms:
-                c = per_intent[m][k].get(g)
-                cells.append("n/a" if c is None else f"{_fmt(c['mean'])} ({_fmt(c['share'], '.0%')})")
-            if rk:
-                c = rk.get(g)
-                cells.append("n/a" if c is None else f"{_fmt(c['mean'])} ({_fmt(c['share'], '.0%')})")
+            cells = [share_cell(per_intent[m][k].get(g)) for m in ms] + ([share_cell(rk.get(g))] if rk else [])
             if fk:
                 fs_g = ((fk.get("sampler") or {}).get("per_intent") or {}).get(g)
                 cells.append(_fmt((fk["per_intent"].get(g) or {}).get("mean")) + ("" if fs_g is None else f" (sampler {_fmt(fs_g)})"))
             n = next(per_intent[m][k][g]["n"] for m in ms if g in per_intent[m][k])
             L.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
-        if fk:
-            L.append(f"| all windows | {fk['n']} | " + " | ".join("" for _ in ms) + (" | " if rk else "")
-                     + f" | {_fmt(fk['intent_aware'])} (knows what the text says {_fmt(fk.get('text_aware'))}; "
-                     f"window-blind {_fmt(fk['window_blind'])}) |")
-            fs = fk.get("sampler")
-            if fs:  # what a model reaches that samples the spread its conditions leave open, not the typical amplitude
-                L.append(f"| all windows, faithful sampler | {fk['n']} | " + " | ".join("" for _ in ms) + (" | " if rk else "")
-                         + f" | {_fmt(fs['intent_aware'])} (knows what the text says {_fmt(fs['text_aware'])}; "
-                         f"window-blind {_fmt(fs['window_blind'])}) |")
+        # the floor's rows over all windows, and the faithful sampler's (what a model reaches that samples the
+        # spread its conditions leave open, not the typical amplitude) where the report has it
+        for row, f in (("all windows", fk), ("all windows, faithful sampler", (fk or {}).get("sampler"))):
+            if f:
+                L.append(f"| {row} | {fk['n']} | " + " | ".join("" for _ in ms) + (" | " if rk else "")
+                         + f" | {_fmt(f['intent_aware'])} (knows what the text says {_fmt(f.get('text_aware'))}; "
+                         f"window-blind {_fmt(f['window_blind'])}) |")
         L += [""]
     return L
 
