@@ -16,8 +16,9 @@ stored in the checkpoint); ``per_group_report`` converts back to raw FLAME units
 Loss terms (``MotionVAE.loss``), weighted means over valid channels:
     loss_recon  MSE of frames                            (channel_weight masks invalid groups)
     loss_vel    MSE of frame differences                 (keeps dynamics, see docs/design.md section 6)
-    loss_dyn    squared error of each window's per-channel velocity std (the reward's statistic,
-                ``rewards.stats.velocity_std``)
+    loss_dyn    squared error of the per-channel velocity std (the reward's statistic,
+                ``rewards.stats.velocity_std``), of the whole window (``dyn_window = 0``) or of each
+                non-overlapping sub-window of ``dyn_window`` frames (see :func:`local_velocity_std`)
     loss_kl     KL(q(z|x) || N(0, I)), summed over D_v, mean over tokens
     loss        loss_recon + vel_weight * loss_vel + dyn_weight * loss_dyn + kl_weight * loss_kl
 Channel weights (``loss_channel_weights``) follow each channel's raw variance within its group and
@@ -66,6 +67,9 @@ class VAEConfig:
     kl_weight: float = 1e-4  # small: latents stay informative (KL only keeps their scale in check)
     vel_weight: float = 10.0  # weight of loss_vel (frame differences)
     dyn_weight: float = 30.0  # weight of loss_dyn: match each window's per-channel velocity std
+    dyn_window: int = 50  # frames per sub-window whose velocity std loss_dyn matches (2 s); 0 = the whole window (the
+    # VAEs before this option). A whole window's std is dominated by its speaking frames: matched on it, the decoded
+    # listening expression moved at 0.31 of the ground truth's velocity std (docs/benchmarks.md, "The VAE's ceiling")
     group_balance: float = 0.5  # loss weight ~ (group dims)^-group_balance: 0 every channel equal, 1 every group equal
     raw_weight: float = 0.8  # within a group, this share of the weight follows the channel's raw variance (< 1:
     # constant channels must keep some weight, else the decoder is free to output anything there)
@@ -76,6 +80,9 @@ class VAEConfig:
             raise ValueError(f"VAEConfig: d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size")
         if self.r < 1 or self.window % self.r:
             raise ValueError(f"VAEConfig: window={self.window} must be a positive multiple of r={self.r}")
+        if self.dyn_window != 0 and self.dyn_window < 3:
+            raise ValueError(f"VAEConfig: dyn_window={self.dyn_window} must be 0 (the whole window) or at least 3 frames "
+                             "(a longer one than the window is the whole window)")
 
     @classmethod
     def small(cls, **kw) -> "VAEConfig":
@@ -219,11 +226,23 @@ class MotionVAE(nn.Module):
             "loss_recon": masked_mse(recon, x, w),
             "loss_vel": masked_mse(recon.diff(dim=1), x.diff(dim=1), w),
             "loss_kl": kl_standard_normal(out["mu"], out["logvar"]),
-            "loss_dyn": masked_mse(velocity_std(recon)[:, None], velocity_std(x)[:, None], w),
+            "loss_dyn": masked_mse(local_velocity_std(recon, self.cfg.dyn_window), local_velocity_std(x, self.cfg.dyn_window), w),
         }
         terms["loss"] = (terms["loss_recon"] + self.cfg.vel_weight * terms["loss_vel"] + self.cfg.kl_weight * terms["loss_kl"]
                          + self.cfg.dyn_weight * terms["loss_dyn"])
         return terms
+
+
+def local_velocity_std(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Velocity std of each non-overlapping sub-window of ``window`` frames: ``(B, T, C) -> (B, T // window, C)``.
+
+    ``window = 0`` (or ``>= T``) is the whole sequence, ``(B, 1, C)``; frames after the last whole
+    sub-window are not used.
+    """
+    if window <= 0 or window >= x.shape[1]:
+        return velocity_std(x)[:, None]  # (B, 1, C)
+    sub = x.unfold(1, window, window).transpose(-1, -2)  # (B, T // window, window, C)
+    return velocity_std(sub)  # (B, T // window, C)
 
 
 def loss_channel_weights(cfg: VAEConfig, std: np.ndarray | None = None) -> torch.Tensor:
@@ -447,5 +466,5 @@ def latent_stats(model: MotionVAE, x: torch.Tensor, batch_size: int = 256) -> tu
 
 __all__ = [
     "VAEConfig", "MotionVAE", "make_vae", "save_vae", "load_vae", "per_group_report", "format_report",
-    "latent_stats", "masked_mse", "kl_standard_normal", "channel_weight", "loss_channel_weights", "raw_channel_std",
+    "latent_stats", "local_velocity_std", "masked_mse", "kl_standard_normal", "channel_weight", "loss_channel_weights", "raw_channel_std",
 ]

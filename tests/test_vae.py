@@ -17,6 +17,7 @@ from gdpo_listener.agents.vae import (
     format_report,
     kl_standard_normal,
     load_vae,
+    local_velocity_std,
     make_vae,
     masked_mse,
     per_group_report,
@@ -103,6 +104,35 @@ def test_loss_terms_and_masking():
     vae.train()
     vae.loss(x3, vae(x3), w)["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in vae.parameters() if p.grad is not None)
+
+
+def test_local_velocity_std_and_sub_window_loss_dyn():
+    """``dyn_window`` matches the velocity std of each sub-window: a quiet stretch beside a busy one counts."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 23, 5)
+    vs = lambda a: a.diff(dim=1).std(dim=1, unbiased=False)  # noqa: E731
+    assert torch.allclose(local_velocity_std(x, 0), vs(x)[:, None], atol=1e-6)
+    assert torch.allclose(local_velocity_std(x, 23), vs(x)[:, None], atol=1e-6)
+    sub = local_velocity_std(x, 10)  # frames 20-22 are not used
+    assert sub.shape == (2, 2, 5)
+    assert torch.allclose(sub, torch.stack([vs(x[:, :10]), vs(x[:, 10:20])], 1), atol=1e-6)
+    # a window whose first half moves 10x more than its second: a reconstruction that stills the quiet half
+    t = torch.arange(200.0)[None, :, None]
+    busy = torch.sin(t * 0.9) * torch.where(t < 100, 10.0, 1.0)  # (1, 200, 1)
+    still = torch.where(t < 100, busy, torch.zeros_like(busy))
+    whole = (local_velocity_std(still, 0) - local_velocity_std(busy, 0)).pow(2).mean()
+    local = (local_velocity_std(still, 50) - local_velocity_std(busy, 50)).pow(2).mean()
+    # the quiet half is ~1 % of the whole window's velocity variance, but a full miss in half the sub-windows
+    assert local > 5 * whole
+    x = torch.randn(2, 40, FLAME_DIM)
+    for w in (0, 8):
+        vae = MotionVAE(VAEConfig.tiny(group_balance=0.0, dyn_window=w))
+        out = vae(x, sample=False)
+        want = (local_velocity_std(out["recon"], w) - local_velocity_std(x, w)).pow(2).mean()
+        assert torch.allclose(vae.loss(x, out)["loss_dyn"], want, atol=1e-6)
+    for bad in (-1, 1, 2):
+        with pytest.raises(ValueError, match=f"dyn_window={bad}"):
+            VAEConfig(dyn_window=bad)
 
 
 def test_loss_channel_weights():
