@@ -343,7 +343,8 @@ def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> tuple
         raise CheckpointError(f"{where}: VAE format version {meta.get('vae_format_version')}, this code reads {VAE_FORMAT_VERSION} "
                               f"(retrain the VAE with train/vae.py)")
     try:
-        cfg = VAEConfig.from_dict(meta["vae_config"], where=str(where))
+        # checkpoints written before dyn_window existed were trained on whole windows
+        cfg = VAEConfig.from_dict({"dyn_window": 0, **meta["vae_config"]}, where=str(where))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: bad VAE config ({e})") from None
     if cfg.d_in != FLAME_DIM:

@@ -219,6 +219,13 @@ def test_save_load_roundtrip(tmp_path):
     x = torch.randn(2, 24, FLAME_DIM)
     vae.eval()
     assert torch.equal(vae(x)["recon"], vae2(x)["recon"])
+    assert cfg2.dyn_window == 50  # the default, recorded
+    # a checkpoint written before dyn_window existed was trained on whole windows, and says so when loaded
+    meta_path = tmp_path / "ck" / "meta.json"
+    m = json.loads(meta_path.read_text())
+    del m["vae_config"]["dyn_window"]
+    meta_path.write_text(json.dumps(m))
+    assert load_vae(tmp_path / "ck", "cpu")[2].dyn_window == 0
 
 
 def test_load_errors(tmp_path):
