@@ -50,6 +50,9 @@ VAE_KIND = "vae"
 # 2: shared attention blocks (agents/attention.py): rotary pairs (i, i + hd/2) instead of (2i, 2i + 1),
 #    MLP weights named fc/proj; weights of version 1 do not mean the same and are refused.
 VAE_FORMAT_VERSION = 2
+# VAEConfig fields added after checkpoints of this format were written, with the value those checkpoints were
+# trained with (a checkpoint whose meta lacks the field loads with it; see legacy_settings)
+LEGACY_DEFAULTS: dict[str, Any] = {"dyn_window": 0}
 LOGVAR_RANGE = (-10.0, 10.0)
 
 
@@ -335,6 +338,14 @@ def save_vae(
     return save_checkpoint(directory, VAE_KIND, weights, meta)
 
 
+def legacy_settings(directory: str | Path) -> dict[str, tuple[Any, Any]]:
+    """The settings a VAE checkpoint was trained with that this code's default would not reproduce because the
+    checkpoint predates them: ``{field: (its value, today's default)}`` (empty for a checkpoint of this code)."""
+    recorded = load_checkpoint_meta(directory, kind=VAE_KIND).get("vae_config") or {}
+    today = dataclasses.asdict(VAEConfig.small())
+    return {k: (v, today[k]) for k, v in LEGACY_DEFAULTS.items() if k not in recorded and v != today[k]}
+
+
 def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> tuple[MotionVAE, Normalizer, VAEConfig]:
     """Load a VAE checkpoint (eval mode) with its normaliser; :class:`CheckpointError` on mismatch."""
     meta = load_checkpoint_meta(directory, kind=VAE_KIND)
@@ -343,8 +354,7 @@ def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> tuple
         raise CheckpointError(f"{where}: VAE format version {meta.get('vae_format_version')}, this code reads {VAE_FORMAT_VERSION} "
                               f"(retrain the VAE with train/vae.py)")
     try:
-        # checkpoints written before dyn_window existed were trained on whole windows
-        cfg = VAEConfig.from_dict({"dyn_window": 0, **meta["vae_config"]}, where=str(where))
+        cfg = VAEConfig.from_dict({**LEGACY_DEFAULTS, **meta["vae_config"]}, where=str(where))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: bad VAE config ({e})") from None
     if cfg.d_in != FLAME_DIM:
@@ -466,6 +476,6 @@ def latent_stats(model: MotionVAE, x: torch.Tensor, batch_size: int = 256) -> tu
 
 
 __all__ = [
-    "VAEConfig", "MotionVAE", "make_vae", "save_vae", "load_vae", "per_group_report", "format_report",
+    "VAEConfig", "MotionVAE", "make_vae", "save_vae", "load_vae", "legacy_settings", "LEGACY_DEFAULTS", "per_group_report", "format_report",
     "latent_stats", "local_velocity_std", "masked_mse", "kl_standard_normal", "channel_weight", "loss_channel_weights", "raw_channel_std",
 ]

@@ -75,7 +75,26 @@ def ensure_vae(cfg: DictConfig, data_root: Path) -> Path:
             raise FileNotFoundError(f"no VAE checkpoint at {path}; run train/vae.py or set pretrained.auto_train=true")
         run_stage("vae.py", [f"data.root={data_root}", f"out_dir={path}", f"device={cfg.device}", *cfg.pretrained.get("vae_overrides", [])])
         _expect_checkpoint(path, "vae.py")
+    elif cfg.pretrained.get("auto_train", False):
+        _check_vae_defaults(path, list(cfg.pretrained.get("vae_overrides", [])))
     return path
+
+
+def _check_vae_defaults(path: Path, vae_overrides: list[str]) -> None:
+    """A VAE at the auto-trained path that an older ``train/vae.py`` wrote with a setting whose default has since
+    changed (``dyn_window``) is not reused silently: a fresh clone would train another VAE there."""
+    from ..agents.vae import legacy_settings
+
+    asked = dict(o.lstrip("+").split("=", 1) for o in vae_overrides if "=" in o)  # {"model.dyn_window": "0", ...}
+    stale = {k: v for k, v in legacy_settings(path).items() if asked.get(f"model.{k}", "").strip() != str(v[0])}
+    if stale:
+        got = ", ".join(f"{k}={old}" for k, (old, _) in stale.items())
+        today = ", ".join(f"{k}={new}" for k, (_, new) in stale.items())
+        keep = ",".join(f"'+model.{k}={old}'" for k, (old, _) in stale.items())
+        raise RuntimeError(f"{path} holds a VAE written before this code's default {today} (it was trained with {got}), "
+                           f"which pretrained.auto_train would not produce: move {path} (and the AR-Flow checkpoints trained "
+                           f"on it, e.g. runs/sft_*) away to retrain both, or keep it on purpose with "
+                           f"pretrained.vae_overrides=[{keep}] or pretrained.auto_train=false")
 
 
 def ensure_sft(cfg: DictConfig, data_root: Path, vae_path: Path) -> Path:

@@ -256,6 +256,32 @@ def test_an_old_synthetic_corpus_is_not_reused_silently(tmp_path, monkeypatch):
     assert stages.ensure_dataset(OmegaConf.merge(cfg, {"auto_prepare": False})) == tmp_path / "data"
 
 
+def test_a_vae_of_an_older_default_is_not_reused_silently(tmp_path, monkeypatch):
+    import json
+
+    from gdpo_listener.agents.vae import MotionVAE, VAEConfig, save_vae
+    from gdpo_listener.envs.dataset import Normalizer
+    from gdpo_listener.envs.flame import FLAME_DIM
+    from gdpo_listener.pipeline import stages
+
+    monkeypatch.chdir(tmp_path)
+    nz = Normalizer(mean=[0.0] * FLAME_DIM, std=[1.0] * FLAME_DIM)
+    save_vae(tmp_path / "vae", MotionVAE(VAEConfig.tiny()), nz)
+    cfg = OmegaConf.create({"device": "cpu", "pretrained": {"vae": str(tmp_path / "vae"), "auto_train": True, "vae_overrides": []}})
+    assert stages.ensure_vae(cfg, tmp_path) == tmp_path / "vae"  # written by this code: reused
+    meta_path = tmp_path / "vae" / "meta.json"  # as an older train/vae.py wrote it: no dyn_window, trained with 0
+    meta = json.loads(meta_path.read_text())
+    del meta["vae_config"]["dyn_window"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(RuntimeError, match=r"default dyn_window=50 \(it was trained with dyn_window=0\).*'\+model.dyn_window=0'"):
+        stages.ensure_vae(cfg, tmp_path)
+    with pytest.raises(RuntimeError, match="dyn_window=0"):  # asking for another value does not make it fit
+        stages.ensure_vae(OmegaConf.merge(cfg, {"pretrained": {"vae_overrides": ["+model.dyn_window=25"]}}), tmp_path)
+    # kept on purpose: its setting asked for explicitly, or no auto-training
+    assert stages.ensure_vae(OmegaConf.merge(cfg, {"pretrained": {"vae_overrides": ["+model.dyn_window=0"]}}), tmp_path)
+    assert stages.ensure_vae(OmegaConf.merge(cfg, {"pretrained": {"auto_train": False}}), tmp_path)
+
+
 def test_busy_cores_counts_other_runnable_processes(monkeypatch):
     from gdpo_listener.pipeline import threads
 
