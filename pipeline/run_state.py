@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -67,13 +67,17 @@ def save_run_state(path: str | Path, cfg: DictConfig, keys: Iterable[str], step:
 
 
 def load_run_state(path: str | Path, cfg: DictConfig, keys: Iterable[str], device, generator: torch.Generator | None = None,
-                   states: Mapping[str, Any] | None = None, added: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
+                   states: Mapping[str, Any] | None = None, added: Mapping[str, Mapping[str, Any]] | None = None,
+                   check: Callable[[dict], None] | None = None) -> dict:
     """Read the training state at ``path``, check it was written with the same config sections ``keys``,
     load it into ``states`` (name -> object with ``load_state_dict``) and restore every RNG.
 
     ``added`` (``{section: {setting: value}}``): settings introduced after a state may have been written,
     each with the value that reproduces the code before it; a saved section without one compares as
-    if it had that value (a run saved before ``algo.sft_coef`` existed resumes with ``sft_coef: 0``)."""
+    if it had that value (a run saved before ``algo.sft_coef`` existed resumes with ``sft_coef: 0``).
+
+    ``check(state)`` runs after the sections compare equal and before anything is loaded or truncated: a
+    stage's own check of what the sections do not hold (train/vae.py: the resolved VAE config)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"resume=true but no training state at {path}")
@@ -90,6 +94,8 @@ def load_run_state(path: str | Path, cfg: DictConfig, keys: Iterable[str], devic
     diff = [k for k in keys if then.get(k) != now[k]]
     if diff:
         raise ValueError(f"resume folder {path.parent.parent} was written with another config (differs in: {', '.join(diff)})")
+    if check is not None:
+        check(state)
     for name, obj in (states or {}).items():
         obj.load_state_dict(state[name])
     set_rng_state(state["rng"], generator)
@@ -98,12 +104,13 @@ def load_run_state(path: str | Path, cfg: DictConfig, keys: Iterable[str], devic
 
 def resume_training(stage: str, state_path: str | Path, log_dir: str | Path, cfg: DictConfig, keys: Iterable[str],
                     run_states: Mapping[str, Any], generator: torch.Generator | None, device, dist=None,
-                    added: Mapping[str, Mapping[str, Any]] | None = None, where: str = "from step") -> dict:
+                    added: Mapping[str, Mapping[str, Any]] | None = None, where: str = "from step",
+                    check: Callable[[dict], None] | None = None) -> dict:
     """Continue a killed run of ``stage`` (vae, sft, gdpo): :func:`load_run_state` into ``run_states`` and the
     RNGs; with ``dist`` (a :class:`~pipeline.distributed.Dist`) also check the process count and restore this
     rank's own streams; then (rank 0) drop the log rows after the saved step and say where it resumes.
     Returns the saved state (``step``, ``logger`` and the stage's own entries)."""
-    state = load_run_state(state_path, cfg, keys, device, generator, states=run_states, added=added)
+    state = load_run_state(state_path, cfg, keys, device, generator, states=run_states, added=added, check=check)
     if dist is not None:
         check_world_size(state.get("world_size"), dist, state_path)
         if dist.is_distributed:

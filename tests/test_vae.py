@@ -352,3 +352,16 @@ def test_train_script_smoke_and_resume(tiny_dataset, tmp_path, run_entry):
     assert "resumed from step 10" in res.stdout
     assert load_checkpoint_meta(out)["steps"] == 15
     assert [int(l.split(",")[0]) for l in loss_csv.read_text().splitlines()] == [5, 10, 15]
+    # a state written before the resolved VAE config was recorded (its Hydra model section, no dyn_window: the
+    # whole-window loss) resumes only with that loss asked for, not silently with today's default
+    state_path = out / "last" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    del state["vae_config"]
+    state["config"]["model"] = {"d_model": 32, "n_layers": 1, "n_heads": 2}
+    torch.save(state, state_path)
+    res = run_entry("vae.py", f"data.root={tiny_dataset}", f"out_dir={out}", "optim.steps=20", "resume=true", *tiny, cwd=tmp_path)
+    assert res.returncode != 0 and "dyn_window: 0 then, 50 now" in res.stdout + res.stderr
+    assert "+model.dyn_window=0" in res.stdout + res.stderr
+    res = _run_train(f"data.root={tiny_dataset}", f"out_dir={out}", "optim.steps=20", "resume=true", "+model.dyn_window=0",
+                     *tiny, cwd=tmp_path)
+    assert "resumed from step 15" in res.stdout and load_vae(out, "cpu")[2].dyn_window == 0

@@ -22,6 +22,7 @@ os.environ.update(omp_wait_defaults())  # before torch loads: OpenMP threads spi
 
 import math
 import time
+from dataclasses import asdict
 
 import hydra
 import numpy as np
@@ -31,6 +32,8 @@ from omegaconf import DictConfig
 from gdpo_listener.agents.checkpoint import atomic_write_json
 from gdpo_listener.agents.guards import check_finite_step, check_finite_weights
 from gdpo_listener.agents.vae import (
+    LEGACY_DEFAULTS,
+    VAEConfig,
     channel_weight,
     format_report,
     latent_stats,
@@ -71,8 +74,9 @@ def lr_at(step: int, optim_cfg) -> float:
     return lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * p))
 
 
-# config sections that must match for resume=true to continue a run (optim.steps may grow)
-RESUME_KEYS = ("model", "data", "seed")
+# config sections that must match for resume=true to continue a run (optim.steps may grow); the model is compared
+# as the resolved VAEConfig (check_resumed_config)
+RESUME_KEYS = ("data", "seed")
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -113,6 +117,22 @@ def print_report(report: dict, split: str, n_windows: int) -> None:
           "decoded by this VAE inherits its listening figure as a ceiling)")
 
 
+def check_resumed_config(state: dict, cfg: VAEConfig, state_path) -> None:
+    """The resolved VAE config must be the one the state was trained with. The Hydra ``model`` section holds only
+    overrides, so comparing it would let a default that changed between the two runs (``dyn_window``) through;
+    a state written before the resolved config was recorded is resolved from its overrides over the defaults of
+    then (``LEGACY_DEFAULTS``)."""
+    then = state.get("vae_config")
+    if then is None:
+        then = asdict(VAEConfig.small(**{**LEGACY_DEFAULTS, **((state.get("config") or {}).get("model") or {})}))
+    diff = {k: (then.get(k), v) for k, v in asdict(cfg).items() if then.get(k) != v}
+    if diff:
+        said = ", ".join(f"{k}: {a} then, {b} now" for k, (a, b) in diff.items())
+        again = " ".join(f"+model.{k}={a}" for k, (a, _) in diff.items())
+        raise ValueError(f"resume=true: the VAE state {state_path} was trained with another VAE config ({said}); "
+                         f"resume it with {again}, or start over without resume=true")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="vae")
 def main(cfg: DictConfig) -> None:
     configure_threads(cfg.threads)
@@ -136,8 +156,8 @@ def main(cfg: DictConfig) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.optim.lr), weight_decay=float(cfg.optim.weight_decay))
     state_path = out_dir / "last" / "state.pt"
     run_states = {"model": model, "optim": opt}
-    state = resume_training("vae", state_path, out_dir / "logs", cfg, RESUME_KEYS, run_states, generator, device) \
-        if cfg.resume else {"step": 0}
+    state = resume_training("vae", state_path, out_dir / "logs", cfg, RESUME_KEYS, run_states, generator, device,
+                            check=lambda saved: check_resumed_config(saved, model.cfg, state_path)) if cfg.resume else {"step": 0}
     start, logger_state = int(state["step"]), state.get("logger")
     logger = factories.make_logger(cfg.logger, out_dir, "vae", state_dict=logger_state)
 
@@ -164,10 +184,10 @@ def main(cfg: DictConfig) -> None:
             running = {}
         if done % int(cfg.ckpt_every) == 0 and done < steps:
             check_finite_weights(model, where=f"vae step {done}", hint=f"optim.lr={cfg.optim.lr} too large")
-            save_run_state(state_path, cfg, RESUME_KEYS, done, generator, logger, run_states)
+            save_run_state(state_path, cfg, RESUME_KEYS, done, generator, logger, run_states, vae_config=asdict(model.cfg))
     elapsed = time.perf_counter() - t0
     check_finite_weights(model, where=f"vae step {steps}", hint=f"optim.lr={cfg.optim.lr} too large")
-    save_run_state(state_path, cfg, RESUME_KEYS, steps, generator, logger, run_states)
+    save_run_state(state_path, cfg, RESUME_KEYS, steps, generator, logger, run_states, vae_config=asdict(model.cfg))
 
     model.eval()
     mean, std = latent_stats(model, x_all)
