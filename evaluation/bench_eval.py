@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from ..agents.arflow import ARFLOW_KIND
+from ..agents.checkpoint import load_checkpoint_meta
 from ..envs.flame import GROUP_NAMES
 from . import intent_control as IC
 from .bench_runs import git_state, run_meta
@@ -22,7 +24,8 @@ from .report import header, reconstruction_header, write_report
 from .scoring import evaluate_model, evaluate_reconstruction
 from .seed_stats import flat_metrics
 
-__all__ = ["TextControl", "make_text_control", "Evaluated", "evaluate_methods", "reconstruction_reference", "report_setup"]
+__all__ = ["TextControl", "make_text_control", "Evaluated", "base_run_reward", "evaluate_methods", "reconstruction_reference",
+           "report_setup"]
 
 
 @dataclass
@@ -74,18 +77,31 @@ class Evaluated:
     floor: dict | None
 
 
+def base_run_reward(paths: dict) -> dict | None:
+    """The reward the plain post-trained methods (no variant) optimised, read from the first one's checkpoint;
+    None when there is none. The supervised model is scored on it too, so the report can say whether training
+    raised the reward it optimised on the evaluation sampler (its term weights may differ from the default's)."""
+    for m, by_seed in paths.items():
+        if m != "supervised" and not parse_method(m).variant:
+            return run_reward_config(load_checkpoint_meta(next(iter(by_seed.values())), kind=ARFLOW_KIND))
+    return None
+
+
 def evaluate_methods(cfg: DictConfig, ecfg: DictConfig, data, paths: dict, seeds: list[int], tc: TextControl, out: Path) -> Evaluated:
-    """Evaluate each method's checkpoint of every seed in-process (as ``train/evaluate.py``) with its controls."""
+    """Evaluate each method's checkpoint of every seed in-process (as ``train/evaluate.py``) with its controls;
+    the supervised model is also scored on the reward the plain methods optimised (:func:`base_run_reward`)."""
     methods = list(paths)
+    base_reward = base_run_reward(paths)
     ev = Evaluated({m: {} for m in methods}, {m: {} for m in methods}, {m: {} for m in methods}, {},
                    int(torch.argmax(data.bank["listening"].sum(-1))), None)
     for m in methods:
         slug = m if m == "supervised" else parse_method(m).slug
         for s in seeds:
             model, meta = load_eval_model(Path(paths[m][s]), data)
-            own_reward = run_reward_config(meta)
+            optimised = m != "supervised"
+            own_reward = run_reward_config(meta) if optimised else base_reward
             res = evaluate_model(model, data, ecfg, seed=s, progress=bool(cfg.progress), run_reward=own_reward)
-            write_report(out / "eval" / f"{slug}_seed{s}", header(data, ecfg, str(paths[m][s]), s, own_reward), res)
+            write_report(out / "eval" / f"{slug}_seed{s}", header(data, ecfg, str(paths[m][s]), s, own_reward, optimised), res)
             ev.flat[m][s] = flat_metrics(res)
             # per-window Table 1 values of the same prediction, for the paired comparison
             ev.windows[m][s] = table1_window_values(res["_row_stats"], ecfg.metrics)

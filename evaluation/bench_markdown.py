@@ -124,6 +124,7 @@ def _rewards_markdown(rep, methods, groups) -> list[str]:
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, a in _table_rows(rep, methods):
         L.append(f"| {label} | " + " | ".join(fmt_ms(a.get(f"all/listening/group/{g}/reward"), 4) for g in GROUP_NAMES) + " |")
+    L += _run_reward_markdown(rep, methods)
     L += ["", "Training reward (batch mean over the SDE rollouts; first 5 -> last 5 iterations), see `reward_curves.png`:", ""]
     head = ["method", *groups]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -132,6 +133,19 @@ def _rewards_markdown(rep, methods, groups) -> list[str]:
         L.append(f"| {method_label(algo)} | " + " | ".join(cells) + " |")
     L += trend_markdown(rep["training"]["trend_last_third"], groups)
     return L + ["", "![reward curves](reward_curves.png)", ""]
+
+
+def _run_reward_markdown(rep, methods) -> list[str]:
+    """The evaluation reward under the reward the runs optimised, when its per-group terms are not the default's
+    (the supervised model scored on it too): did training raise what it optimised, on the evaluation sampler?"""
+    key = "all/listening/group/{}/run_reward"
+    own = [g for g in GROUP_NAMES if any(key.format(g) in rep["metrics"][m] for m in methods)]
+    if not own:
+        return []
+    L = ["", "The same, under the reward the post-trained runs optimised (its own per-group terms; the supervised "
+         "model scored on it too):", "", "| method | " + " | ".join(own) + " |", "|" + "---|" * (len(own) + 1)]
+    return L + [f"| {method_label(m)} | " + " | ".join(fmt_ms(rep["metrics"][m].get(key.format(g)), 4) for g in own) + " |"
+                for m in methods]
 
 
 def _supplementary_markdown(rep, methods) -> list[str]:

@@ -35,13 +35,15 @@ def to_json(x):
     return x
 
 
-def header(data: EvalData, cfg: DictConfig, ckpt: str, seed: int, run_reward: dict | None = None) -> dict:
-    """The setting of one evaluation (goes first in ``metrics.json``)."""
+def header(data: EvalData, cfg: DictConfig, ckpt: str, seed: int, run_reward: dict | None = None, optimised: bool = True) -> dict:
+    """The setting of one evaluation (goes first in ``metrics.json``). ``run_reward``: the reward the checkpoint
+    optimised, or (``optimised=False``) the one it is scored on beside the default, e.g. a supervised baseline
+    scored on the reward of the runs it is compared with."""
     mc = cfg.metrics
     conv = str(mc.get("convention", "velocity"))
     own = None
     if run_reward is not None:
-        own = {**run_reward, "scored_separately": terms_differ_from_default(run_reward)}
+        own = {**run_reward, "scored_separately": terms_differ_from_default(run_reward), "optimised": optimised}
     return {
         "checkpoint": str(ckpt), "dataset": str(data.root), "split": data.split, "n_windows": len(data.indices),
         "n_expressive": int(data.expressive.sum()), "expressive_quantile": float(mc.get("expressive_quantile", 0.75)),
@@ -125,6 +127,9 @@ def _run_reward_note(h: dict) -> str:
         return ""
     r = own["rewards"]
     setting = ", ".join(f"{k} {v}" for k, v in r.items() if v not in (None, {}, []))
+    if own["scored_separately"] and not own.get("optimised", True):
+        return (f" Also scored on reward `{own['reward']}` ({setting}), which the post-trained runs it is compared with "
+                f"optimised: the 'run reward' column (the 'reward' columns keep the default reward).")
     if own["scored_separately"]:
         return (f" The run optimised reward `{own['reward']}` ({setting}): its own per-group reward is the "
                 f"'run reward' column (the 'reward' columns keep the default reward, comparable across checkpoints).")

@@ -368,10 +368,13 @@ def test_bench_quick(tiny):
 
 def test_bench_on_train_windows_is_a_seeded_probe(tiny):
     """``train/bench.py eval.split=train``: an ablation (a variant against its base) scored on train windows,
-    the way a probe is chosen without looking at the test split."""
+    the way a probe is chosen without looking at the test split; trained on a reward with other term weights than
+    the default, which the supervised model is scored on too."""
     out = tiny / "bench_train"
     cmd = [sys.executable, str(ROOT / "train" / "bench.py"), "--quick", "progress=false", "algos=[gdpo,gdpo+nokl]",
            "variants={nokl:['algo.beta=0']}", "quick_settings.eval.split=train", "quick_settings.eval.max_windows=6",
+           "quick_settings.train_overrides=['env.n_prompts=1','env.group_size=2','env.sde_steps=2','eval.n_windows=2',"
+           "'ckpt_every=1','+rewards.weights.vel=4']",
            f"data.root={tiny / 'data'}", "data.auto_prepare=false", f"pretrained.vae={tiny / 'vae'}", f"pretrained.sft={tiny / 'sft'}",
            "pretrained.auto_train=false", f"features.cache_dir={tiny / 'cache'}", f"out_dir={out}"]
     res = subprocess.run(cmd, cwd=tiny, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
@@ -382,6 +385,15 @@ def test_bench_on_train_windows_is_a_seeded_probe(tiny):
     assert rep["setup"]["split"] == "train" and rep["setup"]["n_windows"] == 6 and list(rep["variants"]) == ["gdpo+nokl"]
     ev = json.loads((out / "eval" / "gdpo_nokl_seed0" / "metrics.json").read_text())
     assert ev["split"] == "train"
+    # the reward the runs optimised (velocity term x4) scores every checkpoint, the supervised one included
+    assert ev["run_reward"]["rewards"]["weights"] == {"vel": 4} and ev["run_reward"]["optimised"]
+    sup = json.loads((out / "eval" / "supervised_seed0" / "metrics.json").read_text())
+    assert sup["run_reward"]["rewards"]["weights"] == {"vel": 4} and not sup["run_reward"]["optimised"]
+    assert "Also scored on reward `all`" in (out / "eval" / "supervised_seed0" / "metrics.md").read_text()
+    for m in ("supervised", "gdpo"):
+        own, default = (rep["metrics"][m][f"all/listening/group/jaw/{k}"]["mean"] for k in ("run_reward", "reward"))
+        assert own < default < 0  # four times the velocity term: a larger penalty
+    assert "under the reward the post-trained runs optimised" in (out / "report.md").read_text()
 
 
 def test_bench_helpers():
