@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..envs.flame import GROUP_NAMES
-from ..rewards.groups import is_speaking_column
+from ..rewards.groups import DEFAULT_WEIGHTS, is_speaking_column
 from . import metrics as M
 from . import targets as T
 from .benchmark import method_label
@@ -142,10 +142,25 @@ def _run_reward_markdown(rep, methods) -> list[str]:
     own = [g for g in GROUP_NAMES if any(key.format(g) in rep["metrics"][m] for m in methods)]
     if not own:
         return []
-    L = ["", "The same, under the reward the post-trained runs optimised (its own per-group terms; the supervised "
-         "model scored on it too):", "", "| method | " + " | ".join(own) + " |", "|" + "---|" * (len(own) + 1)]
+    L = ["", "The same, under the reward the post-trained runs optimised (" + _reward_terms_text(rep["setup"].get("run_reward"))
+         + "; the supervised model scored on it too):", "", "| method | " + " | ".join(own) + " |", "|" + "---|" * (len(own) + 1)]
     return L + [f"| {method_label(m)} | " + " | ".join(fmt_ms(rep["metrics"][m].get(key.format(g)), 4) for g in own) + " |"
                 for m in methods]
+
+
+def _reward_terms_text(run_reward: dict | None) -> str:
+    """'term weights var 1, vel 4, drift 0.25, mse 0.1' (the defaults with the run's overrides), plus any other
+    group reward class or extra terms the runs recorded."""
+    if not run_reward:
+        return "its own per-group terms"
+    r = run_reward.get("rewards") or {}
+    weights = {**DEFAULT_WEIGHTS, **{k: float(v) for k, v in (r.get("weights") or {}).items()}}
+    text = "term weights " + ", ".join(f"{k} {v:g}" for k, v in weights.items())
+    if r.get("group_reward"):
+        text += f", group reward {r['group_reward']}"
+    if r.get("extra_terms"):
+        text += ", extra terms " + ", ".join(sorted(r["extra_terms"]))
+    return text
 
 
 def _supplementary_markdown(rep, methods) -> list[str]:

@@ -393,7 +393,9 @@ def test_bench_on_train_windows_is_a_seeded_probe(tiny):
     for m in ("supervised", "gdpo"):
         own, default = (rep["metrics"][m][f"all/listening/group/jaw/{k}"]["mean"] for k in ("run_reward", "reward"))
         assert own < default < 0  # four times the velocity term: a larger penalty
-    assert "under the reward the post-trained runs optimised" in (out / "report.md").read_text()
+    assert rep["setup"]["run_reward"]["rewards"]["weights"] == {"vel": 4}
+    md = (out / "report.md").read_text()
+    assert "under the reward the post-trained runs optimised (term weights var 1, vel 4, drift 0.25, mse 0.1;" in md
 
 
 def test_bench_helpers():
