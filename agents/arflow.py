@@ -751,12 +751,13 @@ class ARFlow(nn.Module):
     def sample(self, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps: int = 10, w_speak: float = 1.0,
                w_listen: float = 1.0, speaking_tokens: Tensor | None = None, sigma: float = 0.0,
                generator: torch.Generator | None = None, prefix: Tensor | None = None, use_cache: bool = True,
-               sde: str = "paper", cfg_drop=DROP_KEYS) -> Tensor:
+               sde: str = "paper", cfg_drop=DROP_KEYS, sde_window=None) -> Tensor:
         """Generate ``n_tokens`` latents (B, n_tokens, Dv) of one window: :func:`.sampling.sample`."""
         from .sampling import sample  # imported here: sampling.py imports this module
 
         return sample(self, cond, n_tokens, steps=steps, w_speak=w_speak, w_listen=w_listen, speaking_tokens=speaking_tokens,
-                      sigma=sigma, generator=generator, prefix=prefix, use_cache=use_cache, sde=sde, cfg_drop=cfg_drop)
+                      sigma=sigma, generator=generator, prefix=prefix, use_cache=use_cache, sde=sde, cfg_drop=cfg_drop,
+                      sde_window=sde_window)
 
     def generate_long(self, cond: Mapping[str, Tensor] | Callable[[int, int], Mapping[str, Tensor]], total_frames: int,
                       window: int | None = None, k: int = 1, steps: int = 10, w_speak: float = 1.0, w_listen: float = 1.0,

@@ -18,6 +18,12 @@ the flow's marginals) or the score-corrected b = v - sigma^2 (x - t v) / (2 (1 -
 for the straight path the score is -(x - t v) / (1 - t), and adding sigma^2 / 2 times it to the
 drift keeps every marginal of the flow for any sigma).
 
+Mixed SDE/ODE sampling (``sde_window = (a, b)``, as MixGRPO / Flow-GRPO-Fast): only the steps
+a <= s < b are SDE steps; the others are ODE steps x <- x + dt * v (whatever the drift kind: both
+drifts share the ODE's marginals in the limit, and the ODE step is what evaluation takes). The noise
+of every step is still drawn, so one seed gives the same stream with or without a window; an ODE
+step multiplies it by 0. ``None`` = every step is an SDE step (eq. 7 as printed).
+
 One SDE step is a Gaussian transition N(mean = x + dt * b, std = sigma * sqrt(dt)) per latent
 dimension; its log-probability and the closed-form KL between two such transitions (same std)
 are what the RL stage uses. Classifier-free guidance (eq. 6): v = v_uncond + w * (v_cond - v_uncond).
@@ -38,7 +44,7 @@ from torch import Tensor
 __all__ = [
     "interpolate", "velocity_target", "flow_matching_loss", "euler_step", "sde_step", "sde_drift", "SDE_KINDS",
     "transition_mean", "transition_std", "gaussian_log_prob", "gaussian_kl_same_std",
-    "cfg_combine", "time_grid",
+    "cfg_combine", "time_grid", "sde_window_steps", "step_sigma",
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -154,3 +160,24 @@ def time_grid(steps: int, device=None, dtype=torch.float32) -> Tensor:
     if int(steps) != steps or steps < 1:
         raise ValueError(f"flow.time_grid: steps must be a positive integer, got {steps!r}")
     return torch.linspace(0.0, 1.0, int(steps) + 1, device=device, dtype=dtype)
+
+
+def sde_window_steps(window, steps: int) -> tuple[int, int]:
+    """The SDE steps ``[a, b)`` of a sampler of ``steps`` steps: ``window`` None (every step) or ``(a, b)``
+    with ``0 <= a < b <= steps``; a clear ``ValueError`` names the value otherwise."""
+    if window is None:
+        return 0, int(steps)
+    try:
+        a, b = (int(w) for w in window)
+        ok = [a, b] == [float(w) for w in window]
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not 0 <= a < b <= steps:
+        raise ValueError(f"sde_window must be null or [a, b] with integers 0 <= a < b <= sde steps = {steps} "
+                         f"(the denoising steps a .. b-1 sample the SDE, the others take ODE steps), got {window!r}")
+    return a, b
+
+
+def step_sigma(sigma: float, s: int, window: tuple[int, int]) -> float:
+    """The noise scale of step ``s``: ``sigma`` inside the SDE window ``[a, b)``, 0 (an ODE step) outside."""
+    return float(sigma) if window[0] <= s < window[1] else 0.0

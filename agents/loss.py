@@ -34,8 +34,10 @@ tokens inside / outside ``token_mask``), ``clip_fraction``, ``ratio_mean``, ``lo
 (means over ``O``) and ``ratio_max`` (maximum over ``O``; NaN when ``O`` is empty);
 :data:`AGGREGATION` says how each output combines over chunks.
 
-Data layout (:func:`trajectory_batch`): one row per trajectory with the states of all ``K``
-denoising steps of all ``N`` tokens, so the update replays a chunk of ``S`` denoising steps for
+Data layout (:func:`trajectory_batch`): one row per trajectory with the states of the SDE steps
+(all ``K`` denoising steps, or the ``b - a`` steps of the env's ``sde_window``: ODE steps are
+deterministic, so they are neither replayed nor trained, and ``T`` and ``O`` hold SDE transitions
+only) of all ``N`` tokens, so the update replays a chunk of ``S`` denoising steps for
 every token of a window in one teacher-forced pass (``SDETransition.replay_loc``);
 :func:`chunked_update` walks the (window, chunk) pairs with gradient accumulation, so peak memory
 is set by one chunk of one window, not by the number of transitions or the episode length.
@@ -61,21 +63,22 @@ from .advantages import (
     pooled_group_var,
     reward_group_stats,
 )
-from .flow import gaussian_kl_same_std, gaussian_log_prob, transition_std
+from .flow import gaussian_kl_same_std, gaussian_log_prob, sde_window_steps, transition_std
 from .guards import check_finite_step
 
 
 def _as_trajectories(steps: TensorDictBase, history: torch.Tensor, reward: torch.Tensor, window: torch.Tensor,
                      group_id: torch.Tensor, n_tokens: int, sde_steps: int, token_mask: torch.Tensor | None,
-                     log_prob_key: str) -> TensorDict:
+                     log_prob_key: str, sde_window=None) -> TensorDict:
     """Per-step records ``(B, N*K)`` + episode ends -> the trajectory layout ``(B,)`` (see :func:`trajectory_batch`)."""
     B, L = steps.batch_size
     N, K = n_tokens, sde_steps
     if L != N * K:
         raise ValueError(f"rollout has {L} steps, expected n_tokens * sde_steps = {N * K}")
+    a, b = sde_window_steps(sde_window, K)
 
-    def per_step(x):  # (B, N*K, ...) -> (B, K, N, ...)
-        return x.reshape(B, N, K, *x.shape[2:]).transpose(1, 2)
+    def per_step(x):  # (B, N*K, ...) -> (B, b - a, N, ...): the SDE steps
+        return x.reshape(B, N, K, *x.shape[2:]).transpose(1, 2)[:, a:b]
 
     mask = torch.ones(B, N, dtype=torch.bool, device=steps.device) if token_mask is None else token_mask
     return TensorDict({
@@ -91,17 +94,20 @@ def _as_trajectories(steps: TensorDictBase, history: torch.Tensor, reward: torch
 
 @torch.no_grad()
 def trajectory_batch(rollout: TensorDictBase, n_tokens: int, sde_steps: int, token_mask: torch.Tensor | None = None,
-                     log_prob_key: str = "action_log_prob") -> TensorDict:
+                     log_prob_key: str = "action_log_prob", sde_window=None) -> TensorDict:
     """Reshape a rollout ``(B, N*K)`` of :class:`~envs.sde_env.ListenerSDEEnv` into trajectories ``(B,)``.
 
-    Keys of the result: ``history (N, D)``, ``window ()``, ``group_id ()``, ``x (K, N, D)``,
-    ``t (K, N)``, ``action (K, N, D)``, ``action_log_prob (K, N)``, ``reward (n_groups,)``,
+    Keys of the result, with ``S`` the SDE steps (``K``, or ``b - a`` for the env's ``sde_window``
+    ``(a, b)``, which must be passed: the ODE steps outside it are dropped): ``history (N, D)``,
+    ``window ()``, ``group_id ()``, ``x (S, N, D)``, ``t (S, N)``, ``action (S, N, D)``,
+    ``action_log_prob (S, N)``, ``reward (n_groups,)``,
     ``token_mask (N,)``: the tokens whose transitions enter the objective under
     ``objective_tokens="listening"``; every token unless ``token_mask`` is given (build it with
     :func:`listening_token_mask`).
     """
     return _as_trajectories(rollout, rollout["next", "history"][:, -1], rollout["next", "reward"][:, -1],
-                            rollout["window"][:, 0], rollout["group_id"][:, 0], n_tokens, sde_steps, token_mask, log_prob_key)
+                            rollout["window"][:, 0], rollout["group_id"][:, 0], n_tokens, sde_steps, token_mask, log_prob_key,
+                            sde_window)
 
 
 @torch.no_grad()
@@ -113,6 +119,7 @@ def collect_trajectories(env, policy, log_prob_key: str = "action_log_prob") -> 
     whereas ``env.rollout``'s record holds the Markov state's whole ``history`` at every step
     (quadratic in the number of tokens). Run it under the exploration type you want (random for RL).
     ``token_mask`` marks every token: set it (:func:`listening_token_mask`) before a listening-only objective.
+    Only the SDE steps of the env's ``sde_window`` are kept.
     """
     N, K = env.n_tokens, env.sde_steps
     td = env.reset()
@@ -125,7 +132,7 @@ def collect_trajectories(env, policy, log_prob_key: str = "action_log_prob") -> 
         last = td["next"]
         td = step_mdp(td)
     return _as_trajectories(torch.stack(record, dim=1), last["history"], last["reward"], window, group_id, N, K,
-                            None, log_prob_key)
+                            None, log_prob_key, getattr(env, "sde_window", None))
 
 
 STEP_KEYS = ("x", "t", "action", "action_log_prob")

@@ -5,9 +5,12 @@ For the state ``m_t`` of token ``l`` the policy is the Gaussian transition
     pi(m_{t+dt} | m_t) = N(m_t + dt * b(m_t, t), sigma^2 * dt * I),     dt = 1 / K
 
 with drift ``b = flow.sde_drift(m_t, v_theta, t, sigma, sde)`` (``sde="paper"``: b = v, eq. 7;
-``"marginal"``: the score-corrected drift) and log-probability summed over the latent dims. The
-environment owns ``sigma``, ``K`` (``sde_steps``) and ``sde``; :func:`make_policy` takes them from
-the env, and every transition checks that the env's flow time ``t`` is ``sde_step / K``.
+``"marginal"``: the score-corrected drift) and log-probability summed over the latent dims. With an
+SDE window ``(a, b)`` (mixed sampling, ``flow.sde_window_steps``) the steps outside it are ODE steps:
+the transition has scale 0 (the action is the mean ``m_t + dt * v``, its log-probability is 0 by
+convention) and never enters the loss. The environment owns ``sigma``, ``K`` (``sde_steps``), ``sde``
+and ``sde_window``; :func:`make_policy` takes them from the env, and every transition checks that the
+env's flow time ``t`` is ``sde_step / K``.
 
 Safe by default:
 
@@ -55,7 +58,7 @@ from torchrl.modules import IndependentNormal, ProbabilisticActor
 
 from ..envs.windows import window_cond
 from .arflow import DROP_KEYS, KVCache
-from .flow import SDE_KINDS, sde_drift, transition_mean, transition_std
+from .flow import SDE_KINDS, sde_drift, sde_window_steps, step_sigma, transition_mean, transition_std
 from .sampling import window_schedule
 
 POLICY_IN_KEYS = ["x", "t", "token", "sde_step", "history", "window", "episode"]
@@ -63,11 +66,21 @@ NO_DROP = {k: False for k in DROP_KEYS}  # no condition nulled (a bank without `
 
 
 class SDEGaussian(IndependentNormal):
-    """``IndependentNormal`` that samples with an optional ``torch.Generator`` (reproducible SDE paths)."""
+    """``IndependentNormal`` that samples with an optional ``torch.Generator`` (reproducible SDE paths).
+
+    A dimension of scale 0 (an ODE step of a mixed sampler) is a point mass at ``loc``: sampling
+    returns ``loc`` (the noise is still drawn, so the stream does not depend on the window) and its
+    log-probability is 0 by convention; such transitions never enter the loss.
+    """
 
     def __init__(self, loc, scale, generator: torch.Generator | None = None, **kwargs):
+        kwargs.setdefault("validate_args", False)  # scale 0 is allowed (ODE steps); finiteness is checked by the guards
         super().__init__(loc, scale, **kwargs)
         self._generator = generator
+
+    def log_prob(self, value):
+        lp = self.base_dist.log_prob(value)  # (..., D)
+        return torch.where(self.base_dist.scale > 0, lp, torch.zeros_like(lp)).sum(-1)
 
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
@@ -125,13 +138,15 @@ class SDETransition(nn.Module):
         bank: window bank holding the conditioning rows that ``window`` indexes.
         sigma, sde_steps, sde: noise scale, transitions per token and drift kind (``flow.sde_drift``);
             the environment's values (see :func:`make_policy`).
+        sde_window: ``None`` (every transition samples the SDE) or ``(a, b)``: only steps a .. b-1 do,
+            the others are ODE steps of scale 0 (``flow.sde_window_steps``); the environment's value.
         prefix_tokens: k of the sliding-window schedule of long rows (paper 4.3).
         max_episodes: episodes whose caches are kept at once (least recently used dropped first;
             an episode's cache is dropped after its last transition).
     """
 
     def __init__(self, arflow: nn.Module, bank: TensorDictBase, sigma: float, sde_steps: int, use_cache: bool = True,
-                 prefix_tokens: int = 1, sde: str = "paper", max_episodes: int = 4):
+                 prefix_tokens: int = 1, sde: str = "paper", max_episodes: int = 4, sde_window=None):
         super().__init__()
         if sde not in SDE_KINDS:
             raise ValueError(f"policy: sde must be one of {SDE_KINDS}, got {sde!r}")
@@ -146,7 +161,8 @@ class SDETransition(nn.Module):
         self.sde_steps = int(sde_steps)
         self.sde = sde
         self.dt = 1.0 / self.sde_steps
-        self.std = transition_std(self.sigma, self.dt)
+        self.std = transition_std(self.sigma, self.dt)  # of an SDE step
+        self.sde_window = sde_window_steps(sde_window, self.sde_steps)  # (a, b): the SDE steps
         n_total, W = bank["actor_latent"].shape[1], arflow.cfg.n_tokens
         self.n_total = n_total
         # the windows of generate_long: [(0, n_total, 0)] for a one-window row; validates k
@@ -169,9 +185,10 @@ class SDETransition(nn.Module):
         mask = self.bank["cond_drop"][window]  # (B, len(DROP_KEYS))
         return {k: mask[:, i] for i, k in enumerate(DROP_KEYS)}
 
-    def _mean(self, x: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
-        """Transition mean x + dt * b(x, t) of the env's SDE kind."""
-        return transition_mean(x, sde_drift(x, v, t, self.sigma, self.sde), self.dt)
+    def _mean(self, x: torch.Tensor, v: torch.Tensor, t, sigma: float | None = None) -> torch.Tensor:
+        """Transition mean x + dt * b(x, t) of the env's SDE kind at noise scale ``sigma`` (default the
+        SDE's; 0 gives the ODE step x + dt * v)."""
+        return transition_mean(x, sde_drift(x, v, t, self.sigma if sigma is None else sigma, self.sde), self.dt)
 
     def _rebuild(self, window: torch.Tensor, history: torch.Tensor, l: int, s0: int, n: int) -> _EpisodeCache:
         """Cache of the window starting at token ``s0`` holding its tokens ``s0 .. l - 1`` from ``history``."""
@@ -215,16 +232,17 @@ class SDETransition(nn.Module):
             else:
                 s0, n, _ = self.schedule[self._window_of[l]]
                 v = self.arflow.velocity_uncached(self._cond(window, s0, n), history[:, s0:l], x, t, self._drop(window))
-        loc = self._mean(x, v, t)  # (B, Dv)
-        return loc, torch.full_like(loc, self.std)
+        sigma = step_sigma(self.sigma, k, self.sde_window)  # 0 on an ODE step of a mixed sampler
+        loc = self._mean(x, v, t, sigma)  # (B, Dv)
+        return loc, torch.full_like(loc, transition_std(sigma, self.dt))
 
     def replay_loc(self, window: torch.Tensor, history: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                    model: nn.Module | None = None, span: tuple[int, int, int] | None = None) -> torch.Tensor:
         """Transition means of cached states, teacher forced, with gradient (no dropout, whatever the mode).
 
         window (B,), history (B, N, Dv) finished trajectory; ``span = (s0, n, new0)`` one entry of
-        ``schedule`` (default: the whole row as one window); x (B, S, M, Dv) states of S denoising
-        steps of the window's M = s0 + n - new0 generated tokens, t (B, S, M) their flow times
+        ``schedule`` (default: the whole row as one window); x (B, S, M, Dv) states of S SDE
+        steps (inside ``sde_window``: the mean is the SDE's) of the window's M = s0 + n - new0 generated tokens, t (B, S, M) their flow times
         -> loc (B, S, M, Dv). ``model`` defaults to this policy's AR-Flow (pass the reference copy to score it).
         """
         model = self.arflow if model is None else model
@@ -300,17 +318,17 @@ class SDETransition(nn.Module):
 
 def make_policy(arflow: nn.Module, env, generator: torch.Generator | None = None, use_cache: bool = True,
                 prefix_tokens: int = 1, sigma: float | None = None, sde_steps: int | None = None,
-                sde: str | None = None) -> ProbabilisticActor:
+                sde: str | None = None, sde_window=None) -> ProbabilisticActor:
     """The AR-Flow wrapped as a ``ProbabilisticActor`` with the Gaussian SDE transition of ``env``.
 
-    ``env`` (a :class:`~envs.sde_env.ListenerSDEEnv`) owns the window bank, ``sigma``, ``sde_steps``
-    and ``sde``; the policy takes them from it. ``sigma``, ``sde_steps`` or ``sde`` given here must
+    ``env`` (a :class:`~envs.sde_env.ListenerSDEEnv`) owns the window bank, ``sigma``, ``sde_steps``,
+    ``sde`` and ``sde_window``; the policy takes them from it. Any of them given here must
     equal the env's (a ``ValueError`` names both otherwise). The actor samples by default
     (``InteractionType.RANDOM``); ``set_exploration_type(ExplorationType.DETERMINISTIC)`` gives
     the transition mean.
 
     Passing a window bank instead of the env is deprecated: the values then default to
-    sigma=0.5, sde_steps=4, sde="paper", and only the step count is checked at run time.
+    sigma=0.5, sde_steps=4, sde="paper", sde_window=None, and only the step count is checked at run time.
     """
     if isinstance(env, TensorDictBase):
         warnings.warn("make_policy(arflow, bank, ...) is deprecated: pass the ListenerSDEEnv, which owns the bank, "
@@ -321,14 +339,16 @@ def make_policy(arflow: nn.Module, env, generator: torch.Generator | None = None
         sde = "paper" if sde is None else sde
     else:
         bank = env.bank
-        given = {"sigma": sigma, "sde_steps": sde_steps, "sde": sde}
-        owned = {"sigma": env.sigma, "sde_steps": env.sde_steps, "sde": env.sde}
+        given = {"sigma": sigma, "sde_steps": sde_steps, "sde": sde,
+                 "sde_window": None if sde_window is None else sde_window_steps(sde_window, env.sde_steps)}
+        owned = {"sigma": env.sigma, "sde_steps": env.sde_steps, "sde": env.sde, "sde_window": env.sde_window}
         for name, value in given.items():
             if value is not None and value != owned[name]:
                 raise ValueError(f"make_policy: {name}={value!r} but the environment has env.{name}={owned[name]!r}; "
                                  f"the env owns {name} (leave it out here or build the env with {name}={value!r})")
-        sigma, sde_steps, sde = owned["sigma"], owned["sde_steps"], owned["sde"]
-    core = SDETransition(arflow, bank, sigma, sde_steps, use_cache=use_cache, prefix_tokens=prefix_tokens, sde=sde)
+        sigma, sde_steps, sde, sde_window = owned["sigma"], owned["sde_steps"], owned["sde"], owned["sde_window"]
+    core = SDETransition(arflow, bank, sigma, sde_steps, use_cache=use_cache, prefix_tokens=prefix_tokens, sde=sde,
+                         sde_window=sde_window)
     module = TensorDictModule(core, in_keys=POLICY_IN_KEYS, out_keys=["loc", "scale"])
     return ProbabilisticActor(
         module, in_keys=["loc", "scale"], out_keys=["action"], distribution_class=SDEGaussian,

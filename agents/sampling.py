@@ -11,6 +11,7 @@ t_s = s / steps, dt = 1 / steps, with the guided velocity v of token l given the
     SDE (sigma > 0, eq. 7):  x <- x + dt * b(x, v, t_s) + sigma * sqrt(dt) * eps
                              b = v (``sde="paper"``) or the score-corrected drift (``sde="marginal"``,
                              ``flow.sde_drift``)
+    mixed (``sde_window = (a, b)``): SDE steps for a <= s < b, ODE steps elsewhere (``flow.sde_window_steps``)
 
 Classifier-free guidance (eq. 6): v = v_uncond + w_l (v_cond - v_uncond), where w_l is ``w_speak``
 on tokens where the actor speaks and ``w_listen`` elsewhere, and the unconditional branch nulls the
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from ..envs.windows import COND_KEYS, sliding_windows
 from .arflow import DROP_KEYS, KVCache
-from .flow import SDE_KINDS, cfg_combine, euler_step, sde_drift, sde_step
+from .flow import SDE_KINDS, cfg_combine, euler_step, sde_drift, sde_step, sde_window_steps, step_sigma
 
 __all__ = ["sample", "window_step", "generate_long", "token_cfg_weights", "check_cfg_weight", "check_cfg_drop",
            "WindowSampler", "window_schedule", "eval_mode"]
@@ -199,9 +200,10 @@ class WindowSampler:
 
     def __init__(self, model, cond: Mapping[str, Tensor], n_tokens: int, *, steps: int, guided: bool, sigma: float = 0.0,
                  sde: str = "paper", generator: torch.Generator | None = None, use_cache: bool = True,
-                 cfg_drop=DROP_KEYS):
+                 cfg_drop=DROP_KEYS, sde_window=None):
         self.model, self.N, self.steps = model, int(n_tokens), int(steps)
         self.sigma, self.sde, self.generator = _check_settings(steps, sigma, sde), sde, generator
+        self.window = sde_window_steps(sde_window, self.steps)  # [a, b): the SDE steps when sigma > 0
         self.B = cond["text_emb"].shape[0]
         self.guided = _GuidedVelocity(model, cond, self.B, self.N, bool(guided), use_cache, check_cfg_drop(cfg_drop))
         self.out = cond["text_emb"].new_empty(self.B, self.N, model.cfg.d_latent)
@@ -229,9 +231,10 @@ class WindowSampler:
             dt = 1.0 / self.steps
             for s in range(self.steps):
                 v = self.guided(x, self.t_grid[s], l, self.out[:, :l], w)  # (B, Dv)
-                if self.sigma > 0:
+                if self.sigma > 0:  # every step draws its noise; an ODE step of a mixed sampler scales it by 0
                     noise = torch.randn((self.B, d_latent), generator=self.generator, device=self.dev, dtype=self.out.dtype)
-                    x = sde_step(x, sde_drift(x, v, s * dt, self.sigma, self.sde), dt, self.sigma, noise)
+                    sig = step_sigma(self.sigma, s, self.window)
+                    x = sde_step(x, sde_drift(x, v, s * dt, sig, self.sde), dt, sig, noise)
                 else:
                     x = euler_step(x, v, dt)
         self.out[:, l] = x
@@ -245,12 +248,13 @@ class WindowSampler:
 def sample(model, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps: int = 10, w_speak: float = 1.0,
            w_listen: float = 1.0, speaking_tokens: Tensor | None = None, sigma: float = 0.0,
            generator: torch.Generator | None = None, prefix: Tensor | None = None, use_cache: bool = True,
-           sde: str = "paper", cfg_drop=DROP_KEYS) -> Tensor:
+           sde: str = "paper", cfg_drop=DROP_KEYS, sde_window=None) -> Tensor:
     """Generate ``n_tokens`` latents (B, n_tokens, Dv) of one window auto-regressively (module docstring).
 
     ``n_tokens`` defaults to the partner tokens of ``cond``. CFG runs when w_speak or w_listen != 1;
     ``speaking_tokens`` (B, n_tokens) bool is required when the two weights differ. ``sigma`` > 0
-    selects the SDE with drift ``sde`` ("paper" or "marginal"). ``cfg_drop``: the conditions the
+    selects the SDE with drift ``sde`` ("paper" or "marginal"), on the steps of ``sde_window`` (None: all;
+    ``(a, b)``: steps a .. b-1, ODE steps elsewhere). ``cfg_drop``: the conditions the
     unconditional branch nulls (:func:`check_cfg_drop`; default all). ``prefix`` (B, k, Dv): the first k
     tokens are given (copied to the output), generation starts at token k. ``use_cache`` False
     recomputes the whole sequence every step (reference path, same result up to float rounding).
@@ -258,6 +262,7 @@ def sample(model, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps
     """
     w_speak, w_listen = check_cfg_weight("w_speak", w_speak), check_cfg_weight("w_listen", w_listen)
     _check_settings(steps, sigma, sde)
+    sde_window_steps(sde_window, steps)
     cfg_drop = check_cfg_drop(cfg_drop)
     B, L, Np = model.check_cond(cond)
     d_latent, r = model.cfg.d_latent, model.cfg.r
@@ -274,7 +279,7 @@ def sample(model, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps
 
     with eval_mode(model):
         sampler = WindowSampler(model, cond, N, steps=steps, guided=use_cfg, sigma=sigma, sde=sde, generator=generator,
-                                use_cache=use_cache, cfg_drop=cfg_drop)
+                                use_cache=use_cache, cfg_drop=cfg_drop, sde_window=sde_window)
         for l in range(N):
             sampler.advance(cond, prefix[:, l] if l < k else None, None if w_tok is None else w_tok[:, l])
         return sampler.out

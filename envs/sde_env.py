@@ -8,7 +8,10 @@ of a prompt share its conditioning window (``window``: row of the window bank) a
     m_{t+dt} = m_t + dt * b(m_t, t) + sigma * sqrt(dt) * eps,      dt = 1 / K
 
 with drift ``b`` of kind ``sde`` (``agents.flow.sde_drift``: "paper" b = v as in eq. 7, or the
-score-corrected "marginal" drift that keeps the flow's marginals).
+score-corrected "marginal" drift that keeps the flow's marginals). With ``sde_window = (a, b)``
+(mixed sampling, as MixGRPO) only the transitions ``a <= k < b`` of each token sample the SDE; the
+others are deterministic ODE steps ``m + dt * v`` (the policy's scale is 0 there) and the loss
+replays and trains only the SDE ones, so an update costs ``(b - a) / K`` of a full one.
 
 The action is ``m_{t+dt}``. After the ``K``-th transition the token joins ``history`` and the next
 token starts from noise. An episode is ``N * K`` transitions (25 x 4 = 100 by default).
@@ -25,7 +28,7 @@ truth on the actor's *listening* frames by the reward module (``rewards/``; a ``
 column scores the speaking frames instead).
 
 The environment owns data sampling (the window bank), the frozen VAE decoder, the reward
-module and the SDE (``sigma``, ``sde_steps``, ``sde``); the policy (``agents/policy.py``) owns the
+module and the SDE (``sigma``, ``sde_steps``, ``sde``, ``sde_window``); the policy (``agents/policy.py``) owns the
 AR-Flow parameters, takes the SDE from the env (``make_policy(arflow, env)``) and reads the
 conditioning of ``window`` from the same bank. Every reset writes a fresh ``episode`` id (the same
 for the batch's rows) that the policy keys its cache on, so one policy can step several envs.
@@ -48,7 +51,7 @@ from torchrl.data import Bounded, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 from ..agents.arflow import DROP_KEYS
-from ..agents.flow import SDE_KINDS
+from ..agents.flow import SDE_KINDS, sde_window_steps
 from ..rewards.groups import speaking_kwargs
 from .windows import decode_latents
 
@@ -87,7 +90,9 @@ class ListenerSDEEnv(EnvBase):
         reward: ``FlameReward``-like module, ``(pred, target, mask, valid) -> (B, n_groups)``.
         n_prompts, group_size: batch = ``n_prompts * group_size`` rollouts.
         sde_steps: transitions per token (``K``); ``sigma``: SDE noise scale (eq. 7); ``sde``: drift
-            kind, "paper" or "marginal" (``agents.flow.sde_drift``). The policy takes all three from the env.
+            kind, "paper" or "marginal" (``agents.flow.sde_drift``). ``sde_window``: ``None`` (every
+            transition samples the SDE) or ``[a, b]``: only transitions a .. b-1 of each token do, the
+            others are ODE steps (``agents.flow.sde_window_steps``). The policy takes all four from the env.
         generator: torch generator for the initial noise of every token; default: the env's own,
             seeded with ``seed``.
         seed: seed of window sampling (and of the env's own noise generator).
@@ -105,7 +110,7 @@ class ListenerSDEEnv(EnvBase):
     def __init__(self, bank: TensorDictBase, decoder, normalizer, reward, n_prompts: int = 4, group_size: int = 4,
                  sde_steps: int = 4, sigma: float = 0.5, device: str | torch.device = "cpu",
                  generator: torch.Generator | None = None, seed: int = 0, sde: str = "paper",
-                 cond_drop: float = 0.0, drop_keys=DROP_KEYS):
+                 cond_drop: float = 0.0, drop_keys=DROP_KEYS, sde_window=None):
         if group_size < 1:
             raise ValueError(f"group_size (G) must be >= 1, got {group_size} (group-relative training needs G >= 2)")
         if n_prompts < 1:
@@ -116,6 +121,7 @@ class ListenerSDEEnv(EnvBase):
             raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
         if sde not in SDE_KINDS:
             raise ValueError(f"sde must be one of {SDE_KINDS}, got {sde!r}")
+        window = sde_window_steps(sde_window, int(sde_steps))
         if not (np.isfinite(cond_drop) and 0 <= cond_drop < 1):
             raise ValueError(f"cond_drop must be in [0, 1), got {cond_drop}")
         bad = set(drop_keys) - set(DROP_KEYS)
@@ -133,6 +139,7 @@ class ListenerSDEEnv(EnvBase):
         self.reward_fn = reward
         self.n_prompts, self.group_size = n_prompts, group_size
         self.sde_steps, self.sigma, self.sde = int(sde_steps), float(sigma), sde
+        self.sde_window = window  # (a, b): the transitions of each token that sample the SDE
         self.n_tokens, self.d_latent = bank["actor_latent"].shape[1:]
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))

@@ -21,6 +21,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from ..agents.advantages import STD_SCOPES
 from ..agents.arflow import DROP_KEYS
 from ..agents.compress import check_precision, compress
+from ..agents.flow import sde_window_steps
 from ..agents.loss import AGGREGATION, COUNT_KINDS, LOSSES, collect_trajectories, listening_token_mask, transition_counts
 from ..agents.policy import transition_core
 from ..envs.sde_env import ListenerSDEEnv
@@ -44,6 +45,10 @@ def check_settings(cfg: DictConfig) -> None:
     check_count(cfg, ["optim.iterations", "env.n_prompts", "env.sde_steps", "algo.chunk_steps", "algo.sync_every",
                       "algo.epochs", "ckpt_every", "log_every", "eval.n_windows", "eval.steps"])
     check_count(cfg, ["env.group_size"], minimum=2)
+    try:
+        sde_window_steps(cfg.env.get("sde_window"), cfg.env.sde_steps)
+    except ValueError as e:
+        raise ValueError(f"env.sde_window: {e}") from None
     drop, keys = cfg.env.get("cond_drop", 0.0), list(cfg.env.get("drop_keys", DROP_KEYS))
     if not isinstance(drop, (int, float)) or not 0 <= drop < 1:
         raise ValueError(f"env.cond_drop={drop!r} must be a number in [0, 1)")
@@ -68,7 +73,8 @@ def make_env(cfg: DictConfig, bank, vae, normalizer, reward, generator, n_prompt
     return ListenerSDEEnv(bank, vae, normalizer, reward, n_prompts=cfg.env.n_prompts if n_prompts is None else n_prompts,
                           group_size=cfg.env.group_size, sde_steps=cfg.env.sde_steps, sigma=cfg.env.sigma, sde=cfg.env.sde,
                           device=bank.device, generator=generator, seed=cfg.seed if seed is None else seed,
-                          cond_drop=float(cfg.env.get("cond_drop", 0.0)), drop_keys=tuple(cfg.env.get("drop_keys", DROP_KEYS)))
+                          cond_drop=float(cfg.env.get("cond_drop", 0.0)), drop_keys=tuple(cfg.env.get("drop_keys", DROP_KEYS)),
+                          sde_window=cfg.env.get("sde_window"))
 
 
 def make_train_bank(cfg: DictConfig, data_root, features, vae, normalizer, device, window_tokens: int):

@@ -94,6 +94,15 @@ def test_condition_dropout_in_rl_runs(tiny_pipeline, run_entry, first_run):
     assert res.returncode == 0 and (d / "cond_drop" / "model.safetensors").is_file()
 
 
+def test_mixed_sde_window_in_rl_runs(tiny_pipeline, run_entry, first_run):
+    """env.sde_window: the real entry point samples the SDE on the first denoising step only and trains on it."""
+    d, args = tiny_pipeline.root, tiny_pipeline.gdpo_args
+    res = run_entry("gdpo.py", "reward=expr+rot", "env.sde_window=[0,1]",
+                    *args("optim.iterations=2", f"out_dir={d / 'sde_window'}"), cwd=d)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (d / "sde_window" / "model.safetensors").is_file()
+
+
 def test_bad_config_fails_early(tiny_pipeline, run_entry):
     """The real entry point stops on a bad config before the pipeline runs (every case: tests/test_reliability.py)."""
     d = tiny_pipeline.root

@@ -143,7 +143,8 @@ BAD_GDPO_SETTINGS = [
     ("algo.ref_precision=fp8", "algo.ref_precision"), ("algo.sft_coef=-1", "algo.sft_coef"),
     ("algo.std_scope=prompt", "algo.std_scope"), ("algo.std_momentum=1", "algo.std_momentum"),
     ("algo.std_momentum=abc", "algo.std_momentum"), ("env.cond_drop=1", "env.cond_drop"),
-    ("env.drop_keys=[face]", "env.drop_keys")]
+    ("env.drop_keys=[face]", "env.drop_keys"), ("env.sde_window=[3,1]", "env.sde_window"),
+    ("env.sde_window=[0,9]", "env.sde_window")]
 
 
 @pytest.mark.parametrize("override,named", BAD_GDPO_SETTINGS)
