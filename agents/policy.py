@@ -241,8 +241,9 @@ class SDETransition(nn.Module):
         """Transition means of cached states, teacher forced, with gradient (no dropout, whatever the mode).
 
         window (B,), history (B, N, Dv) finished trajectory; ``span = (s0, n, new0)`` one entry of
-        ``schedule`` (default: the whole row as one window); x (B, S, M, Dv) states of S SDE
-        steps (inside ``sde_window``: the mean is the SDE's) of the window's M = s0 + n - new0 generated tokens, t (B, S, M) their flow times
+        ``schedule`` (default: the whole row as one window); x (B, S, M, Dv) states of S SDE steps
+        (inside ``sde_window``: the mean is the SDE's) of the window's M = s0 + n - new0 generated
+        tokens, t (B, S, M) their flow times
         -> loc (B, S, M, Dv). ``model`` defaults to this policy's AR-Flow (pass the reference copy to score it).
         """
         model = self.arflow if model is None else model

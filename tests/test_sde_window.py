@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from test_sde import DATA_STD, SIGMA, gaussian_velocity_gain
 from torchrl.envs.utils import ExplorationType, set_exploration_type, step_mdp
 
 from gdpo_listener.agents import flow
@@ -16,8 +17,6 @@ from gdpo_listener.agents.policy import POLICY_IN_KEYS, SDETransition, make_poli
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.envs.windows import cond_from_bank
 from gdpo_listener.rewards.groups import build_reward
-
-from test_sde import DATA_STD, SIGMA, gaussian_velocity_gain
 
 K = 4
 
