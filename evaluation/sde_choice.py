@@ -26,24 +26,37 @@ from .generation import quality_figures, quality_report, teacher_forced_motion
 
 
 class SDESampling:
-    """``model`` whose ``sample`` draws with the SDE ``sde`` at noise scale ``sigma`` (everything else
-    passed through), so the evaluation's own generation routine can sample it."""
+    """``model`` whose ``sample`` draws with the SDE ``sde`` at noise scale ``sigma`` on the steps of
+    ``sde_window`` (None: all; else ODE steps outside it; everything else passed through), so the
+    evaluation's own generation routine can sample it."""
 
-    def __init__(self, model, sigma: float, sde: str):
+    def __init__(self, model, sigma: float, sde: str, sde_window=None):
         if not sigma > 0:
             raise ValueError(f"SDESampling: sigma must be > 0 (0 is the ODE), got {sigma}")
         self.model, self.sigma, self.sde = model, float(sigma), str(sde)
+        self.sde_window = None if sde_window is None else tuple(int(w) for w in sde_window)
 
     def sample(self, *args, **kwargs):
-        return self.model.sample(*args, sigma=self.sigma, sde=self.sde, **kwargs)
+        return self.model.sample(*args, sigma=self.sigma, sde=self.sde, sde_window=self.sde_window, **kwargs)
 
 
-def sampler_variants(ode_steps: int, sde_steps: int, sigma: float, sdes: list[str], teacher_forced: bool = False) -> dict[str, dict]:
-    """``{name: {"steps", "sigma", "sde"}}``: the ODE (sigma 0) then one SDE per entry of ``sdes``; with
-    ``teacher_forced`` also the ODE given the ground-truth history (``"history": "ground truth"``)."""
+def sampler_variants(ode_steps: int, sde_steps: int, sigma: float, sdes: list[str], teacher_forced: bool = False,
+                     windows=()) -> dict[str, dict]:
+    """``{name: {"steps", "sigma", "sde"[, "sde_window"]}}``: the ODE (sigma 0) then one SDE per entry of
+    ``sdes``, and one mixed SDE/ODE sampler per SDE and entry ``[a, b]`` of ``windows`` (``env.sde_window``:
+    SDE steps a .. b-1 only); with ``teacher_forced`` also the ODE given the ground-truth history
+    (``"history": "ground truth"``)."""
+    from ..agents.flow import sde_window_steps
+
     out = {f"ODE {int(ode_steps)} steps": {"steps": int(ode_steps), "sigma": 0.0, "sde": None}}
     for s in sdes:
         out[f"SDE {s} {int(sde_steps)} steps sigma {float(sigma):g}"] = {"steps": int(sde_steps), "sigma": float(sigma), "sde": str(s)}
+    for w in windows or ():
+        a, b = sde_window_steps(w, int(sde_steps))
+        on = f"step {a}" if b - a == 1 else f"steps {a}-{b - 1}"
+        for s in sdes:
+            out[f"SDE {s} {int(sde_steps)} steps sigma {float(sigma):g}, SDE on {on}"] = {
+                "steps": int(sde_steps), "sigma": float(sigma), "sde": str(s), "sde_window": [a, b]}
     if teacher_forced:
         out[f"ODE {int(ode_steps)} steps, teacher-forced"] = {"steps": int(ode_steps), "sigma": 0.0, "sde": None,
                                                               "history": "ground truth"}
@@ -64,7 +77,7 @@ def final_sample_dynamics(model, data, variants: Mapping[str, dict], seeds: list
             out[name] = {s: quality_figures(teacher_forced_motion(model, data.vae, data.normalizer, data.bank, steps=v["steps"],
                                                                   seed=int(s)), data.bank) for s in seeds}
             continue
-        m = model if v["sigma"] == 0 else SDESampling(model, v["sigma"], v["sde"])
+        m = model if v["sigma"] == 0 else SDESampling(model, v["sigma"], v["sde"], v.get("sde_window"))
         out[name] = {s: quality_report(m, data.vae, data.normalizer, data.bank, n_windows=n, steps=v["steps"], seed=int(s))
                      for s in seeds}
     return out

@@ -238,7 +238,8 @@ def test_sde_sampling_passes_sigma_and_sde():
             return a, kw
 
     a, kw = SDESampling(Fake(), 0.5, "marginal").sample("cond", 3, steps=4)
-    assert a == ("cond", 3) and kw == {"steps": 4, "sigma": 0.5, "sde": "marginal"}
+    assert a == ("cond", 3) and kw == {"steps": 4, "sigma": 0.5, "sde": "marginal", "sde_window": None}
+    assert SDESampling(Fake(), 0.5, "paper", [0, 2]).sample("cond", 3)[1]["sde_window"] == (0, 2)
     with pytest.raises(ValueError, match="sigma"):
         SDESampling(Fake(), 0.0, "paper")
 
@@ -247,6 +248,10 @@ def test_closest_to_ode_and_model_verdict():
     v = sampler_variants(10, 4, 0.5, ["paper", "marginal"], teacher_forced=True)
     assert list(v) == ["ODE 10 steps", "SDE paper 4 steps sigma 0.5", "SDE marginal 4 steps sigma 0.5", "ODE 10 steps, teacher-forced"]
     assert list(sampler_variants(10, 4, 0.5, ["paper"])) == ["ODE 10 steps", "SDE paper 4 steps sigma 0.5"]
+    mixed = sampler_variants(10, 4, 0.5, ["paper"], windows=[[0, 2]])
+    assert mixed["SDE paper 4 steps sigma 0.5, SDE on steps 0-1"] == {"steps": 4, "sigma": 0.5, "sde": "paper", "sde_window": [0, 2]}
+    with pytest.raises(ValueError, match="sde_window"):
+        sampler_variants(10, 4, 0.5, ["paper"], windows=[[0, 5]])
     r = lambda e, j: {"listening/expr/vel_std_ratio": {"mean": e}, "listening/jaw/vel_std_ratio": {"mean": j}}  # noqa: E731
     table = {"ODE 10 steps": r(0.6, 0.5), "SDE paper 4 steps sigma 0.5": r(0.9, 0.75), "SDE marginal 4 steps sigma 0.5": r(0.55, 0.5),
              "ODE 10 steps, teacher-forced": r(0.6, 0.5)}  # identical to the ODE: it would win if it were ranked

@@ -309,11 +309,12 @@ def test_bench_quick(tiny):
     assert p["method"] == pytest.approx(rep["metrics"]["gdpo"]["all/listening/PDD"]["mean"], rel=1e-6)
     assert p["mean_diff"] == pytest.approx(p["method"] - p["reference"], abs=1e-9)
     sde = rep["sde_choice"]
-    assert list(sde["dynamics"]) == ["ODE 2 steps", "SDE paper 2 steps sigma 0.5", "SDE marginal 2 steps sigma 0.5",
+    mixed = [f"SDE {k} 2 steps sigma 0.5, SDE on step 0" for k in ("paper", "marginal")]  # quick_settings windows [[0, 1]]
+    assert list(sde["dynamics"]) == ["ODE 2 steps", "SDE paper 2 steps sigma 0.5", "SDE marginal 2 steps sigma 0.5", *mixed,
                                      "ODE 2 steps, teacher-forced"]
     assert sde["teacher_forced_quality"]["listening/expr/vel_std_ratio"]["mean"] > 0  # each token given the ground-truth history
     assert sde["dynamics"]["ODE 2 steps"]["listening/expr/vel_std_ratio"]["mean"] > 0
-    assert sde["closest_to_ode"]["best"] in ("SDE paper 2 steps sigma 0.5", "SDE marginal 2 steps sigma 0.5")
+    assert sde["closest_to_ode"]["best"] in ("SDE paper 2 steps sigma 0.5", "SDE marginal 2 steps sigma 0.5", *mixed)
     assert list(sde["models"]) == ["gdpo@marginal vs gdpo"] and sde["models"]["gdpo@marginal vs gdpo"]["method_sde"] == "marginal"
     # a variant: trained with its overrides (the run's recorded config), compared with its base, not in the SDE choice
     beta = {slug: json.loads((out / "runs" / f"{slug}_seed0" / "meta.json").read_text())["config"]["algo"]["beta"]

@@ -170,7 +170,8 @@ def run(cfg: DictConfig) -> dict:
 
     # 4. final-sample dynamics of the supervised model under the ODE and each SDE, and teacher-forced (no training)
     sd = cfg.sde_dynamics
-    variants = sampler_variants(int(ecfg.steps), int(sd.steps), float(sd.sigma), [str(x) for x in sd.sdes], teacher_forced=True)
+    variants = sampler_variants(int(ecfg.steps), int(sd.steps), float(sd.sigma), [str(x) for x in sd.sdes], teacher_forced=True,
+                                windows=[list(w) for w in sd.get("windows") or []])
     sup_model, _ = load_eval_model(Path(sft_path), data)
     dynamics = final_sample_dynamics(sup_model, data, variants, seeds)
 
