@@ -100,6 +100,7 @@ def test_mixed_sde_window_in_rl_runs(tiny_pipeline, run_entry, first_run):
     res = run_entry("gdpo.py", "reward=expr+rot", "env.sde_window=[0,1]",
                     *args("optim.iterations=2", f"out_dir={d / 'sde_window'}"), cwd=d)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "x 50 transitions, SDE on step 0 of 2 (25 trained)" in res.stdout
     assert (d / "sde_window" / "model.safetensors").is_file()
 
 

@@ -73,6 +73,15 @@ ADDED_SETTINGS = {"algo": {"sft_coef": 0.0, "sft_batch_size": 16, "std_scope": "
                   "env": {"cond_drop": 0.0, "drop_keys": ["text", "audio", "motion"]}}
 
 
+def sde_window_note(env) -> str:
+    """``", SDE on steps a-(b-1) of K (n trained)"`` for a mixed SDE/ODE env (env.sde_window), else empty."""
+    a, b = env.sde_window
+    if (a, b) == (0, env.sde_steps):
+        return ""
+    on = f"step {a}" if b - a == 1 else f"steps {a}-{b - 1}"
+    return f", SDE on {on} of {env.sde_steps} ({env.n_tokens * (b - a)} trained)"
+
+
 def save_state(path, cfg, step, generator, logger, run_states, env, dist: Dist) -> None:
     """Training state, written once by rank 0; under torchrun it also holds every rank's RNG states."""
     extra = {"env_rng": env.rng_state()}
@@ -173,7 +182,8 @@ def train(cfg: DictConfig, dist: Dist) -> None:
     if dist.is_main:
         ranks = f" ({dist.world_size} processes x {env.batch_size[0]})" if dist.is_distributed else ""
         print(f"[gdpo] {cfg.algo.name} on reward={cfg.reward} ({', '.join(reward.group_names)}); "
-              f"batch {env.batch_size[0] * dist.world_size} rollouts{ranks} x {env.n_tokens * env.sde_steps} transitions; "
+              f"batch {env.batch_size[0] * dist.world_size} rollouts{ranks} x {env.n_tokens * env.sde_steps} transitions"
+              f"{sde_window_note(env)}; "
               f"setup {time.perf_counter() - t_start:.1f} s")
 
     iterations = int(cfg.optim.iterations)
