@@ -4,6 +4,8 @@
 - wall time of one GDPO iteration split into rollout, reward and replay/update, the last once per
   reference-policy precision (``ref_precisions``, ``algo.ref_precision``) with the KL a reference of
   the same weights scores at that precision (its rounding error; 0 in fp32);
+- beside it, the update of a mixed SDE/ODE batch (``sde_window``, ``env.sde_window``: only its SDE
+  steps are replayed) and its ratio to the full update;
 - ``memory=true``: peak memory of one update for episodes of 25 and 100 tokens at the same batch,
   side by side (each measured in a fresh child process: on CPU the rise of the resident-set peak
   over the resident set before the update, from ``/proc/self/status`` after resetting the peak;
@@ -51,6 +53,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig
 from gdpo_listener.agents.compress import linear_weight_bytes, resolve_precision
+from gdpo_listener.agents.flow import sde_window_steps
 from gdpo_listener.agents.loss import GDPOLoss, chunked_update, collect_trajectories, trajectory_batch
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.agents.vae import MotionVAE, VAEConfig
@@ -248,7 +251,24 @@ def throughput_report(cfg: DictConfig) -> None:
                   f"(the precision's error)")
             if resolved == "fp32":  # the bound counts fp32 FLOPs at the fp32 GEMM peak
                 print(bounds_line(preset, model.cfg, transition_core(policy).schedule, dt_cached, t_update, cfg, machine))
+                t_full = t_update
+        if cfg.get("sde_window") is not None and "fp32" in cfg.ref_precisions:
+            print(window_update_line(preset, ro, N, K, policy, model, reward, opt, cfg, t_full))
         print()
+
+
+def window_update_line(preset: str, ro, N: int, K: int, policy, model, reward, opt, cfg: DictConfig, t_full: float) -> str:
+    """The update of a mixed SDE/ODE batch (``env.sde_window``: only steps a .. b-1 replayed), timed after the full one:
+    the same rollout's steps a .. b-1, which are the shapes a windowed rollout replays (fp32 reference)."""
+    a, b = sde_window_steps(cfg.sde_window, K)
+    traj = trajectory_batch(ro, N, K, sde_window=(a, b))
+    loss = GDPOLoss(transition_core(policy), model, reward.lambdas, reference=make_reference(model, "fp32"))
+    loss.compute_advantage(traj)
+    t0 = time.perf_counter()
+    chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))
+    t = time.perf_counter() - t0
+    return (f"{preset:8s} replay/update with env.sde_window=[{a},{b}] ({b - a} of {K} steps replayed): {t:.2f} s = "
+            f"{t / t_full:.2f}x the full update (expected about {(b - a) / K:.2f}x)")
 
 
 def bounds_line(preset: str, arch, spans, t_rollout: float, t_update: float, cfg: DictConfig, machine) -> str:
@@ -271,6 +291,8 @@ def check_settings(cfg: DictConfig) -> None:
     for key in ("n_prompts", "group_size", "sde_steps", "chunk_steps", "uncached_tokens", "gemm_size", "hw_repeats"):
         if int(cfg[key]) != cfg[key] or cfg[key] < 1:
             raise ValueError(f"{key}={cfg[key]} must be a positive integer")
+    if cfg.get("sde_window") is not None:
+        sde_window_steps(cfg.sde_window, int(cfg.sde_steps))
     if not cfg.memory_tokens or any(int(n) < 1 for n in cfg.memory_tokens):
         raise ValueError(f"memory_tokens={list(cfg.memory_tokens)} must list positive episode lengths (tokens)")
 
