@@ -268,7 +268,8 @@ def window_update_line(preset: str, ro, N: int, K: int, policy, model, reward, o
     chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))
     t = time.perf_counter() - t0
     return (f"{preset:8s} replay/update with env.sde_window=[{a},{b}] ({b - a} of {K} steps replayed): {t:.2f} s = "
-            f"{t / t_full:.2f}x the full update (expected about {(b - a) / K:.2f}x)")
+            f"{t / t_full:.2f}x the full update (its noisy-token passes are {(b - a) / K:.2f}x the full update's; each window's "
+            f"prefix-and-history pass, forward and backward, is the same)")
 
 
 def bounds_line(preset: str, arch, spans, t_rollout: float, t_update: float, cfg: DictConfig, machine) -> str:
