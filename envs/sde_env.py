@@ -11,7 +11,8 @@ with drift ``b`` of kind ``sde`` (``agents.flow.sde_drift``: "paper" b = v as in
 score-corrected "marginal" drift that keeps the flow's marginals). With ``sde_window = (a, b)``
 (mixed sampling, as MixGRPO) only the transitions ``a <= k < b`` of each token sample the SDE; the
 others are deterministic ODE steps ``m + dt * v`` (the policy's scale is 0 there) and the loss
-replays and trains only the SDE ones, so an update costs ``(b - a) / K`` of a full one.
+replays and trains only the SDE ones (the noisy-token passes of an update shrink to ``(b - a) / K``;
+the per-window prefix pass does not).
 
 The action is ``m_{t+dt}``. After the ``K``-th transition the token joins ``history`` and the next
 token starts from noise. An episode is ``N * K`` transitions (25 x 4 = 100 by default).
