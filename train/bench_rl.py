@@ -37,7 +37,6 @@ from gdpo_listener.pipeline.threads import omp_wait_defaults  # imports no torch
 os.environ.update(omp_wait_defaults())  # before torch loads: OpenMP threads spin briefly, then sleep (pipeline/threads.py)
 
 import copy
-import ctypes
 import gc
 import json
 import subprocess
@@ -62,6 +61,7 @@ from gdpo_listener.envs.flame import FLAME_DIM, N_GROUPS
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.envs.windows import token_majority
 from gdpo_listener.evaluation import hardware as hw
+from gdpo_listener.evaluation.process_memory import peak_memory_mb, release_free_heap, reset_peak_memory
 from gdpo_listener.pipeline.rl import make_reference
 from gdpo_listener.pipeline.threads import configure_threads, describe_omp_wait, resolve_threads
 from gdpo_listener.rewards.groups import build_reward
@@ -110,39 +110,6 @@ def timed_rollout(env, policy, n_steps: int):
     return ro, time.perf_counter() - t0
 
 
-def _proc_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _release_free_heap() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``), so the resident set before the update
-    is live memory only and the update's rise above it is not hidden by reused free pages."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak(cuda: bool) -> float:
-    """Reset the peak-memory mark; returns the memory in use now (MB)."""
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / 2**20
-    with open("/proc/self/clear_refs", "w") as f:  # reset the resident-set high-water mark (Linux)
-        f.write("5")
-    return _proc_kb("VmRSS") / 1024
-
-
-def _peak(cuda: bool) -> float:
-    """Peak memory (MB) since the last :func:`_reset_peak`."""
-    if cuda:
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _proc_kb("VmHWM") / 1024
-
-
 def memory_child(preset: str, episode_tokens: int, cfg: DictConfig) -> dict:
     """Collect one batch of ``episode_tokens``-token episodes, then measure the memory of one update."""
     configure_threads(cfg.threads)
@@ -152,21 +119,21 @@ def memory_child(preset: str, episode_tokens: int, cfg: DictConfig) -> dict:
     with set_exploration_type(ExplorationType.RANDOM):
         collect_trajectories(env, policy)  # warm-up
         gc.collect()
-        _release_free_heap()
-        base0 = _reset_peak(cuda)
+        release_free_heap()
+        base0 = reset_peak_memory(cuda)
         traj = collect_trajectories(env, policy)  # what train/gdpo.py collects
-        collect_mb = _peak(cuda) - base0
+        collect_mb = peak_memory_mb(cuda) - base0
     loss = GDPOLoss(transition_core(policy), model, reward.lambdas)
     loss.compute_advantage(traj)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))  # warm-up: optimiser state, allocator pools
     gc.collect()
-    _release_free_heap()
-    base = _reset_peak(cuda)
+    release_free_heap()
+    base = reset_peak_memory(cuda)
     t0 = time.perf_counter()
     chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))
     seconds = time.perf_counter() - t0
-    peak = _peak(cuda)
+    peak = peak_memory_mb(cuda)
     return {"preset": preset, "tokens": env.n_tokens, "windows": len(transition_core(policy).schedule), "base_mb": base,
             "peak_mb": peak, "update_mb": peak - base, "seconds": seconds, "traj_mb": _td_mb(traj), "collect_mb": collect_mb}
 
