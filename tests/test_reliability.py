@@ -98,6 +98,25 @@ def test_a_state_saved_before_a_setting_existed_resumes_with_its_no_op_value(tmp
         load_run_state(path, OmegaConf.create({"algo": {"beta": 0.01, "sft_coef": 0.0}}), ["algo"], "cpu")
 
 
+def test_a_gdpo_state_saved_before_env_sde_window_resumes_under_the_default(tmp_path, compose_config):
+    """train/gdpo.py's ADDED_SETTINGS: a GDPO state whose env section lacks sde_window (written before the
+    setting existed) resumes under today's default config, and not with a window set."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("recipe_gdpo_added", Path(__file__).resolve().parents[1] / "train" / "gdpo.py")
+    gdpo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gdpo)
+    now = compose_config("gdpo")
+    old = OmegaConf.to_container(now.env, resolve=True)
+    old.pop("sde_window")
+    path = tmp_path / "last" / "state.pt"
+    save_run_state(path, OmegaConf.create({"env": old}), ["env"], 3, torch.Generator())
+    assert load_run_state(path, now, ["env"], "cpu", added=gdpo.ADDED_SETTINGS)["step"] == 3
+    with pytest.raises(ValueError, match="another config"):
+        load_run_state(path, compose_config("gdpo", ["env.sde_window=[0,2]"]), ["env"], "cpu", added=gdpo.ADDED_SETTINGS)
+
+
 # ----------------------------------------------------------------------------------------------
 # divergence and settings
 
