@@ -44,7 +44,7 @@ from torch import Tensor
 __all__ = [
     "interpolate", "velocity_target", "flow_matching_loss", "euler_step", "sde_step", "sde_drift", "SDE_KINDS",
     "transition_mean", "transition_std", "gaussian_log_prob", "gaussian_kl_same_std",
-    "cfg_combine", "time_grid", "sde_window_steps", "step_sigma",
+    "cfg_combine", "time_grid", "sde_window_steps", "sde_window_label", "step_sigma",
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -176,6 +176,12 @@ def sde_window_steps(window, steps: int) -> tuple[int, int]:
         raise ValueError(f"sde_window must be null or [a, b] with integers 0 <= a < b <= sde steps = {steps} "
                          f"(the denoising steps a .. b-1 sample the SDE, the others take ODE steps), got {window!r}")
     return a, b
+
+
+def sde_window_label(window: tuple[int, int]) -> str:
+    """``"step a"`` or ``"steps a-(b-1)"``: the SDE steps of a window ``(a, b)`` for reports and logs."""
+    a, b = window
+    return f"step {a}" if b - a == 1 else f"steps {a}-{b - 1}"
 
 
 def step_sigma(sigma: float, s: int, window: tuple[int, int]) -> float:

@@ -46,16 +46,15 @@ def sampler_variants(ode_steps: int, sde_steps: int, sigma: float, sdes: list[st
     ``sdes``, and one mixed SDE/ODE sampler per SDE and entry ``[a, b]`` of ``windows`` (``env.sde_window``:
     SDE steps a .. b-1 only); with ``teacher_forced`` also the ODE given the ground-truth history
     (``"history": "ground truth"``)."""
-    from ..agents.flow import sde_window_steps
+    from ..agents.flow import sde_window_label, sde_window_steps
 
     out = {f"ODE {int(ode_steps)} steps": {"steps": int(ode_steps), "sigma": 0.0, "sde": None}}
     for s in sdes:
         out[f"SDE {s} {int(sde_steps)} steps sigma {float(sigma):g}"] = {"steps": int(sde_steps), "sigma": float(sigma), "sde": str(s)}
     for w in windows or ():
         a, b = sde_window_steps(w, int(sde_steps))
-        on = f"step {a}" if b - a == 1 else f"steps {a}-{b - 1}"
         for s in sdes:
-            out[f"SDE {s} {int(sde_steps)} steps sigma {float(sigma):g}, SDE on {on}"] = {
+            out[f"SDE {s} {int(sde_steps)} steps sigma {float(sigma):g}, SDE on {sde_window_label((a, b))}"] = {
                 "steps": int(sde_steps), "sigma": float(sigma), "sde": str(s), "sde_window": [a, b]}
     if teacher_forced:
         out[f"ODE {int(ode_steps)} steps, teacher-forced"] = {"steps": int(ode_steps), "sigma": 0.0, "sde": None,

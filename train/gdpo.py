@@ -42,6 +42,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from gdpo_listener.agents.arflow import load_arflow
+from gdpo_listener.agents.flow import sde_window_label
 from gdpo_listener.agents.guards import DivergenceError, check_finite_stats, check_finite_weights
 from gdpo_listener.agents.loss import chunked_update
 from gdpo_listener.agents.policy import make_policy
@@ -78,8 +79,7 @@ def sde_window_note(env) -> str:
     a, b = env.sde_window
     if (a, b) == (0, env.sde_steps):
         return ""
-    on = f"step {a}" if b - a == 1 else f"steps {a}-{b - 1}"
-    return f", SDE on {on} of {env.sde_steps} ({env.n_tokens * (b - a)} trained)"
+    return f", SDE on {sde_window_label((a, b))} of {env.sde_steps} ({env.n_tokens * (b - a)} trained)"
 
 
 def save_state(path, cfg, step, generator, logger, run_states, env, dist: Dist) -> None:
