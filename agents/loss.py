@@ -34,10 +34,16 @@ tokens inside / outside ``token_mask``), ``clip_fraction``, ``ratio_mean``, ``lo
 (means over ``O``) and ``ratio_max`` (maximum over ``O``; NaN when ``O`` is empty);
 :data:`AGGREGATION` says how each output combines over chunks.
 
-Data layout (:func:`trajectory_batch`): one row per trajectory with the states of the SDE steps
-(all ``K`` denoising steps, or the ``b - a`` steps of the env's ``sde_window``: ODE steps are
-deterministic, so they are neither replayed nor trained, and ``T`` and ``O`` hold SDE transitions
-only) of all ``N`` tokens, so the update replays a chunk of ``S`` denoising steps for
+Mixed SDE/ODE envs (``sde_window = (a, b)``): ``O`` holds SDE transitions only (an ODE step is a point
+mass with no ratio); ``kl_steps="sde"`` (default) keeps only those, so ``T`` is the SDE transitions too
+and the update replays ``b - a`` of the ``K`` steps; ``kl_steps="all"`` keeps every step and ``T`` also
+holds the ODE steps, whose mean ``x + dt v`` is held near the reference's by the same closed form at an
+SDE step's std (the velocity the evaluation ODE follows at those flow times is then regularised
+directly, not only through shared parameters). Without a window both are the paper's loss.
+
+Data layout (:func:`trajectory_batch`): one row per trajectory with the states of the kept steps
+(all ``K`` denoising steps, or the ``b - a`` SDE steps of the env's ``sde_window`` when the ODE
+steps, deterministic, are neither replayed nor trained) of all ``N`` tokens, so the update replays a chunk of ``S`` denoising steps for
 every token of a window in one teacher-forced pass (``SDETransition.replay_loc``);
 :func:`chunked_update` walks the (window, chunk) pairs with gradient accumulation, so peak memory
 is set by one chunk of one window, not by the number of transitions or the episode length.
@@ -69,15 +75,17 @@ from .guards import check_finite_step
 
 def _as_trajectories(steps: TensorDictBase, history: torch.Tensor, reward: torch.Tensor, window: torch.Tensor,
                      group_id: torch.Tensor, n_tokens: int, sde_steps: int, token_mask: torch.Tensor | None,
-                     log_prob_key: str, sde_window=None) -> TensorDict:
+                     log_prob_key: str, sde_window=None, keep_ode_steps: bool = False) -> TensorDict:
     """Per-step records ``(B, N*K)`` + episode ends -> the trajectory layout ``(B,)`` (see :func:`trajectory_batch`)."""
     B, L = steps.batch_size
     N, K = n_tokens, sde_steps
     if L != N * K:
         raise ValueError(f"rollout has {L} steps, expected n_tokens * sde_steps = {N * K}")
     a, b = sde_window_steps(sde_window, K)
+    if keep_ode_steps:
+        a, b = 0, K
 
-    def per_step(x):  # (B, N*K, ...) -> (B, b - a, N, ...): the SDE steps
+    def per_step(x):  # (B, N*K, ...) -> (B, b - a, N, ...): the kept steps
         return x.reshape(B, N, K, *x.shape[2:]).transpose(1, 2)[:, a:b]
 
     mask = torch.ones(B, N, dtype=torch.bool, device=steps.device) if token_mask is None else token_mask
@@ -94,11 +102,12 @@ def _as_trajectories(steps: TensorDictBase, history: torch.Tensor, reward: torch
 
 @torch.no_grad()
 def trajectory_batch(rollout: TensorDictBase, n_tokens: int, sde_steps: int, token_mask: torch.Tensor | None = None,
-                     log_prob_key: str = "action_log_prob", sde_window=None) -> TensorDict:
+                     log_prob_key: str = "action_log_prob", sde_window=None, keep_ode_steps: bool = False) -> TensorDict:
     """Reshape a rollout ``(B, N*K)`` of :class:`~envs.sde_env.ListenerSDEEnv` into trajectories ``(B,)``.
 
     Keys of the result, with ``S`` the SDE steps (``K``, or ``b - a`` for the env's ``sde_window``
-    ``(a, b)``, which must be passed: the ODE steps outside it are dropped): ``history (N, D)``,
+    ``(a, b)``, which must be passed: the ODE steps outside it are dropped unless ``keep_ode_steps``,
+    for a loss with ``kl_steps="all"``; then ``S = K``): ``history (N, D)``,
     ``window ()``, ``group_id ()``, ``x (S, N, D)``, ``t (S, N)``, ``action (S, N, D)``,
     ``action_log_prob (S, N)``, ``reward (n_groups,)``,
     ``token_mask (N,)``: the tokens whose transitions enter the objective under
@@ -107,11 +116,11 @@ def trajectory_batch(rollout: TensorDictBase, n_tokens: int, sde_steps: int, tok
     """
     return _as_trajectories(rollout, rollout["next", "history"][:, -1], rollout["next", "reward"][:, -1],
                             rollout["window"][:, 0], rollout["group_id"][:, 0], n_tokens, sde_steps, token_mask, log_prob_key,
-                            sde_window)
+                            sde_window, keep_ode_steps)
 
 
 @torch.no_grad()
-def collect_trajectories(env, policy, log_prob_key: str = "action_log_prob") -> TensorDict:
+def collect_trajectories(env, policy, log_prob_key: str = "action_log_prob", keep_ode_steps: bool = False) -> TensorDict:
     """One batch of episodes of ``env`` under ``policy``, straight into the :func:`trajectory_batch` layout.
 
     Same transitions as ``trajectory_batch(env.rollout(N * K, policy), N, K)``, but only the state,
@@ -119,7 +128,8 @@ def collect_trajectories(env, policy, log_prob_key: str = "action_log_prob") -> 
     whereas ``env.rollout``'s record holds the Markov state's whole ``history`` at every step
     (quadratic in the number of tokens). Run it under the exploration type you want (random for RL).
     ``token_mask`` marks every token: set it (:func:`listening_token_mask`) before a listening-only objective.
-    Only the SDE steps of the env's ``sde_window`` are kept.
+    Only the SDE steps of the env's ``sde_window`` are kept, unless ``keep_ode_steps`` (a loss with
+    ``kl_steps="all"``: the KL also holds the ODE steps' means near the reference).
     """
     N, K = env.n_tokens, env.sde_steps
     td = env.reset()
@@ -132,7 +142,7 @@ def collect_trajectories(env, policy, log_prob_key: str = "action_log_prob") -> 
         last = td["next"]
         td = step_mdp(td)
     return _as_trajectories(torch.stack(record, dim=1), last["history"], last["reward"], window, group_id, N, K,
-                            None, log_prob_key, getattr(env, "sde_window", None))
+                            None, log_prob_key, getattr(env, "sde_window", None), keep_ode_steps)
 
 
 STEP_KEYS = ("x", "t", "action", "action_log_prob")
@@ -188,6 +198,7 @@ AGGREGATION = {
     "kl_listening": "listening", "kl_speaking": "speaking", "loss_objective_speaking": "speaking_objective",
 }
 COUNT_KINDS = ("objective", "all", "listening", "speaking", "speaking_objective")  # the counts the mean rules weight by
+OBJECTIVE_KINDS = ("objective", "speaking_objective")  # kinds counting SDE transitions only (the others: every kept step)
 
 
 def transition_counts(loss_module: GroupRelativeLoss, traj: TensorDictBase) -> list[dict[str, float]]:
@@ -263,6 +274,9 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     K = traj["x"].shape[1]
+    sde_held = [0]  # SDE steps among the batch's first k kept steps (ODE steps carry no objective)
+    for s in loss_module.held_steps(K):
+        sde_held.append(sde_held[-1] + int(loss_module.is_sde_step(s)))
     spans = loss_module.transition[0].schedule
     counts = transition_counts(loss_module, traj)  # per window
     total = {k: sum(c[k] for c in counts) for k in COUNT_KINDS}
@@ -280,8 +294,9 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
                                                           (loss_module.actor_network, loss_module.ref_network)):
                 for k0 in range(0, K, S):
                     k1 = min(k0 + S, K)
-                    share = (k1 - k0) / K
-                    w = {k: c[k] / total[k] * share if total[k] else 0.0 for k in COUNT_KINDS}
+                    share = {k: (sde_held[k1] - sde_held[k0]) / sde_held[K] if k in OBJECTIVE_KINDS else (k1 - k0) / K
+                             for k in COUNT_KINDS}  # the chunk's share of the objective's (SDE) / of all kept steps
+                    w = {k: c[k] / total[k] * share[k] if total[k] else 0.0 for k in COUNT_KINDS}
                     out = loss_module(select_steps(win, k0, k1))
                     sum(out[k] * w[loss_module.aggregation[k]] for k in out.keys() if k.startswith("loss_")).backward()
                     outputs.append((out.detach(), w))
@@ -304,6 +319,7 @@ def chunked_update(loss_module: GroupRelativeLoss, traj: TensorDictBase, optimiz
 
 
 OBJECTIVE_TOKENS = ("listening", "all", "matched")
+KL_STEPS = ("sde", "all")
 
 
 class RunningVariance(torch.nn.Module):
@@ -378,7 +394,7 @@ class GroupRelativeLoss(LossModule):
                  eps: float = 1e-4, eps0: float = 1e-4, whiten: bool = False, reference: torch.nn.Module | None = None,
                  eps_mode: str = "relative", objective_tokens: str = "listening", beta_speaking: float | None = None,
                  speaking_columns=None, speaking_objective_weight: float = 1.0, std_scope: str = "group",
-                 std_momentum: float = 0.98):
+                 std_momentum: float = 0.98, kl_steps: str = "sde"):
         super().__init__()
         beta_speaking = beta if beta_speaking is None else beta_speaking
         if clip_epsilon <= 0:
@@ -389,6 +405,8 @@ class GroupRelativeLoss(LossModule):
             raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
         if objective_tokens not in OBJECTIVE_TOKENS:
             raise ValueError(f"objective_tokens must be one of {OBJECTIVE_TOKENS}, got {objective_tokens!r}")
+        if kl_steps not in KL_STEPS:
+            raise ValueError(f"kl_steps must be one of {KL_STEPS}, got {kl_steps!r}")
         if std_scope not in STD_SCOPES:
             raise ValueError(f"std_scope must be one of {STD_SCOPES}, got {std_scope!r}")
         if std_scope != "group" and objective_tokens == "matched":
@@ -414,6 +432,7 @@ class GroupRelativeLoss(LossModule):
         self.clip_epsilon, self.beta, self.beta_speaking = float(clip_epsilon), float(beta), float(beta_speaking)
         self.eps, self.eps0, self.whiten, self.eps_mode = float(eps), float(eps0), bool(whiten), eps_mode
         self.objective_tokens = objective_tokens
+        self.kl_steps = kl_steps
         self.std_scope = std_scope
         n_scale = self.lambdas.numel() if self.decoupled else 1  # GRPO normalises one column: the weighted sum
         self.reward_scale = RunningVariance(n_scale, std_momentum) if std_scope == "running" else None
@@ -482,6 +501,35 @@ class GroupRelativeLoss(LossModule):
         return {**reward_group_stats(rewards, gid, self.eps, self.eps_mode),
                 **advantage_diagnostics(td[keys.advantage], rewards, gid)}
 
+    @property
+    def keeps_ode_steps(self) -> bool:
+        """Whether trajectories must keep the ODE steps of a mixed SDE/ODE env (``kl_steps="all"``)."""
+        return self.kl_steps == "all"
+
+    def is_sde_step(self, s: int) -> bool:
+        """Whether denoising step ``s`` samples the SDE (inside the transition's ``sde_window``)."""
+        a, b = self.transition[0].sde_window
+        return a <= s < b
+
+    def held_steps(self, n_held: int) -> list[int]:
+        """The denoising steps of a trajectory batch holding ``n_held`` of them: all ``K``, or the SDE window's."""
+        tr = self.transition[0]
+        a, b = tr.sde_window
+        if n_held == tr.sde_steps:
+            return list(range(n_held))
+        if n_held == b - a:
+            return list(range(a, b))
+        raise ValueError(f"trajectories hold {n_held} denoising steps: expected all {tr.sde_steps} or the {b - a} "
+                         f"SDE steps of sde_window=({a}, {b})")
+
+    def sde_step_mask(self, t: torch.Tensor) -> torch.Tensor:
+        """Flow times ``t`` of replayed states -> bool, same shape: the SDE transitions (grid step
+        ``s = t K`` inside ``sde_window``); all True for a sampler that takes the SDE on every step."""
+        tr = self.transition[0]
+        a, b = tr.sde_window
+        s = (t * tr.sde_steps).round()
+        return (s >= a) & (s < b)
+
     def objective_mask(self, td: TensorDictBase) -> torch.Tensor:
         """``(B, N)`` bool: the tokens whose transitions enter the PPO objective."""
         mask = td[self.tensor_keys.token_mask].bool()  # (B, N)
@@ -505,15 +553,20 @@ class GroupRelativeLoss(LossModule):
         tr = self.transition[0]
         span = td.get_non_tensor("span", None)  # one sliding window of a long episode (select_window)
         x, t, action = td["x"], td["t"], td[keys.action]  # (B, S, N, D), (B, S, N), (B, S, N, D)
-        loc = tr.replay_loc(td["window"], td["history"], x, t, model=self.actor_network, span=span)  # (B, S, N, D)
+        sde = None if self.kl_steps == "sde" else self.sde_step_mask(t)  # (B, S, N) bool; None: only SDE steps held
+        loc = tr.replay_loc(td["window"], td["history"], x, t, model=self.actor_network, span=span, sde=sde)  # (B, S, N, D)
         with torch.no_grad():
-            loc_ref = tr.replay_loc(td["window"], td["history"], x, t, model=self.ref_network, span=span)
+            loc_ref = tr.replay_loc(td["window"], td["history"], x, t, model=self.ref_network, span=span, sde=sde)
         log_prob = gaussian_log_prob(action, loc, torch.full_like(loc, transition_std(tr.sigma, tr.dt)))  # (B, S, N)
         log_ratio = log_prob - td[keys.sample_log_prob]  # (B, S, N)
+        if sde is not None:  # an ODE step is a point mass: ratio 1, outside the objective
+            log_ratio = torch.where(sde, log_ratio, torch.zeros_like(log_ratio))
         ratio = log_ratio.exp()
         adv = td[keys.advantage][:, None, None].expand_as(ratio)  # same trajectory advantage on every transition
         surr = torch.minimum(ratio * adv, ratio.clamp(1 - self.clip_epsilon, 1 + self.clip_epsilon) * adv)
         in_obj = self.objective_mask(td)[:, None, :].expand_as(ratio)  # (B, S, N) bool
+        if sde is not None:
+            in_obj = in_obj & sde
         m = in_obj.to(ratio.dtype)
         n_obj = m.sum().clamp(min=1.0)  # no objective transition in this chunk: objective 0
         kl = gaussian_kl_same_std(loc, loc_ref, tr.sigma, tr.dt)  # (B, S, N), every generated transition
@@ -523,7 +576,8 @@ class GroupRelativeLoss(LossModule):
         if self.objective_tokens == "matched":  # speaking tokens on the speaking columns' advantage
             adv_s = td[keys.advantage_speaking][:, None, None].expand_as(ratio)
             surr_s = torch.minimum(ratio * adv_s, ratio.clamp(1 - self.clip_epsilon, 1 + self.clip_epsilon) * adv_s)
-            m_s = self.speaking_objective_mask(td)[:, None, :].expand_as(ratio).to(ratio.dtype)  # (B, S, N)
+            m_s = self.speaking_objective_mask(td)[:, None, :].expand_as(ratio)  # (B, S, N)
+            m_s = (m_s if sde is None else m_s & sde).to(ratio.dtype)
             terms["loss_objective_speaking"] = -self.speaking_objective_weight * (surr_s * m_s).sum() / m_s.sum().clamp(min=1.0)
         if self.beta_speaking == self.beta:
             loss_kl = self.beta * kl.mean()

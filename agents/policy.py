@@ -237,7 +237,8 @@ class SDETransition(nn.Module):
         return loc, torch.full_like(loc, transition_std(sigma, self.dt))
 
     def replay_loc(self, window: torch.Tensor, history: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
-                   model: nn.Module | None = None, span: tuple[int, int, int] | None = None) -> torch.Tensor:
+                   model: nn.Module | None = None, span: tuple[int, int, int] | None = None,
+                   sde: torch.Tensor | None = None) -> torch.Tensor:
         """Transition means of cached states, teacher forced, with gradient (no dropout, whatever the mode).
 
         window (B,), history (B, N, Dv) finished trajectory; ``span = (s0, n, new0)`` one entry of
@@ -245,6 +246,8 @@ class SDETransition(nn.Module):
         (inside ``sde_window``: the mean is the SDE's) of the window's M = s0 + n - new0 generated
         tokens, t (B, S, M) their flow times
         -> loc (B, S, M, Dv). ``model`` defaults to this policy's AR-Flow (pass the reference copy to score it).
+        ``sde`` (B, S, M) bool, when the states include ODE steps of a mixed sampler: False marks an ODE
+        step, whose mean is the ODE's x + dt v (the same as the SDE's for the paper drift).
         """
         model = self.arflow if model is None else model
         s0, n, new0 = (0, history.shape[1], 0) if span is None else tuple(span)
@@ -263,7 +266,10 @@ class SDETransition(nn.Module):
                                      self._drop(window))  # (B, S*M, Dv)
             else:
                 v = model.velocity_in_context(ctx, xs, ts, idx)  # (B, S*M, Dv)
-        return self._mean(xs, v, ts).reshape(B, S, M, D)
+        loc = self._mean(xs, v, ts)  # (B, S*M, Dv)
+        if sde is not None and self.sde != "paper":  # the marginal drift's ODE steps: sigma 0
+            loc = torch.where(sde.reshape(B, S * M, 1), loc, self._mean(xs, v, ts, 0.0))
+        return loc.reshape(B, S, M, D)
 
     @contextlib.contextmanager
     def shared_context(self, window: torch.Tensor, history: torch.Tensor, span: tuple[int, int, int] | None = None,

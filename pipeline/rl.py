@@ -22,7 +22,7 @@ from ..agents.advantages import STD_SCOPES
 from ..agents.arflow import DROP_KEYS
 from ..agents.compress import check_precision, compress
 from ..agents.flow import sde_window_steps
-from ..agents.loss import AGGREGATION, COUNT_KINDS, LOSSES, collect_trajectories, listening_token_mask, transition_counts
+from ..agents.loss import AGGREGATION, COUNT_KINDS, KL_STEPS, LOSSES, collect_trajectories, listening_token_mask, transition_counts
 from ..agents.policy import transition_core
 from ..envs.sde_env import ListenerSDEEnv
 from . import factories
@@ -49,6 +49,8 @@ def check_settings(cfg: DictConfig) -> None:
         sde_window_steps(cfg.env.get("sde_window"), cfg.env.sde_steps)
     except ValueError as e:
         raise ValueError(f"env.sde_window: {e}") from None
+    if cfg.algo.get("kl_steps", "sde") not in KL_STEPS:
+        raise ValueError(f"algo.kl_steps={cfg.algo.kl_steps!r} must be one of {list(KL_STEPS)}")
     drop, keys = cfg.env.get("cond_drop", 0.0), list(cfg.env.get("drop_keys", DROP_KEYS))
     if not isinstance(drop, (int, float)) or not 0 <= drop < 1:
         raise ValueError(f"env.cond_drop={drop!r} must be a number in [0, 1)")
@@ -106,7 +108,8 @@ def make_loss(algo_cfg: DictConfig, policy, model, reward):
                                  beta_speaking=algo_cfg.get("beta_speaking"), reference=reference,
                                  speaking_columns=[f == "speaking" for f in reward.column_frames],
                                  speaking_objective_weight=algo_cfg.get("speaking_objective_weight", 1.0),
-                                 std_scope=algo_cfg.get("std_scope", "group"), std_momentum=algo_cfg.get("std_momentum", 0.98))
+                                 std_scope=algo_cfg.get("std_scope", "group"), std_momentum=algo_cfg.get("std_momentum", 0.98),
+                                 kl_steps=algo_cfg.get("kl_steps", "sde"))
 
 
 def make_anchor(cfg: DictConfig, train_bank, data_root, features, vae, normalizer, device, generator, dist: Dist | None = None):
@@ -128,7 +131,7 @@ def make_anchor(cfg: DictConfig, train_bank, data_root, features, vae, normalize
 @torch.no_grad()
 def collect(env, policy, algo_cfg) -> TensorDict:
     with set_exploration_type(ExplorationType.RANDOM):
-        traj = collect_trajectories(env, policy)
+        traj = collect_trajectories(env, policy, keep_ode_steps=algo_cfg.get("kl_steps", "sde") == "all")
     rows = env.bank[traj["window"]]
     traj["token_mask"] = listening_token_mask(rows["listening"], env.n_tokens)  # the objective's tokens (listening)
     traj["speaking_token_mask"] = listening_token_mask(rows["speaking"], env.n_tokens)  # objective_tokens=matched's speaking tokens

@@ -115,6 +115,12 @@ def test_a_gdpo_state_saved_before_env_sde_window_resumes_under_the_default(tmp_
     assert load_run_state(path, now, ["env"], "cpu", added=gdpo.ADDED_SETTINGS)["step"] == 3
     with pytest.raises(ValueError, match="another config"):
         load_run_state(path, compose_config("gdpo", ["env.sde_window=[0,2]"]), ["env"], "cpu", added=gdpo.ADDED_SETTINGS)
+    algo = OmegaConf.to_container(now.algo, resolve=True)
+    algo.pop("kl_steps")  # likewise algo.kl_steps (the KL's steps under a mixed env)
+    save_run_state(path, OmegaConf.create({"algo": algo}), ["algo"], 4, torch.Generator())
+    assert load_run_state(path, now, ["algo"], "cpu", added=gdpo.ADDED_SETTINGS)["step"] == 4
+    with pytest.raises(ValueError, match="another config"):
+        load_run_state(path, compose_config("gdpo", ["algo.kl_steps=all"]), ["algo"], "cpu", added=gdpo.ADDED_SETTINGS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +169,7 @@ BAD_GDPO_SETTINGS = [
     ("algo.std_scope=prompt", "algo.std_scope"), ("algo.std_momentum=1", "algo.std_momentum"),
     ("algo.std_momentum=abc", "algo.std_momentum"), ("env.cond_drop=1", "env.cond_drop"),
     ("env.drop_keys=[face]", "env.drop_keys"), ("env.sde_window=[3,1]", "env.sde_window"),
-    ("env.sde_window=[0,9]", "env.sde_window")]
+    ("env.sde_window=[0,9]", "env.sde_window"), ("algo.kl_steps=ode", "algo.kl_steps")]
 
 
 @pytest.mark.parametrize("override,named", BAD_GDPO_SETTINGS)

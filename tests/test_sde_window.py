@@ -176,3 +176,87 @@ def test_update_with_a_window_replays_and_trains_only_the_sde_steps(rl):
             assert torch.allclose(e, g, atol=1e-6, rtol=1e-4)
         assert stats["loss/loss_kl"] == pytest.approx(out["loss_kl"].item(), rel=1e-4)
         assert stats["loss/loss_kl"] > 0
+
+
+def _kl_setup(rl, window, sde: str = "paper", kl_steps: str = "all"):
+    """A batch of a mixed env kept with its ODE steps, a loss with ``kl_steps`` and a trained copy moved off
+    the reference."""
+    env, policy, model, _ = make(rl, window, sde)
+    trained = copy.deepcopy(transition_core(policy).arflow)
+    env.set_windows(torch.tensor([2, 5]))
+    env.generator.manual_seed(4)
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        traj = collect_trajectories(env, policy, keep_ode_steps=kl_steps == "all")
+    traj["token_mask"] = listening_token_mask(env.bank["listening"][traj["window"]], rl.N)
+    loss = GDPOLoss(transition_core(policy), trained, env.reward_fn.lambdas, beta=0.5, kl_steps=kl_steps)
+    loss.compute_advantage(traj)
+    with torch.no_grad():
+        trained.head.bias.add_(0.05)
+    return env, policy, loss, trained, traj
+
+
+@pytest.mark.parametrize("sde", ["paper", "marginal"])
+def test_kl_on_every_step_adds_the_ode_steps_means_and_keeps_the_objective(rl, sde):
+    """kl_steps="all": the ODE steps are kept; replay puts their mean at the recorded action (the Euler step,
+    also for the marginal drift); the objective is the SDE-only loss's, and the KL is the mean over all K
+    steps of ||mu - mu_ref||^2 / (2 sigma^2 dt), the SDE steps' part being the SDE-only loss's KL."""
+    window = (0, 2)
+    _, policy, loss_all, trained, traj = _kl_setup(rl, window, sde)
+    assert traj["x"].shape[1] == K and loss_all.held_steps(K) == list(range(K))
+    sde_mask = loss_all.sde_step_mask(traj["t"])  # (B, K, N)
+    assert sde_mask[:, :2].all() and not sde_mask[:, 2:].any()
+    core = transition_core(policy)
+    with torch.no_grad():
+        loc = core.replay_loc(traj["window"], traj["history"], traj["x"], traj["t"], sde=sde_mask)
+    assert torch.allclose(loc[:, 2:], traj["action"][:, 2:], atol=1e-5), (loc[:, 2:] - traj["action"][:, 2:]).abs().max()
+    sde_only = GDPOLoss(core, trained, loss_all.lambdas, beta=0.5, kl_steps="sde", reference=loss_all.ref_network)
+    ref_all = loss_all(traj)
+    ref_sde = sde_only(select_sde(traj, window))
+    assert torch.allclose(ref_all["loss_objective"], ref_sde["loss_objective"], atol=1e-6)
+    with torch.no_grad():
+        mu = core.replay_loc(traj["window"], traj["history"], traj["x"], traj["t"], model=trained, sde=sde_mask)
+        mu_ref = core.replay_loc(traj["window"], traj["history"], traj["x"], traj["t"], model=loss_all.ref_network, sde=sde_mask)
+    kl = ((mu - mu_ref) ** 2).sum(-1) / (2 * SIGMA**2 / K)  # (B, K, N)
+    assert kl[:, 2:].mean() > 0
+    assert torch.allclose(ref_all["loss_kl"], 0.5 * kl.mean(), rtol=1e-4)
+    assert torch.allclose(ref_sde["loss_kl"], 0.5 * kl[:, :2].mean(), rtol=1e-4)
+
+
+def select_sde(traj, window):
+    from gdpo_listener.agents.loss import select_steps
+
+    return select_steps(traj, *window)
+
+
+def test_chunked_update_with_ode_steps_equals_the_full_batch_gradient(rl):
+    """Chunks of one step (two of them ODE steps, without objective) weight the objective by its SDE
+    transitions and the KL by all: the accumulated gradient is the one-pass gradient."""
+    _, _, loss, trained, traj = _kl_setup(rl, (1, 3))
+    trained.zero_grad()
+    out = loss(traj)
+    (out["loss_objective"] + out["loss_kl"]).backward()
+    expected = [p.grad.clone() for p in trained.parameters()]
+    opt = torch.optim.SGD(trained.parameters(), lr=0.0)
+    for chunk_steps in (1, 3):
+        stats = chunked_update(loss, traj, opt, chunk_steps=chunk_steps, grad_clip=1e9)
+        for e, g in zip(expected, (p.grad for p in trained.parameters())):
+            assert torch.allclose(e, g, atol=1e-6, rtol=1e-4)
+        assert stats["loss/loss_objective"] == pytest.approx(out["loss_objective"].item(), rel=1e-4, abs=1e-7)
+        assert stats["loss/loss_kl"] == pytest.approx(out["loss_kl"].item(), rel=1e-4)
+
+
+def test_kl_on_every_step_without_a_window_is_the_sde_loss(rl):
+    _, _, loss_all, trained, traj = _kl_setup(rl, None)
+    sde_only = GDPOLoss(loss_all.transition[0], trained, loss_all.lambdas, beta=0.5, reference=loss_all.ref_network)
+    a, b = loss_all(traj), sde_only(traj)
+    for k in ("loss_objective", "loss_kl", "clip_fraction"):
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_batch_of_an_unexpected_step_count_is_refused(rl):
+    _, _, loss, _, traj = _kl_setup(rl, (1, 3))
+    assert loss.held_steps(2) == [1, 2]
+    with pytest.raises(ValueError, match="denoising steps"):
+        chunked_update(loss, select_sde(traj, (0, 3)), torch.optim.SGD(loss.actor_network.parameters(), lr=0.0))
+    with pytest.raises(ValueError, match="kl_steps"):
+        GDPOLoss(loss.transition[0], loss.actor_network, loss.lambdas, kl_steps="ode")

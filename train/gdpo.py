@@ -70,16 +70,19 @@ from gdpo_listener.pipeline.threads import configure_threads
 # config sections that must match for resume=true to continue a run
 RESUME_KEYS = ("reward", "rewards", "env", "algo", "model", "pretrained", "features", "data", "seed")
 # settings added since runs were first saved, with their no-op value: states saved without them still resume
-ADDED_SETTINGS = {"algo": {"sft_coef": 0.0, "sft_batch_size": 16, "std_scope": "group", "std_momentum": 0.98},
+ADDED_SETTINGS = {"algo": {"sft_coef": 0.0, "sft_batch_size": 16, "std_scope": "group", "std_momentum": 0.98,
+                           "kl_steps": "sde"},
                   "env": {"cond_drop": 0.0, "drop_keys": ["text", "audio", "motion"], "sde_window": None}}
 
 
-def sde_window_note(env) -> str:
-    """``", SDE on steps a-(b-1) of K (n trained)"`` for a mixed SDE/ODE env (env.sde_window), else empty."""
+def sde_window_note(env, kl_steps: str = "sde") -> str:
+    """``", SDE on steps a-(b-1) of K (n trained)"`` for a mixed SDE/ODE env (env.sde_window), else empty;
+    ``algo.kl_steps=all`` adds the transitions the KL covers."""
     a, b = env.sde_window
     if (a, b) == (0, env.sde_steps):
         return ""
-    return f", SDE on {sde_window_label((a, b))} of {env.sde_steps} ({env.n_tokens * (b - a)} trained)"
+    kl = f", KL on all {env.n_tokens * env.sde_steps}" if kl_steps == "all" else ""
+    return f", SDE on {sde_window_label((a, b))} of {env.sde_steps} ({env.n_tokens * (b - a)} trained{kl})"
 
 
 def save_state(path, cfg, step, generator, logger, run_states, env, dist: Dist) -> None:
@@ -183,7 +186,7 @@ def train(cfg: DictConfig, dist: Dist) -> None:
         ranks = f" ({dist.world_size} processes x {env.batch_size[0]})" if dist.is_distributed else ""
         print(f"[gdpo] {cfg.algo.name} on reward={cfg.reward} ({', '.join(reward.group_names)}); "
               f"batch {env.batch_size[0] * dist.world_size} rollouts{ranks} x {env.n_tokens * env.sde_steps} transitions"
-              f"{sde_window_note(env)}; "
+              f"{sde_window_note(env, cfg.algo.get('kl_steps', 'sde'))}; "
               f"setup {time.perf_counter() - t_start:.1f} s")
 
     iterations = int(cfg.optim.iterations)
