@@ -1,6 +1,6 @@
 """Mixed SDE/ODE sampling (env.sde_window): the window check, the Gaussian recursion of the mixed
-sampler, the env rollout against the AR-Flow sampler, ODE steps as point masses, and an update that
-replays and trains the SDE steps only."""
+sampler, the env rollout against the AR-Flow sampler, ODE steps as point masses, an update that
+replays and trains the SDE steps only, and one whose KL also covers the ODE steps (algo.kl_steps=all)."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +12,14 @@ from test_sde import DATA_STD, SIGMA, gaussian_velocity_gain
 from torchrl.envs.utils import ExplorationType, set_exploration_type, step_mdp
 
 from gdpo_listener.agents import flow
-from gdpo_listener.agents.loss import GDPOLoss, chunked_update, collect_trajectories, listening_token_mask, trajectory_batch
+from gdpo_listener.agents.loss import (
+    GDPOLoss,
+    chunked_update,
+    collect_trajectories,
+    listening_token_mask,
+    select_steps,
+    trajectory_batch,
+)
 from gdpo_listener.agents.policy import POLICY_IN_KEYS, SDETransition, make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.envs.windows import cond_from_bank
@@ -211,7 +218,7 @@ def test_kl_on_every_step_adds_the_ode_steps_means_and_keeps_the_objective(rl, s
     assert torch.allclose(loc[:, 2:], traj["action"][:, 2:], atol=1e-5), (loc[:, 2:] - traj["action"][:, 2:]).abs().max()
     sde_only = GDPOLoss(core, trained, loss_all.lambdas, beta=0.5, kl_steps="sde", reference=loss_all.ref_network)
     ref_all = loss_all(traj)
-    ref_sde = sde_only(select_sde(traj, window))
+    ref_sde = sde_only(select_steps(traj, *window))
     assert torch.allclose(ref_all["loss_objective"], ref_sde["loss_objective"], atol=1e-6)
     with torch.no_grad():
         mu = core.replay_loc(traj["window"], traj["history"], traj["x"], traj["t"], model=trained, sde=sde_mask)
@@ -220,12 +227,6 @@ def test_kl_on_every_step_adds_the_ode_steps_means_and_keeps_the_objective(rl, s
     assert kl[:, 2:].mean() > 0
     assert torch.allclose(ref_all["loss_kl"], 0.5 * kl.mean(), rtol=1e-4)
     assert torch.allclose(ref_sde["loss_kl"], 0.5 * kl[:, :2].mean(), rtol=1e-4)
-
-
-def select_sde(traj, window):
-    from gdpo_listener.agents.loss import select_steps
-
-    return select_steps(traj, *window)
 
 
 def test_chunked_update_with_ode_steps_equals_the_full_batch_gradient(rl):
@@ -257,6 +258,6 @@ def test_a_batch_of_an_unexpected_step_count_is_refused(rl):
     _, _, loss, _, traj = _kl_setup(rl, (1, 3))
     assert loss.held_steps(2) == [1, 2]
     with pytest.raises(ValueError, match="denoising steps"):
-        chunked_update(loss, select_sde(traj, (0, 3)), torch.optim.SGD(loss.actor_network.parameters(), lr=0.0))
+        chunked_update(loss, select_steps(traj, 0, 3), torch.optim.SGD(loss.actor_network.parameters(), lr=0.0))
     with pytest.raises(ValueError, match="kl_steps"):
         GDPOLoss(loss.transition[0], loss.actor_network, loss.lambdas, kl_steps="ode")
