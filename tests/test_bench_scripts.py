@@ -39,7 +39,8 @@ def test_bench_rl_hydra_overrides_throughput_and_memory(tmp_path, run):
     tiny = ["presets=[small]", "n_prompts=1", "group_size=2", "sde_steps=1", "threads=1", *HW]
     res = run("bench_rl.py", *tiny[:3], "sde_steps=2", *tiny[4:], "sde_window=[0,1]", "uncached_tokens=1", cwd=tmp_path)
     assert res.returncode == 0
-    assert "replay/update with env.sde_window=[0,1] (1 of 2 steps replayed)" in res.stdout  # beside the full update
+    assert "replay/update with env.sde_window=[0,1], algo.kl_steps=sde (1 of 2 steps replayed)" in res.stdout  # beside the full update
+    assert "replay/update with env.sde_window=[0,1], algo.kl_steps=all (2 of 2 steps replayed)" in res.stdout
     assert "bounds:" in res.stdout
     assert "kv-cache" in res.stdout and "recompute" in res.stdout and "replay/update" in res.stdout
     kl = [float(line.split("equal weights ")[1].split()[0]) for line in res.stdout.splitlines() if "equal weights" in line]

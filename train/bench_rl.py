@@ -4,8 +4,8 @@
 - wall time of one GDPO iteration split into rollout, reward and replay/update, the last once per
   reference-policy precision (``ref_precisions``, ``algo.ref_precision``) with the KL a reference of
   the same weights scores at that precision (its rounding error; 0 in fp32);
-- beside it, the update of a mixed SDE/ODE batch (``sde_window``, ``env.sde_window``: only its SDE
-  steps are replayed) and its ratio to the full update;
+- beside it, the updates of a mixed SDE/ODE batch (``sde_window``, ``env.sde_window``: only its SDE
+  steps replayed, or every step with ``algo.kl_steps=all``) and their ratios to the full update;
 - ``memory=true``: peak memory of one update for episodes of 25 and 100 tokens at the same batch,
   side by side (each measured in a fresh child process: on CPU the rise of the resident-set peak
   over the resident set before the update, from ``/proc/self/status`` after resetting the peak;
@@ -225,18 +225,25 @@ def throughput_report(cfg: DictConfig) -> None:
 
 
 def window_update_line(preset: str, ro, N: int, K: int, policy, model, reward, opt, cfg: DictConfig, t_full: float) -> str:
-    """The update of a mixed SDE/ODE batch (``env.sde_window``: only steps a .. b-1 replayed), timed after the full one:
-    the same rollout's steps a .. b-1, which are the shapes a windowed rollout replays (fp32 reference)."""
+    """The updates of a mixed SDE/ODE batch (``env.sde_window``), timed after the full one on the same rollout's
+    states (the shapes a windowed rollout replays; fp32 reference): ``algo.kl_steps=sde`` replays steps a .. b-1,
+    ``kl_steps=all`` every step (objective on the SDE steps, KL on all)."""
     a, b = sde_window_steps(cfg.sde_window, K)
-    traj = trajectory_batch(ro, N, K, sde_window=(a, b))
-    loss = GDPOLoss(transition_core(policy), model, reward.lambdas, reference=make_reference(model, "fp32"))
-    loss.compute_advantage(traj)
-    t0 = time.perf_counter()
-    chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))
-    t = time.perf_counter() - t0
-    return (f"{preset:8s} replay/update with env.sde_window=[{a},{b}] ({b - a} of {K} steps replayed): {t:.2f} s = "
-            f"{t / t_full:.2f}x the full update (its noisy-token passes are {(b - a) / K:.2f}x the full update's; each window's "
-            f"prefix-and-history pass, forward and backward, is the same)")
+    windowed = copy.copy(transition_core(policy))  # the same transition, its SDE steps a .. b-1 (the loss reads them)
+    windowed.sde_window = (a, b)
+    lines = []
+    for kl_steps in ("sde", "all"):
+        traj = trajectory_batch(ro, N, K, sde_window=(a, b), keep_ode_steps=kl_steps == "all")
+        loss = GDPOLoss(windowed, model, reward.lambdas, reference=make_reference(model, "fp32"), kl_steps=kl_steps)
+        loss.compute_advantage(traj)
+        t0 = time.perf_counter()
+        chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))
+        t = time.perf_counter() - t0
+        n = traj["x"].shape[1]
+        lines.append(f"{preset:8s} replay/update with env.sde_window=[{a},{b}], algo.kl_steps={kl_steps} ({n} of {K} steps "
+                     f"replayed): {t:.2f} s = {t / t_full:.2f}x the full update (its noisy-token passes are {n / K:.2f}x the "
+                     f"full update's; each window's prefix-and-history pass, forward and backward, is the same)")
+    return "\n".join(lines)
 
 
 def bounds_line(preset: str, arch, spans, t_rollout: float, t_update: float, cfg: DictConfig, machine) -> str:
