@@ -129,9 +129,11 @@ def make_anchor(cfg: DictConfig, train_bank, data_root, features, vae, normalize
 
 
 @torch.no_grad()
-def collect(env, policy, algo_cfg) -> TensorDict:
+def collect(env, policy, keep_ode_steps: bool = False) -> TensorDict:
+    """One batch of RL trajectories with their objective masks; ``keep_ode_steps`` for a loss whose KL covers
+    the ODE steps of a mixed env (``loss.keeps_ode_steps``)."""
     with set_exploration_type(ExplorationType.RANDOM):
-        traj = collect_trajectories(env, policy, keep_ode_steps=algo_cfg.get("kl_steps", "sde") == "all")
+        traj = collect_trajectories(env, policy, keep_ode_steps=keep_ode_steps)
     rows = env.bank[traj["window"]]
     traj["token_mask"] = listening_token_mask(rows["listening"], env.n_tokens)  # the objective's tokens (listening)
     traj["speaking_token_mask"] = listening_token_mask(rows["speaking"], env.n_tokens)  # objective_tokens=matched's speaking tokens

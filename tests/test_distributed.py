@@ -159,7 +159,7 @@ def gdpo_update(rl, traj, n_prompts: int, d: Dist, sync: bool = True, matched: b
 def collect_four_prompts(rl, matched: bool = False):
     from gdpo_listener.pipeline import rl as gdpo  # the RL stage's components
     env, policy, _, _ = gdpo_setup(rl, 4, matched)
-    traj = gdpo.collect(env, policy, None)
+    traj = gdpo.collect(env, policy)
     traj["token_mask"][:3] = False  # uneven objective counts: rank 0 has fewer listening transitions
     traj["speaking_token_mask"][5:] = False  # ... and rank 1 fewer speaking ones
     return traj

@@ -163,7 +163,7 @@ def bench_gdpo(cfg: DictConfig, dist: Dist) -> float:
     sync = dist if dist.is_distributed else None
 
     def iteration():
-        traj = gdpo.collect(env, policy, None)
+        traj = gdpo.collect(env, policy)
         gdpo.global_advantages(loss, traj, dist, n_prompts)
         stats = chunked_update(loss, traj, opt, int(g.chunk_steps), 1, 1.0, sync=sync)
         if dist.is_distributed:

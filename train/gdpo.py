@@ -116,7 +116,7 @@ def iteration(cfg: DictConfig, it: int, env, policy, loss_module, optimizer, anc
     """One GDPO / GRPO iteration (0-based ``it``): collect, advantages over every rank's rollouts, update.
     Returns the logged figures (rewards, advantages, losses, phase times)."""
     t0 = time.perf_counter()
-    traj = collect(env, policy, cfg.algo)
+    traj = collect(env, policy, loss_module.keeps_ode_steps)
     t1 = time.perf_counter()
     batch = global_advantages(loss_module, traj, dist, n_prompts)  # (B,) reward, group_id, advantage of all ranks
     stats = reward_stats(batch["reward"], env.group_names, reward_term_means(env, traj, dist))
