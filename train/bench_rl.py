@@ -220,14 +220,16 @@ def throughput_report(cfg: DictConfig) -> None:
                 print(bounds_line(preset, model.cfg, transition_core(policy).schedule, dt_cached, t_update, cfg, machine))
                 t_full = t_update
         if cfg.get("sde_window") is not None and "fp32" in cfg.ref_precisions:
-            print(window_update_line(preset, ro, N, K, policy, model, reward, opt, cfg, t_full))
+            print(window_update_line(preset, ro, N, K, policy, model, reward, opt, cfg, t_full, machine))
         print()
 
 
-def window_update_line(preset: str, ro, N: int, K: int, policy, model, reward, opt, cfg: DictConfig, t_full: float) -> str:
+def window_update_line(preset: str, ro, N: int, K: int, policy, model, reward, opt, cfg: DictConfig, t_full: float,
+                       machine) -> str:
     """The updates of a mixed SDE/ODE batch (``env.sde_window``), timed after the full one on the same rollout's
     states (the shapes a windowed rollout replays; fp32 reference): ``algo.kl_steps=sde`` replays steps a .. b-1,
-    ``kl_steps=all`` every step (objective on the SDE steps, KL on all)."""
+    ``kl_steps=all`` every step (objective on the SDE steps, KL on all). Each with the least time of its replayed
+    passes at the GEMM peak and the share reached, as the full update's bounds line."""
     a, b = sde_window_steps(cfg.sde_window, K)
     windowed = copy.copy(transition_core(policy))  # the same transition, its SDE steps a .. b-1 (the loss reads them)
     windowed.sde_window = (a, b)
@@ -240,9 +242,11 @@ def window_update_line(preset: str, ro, N: int, K: int, policy, model, reward, o
         chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))
         t = time.perf_counter() - t0
         n = traj["x"].shape[1]
+        bound = hw.replay_work(model.cfg, traj.batch_size[0], n, int(cfg.chunk_steps), windowed.schedule).seconds(machine)
         lines.append(f"{preset:8s} replay/update with env.sde_window=[{a},{b}], algo.kl_steps={kl_steps} ({n} of {K} steps "
                      f"replayed): {t:.2f} s = {t / t_full:.2f}x the full update (its noisy-token passes are {n / K:.2f}x the "
-                     f"full update's; each window's prefix-and-history pass, forward and backward, is the same)")
+                     f"full update's; each window's prefix-and-history pass, forward and backward, is the same) | "
+                     f"bound >= {bound:.3f} s, reached {hw.reached(bound, t):.1%}")
     return "\n".join(lines)
 
 
