@@ -172,17 +172,26 @@ def test_update_with_a_window_replays_and_trains_only_the_sde_steps(rl):
     loss.compute_advantage(traj)
     with torch.no_grad():
         trained.head.bias.add_(0.05)
+    out, runs = chunked_matches_one_pass(loss, trained, traj, (1, 2))
+    for stats in runs:
+        assert stats["loss/loss_kl"] == pytest.approx(out["loss_kl"].item(), rel=1e-4)
+        assert stats["loss/loss_kl"] > 0
+
+
+def chunked_matches_one_pass(loss, trained, traj, chunk_sizes):
+    """Assert that chunked_update accumulates the one-pass gradient of objective + KL for every chunk size;
+    returns the one-pass loss terms and each chunked run's stats."""
     trained.zero_grad()
     out = loss(traj)
     (out["loss_objective"] + out["loss_kl"]).backward()
     expected = [p.grad.clone() for p in trained.parameters()]
     opt = torch.optim.SGD(trained.parameters(), lr=0.0)
-    for chunk_steps in (1, 2):
-        stats = chunked_update(loss, traj, opt, chunk_steps=chunk_steps, grad_clip=1e9)
+    runs = []
+    for chunk_steps in chunk_sizes:
+        runs.append(chunked_update(loss, traj, opt, chunk_steps=chunk_steps, grad_clip=1e9))
         for e, g in zip(expected, (p.grad for p in trained.parameters())):
             assert torch.allclose(e, g, atol=1e-6, rtol=1e-4)
-        assert stats["loss/loss_kl"] == pytest.approx(out["loss_kl"].item(), rel=1e-4)
-        assert stats["loss/loss_kl"] > 0
+    return out, runs
 
 
 def _kl_setup(rl, window, sde: str = "paper", kl_steps: str = "all"):
@@ -233,15 +242,8 @@ def test_chunked_update_with_ode_steps_equals_the_full_batch_gradient(rl):
     """Chunks of one step (two of them ODE steps, without objective) weight the objective by its SDE
     transitions and the KL by all: the accumulated gradient is the one-pass gradient."""
     _, _, loss, trained, traj = _kl_setup(rl, (1, 3))
-    trained.zero_grad()
-    out = loss(traj)
-    (out["loss_objective"] + out["loss_kl"]).backward()
-    expected = [p.grad.clone() for p in trained.parameters()]
-    opt = torch.optim.SGD(trained.parameters(), lr=0.0)
-    for chunk_steps in (1, 3):
-        stats = chunked_update(loss, traj, opt, chunk_steps=chunk_steps, grad_clip=1e9)
-        for e, g in zip(expected, (p.grad for p in trained.parameters())):
-            assert torch.allclose(e, g, atol=1e-6, rtol=1e-4)
+    out, runs = chunked_matches_one_pass(loss, trained, traj, (1, 3))
+    for stats in runs:
         assert stats["loss/loss_objective"] == pytest.approx(out["loss_objective"].item(), rel=1e-4, abs=1e-7)
         assert stats["loss/loss_kl"] == pytest.approx(out["loss_kl"].item(), rel=1e-4)
 
