@@ -81,7 +81,7 @@ from .attention import Block, apply_rope, rope_cos_sin
 from .checkpoint import CheckpointError, load_checkpoint_meta, load_weights, save_checkpoint
 
 __all__ = [
-    "ARFlowConfig", "ARFlow", "KVCache", "Context", "PrefixLayout", "CausalSlots", "prefix_positions", "prefix_layout",
+    "ARFlowConfig", "ARFlow", "ListenAdapter", "KVCache", "Context", "PrefixLayout", "CausalSlots", "prefix_positions", "prefix_layout",
     "token_positions", "attention_mask", "causal_prefix_mask", "count_parameters", "COND_KEYS", "DROP_KEYS",
     "save_arflow", "load_arflow",
 ]
@@ -113,6 +113,7 @@ class ARFlowConfig:
     rope_base: float = 10000.0
     audio_stride: int = 1      # audio frames per audio token (1 = paper: one token per frame)
     causal_prefix: bool = False  # True: causal-in-time prefix (module docstring; real-time streaming)
+    listen_adapter: int = 0    # width of the listening adapter (ListenAdapter; RL's algo.listen_adapter); 0 = none
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -129,6 +130,8 @@ class ARFlowConfig:
                 continue
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"ARFlowConfig: {name}={p} must be in [0, 1)")
+        if int(self.listen_adapter) != self.listen_adapter or self.listen_adapter < 0:
+            raise ValueError(f"ARFlowConfig: listen_adapter={self.listen_adapter!r} must be an integer >= 0 (0 = no adapter)")
 
     @property
     def head_dim(self) -> int:
@@ -397,6 +400,25 @@ class Context:
         return Context([leaf(t) for t in self.k], [leaf(t) for t in self.v], self.prefix_len, self.n_clean, self.prefix_tok)
 
 
+class ListenAdapter(nn.Module):
+    """A velocity added to the listening tokens only: an MLP on the head's input, its output layer
+    zero-initialised (a new adapter changes nothing). RL can train it alone (``algo.listen_adapter``),
+    the transformer frozen: a speaking token's velocity is then the supervised head's, up to what the
+    listening tokens before it change in its context."""
+
+    def __init__(self, d_model: int, width: int, d_latent: int):
+        super().__init__()
+        self.fc = nn.Linear(d_model, width)
+        self.proj = nn.Linear(width, d_latent)
+        nn.init.normal_(self.fc.weight, std=0.02)
+        nn.init.zeros_(self.fc.bias)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, z: Tensor) -> Tensor:  # (..., D) -> (..., Dv)
+        return self.proj(torch.nn.functional.gelu(self.fc(z)))
+
+
 class ARFlow(nn.Module):
     """AR-Flow transformer. See the module docstring for the sequence, positions and masks."""
 
@@ -423,6 +445,18 @@ class ARFlow(nn.Module):
         self.final_mod = nn.Linear(D, 2 * D)  # t -> (shift, scale) of the final norm
         self.head = nn.Linear(D, cfg.d_latent)
         self._init_weights()
+        self.listen_adapter = ListenAdapter(D, cfg.listen_adapter, cfg.d_latent) if cfg.listen_adapter else None
+
+    def add_listen_adapter(self, width: int) -> ListenAdapter:
+        """Give this model a new (zero-output) :class:`ListenAdapter` of ``width`` hidden units; its
+        velocities stay those of the model without it until the adapter is trained."""
+        if self.listen_adapter is not None:
+            raise ValueError(f"arflow: the model already has a listening adapter (width {self.cfg.listen_adapter})")
+        self.cfg.listen_adapter = int(width)
+        self.cfg.__post_init__()
+        dev = self.head.weight.device
+        self.listen_adapter = ListenAdapter(self.cfg.d_model, self.cfg.listen_adapter, self.cfg.d_latent).to(dev)
+        return self.listen_adapter
 
     def _init_weights(self):
         for m in self.modules():
@@ -519,9 +553,21 @@ class ARFlow(nn.Module):
     def _embed_noisy(self, x_t: Tensor, temb: Tensor) -> Tensor:  # (B, n, Dv), (B, n, D) -> (B, n, D)
         return self.latent_in(x_t) + self.type_emb[self.T_NOISY] + temb
 
-    def _out(self, h: Tensor, temb: Tensor) -> Tensor:  # (..., D), (..., D) -> (..., Dv)
+    def _out(self, h: Tensor, temb: Tensor, speaking: Tensor | None = None) -> Tensor:  # (..., D), (..., D), (...) -> (..., Dv)
+        """Velocity from the last hidden state; with a listening adapter ``speaking`` (the tokens' bool
+        speaking mask, the CFG's ``speaking_tokens``) says which tokens get the adapter's term (the others)."""
         shift, scale = self.final_mod(temb).chunk(2, dim=-1)
-        return self.head(self.ln_f(h) * (1.0 + scale) + shift)
+        z = self.ln_f(h) * (1.0 + scale) + shift  # (..., D)
+        v = self.head(z)  # (..., Dv)
+        if self.listen_adapter is None:
+            return v
+        if speaking is None:
+            raise ValueError("arflow: this model has a listening adapter (arch listen_adapter="
+                             f"{self.cfg.listen_adapter}); its velocities need the speaking mask of the tokens "
+                             "(speaking_tokens / speaking)")
+        if tuple(speaking.shape) != tuple(v.shape[:-1]):
+            raise ValueError(f"arflow: speaking mask of shape {tuple(speaking.shape)} for velocities {tuple(v.shape)}")
+        return v + (~speaking.bool()).unsqueeze(-1).to(v.dtype) * self.listen_adapter(z)  # (..., Dv)
 
     def _rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         return rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_base)
@@ -537,8 +583,10 @@ class ARFlow(nn.Module):
                             cond["actor_audio"].device)
         return lay.tok, causal_prefix_mask(lay, lay)
 
-    def _full_pass(self, cond, x_clean: Tensor, x_noisy: Tensor, t: Tensor, noisy_idx: Tensor, drop) -> Tensor:
-        """Sequence [prefix; x_clean (B, n, Dv); x_noisy (B, M, Dv)] -> velocities (B, M, Dv)."""
+    def _full_pass(self, cond, x_clean: Tensor, x_noisy: Tensor, t: Tensor, noisy_idx: Tensor, drop,
+                   speaking: Tensor | None = None) -> Tensor:
+        """Sequence [prefix; x_clean (B, n, Dv); x_noisy (B, M, Dv)] -> velocities (B, M, Dv); ``speaking``
+        (B, M) bool: the noisy tokens' speaking mask (needed with a listening adapter)."""
         h_pre, pos_pre = self.embed_prefix(cond, drop)
         P, n, r = h_pre.shape[1], x_clean.shape[1], self.cfg.r
         temb = self.time_emb(t)  # (B, M, D)
@@ -549,27 +597,32 @@ class ARFlow(nn.Module):
         h = self.drop(h)
         for blk in self.blocks:
             h = blk(h, cos, sin, mask)
-        return self._out(h[:, P + n:], temb)  # (B, M, Dv)
+        return self._out(h[:, P + n:], temb, speaking)  # (B, M, Dv)
 
-    def forward(self, cond: Mapping[str, Tensor], x_clean: Tensor, x_noisy: Tensor, t: Tensor, drop=None) -> Tensor:
+    def forward(self, cond: Mapping[str, Tensor], x_clean: Tensor, x_noisy: Tensor, t: Tensor, drop=None,
+                speaking: Tensor | None = None) -> Tensor:
         """Teacher-forced velocities of all N tokens: x_clean, x_noisy (B, N, Dv), t (B, N) -> (B, N, Dv).
 
         Noisy token l sees the prefix, x_clean[:, :l] and itself. ``drop``: optional dict of (B,)
         bool masks {"text", "audio", "motion"} forcing nulls; None draws condition dropout when
-        ``self.training`` (no dropout in eval).
+        ``self.training`` (no dropout in eval). ``speaking`` (B, N) bool: the tokens' speaking mask
+        (needed with a listening adapter).
         """
         B, N, _ = x_noisy.shape
         if x_clean.shape[1] < N - 1 or t.shape != (B, N):
             raise ValueError(f"arflow.forward: x_clean {tuple(x_clean.shape)}, x_noisy {tuple(x_noisy.shape)}, "
                              f"t {tuple(t.shape)}: need x_clean with >= N-1 tokens and t (B, N)")
         idx = torch.arange(N, device=x_noisy.device)
-        return self._full_pass(cond, x_clean[:, :N], x_noisy, t, idx, drop)
+        return self._full_pass(cond, x_clean[:, :N], x_noisy, t, idx, drop, speaking)
 
-    def velocity_uncached(self, cond, history: Tensor, x_t: Tensor, t: Tensor, drop=None) -> Tensor:
-        """Velocity of token l = history.shape[1] by a full recompute: history (B, l, Dv), x_t (B, Dv), t (B,) -> (B, Dv)."""
+    def velocity_uncached(self, cond, history: Tensor, x_t: Tensor, t: Tensor, drop=None,
+                          speaking: Tensor | None = None) -> Tensor:
+        """Velocity of token l = history.shape[1] by a full recompute: history (B, l, Dv), x_t (B, Dv), t (B,),
+        speaking (B,) bool (with a listening adapter) -> (B, Dv)."""
         l = history.shape[1]
         idx = torch.full((1,), l, device=x_t.device, dtype=torch.long)
-        return self._full_pass(cond, history, x_t[:, None], t[:, None], idx, drop)[:, 0]
+        spk = None if speaking is None else speaking[:, None]
+        return self._full_pass(cond, history, x_t[:, None], t[:, None], idx, drop, spk)[:, 0]
 
     def _fill_kv(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, K: list[Tensor], V: list[Tensor],
                  at: int) -> None:
@@ -604,10 +657,12 @@ class ARFlow(nn.Module):
         self._fill_kv(self.drop(h), cos, sin, mask, K, V, 0)
         return Context(K, V, P, n, prefix_tok)
 
-    def velocity_in_context(self, ctx: Context, x_noisy: Tensor, t: Tensor, noisy_idx: Tensor) -> Tensor:
+    def velocity_in_context(self, ctx: Context, x_noisy: Tensor, t: Tensor, noisy_idx: Tensor,
+                            speaking: Tensor | None = None) -> Tensor:
         """Velocities of noisy tokens against a context: x_noisy (B, M, Dv), t (B, M), noisy_idx (M,) long
-        (token index l of each; l <= ctx.n_clean) -> (B, M, Dv). Token l sees the prefix (of tokens <= l
-        with a causal prefix), clean tokens < l and itself, as in ``forward``."""
+        (token index l of each; l <= ctx.n_clean), speaking (B, M) bool (with a listening adapter)
+        -> (B, M, Dv). Token l sees the prefix (of tokens <= l with a causal prefix), clean tokens < l
+        and itself, as in ``forward``."""
         B, M, _ = x_noisy.shape
         P, n, c = ctx.prefix_len, ctx.n_clean, self.cfg
         if int(noisy_idx.max()) > n:
@@ -621,7 +676,7 @@ class ARFlow(nn.Module):
         for blk, k, v in zip(self.blocks, ctx.k, ctx.v):
             room = k.new_zeros(B, c.n_heads, M, c.head_dim)
             h = blk(h, cos, sin, mask, (torch.cat([k, room], 2), torch.cat([v, room], 2)), P + n)  # fresh buffers
-        return self._out(h, temb)  # (B, M, Dv)
+        return self._out(h, temb, speaking)  # (B, M, Dv)
 
     # ---- cached generation ------------------------------------------------------------------
 
@@ -734,11 +789,12 @@ class ARFlow(nn.Module):
         return h  # (B, 1, D)
 
     @torch.no_grad()
-    def velocity(self, cache: KVCache, x_t: Tensor, t: Tensor, l: int) -> Tensor:
-        """One new-token pass: velocity of noisy token l, x_t (B, Dv), t (B,) -> (B, Dv). Cache content unchanged."""
+    def velocity(self, cache: KVCache, x_t: Tensor, t: Tensor, l: int, speaking: Tensor | None = None) -> Tensor:
+        """One new-token pass: velocity of noisy token l, x_t (B, Dv), t (B,), speaking (B,) bool (with a
+        listening adapter) -> (B, Dv). Cache content unchanged."""
         temb = self.time_emb(t)  # (B, D)
         h = self._one_token(cache, self._embed_noisy(x_t, temb)[:, None], l, commit=False)
-        return self._out(h[:, 0], temb)
+        return self._out(h[:, 0], temb, speaking)
 
     @torch.no_grad()
     def append(self, cache: KVCache, x: Tensor, l: int) -> None:

@@ -185,6 +185,14 @@ class SDETransition(nn.Module):
         mask = self.bank["cond_drop"][window]  # (B, len(DROP_KEYS))
         return {k: mask[:, i] for i, k in enumerate(DROP_KEYS)}
 
+    def _speaking(self, model: nn.Module, window: torch.Tensor) -> torch.Tensor | None:
+        """The rows' token speaking mask (B, n_total) for a model with a listening adapter, else None."""
+        if getattr(model, "listen_adapter", None) is None:
+            return None
+        if "speaking_tokens" not in self.bank.keys():
+            raise KeyError("policy: the model has a listening adapter, which needs the bank's speaking_tokens (B, N)")
+        return self.bank["speaking_tokens"][window]  # (B, n_total)
+
     def _mean(self, x: torch.Tensor, v: torch.Tensor, t, sigma: float | None = None) -> torch.Tensor:
         """Transition mean x + dt * b(x, t) of the env's SDE kind at noise scale ``sigma`` (default the
         SDE's; 0 gives the ODE step x + dt * v)."""
@@ -204,7 +212,7 @@ class SDETransition(nn.Module):
                              f"policy's sde_steps={self.sde_steps} (t = sde_step / sde_steps); build the policy from the env "
                              f"(make_policy(arflow, env)) so both use the same sde_steps")
 
-    def _velocity_cached(self, x, t, l: int, k: int, history, window, episode: int) -> torch.Tensor:
+    def _velocity_cached(self, x, t, l: int, k: int, history, window, episode: int, speaking: dict) -> torch.Tensor:
         s0, n, new0 = self.schedule[self._window_of[l]]
         state = self._episodes.get(episode)
         if state is None or (l, k) != state.expect or (l == new0 and k == 0):
@@ -212,7 +220,7 @@ class SDETransition(nn.Module):
         elif state.length < l:
             self.arflow.append(state.cache, history[:, l - 1], l - 1 - s0)
             state.length = l
-        v = self.arflow.velocity(state.cache, x, t, l - s0)  # (B, Dv)
+        v = self.arflow.velocity(state.cache, x, t, l - s0, **speaking)  # (B, Dv)
         state.expect = (l, k + 1) if k + 1 < self.sde_steps else (l + 1, 0)
         self._episodes.pop(episode, None)
         if state.expect[0] < self.n_total:  # keep it (most recent last) unless the episode is over
@@ -226,12 +234,14 @@ class SDETransition(nn.Module):
         l, k, ep = int(token[0]), int(sde_step[0]), int(episode[0])
         self._check_time(t, k)
         t = t.squeeze(-1)  # (B,)
+        spk = self._speaking(self.arflow, window)  # (B, n_total) or None
+        spk = {} if spk is None else {"speaking": spk[:, l]}  # (B,): only models with an adapter take it
         with torch.no_grad(), dropout_off(self.arflow):
             if self.use_cache:
-                v = self._velocity_cached(x, t, l, k, history, window, ep)  # (B, Dv)
+                v = self._velocity_cached(x, t, l, k, history, window, ep, spk)  # (B, Dv)
             else:
                 s0, n, _ = self.schedule[self._window_of[l]]
-                v = self.arflow.velocity_uncached(self._cond(window, s0, n), history[:, s0:l], x, t, self._drop(window))
+                v = self.arflow.velocity_uncached(self._cond(window, s0, n), history[:, s0:l], x, t, self._drop(window), **spk)
         sigma = step_sigma(self.sigma, k, self.sde_window)  # 0 on an ODE step of a mixed sampler
         loc = self._mean(x, v, t, sigma)  # (B, Dv)
         return loc, torch.full_like(loc, transition_std(sigma, self.dt))
@@ -259,13 +269,15 @@ class SDETransition(nn.Module):
         xs = x.reshape(B, S * M, D)
         ts = t.reshape(B, S * M)
         idx = torch.arange(new0 - s0, n, device=x.device).repeat(S)  # window-local index of every noisy copy
+        spk = self._speaking(model, window)  # (B, n_total) or None
+        spk = {} if spk is None else {"speaking": spk[:, s0 + idx]}  # (B, S*M)
         with dropout_off(model):
             ctx = self._shared_for(model, window, history, (s0, n, new0))
             if ctx is None:
                 v = model._full_pass(self._cond(window, s0, n), history[:, s0:s0 + n], xs, ts, idx,
-                                     self._drop(window))  # (B, S*M, Dv)
+                                     self._drop(window), **spk)  # (B, S*M, Dv)
             else:
-                v = model.velocity_in_context(ctx, xs, ts, idx)  # (B, S*M, Dv)
+                v = model.velocity_in_context(ctx, xs, ts, idx, **spk)  # (B, S*M, Dv)
         loc = self._mean(xs, v, ts)  # (B, S*M, Dv)
         if sde is not None and self.sde != "paper":  # the marginal drift's ODE steps: sigma 0
             loc = torch.where(sde.reshape(B, S * M, 1), loc, self._mean(xs, v, ts, 0.0))

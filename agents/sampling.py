@@ -91,6 +91,18 @@ def token_cfg_weights(B: int, N: int, w_speak: float, w_listen: float, speaking_
     return torch.where(speaking_tokens.to(device, torch.bool), w_speak, w_listen).float()  # (B, N)
 
 
+def adapter_mask(model, B: int, N: int, speaking_tokens: Tensor | None, device) -> Tensor | None:
+    """The speaking mask (B, N) bool a model with a listening adapter needs (None for a model without one)."""
+    if getattr(model, "listen_adapter", None) is None:
+        return None
+    if speaking_tokens is None:
+        raise ValueError("arflow.sample: the model has a listening adapter, so sampling needs speaking_tokens (B, n_tokens) "
+                         "(the actor's speaking tokens) whatever the CFG weights")
+    if tuple(speaking_tokens.shape) != (B, N):
+        raise ValueError(f"arflow.sample: speaking_tokens has shape {tuple(speaking_tokens.shape)}, expected ({B}, {N})")
+    return speaking_tokens.to(device, torch.bool)
+
+
 def _cond_rows(cond: Mapping[str, Tensor], idx) -> dict[str, Tensor]:
     """Rows ``idx`` of every tensor of a conditioning dict."""
     return {key: v[idx] for key, v in cond.items() if key in COND_KEYS and v is not None}
@@ -160,13 +172,16 @@ class _GuidedVelocity:
         if self.use_cache:
             self.model.extend(self.cache, self.cond, self.drop)
 
-    def __call__(self, x: Tensor, t: Tensor, l: int, history: Tensor, w: Tensor | None) -> Tensor:
-        """x (B, Dv), t (R,), history (B, l, Dv) (read only without a cache), w (B,) CFG weight -> v (B, Dv)."""
+    def __call__(self, x: Tensor, t: Tensor, l: int, history: Tensor, w: Tensor | None,
+                 speaking: Tensor | None = None) -> Tensor:
+        """x (B, Dv), t (R,), history (B, l, Dv) (read only without a cache), w (B,) CFG weight, speaking (B,)
+        bool (a listening adapter's mask) -> v (B, Dv)."""
         xin = self.rows(x)  # (R, Dv)
+        spk = {} if speaking is None else {"speaking": self.rows(speaking)}  # (R,): only models with an adapter take it
         if self.use_cache:
-            v = self.model.velocity(self.cache, xin, t, l)  # (R, Dv)
+            v = self.model.velocity(self.cache, xin, t, l, **spk)  # (R, Dv)
         else:
-            v = self.model.velocity_uncached(self.cond, self.rows(history), xin, t, self.drop)  # (R, Dv)
+            v = self.model.velocity_uncached(self.cond, self.rows(history), xin, t, self.drop, **spk)  # (R, Dv)
         if self.use_cfg:
             v = cfg_combine(v[:self.B], v[self.B:], w)  # (B, Dv)
         return v
@@ -213,10 +228,12 @@ class WindowSampler:
         self.t_grid = [torch.full((R,), s * dt, device=self.dev) for s in range(self.steps)]  # (R,) per step
         self.next = 0  # tokens done
 
-    def advance(self, cond: Mapping[str, Tensor], given: Tensor | None = None, w: Tensor | None = None) -> Tensor:
+    def advance(self, cond: Mapping[str, Tensor], given: Tensor | None = None, w: Tensor | None = None,
+                speaking: Tensor | None = None) -> Tensor:
         """Token l = ``next``: ``given`` (B, Dv) = a prefix token (copied), else generated with CFG weight
         ``w`` (B,) (needed when guided) -> token l (B, Dv). ``cond``: the window's conditioning holding at
-        least tokens [0, l] (a causal prefix reads token l's; later tokens are ignored)."""
+        least tokens [0, l] (a causal prefix reads token l's; later tokens are ignored). ``speaking`` (B,)
+        bool: token l's speaking mask, needed by a model with a listening adapter."""
         l, d_latent = self.next, self.model.cfg.d_latent
         if l >= self.N:
             raise IndexError(f"WindowSampler: all {self.N} tokens of the window are done")
@@ -230,7 +247,7 @@ class WindowSampler:
             x = torch.randn((self.B, d_latent), generator=self.generator, device=self.dev, dtype=self.out.dtype)  # t = 0
             dt = 1.0 / self.steps
             for s in range(self.steps):
-                v = self.guided(x, self.t_grid[s], l, self.out[:, :l], w)  # (B, Dv)
+                v = self.guided(x, self.t_grid[s], l, self.out[:, :l], w, speaking)  # (B, Dv)
                 if self.sigma > 0:  # every step draws its noise; an ODE step of a mixed sampler scales it by 0
                     noise = torch.randn((self.B, d_latent), generator=self.generator, device=self.dev, dtype=self.out.dtype)
                     sig = step_sigma(self.sigma, s, self.window)
@@ -276,12 +293,14 @@ def sample(model, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps
     dev = cond["text_emb"].device
     use_cfg = w_speak != 1.0 or w_listen != 1.0
     w_tok = token_cfg_weights(B, N, w_speak, w_listen, speaking_tokens, dev) if use_cfg else None  # (B, N)
+    spk = adapter_mask(model, B, N, speaking_tokens, dev)  # (B, N) or None
 
     with eval_mode(model):
         sampler = WindowSampler(model, cond, N, steps=steps, guided=use_cfg, sigma=sigma, sde=sde, generator=generator,
                                 use_cache=use_cache, cfg_drop=cfg_drop, sde_window=sde_window)
         for l in range(N):
-            sampler.advance(cond, prefix[:, l] if l < k else None, None if w_tok is None else w_tok[:, l])
+            sampler.advance(cond, prefix[:, l] if l < k else None, None if w_tok is None else w_tok[:, l],
+                            None if spk is None else spk[:, l])
         return sampler.out
 
 

@@ -67,6 +67,27 @@ def check_settings(cfg: DictConfig) -> None:
         check_non_negative(cfg, ["algo.sft_coef"])
         check_count(cfg, ["algo.sft_batch_size"])
     check_count(cfg, ["env.prefix_tokens"], minimum=0)
+    width = cfg.algo.get("listen_adapter", 0)
+    if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+        raise ValueError(f"algo.listen_adapter={width!r} must be an integer >= 0 (0 = train the whole model)")
+
+
+def make_trainable(model, width: int) -> list:
+    """The parameters RL trains. ``width`` 0: all of them (the paper). ``width`` > 0: only a listening
+    adapter (:class:`~gdpo_listener.agents.arflow.ListenAdapter` of that width, added zero-initialised
+    unless the checkpoint has one), the transformer and head frozen, so a speaking token's velocity
+    stays the supervised one (``algo.listen_adapter``)."""
+    width = int(width)
+    if width == 0:
+        return [p for p in model.parameters() if p.requires_grad]
+    if model.listen_adapter is None:
+        model.add_listen_adapter(width)
+    elif model.cfg.listen_adapter != width:
+        raise ValueError(f"algo.listen_adapter={width}, but the checkpoint's listening adapter has width "
+                         f"{model.cfg.listen_adapter}")
+    model.requires_grad_(False)
+    model.listen_adapter.requires_grad_(True)
+    return list(model.listen_adapter.parameters())
 
 
 def make_env(cfg: DictConfig, bank, vae, normalizer, reward, generator, n_prompts: int | None = None,

@@ -59,6 +59,7 @@ from gdpo_listener.pipeline.rl import (
     make_env,
     make_loss,
     make_train_bank,
+    make_trainable,
     objective_counts,
     reward_stats,
     reward_term_means,
@@ -71,7 +72,7 @@ from gdpo_listener.pipeline.threads import configure_threads
 RESUME_KEYS = ("reward", "rewards", "env", "algo", "model", "pretrained", "features", "data", "seed")
 # settings added since runs were first saved, with their no-op value: states saved without them still resume
 ADDED_SETTINGS = {"algo": {"sft_coef": 0.0, "sft_batch_size": 16, "std_scope": "group", "std_momentum": 0.98,
-                           "kl_steps": "sde"},
+                           "kl_steps": "sde", "listen_adapter": 0},
                   "env": {"cond_drop": 0.0, "drop_keys": ["text", "audio", "motion"], "sde_window": None}}
 
 
@@ -164,6 +165,7 @@ def train(cfg: DictConfig, dist: Dist) -> None:
     model, _ = load_arflow(sft_path, device, expect={"d_latent": vae.cfg.d_latent, "d_text": text_enc.dim, "d_audio": audio_enc.dim},
                                   preset=cfg.model.preset)
     supervised = copy.deepcopy(model)
+    trainable = make_trainable(model, cfg.algo.get("listen_adapter", 0))  # all, or a listening adapter alone
     train_bank = make_train_bank(cfg, data_root, features, vae, normalizer, device, model.cfg.n_tokens)
     test_bank = factories.make_banks(data_root, features, vae, normalizer, device, splits=("test",))["test"]
 
@@ -174,7 +176,7 @@ def train(cfg: DictConfig, dist: Dist) -> None:
     loss_module = make_loss(cfg.algo, policy, model, reward)
     anchor = make_anchor(cfg, train_bank, data_root, features, vae, normalizer, device, generator, dist)  # None: the paper
     model.eval()  # no dropout: replayed log-probs must match the behaviour policy's (gradients still flow)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
     state_path = out_dir / "last" / "state.pt"
     run_states = {"model": model, "behaviour": behaviour, "optim": optimizer}

@@ -1,0 +1,164 @@
+"""The listening adapter (agents/arflow.py ListenAdapter, RL's algo.listen_adapter): a velocity term on the
+listening tokens only. A new adapter changes nothing; a trained one changes the listening tokens and never
+a speaking token's velocity; every pass (teacher forced, context, cached, uncached, sampling, replay)
+applies it alike; RL with it trains the adapter alone."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig, load_arflow, save_arflow
+from gdpo_listener.agents.flow import gaussian_log_prob
+from gdpo_listener.agents.loss import GDPOLoss, select_window, trajectory_batch
+from gdpo_listener.agents.policy import make_policy, transition_core
+from gdpo_listener.envs.sde_env import ListenerSDEEnv
+from gdpo_listener.pipeline.rl import make_trainable
+from gdpo_listener.rewards.groups import build_reward
+
+B = 2
+
+
+def tiny_model(seed: int = 0, causal: bool = True) -> ARFlow:
+    torch.manual_seed(seed)
+    cfg = ARFlowConfig(d_latent=6, d_text=12, d_audio=10, d_model=32, n_layers=2, n_heads=2, r=8, window=32,
+                       audio_stride=4, causal_prefix=causal)
+    m = ARFlow(cfg)
+    with torch.no_grad():
+        m.final_mod.weight.normal_(std=0.05)
+    return m.eval()
+
+
+def cond_of(cfg, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    L = cfg.window
+    return {"text_emb": torch.randn(B, cfg.d_text, generator=g), "text_mask": torch.ones(B, dtype=torch.bool),
+            "actor_audio": torch.randn(B, L, cfg.d_audio, generator=g), "partner_audio": torch.randn(B, L, cfg.d_audio, generator=g),
+            "partner_latent": torch.randn(B, L // cfg.r, cfg.d_latent, generator=g),
+            "partner_has_motion": torch.ones(B, dtype=torch.bool)}
+
+
+def with_trained_adapter(base: ARFlow, width: int = 16) -> ARFlow:
+    """A copy of ``base`` with an adapter whose output layer is no longer zero (as after training)."""
+    m = copy.deepcopy(base)
+    m.add_listen_adapter(width)
+    with torch.no_grad():
+        m.listen_adapter.proj.weight.normal_(std=0.3)
+        m.listen_adapter.proj.bias.normal_(std=0.3)
+    return m.eval()
+
+
+SPEAKING = torch.tensor([[True, True, False, False], [False, True, True, False]])  # (B, N) tokens of a 32-frame window
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_adapter_moves_listening_tokens_only_and_every_pass_agrees(causal):
+    base = tiny_model(causal=causal)
+    m = with_trained_adapter(base)
+    cfg, N = m.cfg, m.cfg.n_tokens
+    g = torch.Generator().manual_seed(3)
+    cond = cond_of(cfg)
+    xc, xn, t = torch.randn(B, N, cfg.d_latent, generator=g), torch.randn(B, N, cfg.d_latent, generator=g), torch.rand(B, N, generator=g)
+    with torch.no_grad():
+        v0 = base(cond, xc, xn, t)  # (B, N, Dv)
+        v = m(cond, xc, xn, t, speaking=SPEAKING)
+        torch.testing.assert_close(v[SPEAKING], v0[SPEAKING], atol=0, rtol=0)  # speaking: the head's velocity exactly
+        assert (v[~SPEAKING] - v0[~SPEAKING]).abs().amax(-1).gt(1e-2).all()  # listening: every token moved
+        ctx = m.encode_context(cond, xc)
+        idx = torch.arange(N)
+        torch.testing.assert_close(m.velocity_in_context(ctx, xn, t, idx, SPEAKING), v, atol=1e-5, rtol=1e-5)
+        cache = m.start(cond, n_tokens=N)
+        for l in range(N):
+            vl = m.velocity(cache, xn[:, l], t[:, l], l, SPEAKING[:, l])
+            torch.testing.assert_close(vl, v[:, l], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(m.velocity_uncached(cond, xc[:, :l], xn[:, l], t[:, l], speaking=SPEAKING[:, l]), v[:, l],
+                                       atol=1e-5, rtol=1e-5)
+            m.append(cache, xc[:, l], l)
+        with pytest.raises(ValueError, match="listening adapter"):
+            m(cond, xc, xn, t)  # no speaking mask: refused, not silently all-listening
+        with pytest.raises(ValueError, match="speaking mask of shape"):
+            m(cond, xc, xn, t, speaking=SPEAKING[:, :2])
+
+
+def test_a_new_adapter_changes_no_sample_and_sampling_needs_the_mask():
+    base = tiny_model()
+    m = copy.deepcopy(base)
+    m.add_listen_adapter(8)
+    cond = cond_of(m.cfg)
+    kw = dict(steps=3, w_speak=1.0, w_listen=2.0, speaking_tokens=SPEAKING, sigma=0.3)
+    a = base.sample(cond, generator=torch.Generator().manual_seed(0), **kw)
+    b = m.sample(cond, generator=torch.Generator().manual_seed(0), **kw)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="listening adapter"):
+        m.sample(cond, steps=2)  # CFG 1 needs no mask for the weights, the adapter still does
+    with pytest.raises(ValueError, match="already has a listening adapter"):
+        m.add_listen_adapter(8)
+    # cached and uncached sampling apply the adapter alike
+    t = with_trained_adapter(base)
+    c = t.sample(cond, generator=torch.Generator().manual_seed(0), **kw)
+    u = t.sample(cond, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
+    torch.testing.assert_close(c, u, atol=1e-4, rtol=1e-4)
+    assert (c - a).abs().max() > 1e-3
+
+
+def test_checkpoint_keeps_the_adapter(tmp_path):
+    m = with_trained_adapter(tiny_model(), width=12)
+    save_arflow(tmp_path / "ck", m, preset="small")
+    back, _ = load_arflow(tmp_path / "ck")
+    assert back.cfg.listen_adapter == 12 and back.listen_adapter is not None
+    for (n, p), q in zip(m.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(p, q), n
+    with pytest.raises(ValueError, match="listen_adapter"):
+        ARFlowConfig(listen_adapter=-1)
+
+
+def test_make_trainable_freezes_all_but_the_adapter():
+    m = tiny_model()
+    assert len(make_trainable(m, 0)) == len(list(m.parameters()))
+    params = make_trainable(m, 8)
+    assert {id(p) for p in params} == {id(p) for p in m.listen_adapter.parameters()}
+    assert all(not p.requires_grad for n, p in m.named_parameters() if not n.startswith("listen_adapter."))
+    assert make_trainable(m, 8) and m.cfg.listen_adapter == 8  # the checkpoint's own adapter is kept
+    with pytest.raises(ValueError, match="width 8"):
+        make_trainable(m, 4)
+
+
+def test_rl_replay_with_an_adapter_matches_collection_and_trains_the_adapter_only(rl):
+    """Rollouts of an adapter policy replay to their collected log-probs; the loss's gradient reaches the
+    adapter alone, and the speaking tokens' transitions are exactly the reference's (KL 0 there)."""
+    K = 2
+    base = rl.tiny_arflow(0)
+    model = with_trained_adapter(base, width=8)
+    trainable = make_trainable(model, 8)
+    bank = rl.tiny_bank()
+    vae, norm = rl.tiny_vae()
+    g = torch.Generator().manual_seed(0)
+    reward = build_reward("expr+rot")
+    env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=2, sde_steps=K, sigma=0.5, generator=g, seed=0)
+    policy = make_policy(copy.deepcopy(model).requires_grad_(False), env, generator=g)
+    N = bank["actor_latent"].shape[1]
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        ro = env.rollout(N * K, policy, break_when_any_done=False)
+    traj = trajectory_batch(ro, N, K)
+    core = transition_core(policy)
+    with torch.no_grad():
+        loc = core.replay_loc(traj["window"], traj["history"], traj["x"], traj["t"])
+    std = torch.tensor(0.5 * (1 / K) ** 0.5)
+    lp = gaussian_log_prob(traj["action"], loc, std.expand_as(loc))
+    assert torch.allclose(lp, traj["action_log_prob"], atol=1e-4)
+    spk = bank["speaking_tokens"][traj["window"]]  # (B, N)
+    assert spk.any() and (~spk).any()
+    # the reference (no adapter) gives the speaking tokens the same means, the listening ones others
+    ref = copy.deepcopy(base).eval()
+    with torch.no_grad():
+        loc_ref = core.replay_loc(traj["window"], traj["history"], traj["x"], traj["t"], model=ref)
+    d = (loc - loc_ref).abs().amax(-1)  # (B, K, N)
+    assert d.transpose(1, 2)[spk].max() < 1e-5 and d.transpose(1, 2)[~spk].min() > 1e-4
+    loss = GDPOLoss(core, model, reward.lambdas, beta=0.1)
+    loss.compute_advantage(traj)
+    out = loss(select_window(traj, (0, N, 0)))
+    sum(v for k, v in out.items() if k.startswith("loss_")).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("listen_adapter."))
