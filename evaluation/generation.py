@@ -68,11 +68,11 @@ def teacher_forced_motion(model, vae, normalizer, bank, steps: int = 10, seed: i
     for i in range(0, bank.batch_size[0], batch_size):
         b = bank[i : i + batch_size]
         cond, gt = cond_from_bank(b), b["actor_latent"]  # gt (b, N, Dv)
-        spk = b["speaking_tokens"] if getattr(model, "listen_adapter", None) is not None else None  # (b, N)
+        spk = {"speaking": b["speaking_tokens"]} if getattr(model, "listen_adapter", None) is not None else {}  # (b, N)
         x = torch.randn(gt.shape, generator=g, device=gt.device, dtype=gt.dtype)  # t = 0: noise
         for k in range(int(steps)):
             t = grid[k].expand(gt.shape[:2])  # (b, N)
-            v = model(cond, gt, x, t, drop={}, speaking=spk)  # (b, N, Dv); no condition nulled
+            v = model(cond, gt, x, t, drop={}, **spk)  # (b, N, Dv); no condition nulled
             x = euler_step(x, v, grid[k + 1] - grid[k])
         outs.append(decode_latents(vae, normalizer, x))  # (b, W, 67)
     return torch.cat(outs)

@@ -162,3 +162,27 @@ def test_rl_replay_with_an_adapter_matches_collection_and_trains_the_adapter_onl
     sum(v for k, v in out.items() if k.startswith("loss_")).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("listen_adapter."))
+
+
+def test_supervised_anchor_and_teacher_forced_evaluation_pass_the_mask(rl):
+    """The SFT anchor's flow loss and the teacher-forced evaluation read the bank's speaking tokens for an
+    adapter model (the same as its forward given them), and run unchanged for a model without one."""
+    from gdpo_listener.agents.anchor import flow_matching_loss
+    from gdpo_listener.envs.windows import cond_from_bank
+    from gdpo_listener.evaluation.generation import teacher_forced_motion
+
+    base = rl.tiny_arflow(0)
+    model = with_trained_adapter(base, width=8)
+    bank = rl.tiny_bank(3)
+    vae, norm = rl.tiny_vae()
+    x0 = torch.randn(bank["actor_latent"].shape, generator=torch.Generator().manual_seed(0))
+    t = torch.rand(bank["actor_latent"].shape[:2], generator=torch.Generator().manual_seed(1))
+    x1 = bank["actor_latent"]
+    with torch.no_grad():
+        want = model(cond_from_bank(bank), x1, (1 - t[..., None]) * x0 + t[..., None] * x1, t, speaking=bank["speaking_tokens"])
+        got = flow_matching_loss(model, bank, x0, t)
+        torch.testing.assert_close(got, (want - (x1 - x0)).pow(2).mean(-1), atol=1e-5, rtol=1e-5)
+        assert not torch.equal(got, flow_matching_loss(base, bank, x0, t))
+        a = teacher_forced_motion(model, vae, norm, bank, steps=2, seed=0)
+        b = teacher_forced_motion(base, vae, norm, bank, steps=2, seed=0)
+    assert a.shape == b.shape and not torch.equal(a, b)
