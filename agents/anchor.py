@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..envs.windows import cond_from_bank
+from .arflow import adapter_kwargs
 from .flow import interpolate, velocity_target
 
 
@@ -25,7 +26,7 @@ def flow_matching_loss(model, batch, x0: torch.Tensor, t: torch.Tensor) -> torch
     ``x0 (b, N, Dv)`` to ``batch["actor_latent"]`` at flow times ``t (b, N)`` (mean over latent dims)."""
     x1 = batch["actor_latent"]  # (b, N, Dv)
     xt = interpolate(x0, x1, t.unsqueeze(-1))  # (b, N, Dv)
-    spk = {"speaking": batch["speaking_tokens"]} if getattr(model, "listen_adapter", None) is not None else {}  # (b, N)
+    spk = adapter_kwargs(model, batch.get("speaking_tokens", None))  # (b, N) speaking mask, for a listening adapter
     v = model(cond_from_bank(batch), x1, xt, t, **spk)  # (b, N, Dv), history = the ground truth
     return (v - velocity_target(x0, x1)).pow(2).mean(-1)  # (b, N)
 

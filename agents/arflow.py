@@ -82,7 +82,7 @@ from .checkpoint import CheckpointError, load_checkpoint_meta, load_weights, sav
 
 __all__ = [
     "ARFlowConfig", "ARFlow", "ListenAdapter", "KVCache", "Context", "PrefixLayout", "CausalSlots", "prefix_positions", "prefix_layout",
-    "token_positions", "attention_mask", "causal_prefix_mask", "count_parameters", "COND_KEYS", "DROP_KEYS",
+    "token_positions", "attention_mask", "causal_prefix_mask", "count_parameters", "adapter_kwargs", "COND_KEYS", "DROP_KEYS",
     "save_arflow", "load_arflow",
 ]
 
@@ -829,6 +829,12 @@ class ARFlow(nn.Module):
 
 # --------------------------------------------------------------------------------------------
 # helpers
+
+
+def adapter_kwargs(model, speaking: Tensor | None) -> dict:
+    """``{"speaking": speaking}`` for a model with a listening adapter, else ``{}``: models without one
+    (duck-typed stand-ins included) are called with their usual signature."""
+    return {"speaking": speaking} if getattr(model, "listen_adapter", None) is not None else {}
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

@@ -57,7 +57,7 @@ from torch import nn
 from torchrl.modules import IndependentNormal, ProbabilisticActor
 
 from ..envs.windows import window_cond
-from .arflow import DROP_KEYS, KVCache
+from .arflow import DROP_KEYS, KVCache, adapter_kwargs
 from .flow import SDE_KINDS, sde_drift, sde_window_steps, step_sigma, transition_mean, transition_std
 from .sampling import window_schedule
 
@@ -185,13 +185,14 @@ class SDETransition(nn.Module):
         mask = self.bank["cond_drop"][window]  # (B, len(DROP_KEYS))
         return {k: mask[:, i] for i, k in enumerate(DROP_KEYS)}
 
-    def _speaking(self, model: nn.Module, window: torch.Tensor) -> torch.Tensor | None:
-        """The rows' token speaking mask (B, n_total) for a model with a listening adapter, else None."""
+    def _speaking(self, model: nn.Module, window: torch.Tensor, tokens) -> dict:
+        """``model``'s speaking keyword (:func:`adapter_kwargs`): the rows' speaking mask of ``tokens`` for a
+        model with a listening adapter, else nothing."""
         if getattr(model, "listen_adapter", None) is None:
-            return None
+            return {}
         if "speaking_tokens" not in self.bank.keys():
             raise KeyError("policy: the model has a listening adapter, which needs the bank's speaking_tokens (B, N)")
-        return self.bank["speaking_tokens"][window]  # (B, n_total)
+        return adapter_kwargs(model, self.bank["speaking_tokens"][window][:, tokens])
 
     def _mean(self, x: torch.Tensor, v: torch.Tensor, t, sigma: float | None = None) -> torch.Tensor:
         """Transition mean x + dt * b(x, t) of the env's SDE kind at noise scale ``sigma`` (default the
@@ -234,8 +235,7 @@ class SDETransition(nn.Module):
         l, k, ep = int(token[0]), int(sde_step[0]), int(episode[0])
         self._check_time(t, k)
         t = t.squeeze(-1)  # (B,)
-        spk = self._speaking(self.arflow, window)  # (B, n_total) or None
-        spk = {} if spk is None else {"speaking": spk[:, l]}  # (B,): only models with an adapter take it
+        spk = self._speaking(self.arflow, window, l)  # {"speaking": (B,)} for a listening adapter, else {}
         with torch.no_grad(), dropout_off(self.arflow):
             if self.use_cache:
                 v = self._velocity_cached(x, t, l, k, history, window, ep, spk)  # (B, Dv)
@@ -269,8 +269,7 @@ class SDETransition(nn.Module):
         xs = x.reshape(B, S * M, D)
         ts = t.reshape(B, S * M)
         idx = torch.arange(new0 - s0, n, device=x.device).repeat(S)  # window-local index of every noisy copy
-        spk = self._speaking(model, window)  # (B, n_total) or None
-        spk = {} if spk is None else {"speaking": spk[:, s0 + idx]}  # (B, S*M)
+        spk = self._speaking(model, window, s0 + idx)  # {"speaking": (B, S*M)} for a listening adapter, else {}
         with dropout_off(model):
             ctx = self._shared_for(model, window, history, (s0, n, new0))
             if ctx is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from ..agents.arflow import DROP_KEYS
+from ..agents.arflow import DROP_KEYS, adapter_kwargs
 from ..agents.flow import euler_step, time_grid
 from ..envs.flame import GROUP_NAMES, GROUPS
 from ..envs.windows import cond_from_bank, decode_latents
@@ -68,7 +68,7 @@ def teacher_forced_motion(model, vae, normalizer, bank, steps: int = 10, seed: i
     for i in range(0, bank.batch_size[0], batch_size):
         b = bank[i : i + batch_size]
         cond, gt = cond_from_bank(b), b["actor_latent"]  # gt (b, N, Dv)
-        spk = {"speaking": b["speaking_tokens"]} if getattr(model, "listen_adapter", None) is not None else {}  # (b, N)
+        spk = adapter_kwargs(model, b["speaking_tokens"])  # (b, N) speaking mask, for a listening adapter
         x = torch.randn(gt.shape, generator=g, device=gt.device, dtype=gt.dtype)  # t = 0: noise
         for k in range(int(steps)):
             t = grid[k].expand(gt.shape[:2])  # (b, N)
