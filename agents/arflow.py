@@ -77,13 +77,13 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..envs.windows import COND_KEYS  # keys of the conditioning dict; text_mask, partner_has_motion optional
-from .attention import Block, apply_rope, rope_cos_sin
+from .attention import Block, BlockDelta, apply_rope, rope_cos_sin
 from .checkpoint import CheckpointError, load_checkpoint_meta, load_weights, save_checkpoint
 
 __all__ = [
-    "ARFlowConfig", "ARFlow", "ListenAdapter", "KVCache", "Context", "PrefixLayout", "CausalSlots", "prefix_positions", "prefix_layout",
-    "token_positions", "attention_mask", "causal_prefix_mask", "count_parameters", "adapter_kwargs", "COND_KEYS", "DROP_KEYS",
-    "save_arflow", "load_arflow",
+    "ARFlowConfig", "ARFlow", "ListenAdapter", "ListenLoRA", "KVCache", "Context", "PrefixLayout", "CausalSlots",
+    "prefix_positions", "prefix_layout", "token_positions", "attention_mask", "causal_prefix_mask", "count_parameters",
+    "adapter_kwargs", "takes_speaking", "COND_KEYS", "DROP_KEYS", "save_arflow", "load_arflow",
 ]
 
 DROP_KEYS = ("text", "audio", "motion")  # condition groups a ``drop`` mask can null (CFG, condition dropout)
@@ -114,6 +114,7 @@ class ARFlowConfig:
     audio_stride: int = 1      # audio frames per audio token (1 = paper: one token per frame)
     causal_prefix: bool = False  # True: causal-in-time prefix (module docstring; real-time streaming)
     listen_adapter: int = 0    # width of the listening adapter (ListenAdapter; RL's algo.listen_adapter); 0 = none
+    listen_lora: int = 0       # rank of the listening low-rank updates (ListenLoRA; RL's algo.listen_lora); 0 = none
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -132,6 +133,8 @@ class ARFlowConfig:
                 raise ValueError(f"ARFlowConfig: {name}={p} must be in [0, 1)")
         if int(self.listen_adapter) != self.listen_adapter or self.listen_adapter < 0:
             raise ValueError(f"ARFlowConfig: listen_adapter={self.listen_adapter!r} must be an integer >= 0 (0 = no adapter)")
+        if int(self.listen_lora) != self.listen_lora or self.listen_lora < 0:
+            raise ValueError(f"ARFlowConfig: listen_lora={self.listen_lora!r} must be an integer >= 0 (0 = none)")
 
     @property
     def head_dim(self) -> int:
@@ -419,6 +422,18 @@ class ListenAdapter(nn.Module):
         return self.proj(torch.nn.functional.gelu(self.fc(z)))
 
 
+class ListenLoRA(nn.Module):
+    """Low-rank updates of every block's linear maps (:class:`~.attention.BlockDelta`, LoRA) that act on
+    the noisy listening tokens only. Noisy tokens are read by no other token (the prefix and the clean
+    history never attend to them), so with the transformer frozen a speaking token's velocity is the
+    supervised model's given its context, while a listening token can re-weight what it reads there
+    (partner motion, audio, its own history) in every layer. RL can train it alone (``algo.listen_lora``)."""
+
+    def __init__(self, cfg: "ARFlowConfig"):
+        super().__init__()
+        self.blocks = nn.ModuleList([BlockDelta(cfg.d_model, cfg.mlp_ratio, cfg.listen_lora) for _ in range(cfg.n_layers)])
+
+
 class ARFlow(nn.Module):
     """AR-Flow transformer. See the module docstring for the sequence, positions and masks."""
 
@@ -446,6 +461,12 @@ class ARFlow(nn.Module):
         self.head = nn.Linear(D, cfg.d_latent)
         self._init_weights()
         self.listen_adapter = ListenAdapter(D, cfg.listen_adapter, cfg.d_latent) if cfg.listen_adapter else None
+        self.listen_lora = ListenLoRA(cfg) if cfg.listen_lora else None
+
+    @property
+    def takes_speaking(self) -> bool:
+        """Whether velocities need the tokens' speaking mask (a listening adapter or listening LoRA)."""
+        return self.listen_adapter is not None or self.listen_lora is not None
 
     def add_listen_adapter(self, width: int) -> ListenAdapter:
         """Give this model a new (zero-output) :class:`ListenAdapter` of ``width`` hidden units; its
@@ -457,6 +478,33 @@ class ARFlow(nn.Module):
         dev = self.head.weight.device
         self.listen_adapter = ListenAdapter(self.cfg.d_model, self.cfg.listen_adapter, self.cfg.d_latent).to(dev)
         return self.listen_adapter
+
+    def add_listen_lora(self, rank: int) -> ListenLoRA:
+        """Give this model new (zero) :class:`ListenLoRA` updates of rank ``rank``; its velocities stay
+        those of the model without them until they are trained."""
+        if self.listen_lora is not None:
+            raise ValueError(f"arflow: the model already has listening low-rank updates (rank {self.cfg.listen_lora})")
+        self.cfg.listen_lora = int(rank)
+        self.cfg.__post_init__()
+        self.listen_lora = ListenLoRA(self.cfg).to(self.head.weight.device)
+        return self.listen_lora
+
+    def _listening(self, speaking: Tensor | None, shape) -> Tensor:
+        """The listening gate (*shape, 1) float of tokens whose speaking mask is ``speaking`` (*shape) bool;
+        a clear error when a model that needs the mask (:attr:`takes_speaking`) is not given it."""
+        if speaking is None:
+            raise ValueError(f"arflow: this model has a listening adapter or listening low-rank updates (arch "
+                             f"listen_adapter={self.cfg.listen_adapter}, listen_lora={self.cfg.listen_lora}); its "
+                             "velocities need the speaking mask of the tokens (speaking_tokens / speaking)")
+        if tuple(speaking.shape) != tuple(shape):
+            raise ValueError(f"arflow: speaking mask of shape {tuple(speaking.shape)} for tokens {tuple(shape)}")
+        return (~speaking.bool()).unsqueeze(-1).float()  # (*shape, 1)
+
+    def _delta(self, i: int, gate: Tensor | None) -> dict:
+        """Block i's keyword arguments for the listening low-rank updates (none without them or a gate)."""
+        if self.listen_lora is None or gate is None:
+            return {}
+        return {"delta": self.listen_lora.blocks[i], "gate": gate}
 
     def _init_weights(self):
         for m in self.modules():
@@ -561,13 +609,7 @@ class ARFlow(nn.Module):
         v = self.head(z)  # (..., Dv)
         if self.listen_adapter is None:
             return v
-        if speaking is None:
-            raise ValueError("arflow: this model has a listening adapter (arch listen_adapter="
-                             f"{self.cfg.listen_adapter}); its velocities need the speaking mask of the tokens "
-                             "(speaking_tokens / speaking)")
-        if tuple(speaking.shape) != tuple(v.shape[:-1]):
-            raise ValueError(f"arflow: speaking mask of shape {tuple(speaking.shape)} for velocities {tuple(v.shape)}")
-        return v + (~speaking.bool()).unsqueeze(-1).to(v.dtype) * self.listen_adapter(z)  # (..., Dv)
+        return v + self._listening(speaking, v.shape[:-1]).to(v.dtype) * self.listen_adapter(z)  # (..., Dv)
 
     def _rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         return rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_base)
@@ -594,9 +636,13 @@ class ARFlow(nn.Module):
         pos = torch.cat([pos_pre, token_positions(n, r, device=h.device), noisy_idx.float() * r + (r // 2)])  # (S,)
         cos, sin = self._rope(pos)
         mask = attention_mask(P, n, noisy_idx, *self._prefix_structure(cond))  # (S, S)
+        gate = None
+        if self.listen_lora is not None:  # the noisy listening tokens only; the prefix and history never
+            listen = self._listening(speaking, x_noisy.shape[:2])  # (B, M, 1)
+            gate = torch.cat([listen.new_zeros(x_noisy.shape[0], P + n, 1), listen], dim=1)  # (B, S, 1)
         h = self.drop(h)
-        for blk in self.blocks:
-            h = blk(h, cos, sin, mask)
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, cos, sin, mask, **self._delta(i, gate))
         return self._out(h[:, P + n:], temb, speaking)  # (B, M, Dv)
 
     def forward(self, cond: Mapping[str, Tensor], x_clean: Tensor, x_noisy: Tensor, t: Tensor, drop=None,
@@ -672,10 +718,12 @@ class ARFlow(nn.Module):
         h = self._embed_noisy(x_noisy, temb)  # (B, M, D)
         cos, sin = self._rope(noisy_idx.float() * c.r + (c.r // 2))
         mask = attention_mask(P, n, noisy_idx, ctx.prefix_tok)[P + n:]  # (M, C + M)
+        gate = self._listening(speaking, (B, M)) if self.listen_lora is not None else None  # (B, M, 1)
         h = self.drop(h)
-        for blk, k, v in zip(self.blocks, ctx.k, ctx.v):
+        for i, (blk, k, v) in enumerate(zip(self.blocks, ctx.k, ctx.v)):
             room = k.new_zeros(B, c.n_heads, M, c.head_dim)
-            h = blk(h, cos, sin, mask, (torch.cat([k, room], 2), torch.cat([v, room], 2)), P + n)  # fresh buffers
+            h = blk(h, cos, sin, mask, (torch.cat([k, room], 2), torch.cat([v, room], 2)), P + n,  # fresh buffers
+                    **self._delta(i, gate))
         return self._out(h, temb, speaking)  # (B, M, Dv)
 
     # ---- cached generation ------------------------------------------------------------------
@@ -766,9 +814,9 @@ class ARFlow(nn.Module):
         self._fill_kv(self.drop(h), cos, sin, mask, cache.k, cache.v, at)
         cache.groups = j + 1
 
-    def _one_token(self, cache: KVCache, h: Tensor, l: int, commit: bool) -> Tensor:
+    def _one_token(self, cache: KVCache, h: Tensor, l: int, commit: bool, gate: Tensor | None = None) -> Tensor:
         """Pass one token (B, 1, D) at token index l through all layers, attending to the cache slots
-        before its own (prefix, history < l) + itself."""
+        before its own (prefix, history < l) + itself; ``gate`` (B, 1, 1): of the listening low-rank updates."""
         if not 0 <= l < cache.n_tokens:
             raise IndexError(f"arflow: token index {l} outside the cache's 0..{cache.n_tokens - 1}")
         if l > cache.length:
@@ -781,8 +829,8 @@ class ARFlow(nn.Module):
             saved = [(k[:, :, at].clone(), v[:, :, at].clone()) for k, v in zip(cache.k, cache.v)]
         cos, sin = cache.cos[l:l + 1], cache.sin[l:l + 1]
         h = self.drop(h)
-        for blk, k, v in zip(self.blocks, cache.k, cache.v):
-            h = blk(h, cos, sin, None, (k, v), at)
+        for i, (blk, k, v) in enumerate(zip(self.blocks, cache.k, cache.v)):
+            h = blk(h, cos, sin, None, (k, v), at, **self._delta(i, gate))
         if saved is not None:
             for (sk, sv), k, v in zip(saved, cache.k, cache.v):
                 k[:, :, at], v[:, :, at] = sk, sv
@@ -793,7 +841,8 @@ class ARFlow(nn.Module):
         """One new-token pass: velocity of noisy token l, x_t (B, Dv), t (B,), speaking (B,) bool (with a
         listening adapter) -> (B, Dv). Cache content unchanged."""
         temb = self.time_emb(t)  # (B, D)
-        h = self._one_token(cache, self._embed_noisy(x_t, temb)[:, None], l, commit=False)
+        gate = self._listening(speaking, x_t.shape[:1])[:, None] if self.listen_lora is not None else None  # (B, 1, 1)
+        h = self._one_token(cache, self._embed_noisy(x_t, temb)[:, None], l, commit=False, gate=gate)
         return self._out(h[:, 0], temb, speaking)
 
     @torch.no_grad()
@@ -834,7 +883,13 @@ class ARFlow(nn.Module):
 def adapter_kwargs(model, speaking: Tensor | None) -> dict:
     """``{"speaking": speaking}`` for a model with a listening adapter, else ``{}``: models without one
     (duck-typed stand-ins included) are called with their usual signature."""
-    return {"speaking": speaking} if getattr(model, "listen_adapter", None) is not None else {}
+    return {"speaking": speaking} if takes_speaking(model) else {}
+
+
+def takes_speaking(model) -> bool:
+    """Whether ``model``'s velocities need the tokens' speaking mask (:attr:`ARFlow.takes_speaking`; False
+    for duck-typed stand-ins without the attribute)."""
+    return bool(getattr(model, "takes_speaking", False))
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["rope_cos_sin", "apply_rope", "SelfAttention", "MLP", "Block"]
+__all__ = ["rope_cos_sin", "apply_rope", "LowRank", "BlockDelta", "SelfAttention", "MLP", "Block"]
 
 
 def rope_cos_sin(pos: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -40,6 +40,40 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (..., S, hd)
 
 
+class LowRank(nn.Module):
+    """A low-rank linear map ``x -> up(down(x))`` of rank ``rank``, ``up`` zero-initialised (a new one
+    outputs zeros): the update of one linear layer under LoRA (Hu et al., 2021)."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(d_in, rank, bias=False)
+        self.up = nn.Linear(rank, d_out, bias=False)
+        nn.init.normal_(self.down.weight, std=d_in ** -0.5)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., d_in) -> (..., d_out)
+        return self.up(self.down(x))
+
+
+class BlockDelta(nn.Module):
+    """Low-rank updates of the four linear maps of a :class:`Block` (attention ``qkv`` and ``proj``,
+    MLP ``fc`` and ``proj``), applied per token through a gate: ``W x -> W x + gate * delta(x)`` with
+    ``gate`` (B, S, 1) in [0, 1] (0 = the block's own output, exactly)."""
+
+    def __init__(self, d_model: int, mlp_ratio: float, rank: int):
+        super().__init__()
+        hidden = int(mlp_ratio * d_model)
+        self.qkv = LowRank(d_model, 3 * d_model, rank)
+        self.attn_proj = LowRank(d_model, d_model, rank)
+        self.fc = LowRank(d_model, hidden, rank)
+        self.mlp_proj = LowRank(hidden, d_model, rank)
+
+
+def _gated(y: Tensor, delta: LowRank | None, x: Tensor, gate: Tensor | None) -> Tensor:
+    """``y + gate * delta(x)``, or ``y`` without a delta."""
+    return y if delta is None else y + gate * delta(x)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with rotary positions, optionally reading/writing a KV cache."""
 
@@ -56,15 +90,18 @@ class SelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
-                kv: tuple[Tensor, Tensor] | None = None, at: int = 0) -> Tensor:
-        """x (B, S, D); cos/sin (S, hd/2) for these S tokens.
+                kv: tuple[Tensor, Tensor] | None = None, at: int = 0, delta: BlockDelta | None = None,
+                gate: Tensor | None = None) -> Tensor:
+        """x (B, S, D); cos/sin (S, hd/2) for these S tokens; ``delta``/``gate`` (B, S, 1): optional
+        gated low-rank updates of ``qkv`` and ``proj`` (:class:`BlockDelta`).
 
         kv None: attention among the S tokens under ``mask`` (S, S).
         kv = (K, V) each (B, H, C, hd): the S new rotated keys/values are written in place to slots
         [at, at + S) and the queries attend to slots [0, at + S) (``mask`` (S, at + S) or None = all).
         """
         B, S, D = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, hd)
+        qkv = _gated(self.qkv(x), None if delta is None else delta.qkv, x, gate)  # (B, S, 3 D)
+        q, k, v = qkv.view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             K, V = kv
@@ -73,7 +110,7 @@ class SelfAttention(nn.Module):
             k, v = K[:, :, :at + S], V[:, :, :at + S]  # (B, H, at + S, hd) views, no copy
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)  # (B, H, S, hd)
         y = y.transpose(1, 2).reshape(B, S, D)  # (B, S, D)
-        return self.resid_drop(self.proj(y))
+        return self.resid_drop(_gated(self.proj(y), None if delta is None else delta.attn_proj, y, gate))
 
 
 class MLP(nn.Module):
@@ -86,13 +123,14 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, d_model)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, S, D) -> (B, S, D)
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+    def forward(self, x: Tensor, delta: BlockDelta | None = None, gate: Tensor | None = None) -> Tensor:  # (B, S, D) -> (B, S, D)
+        a = F.gelu(_gated(self.fc(x), None if delta is None else delta.fc, x, gate))  # (B, S, hidden)
+        return self.drop(_gated(self.proj(a), None if delta is None else delta.mlp_proj, a, gate))
 
 
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x)). Arguments as :class:`SelfAttention`;
-    ``dropout`` also on the MLP output."""
+    ``dropout`` also on the MLP output; ``delta``/``gate``: gated low-rank updates of its four linear maps."""
 
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
                  attn_dropout: float | None = None):
@@ -103,6 +141,7 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, mlp_ratio, dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
-                kv: tuple[Tensor, Tensor] | None = None, at: int = 0) -> Tensor:  # (B, S, D) -> (B, S, D)
-        x = x + self.attn(self.ln1(x), cos, sin, mask, kv, at)
-        return x + self.mlp(self.ln2(x))
+                kv: tuple[Tensor, Tensor] | None = None, at: int = 0, delta: BlockDelta | None = None,
+                gate: Tensor | None = None) -> Tensor:  # (B, S, D) -> (B, S, D)
+        x = x + self.attn(self.ln1(x), cos, sin, mask, kv, at, delta, gate)
+        return x + self.mlp(self.ln2(x), delta, gate)

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..envs.windows import COND_KEYS, sliding_windows
-from .arflow import DROP_KEYS, KVCache
+from .arflow import DROP_KEYS, KVCache, takes_speaking
 from .flow import SDE_KINDS, cfg_combine, euler_step, sde_drift, sde_step, sde_window_steps, step_sigma
 
 __all__ = ["sample", "window_step", "generate_long", "token_cfg_weights", "check_cfg_weight", "check_cfg_drop",
@@ -92,11 +92,12 @@ def token_cfg_weights(B: int, N: int, w_speak: float, w_listen: float, speaking_
 
 
 def adapter_mask(model, B: int, N: int, speaking_tokens: Tensor | None, device) -> Tensor | None:
-    """The speaking mask (B, N) bool a model with a listening adapter needs (None for a model without one)."""
-    if getattr(model, "listen_adapter", None) is None:
+    """The speaking mask (B, N) bool a model with a listening adapter or listening low-rank updates needs
+    (None for a model without them)."""
+    if not takes_speaking(model):
         return None
     if speaking_tokens is None:
-        raise ValueError("arflow.sample: the model has a listening adapter, so sampling needs speaking_tokens (B, n_tokens) "
+        raise ValueError("arflow.sample: the model has a listening adapter or listening low-rank updates, so sampling needs speaking_tokens (B, n_tokens) "
                          "(the actor's speaking tokens) whatever the CFG weights")
     if tuple(speaking_tokens.shape) != (B, N):
         raise ValueError(f"arflow.sample: speaking_tokens has shape {tuple(speaking_tokens.shape)}, expected ({B}, {N})")
@@ -134,7 +135,7 @@ class _GuidedVelocity:
     def __init__(self, model, cond: Mapping[str, Tensor], B: int, N: int, use_cfg: bool, use_cache: bool,
                  cfg_drop: tuple[str, ...] = DROP_KEYS):
         self.model, self.B, self.use_cfg, self.use_cache = model, B, use_cfg, use_cache
-        self.adapter = getattr(model, "listen_adapter", None) is not None  # only then the velocity takes a speaking mask
+        self.adapter = takes_speaking(model)  # only then the velocity takes a speaking mask
         self.causal = bool(getattr(model.cfg, "causal_prefix", False))  # duck-typed models may lack it
         keep, null = {key: False for key in DROP_KEYS}, {key: key in cfg_drop for key in DROP_KEYS}
         if self.use_cfg:

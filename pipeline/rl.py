@@ -67,27 +67,37 @@ def check_settings(cfg: DictConfig) -> None:
         check_non_negative(cfg, ["algo.sft_coef"])
         check_count(cfg, ["algo.sft_batch_size"])
     check_count(cfg, ["env.prefix_tokens"], minimum=0)
-    width = cfg.algo.get("listen_adapter", 0)
-    if isinstance(width, bool) or not isinstance(width, int) or width < 0:
-        raise ValueError(f"algo.listen_adapter={width!r} must be an integer >= 0 (0 = train the whole model)")
+    for key, what in (("listen_adapter", "width"), ("listen_lora", "rank")):
+        n = cfg.algo.get(key, 0)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"algo.{key}={n!r} must be an integer {what} >= 0 (0 = none)")
 
 
-def make_trainable(model, width: int) -> list:
-    """The parameters RL trains. ``width`` 0: all of them (the paper). ``width`` > 0: only a listening
-    adapter (:class:`~gdpo_listener.agents.arflow.ListenAdapter` of that width, added zero-initialised
-    unless the checkpoint has one), the transformer and head frozen, so a speaking token's velocity
-    stays the supervised one (``algo.listen_adapter``)."""
-    width = int(width)
-    if width == 0:
+def make_trainable(model, width: int, rank: int = 0) -> list:
+    """The parameters RL trains. ``width`` and ``rank`` 0: all of them (the paper). Otherwise only the
+    listening parts, added zero-initialised unless the checkpoint has them, the rest frozen: a listening
+    adapter (:class:`~gdpo_listener.agents.arflow.ListenAdapter`) of ``width`` hidden units
+    (``algo.listen_adapter``) and/or listening low-rank updates
+    (:class:`~gdpo_listener.agents.arflow.ListenLoRA`) of rank ``rank`` (``algo.listen_lora``). A speaking
+    token's velocity then stays the supervised one given its context."""
+    width, rank = int(width), int(rank)
+    if width == 0 and rank == 0:
         return [p for p in model.parameters() if p.requires_grad]
-    if model.listen_adapter is None:
-        model.add_listen_adapter(width)
-    elif model.cfg.listen_adapter != width:
-        raise ValueError(f"algo.listen_adapter={width}, but the checkpoint's listening adapter has width "
-                         f"{model.cfg.listen_adapter}")
+    parts = []
+    for n, attr, add, key in ((width, "listen_adapter", model.add_listen_adapter, "algo.listen_adapter"),
+                              (rank, "listen_lora", model.add_listen_lora, "algo.listen_lora")):
+        if n == 0:
+            continue
+        if getattr(model, attr) is None:
+            add(n)
+        elif getattr(model.cfg, attr) != n:
+            what = "width" if attr == "listen_adapter" else "rank"
+            raise ValueError(f"{key}={n}, but the checkpoint's {attr} has {what} {getattr(model.cfg, attr)}")
+        parts.append(getattr(model, attr))
     model.requires_grad_(False)
-    model.listen_adapter.requires_grad_(True)
-    return list(model.listen_adapter.parameters())
+    for part in parts:
+        part.requires_grad_(True)
+    return [p for part in parts for p in part.parameters()]
 
 
 def make_env(cfg: DictConfig, bank, vae, normalizer, reward, generator, n_prompts: int | None = None,

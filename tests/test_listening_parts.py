@@ -1,7 +1,9 @@
-"""The listening adapter (agents/arflow.py ListenAdapter, RL's algo.listen_adapter): a velocity term on the
-listening tokens only. A new adapter changes nothing; a trained one changes the listening tokens and never
-a speaking token's velocity; every pass (teacher forced, context, cached, uncached, sampling, replay)
-applies it alike; RL with it trains the adapter alone."""
+"""The listening parts RL can train alone: the listening adapter (agents/arflow.py ListenAdapter, RL's
+algo.listen_adapter), a velocity term on the listening tokens, and the listening low-rank updates
+(ListenLoRA, algo.listen_lora) of every block, on the noisy listening tokens. New ones change nothing;
+trained ones change the listening tokens and never a speaking token's velocity given its context; every
+pass (teacher forced, context, cached, uncached, sampling, replay) applies them alike; RL with them
+trains them alone."""
 from __future__ import annotations
 
 import copy
@@ -50,13 +52,29 @@ def with_trained_adapter(base: ARFlow, width: int = 16) -> ARFlow:
     return m.eval()
 
 
+def with_trained_lora(base: ARFlow, rank: int = 4) -> ARFlow:
+    """A copy of ``base`` with listening low-rank updates whose ``up`` maps are no longer zero (as after training)."""
+    m = copy.deepcopy(base)
+    m.add_listen_lora(rank)
+    with torch.no_grad():
+        for name, p in m.listen_lora.named_parameters():
+            if name.endswith("up.weight"):
+                p.normal_(std=0.3)
+    return m.eval()
+
+
+TRAINED = {"adapter": with_trained_adapter, "lora": with_trained_lora}
+PART = {"adapter": "listen_adapter", "lora": "listen_lora"}
+
+
 SPEAKING = torch.tensor([[True, True, False, False], [False, True, True, False]])  # (B, N) tokens of a 32-frame window
 
 
+@pytest.mark.parametrize("kind", ["adapter", "lora"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_adapter_moves_listening_tokens_only_and_every_pass_agrees(causal):
+def test_listening_parts_move_listening_tokens_only_and_every_pass_agrees(causal, kind):
     base = tiny_model(causal=causal)
-    m = with_trained_adapter(base)
+    m = TRAINED[kind](base)
     cfg, N = m.cfg, m.cfg.n_tokens
     g = torch.Generator().manual_seed(3)
     cond = cond_of(cfg)
@@ -76,42 +94,46 @@ def test_adapter_moves_listening_tokens_only_and_every_pass_agrees(causal):
             torch.testing.assert_close(m.velocity_uncached(cond, xc[:, :l], xn[:, l], t[:, l], speaking=SPEAKING[:, l]), v[:, l],
                                        atol=1e-5, rtol=1e-5)
             m.append(cache, xc[:, l], l)
-        with pytest.raises(ValueError, match="listening adapter"):
+        with pytest.raises(ValueError, match="speaking mask of the tokens"):
             m(cond, xc, xn, t)  # no speaking mask: refused, not silently all-listening
         with pytest.raises(ValueError, match="speaking mask of shape"):
             m(cond, xc, xn, t, speaking=SPEAKING[:, :2])
 
 
-def test_a_new_adapter_changes_no_sample_and_sampling_needs_the_mask():
+@pytest.mark.parametrize("kind", ["adapter", "lora"])
+def test_new_listening_parts_change_no_sample_and_sampling_needs_the_mask(kind):
     base = tiny_model()
     m = copy.deepcopy(base)
-    m.add_listen_adapter(8)
+    (m.add_listen_adapter if kind == "adapter" else m.add_listen_lora)(8)
     cond = cond_of(m.cfg)
     kw = dict(steps=3, w_speak=1.0, w_listen=2.0, speaking_tokens=SPEAKING, sigma=0.3)
     a = base.sample(cond, generator=torch.Generator().manual_seed(0), **kw)
     b = m.sample(cond, generator=torch.Generator().manual_seed(0), **kw)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="listening adapter"):
-        m.sample(cond, steps=2)  # CFG 1 needs no mask for the weights, the adapter still does
-    with pytest.raises(ValueError, match="already has a listening adapter"):
-        m.add_listen_adapter(8)
-    # cached and uncached sampling apply the adapter alike
-    t = with_trained_adapter(base)
+    with pytest.raises(ValueError, match="needs speaking_tokens"):
+        m.sample(cond, steps=2)  # CFG 1 needs no mask for the weights, the listening parts still do
+    with pytest.raises(ValueError, match="already has"):
+        (m.add_listen_adapter if kind == "adapter" else m.add_listen_lora)(8)
+    # cached and uncached sampling apply them alike
+    t = TRAINED[kind](base)
     c = t.sample(cond, generator=torch.Generator().manual_seed(0), **kw)
     u = t.sample(cond, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
     torch.testing.assert_close(c, u, atol=1e-4, rtol=1e-4)
     assert (c - a).abs().max() > 1e-3
 
 
-def test_checkpoint_keeps_the_adapter(tmp_path):
-    m = with_trained_adapter(tiny_model(), width=12)
+def test_checkpoint_keeps_the_listening_parts(tmp_path):
+    m = with_trained_lora(with_trained_adapter(tiny_model(), width=12), rank=3)
     save_arflow(tmp_path / "ck", m, preset="small")
     back, _ = load_arflow(tmp_path / "ck")
     assert back.cfg.listen_adapter == 12 and back.listen_adapter is not None
+    assert back.cfg.listen_lora == 3 and back.listen_lora is not None
     for (n, p), q in zip(m.state_dict().items(), back.state_dict().values()):
         assert torch.equal(p, q), n
     with pytest.raises(ValueError, match="listen_adapter"):
         ARFlowConfig(listen_adapter=-1)
+    with pytest.raises(ValueError, match="listen_lora"):
+        ARFlowConfig(listen_lora=1.5)
 
 
 def test_make_trainable_freezes_all_but_the_adapter():
@@ -125,13 +147,26 @@ def test_make_trainable_freezes_all_but_the_adapter():
         make_trainable(m, 4)
 
 
-def test_rl_replay_with_an_adapter_matches_collection_and_trains_the_adapter_only(rl):
-    """Rollouts of an adapter policy replay to their collected log-probs; the loss's gradient reaches the
-    adapter alone, and the speaking tokens' transitions are exactly the reference's (KL 0 there)."""
+def test_make_trainable_freezes_all_but_the_low_rank_updates():
+    m = tiny_model()
+    params = make_trainable(m, 0, 4)
+    assert {id(p) for p in params} == {id(p) for p in m.listen_lora.parameters()}
+    assert len(params) == 4 * 2 * m.cfg.n_layers  # four maps per block, down and up each
+    assert all(not p.requires_grad for n, p in m.named_parameters() if not n.startswith("listen_lora."))
+    both = make_trainable(m, 8, 4)  # with an adapter too: both trained, nothing else
+    assert {id(p) for p in both} == {id(p) for p in [*m.listen_lora.parameters(), *m.listen_adapter.parameters()]}
+    with pytest.raises(ValueError, match="rank 4"):
+        make_trainable(m, 0, 2)
+
+
+@pytest.mark.parametrize("kind", ["adapter", "lora"])
+def test_rl_replay_with_listening_parts_matches_collection_and_trains_them_only(rl, kind):
+    """Rollouts of a policy with listening parts replay to their collected log-probs; the loss's gradient
+    reaches those parts alone, and the speaking tokens' transitions are exactly the reference's (KL 0 there)."""
     K = 2
     base = rl.tiny_arflow(0)
-    model = with_trained_adapter(base, width=8)
-    trainable = make_trainable(model, 8)
+    model = TRAINED[kind](base, 8)
+    trainable = make_trainable(model, 8 if kind == "adapter" else 0, 8 if kind == "lora" else 0)
     bank = rl.tiny_bank()
     vae, norm = rl.tiny_vae()
     g = torch.Generator().manual_seed(0)
@@ -161,10 +196,11 @@ def test_rl_replay_with_an_adapter_matches_collection_and_trains_the_adapter_onl
     out = loss(select_window(traj, (0, N, 0)))
     sum(v for k, v in out.items() if k.startswith("loss_")).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
-    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("listen_adapter."))
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(PART[kind] + "."))
 
 
-def test_supervised_anchor_and_teacher_forced_evaluation_pass_the_mask(rl):
+@pytest.mark.parametrize("kind", ["adapter", "lora"])
+def test_supervised_anchor_and_teacher_forced_evaluation_pass_the_mask(rl, kind):
     """The SFT anchor's flow loss and the teacher-forced evaluation read the bank's speaking tokens for an
     adapter model (the same as its forward given them), and run unchanged for a model without one."""
     from gdpo_listener.agents.anchor import flow_matching_loss
@@ -172,7 +208,7 @@ def test_supervised_anchor_and_teacher_forced_evaluation_pass_the_mask(rl):
     from gdpo_listener.evaluation.generation import teacher_forced_motion
 
     base = rl.tiny_arflow(0)
-    model = with_trained_adapter(base, width=8)
+    model = TRAINED[kind](base, 8)
     bank = rl.tiny_bank(3)
     vae, norm = rl.tiny_vae()
     x0 = torch.randn(bank["actor_latent"].shape, generator=torch.Generator().manual_seed(0))
