@@ -97,8 +97,8 @@ def adapter_mask(model, B: int, N: int, speaking_tokens: Tensor | None, device) 
     if not takes_speaking(model):
         return None
     if speaking_tokens is None:
-        raise ValueError("arflow.sample: the model has a listening adapter or listening low-rank updates, so sampling needs speaking_tokens (B, n_tokens) "
-                         "(the actor's speaking tokens) whatever the CFG weights")
+        raise ValueError("arflow.sample: the model has a listening adapter or listening low-rank updates, so sampling "
+                         "needs speaking_tokens (B, n_tokens) (the actor's speaking tokens) whatever the CFG weights")
     if tuple(speaking_tokens.shape) != (B, N):
         raise ValueError(f"arflow.sample: speaking_tokens has shape {tuple(speaking_tokens.shape)}, expected ({B}, {N})")
     return speaking_tokens.to(device, torch.bool)
