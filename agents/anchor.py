@@ -26,7 +26,7 @@ def flow_matching_loss(model, batch, x0: torch.Tensor, t: torch.Tensor) -> torch
     ``x0 (b, N, Dv)`` to ``batch["actor_latent"]`` at flow times ``t (b, N)`` (mean over latent dims)."""
     x1 = batch["actor_latent"]  # (b, N, Dv)
     xt = interpolate(x0, x1, t.unsqueeze(-1))  # (b, N, Dv)
-    spk = adapter_kwargs(model, batch.get("speaking_tokens", None))  # (b, N) speaking mask, for a listening adapter
+    spk = adapter_kwargs(model, batch.get("speaking_tokens", None))  # (b, N) speaking mask, for listening parts (adapter, LoRA)
     v = model(cond_from_bank(batch), x1, xt, t, **spk)  # (b, N, Dv), history = the ground truth
     return (v - velocity_target(x0, x1)).pow(2).mean(-1)  # (b, N)
 

@@ -628,7 +628,7 @@ class ARFlow(nn.Module):
     def _full_pass(self, cond, x_clean: Tensor, x_noisy: Tensor, t: Tensor, noisy_idx: Tensor, drop,
                    speaking: Tensor | None = None) -> Tensor:
         """Sequence [prefix; x_clean (B, n, Dv); x_noisy (B, M, Dv)] -> velocities (B, M, Dv); ``speaking``
-        (B, M) bool: the noisy tokens' speaking mask (needed with a listening adapter)."""
+        (B, M) bool: the noisy tokens' speaking mask (needed with listening parts: adapter, LoRA)."""
         h_pre, pos_pre = self.embed_prefix(cond, drop)
         P, n, r = h_pre.shape[1], x_clean.shape[1], self.cfg.r
         temb = self.time_emb(t)  # (B, M, D)
@@ -652,7 +652,7 @@ class ARFlow(nn.Module):
         Noisy token l sees the prefix, x_clean[:, :l] and itself. ``drop``: optional dict of (B,)
         bool masks {"text", "audio", "motion"} forcing nulls; None draws condition dropout when
         ``self.training`` (no dropout in eval). ``speaking`` (B, N) bool: the tokens' speaking mask
-        (needed with a listening adapter).
+        (needed with listening parts: adapter, LoRA).
         """
         B, N, _ = x_noisy.shape
         if x_clean.shape[1] < N - 1 or t.shape != (B, N):
@@ -664,7 +664,7 @@ class ARFlow(nn.Module):
     def velocity_uncached(self, cond, history: Tensor, x_t: Tensor, t: Tensor, drop=None,
                           speaking: Tensor | None = None) -> Tensor:
         """Velocity of token l = history.shape[1] by a full recompute: history (B, l, Dv), x_t (B, Dv), t (B,),
-        speaking (B,) bool (with a listening adapter) -> (B, Dv)."""
+        speaking (B,) bool (with listening parts: adapter, LoRA) -> (B, Dv)."""
         l = history.shape[1]
         idx = torch.full((1,), l, device=x_t.device, dtype=torch.long)
         spk = None if speaking is None else speaking[:, None]
@@ -706,7 +706,7 @@ class ARFlow(nn.Module):
     def velocity_in_context(self, ctx: Context, x_noisy: Tensor, t: Tensor, noisy_idx: Tensor,
                             speaking: Tensor | None = None) -> Tensor:
         """Velocities of noisy tokens against a context: x_noisy (B, M, Dv), t (B, M), noisy_idx (M,) long
-        (token index l of each; l <= ctx.n_clean), speaking (B, M) bool (with a listening adapter)
+        (token index l of each; l <= ctx.n_clean), speaking (B, M) bool (with listening parts: adapter, LoRA)
         -> (B, M, Dv). Token l sees the prefix (of tokens <= l with a causal prefix), clean tokens < l
         and itself, as in ``forward``."""
         B, M, _ = x_noisy.shape
@@ -838,8 +838,8 @@ class ARFlow(nn.Module):
 
     @torch.no_grad()
     def velocity(self, cache: KVCache, x_t: Tensor, t: Tensor, l: int, speaking: Tensor | None = None) -> Tensor:
-        """One new-token pass: velocity of noisy token l, x_t (B, Dv), t (B,), speaking (B,) bool (with a
-        listening adapter) -> (B, Dv). Cache content unchanged."""
+        """One new-token pass: velocity of noisy token l, x_t (B, Dv), t (B,), speaking (B,) bool (with
+        listening parts: adapter, LoRA) -> (B, Dv). Cache content unchanged."""
         temb = self.time_emb(t)  # (B, D)
         gate = self._listening(speaking, x_t.shape[:1])[:, None] if self.listen_lora is not None else None  # (B, 1, 1)
         h = self._one_token(cache, self._embed_noisy(x_t, temb)[:, None], l, commit=False, gate=gate)
@@ -881,7 +881,7 @@ class ARFlow(nn.Module):
 
 
 def adapter_kwargs(model, speaking: Tensor | None) -> dict:
-    """``{"speaking": speaking}`` for a model with a listening adapter, else ``{}``: models without one
+    """``{"speaking": speaking}`` for a model with listening parts (:func:`takes_speaking`), else ``{}``: models without one
     (duck-typed stand-ins included) are called with their usual signature."""
     return {"speaking": speaking} if takes_speaking(model) else {}
 

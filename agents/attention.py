@@ -71,7 +71,7 @@ class BlockDelta(nn.Module):
 
 def _gated(y: Tensor, delta: LowRank | None, x: Tensor, gate: Tensor | None) -> Tensor:
     """``y + gate * delta(x)``, or ``y`` without a delta."""
-    return y if delta is None else y + gate * delta(x)
+    return y if delta is None else y + gate.to(y.dtype) * delta(x)
 
 
 class SelfAttention(nn.Module):

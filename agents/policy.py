@@ -236,7 +236,7 @@ class SDETransition(nn.Module):
         l, k, ep = int(token[0]), int(sde_step[0]), int(episode[0])
         self._check_time(t, k)
         t = t.squeeze(-1)  # (B,)
-        spk = self._speaking(self.arflow, window, l)  # {"speaking": (B,)} for a listening adapter, else {}
+        spk = self._speaking(self.arflow, window, l)  # {"speaking": (B,)} for listening parts, else {}
         with torch.no_grad(), dropout_off(self.arflow):
             if self.use_cache:
                 v = self._velocity_cached(x, t, l, k, history, window, ep, spk)  # (B, Dv)
@@ -270,7 +270,7 @@ class SDETransition(nn.Module):
         xs = x.reshape(B, S * M, D)
         ts = t.reshape(B, S * M)
         idx = torch.arange(new0 - s0, n, device=x.device).repeat(S)  # window-local index of every noisy copy
-        spk = self._speaking(model, window, s0 + idx)  # {"speaking": (B, S*M)} for a listening adapter, else {}
+        spk = self._speaking(model, window, s0 + idx)  # {"speaking": (B, S*M)} for listening parts, else {}
         with dropout_off(model):
             ctx = self._shared_for(model, window, history, (s0, n, new0))
             if ctx is None:

@@ -177,7 +177,7 @@ class _GuidedVelocity:
     def __call__(self, x: Tensor, t: Tensor, l: int, history: Tensor, w: Tensor | None,
                  speaking: Tensor | None = None) -> Tensor:
         """x (B, Dv), t (R,), history (B, l, Dv) (read only without a cache), w (B,) CFG weight, speaking (B,)
-        bool (a listening adapter's mask) -> v (B, Dv)."""
+        bool (the listening parts' mask) -> v (B, Dv)."""
         xin = self.rows(x)  # (R, Dv)
         spk = {"speaking": self.rows(speaking)} if self.adapter and speaking is not None else {}  # (R,)
         if self.use_cache:
@@ -235,7 +235,7 @@ class WindowSampler:
         """Token l = ``next``: ``given`` (B, Dv) = a prefix token (copied), else generated with CFG weight
         ``w`` (B,) (needed when guided) -> token l (B, Dv). ``cond``: the window's conditioning holding at
         least tokens [0, l] (a causal prefix reads token l's; later tokens are ignored). ``speaking`` (B,)
-        bool: token l's speaking mask, needed by a model with a listening adapter."""
+        bool: token l's speaking mask, needed by a model with listening parts (adapter, LoRA)."""
         l, d_latent = self.next, self.model.cfg.d_latent
         if l >= self.N:
             raise IndexError(f"WindowSampler: all {self.N} tokens of the window are done")

@@ -410,7 +410,7 @@ class StreamingGenerator:
                 self._win.advance(self._window_cond(s0, p + 1 - s0, self._win_text), given=self._latents.take(p, p + 1))
         speaking = self._speaking(j, j + 1)  # (1,)
         w = torch.tensor([self.w_speak if speaking[0] else self.w_listen], device=self.device)  # (1,)
-        spk = torch.from_numpy(speaking).to(self.device)  # (1,) bool: a listening adapter's mask
+        spk = torch.from_numpy(speaking).to(self.device)  # (1,) bool: the listening parts' mask
         x = self._win.advance(self._window_cond(self._win_s0, j + 1 - self._win_s0, self._win_text), w=w, speaking=spk)  # (1, Dv)
         self._latents.append(x)
         self._speaking_new.append(speaking)

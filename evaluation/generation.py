@@ -68,7 +68,7 @@ def teacher_forced_motion(model, vae, normalizer, bank, steps: int = 10, seed: i
     for i in range(0, bank.batch_size[0], batch_size):
         b = bank[i : i + batch_size]
         cond, gt = cond_from_bank(b), b["actor_latent"]  # gt (b, N, Dv)
-        spk = adapter_kwargs(model, b["speaking_tokens"])  # (b, N) speaking mask, for a listening adapter
+        spk = adapter_kwargs(model, b["speaking_tokens"])  # (b, N) speaking mask, for listening parts (adapter, LoRA)
         x = torch.randn(gt.shape, generator=g, device=gt.device, dtype=gt.dtype)  # t = 0: noise
         for k in range(int(steps)):
             t = grid[k].expand(gt.shape[:2])  # (b, N)
