@@ -135,7 +135,7 @@ class _GuidedVelocity:
     def __init__(self, model, cond: Mapping[str, Tensor], B: int, N: int, use_cfg: bool, use_cache: bool,
                  cfg_drop: tuple[str, ...] = DROP_KEYS):
         self.model, self.B, self.use_cfg, self.use_cache = model, B, use_cfg, use_cache
-        self.adapter = takes_speaking(model)  # only then the velocity takes a speaking mask
+        self.takes_speaking = takes_speaking(model)  # only then the velocity takes a speaking mask
         self.causal = bool(getattr(model.cfg, "causal_prefix", False))  # duck-typed models may lack it
         keep, null = {key: False for key in DROP_KEYS}, {key: key in cfg_drop for key in DROP_KEYS}
         if self.use_cfg:
@@ -179,7 +179,7 @@ class _GuidedVelocity:
         """x (B, Dv), t (R,), history (B, l, Dv) (read only without a cache), w (B,) CFG weight, speaking (B,)
         bool (the listening parts' mask) -> v (B, Dv)."""
         xin = self.rows(x)  # (R, Dv)
-        spk = {"speaking": self.rows(speaking)} if self.adapter and speaking is not None else {}  # (R,)
+        spk = {"speaking": self.rows(speaking)} if self.takes_speaking and speaking is not None else {}  # (R,)
         if self.use_cache:
             v = self.model.velocity(self.cache, xin, t, l, **spk)  # (R, Dv)
         else:

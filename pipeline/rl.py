@@ -84,15 +84,14 @@ def make_trainable(model, width: int, rank: int = 0) -> list:
     if width == 0 and rank == 0:
         return [p for p in model.parameters() if p.requires_grad]
     parts = []
-    for n, attr, add, key in ((width, "listen_adapter", model.add_listen_adapter, "algo.listen_adapter"),
-                              (rank, "listen_lora", model.add_listen_lora, "algo.listen_lora")):
+    for n, attr, add, what in ((width, "listen_adapter", model.add_listen_adapter, "width"),
+                               (rank, "listen_lora", model.add_listen_lora, "rank")):
         if n == 0:
             continue
         if getattr(model, attr) is None:
             add(n)
         elif getattr(model.cfg, attr) != n:
-            what = "width" if attr == "listen_adapter" else "rank"
-            raise ValueError(f"{key}={n}, but the checkpoint's {attr} has {what} {getattr(model.cfg, attr)}")
+            raise ValueError(f"algo.{attr}={n}, but the checkpoint's {attr} has {what} {getattr(model.cfg, attr)}")
         parts.append(getattr(model, attr))
     model.requires_grad_(False)
     for part in parts:

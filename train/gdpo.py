@@ -72,8 +72,7 @@ from gdpo_listener.pipeline.threads import configure_threads
 RESUME_KEYS = ("reward", "rewards", "env", "algo", "model", "pretrained", "features", "data", "seed")
 # settings added since runs were first saved, with their no-op value: states saved without them still resume
 ADDED_SETTINGS = {"algo": {"sft_coef": 0.0, "sft_batch_size": 16, "std_scope": "group", "std_momentum": 0.98,
-                           "kl_steps": "sde", "listen_adapter": 0,
-                           "listen_lora": 0},
+                           "kl_steps": "sde", "listen_adapter": 0, "listen_lora": 0},
                   "env": {"cond_drop": 0.0, "drop_keys": ["text", "audio", "motion"], "sde_window": None}}
 
 
