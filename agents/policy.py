@@ -57,7 +57,7 @@ from torch import nn
 from torchrl.modules import IndependentNormal, ProbabilisticActor
 
 from ..envs.windows import window_cond
-from .arflow import DROP_KEYS, KVCache, adapter_kwargs, takes_speaking
+from .arflow import DROP_KEYS, KVCache, takes_speaking
 from .flow import SDE_KINDS, sde_drift, sde_window_steps, step_sigma, transition_mean, transition_std
 from .sampling import window_schedule
 
@@ -186,14 +186,14 @@ class SDETransition(nn.Module):
         return {k: mask[:, i] for i, k in enumerate(DROP_KEYS)}
 
     def _speaking(self, model: nn.Module, window: torch.Tensor, tokens) -> dict:
-        """``model``'s speaking keyword (:func:`adapter_kwargs`): the rows' speaking mask of ``tokens`` for a
+        """``model``'s speaking keyword (as :func:`adapter_kwargs`): the rows' speaking mask of ``tokens`` for a
         model with a listening adapter or listening low-rank updates, else nothing."""
         if not takes_speaking(model):
             return {}
         if "speaking_tokens" not in self.bank.keys():
             raise KeyError("policy: the model has a listening adapter or listening low-rank updates, which need the "
                            "bank's speaking_tokens (B, N)")
-        return adapter_kwargs(model, self.bank["speaking_tokens"][window][:, tokens])
+        return {"speaking": self.bank["speaking_tokens"][window][:, tokens]}
 
     def _mean(self, x: torch.Tensor, v: torch.Tensor, t, sigma: float | None = None) -> torch.Tensor:
         """Transition mean x + dt * b(x, t) of the env's SDE kind at noise scale ``sigma`` (default the
