@@ -83,7 +83,7 @@ from .checkpoint import CheckpointError, load_checkpoint_meta, load_weights, sav
 __all__ = [
     "ARFlowConfig", "ARFlow", "ListenAdapter", "ListenLoRA", "KVCache", "Context", "PrefixLayout", "CausalSlots",
     "prefix_positions", "prefix_layout", "token_positions", "attention_mask", "causal_prefix_mask", "count_parameters",
-    "adapter_kwargs", "takes_speaking", "COND_KEYS", "DROP_KEYS", "save_arflow", "load_arflow",
+    "adapter_kwargs", "takes_speaking", "context_gated", "COND_KEYS", "DROP_KEYS", "save_arflow", "load_arflow",
 ]
 
 DROP_KEYS = ("text", "audio", "motion")  # condition groups a ``drop`` mask can null (CFG, condition dropout)
@@ -115,6 +115,7 @@ class ARFlowConfig:
     causal_prefix: bool = False  # True: causal-in-time prefix (module docstring; real-time streaming)
     listen_adapter: int = 0    # width of the listening adapter (ListenAdapter; RL's algo.listen_adapter); 0 = none
     listen_lora: int = 0       # rank of the listening low-rank updates (ListenLoRA; RL's algo.listen_lora); 0 = none
+    listen_lora_context: bool = False  # the updates also on the context entries of listening tokens (prefix groups, history)
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -135,6 +136,10 @@ class ARFlowConfig:
             raise ValueError(f"ARFlowConfig: listen_adapter={self.listen_adapter!r} must be an integer >= 0 (0 = no adapter)")
         if int(self.listen_lora) != self.listen_lora or self.listen_lora < 0:
             raise ValueError(f"ARFlowConfig: listen_lora={self.listen_lora!r} must be an integer >= 0 (0 = none)")
+        if self.listen_lora_context not in (True, False):
+            raise ValueError(f"ARFlowConfig: listen_lora_context={self.listen_lora_context!r} must be true or false")
+        if self.listen_lora_context and not self.listen_lora:
+            raise ValueError("ARFlowConfig: listen_lora_context=true needs listening low-rank updates (listen_lora > 0)")
 
     @property
     def head_dim(self) -> int:
@@ -427,7 +432,13 @@ class ListenLoRA(nn.Module):
     the noisy listening tokens only. Noisy tokens are read by no other token (the prefix and the clean
     history never attend to them), so with the transformer frozen a speaking token's velocity is the
     supervised model's given its context, while a listening token can re-weight what it reads there
-    (partner motion, audio, its own history) in every layer. RL can train it alone (``algo.listen_lora``)."""
+    (partner motion, audio, its own history) in every layer. RL can train it alone (``algo.listen_lora``).
+
+    With ``ARFlowConfig.listen_lora_context`` the updates also act on the context entries of listening
+    tokens (the prefix group and the clean history token of every token the actor listens in; never the
+    text): the context is then re-encoded where the actor listens, which later speaking tokens read too.
+    Those entries take their mask from ``cond["speaking_tokens"]`` (B, N) (``ARFlow.append``: its
+    ``speaking``)."""
 
     def __init__(self, cfg: "ARFlowConfig"):
         super().__init__()
@@ -479,12 +490,13 @@ class ARFlow(nn.Module):
         self.listen_adapter = ListenAdapter(self.cfg.d_model, self.cfg.listen_adapter, self.cfg.d_latent).to(dev)
         return self.listen_adapter
 
-    def add_listen_lora(self, rank: int) -> ListenLoRA:
-        """Give this model new (zero) :class:`ListenLoRA` updates of rank ``rank``; its velocities stay
-        those of the model without them until they are trained."""
+    def add_listen_lora(self, rank: int, context: bool = False) -> ListenLoRA:
+        """Give this model new (zero) :class:`ListenLoRA` updates of rank ``rank`` (``context``: also on the
+        context entries of listening tokens); its velocities stay those of the model without them until
+        they are trained."""
         if self.listen_lora is not None:
             raise ValueError(f"arflow: the model already has listening low-rank updates (rank {self.cfg.listen_lora})")
-        self.cfg.listen_lora = int(rank)
+        self.cfg.listen_lora, self.cfg.listen_lora_context = int(rank), context
         self.cfg.__post_init__()
         self.listen_lora = ListenLoRA(self.cfg).to(self.head.weight.device)
         return self.listen_lora
@@ -499,6 +511,26 @@ class ARFlow(nn.Module):
         if tuple(speaking.shape) != tuple(shape):
             raise ValueError(f"arflow: speaking mask of shape {tuple(speaking.shape)} for tokens {tuple(shape)}")
         return (~speaking.bool()).unsqueeze(-1).float()  # (*shape, 1)
+
+    def _context_gate(self, cond: Mapping[str, Tensor], tok: Tensor, text: Tensor | None = None) -> Tensor | None:
+        """The listening gate (B, S, 1) float of context entries (prefix or history) of tokens ``tok`` (S,) long,
+        from ``cond["speaking_tokens"]`` (B, N) bool; entries where ``text`` (S,) bool is set get 0. None unless
+        the low-rank updates act on the context (``listen_lora_context``)."""
+        if self.listen_lora is None or not self.cfg.listen_lora_context:
+            return None
+        spk = cond.get("speaking_tokens")
+        B, N = cond["text_emb"].shape[0], cond["partner_latent"].shape[1]
+        if spk is None:
+            raise ValueError("arflow: this model's listening low-rank updates act on the context (arch "
+                             "listen_lora_context=true); its conditioning needs the tokens' speaking mask "
+                             "cond['speaking_tokens'] (B, N) bool")
+        if tuple(spk.shape) != (B, N):
+            raise ValueError(f"arflow: cond['speaking_tokens'] has shape {tuple(spk.shape)}, expected ({B}, {N}) "
+                             "(one per partner token)")
+        gate = (~spk.bool())[:, tok].float()  # (B, S)
+        if text is not None:
+            gate = gate * (~text).float()
+        return gate.unsqueeze(-1)  # (B, S, 1)
 
     def _delta(self, i: int, gate: Tensor | None) -> dict:
         """Block i's keyword arguments for the listening low-rank updates (none without them or a gate)."""
@@ -637,13 +669,24 @@ class ARFlow(nn.Module):
         cos, sin = self._rope(pos)
         mask = attention_mask(P, n, noisy_idx, *self._prefix_structure(cond))  # (S, S)
         gate = None
-        if self.listen_lora is not None:  # the noisy listening tokens only; the prefix and history never
+        if self.listen_lora is not None:  # the noisy listening tokens; the context's only with listen_lora_context
             listen = self._listening(speaking, x_noisy.shape[:2])  # (B, M, 1)
-            gate = torch.cat([listen.new_zeros(x_noisy.shape[0], P + n, 1), listen], dim=1)  # (B, S, 1)
+            ctx = self._context_entries_gate(cond, n)  # (B, P + n, 1) or None
+            gate = torch.cat([listen.new_zeros(x_noisy.shape[0], P + n, 1) if ctx is None else ctx, listen], dim=1)  # (B, S, 1)
         h = self.drop(h)
         for i, blk in enumerate(self.blocks):
             h = blk(h, cos, sin, mask, **self._delta(i, gate))
         return self._out(h[:, P + n:], temb, speaking)  # (B, M, Dv)
+
+    def _context_entries_gate(self, cond, n: int) -> Tensor | None:
+        """Listening gate (B, P + n, 1) of [prefix; n clean history tokens] (None without context updates)."""
+        if self.listen_lora is None or not self.cfg.listen_lora_context:
+            return None
+        c, dev = self.cfg, cond["text_emb"].device
+        lay = prefix_layout(cond["actor_audio"].shape[1], cond["partner_latent"].shape[1], c.r, c.audio_stride, dev)
+        tok = torch.cat([lay.tok, torch.arange(n, device=dev)])  # (P + n,)
+        text = torch.cat([lay.kind == TEXT, torch.zeros(n, dtype=torch.bool, device=dev)])
+        return self._context_gate(cond, tok, text)
 
     def forward(self, cond: Mapping[str, Tensor], x_clean: Tensor, x_noisy: Tensor, t: Tensor, drop=None,
                 speaking: Tensor | None = None) -> Tensor:
@@ -671,15 +714,19 @@ class ARFlow(nn.Module):
         return self._full_pass(cond, history, x_t[:, None], t[:, None], idx, drop, spk)[:, 0]
 
     def _fill_kv(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, K: list[Tensor], V: list[Tensor],
-                 at: int) -> None:
+                 at: int, gate: Tensor | None = None) -> None:
         """Write the rotated keys/values of entries whose outputs nobody reads (prefix, context) into
         K[i], V[i] (B, H, C, hd) at slots [at, at + S): h (B, S, D) attends as in ``Block`` with
-        ``mask`` (S, at + S); the last block computes its keys/values only (no attention, no MLP)."""
-        for blk, k, v in zip(self.blocks[:-1], K, V):
-            h = blk(h, cos, sin, mask, (k, v), at)
+        ``mask`` (S, at + S); the last block computes its keys/values only (no attention, no MLP).
+        ``gate`` (B, S, 1): of the listening low-rank updates on these entries (``listen_lora_context``)."""
+        for i, (blk, k, v) in enumerate(zip(self.blocks[:-1], K, V)):
+            h = blk(h, cos, sin, mask, (k, v), at, **self._delta(i, gate))
         last, (B, S, _) = self.blocks[-1], h.shape
-        a = last.attn
-        _, k, v = a.qkv(last.ln1(h)).view(B, S, 3, a.n_heads, a.head_dim).permute(2, 0, 3, 1, 4)  # as SelfAttention: (B, H, S, hd)
+        a, x = last.attn, last.ln1(h)
+        qkv = a.qkv(x)  # (B, S, 3 D)
+        if gate is not None and self.listen_lora is not None:
+            qkv = qkv + gate.to(qkv.dtype) * self.listen_lora.blocks[-1].qkv(x)
+        _, k, v = qkv.view(B, S, 3, a.n_heads, a.head_dim).permute(2, 0, 3, 1, 4)  # as SelfAttention: (B, H, S, hd)
         K[-1][:, :, at:at + S] = apply_rope(k, cos, sin)
         V[-1][:, :, at:at + S] = v
 
@@ -700,7 +747,7 @@ class ARFlow(nn.Module):
         mask = attention_mask(P, n, torch.zeros(0, dtype=torch.long, device=h.device), prefix_tok, prefix_mask)  # (C, C)
         K = [h.new_zeros(B, c.n_heads, P + n, c.head_dim) for _ in self.blocks]
         V = [h.new_zeros(B, c.n_heads, P + n, c.head_dim) for _ in self.blocks]
-        self._fill_kv(self.drop(h), cos, sin, mask, K, V, 0)
+        self._fill_kv(self.drop(h), cos, sin, mask, K, V, 0, self._context_entries_gate(cond, n))
         return Context(K, V, P, n, prefix_tok)
 
     def velocity_in_context(self, ctx: Context, x_noisy: Tensor, t: Tensor, noisy_idx: Tensor,
@@ -747,7 +794,7 @@ class ARFlow(nn.Module):
         K = [h.new_empty(B, c.n_heads, P + N, c.head_dim) for _ in self.blocks]
         V = [h.new_empty(B, c.n_heads, P + N, c.head_dim) for _ in self.blocks]
         cos, sin = self._rope(pos)
-        self._fill_kv(self.drop(h), cos, sin, None, K, V, 0)
+        self._fill_kv(self.drop(h), cos, sin, None, K, V, 0, self._context_entries_gate(cond, 0))
         tcos, tsin = self._rope(token_positions(N, c.r, device=h.device))
         return KVCache(K, V, P, N, tcos, tsin)
 
@@ -780,7 +827,8 @@ class ARFlow(nn.Module):
         mask = causal_prefix_mask(sub, sub)  # (S, S)
         Kt = [h.new_empty(B, c.n_heads, idx.shape[0], c.head_dim) for _ in self.blocks]  # (B, H, S, hd) scratch
         Vt = [h.new_empty(B, c.n_heads, idx.shape[0], c.head_dim) for _ in self.blocks]
-        self._fill_kv(self.drop(h[:, idx]), cos, sin, mask, Kt, Vt, 0)
+        gate = self._context_entries_gate(cond, 0)  # (B, P, 1) or None
+        self._fill_kv(self.drop(h[:, idx]), cos, sin, mask, Kt, Vt, 0, None if gate is None else gate[:, idx])
         for k, v, kt, vt in zip(K, V, Kt, Vt):
             k[:, :, dest], v[:, :, dest] = kt, vt
         cache.groups = G
@@ -811,7 +859,9 @@ class ARFlow(nn.Module):
         lay = cache.slots.layout
         mask = causal_prefix_mask(lay.take(slice(at, at + S)), lay.take(slice(0, at + S)))  # (S, at + S)
         cos, sin = self._rope(lay.pos[at:at + S])
-        self._fill_kv(self.drop(h), cos, sin, mask, cache.k, cache.v, at)
+        sub = lay.take(slice(at, at + S))
+        gate = self._context_gate(cond, sub.tok, sub.kind == TEXT) if self.cfg.listen_lora_context else None  # (B, S, 1)
+        self._fill_kv(self.drop(h), cos, sin, mask, cache.k, cache.v, at, gate)
         cache.groups = j + 1
 
     def _one_token(self, cache: KVCache, h: Tensor, l: int, commit: bool, gate: Tensor | None = None) -> Tensor:
@@ -846,9 +896,14 @@ class ARFlow(nn.Module):
         return self._out(h[:, 0], temb, speaking)
 
     @torch.no_grad()
-    def append(self, cache: KVCache, x: Tensor, l: int) -> None:
-        """Write clean token l (B, Dv) into the cache (history becomes 0..l; later tokens are discarded)."""
-        self._one_token(cache, self._embed_clean(x)[:, None], l, commit=True)
+    def append(self, cache: KVCache, x: Tensor, l: int, speaking: Tensor | None = None) -> None:
+        """Write clean token l (B, Dv) into the cache (history becomes 0..l; later tokens are discarded);
+        ``speaking`` (B,) bool: token l's speaking mask, needed when the listening low-rank updates act on the
+        context (``listen_lora_context``), ignored otherwise."""
+        gate = None
+        if self.listen_lora is not None and self.cfg.listen_lora_context:
+            gate = self._listening(speaking, x.shape[:1])[:, None]  # (B, 1, 1)
+        self._one_token(cache, self._embed_clean(x)[:, None], l, commit=True, gate=gate)
         cache.length = l + 1
 
     # ---- sampling (``agents/sampling.py``) ----------------------------------------------------
@@ -884,6 +939,12 @@ def adapter_kwargs(model, speaking: Tensor | None) -> dict:
     """``{"speaking": speaking}`` for a model with listening parts (:func:`takes_speaking`), else ``{}``: models without one
     (duck-typed stand-ins included) are called with their usual signature."""
     return {"speaking": speaking} if takes_speaking(model) else {}
+
+
+def context_gated(model) -> bool:
+    """Whether ``model``'s listening low-rank updates act on the context entries (``listen_lora_context``),
+    which read the speaking mask from ``cond["speaking_tokens"]`` (duck-typed models: False)."""
+    return getattr(model, "listen_lora", None) is not None and bool(getattr(model.cfg, "listen_lora_context", False))
 
 
 def takes_speaking(model) -> bool:

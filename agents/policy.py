@@ -57,7 +57,7 @@ from torch import nn
 from torchrl.modules import IndependentNormal, ProbabilisticActor
 
 from ..envs.windows import window_cond
-from .arflow import DROP_KEYS, KVCache, takes_speaking
+from .arflow import DROP_KEYS, KVCache, context_gated, takes_speaking
 from .flow import SDE_KINDS, sde_drift, sde_window_steps, step_sigma, transition_mean, transition_std
 from .sampling import window_schedule
 
@@ -195,6 +195,11 @@ class SDETransition(nn.Module):
                            "bank's speaking_tokens (B, N)")
         return {"speaking": self.bank["speaking_tokens"][window][:, tokens]}
 
+    def _context_speaking(self, window: torch.Tensor, j: int) -> dict:
+        """``append``'s speaking keyword for history token ``j`` when the AR-Flow's listening updates act on the
+        context (``listen_lora_context``), else nothing."""
+        return self._speaking(self.arflow, window, j) if context_gated(self.arflow) else {}
+
     def _mean(self, x: torch.Tensor, v: torch.Tensor, t, sigma: float | None = None) -> torch.Tensor:
         """Transition mean x + dt * b(x, t) of the env's SDE kind at noise scale ``sigma`` (default the
         SDE's; 0 gives the ODE step x + dt * v)."""
@@ -204,7 +209,7 @@ class SDETransition(nn.Module):
         """Cache of the window starting at token ``s0`` holding its tokens ``s0 .. l - 1`` from ``history``."""
         cache = self.arflow.start(self._cond(window, s0, n), self._drop(window))
         for j in range(s0, l):
-            self.arflow.append(cache, history[:, j], j - s0)
+            self.arflow.append(cache, history[:, j], j - s0, **self._context_speaking(window, j))
         return _EpisodeCache(cache, (l, 0), l)
 
     def _check_time(self, t: torch.Tensor, k: int) -> None:
@@ -220,7 +225,7 @@ class SDETransition(nn.Module):
         if state is None or (l, k) != state.expect or (l == new0 and k == 0):
             state = self._rebuild(window, history, l, s0, n)  # new episode, new window, or out-of-order call
         elif state.length < l:
-            self.arflow.append(state.cache, history[:, l - 1], l - 1 - s0)
+            self.arflow.append(state.cache, history[:, l - 1], l - 1 - s0, **self._context_speaking(window, l - 1))
             state.length = l
         v = self.arflow.velocity(state.cache, x, t, l - s0, **speaking)  # (B, Dv)
         state.expect = (l, k + 1) if k + 1 < self.sde_steps else (l + 1, 0)

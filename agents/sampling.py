@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..envs.windows import COND_KEYS, sliding_windows
-from .arflow import DROP_KEYS, KVCache, takes_speaking
+from .arflow import DROP_KEYS, KVCache, context_gated, takes_speaking
 from .flow import SDE_KINDS, cfg_combine, euler_step, sde_drift, sde_step, sde_window_steps, step_sigma
 
 __all__ = ["sample", "window_step", "generate_long", "token_cfg_weights", "check_cfg_weight", "check_cfg_drop",
@@ -104,6 +104,9 @@ def adapter_mask(model, B: int, N: int, speaking_tokens: Tensor | None, device) 
     return speaking_tokens.to(device, torch.bool)
 
 
+PER_TOKEN = ("partner_latent", "speaking_tokens")  # conditioning tensors with one entry per motion token
+
+
 def _cond_rows(cond: Mapping[str, Tensor], idx) -> dict[str, Tensor]:
     """Rows ``idx`` of every tensor of a conditioning dict."""
     return {key: v[idx] for key, v in cond.items() if key in COND_KEYS and v is not None}
@@ -111,7 +114,7 @@ def _cond_rows(cond: Mapping[str, Tensor], idx) -> dict[str, Tensor]:
 
 def _cond_upto(cond: Mapping[str, Tensor], n: int, r: int) -> dict[str, Tensor]:
     """The conditioning of a window's first n tokens: audio frames [0, n r), partner tokens [0, n)."""
-    return {key: (v[:, :n * r] if key in ("actor_audio", "partner_audio") else v[:, :n] if key == "partner_latent" else v)
+    return {key: (v[:, :n * r] if key in ("actor_audio", "partner_audio") else v[:, :n] if key in PER_TOKEN else v)
             for key, v in cond.items() if key in COND_KEYS and v is not None}
 
 
@@ -147,7 +150,7 @@ class _GuidedVelocity:
         self.cond = self.rows_cond(cond)
         if use_cache and self.causal:
             self.cache = model.start(self.cond, self.drop, n_tokens=N, groups=0)  # prefix groups come with extend
-        elif use_cache and self.use_cfg and all(null.values()):
+        elif use_cache and self.use_cfg and all(null.values()) and not context_gated(model):
             # the unconditional prefix (all nulls) is the same for every row: run it once, copy it B times
             uncond = model.start(_cond_rows(cond, slice(0, 1)), null, n_tokens=N)  # 1 row
             self.cache = KVCache.cat([model.start(cond, keep, n_tokens=N), uncond.repeat_interleave(B)])
@@ -189,9 +192,11 @@ class _GuidedVelocity:
         return v
 
     def commit(self, x: Tensor, l: int) -> None:
-        """Token l (B, Dv) is final: write it into the cache (both branches)."""
+        """Token l (B, Dv) is final: write it into the cache (both branches; with context updates its
+        speaking mask from the conditioning, ``cond["speaking_tokens"]``)."""
         if self.use_cache:
-            self.model.append(self.cache, self.rows(x), l)
+            spk = {"speaking": self.cond["speaking_tokens"][:, l]} if context_gated(self.model) else {}
+            self.model.append(self.cache, self.rows(x), l, **spk)
 
 
 def _check_settings(steps, sigma, sde) -> float:
@@ -296,6 +301,11 @@ def sample(model, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps
     use_cfg = w_speak != 1.0 or w_listen != 1.0
     w_tok = token_cfg_weights(B, N, w_speak, w_listen, speaking_tokens, dev) if use_cfg else None  # (B, N)
     spk = adapter_mask(model, B, N, speaking_tokens, dev)  # (B, N) or None
+    if context_gated(model) and cond.get("speaking_tokens") is None:  # the context entries read it from cond
+        if N != Np:
+            raise ValueError(f"arflow.sample: a model whose listening updates act on the context needs "
+                             f"cond['speaking_tokens'] for all {Np} tokens of the window (speaking_tokens has {N})")
+        cond = {**cond, "speaking_tokens": spk}
 
     with eval_mode(model):
         sampler = WindowSampler(model, cond, N, steps=steps, guided=use_cfg, sigma=sigma, sde=sde, generator=generator,
@@ -349,7 +359,7 @@ def _window_slicer(cond: Mapping[str, Tensor], r: int) -> Callable[[int, int], d
 
     def cond_fn(f0: int, nf: int) -> dict[str, Tensor]:
         return {key: (v[:, f0:f0 + nf] if key in ("actor_audio", "partner_audio")
-                      else v[:, f0 // r:(f0 + nf) // r] if key == "partner_latent" else v)
+                      else v[:, f0 // r:(f0 + nf) // r] if key in PER_TOKEN else v)
                 for key, v in cond.items() if key in COND_KEYS and v is not None}
 
     return cond_fn

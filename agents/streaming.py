@@ -72,7 +72,7 @@ from torch import Tensor
 from ..envs.converters.vad import energy_vad_frames
 from ..envs.flame import FLAME_DIM, SAMPLE_RATE
 from ..envs.windows import sliding_windows, token_majority
-from .arflow import DROP_KEYS
+from .arflow import DROP_KEYS, context_gated
 from .encoders import HOP, AudioEncoder
 from .sampling import WindowSampler, check_cfg_drop, check_cfg_weight, eval_mode, window_step
 
@@ -266,6 +266,10 @@ class StreamingGenerator:
                  decode: str = "chunked", vad_seconds: float = 30.0, use_cache: bool = True,
                  speaking: Callable[[int, int], np.ndarray] | None = None, cfg_drop=DROP_KEYS):
         c = model.cfg
+        if context_gated(model):
+            raise ValueError("StreamingGenerator: this model's listening low-rank updates act on the context "
+                             "(arch listen_lora_context=true), which streaming does not support yet; use "
+                             "generate_long with the whole clip's speaking_tokens")
         self.model, self.vae, self.normalizer = model, vae, normalizer
         self.r = c.r
         window = c.window if window is None else int(window)

@@ -29,7 +29,10 @@ from tensordict import TensorDict
 
 from .dataset import WINDOW, DyadicWindows
 
-COND_KEYS = ("text_emb", "text_mask", "actor_audio", "partner_audio", "partner_latent", "partner_has_motion")
+# the conditioning dict's keys; ``speaking_tokens`` (B, N) is optional, read only by a model whose listening
+# low-rank updates act on the context (``ARFlowConfig.listen_lora_context``)
+COND_KEYS = ("text_emb", "text_mask", "actor_audio", "partner_audio", "partner_latent", "partner_has_motion",
+             "speaking_tokens")
 
 
 def token_majority(mask: torch.Tensor, r: int) -> torch.Tensor:
@@ -58,8 +61,9 @@ def sliding_windows(n_total: int, W: int, k: int = 1) -> list[tuple[int, int, in
 
 
 def cond_from_bank(bank: TensorDict) -> dict[str, torch.Tensor]:
-    """The AR-Flow conditioning dict (see ``agents/arflow.py``) of a batch of bank rows."""
-    return {k: bank[k] for k in COND_KEYS}
+    """The AR-Flow conditioning dict (see ``agents/arflow.py``) of a batch of bank rows (``speaking_tokens``
+    when the bank has it)."""
+    return {k: bank[k] for k in COND_KEYS if k != "speaking_tokens" or k in bank.keys()}
 
 
 def window_cond(bank: TensorDict, start: int, length: int, r: int, text_window: int = WINDOW) -> dict[str, torch.Tensor]:
@@ -74,6 +78,8 @@ def window_cond(bank: TensorDict, start: int, length: int, r: int, text_window: 
     cond["actor_audio"] = cond["actor_audio"][:, f0:f0 + nf]
     cond["partner_audio"] = cond["partner_audio"][:, f0:f0 + nf]
     cond["partner_latent"] = cond["partner_latent"][:, start:start + length]
+    if "speaking_tokens" in cond:
+        cond["speaking_tokens"] = cond["speaking_tokens"][:, start:start + length]
     if cond["text_emb"].dim() == 3:  # (B, n_seg, Dt): one text per segment
         seg = min((f0 + nf // 2) // text_window, cond["text_emb"].shape[1] - 1)
         cond["text_emb"], cond["text_mask"] = cond["text_emb"][:, seg], cond["text_mask"][:, seg]

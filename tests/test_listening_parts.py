@@ -3,7 +3,8 @@ algo.listen_adapter), a velocity term on the listening tokens, and the listening
 (ListenLoRA, algo.listen_lora) of every block, on the noisy listening tokens. New ones change nothing;
 trained ones change the listening tokens and never a speaking token's velocity given its context; every
 pass (teacher forced, context, cached, uncached, sampling, replay) applies them alike; RL with them
-trains them alone."""
+trains them alone. With ``listen_lora_context`` the low-rank updates also re-encode the context entries of
+listening tokens: a speaking token then moves exactly when it reads one."""
 from __future__ import annotations
 
 import copy
@@ -63,8 +64,19 @@ def with_trained_lora(base: ARFlow, rank: int = 4) -> ARFlow:
     return m.eval()
 
 
-TRAINED = {"adapter": with_trained_adapter, "lora": with_trained_lora}
-PART = {"adapter": "listen_adapter", "lora": "listen_lora"}
+def with_trained_context_lora(base: ARFlow, rank: int = 4) -> ARFlow:
+    """As :func:`with_trained_lora`, the updates acting on the context entries of listening tokens too."""
+    m = copy.deepcopy(base)
+    m.add_listen_lora(rank, context=True)
+    with torch.no_grad():
+        for name, p in m.listen_lora.named_parameters():
+            if name.endswith("up.weight"):
+                p.normal_(std=0.3)
+    return m.eval()
+
+
+TRAINED = {"adapter": with_trained_adapter, "lora": with_trained_lora, "lora_ctx": with_trained_context_lora}
+PART = {"adapter": "listen_adapter", "lora": "listen_lora", "lora_ctx": "listen_lora"}
 
 
 SPEAKING = torch.tensor([[True, True, False, False], [False, True, True, False]])  # (B, N) tokens of a 32-frame window
@@ -100,11 +112,59 @@ def test_listening_parts_move_listening_tokens_only_and_every_pass_agrees(causal
             m(cond, xc, xn, t, speaking=SPEAKING[:, :2])
 
 
-@pytest.mark.parametrize("kind", ["adapter", "lora"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_context_updates_move_exactly_the_tokens_that_read_a_listening_entry_and_every_pass_agrees(causal):
+    base = tiny_model(causal=causal)
+    m = with_trained_context_lora(base)
+    cfg, N = m.cfg, m.cfg.n_tokens
+    g = torch.Generator().manual_seed(3)
+    cond = {**cond_of(cfg), "speaking_tokens": SPEAKING}
+    xc, xn, t = torch.randn(B, N, cfg.d_latent, generator=g), torch.randn(B, N, cfg.d_latent, generator=g), torch.rand(B, N, generator=g)
+    # causal prefix: token l reads the entries of tokens <= l (prefix groups) and < l (history); bidirectional: every group
+    reads_listening = (~SPEAKING).cumsum(1).gt(0) if causal else (~SPEAKING).any(1, keepdim=True).expand(B, N)  # (B, N)
+    assert (SPEAKING & ~reads_listening).any() or not causal
+    with torch.no_grad():
+        v0 = base(cond, xc, xn, t)  # (B, N, Dv)
+        v = m(cond, xc, xn, t, speaking=SPEAKING)
+        torch.testing.assert_close(v[~reads_listening], v0[~reads_listening], atol=0, rtol=0)
+        assert (v[reads_listening] - v0[reads_listening]).abs().amax(-1).gt(1e-3).all()
+        ctx = m.encode_context(cond, xc)
+        torch.testing.assert_close(m.velocity_in_context(ctx, xn, t, torch.arange(N), SPEAKING), v, atol=1e-5, rtol=1e-5)
+        caches = [m.start(cond, n_tokens=N)] + ([m.start(cond, n_tokens=N, groups=0)] if causal else [])
+        for l in range(N):
+            if causal:  # the second cache gets its prefix groups one by one, from the conditioning so far
+                part = {k: (x[:, :(l + 1) * cfg.r] if k.endswith("audio") else x[:, :l + 1] if x.dim() >= 2 and k != "text_emb" else x)
+                        for k, x in cond.items()}
+                m.extend(caches[1], part)
+            for cache in caches:
+                torch.testing.assert_close(m.velocity(cache, xn[:, l], t[:, l], l, SPEAKING[:, l]), v[:, l], atol=1e-5, rtol=1e-5)
+                m.append(cache, xc[:, l], l, SPEAKING[:, l])
+            torch.testing.assert_close(m.velocity_uncached(cond, xc[:, :l], xn[:, l], t[:, l], speaking=SPEAKING[:, l]), v[:, l],
+                                       atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="speaking_tokens"):
+            m(cond_of(cfg), xc, xn, t, speaking=SPEAKING)  # the context's mask comes with the conditioning
+        with pytest.raises(ValueError, match=r"speaking_tokens'\] has shape"):
+            m(cond | {"speaking_tokens": SPEAKING[:, :2]}, xc, xn, t, speaking=SPEAKING)
+        with pytest.raises(ValueError, match="speaking mask"):
+            m.append(m.start(cond, n_tokens=N), xc[:, 0], 0)  # a history token needs its own
+
+
+def test_context_updates_need_low_rank_updates_and_refuse_streaming():
+    with pytest.raises(ValueError, match="listen_lora_context=true needs"):
+        ARFlowConfig(listen_lora_context=True)
+    with pytest.raises(ValueError, match="true or false"):
+        ARFlowConfig(listen_lora=2, listen_lora_context="yes")
+    from gdpo_listener.agents.streaming import StreamingGenerator
+
+    with pytest.raises(ValueError, match="streaming does not support"):
+        StreamingGenerator(with_trained_context_lora(tiny_model()), None, None, None)
+
+
+@pytest.mark.parametrize("kind", ["adapter", "lora", "lora_ctx"])
 def test_new_listening_parts_change_no_sample_and_sampling_needs_the_mask(kind):
     base = tiny_model()
     m = copy.deepcopy(base)
-    (m.add_listen_adapter if kind == "adapter" else m.add_listen_lora)(8)
+    m.add_listen_adapter(8) if kind == "adapter" else m.add_listen_lora(8, context=kind == "lora_ctx")
     cond = cond_of(m.cfg)
     kw = dict(steps=3, w_speak=1.0, w_listen=2.0, speaking_tokens=SPEAKING, sigma=0.3)
     a = base.sample(cond, generator=torch.Generator().manual_seed(0), **kw)
@@ -114,20 +174,22 @@ def test_new_listening_parts_change_no_sample_and_sampling_needs_the_mask(kind):
         m.sample(cond, steps=2)  # CFG 1 needs no mask for the weights, the listening parts still do
     with pytest.raises(ValueError, match="already has"):
         (m.add_listen_adapter if kind == "adapter" else m.add_listen_lora)(8)
-    # cached and uncached sampling apply them alike
-    t = TRAINED[kind](base)
-    c = t.sample(cond, generator=torch.Generator().manual_seed(0), **kw)
-    u = t.sample(cond, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
-    torch.testing.assert_close(c, u, atol=1e-4, rtol=1e-4)
-    assert (c - a).abs().max() > 1e-3
+    # cached and uncached sampling apply them alike, with either prefix and both CFG branches
+    for causal in (True, False):
+        b0 = tiny_model(causal=causal)
+        t = TRAINED[kind](b0)
+        c = t.sample(cond, generator=torch.Generator().manual_seed(0), **kw)
+        u = t.sample(cond, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
+        torch.testing.assert_close(c, u, atol=1e-4, rtol=1e-4)
+        assert (c - b0.sample(cond, generator=torch.Generator().manual_seed(0), **kw)).abs().max() > 1e-3
 
 
 def test_checkpoint_keeps_the_listening_parts(tmp_path):
-    m = with_trained_lora(with_trained_adapter(tiny_model(), width=12), rank=3)
+    m = with_trained_context_lora(with_trained_adapter(tiny_model(), width=12), rank=3)
     save_arflow(tmp_path / "ck", m, preset="small")
     back, _ = load_arflow(tmp_path / "ck")
     assert back.cfg.listen_adapter == 12 and back.listen_adapter is not None
-    assert back.cfg.listen_lora == 3 and back.listen_lora is not None
+    assert back.cfg.listen_lora == 3 and back.listen_lora is not None and back.cfg.listen_lora_context
     for (n, p), q in zip(m.state_dict().items(), back.state_dict().values()):
         assert torch.equal(p, q), n
     with pytest.raises(ValueError, match="listen_adapter"):
@@ -157,16 +219,20 @@ def test_make_trainable_freezes_all_but_the_low_rank_updates():
     assert {id(p) for p in both} == {id(p) for p in [*m.listen_lora.parameters(), *m.listen_adapter.parameters()]}
     with pytest.raises(ValueError, match="rank 4"):
         make_trainable(m, 0, 2)
+    with pytest.raises(ValueError, match="listen_lora_context=False"):
+        make_trainable(m, 0, 4, context=True)  # the checkpoint's updates act on the noisy tokens only
+    ctx = tiny_model()
+    assert make_trainable(ctx, 0, 4, context=True) and ctx.cfg.listen_lora_context
 
 
-@pytest.mark.parametrize("kind", ["adapter", "lora"])
+@pytest.mark.parametrize("kind", ["adapter", "lora", "lora_ctx"])
 def test_rl_replay_with_listening_parts_matches_collection_and_trains_them_only(rl, kind):
     """Rollouts of a policy with listening parts replay to their collected log-probs; the loss's gradient
     reaches those parts alone, and the speaking tokens' transitions are exactly the reference's (KL 0 there)."""
     K = 2
     base = rl.tiny_arflow(0)
     model = TRAINED[kind](base, 8)
-    trainable = make_trainable(model, 8 if kind == "adapter" else 0, 8 if kind == "lora" else 0)
+    trainable = make_trainable(model, 8 if kind == "adapter" else 0, 0 if kind == "adapter" else 8, kind == "lora_ctx")
     bank = rl.tiny_bank()
     vae, norm = rl.tiny_vae()
     g = torch.Generator().manual_seed(0)
@@ -190,7 +256,11 @@ def test_rl_replay_with_listening_parts_matches_collection_and_trains_them_only(
     with torch.no_grad():
         loc_ref = core.replay_loc(traj["window"], traj["history"], traj["x"], traj["t"], model=ref)
     d = (loc - loc_ref).abs().amax(-1)  # (B, K, N)
-    assert d.transpose(1, 2)[spk].max() < 1e-5 and d.transpose(1, 2)[~spk].min() > 1e-4
+    assert d.transpose(1, 2)[~spk].min() > 1e-4
+    if kind == "lora_ctx":  # the speaking tokens that read a re-encoded (listening) context entry move too
+        assert d.transpose(1, 2)[spk].max() > 1e-4
+    else:
+        assert d.transpose(1, 2)[spk].max() < 1e-5
     loss = GDPOLoss(core, model, reward.lambdas, beta=0.1)
     loss.compute_advantage(traj)
     out = loss(select_window(traj, (0, N, 0)))
@@ -199,7 +269,7 @@ def test_rl_replay_with_listening_parts_matches_collection_and_trains_them_only(
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(PART[kind] + "."))
 
 
-@pytest.mark.parametrize("kind", ["adapter", "lora"])
+@pytest.mark.parametrize("kind", ["adapter", "lora", "lora_ctx"])
 def test_supervised_anchor_and_teacher_forced_evaluation_pass_the_mask(rl, kind):
     """The SFT anchor's flow loss and the teacher-forced evaluation read the bank's speaking tokens for an
     adapter model (the same as its forward given them), and run unchanged for a model without one."""
