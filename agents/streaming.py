@@ -72,7 +72,7 @@ from torch import Tensor
 from ..envs.converters.vad import energy_vad_frames
 from ..envs.flame import FLAME_DIM, SAMPLE_RATE
 from ..envs.windows import sliding_windows, token_majority
-from .arflow import DROP_KEYS, context_gated
+from .arflow import DROP_KEYS
 from .encoders import HOP, AudioEncoder
 from .sampling import WindowSampler, check_cfg_drop, check_cfg_weight, eval_mode, window_step
 
@@ -266,10 +266,6 @@ class StreamingGenerator:
                  decode: str = "chunked", vad_seconds: float = 30.0, use_cache: bool = True,
                  speaking: Callable[[int, int], np.ndarray] | None = None, cfg_drop=DROP_KEYS):
         c = model.cfg
-        if context_gated(model):
-            raise ValueError("StreamingGenerator: this model's listening low-rank updates act on the context "
-                             "(arch listen_lora_context=true), which streaming does not support yet; use "
-                             "generate_long with the whole clip's speaking_tokens")
         self.model, self.vae, self.normalizer = model, vae, normalizer
         self.r = c.r
         window = c.window if window is None else int(window)
@@ -303,6 +299,7 @@ class StreamingGenerator:
         self._audio = {side: _TokenBuffer((c.r, c.d_audio), self.device) for side in ("actor", "partner")}  # (n, r, Da)
         self._vad = StreamingEnergyVAD(c.r, vad_frames)
         self._latents = _TokenBuffer((c.d_latent,), self.device)  # (n, Dv)
+        self._decisions = _TokenBuffer((), self.device)  # (n,) 1 = speaking: the window's context reads them
         self._end = 0  # tokens generated
         self._decoded = 0  # tokens decoded to frames
         self._speaking_new: list[np.ndarray] = []  # VAD decisions of the tokens generated since the last output
@@ -391,7 +388,16 @@ class StreamingGenerator:
                 "actor_audio": self._audio["actor"].take(s0, s0 + n).reshape(1, n * r, da),  # (1, n r, Da)
                 "partner_audio": self._audio["partner"].take(s0, s0 + n).reshape(1, n * r, da),
                 "partner_latent": torch.zeros(1, n, self.model.cfg.d_latent, device=dev),
-                "partner_has_motion": torch.tensor([False], device=dev)}
+                "partner_has_motion": torch.tensor([False], device=dev),
+                "speaking_tokens": self._decisions.take(s0, s0 + n).bool().reshape(1, n)}  # (1, n)
+
+    def _decide(self, j0: int, j1: int) -> np.ndarray:
+        """Speaking decisions of the new tokens [j0, j1) (:meth:`_speaking`), kept for the windows' conditioning."""
+        if j0 != self._decisions.end:
+            raise RuntimeError(f"streaming: deciding tokens [{j0}, {j1}) after {self._decisions.end} decisions")
+        given = self._speaking(j0, j1)
+        self._decisions.append(torch.from_numpy(given).to(self.device))
+        return given
 
     def _speaking(self, j0: int, j1: int) -> np.ndarray:
         """Speaking decisions (j1 - j0,) of tokens [j0, j1): the VAD or the given function."""
@@ -412,14 +418,14 @@ class StreamingGenerator:
                                       generator=self.generator, use_cache=self.use_cache, cfg_drop=self.cfg_drop)
             for p in range(s0, j):
                 self._win.advance(self._window_cond(s0, p + 1 - s0, self._win_text), given=self._latents.take(p, p + 1))
-        speaking = self._speaking(j, j + 1)  # (1,)
+        speaking = self._decide(j, j + 1)  # (1,)
         w = torch.tensor([self.w_speak if speaking[0] else self.w_listen], device=self.device)  # (1,)
         spk = torch.from_numpy(speaking).to(self.device)  # (1,) bool: the listening parts' mask
         x = self._win.advance(self._window_cond(self._win_s0, j + 1 - self._win_s0, self._win_text), w=w, speaking=spk)  # (1, Dv)
         self._latents.append(x)
         self._speaking_new.append(speaking)
         self._end = j + 1
-        for buf in self._audio.values():  # the next window starts at end - k; this one at >= end - W
+        for buf in (*self._audio.values(), self._decisions):  # the next window starts at end - k; this one at >= end - W
             buf.drop_before(max(0, self._end - self.W))
 
     def _run_window(self, s0: int, n: int, new0: int) -> None:
@@ -427,9 +433,9 @@ class StreamingGenerator:
         if new0 != self._end:
             raise RuntimeError(f"streaming: window [{s0}, {s0 + n}) starts new tokens at {new0}, generated {self._end}")
         dev = self.device
+        self._decide(new0, s0 + n)
         cond = self._window_cond(s0, n, (self._text, self._text_mask))
-        speaking = np.zeros(n, bool)
-        speaking[new0 - s0:] = self._speaking(new0, s0 + n)
+        speaking = self._decisions.take(s0, s0 + n).bool().cpu().numpy()  # (n,) the prefix tokens' too
         prefix = self._latents.take(s0, new0)[None] if new0 > s0 else None  # (1, k_w, Dv)
         x = window_step(self.model, cond, n, prefix, torch.from_numpy(speaking)[None].to(dev), steps=self.steps,
                         w_speak=self.w_speak, w_listen=self.w_listen, sigma=self.sigma, generator=self.generator,
@@ -438,7 +444,7 @@ class StreamingGenerator:
         self._speaking_new.append(speaking[new0 - s0:])
         self._end = s0 + n
         keep = max(0, self._end - self.W)  # the next window starts at end - k; the last (shifted) one at >= end - W
-        for buf in self._audio.values():
+        for buf in (*self._audio.values(), self._decisions):
             buf.drop_before(keep)
 
     def _output(self, token0: int, final: bool) -> StreamOutput:
@@ -465,5 +471,6 @@ class StreamingGenerator:
     def state_sizes(self) -> dict[str, int]:
         """Sizes of everything the stream keeps (tokens or samples): bounded for any length."""
         return {"actor_feature_tokens": len(self._audio["actor"]), "partner_feature_tokens": len(self._audio["partner"]),
+                "speaking_tokens": len(self._decisions),
                 "latent_tokens": len(self._latents), "actor_feature_samples": self._feats["actor"].buffered(),
                 "partner_feature_samples": self._feats["partner"].buffered(), "vad_samples": self._vad.buffered()}

@@ -149,15 +149,11 @@ def test_context_updates_move_exactly_the_tokens_that_read_a_listening_entry_and
             m.append(m.start(cond, n_tokens=N), xc[:, 0], 0)  # a history token needs its own
 
 
-def test_context_updates_need_low_rank_updates_and_refuse_streaming():
+def test_context_updates_need_low_rank_updates():
     with pytest.raises(ValueError, match="listen_lora_context=true needs"):
         ARFlowConfig(listen_lora_context=True)
     with pytest.raises(ValueError, match="true or false"):
         ARFlowConfig(listen_lora=2, listen_lora_context="yes")
-    from gdpo_listener.agents.streaming import StreamingGenerator
-
-    with pytest.raises(ValueError, match="streaming does not support"):
-        StreamingGenerator(with_trained_context_lora(tiny_model()), None, None, None)
 
 
 @pytest.mark.parametrize("kind", ["adapter", "lora", "lora_ctx"])

@@ -408,3 +408,31 @@ def test_causal_cfg_changes_from_the_next_token_and_text_from_the_next_window(ca
     ref = generate_long(model, cond_fn, n_frames, k=k, steps=3, w_speak=1.5, w_listen=3.0,
                         speaking_tokens=weights_speak[None], generator=torch.Generator().manual_seed(7))[0]
     assert torch.equal(z, ref)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_model_whose_listening_updates_read_the_context_streams_like_generate_long(parts, causal_parts, causal):
+    """listen_lora_context: the windows' context reads the past tokens' speaking decisions (the stream keeps
+    them); the stream equals generate_long given the same decisions, and differs from the model without them."""
+    import copy
+
+    base = (causal_parts if causal else parts)[0]
+    _, vae, norm, enc = parts
+    model = copy.deepcopy(base)
+    model.add_listen_lora(4, context=True)
+    with torch.no_grad():
+        for name, p in model.listen_lora.named_parameters():
+            if name.endswith("up.weight"):
+                p.normal_(std=0.3, generator=torch.Generator().manual_seed(7))
+    actor, partner = speech_like(6.3, 1), speech_like(6.3, 2)
+    gen = StreamingGenerator(model.eval(), vae, norm, enc, k=2, generator=torch.Generator().manual_seed(3), **SETTINGS)
+    z, _, speaking = run_stream(gen, actor, partner, 777)
+    assert speaking.any() and not speaking.all()
+    n_frames = (len(actor) // TOKEN) * R
+    kw = dict(k=2, speaking_tokens=torch.from_numpy(speaking)[None], **SETTINGS)
+    ref = generate_long(model, offline_cond(enc, actor, partner, n_frames), n_frames,
+                        generator=torch.Generator().manual_seed(3), **kw)[0]  # (N, Dv)
+    torch.testing.assert_close(z, ref, atol=1e-5, rtol=1e-5)
+    plain = generate_long(base, offline_cond(enc, actor, partner, n_frames), n_frames,
+                          generator=torch.Generator().manual_seed(3), **kw)[0]
+    assert not torch.allclose(plain, ref, atol=1e-3)
