@@ -53,7 +53,7 @@ def test_window_cond_slices_and_picks_text_segment(rl):
     assert torch.equal(c["text_emb"], rows["text_emb"][:, 2]) and not c["text_mask"].any()
 
 
-def make_long(rl, seed=0, use_cache=True, sde="paper", causal=False):
+def make_long(rl, seed=0, use_cache=True, sde="paper", causal=False, context_lora=False):
     bank = rl.tiny_bank(frames=N_LONG * rl.R)
     vae, norm = rl.tiny_vae()
     g = torch.Generator().manual_seed(seed)
@@ -61,6 +61,12 @@ def make_long(rl, seed=0, use_cache=True, sde="paper", causal=False):
     env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=2, sde_steps=K, sigma=0.5, generator=g,
                          seed=seed, sde=sde)
     model = rl.tiny_arflow(causal=causal)
+    if context_lora:  # listening low-rank updates on the context too, away from their zero start
+        model.add_listen_lora(4, context=True)
+        with torch.no_grad():
+            for name, p in model.listen_lora.named_parameters():
+                if name.endswith("up.weight"):
+                    p.normal_(std=0.3, generator=torch.Generator().manual_seed(9))
     behaviour = copy.deepcopy(model).requires_grad_(False)
     policy = make_policy(behaviour, env, generator=g, use_cache=use_cache)
     return env, policy, model, bank, reward
@@ -110,6 +116,30 @@ def test_long_episode_replay_equals_collected_log_probs(rl):
         lp = gaussian_log_prob(win["action"], loc, std.expand_as(loc))
         assert torch.allclose(lp, win["action_log_prob"], atol=1e-4), (span, (lp - win["action_log_prob"]).abs().max())
     assert seen.all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_episodes_of_a_context_lora_model_follow_generate_long_and_replay_exactly(causal, rl):
+    """listen_lora_context on multi-window episodes: every window's context reads the bank's speaking tokens
+    of its own span, in collection (cached) and replay alike."""
+    env, policy, model, bank, _ = make_long(rl, causal=causal, context_lora=True)
+    ro = long_rollout(env, policy, 5)
+    rows = bank[ro["window"][:, 0]]
+    spk = rows["speaking_tokens"]  # (B, N_LONG)
+    assert spk.any() and (~spk).any()
+    env.generator.manual_seed(5)
+    z_gen = model.generate_long(cond_from_bank(rows), N_LONG * rl.R, k=1, steps=K, sigma=0.5, generator=env.generator,
+                                speaking_tokens=spk)
+    assert torch.allclose(ro["next", "history"][:, -1], z_gen, atol=1e-4)
+    traj = trajectory_batch(ro, N_LONG, K)
+    core = transition_core(policy)
+    std = torch.tensor(0.5 * (1 / K) ** 0.5)
+    for span in core.schedule:
+        win = select_window(traj, span)
+        with torch.no_grad():
+            loc = core.replay_loc(win["window"], win["history"], win["x"], win["t"], span=span)
+        lp = gaussian_log_prob(win["action"], loc, std.expand_as(loc))
+        assert torch.allclose(lp, win["action_log_prob"], atol=1e-4), span
 
 
 def test_windowed_update_gradient_equals_mean_objective_gradient(rl):
