@@ -516,7 +516,7 @@ class ARFlow(nn.Module):
         """The listening gate (B, S, 1) float of context entries (prefix or history) of tokens ``tok`` (S,) long,
         from ``cond["speaking_tokens"]`` (B, N) bool; entries where ``text`` (S,) bool is set get 0. None unless
         the low-rank updates act on the context (``listen_lora_context``)."""
-        if self.listen_lora is None or not self.cfg.listen_lora_context:
+        if not context_gated(self):
             return None
         spk = cond.get("speaking_tokens")
         B, N = cond["text_emb"].shape[0], cond["partner_latent"].shape[1]
@@ -680,7 +680,7 @@ class ARFlow(nn.Module):
 
     def _context_entries_gate(self, cond, n: int) -> Tensor | None:
         """Listening gate (B, P + n, 1) of [prefix; n clean history tokens] (None without context updates)."""
-        if self.listen_lora is None or not self.cfg.listen_lora_context:
+        if not context_gated(self):
             return None
         c, dev = self.cfg, cond["text_emb"].device
         lay = prefix_layout(cond["actor_audio"].shape[1], cond["partner_latent"].shape[1], c.r, c.audio_stride, dev)
@@ -860,7 +860,7 @@ class ARFlow(nn.Module):
         mask = causal_prefix_mask(lay.take(slice(at, at + S)), lay.take(slice(0, at + S)))  # (S, at + S)
         cos, sin = self._rope(lay.pos[at:at + S])
         sub = lay.take(slice(at, at + S))
-        gate = self._context_gate(cond, sub.tok, sub.kind == TEXT) if self.cfg.listen_lora_context else None  # (B, S, 1)
+        gate = self._context_gate(cond, sub.tok, sub.kind == TEXT)  # (B, S, 1) or None
         self._fill_kv(self.drop(h), cos, sin, mask, cache.k, cache.v, at, gate)
         cache.groups = j + 1
 
@@ -900,9 +900,7 @@ class ARFlow(nn.Module):
         """Write clean token l (B, Dv) into the cache (history becomes 0..l; later tokens are discarded);
         ``speaking`` (B,) bool: token l's speaking mask, needed when the listening low-rank updates act on the
         context (``listen_lora_context``), ignored otherwise."""
-        gate = None
-        if self.listen_lora is not None and self.cfg.listen_lora_context:
-            gate = self._listening(speaking, x.shape[:1])[:, None]  # (B, 1, 1)
+        gate = self._listening(speaking, x.shape[:1])[:, None] if context_gated(self) else None  # (B, 1, 1)
         self._one_token(cache, self._embed_clean(x)[:, None], l, commit=True, gate=gate)
         cache.length = l + 1
 
