@@ -77,17 +77,21 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..envs.windows import COND_KEYS  # keys of the conditioning dict; text_mask, partner_has_motion optional
-from .attention import Block, BlockDelta, apply_rope, rope_cos_sin
+from .attention import Block, BlockDelta, apply_rope, gated_delta, rope_cos_sin
 from .checkpoint import CheckpointError, load_checkpoint_meta, load_weights, save_checkpoint
 
 __all__ = [
     "ARFlowConfig", "ARFlow", "ListenAdapter", "ListenLoRA", "KVCache", "Context", "PrefixLayout", "CausalSlots",
     "prefix_positions", "prefix_layout", "token_positions", "attention_mask", "causal_prefix_mask", "count_parameters",
-    "adapter_kwargs", "takes_speaking", "context_gated", "COND_KEYS", "DROP_KEYS", "save_arflow", "load_arflow",
+    "adapter_kwargs", "takes_speaking", "context_gated", "LORA_SCOPES", "COND_KEYS", "DROP_KEYS", "save_arflow", "load_arflow",
 ]
 
 DROP_KEYS = ("text", "audio", "motion")  # condition groups a ``drop`` mask can null (CFG, condition dropout)
 N_TIME_FREQ = 256  # sinusoidal features of the flow time
+# where the low-rank updates (ListenLoRA) act: "listening" the noisy listening tokens only; "listening_context" also
+# the context entries (prefix groups, clean history; never the text) of listening tokens; "all" every entry of
+# every token, no gate (plain LoRA fine-tuning)
+LORA_SCOPES = ("listening", "listening_context", "all")
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,7 +119,7 @@ class ARFlowConfig:
     causal_prefix: bool = False  # True: causal-in-time prefix (module docstring; real-time streaming)
     listen_adapter: int = 0    # width of the listening adapter (ListenAdapter; RL's algo.listen_adapter); 0 = none
     listen_lora: int = 0       # rank of the listening low-rank updates (ListenLoRA; RL's algo.listen_lora); 0 = none
-    listen_lora_context: bool = False  # the updates also on the context entries of listening tokens (prefix groups, history)
+    lora_scope: str = "listening"  # where those updates act: LORA_SCOPES
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -136,10 +140,10 @@ class ARFlowConfig:
             raise ValueError(f"ARFlowConfig: listen_adapter={self.listen_adapter!r} must be an integer >= 0 (0 = no adapter)")
         if int(self.listen_lora) != self.listen_lora or self.listen_lora < 0:
             raise ValueError(f"ARFlowConfig: listen_lora={self.listen_lora!r} must be an integer >= 0 (0 = none)")
-        if self.listen_lora_context not in (True, False):
-            raise ValueError(f"ARFlowConfig: listen_lora_context={self.listen_lora_context!r} must be true or false")
-        if self.listen_lora_context and not self.listen_lora:
-            raise ValueError("ARFlowConfig: listen_lora_context=true needs listening low-rank updates (listen_lora > 0)")
+        if self.lora_scope not in LORA_SCOPES:
+            raise ValueError(f"ARFlowConfig: lora_scope={self.lora_scope!r} must be one of {list(LORA_SCOPES)}")
+        if self.lora_scope != "listening" and not self.listen_lora:
+            raise ValueError(f"ARFlowConfig: lora_scope={self.lora_scope} needs low-rank updates (listen_lora > 0)")
 
     @property
     def head_dim(self) -> int:
@@ -434,11 +438,11 @@ class ListenLoRA(nn.Module):
     supervised model's given its context, while a listening token can re-weight what it reads there
     (partner motion, audio, its own history) in every layer. RL can train it alone (``algo.listen_lora``).
 
-    With ``ARFlowConfig.listen_lora_context`` the updates also act on the context entries of listening
-    tokens (the prefix group and the clean history token of every token the actor listens in; never the
-    text): the context is then re-encoded where the actor listens, which later speaking tokens read too.
-    Those entries take their mask from ``cond["speaking_tokens"]`` (B, N) (``ARFlow.append``: its
-    ``speaking``)."""
+    ``ARFlowConfig.lora_scope`` (:data:`LORA_SCOPES`) widens that: "listening_context" also on the context
+    entries of listening tokens (the prefix group and the clean history token of every token the actor
+    listens in; never the text), so the context is re-encoded where the actor listens, which later speaking
+    tokens read too (those entries take their mask from ``cond["speaking_tokens"]`` (B, N); ``ARFlow.append``
+    its ``speaking``); "all" on every entry of every token with no gate: plain LoRA fine-tuning."""
 
     def __init__(self, cfg: "ARFlowConfig"):
         super().__init__()
@@ -477,7 +481,12 @@ class ARFlow(nn.Module):
     @property
     def takes_speaking(self) -> bool:
         """Whether velocities need the tokens' speaking mask (a listening adapter or listening LoRA)."""
-        return self.listen_adapter is not None or self.listen_lora is not None
+        return self.listen_adapter is not None or self._gated_lora
+
+    @property
+    def _gated_lora(self) -> bool:
+        """Low-rank updates gated per token (every scope but "all")."""
+        return self.listen_lora is not None and self.cfg.lora_scope != "all"
 
     def add_listen_adapter(self, width: int) -> ListenAdapter:
         """Give this model a new (zero-output) :class:`ListenAdapter` of ``width`` hidden units; its
@@ -490,13 +499,12 @@ class ARFlow(nn.Module):
         self.listen_adapter = ListenAdapter(self.cfg.d_model, self.cfg.listen_adapter, self.cfg.d_latent).to(dev)
         return self.listen_adapter
 
-    def add_listen_lora(self, rank: int, context: bool = False) -> ListenLoRA:
-        """Give this model new (zero) :class:`ListenLoRA` updates of rank ``rank`` (``context``: also on the
-        context entries of listening tokens); its velocities stay those of the model without them until
-        they are trained."""
+    def add_listen_lora(self, rank: int, scope: str = "listening") -> ListenLoRA:
+        """Give this model new (zero) :class:`ListenLoRA` updates of rank ``rank`` acting on ``scope``
+        (:data:`LORA_SCOPES`); its velocities stay those of the model without them until they are trained."""
         if self.listen_lora is not None:
             raise ValueError(f"arflow: the model already has listening low-rank updates (rank {self.cfg.listen_lora})")
-        self.cfg.listen_lora, self.cfg.listen_lora_context = int(rank), context
+        self.cfg.listen_lora, self.cfg.lora_scope = int(rank), scope
         self.cfg.__post_init__()
         self.listen_lora = ListenLoRA(self.cfg).to(self.head.weight.device)
         return self.listen_lora
@@ -515,14 +523,14 @@ class ARFlow(nn.Module):
     def _context_gate(self, cond: Mapping[str, Tensor], tok: Tensor, text: Tensor | None = None) -> Tensor | None:
         """The listening gate (B, S, 1) float of context entries (prefix or history) of tokens ``tok`` (S,) long,
         from ``cond["speaking_tokens"]`` (B, N) bool; entries where ``text`` (S,) bool is set get 0. None unless
-        the low-rank updates act on the context (``listen_lora_context``)."""
+        the low-rank updates act on the context (``lora_scope="listening_context"``)."""
         if not context_gated(self):
             return None
         spk = cond.get("speaking_tokens")
         B, N = cond["text_emb"].shape[0], cond["partner_latent"].shape[1]
         if spk is None:
             raise ValueError("arflow: this model's listening low-rank updates act on the context (arch "
-                             "listen_lora_context=true); its conditioning needs the tokens' speaking mask "
+                             "lora_scope=listening_context); its conditioning needs the tokens' speaking mask "
                              "cond['speaking_tokens'] (B, N) bool")
         if tuple(spk.shape) != (B, N):
             raise ValueError(f"arflow: cond['speaking_tokens'] has shape {tuple(spk.shape)}, expected ({B}, {N}) "
@@ -533,8 +541,13 @@ class ARFlow(nn.Module):
         return gate.unsqueeze(-1)  # (B, S, 1)
 
     def _delta(self, i: int, gate: Tensor | None) -> dict:
-        """Block i's keyword arguments for the listening low-rank updates (none without them or a gate)."""
-        if self.listen_lora is None or gate is None:
+        """Block i's keyword arguments for the low-rank updates: none without them, or without a gate unless
+        they act everywhere (``lora_scope="all"``: no gate)."""
+        if self.listen_lora is None:
+            return {}
+        if self.cfg.lora_scope == "all":
+            return {"delta": self.listen_lora.blocks[i], "gate": None}
+        if gate is None:
             return {}
         return {"delta": self.listen_lora.blocks[i], "gate": gate}
 
@@ -669,7 +682,7 @@ class ARFlow(nn.Module):
         cos, sin = self._rope(pos)
         mask = attention_mask(P, n, noisy_idx, *self._prefix_structure(cond))  # (S, S)
         gate = None
-        if self.listen_lora is not None:  # the noisy listening tokens; the context's only with listen_lora_context
+        if self._gated_lora:  # the noisy listening tokens; the context's only with lora_scope=listening_context
             listen = self._listening(speaking, x_noisy.shape[:2])  # (B, M, 1)
             ctx = self._context_entries_gate(cond, n)  # (B, P + n, 1) or None
             gate = torch.cat([listen.new_zeros(x_noisy.shape[0], P + n, 1) if ctx is None else ctx, listen], dim=1)  # (B, S, 1)
@@ -718,14 +731,15 @@ class ARFlow(nn.Module):
         """Write the rotated keys/values of entries whose outputs nobody reads (prefix, context) into
         K[i], V[i] (B, H, C, hd) at slots [at, at + S): h (B, S, D) attends as in ``Block`` with
         ``mask`` (S, at + S); the last block computes its keys/values only (no attention, no MLP).
-        ``gate`` (B, S, 1): of the listening low-rank updates on these entries (``listen_lora_context``)."""
+        ``gate`` (B, S, 1): of the listening low-rank updates on these entries (``lora_scope``)."""
         for i, (blk, k, v) in enumerate(zip(self.blocks[:-1], K, V)):
             h = blk(h, cos, sin, mask, (k, v), at, **self._delta(i, gate))
         last, (B, S, _) = self.blocks[-1], h.shape
         a, x = last.attn, last.ln1(h)
         qkv = a.qkv(x)  # (B, S, 3 D)
-        if gate is not None and self.listen_lora is not None:
-            qkv = qkv + gate.to(qkv.dtype) * self.listen_lora.blocks[-1].qkv(x)
+        delta = self._delta(len(self.blocks) - 1, gate)
+        if delta:
+            qkv = gated_delta(qkv, delta["delta"].qkv, x, delta["gate"])
         _, k, v = qkv.view(B, S, 3, a.n_heads, a.head_dim).permute(2, 0, 3, 1, 4)  # as SelfAttention: (B, H, S, hd)
         K[-1][:, :, at:at + S] = apply_rope(k, cos, sin)
         V[-1][:, :, at:at + S] = v
@@ -765,7 +779,7 @@ class ARFlow(nn.Module):
         h = self._embed_noisy(x_noisy, temb)  # (B, M, D)
         cos, sin = self._rope(noisy_idx.float() * c.r + (c.r // 2))
         mask = attention_mask(P, n, noisy_idx, ctx.prefix_tok)[P + n:]  # (M, C + M)
-        gate = self._listening(speaking, (B, M)) if self.listen_lora is not None else None  # (B, M, 1)
+        gate = self._listening(speaking, (B, M)) if self._gated_lora else None  # (B, M, 1)
         h = self.drop(h)
         for i, (blk, k, v) in enumerate(zip(self.blocks, ctx.k, ctx.v)):
             room = k.new_zeros(B, c.n_heads, M, c.head_dim)
@@ -891,7 +905,7 @@ class ARFlow(nn.Module):
         """One new-token pass: velocity of noisy token l, x_t (B, Dv), t (B,), speaking (B,) bool (with
         listening parts: adapter, LoRA) -> (B, Dv). Cache content unchanged."""
         temb = self.time_emb(t)  # (B, D)
-        gate = self._listening(speaking, x_t.shape[:1])[:, None] if self.listen_lora is not None else None  # (B, 1, 1)
+        gate = self._listening(speaking, x_t.shape[:1])[:, None] if self._gated_lora else None  # (B, 1, 1)
         h = self._one_token(cache, self._embed_noisy(x_t, temb)[:, None], l, commit=False, gate=gate)
         return self._out(h[:, 0], temb, speaking)
 
@@ -899,7 +913,7 @@ class ARFlow(nn.Module):
     def append(self, cache: KVCache, x: Tensor, l: int, speaking: Tensor | None = None) -> None:
         """Write clean token l (B, Dv) into the cache (history becomes 0..l; later tokens are discarded);
         ``speaking`` (B,) bool: token l's speaking mask, needed when the listening low-rank updates act on the
-        context (``listen_lora_context``), ignored otherwise."""
+        context (``lora_scope="listening_context"``), ignored otherwise."""
         gate = self._listening(speaking, x.shape[:1])[:, None] if context_gated(self) else None  # (B, 1, 1)
         self._one_token(cache, self._embed_clean(x)[:, None], l, commit=True, gate=gate)
         cache.length = l + 1
@@ -940,9 +954,9 @@ def adapter_kwargs(model, speaking: Tensor | None) -> dict:
 
 
 def context_gated(model) -> bool:
-    """Whether ``model``'s listening low-rank updates act on the context entries (``listen_lora_context``),
+    """Whether ``model``'s listening low-rank updates act on the context entries (``lora_scope="listening_context"``),
     which read the speaking mask from ``cond["speaking_tokens"]`` (duck-typed models: False)."""
-    return getattr(model, "listen_lora", None) is not None and bool(getattr(model.cfg, "listen_lora_context", False))
+    return getattr(model, "listen_lora", None) is not None and getattr(model.cfg, "lora_scope", "") == "listening_context"
 
 
 def takes_speaking(model) -> bool:

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["rope_cos_sin", "apply_rope", "LowRank", "BlockDelta", "SelfAttention", "MLP", "Block"]
+__all__ = ["rope_cos_sin", "apply_rope", "LowRank", "BlockDelta", "gated_delta", "SelfAttention", "MLP", "Block"]
 
 
 def rope_cos_sin(pos: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -58,7 +58,7 @@ class LowRank(nn.Module):
 class BlockDelta(nn.Module):
     """Low-rank updates of the four linear maps of a :class:`Block` (attention ``qkv`` and ``proj``,
     MLP ``fc`` and ``proj``), applied per token through a gate: ``W x -> W x + gate * delta(x)`` with
-    ``gate`` (B, S, 1) in [0, 1] (0 = the block's own output, exactly)."""
+    ``gate`` (B, S, 1) in [0, 1] (0 = the block's own output, exactly; None = no gate, every token)."""
 
     def __init__(self, d_model: int, mlp_ratio: float, rank: int):
         super().__init__()
@@ -69,9 +69,11 @@ class BlockDelta(nn.Module):
         self.mlp_proj = LowRank(hidden, d_model, rank)
 
 
-def _gated(y: Tensor, delta: LowRank | None, x: Tensor, gate: Tensor | None) -> Tensor:
-    """``y + gate * delta(x)``, or ``y`` without a delta."""
-    return y if delta is None else y + gate.to(y.dtype) * delta(x)
+def gated_delta(y: Tensor, delta: LowRank | None, x: Tensor, gate: Tensor | None) -> Tensor:
+    """``y + gate * delta(x)`` (``y + delta(x)`` without a gate), or ``y`` without a delta."""
+    if delta is None:
+        return y
+    return y + delta(x) if gate is None else y + gate.to(y.dtype) * delta(x)
 
 
 class SelfAttention(nn.Module):
@@ -100,7 +102,7 @@ class SelfAttention(nn.Module):
         [at, at + S) and the queries attend to slots [0, at + S) (``mask`` (S, at + S) or None = all).
         """
         B, S, D = x.shape
-        qkv = _gated(self.qkv(x), None if delta is None else delta.qkv, x, gate)  # (B, S, 3 D)
+        qkv = gated_delta(self.qkv(x), None if delta is None else delta.qkv, x, gate)  # (B, S, 3 D)
         q, k, v = qkv.view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
@@ -110,7 +112,7 @@ class SelfAttention(nn.Module):
             k, v = K[:, :, :at + S], V[:, :, :at + S]  # (B, H, at + S, hd) views, no copy
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)  # (B, H, S, hd)
         y = y.transpose(1, 2).reshape(B, S, D)  # (B, S, D)
-        return self.resid_drop(_gated(self.proj(y), None if delta is None else delta.attn_proj, y, gate))
+        return self.resid_drop(gated_delta(self.proj(y), None if delta is None else delta.attn_proj, y, gate))
 
 
 class MLP(nn.Module):
@@ -124,8 +126,8 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, delta: BlockDelta | None = None, gate: Tensor | None = None) -> Tensor:  # (B, S, D) -> (B, S, D)
-        a = F.gelu(_gated(self.fc(x), None if delta is None else delta.fc, x, gate))  # (B, S, hidden)
-        return self.drop(_gated(self.proj(a), None if delta is None else delta.mlp_proj, a, gate))
+        a = F.gelu(gated_delta(self.fc(x), None if delta is None else delta.fc, x, gate))  # (B, S, hidden)
+        return self.drop(gated_delta(self.proj(a), None if delta is None else delta.mlp_proj, a, gate))
 
 
 class Block(nn.Module):

@@ -197,7 +197,7 @@ class SDETransition(nn.Module):
 
     def _context_speaking(self, window: torch.Tensor, j: int) -> dict:
         """``append``'s speaking keyword for history token ``j`` when the AR-Flow's listening updates act on the
-        context (``listen_lora_context``), else nothing."""
+        context (``lora_scope="listening_context"``), else nothing."""
         return self._speaking(self.arflow, window, j) if context_gated(self.arflow) else {}
 
     def _mean(self, x: torch.Tensor, v: torch.Tensor, t, sigma: float | None = None) -> torch.Tensor:

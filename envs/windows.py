@@ -30,7 +30,7 @@ from tensordict import TensorDict
 from .dataset import WINDOW, DyadicWindows
 
 # the conditioning dict's keys; ``speaking_tokens`` (B, N) is optional, read only by a model whose listening
-# low-rank updates act on the context (``ARFlowConfig.listen_lora_context``)
+# low-rank updates act on the context (``ARFlowConfig.lora_scope="listening_context"``)
 COND_KEYS = ("text_emb", "text_mask", "actor_audio", "partner_audio", "partner_latent", "partner_has_motion",
              "speaking_tokens")
 

@@ -19,7 +19,7 @@ from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from ..agents.advantages import STD_SCOPES
-from ..agents.arflow import DROP_KEYS
+from ..agents.arflow import DROP_KEYS, LORA_SCOPES
 from ..agents.compress import check_precision, compress
 from ..agents.flow import sde_window_steps
 from ..agents.loss import AGGREGATION, COUNT_KINDS, KL_STEPS, LOSSES, collect_trajectories, listening_token_mask, transition_counts
@@ -71,21 +71,22 @@ def check_settings(cfg: DictConfig) -> None:
         n = cfg.algo.get(key, 0)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"algo.{key}={n!r} must be an integer {what} >= 0 (0 = none)")
-    context = cfg.algo.get("listen_lora_context", False)
-    if not isinstance(context, bool):
-        raise ValueError(f"algo.listen_lora_context={context!r} must be true or false")
-    if context and not cfg.algo.get("listen_lora", 0):
-        raise ValueError("algo.listen_lora_context=true needs listening low-rank updates: set algo.listen_lora to a rank > 0")
+    scope = cfg.algo.get("lora_scope", "listening")
+    if scope not in LORA_SCOPES:
+        raise ValueError(f"algo.lora_scope={scope!r} must be one of {list(LORA_SCOPES)}")
+    if scope != "listening" and not cfg.algo.get("listen_lora", 0):
+        raise ValueError(f"algo.lora_scope={scope} needs low-rank updates: set algo.listen_lora to a rank > 0")
 
 
-def make_trainable(model, width: int, rank: int = 0, context: bool = False) -> list:
+def make_trainable(model, width: int, rank: int = 0, scope: str = "listening") -> list:
     """The parameters RL trains. ``width`` and ``rank`` 0: all of them (the paper). Otherwise only the
     listening parts, added zero-initialised unless the checkpoint has them, the rest frozen: a listening
     adapter (:class:`~gdpo_listener.agents.arflow.ListenAdapter`) of ``width`` hidden units
     (``algo.listen_adapter``) and/or listening low-rank updates
     (:class:`~gdpo_listener.agents.arflow.ListenLoRA`) of rank ``rank`` (``algo.listen_lora``). A speaking
-    token's velocity then stays the supervised one given its context; ``context`` (``algo.listen_lora_context``)
-    lets the low-rank updates re-encode the context entries of listening tokens too, which speaking tokens read."""
+    token's velocity then stays the supervised one given its context; ``scope`` (``algo.lora_scope``,
+    :data:`~gdpo_listener.agents.arflow.LORA_SCOPES`) widens where the low-rank updates act: the context entries of
+    listening tokens too (which speaking tokens read), or everything (plain LoRA)."""
     width, rank = int(width), int(rank)
     if width == 0 and rank == 0:
         return [p for p in model.parameters() if p.requires_grad]
@@ -95,12 +96,12 @@ def make_trainable(model, width: int, rank: int = 0, context: bool = False) -> l
         if n == 0:
             continue
         if getattr(model, attr) is None:
-            add(n, context) if attr == "listen_lora" else add(n)
+            add(n, scope) if attr == "listen_lora" else add(n)
         elif getattr(model.cfg, attr) != n:
             raise ValueError(f"algo.{attr}={n}, but the checkpoint's {attr} has {what} {getattr(model.cfg, attr)}")
-        elif attr == "listen_lora" and model.cfg.listen_lora_context != context:
-            raise ValueError(f"algo.listen_lora_context={context}, but the checkpoint's low-rank updates have "
-                             f"listen_lora_context={model.cfg.listen_lora_context}")
+        elif attr == "listen_lora" and model.cfg.lora_scope != scope:
+            raise ValueError(f"algo.lora_scope={scope}, but the checkpoint's low-rank updates have "
+                             f"lora_scope={model.cfg.lora_scope}")
         parts.append(getattr(model, attr))
     model.requires_grad_(False)
     for part in parts:

@@ -3,8 +3,9 @@ algo.listen_adapter), a velocity term on the listening tokens, and the listening
 (ListenLoRA, algo.listen_lora) of every block, on the noisy listening tokens. New ones change nothing;
 trained ones change the listening tokens and never a speaking token's velocity given its context; every
 pass (teacher forced, context, cached, uncached, sampling, replay) applies them alike; RL with them
-trains them alone. With ``listen_lora_context`` the low-rank updates also re-encode the context entries of
-listening tokens: a speaking token then moves exactly when it reads one."""
+trains them alone. With ``lora_scope="listening_context"`` the low-rank updates also re-encode the context
+entries of listening tokens: a speaking token then moves exactly when it reads one; with ``lora_scope="all"``
+they are plain LoRA (every token, no mask)."""
 from __future__ import annotations
 
 import copy
@@ -64,10 +65,11 @@ def with_trained_lora(base: ARFlow, rank: int = 4) -> ARFlow:
     return m.eval()
 
 
-def with_trained_context_lora(base: ARFlow, rank: int = 4) -> ARFlow:
-    """As :func:`with_trained_lora`, the updates acting on the context entries of listening tokens too."""
+def with_trained_context_lora(base: ARFlow, rank: int = 4, scope: str = "listening_context") -> ARFlow:
+    """As :func:`with_trained_lora`, the updates acting on the context entries of listening tokens too (or on
+    everything, ``scope="all"``)."""
     m = copy.deepcopy(base)
-    m.add_listen_lora(rank, context=True)
+    m.add_listen_lora(rank, scope=scope)
     with torch.no_grad():
         for name, p in m.listen_lora.named_parameters():
             if name.endswith("up.weight"):
@@ -75,8 +77,14 @@ def with_trained_context_lora(base: ARFlow, rank: int = 4) -> ARFlow:
     return m.eval()
 
 
-TRAINED = {"adapter": with_trained_adapter, "lora": with_trained_lora, "lora_ctx": with_trained_context_lora}
-PART = {"adapter": "listen_adapter", "lora": "listen_lora", "lora_ctx": "listen_lora"}
+def with_trained_plain_lora(base: ARFlow, rank: int = 4) -> ARFlow:
+    return with_trained_context_lora(base, rank, scope="all")
+
+
+TRAINED = {"adapter": with_trained_adapter, "lora": with_trained_lora, "lora_ctx": with_trained_context_lora,
+           "lora_all": with_trained_plain_lora}
+PART = {"adapter": "listen_adapter", "lora": "listen_lora", "lora_ctx": "listen_lora", "lora_all": "listen_lora"}
+SCOPE = {"lora": "listening", "lora_ctx": "listening_context", "lora_all": "all"}
 
 
 SPEAKING = torch.tensor([[True, True, False, False], [False, True, True, False]])  # (B, N) tokens of a 32-frame window
@@ -149,25 +157,54 @@ def test_context_updates_move_exactly_the_tokens_that_read_a_listening_entry_and
             m.append(m.start(cond, n_tokens=N), xc[:, 0], 0)  # a history token needs its own
 
 
-def test_context_updates_need_low_rank_updates():
-    with pytest.raises(ValueError, match="listen_lora_context=true needs"):
-        ARFlowConfig(listen_lora_context=True)
-    with pytest.raises(ValueError, match="true or false"):
-        ARFlowConfig(listen_lora=2, listen_lora_context="yes")
+def test_wider_scopes_need_low_rank_updates():
+    with pytest.raises(ValueError, match="lora_scope=listening_context needs"):
+        ARFlowConfig(lora_scope="listening_context")
+    with pytest.raises(ValueError, match="must be one of"):
+        ARFlowConfig(listen_lora=2, lora_scope="yes")
 
 
-@pytest.mark.parametrize("kind", ["adapter", "lora", "lora_ctx"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_plain_lora_moves_every_token_needs_no_mask_and_every_pass_agrees(causal):
+    base = tiny_model(causal=causal)
+    m = with_trained_plain_lora(base)
+    assert not m.takes_speaking
+    cfg, N = m.cfg, m.cfg.n_tokens
+    g = torch.Generator().manual_seed(4)
+    cond = cond_of(cfg)
+    xc, xn, t = torch.randn(B, N, cfg.d_latent, generator=g), torch.randn(B, N, cfg.d_latent, generator=g), torch.rand(B, N, generator=g)
+    with torch.no_grad():
+        v = m(cond, xc, xn, t)  # no speaking mask
+        assert (v - base(cond, xc, xn, t)).abs().amax(-1).gt(1e-3).all()
+        torch.testing.assert_close(m.velocity_in_context(m.encode_context(cond, xc), xn, t, torch.arange(N)), v,
+                                   atol=1e-5, rtol=1e-5)
+        cache = m.start(cond, n_tokens=N)
+        for l in range(N):
+            torch.testing.assert_close(m.velocity(cache, xn[:, l], t[:, l], l), v[:, l], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(m.velocity_uncached(cond, xc[:, :l], xn[:, l], t[:, l]), v[:, l], atol=1e-5, rtol=1e-5)
+            m.append(cache, xc[:, l], l)
+    kw = dict(steps=3, w_speak=1.0, w_listen=2.0, speaking_tokens=SPEAKING, sigma=0.3)
+    c = m.sample(cond, generator=torch.Generator().manual_seed(0), **kw)
+    torch.testing.assert_close(m.sample(cond, generator=torch.Generator().manual_seed(0), use_cache=False, **kw), c,
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["adapter", "lora", "lora_ctx", "lora_all"])
 def test_new_listening_parts_change_no_sample_and_sampling_needs_the_mask(kind):
     base = tiny_model()
     m = copy.deepcopy(base)
-    m.add_listen_adapter(8) if kind == "adapter" else m.add_listen_lora(8, context=kind == "lora_ctx")
+    m.add_listen_adapter(8) if kind == "adapter" else m.add_listen_lora(8, scope=SCOPE[kind])
     cond = cond_of(m.cfg)
     kw = dict(steps=3, w_speak=1.0, w_listen=2.0, speaking_tokens=SPEAKING, sigma=0.3)
     a = base.sample(cond, generator=torch.Generator().manual_seed(0), **kw)
     b = m.sample(cond, generator=torch.Generator().manual_seed(0), **kw)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="needs speaking_tokens"):
-        m.sample(cond, steps=2)  # CFG 1 needs no mask for the weights, the listening parts still do
+    if kind == "lora_all":  # plain LoRA: no mask
+        torch.testing.assert_close(m.sample(cond, steps=2, generator=torch.Generator().manual_seed(1)),
+                                   base.sample(cond, steps=2, generator=torch.Generator().manual_seed(1)), atol=0, rtol=0)
+    else:
+        with pytest.raises(ValueError, match="needs speaking_tokens"):
+            m.sample(cond, steps=2)  # CFG 1 needs no mask for the weights, the listening parts still do
     with pytest.raises(ValueError, match="already has"):
         (m.add_listen_adapter if kind == "adapter" else m.add_listen_lora)(8)
     # cached and uncached sampling apply them alike, with either prefix and both CFG branches
@@ -182,10 +219,11 @@ def test_new_listening_parts_change_no_sample_and_sampling_needs_the_mask(kind):
 
 def test_checkpoint_keeps_the_listening_parts(tmp_path):
     m = with_trained_context_lora(with_trained_adapter(tiny_model(), width=12), rank=3)
+    assert m.cfg.lora_scope == "listening_context"
     save_arflow(tmp_path / "ck", m, preset="small")
     back, _ = load_arflow(tmp_path / "ck")
     assert back.cfg.listen_adapter == 12 and back.listen_adapter is not None
-    assert back.cfg.listen_lora == 3 and back.listen_lora is not None and back.cfg.listen_lora_context
+    assert back.cfg.listen_lora == 3 and back.listen_lora is not None and back.cfg.lora_scope == "listening_context"
     for (n, p), q in zip(m.state_dict().items(), back.state_dict().values()):
         assert torch.equal(p, q), n
     with pytest.raises(ValueError, match="listen_adapter"):
@@ -215,20 +253,20 @@ def test_make_trainable_freezes_all_but_the_low_rank_updates():
     assert {id(p) for p in both} == {id(p) for p in [*m.listen_lora.parameters(), *m.listen_adapter.parameters()]}
     with pytest.raises(ValueError, match="rank 4"):
         make_trainable(m, 0, 2)
-    with pytest.raises(ValueError, match="listen_lora_context=False"):
-        make_trainable(m, 0, 4, context=True)  # the checkpoint's updates act on the noisy tokens only
+    with pytest.raises(ValueError, match="lora_scope=listening"):
+        make_trainable(m, 0, 4, scope="all")  # the checkpoint's updates act on the noisy listening tokens only
     ctx = tiny_model()
-    assert make_trainable(ctx, 0, 4, context=True) and ctx.cfg.listen_lora_context
+    assert make_trainable(ctx, 0, 4, scope="listening_context") and ctx.cfg.lora_scope == "listening_context"
 
 
-@pytest.mark.parametrize("kind", ["adapter", "lora", "lora_ctx"])
+@pytest.mark.parametrize("kind", ["adapter", "lora", "lora_ctx", "lora_all"])
 def test_rl_replay_with_listening_parts_matches_collection_and_trains_them_only(rl, kind):
     """Rollouts of a policy with listening parts replay to their collected log-probs; the loss's gradient
     reaches those parts alone, and the speaking tokens' transitions are exactly the reference's (KL 0 there)."""
     K = 2
     base = rl.tiny_arflow(0)
     model = TRAINED[kind](base, 8)
-    trainable = make_trainable(model, 8 if kind == "adapter" else 0, 0 if kind == "adapter" else 8, kind == "lora_ctx")
+    trainable = make_trainable(model, 8 if kind == "adapter" else 0, 0 if kind == "adapter" else 8, SCOPE.get(kind, "listening"))
     bank = rl.tiny_bank()
     vae, norm = rl.tiny_vae()
     g = torch.Generator().manual_seed(0)
@@ -253,7 +291,7 @@ def test_rl_replay_with_listening_parts_matches_collection_and_trains_them_only(
         loc_ref = core.replay_loc(traj["window"], traj["history"], traj["x"], traj["t"], model=ref)
     d = (loc - loc_ref).abs().amax(-1)  # (B, K, N)
     assert d.transpose(1, 2)[~spk].min() > 1e-4
-    if kind == "lora_ctx":  # the speaking tokens that read a re-encoded (listening) context entry move too
+    if kind in ("lora_ctx", "lora_all"):  # the speaking tokens that read a re-encoded context entry move too
         assert d.transpose(1, 2)[spk].max() > 1e-4
     else:
         assert d.transpose(1, 2)[spk].max() < 1e-5
@@ -265,7 +303,7 @@ def test_rl_replay_with_listening_parts_matches_collection_and_trains_them_only(
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(PART[kind] + "."))
 
 
-@pytest.mark.parametrize("kind", ["adapter", "lora", "lora_ctx"])
+@pytest.mark.parametrize("kind", ["adapter", "lora", "lora_ctx", "lora_all"])
 def test_supervised_anchor_and_teacher_forced_evaluation_pass_the_mask(rl, kind):
     """The SFT anchor's flow loss and the teacher-forced evaluation read the bank's speaking tokens for an
     adapter model (the same as its forward given them), and run unchanged for a model without one."""

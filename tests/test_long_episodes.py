@@ -62,7 +62,7 @@ def make_long(rl, seed=0, use_cache=True, sde="paper", causal=False, context_lor
                          seed=seed, sde=sde)
     model = rl.tiny_arflow(causal=causal)
     if context_lora:  # listening low-rank updates on the context too, away from their zero start
-        model.add_listen_lora(4, context=True)
+        model.add_listen_lora(4, scope="listening_context")
         with torch.no_grad():
             for name, p in model.listen_lora.named_parameters():
                 if name.endswith("up.weight"):
@@ -120,7 +120,7 @@ def test_long_episode_replay_equals_collected_log_probs(rl):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_long_episodes_of_a_context_lora_model_follow_generate_long_and_replay_exactly(causal, rl):
-    """listen_lora_context on multi-window episodes: every window's context reads the bank's speaking tokens
+    """lora_scope=listening_context on multi-window episodes: every window's context reads the bank's speaking tokens
     of its own span, in collection (cached) and replay alike."""
     env, policy, model, bank, _ = make_long(rl, causal=causal, context_lora=True)
     ro = long_rollout(env, policy, 5)

@@ -111,24 +111,25 @@ def test_mixed_sde_window_in_rl_runs(tiny_pipeline, run_entry, first_run):
 
 
 def test_listening_parts_rl_run_trains_them_alone(tiny_pipeline, run_entry, first_run):
-    """algo.listen_adapter and algo.listen_lora (here with algo.listen_lora_context): the real entry point adds
+    """algo.listen_adapter and algo.listen_lora (here with algo.lora_scope=listening_context): the real entry point adds
     the listening adapter and the listening low-rank updates, trains them alone (every other weight is the supervised checkpoint's to the
     bit), saves them, and the evaluation at the end samples with them."""
     from gdpo_listener.agents.arflow import load_arflow
 
     d, args = tiny_pipeline.root, tiny_pipeline.gdpo_args
     res = run_entry("gdpo.py", "reward=expr+rot", "env.sde_window=[0,1]", "algo.kl_steps=all", "algo.listen_adapter=8",
-                    "algo.listen_lora=4", "algo.listen_lora_context=true", *args("optim.iterations=2", f"out_dir={d / 'adapter'}"), cwd=d)
+                    "algo.listen_lora=4", "algo.lora_scope=listening_context",
+                    *args("optim.iterations=2", f"out_dir={d / 'adapter'}"), cwd=d)
     assert res.returncode == 0, res.stderr[-2000:]
     rl, _ = load_arflow(d / "adapter")
     sft, _ = load_arflow(d / "sft")
     assert rl.cfg.listen_adapter == 8 and sft.listen_adapter is None
-    assert rl.cfg.listen_lora == 4 and rl.cfg.listen_lora_context and sft.listen_lora is None
+    assert rl.cfg.listen_lora == 4 and rl.cfg.lora_scope == "listening_context" and sft.listen_lora is None
     for n, p in sft.state_dict().items():
         assert torch.equal(p, rl.state_dict()[n]), n
     assert rl.listen_adapter.proj.weight.abs().sum() > 0  # trained away from its zero start
     assert all(blk.qkv.up.weight.abs().sum() > 0 for blk in rl.listen_lora.blocks)
-    for bad in ("algo.listen_adapter=-2", "algo.listen_lora=-2", "algo.listen_lora_context=true"):
+    for bad in ("algo.listen_adapter=-2", "algo.listen_lora=-2", "algo.lora_scope=all"):
         res = run_entry("gdpo.py", "reward=expr+rot", bad, *args(f"out_dir={d / 'adapter_bad'}"), cwd=d)
         assert res.returncode != 0 and bad in (res.stderr + res.stdout)
 

@@ -412,14 +412,14 @@ def test_causal_cfg_changes_from_the_next_token_and_text_from_the_next_window(ca
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_a_model_whose_listening_updates_read_the_context_streams_like_generate_long(parts, causal_parts, causal):
-    """listen_lora_context: the windows' context reads the past tokens' speaking decisions (the stream keeps
+    """lora_scope=listening_context: the windows' context reads the past tokens' speaking decisions (the stream keeps
     them); the stream equals generate_long given the same decisions, and differs from the model without them."""
     import copy
 
     base = (causal_parts if causal else parts)[0]
     _, vae, norm, enc = parts
     model = copy.deepcopy(base)
-    model.add_listen_lora(4, context=True)
+    model.add_listen_lora(4, scope="listening_context")
     with torch.no_grad():
         for name, p in model.listen_lora.named_parameters():
             if name.endswith("up.weight"):

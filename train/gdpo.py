@@ -72,7 +72,7 @@ from gdpo_listener.pipeline.threads import configure_threads
 RESUME_KEYS = ("reward", "rewards", "env", "algo", "model", "pretrained", "features", "data", "seed")
 # settings added since runs were first saved, with their no-op value: states saved without them still resume
 ADDED_SETTINGS = {"algo": {"sft_coef": 0.0, "sft_batch_size": 16, "std_scope": "group", "std_momentum": 0.98,
-                           "kl_steps": "sde", "listen_adapter": 0, "listen_lora": 0, "listen_lora_context": False},
+                           "kl_steps": "sde", "listen_adapter": 0, "listen_lora": 0, "lora_scope": "listening"},
                   "env": {"cond_drop": 0.0, "drop_keys": ["text", "audio", "motion"], "sde_window": None}}
 
 
@@ -166,7 +166,7 @@ def train(cfg: DictConfig, dist: Dist) -> None:
                                   preset=cfg.model.preset)
     supervised = copy.deepcopy(model)
     trainable = make_trainable(model, cfg.algo.get("listen_adapter", 0), cfg.algo.get("listen_lora", 0),
-                               cfg.algo.get("listen_lora_context", False))  # all, or listening parts
+                               cfg.algo.get("lora_scope", "listening"))  # all, or listening parts
     train_bank = make_train_bank(cfg, data_root, features, vae, normalizer, device, model.cfg.n_tokens)
     test_bank = factories.make_banks(data_root, features, vae, normalizer, device, splits=("test",))["test"]
 
