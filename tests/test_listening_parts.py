@@ -54,20 +54,9 @@ def with_trained_adapter(base: ARFlow, width: int = 16) -> ARFlow:
     return m.eval()
 
 
-def with_trained_lora(base: ARFlow, rank: int = 4) -> ARFlow:
-    """A copy of ``base`` with listening low-rank updates whose ``up`` maps are no longer zero (as after training)."""
-    m = copy.deepcopy(base)
-    m.add_listen_lora(rank)
-    with torch.no_grad():
-        for name, p in m.listen_lora.named_parameters():
-            if name.endswith("up.weight"):
-                p.normal_(std=0.3)
-    return m.eval()
-
-
-def with_trained_context_lora(base: ARFlow, rank: int = 4, scope: str = "listening_context") -> ARFlow:
-    """As :func:`with_trained_lora`, the updates acting on the context entries of listening tokens too (or on
-    everything, ``scope="all"``)."""
+def with_trained_lora(base: ARFlow, rank: int = 4, scope: str = "listening") -> ARFlow:
+    """A copy of ``base`` with low-rank updates acting on ``scope`` whose ``up`` maps are no longer zero (as after
+    training)."""
     m = copy.deepcopy(base)
     m.add_listen_lora(rank, scope=scope)
     with torch.no_grad():
@@ -77,8 +66,12 @@ def with_trained_context_lora(base: ARFlow, rank: int = 4, scope: str = "listeni
     return m.eval()
 
 
+def with_trained_context_lora(base: ARFlow, rank: int = 4) -> ARFlow:
+    return with_trained_lora(base, rank, scope="listening_context")
+
+
 def with_trained_plain_lora(base: ARFlow, rank: int = 4) -> ARFlow:
-    return with_trained_context_lora(base, rank, scope="all")
+    return with_trained_lora(base, rank, scope="all")
 
 
 TRAINED = {"adapter": with_trained_adapter, "lora": with_trained_lora, "lora_ctx": with_trained_context_lora,
