@@ -432,16 +432,14 @@ class StreamingGenerator:
         """Generate tokens [new0, s0 + n) of window [s0, s0 + n) (tokens [s0, new0) are its prefix)."""
         if new0 != self._end:
             raise RuntimeError(f"streaming: window [{s0}, {s0 + n}) starts new tokens at {new0}, generated {self._end}")
-        dev = self.device
-        self._decide(new0, s0 + n)
+        new = self._decide(new0, s0 + n)  # (n - k_w,) the new tokens' decisions
         cond = self._window_cond(s0, n, (self._text, self._text_mask))
-        speaking = self._decisions.take(s0, s0 + n).bool().cpu().numpy()  # (n,) the prefix tokens' too
         prefix = self._latents.take(s0, new0)[None] if new0 > s0 else None  # (1, k_w, Dv)
-        x = window_step(self.model, cond, n, prefix, torch.from_numpy(speaking)[None].to(dev), steps=self.steps,
+        x = window_step(self.model, cond, n, prefix, cond["speaking_tokens"], steps=self.steps,  # (1, n): the prefix's too
                         w_speak=self.w_speak, w_listen=self.w_listen, sigma=self.sigma, generator=self.generator,
                         use_cache=self.use_cache, sde=self.sde, cfg_drop=self.cfg_drop)  # (1, n - k_w, Dv)
         self._latents.append(x[0])
-        self._speaking_new.append(speaking[new0 - s0:])
+        self._speaking_new.append(new)
         self._end = s0 + n
         keep = max(0, self._end - self.W)  # the next window starts at end - k; the last (shifted) one at >= end - W
         for buf in (*self._audio.values(), self._decisions):
