@@ -841,8 +841,8 @@ class ARFlow(nn.Module):
         mask = causal_prefix_mask(sub, sub)  # (S, S)
         Kt = [h.new_empty(B, c.n_heads, idx.shape[0], c.head_dim) for _ in self.blocks]  # (B, H, S, hd) scratch
         Vt = [h.new_empty(B, c.n_heads, idx.shape[0], c.head_dim) for _ in self.blocks]
-        gate = self._context_entries_gate(cond, 0)  # (B, P, 1) or None
-        self._fill_kv(self.drop(h[:, idx]), cos, sin, mask, Kt, Vt, 0, None if gate is None else gate[:, idx])
+        gate = self._context_gate(cond, sub.tok, sub.kind == TEXT)  # (B, S, 1) or None
+        self._fill_kv(self.drop(h[:, idx]), cos, sin, mask, Kt, Vt, 0, gate)
         for k, v, kt, vt in zip(K, V, Kt, Vt):
             k[:, :, dest], v[:, :, dest] = kt, vt
         cache.groups = G
