@@ -434,6 +434,16 @@ def test_bench_helpers():
     for bad in (["gdpo", "gdpo"], [], ["ppo"]):
         with pytest.raises(ValueError):
             bench.parse_algos(bad)
+    # a preset is a variant like any other; it sets the algorithm's scope and the learning rate, the command line wins
+    pcfg = compose("bench", ["variants={ctx:['preset=listening_lora']}"])
+    assert bench.check_settings(OmegaConf.merge(pcfg, {"algos": ["gdpo", "gdpo+ctx"], "quick": True}))[1] == ["gdpo", "gdpo+ctx"]
+    run_ctx = compose("gdpo", bench_runs.train_overrides(pcfg, parse_method("gdpo+ctx"), *args))
+    run_gdpo = compose("gdpo", bench_runs.train_overrides(pcfg, parse_method("gdpo"), *args))
+    assert (run_ctx.algo.listen_lora, run_ctx.algo.lora_scope, run_ctx.optim.lr) == (16, "listening_context", 3e-3)
+    assert (run_gdpo.algo.listen_lora, run_gdpo.algo.lora_scope, run_gdpo.optim.lr) == (0, "listening", run_gdpo.model.rl.lr)
+    assert compose("gdpo", ["preset=listening_lora", "optim.lr=1e-3", "algo=grpo"]).optim.lr == 1e-3
+    assert compose("gdpo", ["preset=listening_lora", "algo=grpo"]).algo.listen_lora == 16  # whichever algorithm
+    assert compose("gdpo", ["preset=listening_lora"]).out_dir == "runs/gdpo_small_expr+rot_listening_lora"
 
     assert mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
     assert mean_std([None, 4.0]) == {"mean": 4.0, "std": None, "n": 1}

@@ -111,14 +111,14 @@ def test_mixed_sde_window_in_rl_runs(tiny_pipeline, run_entry, first_run):
 
 
 def test_listening_parts_rl_run_trains_them_alone(tiny_pipeline, run_entry, first_run):
-    """algo.listen_adapter and algo.listen_lora (here with algo.lora_scope=listening_context): the real entry point adds
-    the listening adapter and the listening low-rank updates, trains them alone (every other weight is the supervised checkpoint's to the
-    bit), saves them, and the evaluation at the end samples with them."""
+    """algo.listen_adapter and algo.listen_lora (here from preset=listening_lora, its rank overridden on the command
+    line): the real entry point adds the listening adapter and the listening low-rank updates, trains them alone (every
+    other weight is the supervised checkpoint's to the bit), saves them, and the evaluation at the end samples with them."""
     from gdpo_listener.agents.arflow import load_arflow
 
     d, args = tiny_pipeline.root, tiny_pipeline.gdpo_args
-    res = run_entry("gdpo.py", "reward=expr+rot", "env.sde_window=[0,1]", "algo.kl_steps=all", "algo.listen_adapter=8",
-                    "algo.listen_lora=4", "algo.lora_scope=listening_context",
+    res = run_entry("gdpo.py", "reward=expr+rot", "preset=listening_lora", "env.sde_window=[0,1]", "algo.kl_steps=all",
+                    "algo.listen_adapter=8", "algo.listen_lora=4",
                     *args("optim.iterations=2", f"out_dir={d / 'adapter'}"), cwd=d)
     assert res.returncode == 0, res.stderr[-2000:]
     rl, _ = load_arflow(d / "adapter")
