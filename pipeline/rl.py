@@ -138,10 +138,14 @@ def make_reference(model, precision: str):
     return copy.deepcopy(model) if ref is model else ref
 
 
-def make_loss(algo_cfg: DictConfig, policy, model, reward):
+def make_loss(algo_cfg: DictConfig, policy, model, reward, reference_source=None):
+    """The GDPO / GRPO loss of ``algo_cfg`` training ``model``. The KL's reference is a frozen copy of
+    ``reference_source`` (default ``model``): train/gdpo.py passes the checkpoint as loaded, before
+    :func:`make_trainable` adds zero-initialised listening parts. Those change no output (``y + gate * 0``), so
+    that reference scores the same means to the bit without computing them."""
     if algo_cfg.name not in LOSSES:
         raise ValueError(f"unknown algo {algo_cfg.name!r}; valid: {sorted(LOSSES)}")
-    reference = make_reference(model, algo_cfg.get("ref_precision", "fp32"))
+    reference = make_reference(model if reference_source is None else reference_source, algo_cfg.get("ref_precision", "fp32"))
     return LOSSES[algo_cfg.name](transition_core(policy), model, reward.lambdas, clip_epsilon=algo_cfg.clip_epsilon,
                                  beta=algo_cfg.beta, eps=algo_cfg.eps, eps0=algo_cfg.eps0, whiten=algo_cfg.whiten,
                                  eps_mode=algo_cfg.eps_mode, objective_tokens=algo_cfg.objective_tokens,

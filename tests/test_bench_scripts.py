@@ -37,8 +37,11 @@ def test_bench_arflow_hydra_overrides(tmp_path, run):
 
 def test_bench_rl_hydra_overrides_throughput_and_memory(tmp_path, run):
     tiny = ["presets=[small]", "n_prompts=1", "group_size=2", "sde_steps=1", "threads=1", *HW]
-    res = run("bench_rl.py", *tiny[:3], "sde_steps=2", *tiny[4:], "sde_window=[0,1]", "uncached_tokens=1", cwd=tmp_path)
+    res = run("bench_rl.py", *tiny[:3], "sde_steps=2", *tiny[4:], "sde_window=[0,1]", "uncached_tokens=1",
+              "listen_lora={rank:4,scope:listening_context}", cwd=tmp_path)
     assert res.returncode == 0
+    lora = [ln for ln in res.stdout.splitlines() if "algo.listen_lora=4 algo.lora_scope=listening_context:" in ln]
+    assert len(lora) == 1 and "x the whole model's" in lora[0] and "x the checkpoint reference's" in lora[0]
     assert "replay/update with env.sde_window=[0,1], algo.kl_steps=sde (1 of 2 steps replayed)" in res.stdout  # beside the full update
     assert "replay/update with env.sde_window=[0,1], algo.kl_steps=all (2 of 2 steps replayed)" in res.stdout
     mixed = [ln for ln in res.stdout.splitlines() if "steps replayed)" in ln]
@@ -58,6 +61,8 @@ def test_bench_rl_hydra_overrides_throughput_and_memory(tmp_path, run):
     assert res.returncode != 0 and "presets=['big']" in res.stderr
     res = run("bench_rl.py", *tiny, "sde_window=[0,2]", cwd=tmp_path)  # 2 steps of a 1-step SDE
     assert res.returncode != 0 and "sde_window" in res.stderr
+    res = run("bench_rl.py", *tiny, "listen_lora={rank:4,scope:context}", cwd=tmp_path)
+    assert res.returncode != 0 and "listen_lora=" in res.stderr
 
 
 def test_bench_generate_rtf_times_generate_end_to_end(tmp_path):

@@ -19,7 +19,7 @@ from gdpo_listener.agents.flow import gaussian_log_prob
 from gdpo_listener.agents.loss import GDPOLoss, select_window, trajectory_batch
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
-from gdpo_listener.pipeline.rl import make_trainable
+from gdpo_listener.pipeline.rl import make_loss, make_trainable
 from gdpo_listener.rewards.groups import build_reward
 
 B = 2
@@ -294,6 +294,32 @@ def test_rl_replay_with_listening_parts_matches_collection_and_trains_them_only(
     sum(v for k, v in out.items() if k.startswith("loss_")).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(PART[kind] + "."))
+
+
+@pytest.mark.parametrize("kind", ["adapter", "lora", "lora_ctx", "lora_all"])
+def test_the_kl_reference_is_the_checkpoint_without_the_new_parts(rl, compose_config, kind):
+    """train/gdpo.py's KL reference is the checkpoint as loaded (``make_loss(..., reference_source=...)``): new,
+    zero-initialised listening parts change no replayed mean to the bit, so it scores the same KL without their passes."""
+    K = 2
+    base = rl.tiny_arflow(0, causal=kind == "lora_ctx")
+    model = copy.deepcopy(base)
+    make_trainable(model, 8 if kind == "adapter" else 0, 0 if kind == "adapter" else 8, SCOPE.get(kind, "listening"))
+    bank = rl.tiny_bank()
+    vae, norm = rl.tiny_vae()
+    g = torch.Generator().manual_seed(0)
+    reward = build_reward("expr+rot")
+    env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=2, sde_steps=K, sigma=0.5, generator=g, seed=0)
+    policy = make_policy(copy.deepcopy(model).requires_grad_(False), env, generator=g)
+    N = bank["actor_latent"].shape[1]
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        traj = trajectory_batch(env.rollout(N * K, policy, break_when_any_done=False), N, K)
+    loss = make_loss(compose_config("gdpo").algo, policy, model, reward, reference_source=base)
+    assert getattr(loss.ref_network, PART[kind]) is None and getattr(model, PART[kind]) is not None
+    core = transition_core(policy)
+    with torch.no_grad():
+        args = (traj["window"], traj["history"], traj["x"], traj["t"])
+        torch.testing.assert_close(core.replay_loc(*args, model=loss.ref_network), core.replay_loc(*args, model=model),
+                                   atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["adapter", "lora", "lora_ctx", "lora_all"])

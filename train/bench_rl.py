@@ -4,6 +4,8 @@
 - wall time of one GDPO iteration split into rollout, reward and replay/update, the last once per
   reference-policy precision (``ref_precisions``, ``algo.ref_precision``) with the KL a reference of
   the same weights scores at that precision (its rounding error; 0 in fp32);
+- ``listen_lora``: the rollout and update of RL that trains only listening low-rank updates
+  (``preset=listening_lora``), as ratios to the whole model's, with its KL reference with and without them;
 - beside it, the updates of a mixed SDE/ODE batch (``sde_window``, ``env.sde_window``: only its SDE
   steps replayed, or every step with ``algo.kl_steps=all``) and their ratios to the full update;
 - ``memory=true``: peak memory of one update for episodes of 25 and 100 tokens at the same batch,
@@ -14,6 +16,7 @@
     python train/bench_rl.py                                  # throughput + phases, both presets, 2 threads
     python train/bench_rl.py presets=[small] n_prompts=8 sde_steps=4
     python train/bench_rl.py memory=true presets=[small]       # update memory, 25 vs 100 tokens
+    python train/bench_rl.py presets=[small] "listen_lora={rank:16,scope:listening_context}"   # + RL of low-rank updates only
 
 Settings and their defaults: ``train/conf/bench_rl.yaml`` (Hydra overrides, as every entry point).
 
@@ -50,7 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig
+from gdpo_listener.agents.arflow import LORA_SCOPES, ARFlow, ARFlowConfig
 from gdpo_listener.agents.compress import linear_weight_bytes, resolve_precision
 from gdpo_listener.agents.flow import sde_window_steps
 from gdpo_listener.agents.loss import GDPOLoss, chunked_update, collect_trajectories, trajectory_batch
@@ -62,7 +65,7 @@ from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.envs.windows import token_majority
 from gdpo_listener.evaluation import hardware as hw
 from gdpo_listener.evaluation.process_memory import peak_memory_mb, release_free_heap, reset_peak_memory
-from gdpo_listener.pipeline.rl import make_reference
+from gdpo_listener.pipeline.rl import make_reference, make_trainable
 from gdpo_listener.pipeline.threads import configure_threads, describe_omp_wait, resolve_threads
 from gdpo_listener.rewards.groups import build_reward
 
@@ -87,9 +90,11 @@ def random_bank(n: int, W: int = 200, r: int = 8, dv: int = 16, dt: int = 384, d
 
 
 def build(preset: str, n_prompts: int, G: int, steps: int, use_cache: bool, device: str = "cpu",
-          episode_tokens: int | None = None):
+          episode_tokens: int | None = None, model: ARFlow | None = None):
+    """Env, policy (a frozen behaviour copy of ``model``), trained model and reward; ``model`` defaults to a new
+    random AR-Flow of ``preset``."""
     cfg = getattr(ARFlowConfig, preset)()
-    model = ARFlow(cfg).eval().to(device)
+    model = ARFlow(cfg).eval().to(device) if model is None else model
     frames = cfg.window if episode_tokens is None else int(episode_tokens) * cfg.r
     bank = random_bank(max(8, n_prompts), W=frames, r=cfg.r, dv=cfg.d_latent, dt=cfg.d_text, da=cfg.d_audio).to(device)
     vae = MotionVAE(VAEConfig.small(d_latent=cfg.d_latent)).eval().requires_grad_(False).to(device)
@@ -221,7 +226,40 @@ def throughput_report(cfg: DictConfig) -> None:
                 t_full = t_update
         if cfg.get("sde_window") is not None and "fp32" in cfg.ref_precisions:
             print(window_update_line(preset, ro, N, K, policy, model, reward, opt, cfg, t_full, machine))
+        if cfg.get("listen_lora") is not None and "fp32" in cfg.ref_precisions:
+            print(lora_lines(preset, cfg, dt_cached, t_full))
         print()
+
+
+def lora_lines(preset: str, cfg: DictConfig, t_rollout: float, t_update: float) -> str:
+    """RL that trains only listening low-rank updates (``algo.listen_lora`` / ``algo.lora_scope``;
+    ``preset=listening_lora``) beside the whole model's rollout and fp32 update timed just before: the rollout
+    of a policy with the updates, and its update with the KL reference train/gdpo.py uses (the checkpoint as
+    loaded, without the new zero-initialised updates) and with a reference that carries them (a copy of the
+    trained model, as before 2026-12-07; the same means to the bit, more passes)."""
+    rank, scope = int(cfg.listen_lora.rank), str(cfg.listen_lora.scope)
+    n_prompts, G, K = int(cfg.n_prompts), int(cfg.group_size), int(cfg.sde_steps)
+    base = ARFlow(getattr(ARFlowConfig, preset)()).eval().to(cfg.device)
+    model = copy.deepcopy(base)
+    trainable = make_trainable(model, 0, rank, scope)
+    env, policy, model, reward = build(preset, n_prompts, G, K, True, cfg.device, model=model)
+    N = env.n_tokens
+    timed_rollout(env, policy, K)  # warm-up
+    ro, dt = timed_rollout(env, policy, N * K)
+    traj = trajectory_batch(ro, N, K)
+    opt = torch.optim.AdamW(trainable, lr=1e-5)
+    times = {"checkpoint": float("inf"), "with the updates": float("inf")}
+    for name, source in (("warm-up", base), *(("checkpoint", base), ("with the updates", model)) * 2):  # interleaved, best of 2
+        loss = GDPOLoss(transition_core(policy), model, reward.lambdas, reference=make_reference(source, "fp32"))
+        loss.compute_advantage(traj)
+        t0 = time.perf_counter()
+        chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))
+        times[name] = min(times.get(name, float("inf")), time.perf_counter() - t0)
+    what = f"algo.listen_lora={rank} algo.lora_scope={scope}"
+    return (f"{preset:8s} {what}: rollout {dt:.2f} s = {dt / t_rollout:.2f}x the whole model's | update, reference = the "
+            f"checkpoint: {times['checkpoint']:.2f} s = {times['checkpoint'] / t_update:.2f}x the whole model's | reference "
+            f"with the updates: {times['with the updates']:.2f} s = {times['with the updates'] / t_update:.2f}x "
+            f"({times['with the updates'] / times['checkpoint']:.2f}x the checkpoint reference's)")
 
 
 def window_update_line(preset: str, ro, N: int, K: int, policy, model, reward, opt, cfg: DictConfig, t_full: float,
@@ -272,6 +310,10 @@ def check_settings(cfg: DictConfig) -> None:
             raise ValueError(f"{key}={cfg[key]} must be a positive integer")
     if cfg.get("sde_window") is not None:
         sde_window_steps(cfg.sde_window, int(cfg.sde_steps))
+    lora = cfg.get("listen_lora")
+    if lora is not None and (set(lora) != {"rank", "scope"} or int(lora.rank) != lora.rank or lora.rank < 1
+                             or lora.scope not in LORA_SCOPES):
+        raise ValueError(f"listen_lora={lora} must be null or {{rank: r >= 1, scope: one of {list(LORA_SCOPES)}}}")
     if not cfg.memory_tokens or any(int(n) < 1 for n in cfg.memory_tokens):
         raise ValueError(f"memory_tokens={list(cfg.memory_tokens)} must list positive episode lengths (tokens)")
 

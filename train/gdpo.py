@@ -174,7 +174,7 @@ def train(cfg: DictConfig, dist: Dist) -> None:
     behaviour = copy.deepcopy(model).requires_grad_(False)
     env = make_env(cfg, train_bank, vae, normalizer, reward, generator, n_prompts=n_prompts, seed=seed)
     policy = make_policy(behaviour, env, generator=generator, prefix_tokens=cfg.env.prefix_tokens)  # sigma, steps, sde: the env's
-    loss_module = make_loss(cfg.algo, policy, model, reward)
+    loss_module = make_loss(cfg.algo, policy, model, reward, reference_source=supervised)  # KL reference: the checkpoint
     anchor = make_anchor(cfg, train_bank, data_root, features, vae, normalizer, device, generator, dist)  # None: the paper
     model.eval()  # no dropout: replayed log-probs must match the behaviour policy's (gradients still flow)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
