@@ -68,11 +68,16 @@ def _header_markdown(rep, methods, groups) -> list[str]:
     return L
 
 
+def _split(rep) -> str:
+    """The split the report evaluated (``eval.split``: test, or train for the probes), as its sections name it."""
+    return str(rep["setup"].get("split", "test"))
+
+
 def _table1_markdown(rep, methods) -> list[str]:
-    """Table 1 layout on all test windows and on the expressive subset."""
+    """Table 1 layout on all windows of the evaluated split and on the expressive subset."""
     recon = rep.get("reconstruction")
     L = []
-    for subset, title in (("all", "all test windows"), ("expressive", "expressive subset (top quartile of ground-truth variance)")):
+    for subset, title in (("all", f"all {_split(rep)} windows"), ("expressive", "expressive subset (top quartile of ground-truth variance)")):
         L += [f"## Table 1 layout, {title}", ""]
         rows = [(label, {sp: {n: a.get(f"{subset}/{sp}/{n}") for n in TABLE1[sp]} for sp in TABLE1})
                 for label, a in _table_rows(rep, methods)]
@@ -119,7 +124,7 @@ def _evenness_markdown(rep, methods) -> list[str]:
 
 def _rewards_markdown(rep, methods, groups) -> list[str]:
     """Evaluation reward per FLAME group, and the training reward's first and last iterations with its trend."""
-    L = ["## Rewards per FLAME group", "", "Evaluation reward on the test windows' listening frames (ODE samples; higher is better):", ""]
+    L = ["## Rewards per FLAME group", "", f"Evaluation reward on the {_split(rep)} windows' listening frames (ODE samples; higher is better):", ""]
     head = ["method", *GROUP_NAMES]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, a in _table_rows(rep, methods):
@@ -164,10 +169,10 @@ def _reward_terms_text(run_reward: dict | None) -> str:
 
 
 def _supplementary_markdown(rep, methods) -> list[str]:
-    """Table 6 layout (per DualTalk group, both turns) on all test windows."""
+    """Table 6 layout (per DualTalk group, both turns) on all windows of the evaluated split."""
     rows = [(label, {sp: {mm: {g: a.get(f"all/{sp}/{mm}/{g}") for g in M.DUALTALK_GROUPS} for mm in SUPP} for sp in SPLITS})
             for label, a in _table_rows(rep, methods)]
-    return ["## Supplementary (Table 6 layout), all test windows", "", supp_markdown(rows, fmt=fmt_ms), ""]
+    return [f"## Supplementary (Table 6 layout), all {_split(rep)} windows", "", supp_markdown(rows, fmt=fmt_ms), ""]
 
 
 def _text_control_markdown(rep, methods, intents) -> list[str]:
@@ -177,7 +182,7 @@ def _text_control_markdown(rep, methods, intents) -> list[str]:
     if ci.get("note"):
         return L + [f"Not measured: {ci['note']}", ""]
     L += [f"Intent classifier (logistic regression on listening-motion statistics) trained on {ci['train_windows']} ground-truth "
-          f"train windows (train accuracy {ci['train_accuracy']:.0%}); on ground-truth test windows: {ci['gt_test_accuracy']:.0%}"
+          f"train windows (train accuracy {ci['train_accuracy']:.0%}); on ground-truth {_split(rep)} windows: {ci['gt_test_accuracy']:.0%}"
           + (f" (their VAE reconstruction: {ci['vae_reconstruction_accuracy']:.0%}, what survives the VAE)"
              if ci.get("vae_reconstruction_accuracy") is not None else "")
           + f"; chance {1 / len(intents):.0%}. Accuracy of the generated listening motion:", ""]
@@ -187,7 +192,7 @@ def _text_control_markdown(rep, methods, intents) -> list[str]:
     if vs and any("vae_space" in rep["controls"][m] for m in methods):
         L += ["Supplementary (not the target's figure): the same generated motion scored by the same classifier trained on the "
               f"VAE reconstructions of the same {vs['train_windows']} train windows (train accuracy {vs['train_accuracy']:.0%}; "
-              f"on the reconstructed test windows {vs.get('vae_reconstruction_accuracy', float('nan')):.0%}, on the ground "
+              f"on the reconstructed {_split(rep)} windows {vs.get('vae_reconstruction_accuracy', float('nan')):.0%}, on the ground "
               f"truth {vs.get('gt_test_accuracy', float('nan')):.0%}). The ground-truth classifier reads intent partly from "
               "motion the VAE cannot carry; this one asks whether the prompt is followed within what the VAE represents.", ""]
         sub = {m: rep["controls"][m]["vae_space"] for m in methods if "vae_space" in rep["controls"][m]}
@@ -236,7 +241,7 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
     L += vae_ceiling_markdown(recon, rep["sde_choice"].get("ode_quality") or {}, agg, methods)
     L += parts_section_markdown(agg, methods, recon)
     L += per_intent_markdown(rep.get("per_intent") or {}, methods, rep.get("intent_floor"),
-                             (rep.get("reconstruction") or {}).get("per_intent"))
+                             (rep.get("reconstruction") or {}).get("per_intent"), split=_split(rep))
     L += sde_markdown(rep["sde_choice"])
     L += variants_markdown(rep.get("variants") or {})
     L += mechanism_markdown(rep["mechanism"], groups, rep["setup"].get("env") or {})
@@ -244,7 +249,7 @@ def report_markdown(cfg_weights: list[float], rep, methods, groups, intents) -> 
     L += _supplementary_markdown(rep, methods)
     L += _text_control_markdown(rep, methods, intents)
     L += _cfg_sweep_markdown(cfg_weights, rep, methods)
-    L += ["", "## Listening motion, one test window", "", "![listening motion](listening_motion.png)", ""]
+    L += ["", f"## Listening motion, one {_split(rep)} window", "", "![listening motion](listening_motion.png)", ""]
     L += _all_metrics_markdown(rep, methods)
     return "\n".join(L)
 
@@ -345,7 +350,7 @@ def parts_section_markdown(agg: dict, methods: list[str], recon: dict | None) ->
 
 
 def per_intent_markdown(per_intent: dict, methods: list[str], floor: dict | None = None,
-                        reconstruction: dict | None = None) -> list[str]:
+                        reconstruction: dict | None = None, split: str = "test") -> list[str]:
     """Listening FDD / PDD / JDD per listener intent: per method the mean over the intent's windows and
     (in brackets) the share of the method's summed deviation those windows carry; ``reconstruction``
     (the VAE reconstruction's own ``{metric: {intent: ...}}``): a column after the methods, what perfect
@@ -365,7 +370,7 @@ def per_intent_markdown(per_intent: dict, methods: list[str], floor: dict | None
               "the typical one, what a generative model reaches that samples exactly the spread its conditions leave open "
               "(per intent in brackets).", ""]
     if reconstruction:
-        L += ["Column 'VAE reconstruction': the test windows' ground truth encoded and decoded by the frozen VAE, what a model "
+        L += [f"Column 'VAE reconstruction': the {split} windows' ground truth encoded and decoded by the frozen VAE, what a model "
               "that predicted every latent exactly reaches per intent (a method goes below it only with latents the VAE never "
               "produces from real motion).", ""]
     for k in LISTENING_DD:

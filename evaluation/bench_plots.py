@@ -1,6 +1,6 @@
 """The benchmark's figures (``train/bench.py``): per-group training reward of every run
 (``reward_curves.png``), the GDPO paper's mechanism figures per iteration (``mechanism.png``) and one
-test window's listening motion, ground truth against each method (``listening_motion.png``)."""
+window's listening motion (of the evaluated split), ground truth against each method (``listening_motion.png``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -146,7 +146,7 @@ def plot_listening_window(data: EvalData, row: int, preds: dict[str, np.ndarray]
     axes[0].legend(loc="upper right", fontsize=7, ncol=4)
     axes[-1].set_xlabel("time (s)   blue: listening frames   green: speaking frames")
     cid, actor = data.seq_ids[row]
-    fig.suptitle(f"listening motion, test window {cid} actor {actor} window {data.windows.index[data.indices[row]].window} "
+    fig.suptitle(f"listening motion, {data.split} window {cid} actor {actor} window {data.windows.index[data.indices[row]].window} "
                  f"({lis.mean():.0%} listening): ground truth vs each method (sampling seed {seed})")
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)

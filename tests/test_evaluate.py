@@ -297,6 +297,10 @@ def test_bench_quick(tiny):
     weights = [float(w) for w in rep["controls"]["supervised"]["cfg_sweep"]]
     md = report_markdown(weights, rep, rep["methods"], parse_reward_spec(rep["setup"]["reward"]), rep["intents"])
     assert md == (out / "report.md").read_text()
+    assert "all test windows" in md  # every section names the split it evaluated: a probe's eval.split=train report says so
+    train_md = report_markdown(weights, {**rep, "setup": {**rep["setup"], "split": "train"}}, rep["methods"],
+                               parse_reward_spec(rep["setup"]["reward"]), rep["intents"])
+    assert "test window" not in train_md and "all train windows" in train_md and "one train window" in train_md
     # paired per-window comparison: every method vs supervised, both subsets, the listening metrics
     for m in post:
         for subset in ("all", "expressive"):
