@@ -77,7 +77,8 @@ def _table1_markdown(rep, methods) -> list[str]:
     """Table 1 layout on all windows of the evaluated split and on the expressive subset."""
     recon = rep.get("reconstruction")
     L = []
-    for subset, title in (("all", f"all {_split(rep)} windows"), ("expressive", "expressive subset (top quartile of ground-truth variance)")):
+    titles = (("all", f"all {_split(rep)} windows"), ("expressive", "expressive subset (top quartile of ground-truth variance)"))
+    for subset, title in titles:
         L += [f"## Table 1 layout, {title}", ""]
         rows = [(label, {sp: {n: a.get(f"{subset}/{sp}/{n}") for n in TABLE1[sp]} for sp in TABLE1})
                 for label, a in _table_rows(rep, methods)]
@@ -124,7 +125,8 @@ def _evenness_markdown(rep, methods) -> list[str]:
 
 def _rewards_markdown(rep, methods, groups) -> list[str]:
     """Evaluation reward per FLAME group, and the training reward's first and last iterations with its trend."""
-    L = ["## Rewards per FLAME group", "", f"Evaluation reward on the {_split(rep)} windows' listening frames (ODE samples; higher is better):", ""]
+    L = ["## Rewards per FLAME group", "",
+         f"Evaluation reward on the {_split(rep)} windows' listening frames (ODE samples; higher is better):", ""]
     head = ["method", *GROUP_NAMES]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, a in _table_rows(rep, methods):
