@@ -40,8 +40,8 @@ def test_bench_rl_hydra_overrides_throughput_and_memory(tmp_path, run):
     res = run("bench_rl.py", *tiny[:3], "sde_steps=2", *tiny[4:], "sde_window=[0,1]", "uncached_tokens=1",
               "listen_lora={rank:4,scope:listening_context}", cwd=tmp_path)
     assert res.returncode == 0
-    lora = [ln for ln in res.stdout.splitlines() if "algo.listen_lora=4 algo.lora_scope=listening_context:" in ln]
-    assert len(lora) == 1 and "x the whole model's" in lora[0] and "x the checkpoint reference's" in lora[0]
+    lora = [ln for ln in res.stdout.splitlines() if "algo.listen_lora=4 algo.lora_scope=listening_context vs" in ln]
+    assert len(lora) == 1 and "vs the whole model (best of 3" in lora[0] and "x the checkpoint reference's" in lora[0]
     assert "replay/update with env.sde_window=[0,1], algo.kl_steps=sde (1 of 2 steps replayed)" in res.stdout  # beside the full update
     assert "replay/update with env.sde_window=[0,1], algo.kl_steps=all (2 of 2 steps replayed)" in res.stdout
     mixed = [ln for ln in res.stdout.splitlines() if "steps replayed)" in ln]

@@ -227,16 +227,16 @@ def throughput_report(cfg: DictConfig) -> None:
         if cfg.get("sde_window") is not None and "fp32" in cfg.ref_precisions:
             print(window_update_line(preset, ro, N, K, policy, model, reward, opt, cfg, t_full, machine))
         if cfg.get("listen_lora") is not None and "fp32" in cfg.ref_precisions:
-            print(lora_lines(preset, cfg, dt_cached, t_full))
+            print(lora_lines(preset, cfg, env, policy, model))
         print()
 
 
-def lora_lines(preset: str, cfg: DictConfig, t_rollout: float, t_update: float) -> str:
+def lora_lines(preset: str, cfg: DictConfig, whole_env, whole_policy, whole_model) -> str:
     """RL that trains only listening low-rank updates (``algo.listen_lora`` / ``algo.lora_scope``;
-    ``preset=listening_lora``) beside the whole model's rollout and fp32 update timed just before: the rollout
-    of a policy with the updates, and its update with the KL reference train/gdpo.py uses (the checkpoint as
-    loaded, without the new zero-initialised updates) and with a reference that carries them (a copy of the
-    trained model, as before 2026-12-07; the same means to the bit, more passes)."""
+    ``preset=listening_lora``) against the whole model (``whole_*``, fp32 reference), the two timed interleaved, best
+    of ``lora_repeats``: the cached rollout of a policy with the updates, and its update with the KL reference
+    train/gdpo.py uses (the checkpoint as loaded, without the new zero-initialised updates) and with a reference that
+    carries them (a copy of the trained model, as before 2026-12-07: the same means to the bit, more passes)."""
     rank, scope = int(cfg.listen_lora.rank), str(cfg.listen_lora.scope)
     n_prompts, G, K = int(cfg.n_prompts), int(cfg.group_size), int(cfg.sde_steps)
     base = ARFlow(getattr(ARFlowConfig, preset)()).eval().to(cfg.device)
@@ -245,21 +245,37 @@ def lora_lines(preset: str, cfg: DictConfig, t_rollout: float, t_update: float) 
     env, policy, model, reward = build(preset, n_prompts, G, K, True, cfg.device, model=model)
     N = env.n_tokens
     timed_rollout(env, policy, K)  # warm-up
-    ro, dt = timed_rollout(env, policy, N * K)
-    traj = trajectory_batch(ro, N, K)
-    opt = torch.optim.AdamW(trainable, lr=1e-5)
-    times = {"checkpoint": float("inf"), "with the updates": float("inf")}
-    for name, source in (("warm-up", base), *(("checkpoint", base), ("with the updates", model)) * 2):  # interleaved, best of 2
-        loss = GDPOLoss(transition_core(policy), model, reward.lambdas, reference=make_reference(source, "fp32"))
-        loss.compute_advantage(traj)
-        t0 = time.perf_counter()
-        chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))
-        times[name] = min(times.get(name, float("inf")), time.perf_counter() - t0)
-    what = f"algo.listen_lora={rank} algo.lora_scope={scope}"
-    return (f"{preset:8s} {what}: rollout {dt:.2f} s = {dt / t_rollout:.2f}x the whole model's | update, reference = the "
-            f"checkpoint: {times['checkpoint']:.2f} s = {times['checkpoint'] / t_update:.2f}x the whole model's | reference "
-            f"with the updates: {times['with the updates']:.2f} s = {times['with the updates'] / t_update:.2f}x "
-            f"({times['with the updates'] / times['checkpoint']:.2f}x the checkpoint reference's)")
+    best = {}
+
+    def keep(name: str, seconds: float) -> None:
+        best[name] = min(best.get(name, float("inf")), seconds)
+
+    trajs = {}
+    for _ in range(int(cfg.lora_repeats)):
+        for name, (e, p) in (("whole", (whole_env, whole_policy)), ("lora", (env, policy))):
+            ro, dt = timed_rollout(e, p, N * K)
+            keep(f"rollout {name}", dt)
+            trajs[name] = trajectory_batch(ro, N, K)
+    updates = {"whole": (whole_policy, whole_model, whole_model.parameters(), whole_model, trajs["whole"]),
+               "lora, reference = the checkpoint": (policy, model, trainable, base, trajs["lora"]),
+               "lora, reference with the updates": (policy, model, trainable, model, trajs["lora"])}
+    losses = {}
+    for name, (p, m, params, source, traj) in updates.items():
+        losses[name] = (GDPOLoss(transition_core(p), m, reward.lambdas, reference=make_reference(source, "fp32")),
+                        torch.optim.AdamW(params, lr=1e-6), traj)
+        losses[name][0].compute_advantage(traj)
+        chunked_update(losses[name][0], traj, losses[name][1], chunk_steps=int(cfg.chunk_steps))  # warm-up
+    for _ in range(int(cfg.lora_repeats)):
+        for name, (loss, opt, traj) in losses.items():
+            t0 = time.perf_counter()
+            chunked_update(loss, traj, opt, chunk_steps=int(cfg.chunk_steps))
+            keep(name, time.perf_counter() - t0)
+    r, u = best["rollout whole"], best["whole"]
+    ck, wu = best["lora, reference = the checkpoint"], best["lora, reference with the updates"]
+    return (f"{preset:8s} algo.listen_lora={rank} algo.lora_scope={scope} vs the whole model (best of {cfg.lora_repeats}, "
+            f"interleaved): rollout {best['rollout lora']:.3f} s / {r:.3f} s = {best['rollout lora'] / r:.2f}x | update, "
+            f"reference = the checkpoint {ck:.3f} s / {u:.3f} s = {ck / u:.2f}x | reference with the updates {wu:.3f} s = "
+            f"{wu / u:.2f}x ({wu / ck:.2f}x the checkpoint reference's) | iteration {(best['rollout lora'] + ck) / (r + u):.2f}x")
 
 
 def window_update_line(preset: str, ro, N: int, K: int, policy, model, reward, opt, cfg: DictConfig, t_full: float,
@@ -311,6 +327,8 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.get("sde_window") is not None:
         sde_window_steps(cfg.sde_window, int(cfg.sde_steps))
     lora = cfg.get("listen_lora")
+    if int(cfg.lora_repeats) != cfg.lora_repeats or cfg.lora_repeats < 1:
+        raise ValueError(f"lora_repeats={cfg.lora_repeats} must be a positive integer")
     if lora is not None and (set(lora) != {"rank", "scope"} or int(lora.rank) != lora.rank or lora.rank < 1
                              or lora.scope not in LORA_SCOPES):
         raise ValueError(f"listen_lora={lora} must be null or {{rank: r >= 1, scope: one of {list(LORA_SCOPES)}}}")
