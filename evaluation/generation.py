@@ -1,6 +1,7 @@
 """Held-out generation and the reports the training stages print.
 
-- :func:`generate_motion`: ODE-sample every row of a window bank and decode to raw FLAME;
+- :func:`generate_motion`: ODE-sample every row of a window bank and decode to raw FLAME (:func:`sample_latents`:
+  the latents it decodes);
 - :func:`teacher_forced_motion`: the same ODE for every token at once, each given the ground-truth
   history (the model's one-step conditionals, without its own rollout: where the collapse arises);
 - :func:`quality_report`: speaking jaw correlation and listening dynamics of a supervised model
@@ -34,22 +35,32 @@ def generate_motion(model, vae, normalizer, bank, steps: int = 10, w_speak: floa
     every batch in row order. ``text_emb (B, Dt)`` replaces the rows' text condition (text control:
     every row then has text). ``progress`` shows a bar over the batches.
     """
+    batches = _sampled_batches(model, bank, steps, w_speak, w_listen, seed, batch_size, text_emb, progress, desc, cfg_drop)
+    return torch.cat([decode_latents(vae, normalizer, z) for z in batches])  # (B, W, 67)
+
+
+@torch.no_grad()
+def sample_latents(model, bank, steps: int = 10, w_speak: float = 1.0, w_listen: float = 1.0, seed: int = 0,
+                   batch_size: int = 32, cfg_drop=DROP_KEYS) -> torch.Tensor:
+    """The latents ``(B, N, Dv)`` :func:`generate_motion` decodes (the same noise for the same arguments)."""
+    return torch.cat(list(_sampled_batches(model, bank, steps, w_speak, w_listen, seed, batch_size, None, False, "", cfg_drop)))
+
+
+def _sampled_batches(model, bank, steps, w_speak, w_listen, seed, batch_size, text_emb, progress, desc, cfg_drop):
+    """ODE samples of ``bank``'s rows, one ``(b, N, Dv)`` batch at a time (one generator, seeded once)."""
     B = bank.batch_size[0]
     if text_emb is not None and text_emb.shape[0] != B:
         raise ValueError(f"generate_motion: text_emb has {text_emb.shape[0]} rows, the bank {B}")
     g = torch.Generator(device=bank.device).manual_seed(int(seed))
     n_tokens = bank["actor_latent"].shape[1]
-    outs = []
     for i in tqdm(range(0, B, batch_size), desc=desc, disable=not progress, unit="batch", leave=False):
         b = bank[i : i + batch_size]
         cond = cond_from_bank(b)
         if text_emb is not None:
             te = text_emb[i : i + batch_size].to(bank.device)  # (b, Dt)
             cond = {**cond, "text_emb": te, "text_mask": torch.ones(te.shape[0], dtype=torch.bool, device=bank.device)}
-        z = model.sample(cond, n_tokens, steps=int(steps), w_speak=float(w_speak), w_listen=float(w_listen),
-                         speaking_tokens=b["speaking_tokens"], generator=g, cfg_drop=cfg_drop)  # (b, N, Dv)
-        outs.append(decode_latents(vae, normalizer, z))  # (b, W, 67)
-    return torch.cat(outs)
+        yield model.sample(cond, n_tokens, steps=int(steps), w_speak=float(w_speak), w_listen=float(w_listen),
+                           speaking_tokens=b["speaking_tokens"], generator=g, cfg_drop=cfg_drop)  # (b, N, Dv)
 
 
 @torch.no_grad()

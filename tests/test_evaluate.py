@@ -663,3 +663,42 @@ def test_teacher_forced_motion_integrates_each_token_given_the_ground_truth_hist
     assert len(model.calls) == 4 and all(torch.equal(c[0], gt) and c[2] == {} for c in model.calls)
     assert [float(c[1][0, 0]) for c in model.calls] == [0.0, 0.25, 0.5, 0.75]  # t = 0 noise ... (flow convention)
     assert torch.equal(teacher_forced_motion(model, vae, norm, bank, steps=4, seed=5), out)
+
+
+def test_decoder_fit_entry_point(tiny, tmp_path, capsys):
+    """train/decoder_fit.py: both models sampled with the same noise (the latents generate_motion decodes), the
+    run's motion with the supervised jaw fitted and the control, a JSON report; a bad group fails first."""
+    import decoder_fit
+
+    from gdpo_listener.agents.arflow import ARFlow, ARFlowConfig, load_arflow
+    from gdpo_listener.agents.checkpoint import save_checkpoint
+    from gdpo_listener.envs.windows import decode_latents
+    from gdpo_listener.evaluation.data import prepare_eval_data
+    from gdpo_listener.evaluation.generation import generate_motion, sample_latents
+
+    meta = json.loads((tiny / "sft" / "meta.json").read_text())
+    torch.manual_seed(5)
+    run = ARFlow(ARFlowConfig(**meta["arch"]))
+    save_checkpoint(tmp_path / "run", "arflow", {"model": run.state_dict()}, meta)
+    args = [f"checkpoint={tmp_path / 'run'}", f"supervised={tiny / 'sft'}", f"data.root={tiny / 'data'}", "data.auto_prepare=false",
+            f"features.cache_dir={tiny / 'cache'}", "split=test", "max_windows=4", "fit_steps=20", f"out={tmp_path / 'fit.json'}"]
+    cfg = compose("decoder_fit", args)
+    rep = decoder_fit.run(cfg)
+    names = [r["motion"] for r in rep["rows"]]
+    assert names[:3] == ["supervised", "run", "splice target (run, supervised jaw)"] and len(names) == 5
+    sup, r, target, fit, control = rep["rows"]
+    assert target["jaw deviation"] == pytest.approx(sup["jaw deviation"]) and target["FDD"] == pytest.approx(r["FDD"])
+    assert fit["latent move"] > 0 and control["latent move"] > 0 and rep["windows"] == 4
+    assert rep["share_removed"] == pytest.approx((r["jaw deviation"] - fit["jaw deviation"]) / (r["jaw deviation"] - sup["jaw deviation"]))
+    decoder_fit.print_report(rep)
+    assert "share of the run's change in jaw deviation" in capsys.readouterr().out
+    # sample_latents gives the latents generate_motion decodes (the same noise)
+    data, _ = prepare_eval_data(cfg, tmp_path / "run", tiny / "data", torch.device("cpu"))
+    model, _ = load_arflow(tmp_path / "run")
+    z = sample_latents(model, data.bank, steps=2, seed=3, batch_size=2)
+    torch.testing.assert_close(decode_latents(data.vae, data.normalizer, z),
+                               generate_motion(model, data.vae, data.normalizer, data.bank, steps=2, seed=3, batch_size=2))
+    with pytest.raises(ValueError, match="group='nose'"):
+        decoder_fit.run(compose("decoder_fit", [*args, "group=nose"]))
+    with pytest.raises(FileNotFoundError, match="supervised="):
+        decoder_fit.run(compose("decoder_fit", [*args, f"supervised={tmp_path / 'none'}"]))
