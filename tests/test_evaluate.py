@@ -702,3 +702,8 @@ def test_decoder_fit_entry_point(tiny, tmp_path, capsys):
         decoder_fit.run(compose("decoder_fit", [*args, "group=nose"]))
     with pytest.raises(FileNotFoundError, match="supervised="):
         decoder_fit.run(compose("decoder_fit", [*args, f"supervised={tmp_path / 'none'}"]))
+    other_vae = tmp_path / "vae2"
+    shutil.copytree(tiny / "vae", other_vae)
+    save_checkpoint(tmp_path / "sup2", "arflow", {"model": run.state_dict()}, {**meta, "vae_dir": str(other_vae)})
+    with pytest.raises(ValueError, match="same VAE"):
+        decoder_fit.run(compose("decoder_fit", [*[a for a in args if not a.startswith("supervised=")], f"supervised={tmp_path / 'sup2'}"]))

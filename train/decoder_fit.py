@@ -25,6 +25,7 @@ from gdpo_listener.agents.checkpoint import atomic_write_json  # noqa: E402
 from gdpo_listener.envs.flame import GROUPS  # noqa: E402
 from gdpo_listener.evaluation import decoder_fit as DF  # noqa: E402
 from gdpo_listener.evaluation import metrics as M  # noqa: E402
+from gdpo_listener.evaluation.checkpoints import read_arflow_meta, recorded_vae_dir  # noqa: E402
 from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # noqa: E402
 from gdpo_listener.evaluation.generation import sample_latents  # noqa: E402
 from gdpo_listener.pipeline import factories, stages  # noqa: E402
@@ -32,11 +33,18 @@ from gdpo_listener.pipeline.threads import configure_threads  # noqa: E402
 
 
 def check(cfg: DictConfig) -> None:
+    """Bad settings fail before anything loads: the group, both checkpoint folders, and one VAE for both models
+    (both are decoded by the run's)."""
     if cfg.group not in GROUPS:
         raise ValueError(f"group={cfg.group!r} must be one of {list(GROUPS)}")
     for key in ("checkpoint", "supervised"):
         if not factories.abspath(cfg[key]).is_dir():
             raise FileNotFoundError(f"{key}={cfg[key]}: no checkpoint folder there")
+    run, sup = (factories.abspath(cfg[k]) for k in ("checkpoint", "supervised"))
+    vaes = [recorded_vae_dir(p, read_arflow_meta(p), cfg.get("vae_dir")).resolve() for p in (run, sup)]
+    if vaes[0] != vaes[1]:
+        raise ValueError(f"checkpoint={cfg.checkpoint} records the VAE {vaes[0]}, supervised={cfg.supervised} the VAE "
+                         f"{vaes[1]}: both must be decoded by the same VAE (pass the run's starting point as supervised=)")
 
 
 def figures(name: str, norm_motion: torch.Tensor, data, group: str, mcfg: DictConfig) -> dict:
