@@ -9,7 +9,8 @@ latent direction nothing in its objective holds. The test, in normalised units:
   from the supervised model's (same windows, same sampling noise);
 - ``z* = fit_latents(vae, z_run, y)``: the latents moved by Adam to make the decoder give ``y``
   (:func:`group_balanced_error`: positions plus ``vel_weight`` x frame differences, each FLAME group weighing
-  the same, so the 3 jaw channels count as much as the 50 expression channels);
+  the same by default, so the 3 jaw channels count as much as the 50 expression channels; ``weights`` can weigh
+  the spliced group more);
 - the control ``fit_latents(vae, z_sup, D(z_run))``: the same optimiser towards a target the decoder is known
   to reach. When it reaches the run's figures, the fit's remaining extra motion in ``group`` is what the
   decoder does not let go of at that setting (an upper bound: a longer fit may remove more).
@@ -42,28 +43,32 @@ def splice_group(motion: Tensor, donor: Tensor, group: str) -> Tensor:
     return out
 
 
-def group_balanced_error(m: Tensor, y: Tensor, vel_weight: float = 4.0) -> Tensor:
-    """Mean over the six FLAME groups of each group's mean squared error of ``m`` to ``y`` ``(B, T, 67)``,
-    positions plus ``vel_weight`` x frame differences (scalar)."""
+def group_balanced_error(m: Tensor, y: Tensor, vel_weight: float = 4.0, weights: dict[str, float] | None = None) -> Tensor:
+    """Weighted mean over the six FLAME groups of each group's mean squared error of ``m`` to ``y`` ``(B, T, 67)``,
+    positions plus ``vel_weight`` x frame differences (scalar). ``weights``: group -> weight (default 1 each)."""
     vel = torch.nn.functional.pad(m.diff(dim=1) - y.diff(dim=1), (0, 0, 0, 1))  # (B, T, 67), last frame 0
     e = (m - y).pow(2) + vel_weight * vel.pow(2)  # (B, T, 67)
-    return torch.stack([e[..., c].mean() for c in GROUPS.values()]).mean()
+    w = torch.tensor([float((weights or {}).get(g, 1.0)) for g in GROUPS], device=m.device)  # (6,)
+    return (torch.stack([e[..., c].mean() for c in GROUPS.values()]) * w).sum() / w.sum()
 
 
-def fit_latents(vae, z0: Tensor, target: Tensor, steps: int = 400, lr: float = 0.02,
-                vel_weight: float = 4.0) -> tuple[Tensor, float]:
+def fit_latents(vae, z0: Tensor, target: Tensor, steps: int = 400, lr: float = 0.02, vel_weight: float = 4.0,
+                weights: dict[str, float] | None = None) -> tuple[Tensor, float]:
     """Latents from ``z0 (B, N, Dv)`` whose decoding approaches ``target (B, N r, 67)`` (normalised):
-    ``steps`` Adam steps on :func:`group_balanced_error`, every row at once; the VAE is not changed.
-    Returns the latents and the final error."""
+    ``steps`` Adam steps on :func:`group_balanced_error` (``weights`` per group), every row at once; the VAE is
+    not changed. Returns the latents and the final error."""
     if int(steps) != steps or steps < 1 or not lr > 0:
         raise ValueError(f"decoder_fit: steps={steps} must be a positive integer and lr={lr} positive")
+    if weights and (set(weights) - set(GROUPS) or any(not float(v) >= 0 for v in weights.values())
+                    or not any(float(weights.get(g, 1.0)) > 0 for g in GROUPS)):
+        raise ValueError(f"decoder_fit: weights={weights} must map FLAME groups to weights >= 0, not all 0")
     frozen = [p.requires_grad for p in vae.parameters()]
     vae.requires_grad_(False)
     z = z0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=float(lr))
     try:
         for _ in range(int(steps)):
-            loss = group_balanced_error(decode_normalised(vae, z), target, vel_weight)
+            loss = group_balanced_error(decode_normalised(vae, z), target, vel_weight, weights)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -71,7 +76,7 @@ def fit_latents(vae, z0: Tensor, target: Tensor, steps: int = 400, lr: float = 0
         for p, f in zip(vae.parameters(), frozen):
             p.requires_grad_(f)
     with torch.no_grad():
-        final = float(group_balanced_error(decode_normalised(vae, z), target, vel_weight))
+        final = float(group_balanced_error(decode_normalised(vae, z), target, vel_weight, weights))
     return z.detach(), final
 
 

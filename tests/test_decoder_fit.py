@@ -34,6 +34,10 @@ def test_group_balanced_error_weighs_every_group_the_same():
     expr[..., GROUPS["expr"]] = 1.0  # 50 channels off by 1
     # a constant offset has no velocity error; each group's mean error is 1, averaged over six groups
     assert DF.group_balanced_error(jaw, y) == pytest.approx(1 / 6) and DF.group_balanced_error(expr, y) == pytest.approx(1 / 6)
+    assert DF.group_balanced_error(jaw, y, weights={"jaw": 4.0}) == pytest.approx(4 / 9)  # (4 x 1) / (4 + 5)
+    with pytest.raises(ValueError, match="weights"):
+        DF.fit_latents(make_vae(VAEConfig.tiny(d_latent=4, window=32, r=8)), torch.zeros(1, 4, 4), torch.zeros(1, 32, 67),
+                       weights={"nose": 1.0})
 
 
 def test_fit_reaches_a_decodable_target_and_leaves_the_vae_alone():

@@ -72,7 +72,8 @@ def run(cfg: DictConfig) -> dict:
     with torch.no_grad():
         m_sup, m_run = DF.decode_normalised(vae, z["supervised"]), DF.decode_normalised(vae, z["run"])
     target = DF.splice_group(m_run, m_sup, group)
-    fit = {"fit": DF.fit_latents(vae, z["run"], target, int(cfg.fit_steps), float(cfg.fit_lr), float(cfg.vel_weight)),
+    weights = {group: float(cfg.group_weight)}  # the spliced group's weight in the fit, every other group's 1
+    fit = {"fit": DF.fit_latents(vae, z["run"], target, int(cfg.fit_steps), float(cfg.fit_lr), float(cfg.vel_weight), weights),
            "control": DF.fit_latents(vae, z["supervised"], m_run, int(cfg.fit_steps), float(cfg.fit_lr), float(cfg.vel_weight))}
     with torch.no_grad():
         rows = [figures("supervised", m_sup, data, group, cfg.metrics), figures("run", m_run, data, group, cfg.metrics),
@@ -87,13 +88,14 @@ def run(cfg: DictConfig) -> dict:
     share = DF.share_removed(rows[1][key], rows[3][key], rows[0][key])
     return {"checkpoint": str(ckpt), "supervised": str(factories.abspath(cfg.supervised)), "group": group, "split": cfg.split,
             "windows": len(data.indices), "seed": int(cfg.seed), "fit_steps": int(cfg.fit_steps), "fit_lr": float(cfg.fit_lr),
-            "vel_weight": float(cfg.vel_weight), "rows": rows, "share_removed": share}
+            "vel_weight": float(cfg.vel_weight), "group_weight": float(cfg.group_weight), "rows": rows, "share_removed": share}
 
 
 def print_report(rep: dict) -> None:
     key = f"{rep['group']} deviation"
     print(f"listening figures on {rep['windows']} {rep['split']} windows, sampling seed {rep['seed']}, fits of "
-          f"{rep['fit_steps']} Adam steps (lr {rep['fit_lr']:g}, velocity weight {rep['vel_weight']:g}):")
+          f"{rep['fit_steps']} Adam steps (lr {rep['fit_lr']:g}, velocity weight {rep['vel_weight']:g}, {rep['group']} weighing "
+          f"{rep['group_weight']:g} in the fit of the splice target, every other group 1):")
     for r in rep["rows"]:
         extra = f" | error {r['error']:.4f} | latent move {r['latent move']:.3f}" if "error" in r else ""
         print(f"  {r['motion']}: FDD {r['FDD']:.3f} | PDD {r['PDD']:.3f} | JDD {r['JDD']:.3f} | {key} {r[key]:.4f}{extra}")
