@@ -83,6 +83,21 @@ SCOPE = {"lora": "listening", "lora_ctx": "listening_context", "lora_all": "all"
 SPEAKING = torch.tensor([[True, True, False, False], [False, True, True, False]])  # (B, N) tokens of a 32-frame window
 
 
+def collect(rl, model, K: int = 2):
+    """Rollouts of ``model`` (a frozen behaviour copy) in a tiny expr+rot env with K SDE steps per token:
+    ``(env, policy, reward, bank, traj)``, the trajectory batch the update replays."""
+    bank = rl.tiny_bank()
+    vae, norm = rl.tiny_vae()
+    g = torch.Generator().manual_seed(0)
+    reward = build_reward("expr+rot")
+    env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=2, sde_steps=K, sigma=0.5, generator=g, seed=0)
+    policy = make_policy(copy.deepcopy(model).requires_grad_(False), env, generator=g)
+    N = bank["actor_latent"].shape[1]
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        traj = trajectory_batch(env.rollout(N * K, policy, break_when_any_done=False), N, K)
+    return env, policy, reward, bank, traj
+
+
 @pytest.mark.parametrize("kind", ["adapter", "lora"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_listening_parts_move_listening_tokens_only_and_every_pass_agrees(causal, kind):
@@ -260,16 +275,8 @@ def test_rl_replay_with_listening_parts_matches_collection_and_trains_them_only(
     base = rl.tiny_arflow(0)
     model = TRAINED[kind](base, 8)
     trainable = make_trainable(model, 8 if kind == "adapter" else 0, 0 if kind == "adapter" else 8, SCOPE.get(kind, "listening"))
-    bank = rl.tiny_bank()
-    vae, norm = rl.tiny_vae()
-    g = torch.Generator().manual_seed(0)
-    reward = build_reward("expr+rot")
-    env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=2, sde_steps=K, sigma=0.5, generator=g, seed=0)
-    policy = make_policy(copy.deepcopy(model).requires_grad_(False), env, generator=g)
+    _, policy, reward, bank, traj = collect(rl, model, K)
     N = bank["actor_latent"].shape[1]
-    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
-        ro = env.rollout(N * K, policy, break_when_any_done=False)
-    traj = trajectory_batch(ro, N, K)
     core = transition_core(policy)
     with torch.no_grad():
         loc = core.replay_loc(traj["window"], traj["history"], traj["x"], traj["t"])
@@ -304,15 +311,7 @@ def test_the_kl_reference_is_the_checkpoint_without_the_new_parts(rl, compose_co
     base = rl.tiny_arflow(0, causal=kind == "lora_ctx")
     model = copy.deepcopy(base)
     make_trainable(model, 8 if kind == "adapter" else 0, 0 if kind == "adapter" else 8, SCOPE.get(kind, "listening"))
-    bank = rl.tiny_bank()
-    vae, norm = rl.tiny_vae()
-    g = torch.Generator().manual_seed(0)
-    reward = build_reward("expr+rot")
-    env = ListenerSDEEnv(bank, vae, norm, reward, n_prompts=2, group_size=2, sde_steps=K, sigma=0.5, generator=g, seed=0)
-    policy = make_policy(copy.deepcopy(model).requires_grad_(False), env, generator=g)
-    N = bank["actor_latent"].shape[1]
-    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
-        traj = trajectory_batch(env.rollout(N * K, policy, break_when_any_done=False), N, K)
+    _, policy, reward, _, traj = collect(rl, model, K)
     loss = make_loss(compose_config("gdpo").algo, policy, model, reward, reference_source=base)
     assert getattr(loss.ref_network, PART[kind]) is None and getattr(model, PART[kind]) is not None
     core = transition_core(policy)
