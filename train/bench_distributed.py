@@ -48,6 +48,7 @@ from gdpo_listener.agents.vae import MotionVAE, VAEConfig
 from gdpo_listener.envs.dataset import Normalizer
 from gdpo_listener.envs.flame import FLAME_DIM
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
+from gdpo_listener.evaluation import rl_timing
 from gdpo_listener.pipeline.distributed import Dist, distributed, rank_seed
 from gdpo_listener.rewards.groups import build_reward
 
@@ -99,8 +100,8 @@ def comm_report(cfg: DictConfig) -> None:
 
 
 def random_bank(n: int, cfg: ARFlowConfig):
-    """A random window bank with the preset's shapes (train/bench_rl.py)."""
-    return load_recipe("bench_rl").random_bank(n, W=cfg.window, r=cfg.r, dv=cfg.d_latent, dt=cfg.d_text, da=cfg.d_audio)
+    """A random window bank with the preset's shapes (as train/bench_rl.py's)."""
+    return rl_timing.random_bank(n, W=cfg.window, r=cfg.r, dv=cfg.d_latent, dt=cfg.d_text, da=cfg.d_audio)
 
 
 def timed(fn, n_warmup: int, n: int, dist: Dist) -> float:
