@@ -75,15 +75,16 @@ def run(cfg: DictConfig) -> dict:
     weights = {group: float(cfg.group_weight)}  # the spliced group's weight in the fit, every other group's 1
     fit = {"fit": DF.fit_latents(vae, z["run"], target, int(cfg.fit_steps), float(cfg.fit_lr), float(cfg.vel_weight), weights),
            "control": DF.fit_latents(vae, z["supervised"], m_run, int(cfg.fit_steps), float(cfg.fit_lr), float(cfg.vel_weight))}
+
+    def fitted(name: str, z_fit: torch.Tensor, err: float, z0: torch.Tensor) -> dict:
+        return {**figures(name, DF.decode_normalised(vae, z_fit), data, group, cfg.metrics),
+                "error": err, "latent move": float((z_fit - z0).norm() / z0.norm())}
+
     with torch.no_grad():
         rows = [figures("supervised", m_sup, data, group, cfg.metrics), figures("run", m_run, data, group, cfg.metrics),
                 figures(f"splice target (run, supervised {group})", target, data, group, cfg.metrics),
-                {**figures("decoded fit of the splice target from the run's latents", DF.decode_normalised(vae, fit["fit"][0]),
-                           data, group, cfg.metrics),
-                 "error": fit["fit"][1], "latent move": float((fit["fit"][0] - z["run"]).norm() / z["run"].norm())},
-                {**figures("control: decoded fit of the run's motion from the supervised latents",
-                           DF.decode_normalised(vae, fit["control"][0]), data, group, cfg.metrics),
-                 "error": fit["control"][1], "latent move": float((fit["control"][0] - z["supervised"]).norm() / z["supervised"].norm())}]
+                fitted("decoded fit of the splice target from the run's latents", *fit["fit"], z["run"]),
+                fitted("control: decoded fit of the run's motion from the supervised latents", *fit["control"], z["supervised"])]
     key = f"{group} deviation"
     share = DF.share_removed(rows[1][key], rows[3][key], rows[0][key])
     return {"checkpoint": str(ckpt), "supervised": str(factories.abspath(cfg.supervised)), "group": group, "split": cfg.split,
