@@ -26,7 +26,8 @@ the update replays one window at a time, so update memory does not grow with the
 Reward: a vector ``(n_groups,)`` per rollout, zero on every step but the last; on the last step
 the generated latents are decoded by the frozen VAE to FLAME and scored against the ground
 truth on the actor's *listening* frames by the reward module (``rewards/``; a ``<group>@speaking``
-column scores the speaking frames instead).
+column scores the speaking frames instead, a ``<group>@hold`` column the listening frames against the
+bank's ``reference_motion``).
 
 The environment owns data sampling (the window bank), the frozen VAE decoder, the reward
 module and the SDE (``sigma``, ``sde_steps``, ``sde``, ``sde_window``); the policy (``agents/policy.py``) owns the
@@ -53,7 +54,7 @@ from torchrl.envs import EnvBase
 
 from ..agents.arflow import DROP_KEYS
 from ..agents.flow import SDE_KINDS, sde_window_steps
-from ..rewards.groups import speaking_kwargs
+from ..rewards.groups import reward_kwargs
 from .windows import decode_latents
 
 # episode ids: unique within a process (counter) and, with overwhelming probability, across
@@ -128,6 +129,9 @@ class ListenerSDEEnv(EnvBase):
         bad = set(drop_keys) - set(DROP_KEYS)
         if bad or not drop_keys:
             raise ValueError(f"drop_keys must be a non-empty subset of {DROP_KEYS}, got {list(drop_keys)}")
+        if getattr(reward, "scores_reference", False) and "reference_motion" not in bank.keys():
+            raise ValueError(f"reward columns {reward.hold_columns} score against a reference motion: the bank needs "
+                             f"'reference_motion' (B, W, 67) (pipeline.rl.attach_hold_reference)")
         B = n_prompts * group_size
         super().__init__(device=device, batch_size=torch.Size([B]))
         self.n_windows = bank.batch_size[0]  # the windows prompts are drawn from
@@ -247,7 +251,7 @@ class ListenerSDEEnv(EnvBase):
         rows = self.bank[window]
         pred = self.decode(history)
         return self.reward_fn(pred, rows["actor_motion"], rows["listening"], rows["actor_valid"],
-                              **speaking_kwargs(self.reward_fn, rows["speaking"]))
+                              **reward_kwargs(self.reward_fn, rows))
 
     @torch.no_grad()
     def episode_reward_terms(self, history: torch.Tensor, window: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -256,7 +260,7 @@ class ListenerSDEEnv(EnvBase):
         rows = self.bank[window]
         pred = self.decode(history)
         return self.reward_fn.compute(pred, rows["actor_motion"], rows["listening"], rows["actor_valid"], with_terms=True,
-                                      **speaking_kwargs(self.reward_fn, rows["speaking"]))["terms"]
+                                      **reward_kwargs(self.reward_fn, rows))["terms"]
 
     def rng_state(self) -> dict:
         """State of the window sampler, the condition-dropout draws and the noise generator (exact resume)."""

@@ -153,7 +153,7 @@ def report_setup(cfg: DictConfig, runs: dict, algos: list[str], seeds: list[int]
             "wall_s": {a: round(float(np.mean(wall[a])), 1) if wall[a] else float("nan") for a in algos},
             "extended_from": {a: {str(s): runs[a][s].get("extended_from") for s in seeds if runs[a][s].get("extended_from")}
                               for a in algos},
-            "variants": {a: parse_method(a).variant_overrides(cfg.get("variants")) for a in algos if parse_method(a).variant},
+            "variants": {a: parse_method(a).variant_overrides(cfg.get("variants"), cfg.reward) for a in algos if parse_method(a).variant},
             "run_reward": base_run_reward({a: {s: runs[a][s]["path"] for s in seeds} for a in algos}),
             "steps": int(ecfg.steps), "sft": str(sft), "vae": str(vae), "quick": bool(cfg.quick), "git": git_state(),
             "eval_header": header(data, ecfg, str(sft), seeds[0])}

@@ -101,7 +101,7 @@ def plot_mechanism(mech: dict, groups: list[str], path: Path, group_size: int | 
             if cc is not None:
                 group, frames = column_group(g)  # a <group>@speaking column: the group's colour, dashed
                 ax.plot(cc[0], moving_average(cc[1].mean(0), smoothing_window(len(cc[0]))), color=colors[group], lw=1.5,
-                        ls="--" if frames == "speaking" else "-", marker="o" if len(cc[0]) < 20 else None, ms=3, label=g)
+                        ls={"speaking": "--", "hold": ":"}.get(frames, "-"), marker="o" if len(cc[0]) < 20 else None, ms=3, label=g)
         if len(groups) > 0:
             ax.axhline(1 / np.sqrt(len(groups)), color="black", lw=0.8, ls=":", label="1/sqrt(n): even")
         ax.set_title(f"{method_label(m)}: corr(advantage, group z-score)")

@@ -33,7 +33,7 @@ def train_overrides(cfg: DictConfig, method: BenchMethod, seed: int, run_dir: Pa
             f"features.cache_dir={factories.abspath(f.cache_dir)}",
             *([] if cfg.iterations is None else [f"optim.iterations={int(cfg.iterations)}"]),
             f"device={cfg.device}", f"threads={resolve_threads(cfg.threads)}", "logger.backend=csv", *extra,
-            *method.variant_overrides(cfg.get("variants"))]
+            *method.variant_overrides(cfg.get("variants"), cfg.reward)]
 
 
 def _iterations(overrides: list[str]) -> int | None:

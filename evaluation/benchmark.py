@@ -90,11 +90,13 @@ class BenchMethod:
         """The ``train/gdpo.py`` overrides that select the algorithm and the SDE."""
         return [f"algo={self.algo}", *([] if self.sde is None else [f"env.sde={self.sde}"])]
 
-    def variant_overrides(self, variants=None) -> list[str]:
+    def variant_overrides(self, variants=None, reward: str | None = None) -> list[str]:
         """The variant's extra ``train/gdpo.py`` overrides from ``variants`` (the config's mapping of names
         to override lists; the run applies them last). A variant may not set what the benchmark holds
         equal across methods or sets per run (:data:`VARIANT_FORBIDDEN`, :data:`VARIANT_FORBIDDEN_GROUPS`):
-        a ValueError names the override."""
+        a ValueError names the override. One exception: ``reward=`` that keeps the benchmark's ``reward``
+        (its listening columns) and only adds ``<group>@speaking`` / ``<group>@hold`` columns, an anchor
+        ablation (``"variants={hold:['reward=expr+rot+jaw@hold']}"``)."""
         if self.variant is None:
             return []
         if not variants or self.variant not in variants:
@@ -103,12 +105,29 @@ class BenchMethod:
         over = [str(o) for o in variants[self.variant]]
         for o in over:
             key = o.lstrip("+~").split("=", 1)[0]
+            if key == "reward" and o.startswith("reward=") and adds_anchor_columns(reward, o.split("=", 1)[1]):
+                continue
             if ("=" not in o or key == "" or key in VARIANT_FORBIDDEN
                     or any(key == g or key.startswith(g + ".") for g in VARIANT_FORBIDDEN_GROUPS)):
                 raise ValueError(f"variants.{self.variant}: {o!r} is not an override a variant may set: key=value, none of "
                                  f"{', '.join(VARIANT_FORBIDDEN)} nor under {', '.join(VARIANT_FORBIDDEN_GROUPS)} (what the "
                                  f"benchmark sets per run or holds equal; the SDE: write {self.algo}@<sde>+{self.variant})")
         return over
+
+
+def adds_anchor_columns(reward: str | None, spec: str) -> bool:
+    """True when reward spec ``spec`` is ``reward`` (the same listening columns) plus ``@speaking`` / ``@hold``
+    columns; False for anything else, a malformed spec included."""
+    from ..rewards.groups import column_group, parse_reward_spec
+
+    if reward is None:
+        return False
+    try:
+        base, cols = parse_reward_spec(str(reward)), parse_reward_spec(spec)
+    except ValueError:
+        return False
+    listening = [c for c in cols if column_group(c)[1] == "listening"]
+    return listening == base and len(cols) > len(base)
 
 
 def parse_method(spec: str) -> BenchMethod:

@@ -160,9 +160,15 @@ def terms_differ_from_default(reward_cfg: dict) -> bool:
 
 
 def build_run_reward(reward_cfg: dict):
-    """The ``FlameReward`` of a recorded reward config."""
-    from ..rewards.groups import build_reward
+    """The ``FlameReward`` of a recorded reward config, without its ``<group>@hold`` columns (they score
+    against the supervised model's rollouts of the training run, which evaluation does not have); None when
+    nothing else is left."""
+    from ..rewards.groups import build_reward, column_group, parse_reward_spec
 
     r = reward_cfg["rewards"]
-    return build_reward(reward_cfg["reward"], weights=r.get("weights"), lambdas=r.get("lambdas"),
+    columns = [c for c in parse_reward_spec(reward_cfg["reward"]) if column_group(c)[1] != "hold"]
+    if not columns:
+        return None
+    lambdas = {k: v for k, v in (r.get("lambdas") or {}).items() if k in columns}
+    return build_reward(columns, weights=r.get("weights"), lambdas=lambdas,
                         group_reward=r.get("group_reward"), extra_terms=r.get("extra_terms"))

@@ -143,27 +143,29 @@ def print_quality_report(rep: dict, title: str) -> None:
 
 
 @torch.no_grad()
-def listening_table(model, vae, normalizer, bank, reward, n_windows: int, steps: int, seed: int) -> tuple[dict, dict]:
+def listening_table(model, vae, normalizer, bank, reward, n_windows: int, steps: int, seed: int,
+                    reference: torch.Tensor | None = None) -> tuple[dict, dict]:
     """Per reward column: velocity-std deviation (|std(vel pred) - std(vel gt)|), ratio and reward on the
-    column's frames (listening; speaking for ``<group>@speaking`` columns).
+    column's frames (listening; speaking for ``<group>@speaking`` columns; ``<group>@hold`` columns are
+    rewarded against ``reference (n, W, 67)``, their deviation is against the ground truth).
 
     Returns the table and the per-window values ``{"{g}/vel_std_dev": (n,), "{g}/reward": (n,)}`` of the
     windows with more than 2 of those frames (for paired comparisons).
     """
     b = bank[: min(n_windows, bank.batch_size[0])]
-    return column_table(generate_motion(model, vae, normalizer, b, steps=steps, seed=seed), b, reward)
+    return column_table(generate_motion(model, vae, normalizer, b, steps=steps, seed=seed), b, reward, reference)
 
 
-def column_table(pred: torch.Tensor, b, reward) -> tuple[dict, dict]:
+def column_table(pred: torch.Tensor, b, reward, reference: torch.Tensor | None = None) -> tuple[dict, dict]:
     """:func:`listening_table` of a given prediction ``pred (B, W, 67)`` of the rows of ``b``."""
-    from ..rewards.groups import column_group, speaking_kwargs
+    from ..rewards.groups import column_frame_key, column_group, reward_kwargs
 
     gt, lis = b["actor_motion"], b["listening"]
-    rewards = reward(pred, gt, lis, b["actor_valid"], **speaking_kwargs(reward, b["speaking"]))  # (B, n_groups)
+    rewards = reward(pred, gt, lis, b["actor_valid"], **reward_kwargs(reward, b, reference))  # (B, n_groups)
     out, per_window = {}, {}
     for i, g in enumerate(reward.group_names):
         group, frames = column_group(g)
-        m = b[frames]  # (B, W) the column's frames
+        m = b[column_frame_key(frames)]  # (B, W) the column's frames
         rows, sl = m.sum(1) > 2, GROUPS[group]
         dev = dynamic_deviation(pred[rows][..., sl], gt[rows][..., sl], m[rows])  # (n,) one per window
         per_window[f"{g}/vel_std_dev"], per_window[f"{g}/reward"] = dev, rewards[rows, i]
@@ -179,13 +181,15 @@ def before_after(supervised, trained, vae, normalizer, bank, reward, n_windows: 
 
     Both policies sample with the same noise, so windows are paired: the table adds, per rewarded
     group, the mean change with a 95 % paired-bootstrap interval and the share of windows improved.
+    A ``<group>@hold`` column is rewarded against the supervised model's sample here (0 for the supervised row).
     """
-    kw = dict(n_windows=int(n_windows), steps=int(steps), seed=int(seed))
-    before, pw_before = listening_table(supervised, vae, normalizer, bank, reward, **kw)
-    after, pw_after = listening_table(trained, vae, normalizer, bank, reward, **kw)
-    b = bank[: min(kw["n_windows"], bank.batch_size[0])]
-    recon, _ = column_table(reconstruct_motion(vae, normalizer, b), b, reward)  # the VAE's ceiling
-    print(f"\n== listening frames, held-out windows (n={b.batch_size[0]}), ODE {kw['steps']} steps ==")
+    b = bank[: min(int(n_windows), bank.batch_size[0])]
+    sup = generate_motion(supervised, vae, normalizer, b, steps=int(steps), seed=int(seed))  # (n, W, 67)
+    before, pw_before = column_table(sup, b, reward, reference=sup)
+    after, pw_after = column_table(generate_motion(trained, vae, normalizer, b, steps=int(steps), seed=int(seed)), b, reward,
+                                   reference=sup)
+    recon, _ = column_table(reconstruct_motion(vae, normalizer, b), b, reward, reference=sup)  # the VAE's ceiling
+    print(f"\n== listening frames, held-out windows (n={b.batch_size[0]}), ODE {int(steps)} steps ==")
     print(f"  {'metric':32s} {'supervised':>12s} {label:>12s}   {'change [95% CI]':>28s} {'windows better':>15s} {'VAE recon.':>11s}")
     out = {}
     for k in before:

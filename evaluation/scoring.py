@@ -100,8 +100,8 @@ def row_stats(pred: torch.Tensor, data: EvalData, mcfg: DictConfig, progress: bo
             for band, x in (("low", low), ("high", high)):
                 st["groups"][g][f"vel_{band}_{who}"] = _std_rows(*frame_velocity(x[..., GROUPS[g]], lis), cv, mf)
     st["reward"] = reward_rows(build_run_reward(DEFAULT_EVAL_REWARD), pred, gt, lis, valid, mf)  # all six groups
-    if run_reward is not None and terms_differ_from_default(run_reward):
-        own = build_run_reward(run_reward)
+    own = build_run_reward(run_reward) if run_reward is not None and terms_differ_from_default(run_reward) else None
+    if own is not None:
         st["run_reward"] = (own.group_names, *reward_rows(own, pred, gt, lis, valid, mf, speaking=b["speaking"]))
     if data.flame is not None:
         st["vertex"] = vertex_row_stats(pred, data, mcfg, progress)

@@ -3,6 +3,7 @@
 - :func:`check_settings`: every numeric setting of the stage in range before any long work;
 - :func:`make_env`, :func:`make_train_bank`, :func:`make_loss`, :func:`collect`: the env, the window
   bank episodes are drawn from, the GDPO / GRPO loss module, one batch of trajectories;
+- :func:`attach_hold_reference`: the supervised model's rollouts ``<group>@hold`` reward columns score against;
 - :func:`global_advantages`, :func:`objective_counts`, :func:`combine_rank_stats`: the global batch's
   advantages and figures under torchrun (one process: the batch itself);
 - :func:`reward_stats`, :func:`reward_term_means`, :func:`advantage_log_stats`: what is logged each
@@ -129,6 +130,32 @@ def make_train_bank(cfg: DictConfig, data_root, features, vae, normalizer, devic
         return factories.make_banks(data_root, features, vae, normalizer, device, splits=("train",), window=frames)["train"]
     except ValueError as e:
         raise ValueError(f"env.episode_tokens={n} needs {frames}-frame segments of the train conversations: {e}") from None
+
+
+@torch.no_grad()
+def attach_hold_reference(cfg: DictConfig, bank, model, vae, normalizer, reward, batch_size: int = 64):
+    """For a reward with ``<group>@hold`` columns: ``bank["reference_motion"] (B, W, 67)``, the supervised
+    ``model``'s own rollout of every window with the env's sampler (``env.sde_steps``, ``sigma``, ``sde``,
+    ``sde_window``; no CFG, as the rollouts), decoded raw FLAME; drawn once with ``seed`` so every rank and a
+    resumed run hold the same reference. Like with like: at the start of RL a hold column's reward is the
+    spread of one rollout around another. Other rewards: ``bank`` unchanged."""
+    if not reward.scores_reference:
+        return bank
+    if cfg.env.episode_tokens is not None:
+        raise ValueError(f"reward={cfg.reward}: hold columns {reward.hold_columns} need one-window episodes "
+                         f"(env.episode_tokens=null), got env.episode_tokens={cfg.env.episode_tokens}")
+    from ..envs.windows import cond_from_bank, decode_latents
+
+    g = torch.Generator(device=bank.device).manual_seed(int(cfg.seed))
+    n_tokens, out = bank["actor_latent"].shape[1], []
+    for i in range(0, bank.batch_size[0], batch_size):
+        b = bank[i : i + batch_size]
+        z = model.sample(cond_from_bank(b), n_tokens, steps=int(cfg.env.sde_steps), sigma=float(cfg.env.sigma),
+                         sde=cfg.env.sde, sde_window=cfg.env.get("sde_window"), speaking_tokens=b["speaking_tokens"],
+                         generator=g)  # (b, N, Dv)
+        out.append(decode_latents(vae, normalizer, z))  # (b, W, 67)
+    bank["reference_motion"] = torch.cat(out)  # (B, W, 67)
+    return bank
 
 
 def make_reference(model, precision: str):

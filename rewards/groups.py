@@ -30,6 +30,14 @@ are per frame, so on slow motion ``vel`` is numerically smaller than ``var``; tu
 
 Specs: ``reward="expr+rot"`` (FLAME group names joined by ``+``), ``"jaw"``, ``"all"``.
 
+Hold columns: ``<group>@hold`` (``reward="expr+rot+jaw@hold"``) scores a group on the listening frames
+against a *reference* motion instead of the ground truth: in RL, the supervised model's own SDE
+rollout of the same window, drawn once before training (``pipeline/rl.py`` ``attach_hold_reference``).
+It holds a group the other columns do not reward near what the supervised model did with it, so an
+unrewarded group does not drift along a latent direction nothing in the objective sees (the jaw under
+an expr+rot reward, docs/benchmarks.md). Such a reward needs ``reference=(B, T, 67)`` (a clear error
+otherwise); :func:`reward_kwargs` passes it only to rewards that score it.
+
 Frames: a reward *column* scores one group on the actor's listening frames (``"jaw"``), or, named
 ``<group>@speaking`` (``reward="expr+rot+jaw@speaking"``), on its speaking frames: an anchor that
 holds speaking motion (lip sync) the listening reward does not see. GDPO normalises it as its own
@@ -53,6 +61,9 @@ __all__ = [
     "column_group",
     "is_speaking_column",
     "speaking_kwargs",
+    "reward_kwargs",
+    "COLUMN_FRAMES",
+    "column_frame_key",
     "DEFAULT_WEIGHTS",
     "BUILTIN_TERMS",
     "GroupReward",
@@ -70,16 +81,27 @@ BUILTIN_TERMS: dict[str, type[nn.Module]] = {
 }
 
 
+# what a column scores: "listening" frames against the ground truth (``jaw``), "speaking" frames against the
+# ground truth (``jaw@speaking``), or "hold": listening frames against a reference motion (``jaw@hold``)
+COLUMN_FRAMES = ("listening", "speaking", "hold")
+
+
 def column_group(column: str) -> tuple[str, str]:
-    """Reward column name -> (FLAME group, frames): ``"jaw"`` -> ("jaw", "listening"),
-    ``"jaw@speaking"`` -> ("jaw", "speaking")."""
+    """Reward column name -> (FLAME group, kind): ``"jaw"`` -> ("jaw", "listening"),
+    ``"jaw@speaking"`` -> ("jaw", "speaking"), ``"jaw@hold"`` -> ("jaw", "hold") (:data:`COLUMN_FRAMES`)."""
     group, sep, frames = column.partition("@")
     if not sep:
         return _check_group(group), "listening"
-    if frames != "speaking":
-        raise ValueError(f"reward column {column!r}: '@' must be followed by 'speaking' (the frames it scores), "
-                         f"e.g. 'jaw@speaking'; without '@' a group scores the listening frames")
+    if frames not in COLUMN_FRAMES[1:]:
+        raise ValueError(f"reward column {column!r}: '@' must be followed by 'speaking' (the speaking frames) or "
+                         f"'hold' (listening frames against the reference motion), e.g. 'jaw@speaking'; without '@' "
+                         f"a group scores the listening frames against the ground truth")
     return _check_group(group), frames
+
+
+def column_frame_key(kind: str) -> str:
+    """The bank's frame mask a column kind scores: "speaking" for ``@speaking`` columns, else "listening"."""
+    return "speaking" if kind == "speaking" else "listening"
 
 
 def is_speaking_column(column: str) -> bool:
@@ -92,6 +114,22 @@ def speaking_kwargs(reward: nn.Module, speaking: torch.Tensor) -> dict:
     speaking frames only to rewards that score them, so a user's listening-only reward module keeps
     the four-argument signature ``(pred, target, mask, valid)``."""
     return {"speaking": speaking} if getattr(reward, "scores_speaking", False) else {}
+
+
+def reward_kwargs(reward: nn.Module, rows, reference: torch.Tensor | None = None) -> dict:
+    """The keyword arguments ``reward`` takes beyond ``(pred, target, mask, valid)`` for bank ``rows``:
+    ``speaking`` (``<group>@speaking`` columns) and ``reference`` (``<group>@hold`` columns: the given one,
+    else the rows' ``reference_motion``, else a ValueError saying how to get one)."""
+    kw = speaking_kwargs(reward, rows["speaking"])
+    if getattr(reward, "scores_reference", False):
+        if reference is None:
+            if "reference_motion" not in rows.keys():
+                raise ValueError(f"reward columns {reward.hold_columns} score against a reference motion, but the window "
+                                 f"bank has no 'reference_motion' (pipeline.rl.attach_hold_reference draws the supervised "
+                                 f"model's rollouts)")
+            reference = rows["reference_motion"]
+        kw["reference"] = reference
+    return kw
 
 
 def _check_group(group: str) -> str:
@@ -184,7 +222,8 @@ class FlameReward(nn.Module):
     pred, target: ``(B, T, 67)`` FLAME frames (extra leading batch dims are allowed);
     mask: ``(B, T)`` bool, the frames that count (the actor's listening frames);
     valid: ``(B, 6)`` bool per-group validity in :data:`GROUP_NAMES` order (None = all valid);
-    speaking: ``(B, T)`` bool, the actor's speaking frames, needed only by ``<group>@speaking`` columns.
+    speaking: ``(B, T)`` bool, the actor's speaking frames, needed only by ``<group>@speaking`` columns;
+    reference: ``(B, T, 67)`` the motion ``<group>@hold`` columns score against (needed only by them).
     Invalid entries (invalid group or no frame to score) are 0, see the module docstring.
 
     group_rewards: a list of GroupReward-like modules (each with a ``.group`` name; listening
@@ -219,7 +258,7 @@ class FlameReward(nn.Module):
             if not isinstance(m, nn.Module):
                 raise TypeError(f"FlameReward: reward of group {n!r} must be an nn.Module, got {type(m).__name__}")
         self.group_names: tuple[str, ...] = tuple(names)  # column names, e.g. ("expr", "rot", "jaw@speaking")
-        self.column_frames: tuple[str, ...] = tuple(f for _, f in columns)  # "listening" | "speaking" per column
+        self.column_frames: tuple[str, ...] = tuple(f for _, f in columns)  # COLUMN_FRAMES kind per column
         self.groups = nn.ModuleDict(dict(zip(names, modules)))
         self.register_buffer("lambdas", _lambda_vector(lambdas, self.group_names))
         # column i scores FLAME group flame_index[i] (position in GROUP_NAMES)
@@ -239,6 +278,16 @@ class FlameReward(nn.Module):
         """True when a column scores speaking frames (callers must pass ``speaking``)."""
         return bool(self.speaking_columns)
 
+    @property
+    def hold_columns(self) -> list[str]:
+        """The columns that score against the reference motion (``<group>@hold``), in column order."""
+        return [n for n, f in zip(self.group_names, self.column_frames) if f == "hold"]
+
+    @property
+    def scores_reference(self) -> bool:
+        """True when a column scores against a reference motion (callers must pass ``reference``)."""
+        return bool(self.hold_columns)
+
     def column_masks(self, mask: torch.Tensor, speaking: torch.Tensor | None) -> list[torch.Tensor]:
         """The ``(..., T)`` bool frame mask of every column (listening ``mask`` or ``speaking``)."""
         if self.scores_speaking and speaking is None:
@@ -249,6 +298,16 @@ class FlameReward(nn.Module):
             raise ValueError(f"FlameReward: speaking mask {tuple(speaking.shape)} != listening mask {tuple(mask.shape)}")
         as_bool = lambda m: m if m.dtype == torch.bool else m != 0  # noqa: E731
         return [as_bool(speaking if f == "speaking" else mask) for f in self.column_frames]
+
+    def column_targets(self, target: torch.Tensor, reference: torch.Tensor | None) -> list[torch.Tensor]:
+        """The motion every column scores against: the ground truth, or ``reference`` for ``@hold`` columns."""
+        if self.scores_reference:
+            if reference is None:
+                raise ValueError(f"FlameReward: columns {self.hold_columns} score against a reference motion: pass "
+                                 f"reference=(B, T, {FLAME_DIM}) (e.g. the supervised model's rollout of the window)")
+            if reference.shape != target.shape:
+                raise ValueError(f"FlameReward: reference shape {tuple(reference.shape)} != target shape {tuple(target.shape)}")
+        return [reference if f == "hold" else target for f in self.column_frames]
 
     def _prepare(self, pred, target, mask, valid):
         """Check shapes, flatten leading batch dims: returns (pred, target, mask, valid, lead)."""
@@ -286,7 +345,7 @@ class FlameReward(nn.Module):
 
     def compute(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                 valid: torch.Tensor | None = None, with_terms: bool = False,
-                speaking: torch.Tensor | None = None) -> dict[str, Any]:
+                speaking: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> dict[str, Any]:
         """Rewards with their validity, optionally the per-term penalties.
 
         Returns ``{"reward": (B, n_groups), "valid": (B, n_groups) bool}`` and, with
@@ -294,14 +353,17 @@ class FlameReward(nn.Module):
         invalid entries; only for group modules that have a ``penalties`` method).
         """
         masks = self.column_masks(mask, speaking)
+        targets = self.column_targets(target, reference)
         pred, target, _, valid, lead = self._prepare(pred, target, mask, valid)
         masks = [m.reshape(pred.shape[:2]) for m in masks]  # (B, T) per column
+        targets = [g.reshape(pred.shape) for g in targets]  # (B, T, 67) per column
         ok = self._column_valid(masks, valid)  # (B, n)
         B = pred.shape[0]
         reward = pred.new_zeros(B, self.n_groups)
         terms: dict[str, torch.Tensor] = {}
         for i, (name, module) in enumerate(self.groups.items()):
             rows, m, sl = ok[:, i], masks[i], GROUPS[GROUP_NAMES[int(self.flame_index[i])]]
+            target = targets[i]
             n_rows = int(rows.sum())
             if n_rows == 0:
                 pass
@@ -338,12 +400,13 @@ class FlameReward(nn.Module):
         return out
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                valid: torch.Tensor | None = None, speaking: torch.Tensor | None = None) -> torch.Tensor:
-        return self.compute(pred, target, mask, valid, speaking=speaking)["reward"]  # (B, n_groups)
+                valid: torch.Tensor | None = None, speaking: torch.Tensor | None = None,
+                reference: torch.Tensor | None = None) -> torch.Tensor:
+        return self.compute(pred, target, mask, valid, speaking=speaking, reference=reference)["reward"]  # (B, n_groups)
 
     def term_values(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                     valid: torch.Tensor | None = None, reduce: str = "mean",
-                    speaking: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                    speaking: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-column per-term penalties for logging, keys ``reward/<column>/<term>`` (e.g. ``reward/expr/var``).
 
         reduce="mean": 0-d tensors, the mean over valid rows of that group (0 if none is valid);
@@ -352,7 +415,7 @@ class FlameReward(nn.Module):
         """
         if reduce not in ("mean", "none"):
             raise ValueError(f"term_values: reduce must be 'mean' or 'none', got {reduce!r}")
-        out = self.compute(pred, target, mask, valid, with_terms=True, speaking=speaking)
+        out = self.compute(pred, target, mask, valid, with_terms=True, speaking=speaking, reference=reference)
         if reduce == "none":
             return out["terms"]
         ok = out["valid"].reshape(-1, self.n_groups)
@@ -389,13 +452,15 @@ def parse_reward_spec(spec: str | Sequence[str]) -> list[str]:
     """``"expr+rot"`` -> ``["expr", "rot"]``; ``"all"`` -> every group; ``"expr+jaw@speaking"`` ->
     ``["expr", "jaw@speaking"]`` (the jaw scored on the speaking frames, see the module docstring).
 
+    ``"expr+rot+jaw@hold"`` -> ``["expr", "rot", "jaw@hold"]`` (the jaw held near the reference motion).
     Whitespace around names is ignored; the result is in FLAME order (:data:`GROUP_NAMES`), listening
-    columns first, so ``"rot+expr"`` and ``"expr+rot"`` are the same reward. ``"all"`` (every group on
-    listening frames) and ``"all@speaking"`` expand; ``"all"`` combines with speaking columns only. A
+    columns first, then speaking, then hold columns, so ``"rot+expr"`` and ``"expr+rot"`` are the same
+    reward. ``"all"`` (every group on listening frames), ``"all@speaking"`` and ``"all@hold"`` expand;
+    ``"all"`` combines with ``@`` columns only. A
     list/tuple of names is accepted too. Unknown, empty or duplicate names raise ``ValueError``.
     """
     valid = (f"valid groups: {', '.join(GROUP_NAMES)} (joined by '+'), or 'all'; "
-             f"'<group>@speaking' scores a group on the speaking frames")
+             f"'<group>@speaking' scores a group on the speaking frames, '<group>@hold' against the reference motion")
     if isinstance(spec, str):
         parts = [p.strip() for p in spec.split("+")]
     elif isinstance(spec, Sequence) and all(isinstance(p, str) for p in spec):
@@ -423,7 +488,7 @@ def parse_reward_spec(spec: str | Sequence[str]) -> list[str]:
     dup = sorted({p for p in expanded if expanded.count(p) > 1})
     if dup:
         raise ValueError(f"duplicate group(s) {dup} in reward spec {spec!r}")
-    return [g + suffix for suffix in ("", "@speaking") for g in GROUP_NAMES if g + suffix in expanded]
+    return [g + suffix for suffix in ("", "@speaking", "@hold") for g in GROUP_NAMES if g + suffix in expanded]
 
 
 def _plain(x):

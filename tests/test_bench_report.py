@@ -61,6 +61,14 @@ def test_a_variant_is_its_base_with_named_overrides():
                 "data.root=x", "pretrained.sft=x", "features.cache_dir=x", "threads=2", "no_equals"):
         with pytest.raises(ValueError, match="not an override a variant may set"):
             v.variant_overrides({"nokl": [bad]})
+    # an anchor ablation: the benchmark's reward plus hold / speaking columns, nothing else
+    hold = parse_method("gdpo+hold")
+    assert hold.variant_overrides({"hold": ["reward=rot+expr+jaw@hold"]}, "expr+rot") == ["reward=rot+expr+jaw@hold"]
+    for bad in ("reward=expr+rot", "reward=expr+jaw@hold", "reward=expr+rot+jaw+jaw@hold", "reward=expr+nose@hold"):
+        with pytest.raises(ValueError, match="not an override a variant may set"):
+            hold.variant_overrides({"hold": [bad]}, "expr+rot")
+    with pytest.raises(ValueError, match="not an override a variant may set"):
+        hold.variant_overrides({"hold": ["reward=expr+rot+jaw@hold"]})  # the benchmark's reward unknown
 
 
 def test_variant_report_compares_each_variant_with_its_base_over_seeds_and_windows():

@@ -187,6 +187,48 @@ def test_speaking_column_reward_is_scored_on_the_speaking_frames(rl):
     assert "reward/jaw@speaking/var" in terms
 
 
+def test_hold_column_is_scored_against_the_banks_reference_motion(rl):
+    """The env hands the bank's ``reference_motion`` to a reward with a ``<group>@hold`` column; a bank
+    without one is refused when the env is built."""
+    bank = rl.tiny_bank()
+    vae, norm = rl.tiny_vae()
+    with pytest.raises(ValueError, match="reference_motion"):
+        ListenerSDEEnv(bank, vae, norm, build_reward("expr+jaw@hold"), n_prompts=2, group_size=2, sde_steps=2)
+    bank["reference_motion"] = bank["actor_motion"] + 0.3 * torch.randn(bank["actor_motion"].shape)
+    env, policy, _, _ = make(rl, spec="expr+jaw@hold", bank=bank)
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        ro = env.rollout(rl.N * 2, policy, break_when_any_done=False)
+    r = ro["next", "reward"][:, -1]  # (B, 2)
+    rows = bank[ro["window"][:, 0]]
+    pred = env.decode(ro["next", "history"][:, -1])
+    expect = build_reward("jaw")(pred, rows["reference_motion"], rows["listening"], rows["actor_valid"])[:, 0]
+    assert torch.allclose(r[:, 1], expect, atol=1e-6)
+    assert "reward/jaw@hold/var" in env.episode_reward_terms(ro["next", "history"][:, -1], ro["window"][:, 0])
+
+
+def test_hold_reference_is_the_supervised_models_rollout_with_the_env_sampler(rl):
+    """attach_hold_reference: with sigma 0 the evaluation sampler's motion (same noise), with sigma > 0 an SDE
+    rollout; the same for the same seed; a reward without hold columns leaves the bank alone."""
+    from omegaconf import OmegaConf
+
+    from gdpo_listener.evaluation.generation import generate_motion
+    from gdpo_listener.pipeline.rl import attach_hold_reference
+
+    vae, norm = rl.tiny_vae()
+    model = rl.tiny_arflow()
+    cfg = lambda sigma, seed=0: OmegaConf.create({"seed": seed, "reward": "expr+jaw@hold", "env": {  # noqa: E731
+        "sde_steps": 2, "sigma": sigma, "sde": "paper", "sde_window": None, "episode_tokens": None}})
+    hold = build_reward("expr+jaw@hold")
+    assert "reference_motion" not in attach_hold_reference(cfg(0.5), rl.tiny_bank(), model, vae, norm, build_reward("expr")).keys()
+    ode = attach_hold_reference(cfg(0.0), rl.tiny_bank(), model, vae, norm, hold)["reference_motion"]
+    bank = rl.tiny_bank()
+    assert torch.allclose(ode, generate_motion(model, vae, norm, bank, steps=2, seed=0), atol=1e-5)
+    sde = attach_hold_reference(cfg(0.5), rl.tiny_bank(), model, vae, norm, hold)["reference_motion"]
+    assert sde.shape == bank["actor_motion"].shape and not torch.allclose(sde, ode, atol=1e-3)
+    assert torch.equal(sde, attach_hold_reference(cfg(0.5), rl.tiny_bank(), model, vae, norm, hold)["reference_motion"])
+    assert not torch.equal(sde, attach_hold_reference(cfg(0.5, seed=1), rl.tiny_bank(), model, vae, norm, hold)["reference_motion"])
+
+
 @pytest.mark.parametrize("kw,msg", [({"group_size": 0}, "group_size"), ({"sigma": float("nan")}, "sigma"), ({"sde_steps": 0}, "sde_steps"),
                                     ({"cond_drop": 1.0}, "cond_drop"), ({"cond_drop": 0.1, "drop_keys": ("face",)}, "drop_keys")])
 def test_bad_env_config(kw, msg, rl):

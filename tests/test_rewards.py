@@ -389,6 +389,46 @@ def test_speaking_column_scores_the_speaking_frames():
         fr(pred, target, listening, speaking=speaking[:, :-1])
 
 
+def test_hold_column_scores_the_listening_frames_against_the_reference():
+    """A ``<group>@hold`` column is the group's listening reward with the reference motion in place of the
+    ground truth; the other columns do not see the reference; without one it refuses."""
+    torch.manual_seed(1)
+    B, T = 4, 30
+    pred, target, ref = (torch.randn(B, T, FLAME_DIM) for _ in range(3))
+    listening = torch.zeros(B, T, dtype=torch.bool)
+    listening[:, 5:20] = True
+    assert parse_reward_spec("jaw@hold+expr+rot+jaw@speaking") == ["expr", "rot", "jaw@speaking", "jaw@hold"]
+    assert parse_reward_spec("all@hold") == [f"{g}@hold" for g in GROUP_NAMES]
+    fr = build_reward("expr+rot+jaw@hold")
+    assert fr.column_frames == ("listening", "listening", "hold") and fr.hold_columns == ["jaw@hold"]
+    assert fr.scores_reference and not fr.scores_speaking and not build_reward("expr+jaw").scores_reference
+    out = fr.compute(pred, target, listening, reference=ref, with_terms=True)
+    assert torch.allclose(out["reward"][:, :2], build_reward("expr+rot")(pred, target, listening))
+    assert torch.allclose(out["reward"][:, 2], build_reward("jaw")(pred, ref, listening)[:, 0])
+    assert not torch.allclose(out["reward"][:, 2], build_reward("jaw")(pred, target, listening)[:, 0])
+    assert "reward/jaw@hold/vel" in out["terms"]
+    assert torch.equal(fr(ref, target, listening, reference=ref)[:, 2], torch.zeros(B))  # the reference holds itself
+    moved = ref.clone()
+    moved[:, :5, GROUPS["jaw"]] += 5.0  # outside the listening frames: no effect
+    assert torch.equal(fr(moved, target, listening, reference=ref)[:, 2], torch.zeros(B))
+    with pytest.raises(ValueError, match="reference="):
+        fr(pred, target, listening)
+    with pytest.raises(ValueError, match="reference shape"):
+        fr(pred, target, listening, reference=ref[:, :-1])
+
+
+def test_evaluation_scores_a_runs_reward_without_its_hold_columns():
+    """Evaluation has no rollouts of the training run's supervised model: a recorded reward's hold columns
+    (and their lambdas) are left out; a reward of hold columns only has nothing left."""
+    from gdpo_listener.evaluation.checkpoints import build_run_reward
+
+    rewards = {"weights": {"vel": 2.0}, "lambdas": {"rot": 2.0, "jaw@hold": 0.5}, "group_reward": None, "extra_terms": {}}
+    fr = build_run_reward({"reward": "expr+rot+jaw@hold", "rewards": rewards})
+    assert fr.group_names == ("expr", "rot") and fr.lambdas.tolist() == [1.0, 2.0]
+    assert fr.groups["rot"].weights["vel"] == 2.0
+    assert build_run_reward({"reward": "jaw@hold", "rewards": rewards}) is None
+
+
 def test_build_reward_defaults_and_weights():
     fr = build_reward()
     assert fr.group_names == ("expr", "rot") and torch.equal(fr.lambdas, t([1.0, 1.0]))

@@ -117,7 +117,7 @@ def check_settings(cfg: DictConfig) -> tuple[list[int], list[str], list[str]]:
     """``(seeds, algos, rewarded groups)`` of ``cfg``; a bad setting fails here, before any training."""
     seeds, algos = [int(s) for s in cfg.seeds], parse_algos(cfg.algos)
     for a in algos:  # every variant named in algos is defined, with overrides a variant may set
-        parse_method(a).variant_overrides(cfg.get("variants"))
+        parse_method(a).variant_overrides(cfg.get("variants"), cfg.reward)
     groups = parse_reward_spec(cfg.reward)
     for drop in cfg.controls.get("cfg_drops") or []:
         check_cfg_drop(drop)

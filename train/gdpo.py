@@ -51,6 +51,7 @@ from gdpo_listener.pipeline import factories, stages
 from gdpo_listener.pipeline.distributed import Dist, distributed, main_first, on_cpu, rank_seed, run_config
 from gdpo_listener.pipeline.rl import (
     advantage_log_stats,
+    attach_hold_reference,
     check_settings,
     collect,
     combine_rank_stats,
@@ -168,6 +169,7 @@ def train(cfg: DictConfig, dist: Dist) -> None:
     trainable = make_trainable(model, cfg.algo.get("listen_adapter", 0), cfg.algo.get("listen_lora", 0),
                                cfg.algo.get("lora_scope", "listening"))  # all, or listening parts
     train_bank = make_train_bank(cfg, data_root, features, vae, normalizer, device, model.cfg.n_tokens)
+    train_bank = attach_hold_reference(cfg, train_bank, supervised, vae, normalizer, reward)  # <group>@hold columns only
     test_bank = factories.make_banks(data_root, features, vae, normalizer, device, splits=("test",))["test"]
 
     # -- RL components ----------------------------------------------------------------------------
