@@ -934,13 +934,13 @@ class ARFlow(nn.Module):
     def generate_long(self, cond: Mapping[str, Tensor] | Callable[[int, int], Mapping[str, Tensor]], total_frames: int,
                       window: int | None = None, k: int = 1, steps: int = 10, w_speak: float = 1.0, w_listen: float = 1.0,
                       speaking_tokens: Tensor | None = None, sigma: float = 0.0, generator: torch.Generator | None = None,
-                      use_cache: bool = True, sde: str = "paper", cfg_drop=DROP_KEYS) -> Tensor:
+                      use_cache: bool = True, sde: str = "paper", cfg_drop=DROP_KEYS, sde_window=None) -> Tensor:
         """Sliding-window generation of ``total_frames`` frames -> (B, total_frames / r, Dv): :func:`.sampling.generate_long`."""
         from .sampling import generate_long  # imported here: sampling.py imports this module
 
         return generate_long(self, cond, total_frames, window=window, k=k, steps=steps, w_speak=w_speak, w_listen=w_listen,
                              speaking_tokens=speaking_tokens, sigma=sigma, generator=generator, use_cache=use_cache, sde=sde,
-                             cfg_drop=cfg_drop)
+                             cfg_drop=cfg_drop, sde_window=sde_window)
 
 
 # --------------------------------------------------------------------------------------------

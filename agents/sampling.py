@@ -318,7 +318,7 @@ def sample(model, cond: Mapping[str, Tensor], n_tokens: int | None = None, steps
 
 def window_step(model, cond: Mapping[str, Tensor], n: int, prefix: Tensor | None, speaking_tokens: Tensor | None, *,
                 steps: int, w_speak: float, w_listen: float, sigma: float, generator: torch.Generator | None,
-                use_cache: bool, sde: str, cfg_drop=DROP_KEYS) -> Tensor:
+                use_cache: bool, sde: str, cfg_drop=DROP_KEYS, sde_window=None) -> Tensor:
     """One window of sliding-window generation -> its new latents (B, n - k_w, Dv).
 
     ``cond``: the window's conditioning (n * r audio frames, n partner tokens); ``prefix`` (B, k_w, Dv):
@@ -328,7 +328,8 @@ def window_step(model, cond: Mapping[str, Tensor], n: int, prefix: Tensor | None
     same noise in the same order from ``generator`` and agree bit for bit.
     """
     x = sample(model, cond, n, steps=steps, w_speak=w_speak, w_listen=w_listen, speaking_tokens=speaking_tokens,
-               sigma=sigma, generator=generator, prefix=prefix, use_cache=use_cache, sde=sde, cfg_drop=cfg_drop)  # (B, n, Dv)
+               sigma=sigma, generator=generator, prefix=prefix, use_cache=use_cache, sde=sde, cfg_drop=cfg_drop,
+               sde_window=sde_window)  # (B, n, Dv)
     return x[:, 0 if prefix is None else prefix.shape[1]:]
 
 
@@ -369,7 +370,7 @@ def _window_slicer(cond: Mapping[str, Tensor], r: int) -> Callable[[int, int], d
 def generate_long(model, cond: Mapping[str, Tensor] | Callable[[int, int], Mapping[str, Tensor]], total_frames: int,
                   window: int | None = None, k: int = 1, steps: int = 10, w_speak: float = 1.0, w_listen: float = 1.0,
                   speaking_tokens: Tensor | None = None, sigma: float = 0.0, generator: torch.Generator | None = None,
-                  use_cache: bool = True, sde: str = "paper", cfg_drop=DROP_KEYS) -> Tensor:
+                  use_cache: bool = True, sde: str = "paper", cfg_drop=DROP_KEYS, sde_window=None) -> Tensor:
     """Sliding-window generation of ``total_frames`` frames -> latents (B, total_frames / r, Dv).
 
     Windows of W = window / r tokens (default the model's config window); the schedule is
@@ -378,7 +379,7 @@ def generate_long(model, cond: Mapping[str, Tensor] | Callable[[int, int], Mappi
     end exactly at the last token (it then gets more than k prefix tokens), or, with a causal prefix,
     cut short there (:func:`window_schedule`). TMRoPE positions restart
     at 0 in every window, as in training. Each window is one :func:`sample` call with the same
-    ``steps``, CFG weights and ``cfg_drop``, ``sigma``, ``sde``, ``generator`` and ``use_cache``.
+    ``steps``, CFG weights and ``cfg_drop``, ``sigma``, ``sde``, ``sde_window``, ``generator`` and ``use_cache``.
 
     ``cond``: either full-length features (text_emb (B, d_text) and the masks are shared by all
     windows; actor_audio / partner_audio (B, >= total_frames, Da); partner_latent
@@ -416,7 +417,7 @@ def generate_long(model, cond: Mapping[str, Tensor] | Callable[[int, int], Mappi
         x = window_step(model, cond_fn(s0 * r, n * r), n, None if new0 == s0 else out[:, s0:new0],
                         None if speaking_tokens is None else speaking_tokens[:, s0:s0 + n], steps=steps,
                         w_speak=w_speak, w_listen=w_listen, sigma=sigma, generator=generator, use_cache=use_cache,
-                        sde=sde, cfg_drop=cfg_drop)  # (B, n - (new0 - s0), Dv)
+                        sde=sde, cfg_drop=cfg_drop, sde_window=sde_window)  # (B, n - (new0 - s0), Dv)
         if out is None:
             out = x.new_empty(x.shape[0], n_total, x.shape[2])
         out[:, new0:s0 + n] = x

@@ -132,10 +132,6 @@ def make_reward(cfg: DictConfig):
         raise ValueError(f"reward={cfg.reward}: columns {reward.speaking_columns} score speaking frames, but algo.objective_tokens="
                          f"{objective} trains only listening tokens on the advantage; set algo.objective_tokens=matched "
                          f"(speaking tokens on the speaking columns' advantage) or all")
-    episode_tokens = cfg.get("env", {}).get("episode_tokens")
-    if reward.scores_reference and episode_tokens is not None:
-        raise ValueError(f"reward={cfg.reward}: hold columns {reward.hold_columns} need one-window episodes "
-                         f"(env.episode_tokens=null), got env.episode_tokens={episode_tokens}")
     if objective == "matched" and len(reward.speaking_columns) in (0, reward.n_groups):
         raise ValueError(f"algo.objective_tokens=matched needs listening groups and <group>@speaking columns in the "
                          f"reward (e.g. reward=expr+rot+jaw@speaking), got reward={cfg.reward}")

@@ -135,25 +135,25 @@ def make_train_bank(cfg: DictConfig, data_root, features, vae, normalizer, devic
 @torch.no_grad()
 def attach_hold_reference(cfg: DictConfig, bank, model, vae, normalizer, reward, batch_size: int = 64):
     """For a reward with ``<group>@hold`` columns: ``bank["reference_motion"] (B, W, 67)``, the supervised
-    ``model``'s own rollout of every window with the env's sampler (``env.sde_steps``, ``sigma``, ``sde``,
-    ``sde_window``; no CFG, as the rollouts), decoded raw FLAME; drawn once with ``seed`` so every rank and a
-    resumed run hold the same reference. Like with like: at the start of RL a hold column's reward is the
-    spread of one rollout around another. Other rewards: ``bank`` unchanged."""
+    ``model``'s own rollout of every row with the env's sampler (``env.sde_steps``, ``sigma``, ``sde``,
+    ``sde_window``; no CFG, as the rollouts; long rows by sliding windows with ``env.prefix_tokens``, as the
+    policy), decoded raw FLAME; drawn once with ``seed`` so every rank and a resumed run hold the same
+    reference. Like with like: at the start of RL a hold column's reward is the spread of one rollout around
+    another. Other rewards: ``bank`` unchanged."""
     if not reward.scores_reference:
         return bank
-    if cfg.env.episode_tokens is not None:
-        raise ValueError(f"reward={cfg.reward}: hold columns {reward.hold_columns} need one-window episodes "
-                         f"(env.episode_tokens=null), got env.episode_tokens={cfg.env.episode_tokens}")
     from ..envs.windows import cond_from_bank, decode_latents
 
+    e = cfg.env
+    kw = dict(steps=int(e.sde_steps), sigma=float(e.sigma), sde=e.sde, sde_window=e.get("sde_window"))
     g = torch.Generator(device=bank.device).manual_seed(int(cfg.seed))
     n_tokens, out = bank["actor_latent"].shape[1], []
     for i in range(0, bank.batch_size[0], batch_size):
         b = bank[i : i + batch_size]
-        z = model.sample(cond_from_bank(b), n_tokens, steps=int(cfg.env.sde_steps), sigma=float(cfg.env.sigma),
-                         sde=cfg.env.sde, sde_window=cfg.env.get("sde_window"), speaking_tokens=b["speaking_tokens"],
-                         generator=g)  # (b, N, Dv)
-        out.append(decode_latents(vae, normalizer, z))  # (b, W, 67)
+        cond, spk = cond_from_bank(b), b["speaking_tokens"]
+        z = model.sample(cond, n_tokens, speaking_tokens=spk, generator=g, **kw) if n_tokens <= model.cfg.n_tokens else \
+            model.generate_long(cond, n_tokens * model.cfg.r, k=int(e.prefix_tokens), speaking_tokens=spk, generator=g, **kw)
+        out.append(decode_latents(vae, normalizer, z))  # (b, W, 67); z (b, N, Dv)
     bank["reference_motion"] = torch.cat(out)  # (B, W, 67)
     return bank
 

@@ -207,8 +207,8 @@ def test_hold_column_is_scored_against_the_banks_reference_motion(rl):
 
 
 def test_hold_reference_is_the_supervised_models_rollout_with_the_env_sampler(rl):
-    """attach_hold_reference: with sigma 0 the evaluation sampler's motion (same noise), with sigma > 0 an SDE
-    rollout; the same for the same seed; a reward without hold columns leaves the bank alone."""
+    """attach_hold_reference: the env's own rollout under the same noise; with sigma 0 the evaluation sampler's
+    motion; the same for the same seed; a reward without hold columns leaves the bank alone."""
     from omegaconf import OmegaConf
 
     from gdpo_listener.evaluation.generation import generate_motion
@@ -216,8 +216,8 @@ def test_hold_reference_is_the_supervised_models_rollout_with_the_env_sampler(rl
 
     vae, norm = rl.tiny_vae()
     model = rl.tiny_arflow()
-    cfg = lambda sigma, seed=0: OmegaConf.create({"seed": seed, "reward": "expr+jaw@hold", "env": {  # noqa: E731
-        "sde_steps": 2, "sigma": sigma, "sde": "paper", "sde_window": None, "episode_tokens": None}})
+    cfg = lambda sigma, seed=0: OmegaConf.create({"seed": seed, "env": {  # noqa: E731
+        "sde_steps": 2, "sigma": sigma, "sde": "paper", "sde_window": None, "prefix_tokens": 1}})
     hold = build_reward("expr+jaw@hold")
     assert "reference_motion" not in attach_hold_reference(cfg(0.5), rl.tiny_bank(), model, vae, norm, build_reward("expr")).keys()
     ode = attach_hold_reference(cfg(0.0), rl.tiny_bank(), model, vae, norm, hold)["reference_motion"]
@@ -227,6 +227,14 @@ def test_hold_reference_is_the_supervised_models_rollout_with_the_env_sampler(rl
     assert sde.shape == bank["actor_motion"].shape and not torch.allclose(sde, ode, atol=1e-3)
     assert torch.equal(sde, attach_hold_reference(cfg(0.5), rl.tiny_bank(), model, vae, norm, hold)["reference_motion"])
     assert not torch.equal(sde, attach_hold_reference(cfg(0.5, seed=1), rl.tiny_bank(), model, vae, norm, hold)["reference_motion"])
+    env, policy, _, _ = make(rl, steps=2, sigma=0.5, bank=rl.tiny_bank())  # the rollouts it stands for
+    env.set_windows(torch.tensor([0, 3]))
+    env.generator.manual_seed(7)
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        ro = env.rollout(rl.N * 2, policy, break_when_any_done=False)
+    rows = bank[ro["window"][:, 0]]
+    ref = attach_hold_reference(cfg(0.5, seed=7), rows, model, vae, norm, hold)["reference_motion"]
+    assert torch.allclose(ref, env.decode(ro["next", "history"][:, -1]), atol=1e-5)
 
 
 @pytest.mark.parametrize("kw,msg", [({"group_size": 0}, "group_size"), ({"sigma": float("nan")}, "sigma"), ({"sde_steps": 0}, "sde_steps"),

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from gdpo_listener.agents.flow import gaussian_log_prob
@@ -12,6 +13,7 @@ from gdpo_listener.agents.loss import GDPOLoss, chunked_update, collect_trajecto
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.envs.windows import cond_from_bank, sliding_windows, window_cond
+from gdpo_listener.pipeline.rl import attach_hold_reference
 from gdpo_listener.rewards.groups import build_reward
 
 K = 2
@@ -93,6 +95,10 @@ def test_long_episode_rollout_equals_sliding_window_sde_generation(sde, causal, 
     env.generator.manual_seed(11)
     z_gen = model.generate_long(cond_from_bank(rows), N_LONG * rl.R, k=1, steps=K, sigma=0.5, generator=env.generator, sde=sde)
     assert torch.allclose(z_env, z_gen, atol=1e-4), (z_env - z_gen).abs().max()
+    # a hold column's reference motion is this rollout: the same sampler and schedule, drawn from the run's seed
+    cfg = OmegaConf.create({"seed": 11, "env": {"sde_steps": K, "sigma": 0.5, "sde": sde, "sde_window": None, "prefix_tokens": 1}})
+    ref = attach_hold_reference(cfg, rows.clone(), model, *rl.tiny_vae(), build_reward("expr+jaw@hold"))["reference_motion"]
+    assert torch.allclose(ref, env.decode(z_env), atol=1e-4), (ref - env.decode(z_env)).abs().max()
     # the uncached policy follows the same schedule
     env_u, policy_u, _, _, _ = make_long(rl, use_cache=False, sde=sde, causal=causal)
     ro_u = long_rollout(env_u, policy_u, 11)

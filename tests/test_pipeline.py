@@ -136,16 +136,12 @@ def test_listening_parts_rl_run_trains_them_alone(tiny_pipeline, run_entry, firs
 
 def test_hold_column_rl_run(tiny_pipeline, run_entry, first_run):
     """reward=...+jaw@hold: the real entry point draws the supervised model's rollouts, trains on the hold column,
-    logs it and reports it against the supervised sample; long episodes refuse it before any work."""
+    logs it and reports it against the supervised sample."""
     d, args = tiny_pipeline.root, tiny_pipeline.gdpo_args
     res = run_entry("gdpo.py", "reward=expr+jaw@hold", *args("optim.iterations=1", f"out_dir={d / 'hold'}"), cwd=d)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "(expr, jaw@hold)" in res.stdout and "jaw@hold/reward" in res.stdout  # the before/after table
     assert (d / "hold" / "logs" / "gdpo" / "scalars" / "reward" / "jaw@hold" / "mean.csv").is_file()
-    res = run_entry("gdpo.py", "reward=expr+jaw@hold", *args("optim.iterations=1", "env.episode_tokens=50",
-                                                              f"out_dir={d / 'hold_long'}"), cwd=d)
-    assert res.returncode != 0 and "env.episode_tokens=null" in (res.stderr + res.stdout)
-    assert "[pipeline] running" not in res.stdout
 
 
 def test_bad_config_fails_early(tiny_pipeline, run_entry):
