@@ -154,7 +154,11 @@ def attach_hold_reference(cfg: DictConfig, bank, model, vae, normalizer, reward,
         z = model.sample(cond, n_tokens, speaking_tokens=spk, generator=g, **kw) if n_tokens <= model.cfg.n_tokens else \
             model.generate_long(cond, n_tokens * model.cfg.r, k=int(e.prefix_tokens), speaking_tokens=spk, generator=g, **kw)
         out.append(decode_latents(vae, normalizer, z))  # (b, W, 67); z (b, N, Dv)
-    bank["reference_motion"] = torch.cat(out)  # (B, W, 67)
+    ref = torch.cat(out)  # (B, W, 67)
+    if not torch.isfinite(ref).all():
+        raise ValueError(f"reward={cfg.get('reward')}: the supervised model's reference rollouts for the hold columns "
+                         f"{reward.hold_columns} are not finite (a broken checkpoint?)")
+    bank["reference_motion"] = ref
     return bank
 
 

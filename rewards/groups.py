@@ -363,21 +363,21 @@ class FlameReward(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         for i, (name, module) in enumerate(self.groups.items()):
             rows, m, sl = ok[:, i], masks[i], GROUPS[GROUP_NAMES[int(self.flame_index[i])]]
-            target = targets[i]
+            tgt = targets[i]  # the ground truth, or the reference for a hold column
             n_rows = int(rows.sum())
             if n_rows == 0:
                 pass
             elif n_rows == B:  # common case: no gather/scatter
-                r = module(pred, target, m)
+                r = module(pred, tgt, m)
                 _check_finite(r, B, module, name, "group reward", pred[..., sl])
                 reward[:, i] = r
             else:
                 p_r = pred[rows]
-                r = module(p_r, target[rows], m[rows])
+                r = module(p_r, tgt[rows], m[rows])
                 _check_finite(r, n_rows, module, name, "group reward", p_r[..., sl])
                 reward[rows, i] = r.to(reward.dtype)
             if with_terms and hasattr(module, "penalties"):
-                for term, v in self._penalties(module, pred, target, m, rows, n_rows).items():
+                for term, v in self._penalties(module, pred, tgt, m, rows, n_rows).items():
                     terms[f"reward/{name}/{term}"] = v.reshape(*lead, *v.shape[1:])
         out: dict[str, Any] = {"reward": reward.reshape(*lead, self.n_groups), "valid": ok.reshape(*lead, self.n_groups)}
         if with_terms:
