@@ -489,3 +489,11 @@ def test_user_term_and_group_reward_by_dotted_path():
     assert torch.allclose(fr(pred, target, mask)[:, 0], -torch.log1p(-2.0 * base(pred, target, mask)[:, 0]))
     fr = build_reward("rot", group_reward="gdpo_listener.rewards.examples.LogPenaltyGroupReward")
     assert fr.groups["rot"].scale == 1.0
+
+
+def test_a_columns_lambda_from_the_command_line(compose_config):
+    """A column name with '@' is Hydra's package syntax in a dotted key; the dict form sets its lambda."""
+    from gdpo_listener.pipeline.factories import make_reward
+
+    cfg = compose_config("gdpo", ["reward=expr+rot+jaw@hold", "+rewards.lambdas={jaw@hold:0.5,rot:2}"])
+    assert make_reward(cfg).lambdas.tolist() == [1.0, 2.0, 0.5]
