@@ -7,7 +7,7 @@
 - :func:`quality_report`: speaking jaw correlation and listening dynamics of a supervised model
   (:func:`quality_figures` of any prediction, e.g. :func:`reconstruct_motion`'s: the ground truth
   through the VAE, the ceiling of any model decoded by it);
-- :func:`listening_table` / :func:`before_after`: the supervised-vs-post-trained table, paired per window.
+- :func:`column_table` / :func:`before_after`: the supervised-vs-post-trained table, paired per window.
 """
 from __future__ import annotations
 
@@ -142,22 +142,15 @@ def print_quality_report(rep: dict, title: str) -> None:
         print(f"  {k:40s} {v:.4f}" if isinstance(v, float) else f"  {k:40s} {v}")
 
 
-@torch.no_grad()
-def listening_table(model, vae, normalizer, bank, reward, n_windows: int, steps: int, seed: int,
-                    reference: torch.Tensor | None = None) -> tuple[dict, dict]:
-    """Per reward column: velocity-std deviation (|std(vel pred) - std(vel gt)|), ratio and reward on the
-    column's frames (listening; speaking for ``<group>@speaking`` columns; ``<group>@hold`` columns are
-    rewarded against ``reference (n, W, 67)``, their deviation is against the ground truth).
+def column_table(pred: torch.Tensor, b, reward, reference: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """Per reward column of a prediction ``pred (B, W, 67)`` of the rows of ``b``: velocity-std deviation
+    (|std(vel pred) - std(vel gt)|), ratio and reward on the column's frames (listening; speaking for
+    ``<group>@speaking`` columns; ``<group>@hold`` columns are rewarded against ``reference (B, W, 67)``, their
+    deviation is against the ground truth).
 
     Returns the table and the per-window values ``{"{g}/vel_std_dev": (n,), "{g}/reward": (n,)}`` of the
     windows with more than 2 of those frames (for paired comparisons).
     """
-    b = bank[: min(n_windows, bank.batch_size[0])]
-    return column_table(generate_motion(model, vae, normalizer, b, steps=steps, seed=seed), b, reward, reference)
-
-
-def column_table(pred: torch.Tensor, b, reward, reference: torch.Tensor | None = None) -> tuple[dict, dict]:
-    """:func:`listening_table` of a given prediction ``pred (B, W, 67)`` of the rows of ``b``."""
     from ..rewards.groups import column_frame_key, column_group, reward_kwargs
 
     gt, lis = b["actor_motion"], b["listening"]
