@@ -465,17 +465,17 @@ def sde_markdown(sde: dict) -> list[str]:
 
 
 def variants_markdown(variants: dict) -> list[str]:
-    """Each variant (``gdpo+nokl``) against its base (``gdpo``): Welch over seeds and the paired per-window
-    comparison (:func:`.benchmark.variant_report`); nothing without variants."""
+    """Each variant (``gdpo+nokl``) against its base (``gdpo``), and each chosen ``compare`` pair: Welch over
+    seeds and the paired per-window comparison (:func:`.benchmark.variant_report`); nothing without them."""
     if not variants:
         return []
     L = ["## Variants vs their base", "",
          "Each variant (`algos` entry `<method>+<name>`, the overrides of `variants.<name>` applied last) against the same "
-         "method without them, trained with the same seeds, windows and budget: mean +- std over seeds, relative change, Welch "
-         "t (p) over seeds, and per window the paired difference variant - base with its 95 % bootstrap interval (lower is "
-         "better for every metric here; listening on all windows).", ""]
-    for m, d in variants.items():
-        L += [f"{method_label(m)} vs {method_label(d['base'])}:", "",
+         "method without them, and each `compare` pair `[method, base]`, trained with the same seeds, windows and budget: "
+         "mean +- std over seeds, relative change, Welch t (p) over seeds, and per window the paired difference method - base "
+         "with its 95 % bootstrap interval (lower is better for every metric here; listening on all windows).", ""]
+    for key, d in variants.items():
+        L += [f"{method_label(d.get('method', key))} vs {method_label(d['base'])}:", "",
               "| metric | base | variant | change | Welch t (p) | paired diff [95 % CI] |", "|---|---|---|---|---|---|"]
         for k, w in d["welch"].items():
             p = ((d.get("paired") or {}).get("all") or {}).get(k.split("/", 1)[1])

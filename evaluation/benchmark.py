@@ -5,7 +5,8 @@ run folders, training curves and report.
   them trained with a given SDE, ``gdpo@marginal`` (``env.sde=marginal``; run folder
   ``runs/gdpo-marginal_seed<S>``), or with a named set of extra overrides from the config's
   ``variants``, ``gdpo+nokl`` (run folder ``runs/gdpo_nokl_seed<S>``), reported against its base
-  (:func:`variant_report`);
+  (:func:`variant_report`), and any two methods against each other by the config's ``compare``
+  (:func:`check_pairs`, :func:`compare_methods`);
 - :func:`training_budget`: RL iterations, SDE rollouts and denoising transitions of one run, from
   the resolved config the run recorded (episode length ``env.episode_tokens`` or the model window);
 - :func:`replaceable_run_dir`: whether a run folder may be deleted before a fresh run (only a
@@ -18,6 +19,7 @@ run folders, training curves and report.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from .sde_choice import closest_to_ode, evaluation_ode, model_verdict
 from .seed_stats import aggregate_seeds, findings, mean_std, relative_change, welch_test
 
 __all__ = ["ALGOS", "SDES", "BenchMethod", "parse_method", "method_label", "read_curve", "reward_curves", "training_budget",
-           "run_stamp", "replaceable_run_dir", "variant_report", "build_report"]
+           "run_stamp", "replaceable_run_dir", "compare_methods", "variant_report", "check_pairs", "build_report"]
 
 ALGOS = ("grpo", "gdpo")
 SDES = ("paper", "marginal")  # train/gdpo.py env.sde
@@ -192,26 +194,52 @@ VARIANT_METRICS = ("all/listening/FDD", "all/listening/PDD", "all/listening/JDD"
                    *(f"all/speaking/FD/{g}" for g in ("exp", "jaw", "pose")))
 
 
-def variant_report(methods, flat: dict, windows: dict | None, expressive: np.ndarray | None) -> dict:
+def compare_methods(method: str, base: str, flat: dict, windows: dict | None, expressive: np.ndarray | None) -> dict:
+    """``method`` against ``base`` (both ran with the same seeds and windows): per metric of :data:`VARIANT_METRICS`
+    the mean +- std over seeds of each, the relative change and Welch's test over seeds (``flat[method][seed]``),
+    and the paired per-window comparison (:func:`.bench_stats.paired_report` with ``base`` as reference; same
+    sampling seeds, so the windows are paired). ``{"method", "base", "welch": {metric: ...}, "paired": {subset: {metric: ...}}}``."""
+    welch = {}
+    for k in VARIANT_METRICS:
+        a = [flat[base][s].get(k) for s in flat[base]]
+        b = [flat[method][s].get(k) for s in flat[method]]
+        ma, mb = mean_std(a), mean_std(b)
+        welch[k] = {"base": ma, "variant": mb, "rel_change": relative_change(ma["mean"], mb["mean"]), **welch_test(a, b)}
+    paired = (paired_report(windows, [method], expressive, reference=base)[method]
+              if windows and method in windows and base in windows else {})
+    return {"method": method, "base": base, "welch": welch, "paired": paired}
+
+
+def variant_report(methods, flat: dict, windows: dict | None, expressive: np.ndarray | None,
+                   pairs: Sequence[tuple[str, str]] = ()) -> dict:
     """Every method with a variant (``gdpo+nokl``) against its base (``gdpo``: same algorithm and SDE, no
-    variant), when both ran: per metric of :data:`VARIANT_METRICS` the mean +- std over seeds of each, the
-    relative change and Welch's test over seeds (``flat[method][seed]``), and the paired per-window
-    comparison (:func:`.bench_stats.paired_report` with the base as reference; same sampling seeds, so the
-    windows are paired). ``{variant key: {"base", "welch": {metric: ...}, "paired": {subset: {metric: ...}}}}``."""
+    variant), when both ran, keyed by the method; then every chosen pair ``(method, base)`` of ``pairs`` (the
+    benchmark's ``compare``: e.g. a variant against another variant it adds to), keyed ``"<method> vs <base>"``.
+    Each entry is :func:`compare_methods`'s."""
     out = {}
     for m in methods:
         pm = None if m == "supervised" else parse_method(m)
-        if pm is None or pm.variant is None or pm.base not in methods:
-            continue
-        welch = {}
-        for k in VARIANT_METRICS:
-            a = [flat[pm.base][s].get(k) for s in flat[pm.base]]
-            b = [flat[m][s].get(k) for s in flat[m]]
-            ma, mb = mean_std(a), mean_std(b)
-            welch[k] = {"base": ma, "variant": mb, "rel_change": relative_change(ma["mean"], mb["mean"]), **welch_test(a, b)}
-        paired = (paired_report(windows, [m], expressive, reference=pm.base)[m]
-                  if windows and m in windows and pm.base in windows else {})
-        out[m] = {"base": pm.base, "welch": welch, "paired": paired}
+        if pm is not None and pm.variant is not None and pm.base in methods:
+            out[m] = compare_methods(m, pm.base, flat, windows, expressive)
+    for m, b in pairs:
+        out[f"{m} vs {b}"] = compare_methods(m, b, flat, windows, expressive)
+    return out
+
+
+def check_pairs(pairs, methods: Sequence[str]) -> list[tuple[str, str]]:
+    """The benchmark's ``compare`` entries as ``(method, base)`` keys; each must name two different methods of
+    ``methods`` (``algos`` or ``supervised``), else a ValueError naming the entry, before any training."""
+    out = []
+    for p in pairs or []:
+        p = [str(x) for x in p]
+        try:
+            keys = [x if x == "supervised" else parse_method(x).key for x in p] if len(p) == 2 else []
+        except ValueError:
+            keys = []
+        if len(keys) != 2 or keys[0] == keys[1] or any(k not in methods for k in keys):
+            raise ValueError(f"compare entry {p}: write [method, base], two different methods of algos={list(methods)} "
+                             f"(or supervised), e.g. compare=[[gdpo+lorahold,gdpo+lora]]")
+        out.append((keys[0], keys[1]))
     return out
 
 
@@ -219,7 +247,7 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
                  windows: dict | None = None, expressive: np.ndarray | None = None, mechanism: dict | None = None,
                  sde_dynamics: dict | None = None, sde_variants: dict | None = None,
                  reconstruction: dict | None = None, window_labels: list | None = None,
-                 intent_floor: dict | None = None) -> dict:
+                 intent_floor: dict | None = None, compare: Sequence[tuple[str, str]] = ()) -> dict:
     """The report dict (``report.json``; :func:`.bench_markdown.report_markdown` renders it as ``report.md``).
 
     Inputs per method and seed: ``flat[method][seed]`` (:func:`.seed_stats.flat_metrics`),
@@ -234,7 +262,8 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
     tables, the VAE-ceiling section, the per-intent tables and the collapse-beyond-the-VAE targets).
     ``window_labels``: the listener's intent per evaluated window (None = unlabelled corpus), for the
     listening deviations per intent;
-    ``intent_floor``: their floor for a model that knows the intent (:func:`.intent_control.intent_floor`).
+    ``intent_floor``: their floor for a model that knows the intent (:func:`.intent_control.intent_floor`);
+    ``compare``: chosen ``(method, base)`` pairs reported like a variant against its base (:func:`check_pairs`).
     ``hdr["sde"][method]``: the SDE each post-training method's runs recorded. Derived here: mean +-
     std over seeds, findings (Welch), paired per-window comparisons, training-curve trends, mechanism
     summaries, the SDE verdicts and the issue-10 targets.
@@ -274,7 +303,7 @@ def build_report(cfg_weights: list[float], methods, flat, controls, curves, trai
     per_intent = (per_label_means({m: windows[m] for m in methods if m in windows}, window_labels, LISTENING_DD)
                   if windows and window_labels is not None else {})
     sde = sde_report(methods, hdr.get("sde") or {}, windows, expressive, sde_dynamics, sde_variants)
-    variants = variant_report(methods, flat, windows, expressive)
+    variants = variant_report(methods, flat, windows, expressive, compare)
     algo_of = {m: "supervised" if m == "supervised" else parse_method(m).algo for m in methods}
     recon = None if reconstruction is None else {"metrics": aggregate_seeds({0: reconstruction["flat"]}),
                                                  "quality": dict(reconstruction["quality"])}

@@ -94,6 +94,27 @@ def test_variant_report_compares_each_variant_with_its_base_over_seeds_and_windo
     assert "## Variants vs their base" in md and "GDPO + nokl vs GDPO" in md and "| listening/JDD |" in md
     assert variants_markdown({}) == []
 
+    # a chosen pair: the base the other way round, under its own key beside the variant's default comparison
+    both = variant_report(["supervised", "gdpo", "gdpo+nokl"], flat, windows, None, pairs=[("gdpo", "gdpo+nokl")])
+    assert set(both) == {"gdpo+nokl", "gdpo vs gdpo+nokl"} and both["gdpo+nokl"] == rep["gdpo+nokl"]
+    r = both["gdpo vs gdpo+nokl"]
+    w = r["welch"]["all/listening/JDD"]
+    assert (r["method"], r["base"]) == ("gdpo", "gdpo+nokl") and w["rel_change"] == pytest.approx(0.25, abs=0.01) and w["t"] > 0
+    p = r["paired"]["all"]["listening/JDD"]
+    assert p["ci_low"] > 0 and p["frac_improved"] == 0.0
+    assert "GDPO vs GDPO + nokl" in "\n".join(variants_markdown(both))
+
+
+def test_compare_pairs_name_two_methods_of_the_run():
+    from gdpo_listener.evaluation.benchmark import check_pairs
+
+    methods = ["supervised", "gdpo", "gdpo+a", "gdpo+ab"]
+    assert check_pairs([["gdpo+ab", "gdpo+a"], ("gdpo", "supervised")], methods) == [("gdpo+ab", "gdpo+a"), ("gdpo", "supervised")]
+    assert check_pairs(None, methods) == [] and check_pairs([], methods) == []
+    for bad in (["gdpo+ab"], ["gdpo", "gdpo"], ["gdpo", "grpo"], ["gdpo+ab", "gdpo+a", "gdpo"], ["gdpo", "ppo"]):
+        with pytest.raises(ValueError, match="compare entry"):
+            check_pairs([bad], methods)
+
 
 # ----------------------------------------------------------------------------------------------
 # mechanism figures

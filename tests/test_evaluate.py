@@ -377,7 +377,7 @@ def test_bench_on_train_windows_is_a_seeded_probe(tiny):
     the default, which the supervised model is scored on too."""
     out = tiny / "bench_train"
     cmd = [sys.executable, str(ROOT / "train" / "bench.py"), "--quick", "progress=false", "algos=[gdpo,gdpo+nokl]",
-           "variants={nokl:['algo.beta=0']}", "quick_settings.eval.split=train", "quick_settings.eval.max_windows=6",
+           "variants={nokl:['algo.beta=0']}", "compare=[[gdpo,gdpo+nokl]]", "quick_settings.eval.split=train", "quick_settings.eval.max_windows=6",
            "quick_settings.train_overrides=['env.n_prompts=1','env.group_size=2','env.sde_steps=2','eval.n_windows=2',"
            "'ckpt_every=1','+rewards.weights.vel=4']",
            f"data.root={tiny / 'data'}", "data.auto_prepare=false", f"pretrained.vae={tiny / 'vae'}", f"pretrained.sft={tiny / 'sft'}",
@@ -387,7 +387,8 @@ def test_bench_on_train_windows_is_a_seeded_probe(tiny):
         print(res.stdout[-4000:], res.stderr[-4000:])
     assert res.returncode == 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["setup"]["split"] == "train" and rep["setup"]["n_windows"] == 6 and list(rep["variants"]) == ["gdpo+nokl"]
+    assert rep["setup"]["split"] == "train" and rep["setup"]["n_windows"] == 6
+    assert list(rep["variants"]) == ["gdpo+nokl", "gdpo vs gdpo+nokl"]  # the variant against its base, then the chosen pair
     ev = json.loads((out / "eval" / "gdpo_nokl_seed0" / "metrics.json").read_text())
     assert ev["split"] == "train"
     # the reward the runs optimised (velocity term x4) scores every checkpoint, the supervised one included
@@ -438,6 +439,11 @@ def test_bench_helpers():
     for bad in (["gdpo", "gdpo"], [], ["ppo"]):
         with pytest.raises(ValueError):
             bench.parse_algos(bad)
+    # compare: pairs of methods the run trains, from the command line's nested list
+    ccfg = compose("bench", ["variants={a:['algo.beta=0'],ab:['algo.beta=0','env.group_size=8']}", "compare=[[gdpo+ab,gdpo+a]]"])
+    assert bench.check_settings(OmegaConf.merge(ccfg, {"algos": ["gdpo", "gdpo+a", "gdpo+ab"], "quick": True}))[1][-1] == "gdpo+ab"
+    with pytest.raises(ValueError, match="compare entry"):  # early, before any training: gdpo+a is not trained
+        bench.check_settings(OmegaConf.merge(ccfg, {"algos": ["gdpo", "gdpo+ab"], "quick": True}))
     # a preset is a variant like any other; it sets the algorithm's scope and the learning rate, the command line wins
     pcfg = compose("bench", ["variants={ctx:['preset=listening_lora']}"])
     assert bench.check_settings(OmegaConf.merge(pcfg, {"algos": ["gdpo", "gdpo+ctx"], "quick": True}))[1] == ["gdpo", "gdpo+ctx"]

@@ -77,7 +77,7 @@ from gdpo_listener.evaluation.bench_markdown import report_markdown  # noqa: E40
 from gdpo_listener.evaluation.bench_plots import plot_listening_window, plot_mechanism, plot_reward_curves  # noqa: E402
 from gdpo_listener.evaluation.bench_runs import train_runs  # noqa: E402
 from gdpo_listener.evaluation.bench_stats import mechanism_curves  # noqa: E402
-from gdpo_listener.evaluation.benchmark import build_report, method_label, parse_method, reward_curves  # noqa: E402
+from gdpo_listener.evaluation.benchmark import build_report, check_pairs, method_label, parse_method, reward_curves  # noqa: E402
 from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # noqa: E402
 from gdpo_listener.evaluation.report import to_json  # noqa: E402
 from gdpo_listener.evaluation.scoring import blas_threads  # noqa: E402
@@ -118,6 +118,7 @@ def check_settings(cfg: DictConfig) -> tuple[list[int], list[str], list[str]]:
     seeds, algos = [int(s) for s in cfg.seeds], parse_algos(cfg.algos)
     for a in algos:  # every variant named in algos is defined, with overrides a variant may set
         parse_method(a).variant_overrides(cfg.get("variants"), cfg.reward)
+    check_pairs(cfg.get("compare"), ["supervised", *algos])
     groups = parse_reward_spec(cfg.reward)
     for drop in cfg.controls.get("cfg_drops") or []:
         check_cfg_drop(drop)
@@ -189,7 +190,8 @@ def run(cfg: DictConfig) -> dict:
     cfg_weights = list(cfg.controls.cfg_weights)
     rep = build_report(cfg_weights, methods, ev.flat, ev.controls, curves, train_info, groups, hdr, tc.info, tc.intents,
                        windows=ev.windows, expressive=data.expressive.cpu().numpy(), mechanism=mechanism, sde_dynamics=dynamics,
-                       sde_variants=variants, reconstruction=reconstruction, window_labels=window_labels, intent_floor=ev.floor)
+                       sde_variants=variants, reconstruction=reconstruction, window_labels=window_labels, intent_floor=ev.floor,
+                       compare=check_pairs(cfg.get("compare"), methods))
     md = report_markdown(cfg_weights, rep, methods, groups, tc.intents)
     rep["total_s"] = time.perf_counter() - t_start
     atomic_write_json(out / "report.json", to_json(rep))
