@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from ..agents.arflow import ARFLOW_KIND
 from ..agents.checkpoint import load_checkpoint_meta
 from ..envs.flame import GROUP_NAMES
+from ..pipeline.run_dir import host_info, host_label, run_host
 from . import intent_control as IC
 from .bench_runs import git_state, run_meta
 from .bench_stats import table1_window_values
@@ -137,7 +138,8 @@ def reconstruction_reference(data, ecfg: DictConfig, out: Path, sft: Path, vae: 
 
 
 def report_setup(cfg: DictConfig, runs: dict, algos: list[str], seeds: list[int], data, ecfg: DictConfig, sft: Path, vae: Path) -> dict:
-    """The report's setup section: data, seeds, the runs' shared budget and settings, wall times, code version."""
+    """The report's setup section: data, seeds, the runs' shared budget and settings, wall times, code version,
+    the host each run trained on and the one evaluating (``hosts``: label -> the runs, ``"method seed S"``)."""
     meta = run_meta(runs, algos, seeds)
     run_cfg = dict(meta.get("config") or {})
     budget = training_budget(run_cfg, meta.get("arch"))
@@ -156,4 +158,14 @@ def report_setup(cfg: DictConfig, runs: dict, algos: list[str], seeds: list[int]
             "variants": {a: parse_method(a).variant_overrides(cfg.get("variants"), cfg.reward) for a in algos if parse_method(a).variant},
             "run_reward": base_run_reward({a: {s: runs[a][s]["path"] for s in seeds} for a in algos}),
             "steps": int(ecfg.steps), "sft": str(sft), "vae": str(vae), "quick": bool(cfg.quick), "git": git_state(),
-            "eval_header": header(data, ecfg, str(sft), seeds[0])}
+            "eval_header": header(data, ecfg, str(sft), seeds[0]),
+            "hosts": run_hosts(runs, algos, seeds), "eval_host": host_label(host_info(str(cfg.device)))}
+
+
+def run_hosts(runs: dict, algos: list[str], seeds: list[int]) -> dict[str, list[str]]:
+    """Which host trained which run: ``{host label: ["<method key> seed <S>", ...]}`` (:func:`.run_dir.host_label`)."""
+    out: dict[str, list[str]] = {}
+    for a in algos:
+        for s in seeds:
+            out.setdefault(host_label(run_host(runs[a][s]["path"])), []).append(f"{a} seed {s}")
+    return out

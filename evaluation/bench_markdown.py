@@ -37,6 +37,21 @@ def _extended_note(setup: dict, post: list[str]) -> str:
             + ", ".join(parts) + " iterations.") if parts else ""
 
 
+def _host_note(setup: dict) -> str:
+    """" Trained on <host>; evaluated on <host>." or, when the runs come from several hosts, which run from which:
+    RL runs are a draw per host (docs/benchmarks.md, "bench_v14 on another host"). Reports before hosts were
+    recorded: ""."""
+    hosts = setup.get("hosts")
+    if not hosts:
+        return ""
+    ev = f" Evaluated on {setup.get('eval_host', '?')}."
+    if len(hosts) == 1:
+        return f" Runs trained on {next(iter(hosts))}.{ev}"
+    return (" **Runs trained on several hosts**: " + "; ".join(f"{h}: {', '.join(r)}" for h, r in hosts.items())
+            + ". The same settings give other RL weights on another CPU: compare methods trained on one host "
+            "(docs/benchmarks.md, \"bench_v14 on another host\")." + ev)
+
+
 def _table_rows(rep, methods) -> list[tuple[str, dict]]:
     """(label, aggregated metrics) of every method, then the VAE reconstruction's reference row when present."""
     recon = rep.get("reconstruction")
@@ -61,7 +76,7 @@ def _header_markdown(rep, methods, groups) -> list[str]:
                     for m, o in (s.get("variants") or {}).items())
           + f"Evaluation: Euler ODE {s['steps']} steps, CFG 1, sampling seed = run seed (supervised-only: the same "
           f"checkpoint sampled with each seed). Values are mean ± std over seeds (sample std). "
-          f"Code: commit {git.get('commit')}{local}.{_extended_note(s, post)}", ""]
+          f"Code: commit {git.get('commit')}{local}.{_extended_note(s, post)}{_host_note(s)}", ""]
     L += ["## Targets (issue 10)", "", "Each target computed from the figures below; Welch p over seeds and the 95 % paired-bootstrap "
           "interval over windows both decide significance.", ""]
     L += [T.targets_markdown([T.Target(**t) for t in rep["targets"]]), ""]

@@ -13,15 +13,23 @@
 Settings that do not change results (``IGNORED``: paths of the run itself, device, threads,
 logging cadence, the distributed timeout ``dist``) do not make runs different. A run of several
 processes records its ``world_size`` among its settings (pipeline/distributed.py ``run_config``).
+
+``run.json`` also records the ``host`` the run started on (:func:`host_info`: CPU model, the SIMD
+level torch's CPU kernels use, torch version, GPU), beside its settings, not among them: the same
+settings give bit-identical weights on one host, but floating-point rounding differs between CPUs
+and a long RL run carries it into other weights (docs/benchmarks.md, "bench_v14 on another host"),
+so a benchmark names the hosts of the runs it compares (:func:`host_label`).
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import platform
 import shutil
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..agents.checkpoint import atomic_write_json
@@ -30,6 +38,40 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 RUN_FORMAT = "gdpo-listener-run"
 IGNORED = ("out_dir", "resume", "device", "threads", "log_every", "ckpt_every", "logger", "progress", "dist")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def host_info(device: str = "cpu") -> dict:
+    """Where a run computes: ``{"cpu", "cpu_capability" (torch's CPU kernel level: AVX2, AVX512, ...), "torch",
+    "gpu" (name, or None on the CPU)}``."""
+    gpu = None
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(torch.device(device))
+    return {"cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "gpu": gpu}
+
+
+def host_label(host: dict | None) -> str:
+    """One line for a :func:`host_info` record (``"unrecorded"`` for a run written before runs recorded it)."""
+    if not host:
+        return "unrecorded"
+    where = host.get("gpu") or f"{host.get('cpu', '?')} ({host.get('cpu_capability', '?')})"
+    return f"{where}, torch {host.get('torch', '?')}"
+
+
+def run_host(folder: Path) -> dict | None:
+    """The host a run folder's ``run.json`` recorded, or None."""
+    run = _read_run(Path(folder))
+    return None if run is None else run.get("host")
 
 
 class RunDirError(RuntimeError):
@@ -122,7 +164,8 @@ def claim_run_dir(out_dir: Path, cfg: DictConfig, stage: str, resume: bool = Fal
     old_logs = folder / log_subdir
     if old_logs.is_dir() and _read_run(folder) is not None:
         shutil.rmtree(old_logs)  # a rerun of the same run in its own folder starts fresh logs
-    atomic_write_json(folder / RUN_FILE, {"format": RUN_FORMAT, "stage": stage, "settings": settings})
+    atomic_write_json(folder / RUN_FILE, {"format": RUN_FORMAT, "stage": stage, "settings": settings,
+                                          "host": host_info(str(cfg.get("device", "cpu")))})
     return folder, lock
 
 

@@ -116,6 +116,18 @@ def test_compare_pairs_name_two_methods_of_the_run():
             check_pairs([bad], methods)
 
 
+def test_the_report_names_the_hosts_of_its_runs():
+    from gdpo_listener.evaluation.bench_markdown import _host_note
+
+    one = {"hosts": {"CPU A (AVX512), torch 2.13.0": ["gdpo seed 0", "grpo seed 0"]}, "eval_host": "CPU A (AVX512), torch 2.13.0"}
+    assert _host_note(one) == " Runs trained on CPU A (AVX512), torch 2.13.0. Evaluated on CPU A (AVX512), torch 2.13.0."
+    two = {"hosts": {"CPU A (AVX512), torch 2.13.0": ["gdpo seed 0"], "unrecorded": ["grpo seed 0"]}, "eval_host": "CPU A"}
+    note = _host_note(two)
+    assert "**Runs trained on several hosts**" in note and "unrecorded: grpo seed 0" in note
+    assert "compare methods trained on one host" in note
+    assert _host_note({}) == ""  # a report written before hosts were recorded
+
+
 # ----------------------------------------------------------------------------------------------
 # mechanism figures
 

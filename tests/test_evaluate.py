@@ -377,7 +377,8 @@ def test_bench_on_train_windows_is_a_seeded_probe(tiny):
     the default, which the supervised model is scored on too."""
     out = tiny / "bench_train"
     cmd = [sys.executable, str(ROOT / "train" / "bench.py"), "--quick", "progress=false", "algos=[gdpo,gdpo+nokl]",
-           "variants={nokl:['algo.beta=0']}", "compare=[[gdpo,gdpo+nokl]]", "quick_settings.eval.split=train", "quick_settings.eval.max_windows=6",
+           "variants={nokl:['algo.beta=0']}", "compare=[[gdpo,gdpo+nokl]]", "quick_settings.eval.split=train",
+           "quick_settings.eval.max_windows=6",
            "quick_settings.train_overrides=['env.n_prompts=1','env.group_size=2','env.sde_steps=2','eval.n_windows=2',"
            "'ckpt_every=1','+rewards.weights.vel=4']",
            f"data.root={tiny / 'data'}", "data.auto_prepare=false", f"pretrained.vae={tiny / 'vae'}", f"pretrained.sft={tiny / 'sft'}",
@@ -389,6 +390,8 @@ def test_bench_on_train_windows_is_a_seeded_probe(tiny):
     rep = json.loads((out / "report.json").read_text())
     assert rep["setup"]["split"] == "train" and rep["setup"]["n_windows"] == 6
     assert list(rep["variants"]) == ["gdpo+nokl", "gdpo vs gdpo+nokl"]  # the variant against its base, then the chosen pair
+    host = next(iter(rep["setup"]["hosts"]))  # every run trained here, on this host, and evaluated on it
+    assert rep["setup"]["hosts"] == {host: ["gdpo seed 0", "gdpo+nokl seed 0"]} and rep["setup"]["eval_host"] == host
     ev = json.loads((out / "eval" / "gdpo_nokl_seed0" / "metrics.json").read_text())
     assert ev["split"] == "train"
     # the reward the runs optimised (velocity term x4) scores every checkpoint, the supervised one included
@@ -401,6 +404,7 @@ def test_bench_on_train_windows_is_a_seeded_probe(tiny):
         assert own < default < 0  # four times the velocity term: a larger penalty
     assert rep["setup"]["run_reward"]["rewards"]["weights"] == {"vel": 4}
     md = (out / "report.md").read_text()
+    assert f"Runs trained on {host}. Evaluated on {host}." in md
     assert "under the reward the post-trained runs optimised (term weights var 1, vel 4, drift 0.25, mse 0.1;" in md
 
 

@@ -1,6 +1,7 @@
 """Nothing lost, nothing silent (issue 15): run folders, locks, resumed logs, divergence, range checks."""
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -12,7 +13,7 @@ from omegaconf import OmegaConf
 
 from gdpo_listener.agents.guards import DivergenceError, check_finite_step, check_finite_weights
 from gdpo_listener.pipeline.checks import check_count, check_positive
-from gdpo_listener.pipeline.run_dir import RunDirError, RunLock, claim_run_dir, truncate_logs
+from gdpo_listener.pipeline.run_dir import RunDirError, RunLock, claim_run_dir, host_label, run_host, truncate_logs
 from gdpo_listener.pipeline.run_state import load_run_state, save_run_state
 
 
@@ -22,6 +23,25 @@ def cfg_of(**kw):
 
 # ----------------------------------------------------------------------------------------------
 # run folders
+
+
+def test_a_run_records_the_host_it_trained_on_beside_its_settings(tmp_path):
+    out = tmp_path / "run"
+    folder, lock = claim_run_dir(out, cfg_of(), stage="gdpo")
+    lock.release()
+    host = run_host(folder)
+    assert host["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and host["torch"] == torch.__version__
+    assert host["gpu"] is None and host["cpu"]
+    assert host_label(host) == f"{host['cpu']} ({host['cpu_capability']}), torch {torch.__version__}"
+    # not a setting: another host's record of the same settings is the same run, and the folder is reused
+    doc = json.loads((folder / "run.json").read_text())
+    (folder / "run.json").write_text(json.dumps({**doc, "host": {**host, "cpu_capability": "AVX2"}}))
+    (folder / "model.safetensors").write_bytes(b"w")
+    again, lock = claim_run_dir(out, cfg_of(), stage="gdpo")
+    lock.release()
+    assert again == folder and run_host(folder) == host  # rewritten by the rerun on this host
+    assert host_label(None) == "unrecorded" and run_host(tmp_path / "nothing") is None
+    assert host_label({"gpu": "NVIDIA A100", "torch": "2.13.0"}) == "NVIDIA A100, torch 2.13.0"
 
 
 def test_a_run_with_other_settings_gets_its_own_folder(tmp_path, capsys):
