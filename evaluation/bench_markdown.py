@@ -45,6 +45,8 @@ def _host_note(setup: dict) -> str:
     if not hosts:
         return ""
     ev = f" Evaluated on {setup.get('eval_host', '?')}."
+    if list(hosts) == ["unrecorded"]:
+        return f" The runs' host is not recorded (trained before runs recorded it).{ev}"
     if len(hosts) == 1:
         return f" Runs trained on {next(iter(hosts))}.{ev}"
     return (" **Runs trained on several hosts**: " + "; ".join(f"{h}: {', '.join(r)}" for h, r in hosts.items())

@@ -126,6 +126,7 @@ def test_the_report_names_the_hosts_of_its_runs():
     assert "**Runs trained on several hosts**" in note and "unrecorded: grpo seed 0" in note
     assert "compare methods trained on one host" in note
     assert _host_note({}) == ""  # a report written before hosts were recorded
+    assert _host_note({"hosts": {"unrecorded": ["gdpo seed 0"]}, "eval_host": "CPU A"}).startswith(" The runs' host is not recorded")
 
 
 # ----------------------------------------------------------------------------------------------
