@@ -14,11 +14,13 @@ Settings that do not change results (``IGNORED``: paths of the run itself, devic
 logging cadence, the distributed timeout ``dist``) do not make runs different. A run of several
 processes records its ``world_size`` among its settings (pipeline/distributed.py ``run_config``).
 
-``run.json`` also records the ``host`` the run started on (:func:`host_info`: CPU model, the SIMD
-level torch's CPU kernels use, torch version, GPU), beside its settings, not among them: the same
-settings give bit-identical weights on one host, but floating-point rounding differs between CPUs
-and a long RL run carries it into other weights (docs/benchmarks.md, "bench_v14 on another host"),
-so a benchmark names the hosts of the runs it compares (:func:`host_label`).
+``run.json`` also records where the run started (:func:`host_info`: CPU model, the SIMD level
+torch's CPU kernels use, the torch threads it computes with, torch version, GPU), beside its
+settings, not among them. Floating-point sums depend on both: the same settings with another thread
+count (``threads=auto`` leaves out busy cores, so it follows the machine's load) or another CPU give
+other weights, and a long RL run carries a last-bit difference of its supervised start into another
+draw (docs/benchmarks.md, "bench_v14 re-run from another supervised checkpoint"); a benchmark names
+the hosts of the runs it compares (:func:`host_label`).
 """
 from __future__ import annotations
 
@@ -51,13 +53,13 @@ def _cpu_model() -> str:
 
 
 def host_info(device: str = "cpu") -> dict:
-    """Where a run computes: ``{"cpu", "cpu_capability" (torch's CPU kernel level: AVX2, AVX512, ...), "torch",
-    "gpu" (name, or None on the CPU)}``."""
+    """Where a run computes: ``{"cpu", "cpu_capability" (torch's CPU kernel level: AVX2, AVX512, ...), "threads"
+    (torch's intra-op threads, as configured when the run claims its folder), "torch", "gpu" (name, or None on the CPU)}``."""
     gpu = None
     if str(device).startswith("cuda") and torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(torch.device(device))
-    return {"cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-            "gpu": gpu}
+    return {"cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "gpu": gpu}
 
 
 def host_label(host: dict | None) -> str:
@@ -65,7 +67,8 @@ def host_label(host: dict | None) -> str:
     if not host:
         return "unrecorded"
     where = host.get("gpu") or f"{host.get('cpu', '?')} ({host.get('cpu_capability', '?')})"
-    return f"{where}, torch {host.get('torch', '?')}"
+    threads = f", {host['threads']} thread{'s' if host['threads'] != 1 else ''}" if host.get("threads") else ""
+    return f"{where}{threads}, torch {host.get('torch', '?')}"
 
 
 def run_host(folder: Path) -> dict | None:

@@ -31,8 +31,9 @@ def test_a_run_records_the_host_it_trained_on_beside_its_settings(tmp_path):
     lock.release()
     host = run_host(folder)
     assert host["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and host["torch"] == torch.__version__
-    assert host["gpu"] is None and host["cpu"]
-    assert host_label(host) == f"{host['cpu']} ({host['cpu_capability']}), torch {torch.__version__}"
+    assert host["gpu"] is None and host["cpu"] and host["threads"] == torch.get_num_threads()
+    n = host["threads"]
+    assert host_label(host) == f"{host['cpu']} ({host['cpu_capability']}), {n} thread{'s' if n != 1 else ''}, torch {torch.__version__}"
     # not a setting: another host's record of the same settings is the same run, and the folder is reused
     doc = json.loads((folder / "run.json").read_text())
     (folder / "run.json").write_text(json.dumps({**doc, "host": {**host, "cpu_capability": "AVX2"}}))
