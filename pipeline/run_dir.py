@@ -71,12 +71,6 @@ def host_label(host: dict | None) -> str:
     return f"{where}{threads}, torch {host.get('torch', '?')}"
 
 
-def run_host(folder: Path) -> dict | None:
-    """The host a run folder's ``run.json`` recorded, or None."""
-    run = _read_run(Path(folder))
-    return None if run is None else run.get("host")
-
-
 class RunDirError(RuntimeError):
     """The output folder cannot be used by this run."""
 
@@ -93,6 +87,12 @@ def _read_run(folder: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) and doc.get("format") == RUN_FORMAT else None
+
+
+def run_host(folder: Path) -> dict | None:
+    """The host a run folder's ``run.json`` recorded, or None."""
+    run = _read_run(Path(folder))
+    return None if run is None else run.get("host")
 
 
 def _differs(a: dict, b: dict, prefix: str = "") -> list[str]:
