@@ -72,12 +72,30 @@ def resolve_threads(spec) -> int:
     return n
 
 
-def configure_threads(spec) -> int:
-    """Set torch's intra-op threads from ``spec`` (``auto`` or N); returns the number used."""
+def load_note(spec, n: int) -> str | None:
+    """What a training run should say when ``threads: auto`` gave it ``n`` threads, fewer than the cores it may use,
+    because other processes were busy: the thread count changes a run's numbers in their last bits (reductions split
+    differently), and an RL run started from another supervised checkpoint's last bits is another draw. None when
+    ``spec`` is a number, an exported ``OMP_NUM_THREADS`` decided, or every core was used."""
+    if not (isinstance(spec, str) and spec.strip().lower() == "auto") or os.environ.get("OMP_NUM_THREADS", "").strip():
+        return None
+    cores = available_cores()
+    if n >= cores:
+        return None
+    return (f"[threads] auto: {n} of {cores} cores ({cores - n} busy with other processes when the run started). Its numbers differ in "
+            f"their last bits from a run with {cores} threads on an idle machine; set threads={n} to repeat this run bit "
+            f"for bit, or threads={cores} for the idle machine's (the count is recorded in run.json)")
+
+
+def configure_threads(spec, announce: bool = False) -> int:
+    """Set torch's intra-op threads from ``spec`` (``auto`` or N); returns the number used. ``announce``: print
+    :func:`load_note` when the load took cores away (training entry points, whose checkpoints others build on)."""
     import torch
 
     n = resolve_threads(spec)
     torch.set_num_threads(n)
+    if announce and (note := load_note(spec, n)):
+        print(note, flush=True)
     return n
 
 

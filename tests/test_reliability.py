@@ -284,6 +284,27 @@ def test_threads_auto_and_bad_values(monkeypatch):
             threads.resolve_threads(bad)
 
 
+def test_threads_auto_says_when_the_load_took_cores(monkeypatch, capsys):
+    import torch
+
+    from gdpo_listener.pipeline import threads
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # this test process keeps its own thread count
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 3)
+    monkeypatch.setattr(threads, "busy_cores", lambda: 1)
+    note = threads.load_note("auto", threads.resolve_threads("auto"))
+    assert "2 of 3 cores" in note and "threads=2" in note and "threads=3" in note
+    assert threads.configure_threads("auto", announce=True) == 2 and "2 of 3 cores" in capsys.readouterr().out
+    threads.configure_threads("auto")  # without announce: silent
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0)
+    assert threads.load_note("auto", threads.resolve_threads("auto")) is None  # every core used
+    assert threads.load_note(2, 2) is None and threads.load_note("2", 2) is None  # a number is the user's choice
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads.load_note("auto", threads.resolve_threads("auto")) is None  # so is an exported count
+
+
 def test_an_old_synthetic_corpus_is_not_reused_silently(tmp_path, monkeypatch):
     from gdpo_listener.pipeline import stages
 

@@ -99,7 +99,7 @@ def save_state(path, cfg, step, generator, logger, run_states, env, dist: Dist) 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="gdpo")
 def main(cfg: DictConfig) -> None:
-    configure_threads(cfg.threads)
+    configure_threads(cfg.threads, announce=True)
     with distributed(cfg.device, cfg.dist.timeout_min) as dist:
         train(cfg, dist)
 

@@ -142,7 +142,7 @@ def save_state(path, cfg, step, generator, logger, run_states, dist: Dist) -> No
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sft")
 def main(cfg: DictConfig) -> None:
-    configure_threads(cfg.threads)
+    configure_threads(cfg.threads, announce=True)
     with distributed(cfg.device, cfg.dist.timeout_min) as dist:
         train(cfg, dist)
 

@@ -135,7 +135,7 @@ def check_resumed_config(state: dict, cfg: VAEConfig, state_path) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="vae")
 def main(cfg: DictConfig) -> None:
-    configure_threads(cfg.threads)
+    configure_threads(cfg.threads, announce=True)
     device = factories.make_device(cfg.device)
     generator = seed_everything(int(cfg.seed))
     check_settings(cfg)
