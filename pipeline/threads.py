@@ -83,8 +83,9 @@ def load_note(spec, n: int) -> str | None:
     if n >= cores:
         return None
     return (f"[threads] auto: {n} of {cores} cores ({cores - n} busy with other processes when the run started). Its numbers differ in "
-            f"their last bits from a run with {cores} threads on an idle machine; set threads={n} to repeat this run bit "
-            f"for bit, or threads={cores} for the idle machine's (the count is recorded in run.json)")
+            f"their last bits from a run with {cores} threads on an idle machine. To repeat a run bit for bit, give it "
+            f"its thread count: threads=N, or OMP_NUM_THREADS=N exported for a pipeline and the stages it starts "
+            f"(recorded in run.json)")
 
 
 def configure_threads(spec, announce: bool = False) -> int:

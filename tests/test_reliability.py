@@ -294,7 +294,7 @@ def test_threads_auto_says_when_the_load_took_cores(monkeypatch, capsys):
     monkeypatch.setattr(threads, "available_cores", lambda: 3)
     monkeypatch.setattr(threads, "busy_cores", lambda: 1)
     note = threads.load_note("auto", threads.resolve_threads("auto"))
-    assert "2 of 3 cores" in note and "threads=2" in note and "threads=3" in note
+    assert "2 of 3 cores" in note and "a run with 3 threads" in note and "OMP_NUM_THREADS=N" in note
     assert threads.configure_threads("auto", announce=True) == 2 and "2 of 3 cores" in capsys.readouterr().out
     threads.configure_threads("auto")  # without announce: silent
     assert capsys.readouterr().out == ""
