@@ -53,14 +53,21 @@ def busy_cores(samples: int = 5, interval: float = 0.02) -> int:
     return max(0, int(statistics.median(counts)) - 1)
 
 
+def _is_auto(spec) -> bool:
+    return isinstance(spec, str) and spec.strip().lower() == "auto"
+
+
+def _exported_threads() -> int | None:
+    """A positive ``OMP_NUM_THREADS`` the user exported, else None."""
+    exported = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(exported) if exported.isdigit() and int(exported) >= 1 else None
+
+
 def resolve_threads(spec) -> int:
     """``"auto"`` -> an exported ``OMP_NUM_THREADS``, else :func:`available_cores` minus :func:`busy_cores`
     (at least 1); otherwise a positive integer (error naming the value)."""
-    if isinstance(spec, str) and spec.strip().lower() == "auto":
-        exported = os.environ.get("OMP_NUM_THREADS", "").strip()
-        if exported.isdigit() and int(exported) >= 1:
-            return int(exported)
-        return max(1, available_cores() - busy_cores())
+    if _is_auto(spec):
+        return _exported_threads() or max(1, available_cores() - busy_cores())
     if isinstance(spec, int) and not isinstance(spec, bool):
         n = spec
     elif isinstance(spec, str) and spec.strip().isdigit():
@@ -77,7 +84,7 @@ def load_note(spec, n: int) -> str | None:
     because other processes were busy: the thread count changes a run's numbers in their last bits (reductions split
     differently), and an RL run started from another supervised checkpoint's last bits is another draw. None when
     ``spec`` is a number, an exported ``OMP_NUM_THREADS`` decided, or every core was used."""
-    if not (isinstance(spec, str) and spec.strip().lower() == "auto") or os.environ.get("OMP_NUM_THREADS", "").strip():
+    if not _is_auto(spec) or _exported_threads() is not None:
         return None
     cores = available_cores()
     if n >= cores:
