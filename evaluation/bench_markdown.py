@@ -38,9 +38,9 @@ def _extended_note(setup: dict, post: list[str]) -> str:
 
 
 def _host_note(setup: dict) -> str:
-    """" Trained on <host>; evaluated on <host>." or, when the runs come from several hosts, which run from which:
-    RL runs are a draw per host (docs/benchmarks.md, "bench_v14 on another host"). Reports before hosts were
-    recorded: ""."""
+    """" Runs trained on <host>. Evaluated on <host>." or, when the runs come from several hosts, which run from which:
+    a CPU or thread count of their own can give other weights, and RL runs another draw (docs/benchmarks.md, "bench_v14
+    re-run from another supervised checkpoint"). Reports before hosts were recorded: ""."""
     hosts = setup.get("hosts")
     if not hosts:
         return ""
@@ -50,8 +50,9 @@ def _host_note(setup: dict) -> str:
     if len(hosts) == 1:
         return f" Runs trained on {next(iter(hosts))}.{ev}"
     return (" **Runs trained on several hosts**: " + "; ".join(f"{h}: {', '.join(r)}" for h, r in hosts.items())
-            + ". The same settings give other RL weights on another CPU: compare methods trained on one host "
-            "(docs/benchmarks.md, \"bench_v14 on another host\")." + ev)
+            + ". The same settings can give other weights on another CPU or thread count, and RL runs another draw: "
+            "compare methods trained on one host (docs/benchmarks.md, \"bench_v14 re-run from another supervised "
+            "checkpoint\")." + ev)
 
 
 def _table_rows(rep, methods) -> list[tuple[str, dict]]:
