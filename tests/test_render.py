@@ -1,6 +1,7 @@
 """Mesh videos: headless rendering of the tiny FLAME-layout model, MP4 with audio, clear early errors."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -9,11 +10,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from gdpo_listener.envs.dataset import Conversation, DatasetWriter
 from gdpo_listener.envs.flame import FLAME_DIM, FPS, GROUPS, SAMPLE_RATE
 from gdpo_listener.evaluation import render as R
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # pixels per panel: small and fast
 T = 2 * FPS  # a 2-second clip: 50 frames
 
@@ -217,6 +220,65 @@ def test_a_failed_write_leaves_no_partial_file_and_keeps_the_old_video(tmp_path)
 
 # ----------------------------------------------------------------------------------------------
 # command line
+
+
+def render_script():
+    spec = importlib.util.spec_from_file_location("render_script", ROOT / "train" / "render.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def request(**overrides) -> DictConfig:
+    """``train/conf/render.yaml``'s defaults with ``overrides``."""
+    return OmegaConf.merge(OmegaConf.load(ROOT / "train" / "conf" / "render.yaml"), overrides)
+
+
+def test_a_render_request_is_checked_before_any_file_is_read(tmp_path):
+    script = render_script()
+    missing = str(tmp_path / "absent.npz")  # never opened: every error below comes first
+    for overrides, message in [
+        (dict(motion=missing, layout="grid"), "layout='grid'; valid: one, sides, gt_vs_gen"),
+        (dict(dataset=str(tmp_path)), "dataset= and conversation= go together"),
+        ({}, "nothing to render"),
+        (dict(motion=missing, layout="gt_vs_gen"), "layout=gt_vs_gen needs motion=NPZ .* and dataset="),
+        (dict(motion=missing, dataset=str(tmp_path), conversation="c0"), "layout=one shows one head"),
+        (dict(motion=missing, side=2), "side=2: must be 0 or 1"),
+        (dict(motion=missing, start=1.0), r"start=1.0: .* \(needs dataset=\)"),
+        (dict(dataset=str(tmp_path), conversation="c0", start=-0.5), "start=-0.5"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            script.check_request(request(**overrides))
+    assert script.check_request(request(dataset="d", conversation="c0", layout="sides", side=1, start=0.4)) == ("sides", 1, 10)
+
+
+def test_layouts_place_the_generated_and_dataset_heads(tmp_path):
+    script = render_script()
+    np.savez(tmp_path / "clip.npz", motion=nodding(20))  # no vad: a dataset layout takes the dataset's
+    motion = np.stack([nodding(60), np.zeros((60, FLAME_DIM), np.float32)])
+    vad = np.stack([np.arange(60) < 30, np.arange(60) >= 30])
+    with DatasetWriter(tmp_path / "data", source="test") as w:
+        w.add(Conversation("c0", motion, np.ones((2, 6), bool), np.ones(2, bool), vad, [tone(2.4), tone(2.4, 330.0)]),
+              split="train")
+    data = dict(dataset=str(tmp_path / "data"), conversation="c0")
+    gen = dict(motion=str(tmp_path / "clip.npz"))
+
+    panels, audio = script.build_panels(request(**data, side=1, start=0.4, seconds=1.0))
+    assert [p.title for p in panels] == ["c0 side 1"] and len(panels[0].motion) == 25 and len(audio) == 25 * (SAMPLE_RATE // FPS)
+    np.testing.assert_array_equal(panels[0].vad, vad[1, 10:35])
+    panels, _ = script.build_panels(request(**data, layout="sides"))
+    assert [p.title for p in panels] == ["side 0", "side 1"] and len(panels[1].motion) == 60
+    panels, _ = script.build_panels(request(**data, **gen, layout="sides", start=0.8))
+    assert [p.title for p in panels] == ["generated actor", "partner (side 1)"]
+    np.testing.assert_array_equal(panels[0].vad, vad[0, 20:40])  # the generated actor's labels: side 0's, from the start
+    np.testing.assert_array_equal(panels[1].motion, motion[1, 20:40])
+    panels, _ = script.build_panels(request(**data, **gen, layout="gt_vs_gen", side=1))
+    assert [p.title for p in panels] == ["ground truth (side 1)", "generated"]
+    np.testing.assert_array_equal(panels[1].partner_vad, vad[0, :20])
+    panels, audio = script.build_panels(request(**gen))
+    assert [p.title for p in panels] == ["generated"] and panels[0].vad is None and audio is None  # silent, unlabelled
+    with pytest.raises(ValueError, match=r"seconds=1.0: .* 0.80 s available"):
+        script.build_panels(request(**gen, seconds=1.0))
 
 
 @pytest.mark.slow

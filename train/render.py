@@ -75,20 +75,21 @@ def mix(*wavs: np.ndarray) -> np.ndarray:
     return s / peak if peak > 1.0 else s
 
 
-def build_panels(cfg: DictConfig) -> tuple[list[Panel], np.ndarray | None]:
-    """The layout's panels (all of one length) and the clip's mono audio (or None: silent video)."""
+def check_request(cfg: DictConfig) -> tuple[str, int, int]:
+    """The layout, side and first frame (at 25 fps) a render request asks for: every combination of
+    ``motion=`` / ``dataset=`` / ``conversation=`` / ``layout=`` / ``side=`` / ``start=`` checked before
+    any file is read."""
     layout = str(cfg.layout)
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; valid: {', '.join(LAYOUTS)}")
-    gen = load_generated(abspath(cfg.motion)) if cfg.motion else None
-    has_dataset = bool(cfg.dataset)
+    has_motion, has_dataset = bool(cfg.motion), bool(cfg.dataset)
     if has_dataset != bool(cfg.conversation):
         raise ValueError("dataset= and conversation= go together (a conversation id of that dataset)")
-    if gen is None and not has_dataset:
+    if not has_motion and not has_dataset:
         raise ValueError("nothing to render: give motion=NPZ and/or dataset=DIR conversation=ID")
-    if layout == "gt_vs_gen" and (gen is None or not has_dataset):
+    if layout == "gt_vs_gen" and not (has_motion and has_dataset):
         raise ValueError("layout=gt_vs_gen needs motion=NPZ (generated) and dataset= conversation= side= (ground truth)")
-    if layout == "one" and gen is not None and has_dataset:
+    if layout == "one" and has_motion and has_dataset:
         raise ValueError("layout=one shows one head: give motion=NPZ or a dataset side, not both "
                          "(layout=gt_vs_gen compares them, layout=sides puts the generated actor beside the partner)")
     side = int(cfg.side)
@@ -97,9 +98,48 @@ def build_panels(cfg: DictConfig) -> tuple[list[Panel], np.ndarray | None]:
     start = int(round(float(cfg.start) * FPS))
     if start < 0 or (start and not has_dataset):
         raise ValueError(f"start={cfg.start}: a non-negative offset into a dataset conversation (needs dataset=)")
+    return layout, side, start
 
+
+def clip_audio(cfg: DictConfig, T: int, conv, clip: slice, generated: Panel | None) -> np.ndarray | None:
+    """The clip's mono audio (its first sample at the clip's first frame), or None for a silent video:
+    ``audio=`` (mixed with ``partner_audio=``), else the dataset conversation's two sides mixed. A generated
+    clip without a dataset takes the activity labels its npz lacks from the VAD of those wavs (``vad=``)."""
+    audio = partner = None
+    if cfg.audio:
+        audio = fit_clip_audio(read_audio(abspath(cfg.audio)), T, f"audio {cfg.audio}")
+    if cfg.partner_audio:
+        partner = fit_clip_audio(read_audio(abspath(cfg.partner_audio)), T, f"partner_audio {cfg.partner_audio}")
+    if generated is not None and conv is None and cfg.vad != "none":
+        if generated.vad is None and audio is not None:
+            generated.vad = vad_frames(audio, T, method=str(cfg.vad))
+        if generated.partner_vad is None and partner is not None:
+            generated.partner_vad = vad_frames(partner, T, method=str(cfg.vad))
+    if audio is None and conv is not None:
+        return mix(*(fit_clip_audio(conv.audio[s][clip.start * SAMPLES_PER_FRAME:], T, f"conversation {conv.id!r} side {s} audio")
+                     for s in range(2)))
+    return mix(audio, partner) if audio is not None and partner is not None else audio
+
+
+def arrange(layout: str, side: int, generated: Panel | None, dataset_panel, conv_id: str | None) -> list[Panel]:
+    """The panels of ``layout``, left to right; ``dataset_panel(s, title, color)`` makes side ``s`` of
+    conversation ``conv_id``'s."""
+    if layout == "one":
+        return [generated] if generated is not None else [dataset_panel(side, f"{conv_id} side {side}", GREY)]
+    if layout == "sides":
+        if generated is None:
+            return [dataset_panel(side, f"side {side}", GREY), dataset_panel(1 - side, f"side {1 - side}", BLUE)]
+        generated.title = "generated actor"
+        return [generated, dataset_panel(1 - side, f"partner (side {1 - side})", BLUE)]
+    return [dataset_panel(side, f"ground truth (side {side})", GREY), generated]  # gt_vs_gen
+
+
+def build_panels(cfg: DictConfig) -> tuple[list[Panel], np.ndarray | None]:
+    """The layout's panels (all of one length) and the clip's mono audio (or None: silent video)."""
+    layout, side, start = check_request(cfg)
+    gen = load_generated(abspath(cfg.motion)) if cfg.motion else None
     conv = None
-    if has_dataset:
+    if cfg.dataset:
         root = abspath(cfg.dataset)
         load_dataset_meta(root)
         conv = load_conversation(root, str(cfg.conversation))
@@ -116,40 +156,14 @@ def build_panels(cfg: DictConfig) -> tuple[list[Panel], np.ndarray | None]:
             raise ValueError(f"conversation {conv.id!r} side {s} has no motion (audio-only); it cannot be shown")
         return Panel(conv.motion[s, clip], title, conv.vad[s, clip], conv.vad[1 - s, clip], color)
 
+    generated = None
     if gen is not None:  # in a dataset layout, a generated side of that conversation: the dataset's VAD where the npz has none
         vads = [None if gen[k] is None else gen[k][:T] for k in ("vad", "partner_vad")]
         if conv is not None:
             vads = [conv.vad[s, clip] if v is None else v for v, s in zip(vads, (side, 1 - side))]
         generated = Panel(gen["motion"][:T], "generated", vads[0], vads[1], SAND)
-
-    # audio: the clip's first sample is the clip's first frame
-    audio = partner = None
-    if cfg.audio:
-        audio = fit_clip_audio(read_audio(abspath(cfg.audio)), T, f"audio {cfg.audio}")
-    if cfg.partner_audio:
-        partner = fit_clip_audio(read_audio(abspath(cfg.partner_audio)), T, f"partner_audio {cfg.partner_audio}")
-    if gen is not None and conv is None and cfg.vad != "none":  # VAD from the audio where the npz has none
-        if generated.vad is None and audio is not None:
-            generated.vad = vad_frames(audio, T, method=str(cfg.vad))
-        if generated.partner_vad is None and partner is not None:
-            generated.partner_vad = vad_frames(partner, T, method=str(cfg.vad))
-    if audio is None and conv is not None:
-        audio = mix(*(fit_clip_audio(conv.audio[s][clip.start * SAMPLES_PER_FRAME:], T, f"conversation {conv.id!r} side {s} audio")
-                      for s in range(2)))
-    elif audio is not None and partner is not None:
-        audio = mix(audio, partner)
-
-    if layout == "one":
-        panels = [generated] if gen is not None else [dataset_panel(side, f"{conv.id} side {side}", GREY)]
-    elif layout == "sides":
-        if gen is not None:
-            generated.title = "generated actor"
-            panels = [generated, dataset_panel(1 - side, f"partner (side {1 - side})", BLUE)]
-        else:
-            panels = [dataset_panel(side, f"side {side}", GREY), dataset_panel(1 - side, f"side {1 - side}", BLUE)]
-    else:  # gt_vs_gen
-        panels = [dataset_panel(side, f"ground truth (side {side})", GREY), generated]
-    return panels, audio
+    audio = clip_audio(cfg, T, conv, clip, generated)
+    return arrange(layout, side, generated, dataset_panel, None if conv is None else conv.id), audio
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="render")
