@@ -46,3 +46,19 @@ def check_count(cfg: DictConfig, keys: Iterable[str], minimum: int = 1) -> None:
         x = _number(cfg, key)
         if x != int(x) or x < minimum:
             raise ValueError(f"{key}={_get(cfg, key)!r} must be an integer >= {minimum}")
+
+
+def check_choice(cfg: DictConfig, key: str, choices: Iterable[str], default: str):
+    """``key`` (``default`` where the config has none) is one of ``choices``; returns it."""
+    value, choices = OmegaConf.select(cfg, key, default=default), list(choices)
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} must be one of {choices}")
+    return value
+
+
+def check_fraction(cfg: DictConfig, key: str, default: float) -> float:
+    """``key`` (``default`` where the config has none) is a number in [0, 1); returns it."""
+    value = OmegaConf.select(cfg, key, default=default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{key}={value!r} must be a number in [0, 1)")
+    return value

@@ -27,7 +27,7 @@ from ..agents.loss import AGGREGATION, COUNT_KINDS, KL_STEPS, LOSSES, collect_tr
 from ..agents.policy import transition_core
 from ..envs.sde_env import ListenerSDEEnv
 from . import factories
-from .checks import check_count, check_non_negative, check_positive
+from .checks import check_choice, check_count, check_fraction, check_non_negative, check_positive
 from .distributed import Dist
 
 
@@ -50,20 +50,15 @@ def check_settings(cfg: DictConfig) -> None:
         sde_window_steps(cfg.env.get("sde_window"), cfg.env.sde_steps)
     except ValueError as e:
         raise ValueError(f"env.sde_window: {e}") from None
-    if cfg.algo.get("kl_steps", "sde") not in KL_STEPS:
-        raise ValueError(f"algo.kl_steps={cfg.algo.kl_steps!r} must be one of {list(KL_STEPS)}")
-    drop, keys = cfg.env.get("cond_drop", 0.0), list(cfg.env.get("drop_keys", DROP_KEYS))
-    if not isinstance(drop, (int, float)) or not 0 <= drop < 1:
-        raise ValueError(f"env.cond_drop={drop!r} must be a number in [0, 1)")
+    check_choice(cfg, "algo.kl_steps", KL_STEPS, "sde")
+    check_fraction(cfg, "env.cond_drop", 0.0)
+    keys = list(cfg.env.get("drop_keys", DROP_KEYS))
     if not keys or set(keys) - set(DROP_KEYS):
         raise ValueError(f"env.drop_keys={keys} must be a non-empty subset of {list(DROP_KEYS)}")
-    scope, momentum = cfg.algo.get("std_scope", "group"), cfg.algo.get("std_momentum", 0.98)
-    if scope not in STD_SCOPES:
-        raise ValueError(f"algo.std_scope={scope!r} must be one of {list(STD_SCOPES)}")
+    scope = check_choice(cfg, "algo.std_scope", STD_SCOPES, "group")
     if scope != "group" and cfg.algo.objective_tokens == "matched":
         raise ValueError(f"algo.std_scope={scope} is not supported with algo.objective_tokens=matched; use std_scope=group")
-    if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-        raise ValueError(f"algo.std_momentum={momentum!r} must be a number in [0, 1)")
+    check_fraction(cfg, "algo.std_momentum", 0.98)
     if cfg.algo.get("sft_coef") is not None:
         check_non_negative(cfg, ["algo.sft_coef"])
         check_count(cfg, ["algo.sft_batch_size"])
@@ -72,9 +67,7 @@ def check_settings(cfg: DictConfig) -> None:
         n = cfg.algo.get(key, 0)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"algo.{key}={n!r} must be an integer {what} >= 0 (0 = none)")
-    scope = cfg.algo.get("lora_scope", "listening")
-    if scope not in LORA_SCOPES:
-        raise ValueError(f"algo.lora_scope={scope!r} must be one of {list(LORA_SCOPES)}")
+    scope = check_choice(cfg, "algo.lora_scope", LORA_SCOPES, "listening")
     if scope != "listening" and not cfg.algo.get("listen_lora", 0):
         raise ValueError(f"algo.lora_scope={scope} needs low-rank updates: set algo.listen_lora to a rank > 0")
 
