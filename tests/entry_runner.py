@@ -17,6 +17,7 @@ run whose environment asks for other OpenMP wait variables falls back to a real 
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import multiprocessing as mp
 import os
 import runpy
@@ -118,3 +119,13 @@ def run_script(script: Path, args: list[str], cwd: Path, env: dict[str, str], ti
             raise subprocess.TimeoutExpired(cmd, timeout)
         read = lambda path: Path(path).read_text(encoding="utf-8", errors="replace") if os.path.exists(path) else ""  # noqa: E731
         return subprocess.CompletedProcess(cmd, p.exitcode, read(out), read(err))
+
+
+def load_script(name: str):
+    """``train/<name>.py`` imported as a module (the entry points are scripts, not package modules), for the
+    functions it defines; its ``main`` is not run."""
+    path = Path(__file__).resolve().parents[1] / "train" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"train_script_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

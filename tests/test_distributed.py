@@ -7,7 +7,6 @@ the real entry points under ``torchrun`` with tiny overrides.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import socket
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from entry_runner import load_script  # tests/ is on sys.path (the rootdir conftest)
 
 from gdpo_listener.agents.loss import GDPOLoss, chunked_update
 from gdpo_listener.agents.policy import make_policy, transition_core
@@ -28,14 +28,6 @@ from gdpo_listener.rewards.groups import build_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 2  # SDE steps per token in the GDPO tests
-
-
-def load_recipe(name: str):
-    """``train/<name>.py`` as a module (the recipes are scripts, not package modules)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "train" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def free_port() -> int:
@@ -93,7 +85,7 @@ B_SFT = 4
 
 
 def sft_gradient(model, bank, rows: slice, world_model=None) -> list[torch.Tensor]:
-    sft = load_recipe("sft")
+    sft = load_script("sft")
     gen = torch.Generator().manual_seed(3)
     batch = sft.draw_batch(bank, B_SFT, gen, rows)
     loss, _, _ = sft.flow_step(world_model or model, batch, gen, rows, B_SFT)
@@ -102,7 +94,7 @@ def sft_gradient(model, bank, rows: slice, world_model=None) -> list[torch.Tenso
 
 
 def _sft_rank(d: Dist, rl, out: str) -> None:
-    sft = load_recipe("sft")
+    sft = load_script("sft")
     model = rl.tiny_arflow(seed=d.rank).train()  # other initial weights on rank 1: DDP starts from rank 0's
     ddp = sft.wrap_ddp(model, d)
     grads = sft_gradient(model, rl.tiny_bank(), d.shard(B_SFT), world_model=ddp)
@@ -377,7 +369,7 @@ def test_two_process_sft_resumes_exactly(tiny_pipeline, run_entry):
 
 
 def test_communication_volume_per_step():
-    bench = load_recipe("bench_distributed")
+    bench = load_script("bench_distributed")
     assert bench.allreduce_factor(1) == 0.0 and bench.allreduce_factor(2) == 1.0 and bench.allreduce_factor(8) == 1.75
     P = 1_000_000
     assert bench.comm_bytes_per_step(P, 8, "sft") == 4 * P * 1.75

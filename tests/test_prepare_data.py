@@ -1,32 +1,24 @@
 """train/prepare_data.py: synthetic smoke run, source dispatch and clear errors before any work."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import types
 from pathlib import Path
 
 import pytest
+from entry_runner import load_script  # tests/ is on sys.path (the rootdir conftest)
 from omegaconf import OmegaConf
 
 from gdpo_listener.envs.dataset import DyadicWindows, load_dataset_meta
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "train" / "prepare_data.py"
 
 
 @pytest.fixture
 def run(run_entry):
     """``run([overrides], cwd)``: train/prepare_data.py with Hydra's short error messages."""
     return lambda args, cwd: run_entry("prepare_data.py", *args, cwd=cwd, timeout=300, env=dict(os.environ, HYDRA_FULL_ERROR="0"))
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("prepare_data_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.slow
@@ -83,7 +75,7 @@ def test_missing_input_and_out_are_clear_errors(tmp_path, run):
 
 @pytest.mark.parametrize("source", ["dualtalk", "seamless"])
 def test_real_sources_dispatch_to_converters(source, tmp_path, monkeypatch):
-    mod = load_script()
+    mod = load_script("prepare_data")
     calls = []
 
     def fake(input_dir, out_dir, **opts):
@@ -102,7 +94,7 @@ def test_real_sources_dispatch_to_converters(source, tmp_path, monkeypatch):
 
 
 def test_synthetic_version_1_stays_reachable(tmp_path, capsys):
-    mod = load_script()
+    mod = load_script("prepare_data")
     cfg = OmegaConf.load(REPO / "train" / "conf" / "prepare_data.yaml")
     assert cfg.synthetic.version == 2
     cfg.synthetic.n_conversations, cfg.synthetic.seconds, cfg.synthetic.workers = 2, 8, 1
@@ -119,7 +111,7 @@ def test_preview_windows_are_the_most_speaking_and_listening(tmp_path):
 
     generate_corpus(tmp_path / "ds", n_conversations=3, seconds=16.0, seed=1, progress=False)
     ds = DyadicWindows(tmp_path / "ds", "train", load_audio=False)
-    chosen = load_script().choose_preview_windows(ds)
+    chosen = load_script("prepare_data").choose_preview_windows(ds)
     sp = [int(ds[i]["speaking"].sum()) for i in range(len(ds))]
     li = [int(ds[i]["listening"].sum()) for i in range(len(ds))]
     assert sp[chosen["speaking"]] == max(sp) and li[chosen["listening"]] == max(li)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from entry_runner import load_script  # tests/ is on sys.path (the rootdir conftest)
 from omegaconf import OmegaConf
 
 from gdpo_listener.agents.guards import DivergenceError, check_finite_step, check_finite_weights
@@ -122,12 +123,7 @@ def test_a_state_saved_before_a_setting_existed_resumes_with_its_no_op_value(tmp
 def test_a_gdpo_state_saved_before_env_sde_window_resumes_under_the_default(tmp_path, compose_config):
     """train/gdpo.py's ADDED_SETTINGS: a GDPO state whose env section lacks sde_window (written before the
     setting existed) resumes under today's default config, and not with a window set."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("recipe_gdpo_added", Path(__file__).resolve().parents[1] / "train" / "gdpo.py")
-    gdpo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gdpo)
+    gdpo = load_script("gdpo")
     now = compose_config("gdpo")
     old = OmegaConf.to_container(now.env, resolve=True)
     old.pop("sde_window")

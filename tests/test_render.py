@@ -1,7 +1,6 @@
 """Mesh videos: headless rendering of the tiny FLAME-layout model, MP4 with audio, clear early errors."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from entry_runner import load_script  # tests/ is on sys.path (the rootdir conftest)
 from omegaconf import DictConfig, OmegaConf
 
 from gdpo_listener.envs.dataset import Conversation, DatasetWriter
@@ -222,20 +222,13 @@ def test_a_failed_write_leaves_no_partial_file_and_keeps_the_old_video(tmp_path)
 # command line
 
 
-def render_script():
-    spec = importlib.util.spec_from_file_location("render_script", ROOT / "train" / "render.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def request(**overrides) -> DictConfig:
     """``train/conf/render.yaml``'s defaults with ``overrides``."""
     return OmegaConf.merge(OmegaConf.load(ROOT / "train" / "conf" / "render.yaml"), overrides)
 
 
 def test_a_render_request_is_checked_before_any_file_is_read(tmp_path):
-    script = render_script()
+    script = load_script("render")
     missing = str(tmp_path / "absent.npz")  # never opened: every error below comes first
     for overrides, message in [
         (dict(motion=missing, layout="grid"), "layout='grid'; valid: one, sides, gt_vs_gen"),
@@ -253,7 +246,7 @@ def test_a_render_request_is_checked_before_any_file_is_read(tmp_path):
 
 
 def test_layouts_place_the_generated_and_dataset_heads(tmp_path):
-    script = render_script()
+    script = load_script("render")
     np.savez(tmp_path / "clip.npz", motion=nodding(20))  # no vad: a dataset layout takes the dataset's
     motion = np.stack([nodding(60), np.zeros((60, FLAME_DIM), np.float32)])
     vad = np.stack([np.arange(60) < 30, np.arange(60) >= 30])
