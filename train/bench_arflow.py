@@ -50,6 +50,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gdpo_listener.evaluation import hardware as hw  # no torch at import: the OpenMP wait is set first
+from gdpo_listener.pipeline.checks import check_choice
 from gdpo_listener.pipeline.threads import OMP_WAIT_MODES, describe_omp_wait, omp_wait_defaults, resolve_threads
 
 SECONDS_PER_WINDOW = 8.0
@@ -121,8 +122,7 @@ def check_settings(cfg: DictConfig) -> None:
     for key in ("steps", "uncached_tokens", "repeats", "hw_repeats", "gemm_size"):
         if int(cfg[key]) != cfg[key] or cfg[key] < 1:
             raise ValueError(f"{key}={cfg[key]} must be a positive integer")
-    if cfg.omp_wait not in OMP_WAIT_MODES:
-        raise ValueError(f"omp_wait={cfg.omp_wait!r} must be one of {', '.join(OMP_WAIT_MODES)}")
+    check_choice(cfg, "omp_wait", OMP_WAIT_MODES, None)
     if float(cfg.w_speak) == 1.0 and float(cfg.w_listen) == 1.0:
         raise ValueError("CFG is off with w_speak = w_listen = 1; this benchmark measures CFG on")
     if not float(cfg.stream_mb) > 0:

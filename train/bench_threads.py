@@ -31,6 +31,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gdpo_listener.evaluation import hardware as hw
+from gdpo_listener.pipeline.checks import check_choice
 from gdpo_listener.pipeline.threads import available_cores
 
 
@@ -42,8 +43,7 @@ def check_settings(cfg: DictConfig) -> None:
             raise ValueError(f"{key}={cfg[key]} must be a positive integer")
     if int(cfg.warmup) != cfg.warmup or cfg.warmup < 0:
         raise ValueError(f"warmup={cfg.warmup} must be a non-negative integer")
-    if cfg.busy not in hw.BUSY_CODE:
-        raise ValueError(f"busy={cfg.busy!r} must be one of {sorted(hw.BUSY_CODE)}")
+    check_choice(cfg, "busy", sorted(hw.BUSY_CODE), None)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench_threads")

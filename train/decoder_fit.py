@@ -29,14 +29,14 @@ from gdpo_listener.evaluation.checkpoints import read_arflow_meta, recorded_vae_
 from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # noqa: E402
 from gdpo_listener.evaluation.generation import sample_latents  # noqa: E402
 from gdpo_listener.pipeline import factories, stages  # noqa: E402
+from gdpo_listener.pipeline.checks import check_choice  # noqa: E402
 from gdpo_listener.pipeline.threads import configure_threads  # noqa: E402
 
 
 def check(cfg: DictConfig) -> None:
     """Bad settings fail before anything loads: the group, both checkpoint folders, and one VAE for both models
     (both are decoded by the run's)."""
-    if cfg.group not in GROUPS:
-        raise ValueError(f"group={cfg.group!r} must be one of {list(GROUPS)}")
+    check_choice(cfg, "group", GROUPS, None)
     for key in ("checkpoint", "supervised"):
         if not factories.abspath(cfg[key]).is_dir():
             raise FileNotFoundError(f"{key}={cfg[key]}: no checkpoint folder there")

@@ -54,6 +54,7 @@ from gdpo_listener.evaluation.data import load_eval_model, prepare_eval_data  # 
 from gdpo_listener.evaluation.report import header, markdown_report, reconstruction_header, write_report  # noqa: E402
 from gdpo_listener.evaluation.scoring import blas_threads, evaluate_model, evaluate_reconstruction  # noqa: E402
 from gdpo_listener.pipeline import factories, run_state, stages  # noqa: E402
+from gdpo_listener.pipeline.checks import check_choice  # noqa: E402
 from gdpo_listener.pipeline.threads import configure_threads  # noqa: E402
 
 
@@ -62,8 +63,7 @@ def run(cfg: DictConfig, verbose: bool = True) -> dict:
     threads = configure_threads(cfg.threads)
     device = factories.make_device(cfg.device)
     run_state.seed_everything(int(cfg.seed))
-    if cfg.metrics.convention not in M.DYNAMIC_SCALE:
-        raise ValueError(f"metrics.convention must be one of {list(M.DYNAMIC_SCALE)}, got {cfg.metrics.convention!r}")
+    check_choice(cfg, "metrics.convention", M.DYNAMIC_SCALE, "velocity")
     check_precision(cfg.precision)
     check_cfg_drop(cfg.get("cfg_drop"))
     ckpt = factories.abspath(cfg.checkpoint)
