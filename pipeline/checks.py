@@ -48,7 +48,7 @@ def check_count(cfg: DictConfig, keys: Iterable[str], minimum: int = 1) -> None:
             raise ValueError(f"{key}={_get(cfg, key)!r} must be an integer >= {minimum}")
 
 
-def check_choice(cfg: DictConfig, key: str, choices: Iterable[str], default: str):
+def check_choice(cfg: DictConfig, key: str, choices: Iterable[str], default: str | None) -> str:
     """``key`` (``default`` where the config has none) is one of ``choices``; returns it."""
     value, choices = OmegaConf.select(cfg, key, default=default), list(choices)
     if value not in choices:

@@ -50,7 +50,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gdpo_listener.evaluation import hardware as hw  # no torch at import: the OpenMP wait is set first
-from gdpo_listener.pipeline.checks import check_choice
+from gdpo_listener.pipeline.checks import check_choice, check_count
 from gdpo_listener.pipeline.threads import OMP_WAIT_MODES, describe_omp_wait, omp_wait_defaults, resolve_threads
 
 SECONDS_PER_WINDOW = 8.0
@@ -119,9 +119,7 @@ def check_settings(cfg: DictConfig) -> None:
     if not cfg.batch or any(int(b) < 1 for b in cfg.batch):
         raise ValueError(f"batch={list(cfg.batch)} must list positive batch sizes (streams generated together)")
     resolve_threads(cfg.threads)
-    for key in ("steps", "uncached_tokens", "repeats", "hw_repeats", "gemm_size"):
-        if int(cfg[key]) != cfg[key] or cfg[key] < 1:
-            raise ValueError(f"{key}={cfg[key]} must be a positive integer")
+    check_count(cfg, ["steps", "uncached_tokens", "repeats", "hw_repeats", "gemm_size"])
     check_choice(cfg, "omp_wait", OMP_WAIT_MODES, None)
     if float(cfg.w_speak) == 1.0 and float(cfg.w_listen) == 1.0:
         raise ValueError("CFG is off with w_speak = w_listen = 1; this benchmark measures CFG on")

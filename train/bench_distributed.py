@@ -49,6 +49,7 @@ from gdpo_listener.envs.dataset import Normalizer
 from gdpo_listener.envs.flame import FLAME_DIM
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
 from gdpo_listener.evaluation import rl_timing
+from gdpo_listener.pipeline.checks import check_count
 from gdpo_listener.pipeline.distributed import Dist, distributed, rank_seed
 from gdpo_listener.rewards.groups import build_reward
 
@@ -210,11 +211,8 @@ def check_settings(cfg: DictConfig) -> None:
         raise ValueError(f"processes={list(cfg.processes)} must list positive process counts")
     if set(cfg.measure) - {"sft", "gdpo"}:
         raise ValueError(f"measure={list(cfg.measure)} must be a subset of [sft, gdpo]")
-    for key in ("threads", "sft.batch_size", "sft.steps", "gdpo.n_prompts", "gdpo.group_size", "gdpo.sde_steps", "gdpo.chunk_steps",
-                "gdpo.iterations", "gdpo.sync_every"):
-        v = OmegaConf.select(cfg, key)
-        if int(v) != v or v < 1:
-            raise ValueError(f"{key}={v} must be a positive integer")
+    check_count(cfg, ["threads", "sft.batch_size", "sft.steps", "gdpo.n_prompts", "gdpo.group_size", "gdpo.sde_steps",
+                      "gdpo.chunk_steps", "gdpo.iterations", "gdpo.sync_every"])
     for key in ("sft.batch_size", "gdpo.n_prompts"):
         bad = [n for n in cfg.processes if OmegaConf.select(cfg, key) % n]
         if bad:

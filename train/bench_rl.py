@@ -60,6 +60,7 @@ from gdpo_listener.agents.policy import transition_core
 from gdpo_listener.evaluation import hardware as hw
 from gdpo_listener.evaluation.process_memory import peak_memory_mb, release_free_heap, reset_peak_memory
 from gdpo_listener.evaluation.rl_timing import build, lora_timings, timed_rollout
+from gdpo_listener.pipeline.checks import check_count
 from gdpo_listener.pipeline.rl import make_reference
 from gdpo_listener.pipeline.threads import configure_threads, describe_omp_wait, resolve_threads
 
@@ -236,14 +237,11 @@ def check_settings(cfg: DictConfig) -> None:
     if not presets or presets - {"small", "paper"}:
         raise ValueError(f"presets={list(cfg.presets)} must be a non-empty subset of [small, paper]")
     resolve_threads(cfg.threads)
-    for key in ("n_prompts", "group_size", "sde_steps", "chunk_steps", "uncached_tokens", "gemm_size", "hw_repeats"):
-        if int(cfg[key]) != cfg[key] or cfg[key] < 1:
-            raise ValueError(f"{key}={cfg[key]} must be a positive integer")
+    check_count(cfg, ["n_prompts", "group_size", "sde_steps", "chunk_steps", "uncached_tokens", "gemm_size", "hw_repeats"])
     if cfg.get("sde_window") is not None:
         sde_window_steps(cfg.sde_window, int(cfg.sde_steps))
     lora = cfg.get("listen_lora")
-    if int(cfg.lora_repeats) != cfg.lora_repeats or cfg.lora_repeats < 1:
-        raise ValueError(f"lora_repeats={cfg.lora_repeats} must be a positive integer")
+    check_count(cfg, ["lora_repeats"])
     if lora is not None and (set(lora) != {"rank", "scope"} or int(lora.rank) != lora.rank or lora.rank < 1
                              or lora.scope not in LORA_SCOPES):
         raise ValueError(f"listen_lora={lora} must be null or {{rank: r >= 1, scope: one of {list(LORA_SCOPES)}}}")

@@ -31,18 +31,15 @@ import hydra
 from omegaconf import DictConfig
 
 from gdpo_listener.evaluation import hardware as hw
-from gdpo_listener.pipeline.checks import check_choice
+from gdpo_listener.pipeline.checks import check_choice, check_count
 from gdpo_listener.pipeline.threads import available_cores
 
 
 def check_settings(cfg: DictConfig) -> None:
     if cfg.preset not in ("small", "paper"):
         raise ValueError(f"preset={cfg.preset!r} must be small or paper")
-    for key in ("batch", "steps", "repeats", "bank_rows", "old_threads"):
-        if int(cfg[key]) != cfg[key] or cfg[key] < 1:
-            raise ValueError(f"{key}={cfg[key]} must be a positive integer")
-    if int(cfg.warmup) != cfg.warmup or cfg.warmup < 0:
-        raise ValueError(f"warmup={cfg.warmup} must be a non-negative integer")
+    check_count(cfg, ["batch", "steps", "repeats", "bank_rows", "old_threads"])
+    check_count(cfg, ["warmup"], minimum=0)
     check_choice(cfg, "busy", sorted(hw.BUSY_CODE), None)
 
 

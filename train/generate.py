@@ -46,6 +46,7 @@ from gdpo_listener.envs.flame import FPS  # noqa: E402
 from gdpo_listener.evaluation import clip  # noqa: E402
 from gdpo_listener.evaluation.checkpoints import read_arflow_meta, recorded_vae_dir, vae_frames_per_token  # noqa: E402
 from gdpo_listener.pipeline import factories  # noqa: E402
+from gdpo_listener.pipeline.checks import check_count  # noqa: E402
 from gdpo_listener.pipeline.threads import configure_threads  # noqa: E402
 
 
@@ -55,8 +56,7 @@ def main(cfg: DictConfig) -> None:
     device = factories.make_device(cfg.device)
     w_speak, w_listen = clip.check_bounded_cfg_weight("w_speak", cfg.w_speak), clip.check_bounded_cfg_weight("w_listen", cfg.w_listen)
     cfg_drop = check_cfg_drop(cfg.cfg_drop)
-    if int(cfg.steps) != cfg.steps or cfg.steps < 1:
-        raise ValueError(f"steps={cfg.steps} must be a positive integer")
+    check_count(cfg, ["steps"])
     check_precision(cfg.precision)
     if cfg.vad not in VAD_METHODS:
         raise ValueError(f"vad={cfg.vad!r}; valid: {', '.join(VAD_METHODS)}")
