@@ -575,6 +575,9 @@ def test_bench_extends_a_shorter_run_to_the_same_model_as_a_straight_run(tiny, t
     assert not first["reused"] and first["wall_s"] > 0
     assert train(out, 1)["reused"]  # unchanged: reused
     assert train(out, 1, "threads=2")["reused"]  # where it runs is not what it is (as for run folders)
+    copied = tmp_path / "copied"  # finished runs copied into another out_dir are scored there, on any split
+    shutil.copytree(out / "runs", copied / "runs")
+    assert train(copied, 1, "eval.split=train")["reused"]
     ext = train(out, 2)
     run_dir = Path(ext["path"])
     log = (out / "logs" / "gdpo_seed0.log").read_text()
