@@ -30,6 +30,8 @@ from . import factories
 from .checks import check_choice, check_count, check_fraction, check_non_negative, check_positive
 from .distributed import Dist
 
+HOLD_REFERENCES = ("rollout", "ode")  # env.hold_reference: the sampler that draws the hold columns' reference
+
 
 def check_settings(cfg: DictConfig) -> None:
     """Every numeric setting in range before any long work (errors name the setting)."""
@@ -51,6 +53,7 @@ def check_settings(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ValueError(f"env.sde_window: {e}") from None
     check_choice(cfg, "algo.kl_steps", KL_STEPS, "sde")
+    check_choice(cfg, "env.hold_reference", HOLD_REFERENCES, "rollout")
     check_fraction(cfg, "env.cond_drop", 0.0)
     keys = list(cfg.env.get("drop_keys", DROP_KEYS))
     if not keys or set(keys) - set(DROP_KEYS):
@@ -132,13 +135,16 @@ def attach_hold_reference(cfg: DictConfig, bank, model, vae, normalizer, reward,
     ``sde_window``; no CFG, as the rollouts; long rows by sliding windows with ``env.prefix_tokens``, as the
     policy), decoded raw FLAME; drawn once with ``seed`` so every rank and a resumed run hold the same
     reference. Like with like: at the start of RL a hold column's reward is the spread of one rollout around
-    another. Other rewards: ``bank`` unchanged."""
+    another. ``env.hold_reference=ode`` draws it with the evaluation sampler instead (Euler ODE of
+    ``eval.steps`` steps, no noise). Other rewards: ``bank`` unchanged."""
     if not reward.scores_reference:
         return bank
     from ..envs.windows import cond_from_bank, decode_latents
 
     e = cfg.env
     kw = dict(steps=int(e.sde_steps), sigma=float(e.sigma), sde=e.sde, sde_window=e.get("sde_window"))
+    if e.get("hold_reference", "rollout") == "ode":
+        kw = dict(steps=int(cfg.eval.steps), sigma=0.0)
     g = torch.Generator(device=bank.device).manual_seed(int(cfg.seed))
     n_tokens, out = bank["actor_latent"].shape[1], []
     for i in range(0, bank.batch_size[0], batch_size):

@@ -208,7 +208,8 @@ def test_hold_column_is_scored_against_the_banks_reference_motion(rl):
 
 def test_hold_reference_is_the_supervised_models_rollout_with_the_env_sampler(rl):
     """attach_hold_reference: the env's own rollout under the same noise; with sigma 0 the evaluation sampler's
-    motion; the same for the same seed; a reward without hold columns leaves the bank alone."""
+    motion, as with env.hold_reference=ode whatever the env's sampler; the same for the same seed; a reward
+    without hold columns leaves the bank alone."""
     from omegaconf import OmegaConf
 
     from gdpo_listener.evaluation.generation import generate_motion
@@ -216,13 +217,16 @@ def test_hold_reference_is_the_supervised_models_rollout_with_the_env_sampler(rl
 
     vae, norm = rl.tiny_vae()
     model = rl.tiny_arflow()
-    cfg = lambda sigma, seed=0: OmegaConf.create({"seed": seed, "env": {  # noqa: E731
-        "sde_steps": 2, "sigma": sigma, "sde": "paper", "sde_window": None, "prefix_tokens": 1}})
+    cfg = lambda sigma, seed=0, reference="rollout": OmegaConf.create({"seed": seed, "eval": {"steps": 3}, "env": {  # noqa: E731
+        "sde_steps": 2, "sigma": sigma, "sde": "paper", "sde_window": None, "prefix_tokens": 1,
+        "hold_reference": reference}})
     hold = build_reward("expr+jaw@hold")
     assert "reference_motion" not in attach_hold_reference(cfg(0.5), rl.tiny_bank(), model, vae, norm, build_reward("expr")).keys()
     ode = attach_hold_reference(cfg(0.0), rl.tiny_bank(), model, vae, norm, hold)["reference_motion"]
     bank = rl.tiny_bank()
     assert torch.allclose(ode, generate_motion(model, vae, norm, bank, steps=2, seed=0), atol=1e-5)
+    evaluation = attach_hold_reference(cfg(0.5, reference="ode"), rl.tiny_bank(), model, vae, norm, hold)["reference_motion"]
+    assert torch.allclose(evaluation, generate_motion(model, vae, norm, bank, steps=3, seed=0), atol=1e-5)
     sde = attach_hold_reference(cfg(0.5), rl.tiny_bank(), model, vae, norm, hold)["reference_motion"]
     assert sde.shape == bank["actor_motion"].shape and not torch.allclose(sde, ode, atol=1e-3)
     assert torch.equal(sde, attach_hold_reference(cfg(0.5), rl.tiny_bank(), model, vae, norm, hold)["reference_motion"])

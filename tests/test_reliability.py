@@ -187,7 +187,8 @@ BAD_GDPO_SETTINGS = [
     ("algo.std_momentum=abc", "algo.std_momentum"), ("env.cond_drop=1", "env.cond_drop"),
     ("env.drop_keys=[face]", "env.drop_keys"), ("env.sde_window=[3,1]", "env.sde_window"),
     ("env.sde_window=[0,9]", "env.sde_window"), ("algo.kl_steps=ode", "algo.kl_steps"),
-    ("algo.lora_scope=tokens", "algo.lora_scope"), ("env.cond_drop=-0.1", "env.cond_drop")]
+    ("algo.lora_scope=tokens", "algo.lora_scope"), ("env.cond_drop=-0.1", "env.cond_drop"),
+    ("env.hold_reference=sde", "env.hold_reference")]
 
 
 @pytest.mark.parametrize("override,named", BAD_GDPO_SETTINGS)
