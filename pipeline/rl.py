@@ -142,9 +142,8 @@ def attach_hold_reference(cfg: DictConfig, bank, model, vae, normalizer, reward,
     from ..envs.windows import cond_from_bank, decode_latents
 
     e = cfg.env
-    kw = dict(steps=int(e.sde_steps), sigma=float(e.sigma), sde=e.sde, sde_window=e.get("sde_window"))
-    if e.get("hold_reference", "rollout") == "ode":
-        kw = dict(steps=int(cfg.eval.steps), sigma=0.0)
+    kw = (dict(steps=int(cfg.eval.steps), sigma=0.0) if e.get("hold_reference", "rollout") == "ode" else
+          dict(steps=int(e.sde_steps), sigma=float(e.sigma), sde=e.sde, sde_window=e.get("sde_window")))
     g = torch.Generator(device=bank.device).manual_seed(int(cfg.seed))
     n_tokens, out = bank["actor_latent"].shape[1], []
     for i in range(0, bank.batch_size[0], batch_size):
