@@ -43,7 +43,7 @@ from torch import Tensor
 
 __all__ = [
     "interpolate", "velocity_target", "flow_matching_loss", "euler_step", "sde_step", "sde_drift", "SDE_KINDS",
-    "transition_mean", "transition_std", "gaussian_log_prob", "gaussian_kl_same_std",
+    "transition_mean", "transition_std", "gaussian_log_prob", "gaussian_kl_same_std", "gaussian_kl_metric",
     "cfg_combine", "time_grid", "sde_window_steps", "sde_window_label", "step_sigma",
 ]
 
@@ -148,6 +148,18 @@ def gaussian_kl_same_std(mu_p: Tensor, mu_q: Tensor, sigma, dt) -> Tensor:
     var = _lead(transition_std(sigma, dt), mu_p)
     var = var * var
     return ((mu_p - mu_q).pow(2) / (2.0 * var)).sum(-1)
+
+
+def gaussian_kl_metric(mu_p: Tensor, mu_q: Tensor, sigma, dt, metric: Tensor) -> Tensor:
+    """The same KL measured in the metric ``M (D, D)``: (mu_p - mu_q)^T M (mu_p - mu_q) / (2 sigma^2 dt).
+
+    ``M = I`` is :func:`gaussian_kl_same_std`; a positive semi-definite ``M`` weighs each direction of the
+    mean's difference by how much it matters (``algo.group_kl``: how much it moves one FLAME group's
+    decoded motion, :mod:`agents.group_metric`). Sums over the last dim like the plain KL.
+    """
+    var = _lead(transition_std(sigma, dt), mu_p[..., 0])
+    d = mu_p - mu_q  # (..., D)
+    return (d @ metric.to(d.dtype) * d).sum(-1) / (2.0 * var * var)
 
 
 def cfg_combine(v_cond: Tensor, v_uncond: Tensor, w) -> Tensor:

@@ -28,7 +28,10 @@ and the speaking tokens' (``speaking_token_mask``) with the advantage of the spe
     loss_objective_speaking = -w_s mean_{t in O_s} min(rho_t A_s, clip(rho_t, 1 - eps, 1 + eps) A_s)
 
 each normalised over its own transitions, so the listening update is the ``"listening"`` one
-whatever the speaking turn adds. Diagnostics, under non-loss
+whatever the speaking turn adds. ``group_kl`` (``algo.group_kl``, not in the paper) adds, per FLAME group g,
+the KL of the listening transitions measured in that group's decoded-motion metric ``M_g``
+(:mod:`.group_metric`): ``loss_kl_<g> = beta_g mean_{t in T, listening} (mu_theta - mu_ref)^T M_g
+(mu_theta - mu_ref) / (2 sigma^2 dt)``, diagnostic ``kl_<g>`` (the mean without ``beta_g``). Diagnostics, under non-loss
 names: ``kl`` (mean over ``T``), ``kl_listening`` / ``kl_speaking`` (means over the transitions of
 tokens inside / outside ``token_mask``), ``clip_fraction``, ``ratio_mean``, ``log_ratio_abs_mean``
 (means over ``O``) and ``ratio_max`` (maximum over ``O``; NaN when ``O`` is empty);
@@ -69,7 +72,7 @@ from .advantages import (
     pooled_group_var,
     reward_group_stats,
 )
-from .flow import gaussian_kl_same_std, gaussian_log_prob, sde_window_steps, transition_std
+from .flow import gaussian_kl_metric, gaussian_kl_same_std, gaussian_log_prob, sde_window_steps, transition_std
 from .guards import check_finite_step
 
 
@@ -394,7 +397,7 @@ class GroupRelativeLoss(LossModule):
                  eps: float = 1e-4, eps0: float = 1e-4, whiten: bool = False, reference: torch.nn.Module | None = None,
                  eps_mode: str = "relative", objective_tokens: str = "listening", beta_speaking: float | None = None,
                  speaking_columns=None, speaking_objective_weight: float = 1.0, std_scope: str = "group",
-                 std_momentum: float = 0.98, kl_steps: str = "sde"):
+                 std_momentum: float = 0.98, kl_steps: str = "sde", group_kl=None):
         super().__init__()
         beta_speaking = beta if beta_speaking is None else beta_speaking
         if clip_epsilon <= 0:
@@ -436,6 +439,16 @@ class GroupRelativeLoss(LossModule):
         self.std_scope = std_scope
         n_scale = self.lambdas.numel() if self.decoupled else 1  # GRPO normalises one column: the weighted sum
         self.reward_scale = RunningVariance(n_scale, std_momentum) if std_scope == "running" else None
+        self.group_kl_betas: dict[str, float] = {}
+        for g, (beta_g, metric) in (group_kl or {}).items():
+            if not math.isfinite(beta_g) or beta_g < 0:
+                raise ValueError(f"group_kl[{g!r}]: the weight must be finite and >= 0, got {beta_g}")
+            metric = torch.as_tensor(metric, dtype=torch.float32)
+            if metric.dim() != 2 or metric.shape[0] != metric.shape[1] or not torch.isfinite(metric).all():
+                raise ValueError(f"group_kl[{g!r}]: the metric must be a finite square matrix, got shape {tuple(metric.shape)}")
+            self.group_kl_betas[g] = float(beta_g)
+            self.register_buffer(f"group_kl_metric_{g}", metric, persistent=False)  # rebuilt from the VAE at every start
+        self.aggregation = {**AGGREGATION, **{f"{k}_{g}": "listening" for g in self.group_kl_betas for k in ("loss_kl", "kl")}}
 
     decoupled = True  # GDPO: one spread per reward column; GRPO (False): one for the weighted sum
 
@@ -583,6 +596,14 @@ class GroupRelativeLoss(LossModule):
             loss_kl = self.beta * kl.mean()
         else:  # per-token weight: beta on listening tokens, beta_speaking on the others
             loss_kl = torch.where(listening, self.beta, self.beta_speaking).mul(kl).mean()
+        group_kl = {}
+        if self.group_kl_betas:  # the KL in each group's decoded-motion metric, on listening tokens
+            lis = listening.to(kl.dtype)
+            n_lis = lis.sum().clamp(min=1.0)
+            for g, beta_g in self.group_kl_betas.items():
+                kl_g = gaussian_kl_metric(loc, loc_ref, tr.sigma, tr.dt, getattr(self, f"group_kl_metric_{g}"))  # (B, S, N)
+                group_kl[f"kl_{g}"] = (kl_g * lis).sum() / n_lis
+                terms[f"loss_kl_{g}"] = beta_g * group_kl[f"kl_{g}"]
         with torch.no_grad():
             clipped = ((ratio - 1).abs() > self.clip_epsilon).to(ratio.dtype)
             r_max = torch.where(in_obj, ratio, torch.full_like(ratio, -math.inf)).amax()
@@ -595,6 +616,7 @@ class GroupRelativeLoss(LossModule):
                 "ratio_mean": (ratio * m).sum() / n_obj,
                 "ratio_max": torch.where(in_obj.any(), r_max, torch.full_like(r_max, math.nan)),
                 "log_ratio_abs_mean": (log_ratio.abs() * m).sum() / n_obj,
+                **{k: v.detach() for k, v in group_kl.items()},
             }
         return TensorDict({**terms, "loss_kl": loss_kl, **diag}, batch_size=[])
 

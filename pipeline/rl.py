@@ -3,6 +3,7 @@
 - :func:`check_settings`: every numeric setting of the stage in range before any long work;
 - :func:`make_env`, :func:`make_train_bank`, :func:`make_loss`, :func:`collect`: the env, the window
   bank episodes are drawn from, the GDPO / GRPO loss module, one batch of trajectories;
+  :func:`make_group_kl`: the decoded-motion metrics of ``algo.group_kl``;
 - :func:`attach_hold_reference`: the supervised model's rollouts ``<group>@hold`` reward columns score against;
 - :func:`global_advantages`, :func:`objective_counts`, :func:`combine_rank_stats`: the global batch's
   advantages and figures under torchrun (one process: the batch itself);
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 
 import torch
 from omegaconf import DictConfig
@@ -25,6 +27,7 @@ from ..agents.compress import check_precision, compress
 from ..agents.flow import sde_window_steps
 from ..agents.loss import AGGREGATION, COUNT_KINDS, KL_STEPS, LOSSES, collect_trajectories, listening_token_mask, transition_counts
 from ..agents.policy import transition_core
+from ..envs.flame import GROUP_NAMES, group_slice
 from ..envs.sde_env import ListenerSDEEnv
 from . import factories
 from .checks import check_choice, check_count, check_fraction, check_non_negative, check_positive
@@ -70,6 +73,14 @@ def check_settings(cfg: DictConfig) -> None:
         n = cfg.algo.get(key, 0)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"algo.{key}={n!r} must be an integer {what} >= 0 (0 = none)")
+    group_kl = cfg.algo.get("group_kl") or {}
+    if not isinstance(group_kl, Mapping):
+        raise ValueError(f"algo.group_kl={group_kl!r} must map FLAME groups to weights, e.g. {{jaw: 0.2}}")
+    for g, w in group_kl.items():
+        if g not in GROUP_NAMES:
+            raise ValueError(f"algo.group_kl: unknown FLAME group {g!r}; valid groups: {', '.join(GROUP_NAMES)}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"algo.group_kl.{g}={w!r} must be a finite weight >= 0")
     scope = check_choice(cfg, "algo.lora_scope", LORA_SCOPES, "listening")
     if scope != "listening" and not cfg.algo.get("listen_lora", 0):
         raise ValueError(f"algo.lora_scope={scope} needs low-rank updates: set algo.listen_lora to a rank > 0")
@@ -167,11 +178,21 @@ def make_reference(model, precision: str):
     return copy.deepcopy(model) if ref is model else ref
 
 
-def make_loss(algo_cfg: DictConfig, policy, model, reward, reference_source=None):
+def make_group_kl(algo_cfg: DictConfig, vae, bank, n_windows: int = 64) -> dict:
+    """``{group: (beta_g, M_g)}`` of ``algo.group_kl``: each group's decoded-motion metric measured at the latents of
+    the first ``n_windows`` rows of ``bank`` (the train windows; agents/group_metric.py). Empty: the paper's KL only."""
+    from ..agents.group_metric import decoded_group_metric
+
+    z = bank["actor_latent"][:n_windows].to(next(vae.parameters()).device)  # (b, N, Dv)
+    return {g: (float(w), decoded_group_metric(vae, z, group_slice(g)).to(z.device))
+            for g, w in (algo_cfg.get("group_kl") or {}).items()}
+
+
+def make_loss(algo_cfg: DictConfig, policy, model, reward, reference_source=None, group_kl=None):
     """The GDPO / GRPO loss of ``algo_cfg`` training ``model``. The KL's reference is a frozen copy of
     ``reference_source`` (default ``model``): train/gdpo.py passes the checkpoint as loaded, before
     :func:`make_trainable` adds zero-initialised listening parts. Those change no output (``y + gate * 0``), so
-    that reference scores the same means to the bit without computing them."""
+    that reference scores the same means to the bit without computing them. ``group_kl``: :func:`make_group_kl`'s."""
     if algo_cfg.name not in LOSSES:
         raise ValueError(f"unknown algo {algo_cfg.name!r}; valid: {sorted(LOSSES)}")
     reference = make_reference(model if reference_source is None else reference_source, algo_cfg.get("ref_precision", "fp32"))
@@ -182,7 +203,7 @@ def make_loss(algo_cfg: DictConfig, policy, model, reward, reference_source=None
                                  speaking_columns=[f == "speaking" for f in reward.column_frames],
                                  speaking_objective_weight=algo_cfg.get("speaking_objective_weight", 1.0),
                                  std_scope=algo_cfg.get("std_scope", "group"), std_momentum=algo_cfg.get("std_momentum", 0.98),
-                                 kl_steps=algo_cfg.get("kl_steps", "sde"))
+                                 kl_steps=algo_cfg.get("kl_steps", "sde"), group_kl=group_kl)
 
 
 def make_anchor(cfg: DictConfig, train_bank, data_root, features, vae, normalizer, device, generator, dist: Dist | None = None):

@@ -103,11 +103,13 @@ def test_mixed_sde_window_in_rl_runs(tiny_pipeline, run_entry, first_run):
     assert "x 50 transitions, SDE on step 0 of 2 (25 trained)" in res.stdout
     assert (d / "sde_window" / "model.safetensors").is_file()
     res = run_entry("gdpo.py", "reward=expr+rot+jaw@speaking", "algo.objective_tokens=matched", "env.sde_window=[0,1]",
-                    "algo.kl_steps=all", *args("optim.iterations=1", f"out_dir={d / 'sde_window_kl'}"), cwd=d)
+                    "algo.kl_steps=all", "algo.group_kl={jaw:0.5}",
+                    *args("optim.iterations=1", f"out_dir={d / 'sde_window_kl'}"), cwd=d)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "SDE on step 0 of 2 (25 trained, KL on all 50)" in res.stdout
-    scalars = d / "sde_window_kl" / "logs" / "gdpo" / "scalars" / "loss"
-    assert (scalars / "loss_objective_speaking.csv").is_file()  # the speaking tokens trained on their own columns
+    scalars = d / "sde_window_kl" / "logs" / "gdpo" / "scalars"
+    assert (scalars / "loss" / "loss_objective_speaking.csv").is_file()  # the speaking tokens trained on their own columns
+    assert (scalars / "loss" / "loss_kl_jaw.csv").is_file() and (scalars / "policy" / "kl_jaw.csv").is_file()  # algo.group_kl
 
 
 def test_listening_parts_rl_run_trains_them_alone(tiny_pipeline, run_entry, first_run):

@@ -188,7 +188,9 @@ BAD_GDPO_SETTINGS = [
     ("env.drop_keys=[face]", "env.drop_keys"), ("env.sde_window=[3,1]", "env.sde_window"),
     ("env.sde_window=[0,9]", "env.sde_window"), ("algo.kl_steps=ode", "algo.kl_steps"),
     ("algo.lora_scope=tokens", "algo.lora_scope"), ("env.cond_drop=-0.1", "env.cond_drop"),
-    ("env.hold_reference=sde", "env.hold_reference")]
+    ("env.hold_reference=sde", "env.hold_reference"), ("algo.group_kl={nose:1}", "algo.group_kl"),
+    ("algo.group_kl={jaw:-1}", "algo.group_kl.jaw"), ("algo.group_kl={jaw:abc}", "algo.group_kl.jaw"),
+    ("algo.group_kl=[jaw]", "algo.group_kl")]
 
 
 @pytest.mark.parametrize("override,named", BAD_GDPO_SETTINGS)

@@ -58,6 +58,7 @@ from gdpo_listener.pipeline.rl import (
     global_advantages,
     make_anchor,
     make_env,
+    make_group_kl,
     make_loss,
     make_train_bank,
     make_trainable,
@@ -73,7 +74,7 @@ from gdpo_listener.pipeline.threads import configure_threads
 RESUME_KEYS = ("reward", "rewards", "env", "algo", "model", "pretrained", "features", "data", "seed")
 # settings added since runs were first saved, with their no-op value: states saved without them still resume
 ADDED_SETTINGS = {"algo": {"sft_coef": 0.0, "sft_batch_size": 16, "std_scope": "group", "std_momentum": 0.98,
-                           "kl_steps": "sde", "listen_adapter": 0, "listen_lora": 0, "lora_scope": "listening"},
+                           "kl_steps": "sde", "group_kl": None, "listen_adapter": 0, "listen_lora": 0, "lora_scope": "listening"},
                   "env": {"cond_drop": 0.0, "drop_keys": ["text", "audio", "motion"], "sde_window": None}}
 
 
@@ -176,7 +177,8 @@ def train(cfg: DictConfig, dist: Dist) -> None:
     behaviour = copy.deepcopy(model).requires_grad_(False)
     env = make_env(cfg, train_bank, vae, normalizer, reward, generator, n_prompts=n_prompts, seed=seed)
     policy = make_policy(behaviour, env, generator=generator, prefix_tokens=cfg.env.prefix_tokens)  # sigma, steps, sde: the env's
-    loss_module = make_loss(cfg.algo, policy, model, reward, reference_source=supervised)  # KL reference: the checkpoint
+    loss_module = make_loss(cfg.algo, policy, model, reward, reference_source=supervised,  # KL reference: the checkpoint
+                            group_kl=make_group_kl(cfg.algo, vae, train_bank))  # {}: the paper's KL only
     anchor = make_anchor(cfg, train_bank, data_root, features, vae, normalizer, device, generator, dist)  # None: the paper
     model.eval()  # no dropout: replayed log-probs must match the behaviour policy's (gradients still flow)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
