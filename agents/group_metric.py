@@ -18,11 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def decode_normalised(vae, z: Tensor) -> Tensor:
-    """Latents ``(B, N, Dv)`` -> normalised frames ``(B, N r, 67)``, one VAE training window at a time."""
-    n = vae.cfg.window // vae.cfg.r
-    return torch.cat([vae.decode(z[:, i:i + n]) for i in range(0, z.shape[1], n)], dim=1)
+from ..envs.windows import decode_normalised
 
 
 @torch.no_grad()

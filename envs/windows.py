@@ -100,11 +100,16 @@ def encode_latents(vae, normalizer, motion: torch.Tensor, batch_size: int = 256)
     return torch.cat(outs)
 
 
+def decode_normalised(vae, z: torch.Tensor) -> torch.Tensor:
+    """Latents ``(B, N, Dv)`` -> normalised frames ``(B, N r, 67)``, one VAE training window at a time."""
+    n = vae.cfg.window // vae.cfg.r
+    return torch.cat([vae.decode(z[:, i:i + n]) for i in range(0, z.shape[1], n)], dim=1)
+
+
 @torch.no_grad()
 def decode_latents(vae, normalizer, z: torch.Tensor) -> torch.Tensor:
     """Latents ``(B, N, Dv)`` -> raw FLAME ``(B, N r, 67)``, one VAE training window at a time."""
-    n = vae.cfg.window // vae.cfg.r
-    return normalizer.denormalize(torch.cat([vae.decode(z[:, i:i + n]) for i in range(0, z.shape[1], n)], dim=1))
+    return normalizer.denormalize(decode_normalised(vae, z))
 
 
 @torch.no_grad()

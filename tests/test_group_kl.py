@@ -13,11 +13,12 @@ from test_sde import SIGMA
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from gdpo_listener.agents import flow
-from gdpo_listener.agents.group_metric import decode_normalised, decoded_group_metric
+from gdpo_listener.agents.group_metric import decoded_group_metric
 from gdpo_listener.agents.loss import GDPOLoss, chunked_update, collect_trajectories, listening_token_mask
 from gdpo_listener.agents.policy import make_policy, transition_core
 from gdpo_listener.envs.flame import FLAME_DIM, group_slice
 from gdpo_listener.envs.sde_env import ListenerSDEEnv
+from gdpo_listener.envs.windows import decode_normalised
 from gdpo_listener.rewards.groups import build_reward
 
 K = 4
