@@ -596,21 +596,19 @@ class GroupRelativeLoss(LossModule):
             loss_kl = self.beta * kl.mean()
         else:  # per-token weight: beta on listening tokens, beta_speaking on the others
             loss_kl = torch.where(listening, self.beta, self.beta_speaking).mul(kl).mean()
+        lis = listening.to(kl.dtype)  # (B, S, N)
+        n_lis = lis.sum().clamp(min=1.0)
         group_kl = {}
-        if self.group_kl_betas:  # the KL in each group's decoded-motion metric, on listening tokens
-            lis = listening.to(kl.dtype)
-            n_lis = lis.sum().clamp(min=1.0)
-            for g, beta_g in self.group_kl_betas.items():
-                kl_g = gaussian_kl_metric(loc, loc_ref, tr.sigma, tr.dt, getattr(self, f"group_kl_metric_{g}"))  # (B, S, N)
-                group_kl[f"kl_{g}"] = (kl_g * lis).sum() / n_lis
-                terms[f"loss_kl_{g}"] = beta_g * group_kl[f"kl_{g}"]
+        for g, beta_g in self.group_kl_betas.items():  # the KL in each group's decoded-motion metric, on listening tokens
+            kl_g = gaussian_kl_metric(loc, loc_ref, tr.sigma, tr.dt, getattr(self, f"group_kl_metric_{g}"))  # (B, S, N)
+            group_kl[f"kl_{g}"] = (kl_g * lis).sum() / n_lis
+            terms[f"loss_kl_{g}"] = beta_g * group_kl[f"kl_{g}"]
         with torch.no_grad():
             clipped = ((ratio - 1).abs() > self.clip_epsilon).to(ratio.dtype)
             r_max = torch.where(in_obj, ratio, torch.full_like(ratio, -math.inf)).amax()
-            lis = listening.to(kl.dtype)
             diag = {
                 "kl": kl.mean(),
-                "kl_listening": (kl * lis).sum() / lis.sum().clamp(min=1.0),  # 0 without such transitions (weight 0)
+                "kl_listening": (kl * lis).sum() / n_lis,  # 0 without such transitions (weight 0)
                 "kl_speaking": (kl * (1 - lis)).sum() / (1 - lis).sum().clamp(min=1.0),
                 "clip_fraction": (clipped * m).sum() / n_obj,
                 "ratio_mean": (ratio * m).sum() / n_obj,

@@ -184,7 +184,7 @@ def make_group_kl(algo_cfg: DictConfig, vae, bank, n_windows: int = 64) -> dict:
     from ..agents.group_metric import decoded_group_metric
 
     z = bank["actor_latent"][:n_windows].to(next(vae.parameters()).device)  # (b, N, Dv)
-    return {g: (float(w), decoded_group_metric(vae, z, group_slice(g)).to(z.device))
+    return {g: (float(w), decoded_group_metric(vae, z, group_slice(g)))
             for g, w in (algo_cfg.get("group_kl") or {}).items()}
 
 
