@@ -61,8 +61,9 @@ VARIANT_FORBIDDEN_GROUPS = ("model", "data", "pretrained", "features", "logger")
 @dataclass(frozen=True)
 class BenchMethod:
     """One post-training method of the benchmark: ``algo`` trained with the SDE ``sde`` (None = the
-    training config's ``env.sde``) and the extra overrides of the config's ``variants[variant]`` (None =
-    none). ``key`` is how ``algos`` writes it (``gdpo``, ``gdpo@marginal``, ``gdpo+nokl``)."""
+    training config's ``env.sde``) and the extra overrides of the config's variants named in ``variant``
+    (None = none; several joined by ``+`` compose, applied in order). ``key`` is how ``algos`` writes it
+    (``gdpo``, ``gdpo@marginal``, ``gdpo+nokl``, ``gdpo+lora+jawkl``)."""
 
     algo: str
     sde: str | None = None
@@ -78,6 +79,18 @@ class BenchMethod:
         return self.algo if self.sde is None else f"{self.algo}@{self.sde}"
 
     @property
+    def variant_names(self) -> tuple[str, ...]:
+        """The variants this method applies, in order (``gdpo+lora+jawkl``: ``("lora", "jawkl")``)."""
+        return () if self.variant is None else tuple(self.variant.split("+"))
+
+    @property
+    def parent(self) -> str | None:
+        """A composition's key without its last variant (``gdpo+lora`` for ``gdpo+lora+jawkl``: what the last one
+        adds to); None for a method with at most one variant."""
+        names = self.variant_names
+        return "+".join((self.base, *names[:-1])) if len(names) > 1 else None
+
+    @property
     def slug(self) -> str:
         """File-name form of ``key``: run folder ``runs/<slug>_seed<S>``, ``eval/<slug>_seed<S>``."""
         return self.key.replace("@", "-").replace("+", "_")
@@ -86,34 +99,39 @@ class BenchMethod:
     def label(self) -> str:
         base = METHOD_LABEL[self.algo]
         base = base if self.sde is None else f"{base} ({self.sde} SDE)"
-        return base if self.variant is None else f"{base} + {self.variant}"
+        return " + ".join((base, *self.variant_names))
 
     def overrides(self) -> list[str]:
         """The ``train/gdpo.py`` overrides that select the algorithm and the SDE."""
         return [f"algo={self.algo}", *([] if self.sde is None else [f"env.sde={self.sde}"])]
 
     def variant_overrides(self, variants=None, reward: str | None = None) -> list[str]:
-        """The variant's extra ``train/gdpo.py`` overrides from ``variants`` (the config's mapping of names
-        to override lists; the run applies them last). A variant may not set what the benchmark holds
-        equal across methods or sets per run (:data:`VARIANT_FORBIDDEN`, :data:`VARIANT_FORBIDDEN_GROUPS`):
-        a ValueError names the override. One exception: ``reward=`` that keeps the benchmark's ``reward``
-        (its listening columns) and only adds ``<group>@speaking`` / ``<group>@hold`` columns, an anchor
-        ablation (``"variants={hold:['reward=expr+rot+jaw@hold']}"``)."""
-        if self.variant is None:
-            return []
-        if not variants or self.variant not in variants:
-            raise ValueError(f"method {self.key}: no variant {self.variant!r} in variants={dict(variants or {})}; "
-                             f"define it as variants.{self.variant}=[<train/gdpo.py override>, ...]")
-        over = [str(o) for o in variants[self.variant]]
-        for o in over:
-            key = o.lstrip("+~").split("=", 1)[0]
-            if key == "reward" and o.startswith("reward=") and adds_anchor_columns(reward, o.split("=", 1)[1]):
-                continue
-            if ("=" not in o or key == "" or key in VARIANT_FORBIDDEN
-                    or any(key == g or key.startswith(g + ".") for g in VARIANT_FORBIDDEN_GROUPS)):
-                raise ValueError(f"variants.{self.variant}: {o!r} is not an override a variant may set: key=value, none of "
-                                 f"{', '.join(VARIANT_FORBIDDEN)} nor under {', '.join(VARIANT_FORBIDDEN_GROUPS)} (what the "
-                                 f"benchmark sets per run or holds equal; the SDE: write {self.algo}@<sde>+{self.variant})")
+        """The extra ``train/gdpo.py`` overrides of the method's variants from ``variants`` (the config's mapping
+        of names to override lists; the run applies them last, each variant's in the order ``key`` names them).
+        A variant may not set what the benchmark holds equal across methods or sets per run
+        (:data:`VARIANT_FORBIDDEN`, :data:`VARIANT_FORBIDDEN_GROUPS`), and two composed variants may not set the
+        same key (a composition adds overrides, it does not replace them): a ValueError names the override.
+        One exception: ``reward=`` that keeps the benchmark's ``reward`` (its listening columns) and only adds
+        ``<group>@speaking`` / ``<group>@hold`` columns, an anchor ablation
+        (``"variants={hold:['reward=expr+rot+jaw@hold']}"``)."""
+        over, set_by = [], {}
+        for name in self.variant_names:
+            if not variants or name not in variants:
+                raise ValueError(f"method {self.key}: no variant {name!r} in variants={dict(variants or {})}; "
+                                 f"define it as variants.{name}=[<train/gdpo.py override>, ...]")
+            for o in (str(o) for o in variants[name]):
+                key = o.lstrip("+~").split("=", 1)[0]
+                anchor = key == "reward" and o.startswith("reward=") and adds_anchor_columns(reward, o.split("=", 1)[1])
+                if not anchor and ("=" not in o or key == "" or key in VARIANT_FORBIDDEN
+                                   or any(key == g or key.startswith(g + ".") for g in VARIANT_FORBIDDEN_GROUPS)):
+                    raise ValueError(f"variants.{name}: {o!r} is not an override a variant may set: key=value, none of "
+                                     f"{', '.join(VARIANT_FORBIDDEN)} nor under {', '.join(VARIANT_FORBIDDEN_GROUPS)} (what "
+                                     f"the benchmark sets per run or holds equal; the SDE: write {self.algo}@<sde>+{name})")
+                if set_by.setdefault(key, name) != name:
+                    raise ValueError(f"method {self.key}: variants.{set_by[key]} and variants.{name} both set {key}: a "
+                                     f"composition adds overrides, it does not replace them (define one variant with the "
+                                     f"value meant)")
+                over.append(o)
         return over
 
 
@@ -133,15 +151,18 @@ def adds_anchor_columns(reward: str | None, spec: str) -> bool:
 
 
 def parse_method(spec: str) -> BenchMethod:
-    """``"gdpo"`` / ``"grpo@marginal"`` / ``"gdpo+nokl"`` -> :class:`BenchMethod`; anything else is a
-    ValueError naming it (whether the variant is defined is checked where the config is: :meth:`BenchMethod.variant_overrides`)."""
+    """``"gdpo"`` / ``"grpo@marginal"`` / ``"gdpo+nokl"`` / ``"gdpo+lora+jawkl"`` -> :class:`BenchMethod`; anything
+    else is a ValueError naming it (whether the variants are defined is checked where the config is:
+    :meth:`BenchMethod.variant_overrides`)."""
     head, plus, variant = str(spec).strip().partition("+")
     algo, _, sde = head.partition("@")
+    names = variant.split("+") if plus else []
     if (algo not in ALGOS or (sde and sde not in SDES) or (not sde and "@" in head)
-            or (plus and not VARIANT_NAME.fullmatch(variant))):
+            or not all(VARIANT_NAME.fullmatch(n) for n in names) or len(set(names)) != len(names)):
         raise ValueError(f"unknown benchmark method {spec!r}: write an algorithm ({', '.join(ALGOS)}), optionally "
-                         f"followed by @ and an SDE ({', '.join(SDES)}) and by + and the name of one of the config's "
-                         f"variants (letters, digits, _ and -), e.g. gdpo@marginal or gdpo+nokl")
+                         f"followed by @ and an SDE ({', '.join(SDES)}) and by + and the names of the config's "
+                         f"variants (letters, digits, _ and -; several, each once, compose in order), e.g. "
+                         f"gdpo@marginal, gdpo+nokl or gdpo+lora+jawkl")
     return BenchMethod(algo, sde or None, variant or None)
 
 
@@ -215,12 +236,15 @@ def variant_report(methods, flat: dict, windows: dict | None, expressive: np.nda
     """Every method with a variant (``gdpo+nokl``) against its base (``gdpo``: same algorithm and SDE, no
     variant), when both ran, keyed by the method; then every chosen pair ``(method, base)`` of ``pairs`` (the
     benchmark's ``compare``: e.g. a variant against another variant it adds to), keyed ``"<method> vs <base>"``.
-    Each entry is :func:`compare_methods`'s."""
+    A composition (``gdpo+lora+jawkl``) is also compared with its :attr:`BenchMethod.parent` (``gdpo+lora``) when
+    that ran, keyed like a pair. Each entry is :func:`compare_methods`'s."""
     out = {}
     for m in methods:
         pm = None if m == "supervised" else parse_method(m)
         if pm is not None and pm.variant is not None and pm.base in methods:
             out[m] = compare_methods(m, pm.base, flat, windows, expressive)
+        if pm is not None and pm.parent in methods:
+            out[f"{m} vs {pm.parent}"] = compare_methods(m, pm.parent, flat, windows, expressive)
     for m, b in pairs:
         out[f"{m} vs {b}"] = compare_methods(m, b, flat, windows, expressive)
     return out

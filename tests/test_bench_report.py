@@ -71,6 +71,26 @@ def test_a_variant_is_its_base_with_named_overrides():
         hold.variant_overrides({"hold": ["reward=expr+rot+jaw@hold"]})  # the benchmark's reward unknown
 
 
+def test_variants_compose_in_order_and_may_not_set_one_key_twice():
+    lora, kl = ["algo.listen_lora=16", "optim.lr=3e-3"], ["algo.group_kl={jaw:0.2}"]
+    m = parse_method("gdpo@marginal+lora+jawkl")
+    assert (m.variant, m.variant_names, m.base, m.parent) == ("lora+jawkl", ("lora", "jawkl"), "gdpo@marginal", "gdpo@marginal+lora")
+    assert (m.key, m.slug, m.label) == ("gdpo@marginal+lora+jawkl", "gdpo-marginal_lora_jawkl", "GDPO (marginal SDE) + lora + jawkl")
+    assert m.variant_overrides({"lora": lora, "jawkl": kl}) == lora + kl
+    assert parse_method("gdpo+jawkl+lora").variant_overrides({"lora": lora, "jawkl": kl}) == kl + lora  # in the order named
+    assert parse_method("gdpo+lora").parent is None and parse_method("gdpo").parent is None
+    with pytest.raises(ValueError, match="no variant 'jawkl'"):
+        m.variant_overrides({"lora": lora})
+    with pytest.raises(ValueError, match="variants.lora and variants.jawkl both set optim.lr"):
+        m.variant_overrides({"lora": lora, "jawkl": [*kl, "optim.lr=1e-3"]})
+    with pytest.raises(ValueError, match="variants.jawkl: 'seed=1' is not an override a variant may set"):
+        m.variant_overrides({"lora": lora, "jawkl": ["seed=1"]})
+    assert parse_method("gdpo+a").variant_overrides({"a": ["optim.lr=1", "optim.lr=2"]}) == ["optim.lr=1", "optim.lr=2"]  # as before
+    for bad in ("gdpo+a+a", "gdpo+a+", "gdpo+a++b", "gdpo+a+b c"):
+        with pytest.raises(ValueError, match="unknown benchmark method"):
+            parse_method(bad)
+
+
 def test_variant_report_compares_each_variant_with_its_base_over_seeds_and_windows():
     from gdpo_listener.evaluation.bench_markdown import variants_markdown
     from gdpo_listener.evaluation.benchmark import variant_report
@@ -103,6 +123,15 @@ def test_variant_report_compares_each_variant_with_its_base_over_seeds_and_windo
     p = r["paired"]["all"]["listening/JDD"]
     assert p["ci_low"] > 0 and p["frac_improved"] == 0.0
     assert "GDPO vs GDPO + nokl" in "\n".join(variants_markdown(both))
+
+    # a composition: against its base and against what its last variant adds to, when that ran
+    windows["gdpo+nokl+x"] = {s: {"listening/JDD": (0.6 * base_w + 0.01 * s, ok)} for s in range(3)}
+    flat["gdpo+nokl+x"] = {s: {"all/listening/JDD": float(windows["gdpo+nokl+x"][s]["listening/JDD"][0].mean())} for s in range(3)}
+    comp = variant_report(["gdpo", "gdpo+nokl", "gdpo+nokl+x"], flat, windows, None)
+    assert set(comp) == {"gdpo+nokl", "gdpo+nokl+x", "gdpo+nokl+x vs gdpo+nokl"}
+    assert comp["gdpo+nokl+x"]["base"] == "gdpo" and comp["gdpo+nokl+x vs gdpo+nokl"]["base"] == "gdpo+nokl"
+    assert comp["gdpo+nokl+x vs gdpo+nokl"]["welch"]["all/listening/JDD"]["rel_change"] == pytest.approx(-0.25, abs=0.01)
+    assert set(variant_report(["gdpo", "gdpo+nokl+x"], flat, windows, None)) == {"gdpo+nokl+x"}  # its parent did not run
 
 
 def test_compare_pairs_name_two_methods_of_the_run():

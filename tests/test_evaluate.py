@@ -373,11 +373,12 @@ def test_bench_quick(tiny):
 
 def test_bench_on_train_windows_is_a_seeded_probe(tiny):
     """``train/bench.py eval.split=train``: an ablation (a variant against its base) scored on train windows,
-    the way a probe is chosen without looking at the test split; trained on a reward with other term weights than
-    the default, which the supervised model is scored on too."""
+    the way a probe is chosen without looking at the test split, with a composition of two variants; trained on a
+    reward with other term weights than the default, which the supervised model is scored on too."""
     out = tiny / "bench_train"
-    cmd = [sys.executable, str(ROOT / "train" / "bench.py"), "--quick", "progress=false", "algos=[gdpo,gdpo+nokl]",
-           "variants={nokl:['algo.beta=0']}", "compare=[[gdpo,gdpo+nokl]]", "quick_settings.eval.split=train",
+    cmd = [sys.executable, str(ROOT / "train" / "bench.py"), "--quick", "progress=false", "algos=[gdpo,gdpo+nokl,gdpo+nokl+jawkl]",
+           "variants={nokl:['algo.beta=0'],jawkl:['algo.group_kl={jaw:0.5}']}", "compare=[[gdpo,gdpo+nokl]]",
+           "quick_settings.eval.split=train",
            "quick_settings.eval.max_windows=6",
            "quick_settings.train_overrides=['env.n_prompts=1','env.group_size=2','env.sde_steps=2','eval.n_windows=2',"
            "'ckpt_every=1','+rewards.weights.vel=4']",
@@ -389,9 +390,14 @@ def test_bench_on_train_windows_is_a_seeded_probe(tiny):
     assert res.returncode == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["setup"]["split"] == "train" and rep["setup"]["n_windows"] == 6
-    assert list(rep["variants"]) == ["gdpo+nokl", "gdpo vs gdpo+nokl"]  # the variant against its base, then the chosen pair
+    # each variant against its base, the composition also against what its last variant adds to, then the chosen pair
+    assert list(rep["variants"]) == ["gdpo+nokl", "gdpo+nokl+jawkl", "gdpo+nokl+jawkl vs gdpo+nokl", "gdpo vs gdpo+nokl"]
     host = next(iter(rep["setup"]["hosts"]))  # every run trained here, on this host, and evaluated on it
-    assert rep["setup"]["hosts"] == {host: ["gdpo seed 0", "gdpo+nokl seed 0"]} and rep["setup"]["eval_host"] == host
+    assert rep["setup"]["hosts"] == {host: ["gdpo seed 0", "gdpo+nokl seed 0", "gdpo+nokl+jawkl seed 0"]}
+    assert rep["setup"]["eval_host"] == host
+    stamp = json.loads((out / "runs" / "gdpo_nokl_jawkl_seed0.bench_run.json").read_text())
+    assert stamp["overrides"][-2:] == ["algo.beta=0", "algo.group_kl={jaw:0.5}"]  # both variants', in order, last
+    assert (out / "runs" / "gdpo_nokl_jawkl_seed0" / "logs" / "gdpo" / "scalars" / "loss" / "loss_kl_jaw.csv").is_file()
     ev = json.loads((out / "eval" / "gdpo_nokl_seed0" / "metrics.json").read_text())
     assert ev["split"] == "train"
     # the reward the runs optimised (velocity term x4) scores every checkpoint, the supervised one included
@@ -443,6 +449,14 @@ def test_bench_helpers():
     for bad in (["gdpo", "gdpo"], [], ["ppo"]):
         with pytest.raises(ValueError):
             bench.parse_algos(bad)
+    with pytest.raises(ValueError, match="share a run folder name"):  # gdpo+a_b and gdpo+a+b: runs/gdpo_a_b_seed<S> both
+        bench.parse_algos(["gdpo+a_b", "gdpo+a+b"])
+    # composed variants: the overrides of each, in order, after train_overrides; checked before any training
+    kcfg = compose("bench", ["variants={a:['algo.beta=0'],b:['env.group_size=8']}"])
+    assert bench_runs.train_overrides(kcfg, parse_method("gdpo+a+b"), *args)[-2:] == ["algo.beta=0", "env.group_size=8"]
+    assert bench.check_settings(OmegaConf.merge(kcfg, {"algos": ["gdpo+a", "gdpo+a+b"], "quick": True}))[1] == ["gdpo+a", "gdpo+a+b"]
+    with pytest.raises(ValueError, match="both set algo.beta"):
+        bench.check_settings(OmegaConf.merge(kcfg, {"algos": ["gdpo+a+b"], "variants": {"b": ["algo.beta=1"]}, "quick": True}))
     # compare: pairs of methods the run trains, from the command line's nested list
     ccfg = compose("bench", ["variants={a:['algo.beta=0'],ab:['algo.beta=0','env.group_size=8']}", "compare=[[gdpo+ab,gdpo+a]]"])
     assert bench.check_settings(OmegaConf.merge(ccfg, {"algos": ["gdpo", "gdpo+a", "gdpo+ab"], "quick": True}))[1][-1] == "gdpo+ab"

@@ -107,9 +107,13 @@ def eval_config(cfg: DictConfig, vae_path: Path, seed: int) -> DictConfig:
 
 def parse_algos(algos) -> list[str]:
     """The ``algos`` entries as method keys (each checked by ``parse_method``), without duplicates."""
-    keys = [parse_method(str(a)).key for a in algos]
+    methods = [parse_method(str(a)) for a in algos]
+    keys, slugs = [m.key for m in methods], [m.slug for m in methods]
     if not keys or len(set(keys)) != len(keys):
         raise ValueError(f"algos={list(algos)} must list at least one method, each once (grpo, gdpo, gdpo@marginal, gdpo+<variant>, ...)")
+    if len(set(slugs)) != len(slugs):  # gdpo+a_b and gdpo+a+b would share run folders
+        raise ValueError(f"algos={list(algos)}: two methods share a run folder name ({sorted(s for s in slugs if slugs.count(s) > 1)[0]}); "
+                         f"rename a variant")
     return keys
 
 
