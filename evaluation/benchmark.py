@@ -121,9 +121,7 @@ class BenchMethod:
                                  f"define it as variants.{name}=[<train/gdpo.py override>, ...]")
             for o in (str(o) for o in variants[name]):
                 key = o.lstrip("+~").split("=", 1)[0]
-                anchor = key == "reward" and o.startswith("reward=") and adds_anchor_columns(reward, o.split("=", 1)[1])
-                if not anchor and ("=" not in o or key == "" or key in VARIANT_FORBIDDEN
-                                   or any(key == g or key.startswith(g + ".") for g in VARIANT_FORBIDDEN_GROUPS)):
+                if not variant_may_set(o, reward):
                     raise ValueError(f"variants.{name}: {o!r} is not an override a variant may set: key=value, none of "
                                      f"{', '.join(VARIANT_FORBIDDEN)} nor under {', '.join(VARIANT_FORBIDDEN_GROUPS)} (what "
                                      f"the benchmark sets per run or holds equal; the SDE: write {self.algo}@<sde>+{name})")
@@ -133,6 +131,17 @@ class BenchMethod:
                                      f"value meant)")
                 over.append(o)
         return over
+
+
+def variant_may_set(override: str, reward: str | None) -> bool:
+    """Whether a variant may apply ``override`` (``key=value``) in a benchmark of ``reward``: nothing the benchmark
+    sets per run or holds equal (:data:`VARIANT_FORBIDDEN`, :data:`VARIANT_FORBIDDEN_GROUPS`), except a ``reward=``
+    that only adds anchor columns (:func:`adds_anchor_columns`)."""
+    key = override.lstrip("+~").split("=", 1)[0]
+    if key == "reward" and override.startswith("reward="):
+        return adds_anchor_columns(reward, override.split("=", 1)[1])
+    return not ("=" not in override or key == "" or key in VARIANT_FORBIDDEN
+                or any(key == g or key.startswith(g + ".") for g in VARIANT_FORBIDDEN_GROUPS))
 
 
 def adds_anchor_columns(reward: str | None, spec: str) -> bool:
