@@ -120,7 +120,7 @@ class BenchMethod:
                 raise ValueError(f"method {self.key}: no variant {name!r} in variants={dict(variants or {})}; "
                                  f"define it as variants.{name}=[<train/gdpo.py override>, ...]")
             for o in (str(o) for o in variants[name]):
-                key = o.lstrip("+~").split("=", 1)[0]
+                key = override_key(o)
                 if not variant_may_set(o, reward):
                     raise ValueError(f"variants.{name}: {o!r} is not an override a variant may set: key=value, none of "
                                      f"{', '.join(VARIANT_FORBIDDEN)} nor under {', '.join(VARIANT_FORBIDDEN_GROUPS)} (what "
@@ -133,11 +133,16 @@ class BenchMethod:
         return over
 
 
+def override_key(override: str) -> str:
+    """The config key a Hydra override sets (``+algo.x=1`` / ``~algo.x`` / ``algo.x=1``: ``algo.x``)."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
 def variant_may_set(override: str, reward: str | None) -> bool:
     """Whether a variant may apply ``override`` (``key=value``) in a benchmark of ``reward``: nothing the benchmark
     sets per run or holds equal (:data:`VARIANT_FORBIDDEN`, :data:`VARIANT_FORBIDDEN_GROUPS`), except a ``reward=``
     that only adds anchor columns (:func:`adds_anchor_columns`)."""
-    key = override.lstrip("+~").split("=", 1)[0]
+    key = override_key(override)
     if key == "reward" and override.startswith("reward="):
         return adds_anchor_columns(reward, override.split("=", 1)[1])
     return not ("=" not in override or key == "" or key in VARIANT_FORBIDDEN
